@@ -1,0 +1,74 @@
+"""`coordinator` command line: the operator's side of a run."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pmnode.config import load_config
+from pmnode.errors import PmnodeError
+from pmnode.stages import build_subspace, free_layers, split_layers
+
+app = typer.Typer(
+    help="pmnode coordinator: holds the run config and subspace seed, assigns stages.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+@app.callback()
+def _root() -> None:
+    """Keep subcommand form (`coordinator inspect`) even while there is one command."""
+
+
+@app.command()
+def inspect(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Run config YAML.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Validate a run config and show its stage split, compression rank and subspace fingerprint."""
+    cfg = load_config(config)
+    sub = build_subspace(cfg)
+    ranges = split_layers(cfg.model.n_layers, cfg.n_stages, cfg.stage_layers)
+    free = free_layers(cfg) if sub is not None else range(0)
+    info = {
+        "name": cfg.name,
+        "d_model": cfg.model.d_model,
+        "compression_rank": cfg.rank if sub is not None else None,
+        "fingerprint": sub.fingerprint if sub is not None else None,
+        "stages": [{"stage": i, "layers": [r.start, r.stop]} for i, r in enumerate(ranges)],
+        "uncompressed_layers": list(free),
+    }
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    console = Console()
+    console.print(
+        f"run [bold]{cfg.name}[/]: d={cfg.model.d_model}, k={info['compression_rank']}, "
+        f"fingerprint {info['fingerprint']}"
+    )
+    table = Table("stage", "layers", "role")
+    for i, r in enumerate(ranges):
+        role = "head" if i == 0 else "tail" if i == len(ranges) - 1 else "body"
+        table.add_row(str(i), f"{r.start}..{r.stop - 1}", role)
+    console.print(table)
+
+
+def main() -> None:
+    verbose = "--verbose" in sys.argv
+    if verbose:
+        sys.argv.remove("--verbose")
+    try:
+        app()
+    except PmnodeError as e:
+        if verbose:
+            raise
+        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False)
+        sys.exit(1)

@@ -1,0 +1,133 @@
+"""`pmnode` command line. Commands are thin: parse flags, call the library, print."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from pmnode.config import RunConfig, load_config
+from pmnode.errors import PmnodeError
+
+app = typer.Typer(
+    help="pmnode: decentralized model-parallel training with Protocol Models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+bench_app = typer.Typer(help="Benchmarks; results go to JSON, markdown and PNG.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+console = Console(stderr=True)
+
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Run config YAML (see configs/).")]
+DataOpt = Annotated[
+    str | None, typer.Option("--data", help="Corpus file/dir, or 'stdlib'; overrides data.source.")
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda or auto.")]
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise PmnodeError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise PmnodeError(f"unknown --device {device!r}: use auto, cpu or cuda")
+    return device
+
+
+def load_with_overrides(
+    config: Path, *, steps: int | None = None, data: str | None = None, **sections: dict
+) -> RunConfig:
+    cfg = load_config(config)
+    if steps is not None:
+        sections.setdefault("train", {})["steps"] = steps
+    if data is not None:
+        sections.setdefault("data", {})["source"] = data
+    return cfg.with_overrides(**sections) if sections else cfg
+
+
+@app.command()
+def train(
+    config: ConfigOpt,
+    codec: Annotated[
+        str, typer.Option(help="Boundary codec: subspace[:int8], dense[:bf16], int8, topk:N.")
+    ] = "",
+    steps: Annotated[int | None, typer.Option(help="Override train.steps.")] = None,
+    data: DataOpt = None,
+    device: DeviceOpt = "cpu",
+    summary_json: Annotated[Path | None, typer.Option(help="Write the run summary here.")] = None,
+) -> None:
+    """Train every stage in one process with the codec at each boundary (the swarm's reference)."""
+    from pmnode.progress import train_with_progress
+
+    cfg = load_with_overrides(config, steps=steps, data=data)
+    codec = codec or ("subspace" if cfg.subspace.enabled else "dense")
+    summary = train_with_progress(cfg, codec, resolve_device(device), console)
+    out = summary.model_dump(include={"steps", "final_train_loss", "heldout_loss", "tokens_per_s", "codec"})
+    console.print(
+        f"[bold]done[/]: {summary.steps} steps, train loss {summary.final_train_loss:.4f}, "
+        f"held-out loss {summary.heldout_loss:.4f}, {summary.tokens_per_s:,.0f} tokens/s"
+    )
+    if summary_json:
+        summary_json.parent.mkdir(parents=True, exist_ok=True)
+        summary_json.write_text(json.dumps(summary.model_dump(), indent=2))
+    else:
+        print(json.dumps(out))
+
+
+@bench_app.command("codec")
+def bench_codec(
+    config: ConfigOpt,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Bytes per token of every codec and its encode+decode share of a stage's step."""
+    from pmnode.bench import codec_report, print_codec_table
+
+    report = codec_report(load_config(config), resolve_device(device))
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_codec_table(report, Console())
+
+
+@bench_app.command("convergence")
+def bench_convergence(
+    config: ConfigOpt,
+    out: Annotated[Path, typer.Option(help="Output directory for results.json, results.md, loss.png.")],
+    codecs: Annotated[str, typer.Option(help="Comma-separated codec specs.")] = "dense,subspace,int8,topk",
+    steps: Annotated[int | None, typer.Option(help="Override train.steps.")] = None,
+    data: DataOpt = None,
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Train each codec with the same data, seed and steps; compare held-out loss and bytes."""
+    from pmnode.bench import convergence
+
+    cfg = load_with_overrides(config, steps=steps, data=data)
+    specs = [c.strip() for c in codecs.split(",") if c.strip()]
+    convergence(cfg, specs, out, resolve_device(device), console, command=" ".join(["pmnode", *sys.argv[1:]]))
+
+
+def main() -> None:
+    """Entry point: user errors become one line and exit code 1; --verbose shows the traceback."""
+    verbose = "--verbose" in sys.argv
+    if verbose:
+        sys.argv.remove("--verbose")
+    try:
+        app()
+    except PmnodeError as e:
+        if verbose:
+            raise
+        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

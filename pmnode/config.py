@@ -1,0 +1,209 @@
+"""Run configuration: pydantic models loaded from YAML.
+
+Every field has a description and unknown keys are an error, so a typo in a
+config file fails loudly instead of silently training the wrong model.
+Precedence is: CLI flag > config file > default declared here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pmnode.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    """LLaMA-style decoder: RMSNorm, RoPE, SwiGLU, optional grouped-query attention."""
+
+    vocab_size: int = Field(256, ge=2, description="Vocabulary size; must cover the tokenizer.")
+    d_model: int = Field(128, ge=8, description="Residual stream width d.")
+    n_layers: int = Field(4, ge=1, description="Number of transformer blocks.")
+    n_heads: int = Field(4, ge=1, description="Attention query heads.")
+    n_kv_heads: int | None = Field(
+        None, ge=1, description="Key/value heads for grouped-query attention; None means n_heads."
+    )
+    ffn_hidden: int | None = Field(
+        None, ge=1, description="SwiGLU hidden width; None means the LLaMA rule round(8d/3, 32)."
+    )
+    max_seq_len: int = Field(256, ge=2, description="Longest sequence RoPE tables are built for.")
+    rope_theta: float = Field(10000.0, gt=0, description="RoPE base frequency.")
+    norm_eps: float = Field(1e-6, gt=0, description="RMSNorm epsilon.")
+    init_std: float = Field(0.02, gt=0, description="Std of the normal init of linear layers.")
+    branch_norm: bool = Field(
+        False, description="Parameter-free RMSNorm on each branch output before the residual add."
+    )
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> ModelConfig:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if (self.d_model // self.n_heads) % 2:
+            raise ValueError("head dimension d_model/n_heads must be even for RoPE")
+        if self.n_heads % self.kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.kv_heads}")
+        return self
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def hidden(self) -> int:
+        if self.ffn_hidden:
+            return self.ffn_hidden
+        return max(32, round(8 * self.d_model / 3 / 32) * 32)
+
+
+class SubspaceConfig(_Strict):
+    """The Protocol Models subspace: basis U (d x k) and frozen token table F (vocab x d)."""
+
+    enabled: bool = Field(
+        True, description="Constrain residual writes to span(U); False trains a plain model."
+    )
+    seed: int = Field(
+        1234, ge=0, description="The one integer U and F are derived from; held by the coordinator."
+    )
+    compression_rank: int | None = Field(None, ge=1, description="k, the number of coefficients per token.")
+    compression_ratio: float | None = Field(
+        None, gt=1, description="Alternative to compression_rank: k = round(d_model / ratio)."
+    )
+    mode: Literal["projection", "reparam"] = Field(
+        "projection",
+        description="projection: W <- U(U^T W) after each step; reparam: W = U Z with Z trainable.",
+    )
+    token_table_scale: float = Field(1.0, gt=0, description="Std of the frozen token table F.")
+    uncompressed_tail_layers: int = Field(
+        2, ge=0, description="Last layers of the tail left unconstrained (no boundary follows them)."
+    )
+
+    @model_validator(mode="after")
+    def _one_rank(self) -> SubspaceConfig:
+        if self.compression_rank is not None and self.compression_ratio is not None:
+            raise ValueError("set compression_rank or compression_ratio, not both")
+        return self
+
+    def rank(self, d_model: int) -> int:
+        if self.compression_rank is not None:
+            k = self.compression_rank
+        elif self.compression_ratio is not None:
+            k = max(1, round(d_model / self.compression_ratio))
+        else:
+            k = max(1, d_model // 16)
+        if k > d_model:
+            raise ConfigError(f"subspace.compression_rank={k} exceeds d_model={d_model}")
+        return k
+
+
+class OptimConfig(_Strict):
+    lr: float = Field(3e-3, gt=0, description="Peak AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    warmup_steps: int = Field(20, ge=0, description="Linear warmup steps.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine decay floor as a fraction of lr.")
+    grad_clip: float | None = Field(1.0, gt=0, description="Global grad-norm clip per stage; None disables.")
+
+
+class DataConfig(_Strict):
+    source: str = Field(
+        "stdlib",
+        description="'stdlib' (the Python standard library's source, no download) or a file/directory path.",
+    )
+    tokenizer: str = Field("byte", description="'byte' or a path to a tokenizers tokenizer.json.")
+    heldout_fraction: float = Field(0.05, gt=0, lt=1, description="Fraction of files held out.")
+    max_bytes: int | None = Field(
+        None, ge=1, description="Read at most this many bytes of corpus (per split), for quick runs."
+    )
+
+
+class TrainConfig(_Strict):
+    steps: int = Field(200, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(16, ge=1, description="Sequences per optimizer step.")
+    micro_batch_size: int | None = Field(
+        None, ge=1, description="Sequences per micro-batch; None means the whole batch."
+    )
+    seq_len: int = Field(128, ge=2, description="Tokens per sequence.")
+    seed: int = Field(0, ge=0, description="Seed for weight init and data order.")
+    eval_every: int = Field(100, ge=1, description="Evaluate held-out loss every N steps.")
+    eval_batches: int = Field(8, ge=1, description="Held-out batches per evaluation.")
+
+    @model_validator(mode="after")
+    def _micro(self) -> TrainConfig:
+        if self.micro_batch_size and self.batch_size % self.micro_batch_size:
+            raise ValueError("batch_size must be a multiple of micro_batch_size")
+        return self
+
+    @property
+    def micro(self) -> int:
+        return self.micro_batch_size or self.batch_size
+
+
+class RunConfig(_Strict):
+    """Everything a swarm agrees on: model, subspace, stage split, optimizer, data."""
+
+    name: str = Field("run", description="Run name; also the DHT prefix of a swarm.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    subspace: SubspaceConfig = Field(default_factory=SubspaceConfig)
+    n_stages: int = Field(2, ge=1, description="Pipeline stages the layers are split over.")
+    stage_layers: list[int] | None = Field(
+        None, description="Explicit layers per stage; None splits as evenly as possible."
+    )
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        from pmnode.stages import free_layers
+
+        free_layers(self)  # also validates the layer split
+        if self.train.seq_len > self.model.max_seq_len:
+            raise ValueError(f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len")
+        return self
+
+    @property
+    def rank(self) -> int:
+        return self.subspace.rank(self.model.d_model)
+
+    def with_overrides(self, **sections: dict) -> RunConfig:
+        """A copy with some fields replaced, e.g. with_overrides(train={"steps": 5}); re-validated."""
+        data = self.model_dump()
+        for section, values in sections.items():
+            if isinstance(data.get(section), dict):
+                data[section].update(values)
+            else:
+                data[section] = values
+        return RunConfig.model_validate(data)
+
+
+def format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        lines.append(f"  {loc}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Load and validate a YAML run config; raises ConfigError with one line per bad field."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p} (see configs/ for examples)")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p} is not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p} must hold a mapping of config sections")
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"invalid config {p}:\n{format_validation_error(e)}") from e

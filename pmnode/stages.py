@@ -1,0 +1,137 @@
+"""Pipeline stages: a pure layer split, and the stage module built from (config, index) alone."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from pmnode.config import RunConfig
+from pmnode.errors import ConfigError
+from pmnode.model import Block, RMSNorm, SubspaceEmbedding, WriteMode, normal_, rope_tables, seeded_generator
+from pmnode.subspace import Subspace
+
+
+def split_layers(n_layers: int, n_stages: int, explicit: list[int] | None = None) -> list[range]:
+    """Global layer ranges per stage. Even split puts the remainder on the earliest stages.
+
+    >>> split_layers(5, 2)
+    [range(0, 3), range(3, 5)]
+    """
+    if n_stages < 1:
+        raise ConfigError(f"n_stages must be >= 1, got {n_stages}")
+    if explicit is not None:
+        if len(explicit) != n_stages:
+            raise ConfigError(f"stage_layers has {len(explicit)} entries but n_stages={n_stages}")
+        if any(n < 1 for n in explicit):
+            raise ConfigError(f"stage_layers={explicit} would leave a stage empty")
+        if sum(explicit) != n_layers:
+            raise ConfigError(f"stage_layers={explicit} sums to {sum(explicit)}, not n_layers={n_layers}")
+        sizes = list(explicit)
+    else:
+        if n_stages > n_layers:
+            raise ConfigError(f"{n_stages} stages over {n_layers} layers would leave a stage empty")
+        base, extra = divmod(n_layers, n_stages)
+        sizes = [base + (i < extra) for i in range(n_stages)]
+    out, start = [], 0
+    for n in sizes:
+        out.append(range(start, start + n))
+        start += n
+    return out
+
+
+def free_layers(cfg: RunConfig) -> range:
+    """Global ids of the unconstrained tail layers; they must all sit in the last stage."""
+    n = cfg.model.n_layers
+    if not cfg.subspace.enabled:
+        return range(0, n)
+    free = range(n - cfg.subspace.uncompressed_tail_layers, n)
+    tail = split_layers(n, cfg.n_stages, cfg.stage_layers)[-1]
+    if len(free) and free.start < tail.start:
+        raise ConfigError(
+            f"subspace.uncompressed_tail_layers={len(free)} but the tail stage holds {len(tail)} layer(s); "
+            "lower it or use fewer stages, since an unconstrained layer before a boundary breaks compression"
+        )
+    return free
+
+
+def build_subspace(cfg: RunConfig) -> Subspace | None:
+    if not cfg.subspace.enabled:
+        return None
+    return Subspace(
+        seed=cfg.subspace.seed,
+        d_model=cfg.model.d_model,
+        rank=cfg.rank,
+        vocab_size=cfg.model.vocab_size,
+        table_scale=cfg.subspace.token_table_scale,
+    )
+
+
+class Stage(nn.Module):
+    """Layers [a, b) of the model; the head adds the embedding, the tail the norm and LM head.
+
+    forward(x, tokens): head ignores x and embeds tokens; the tail returns logits (B, T, V),
+    every other stage the residual stream (B, T, d).
+    """
+
+    cos: Tensor
+    sin: Tensor
+
+    def __init__(self, cfg: RunConfig, index: int, subspace: Subspace | None = None):
+        super().__init__()
+        ranges = split_layers(cfg.model.n_layers, cfg.n_stages, cfg.stage_layers)
+        if not 0 <= index < len(ranges):
+            raise ConfigError(f"stage {index} is out of range: this run has stages 0..{len(ranges) - 1}")
+        if cfg.subspace.enabled and subspace is None:
+            subspace = build_subspace(cfg)
+        self.cfg, self.index, self.layer_range = cfg, index, ranges[index]
+        self.is_first, self.is_last = index == 0, index == len(ranges) - 1
+        m = cfg.model
+        constrained: WriteMode = cfg.subspace.mode if cfg.subspace.enabled else "free"
+        free = free_layers(cfg)
+        self.subspace = subspace
+        if self.is_first:
+            self.embed = SubspaceEmbedding(m.vocab_size, m.d_model, constrained, subspace)
+        self.layers = nn.ModuleDict(
+            {
+                str(i): Block(m, "free" if i in free else constrained, subspace, m.branch_norm)
+                for i in self.layer_range
+            }
+        )
+        if self.is_last:
+            self.norm = RMSNorm(m.d_model, m.norm_eps)
+            self.lm_head = nn.Linear(m.d_model, m.vocab_size, bias=False)
+        cos, sin = rope_tables(m.d_model // m.n_heads, m.max_seq_len, m.rope_theta)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        self.reset()
+
+    def reset(self) -> None:
+        """Initialise from (train.seed, layer name) only, so any split gives the same weights."""
+        seed, m = self.cfg.train.seed, self.cfg.model
+        if self.is_first:
+            self.embed.reset(m.init_std, seeded_generator(seed, "embed"))
+        for i, block in self.layers.items():
+            block.reset(m, seeded_generator(seed, f"layer{i}"))
+        if self.is_last:
+            normal_(self.lm_head.weight, m.init_std, seeded_generator(seed, "lm_head"))
+
+    @torch.no_grad()
+    def project_(self) -> None:
+        """Re-impose the subspace invariant on every constrained write (after a step or a load)."""
+        if self.is_first:
+            self.embed.project_()
+        for block in self.layers.values():
+            block.project_()
+
+    def forward(self, x: Tensor | None, tokens: Tensor | None = None) -> Tensor:
+        if self.is_first:
+            if tokens is None:
+                raise ValueError("the head stage embeds token ids")
+            x = self.embed(tokens)  # (B, T, d)
+        if x is None:
+            raise ValueError(f"stage {self.index} needs the residual stream from upstream")
+        for block in self.layers.values():
+            x = block(x, self.cos, self.sin)
+        if self.is_last:
+            return self.lm_head(self.norm(x))  # (B, T, V)
+        return x

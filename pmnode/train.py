@@ -1,0 +1,140 @@
+"""Single-process reference trainer: every stage in one process, the codec at every boundary.
+
+It chains `StageWorker`s by handing packets along, exactly as a swarm's nodes
+do over the network, so a `sync` swarm must reproduce its losses step by step.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from pydantic import BaseModel
+from torch import Tensor
+
+from pmnode.config import RunConfig
+from pmnode.runtime import StageWorker
+from pmnode.stages import build_subspace
+
+
+class TrainSummary(BaseModel):
+    steps: int
+    final_train_loss: float
+    heldout_loss: float
+    tokens_per_s: float
+    codec: str
+    bytes_per_token_forward: int
+    bytes_per_token_backward: int
+    train_losses: list[float]
+    evals: list[tuple[int, int, float]]  # (step, tokens seen, held-out loss)
+
+
+class Pipeline:
+    """All stages of a run in one process."""
+
+    def __init__(self, cfg: RunConfig, codec: str = "subspace", device: str = "cpu"):
+        self.cfg = cfg
+        subspace = build_subspace(cfg)
+        if subspace is not None:
+            subspace = subspace.to(device)
+        self.workers = [StageWorker(cfg, i, codec, device, subspace) for i in range(cfg.n_stages)]
+        self.codec = self.workers[0].codec
+
+    def train_step(self, inputs: Tensor, targets: Tensor, total_steps: int | None = None) -> float:
+        """One optimizer step over a batch split into micro-batches; returns the mean loss."""
+        micro = self.cfg.train.micro
+        n = inputs.shape[0] // micro
+        losses = []
+        head, *rest = self.workers
+        body, tail = rest[:-1], rest[-1] if rest else None
+        for i in range(n):
+            mb = f"{head.step_count}:{i}"
+            x, y = inputs[i * micro : (i + 1) * micro], targets[i * micro : (i + 1) * micro]
+            if tail is None:  # a one-stage run: the head is also the tail
+                losses.append(_single_stage_step(head, x, y, 1.0 / n))
+                continue
+            p = head.forward(mb, tokens=x)
+            for w in body:
+                p = w.forward(mb, p)
+            loss, g = tail.forward_backward(mb, p, y, 1.0 / n)
+            losses.append(loss)
+            for w in reversed(body):
+                g = w.backward(mb, g)
+            head.backward(mb, g)
+        for w in self.workers:
+            w.step(total_steps)
+        return sum(losses) / len(losses)
+
+    @torch.no_grad()
+    def eval_loss(self, batches: list[tuple[Tensor, Tensor]]) -> float:
+        total = 0.0
+        for x, y in batches:
+            if len(self.workers) == 1:
+                logits = self.workers[0].stage(None, x)
+                total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten()).item()
+                continue
+            p = self.workers[0].evaluate(None, tokens=x)
+            for w in self.workers[1:-1]:
+                p = w.evaluate(p)
+            total += self.workers[-1].evaluate(p, targets=y)
+        return total / len(batches)
+
+
+def _single_stage_step(w: StageWorker, x: Tensor, y: Tensor, weight: float) -> float:
+    logits = w.stage(None, x)
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+    (loss * weight).backward()
+    return loss.item()
+
+
+@dataclass
+class StepInfo:
+    step: int
+    loss: float
+    tokens_per_s: float
+    heldout: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def train(
+    cfg: RunConfig,
+    codec: str = "subspace",
+    device: str = "cpu",
+    on_step: Callable[[StepInfo], None] | None = None,
+) -> TrainSummary:
+    """Train cfg.train.steps steps; evaluate held-out loss every eval_every steps and at the end."""
+    t = cfg.train
+    from pmnode.data import TokenDataset
+
+    train_set, heldout = TokenDataset.from_config(cfg.data, cfg.model.vocab_size)
+    eval_batches = heldout.eval_batches(t.eval_batches, t.batch_size, t.seq_len)
+    pipe = Pipeline(cfg, codec, device)
+    losses: list[float] = []
+    evals: list[tuple[int, int, float]] = []
+    tokens_per_step = t.batch_size * t.seq_len
+    elapsed = 0.0
+    for step in range(t.steps):
+        x, y = train_set.batch(step, t.batch_size, t.seq_len, t.seed)
+        start = time.perf_counter()
+        loss = pipe.train_step(x.to(device), y.to(device), t.steps)
+        elapsed += time.perf_counter() - start
+        losses.append(loss)
+        held = None
+        if (step + 1) % t.eval_every == 0 or step + 1 == t.steps:
+            held = pipe.eval_loss([(a.to(device), b.to(device)) for a, b in eval_batches])
+            evals.append((step + 1, (step + 1) * tokens_per_step, held))
+        if on_step:
+            on_step(StepInfo(step + 1, loss, (step + 1) * tokens_per_step / max(elapsed, 1e-9), held))
+    return TrainSummary(
+        steps=t.steps,
+        final_train_loss=losses[-1],
+        heldout_loss=evals[-1][2],
+        tokens_per_s=t.steps * tokens_per_step / max(elapsed, 1e-9),
+        codec=codec,
+        bytes_per_token_forward=pipe.codec.bytes_per_token_forward(),
+        bytes_per_token_backward=pipe.codec.bytes_per_token_backward(),
+        train_losses=losses,
+        evals=evals,
+    )

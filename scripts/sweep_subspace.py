@@ -1,0 +1,91 @@
+r"""Research sweep behind the subspace defaults: which knobs close the gap to dense?
+
+Each variant overrides a few fields of the base config and trains with the same
+data, seed and steps. Writes DIR/results.json and DIR/results.md.
+
+    python scripts/sweep_subspace.py --config configs/small.yaml --steps 300 \
+        --out docs/benchmarks/subspace-sweep
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from pmnode.config import load_config
+from pmnode.progress import train_with_progress
+
+# name -> (codec, overrides). Grouped by the question each answers.
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "dense": ("dense", {"subspace": {"enabled": False}}),
+    # Scale of the frozen table F against the residual writes.
+    "proj F=1": ("subspace", {"subspace": {"token_table_scale": 1.0}}),
+    "proj F=0.1": ("subspace", {"subspace": {"token_table_scale": 0.1}}),
+    "proj F=0.02": ("subspace", {"subspace": {"token_table_scale": 0.02}}),
+    # node0's pairing: F ~ N(0, 1) with a parameter-free RMSNorm on each branch output.
+    "proj F=1 branch-norm": (
+        "subspace",
+        {"subspace": {"token_table_scale": 1.0}, "model": {"branch_norm": True}},
+    ),
+    # Projection vs reparametrisation.
+    "reparam F=1": ("subspace", {"subspace": {"token_table_scale": 1.0, "mode": "reparam"}}),
+    "reparam F=0.1": ("subspace", {"subspace": {"token_table_scale": 0.1, "mode": "reparam"}}),
+    "reparam F=1 branch-norm": (
+        "subspace",
+        {"subspace": {"token_table_scale": 1.0, "mode": "reparam"}, "model": {"branch_norm": True}},
+    ),
+    # Free tail layers and learning rate.
+    "proj F=0.1 free-tail=0": (
+        "subspace",
+        {"subspace": {"token_table_scale": 0.1, "uncompressed_tail_layers": 0}},
+    ),
+    "proj F=0.1 lr=1e-2": ("subspace", {"subspace": {"token_table_scale": 0.1}, "optim": {"lr": 0.01}}),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="configs/small.yaml")
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--out", type=Path, default=Path("docs/benchmarks/subspace-sweep"))
+    ap.add_argument("--only", default="", help="Comma-separated variant names to run.")
+    args = ap.parse_args()
+    base = load_config(args.config).with_overrides(train={"steps": args.steps, "eval_every": args.steps})
+    names = [n for n in VARIANTS if not args.only or n in args.only.split(",")]
+    args.out.mkdir(parents=True, exist_ok=True)
+    results_path = args.out / "results.json"
+    rows = json.loads(results_path.read_text())["runs"] if results_path.exists() else []
+    console = Console(stderr=True)
+    for name in names:
+        codec, overrides = VARIANTS[name]
+        cfg = base.with_overrides(**overrides)
+        s = train_with_progress(cfg, codec, "cpu", console)
+        rows = [r for r in rows if r["variant"] != name]
+        rows.append(
+            {
+                "variant": name,
+                "codec": codec,
+                "rank": cfg.rank if cfg.subspace.enabled else None,
+                "overrides": overrides,
+                "heldout_loss": round(s.heldout_loss, 4),
+                "final_train_loss": round(s.final_train_loss, 4),
+                "steps": s.steps,
+            }
+        )
+        console.print(f"{name}: held-out {s.heldout_loss:.4f}")
+        command = " ".join(["python", *sys.argv])
+        results_path.write_text(json.dumps({"command": command, "runs": rows}, indent=2))
+        dense = next((r["heldout_loss"] for r in rows if r["variant"] == "dense"), None)
+        md = [f"Command: `{command}`", "", "| variant | k | held-out loss | vs dense |", "|---|---|---|---|"]
+        for r in rows:
+            rel = f"{100 * (r['heldout_loss'] / dense - 1):+.1f}%" if dense else "-"
+            md.append(f"| {r['variant']} | {r['rank'] or '-'} | {r['heldout_loss']:.4f} | {rel} |")
+        (args.out / "results.md").write_text("\n".join(md) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+_WORDS = [
+    "the",
+    "a",
+    "swarm",
+    "node",
+    "stage",
+    "layer",
+    "trains",
+    "sends",
+    "gradient",
+    "basis",
+    "token",
+    "peer",
+    "model",
+    "loss",
+    "step",
+    "runs",
+    "fast",
+    "slow",
+    "link",
+    "over",
+    "under",
+    "with",
+    "without",
+    "every",
+    "one",
+    "two",
+    "many",
+    "compressed",
+    "dense",
+    "subspace",
+    "learns",
+    "and",
+    "or",
+    "but",
+]
+
+
+def synthetic_text(seed: int, n_words: int) -> str:
+    """A deterministic toy language (a seeded Markov chain over words): same text on every Python 3."""
+    rng = random.Random(seed)
+    nxt = {w: rng.sample(_WORDS, 4) for w in _WORDS}
+    w, out = _WORDS[0], []
+    for i in range(n_words):
+        w = rng.choice(nxt[w])
+        out.append(w + (".\n" if i % 11 == 10 else " "))
+    return "".join(out)
+
+
+@pytest.fixture(scope="session")
+def toy_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory of 40 small text files, so the by-file train/held-out split has both sides."""
+    d = tmp_path_factory.mktemp("corpus")
+    for i in range(40):
+        (d / f"doc{i:02d}.txt").write_text(synthetic_text(i, 3000))
+    return d
