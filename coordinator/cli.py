@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -12,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pmnode.config import load_config
-from pmnode.errors import PmnodeError
+from pmnode.errors import run_cli
 from pmnode.stages import build_subspace, free_layers, split_layers
 
 app = typer.Typer(
@@ -62,13 +61,5 @@ def inspect(
 
 
 def main() -> None:
-    verbose = "--verbose" in sys.argv
-    if verbose:
-        sys.argv.remove("--verbose")
-    try:
-        app()
-    except PmnodeError as e:
-        if verbose:
-            raise
-        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False)
-        sys.exit(1)
+    run_cli(app)
+

@@ -13,21 +13,7 @@ from rich.table import Table
 from pmnode.config import RunConfig
 from pmnode.progress import train_with_progress
 from pmnode.runtime import StageWorker
-
-
-def parse_spec(spec: str) -> tuple[str, int | None]:
-    """'subspace:int8@16' -> ('subspace:int8', 16): the @k suffix sets compression_rank."""
-    codec, _, rank = spec.partition("@")
-    return codec, int(rank) if rank else None
-
-
-def config_for(cfg: RunConfig, spec: str) -> tuple[RunConfig, str]:
-    """The run config a codec trains with: the constrained model for subspace, the plain one otherwise."""
-    codec, rank = parse_spec(spec)
-    sub: dict = {"enabled": codec.startswith("subspace")}
-    if rank is not None:
-        sub.update(compression_rank=rank, compression_ratio=None)
-    return cfg.with_overrides(subspace=sub), codec
+from pmnode.train import config_for
 
 
 def default_codecs(cfg: RunConfig) -> list[str]:

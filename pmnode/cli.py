@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 
 from pmnode.config import RunConfig, load_config
-from pmnode.errors import PmnodeError
+from pmnode.errors import PmnodeError, run_cli
 
 app = typer.Typer(
     help="pmnode: decentralized model-parallel training with Protocol Models.",
@@ -57,7 +57,7 @@ def load_with_overrides(
 def train(
     config: ConfigOpt,
     codec: Annotated[
-        str, typer.Option(help="Boundary codec: subspace[:int8], dense[:bf16], int8, topk:N.")
+        str, typer.Option(help="Boundary codec: subspace[:int8][@k], dense[:bf16], int8, topk:N.")
     ] = "",
     steps: Annotated[int | None, typer.Option(help="Override train.steps.")] = None,
     data: DataOpt = None,
@@ -66,9 +66,13 @@ def train(
 ) -> None:
     """Train every stage in one process with the codec at each boundary (the swarm's reference)."""
     from pmnode.progress import train_with_progress
+    from pmnode.train import config_for
 
     cfg = load_with_overrides(config, steps=steps, data=data)
-    codec = codec or ("subspace" if cfg.subspace.enabled else "dense")
+    if codec:  # the codec decides the model: constrained for subspace, plain otherwise
+        cfg, codec = config_for(cfg, codec)
+    else:
+        codec = "subspace" if cfg.subspace.enabled else "dense"
     summary = train_with_progress(cfg, codec, resolve_device(device), console)
     out = summary.model_dump(include={"steps", "final_train_loss", "heldout_loss", "tokens_per_s", "codec"})
     console.print(
@@ -116,17 +120,7 @@ def bench_convergence(
 
 
 def main() -> None:
-    """Entry point: user errors become one line and exit code 1; --verbose shows the traceback."""
-    verbose = "--verbose" in sys.argv
-    if verbose:
-        sys.argv.remove("--verbose")
-    try:
-        app()
-    except PmnodeError as e:
-        if verbose:
-            raise
-        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False)
-        sys.exit(1)
+    run_cli(app)
 
 
 if __name__ == "__main__":

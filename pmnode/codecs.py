@@ -189,6 +189,8 @@ _FLOATS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 def make_codec(spec: str, *, d_model: int, vocab_size: int, subspace: Subspace | None = None) -> Codec:
     """spec: dense[:fp32|bf16|fp16], int8, topk[:count], subspace[:fp32|fp16|bf16|int8]."""
     kind, _, arg = spec.partition(":")
+    if kind not in ("subspace", "dense", "int8", "topk"):
+        raise ConfigError(f"unknown codec {spec!r}: use dense, dense:bf16, int8, topk:N or subspace[:int8]")
     if kind == "subspace":
         if subspace is None:
             raise ConfigError("codec 'subspace' needs subspace.enabled: true in the config")

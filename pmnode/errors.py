@@ -11,3 +11,21 @@ class ConfigError(PmnodeError, ValueError):
 
 class DataError(PmnodeError):
     """Missing or unusable training data."""
+
+
+def run_cli(app) -> None:
+    """Run a typer app: a PmnodeError prints one red line and exits 1; --verbose re-raises it."""
+    import sys
+
+    from rich.console import Console
+
+    verbose = "--verbose" in sys.argv
+    if verbose:
+        sys.argv.remove("--verbose")
+    try:
+        app()
+    except PmnodeError as e:
+        if verbose:
+            raise
+        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False)
+        sys.exit(1)

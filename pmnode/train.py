@@ -19,6 +19,21 @@ from pmnode.runtime import StageWorker
 from pmnode.stages import build_subspace
 
 
+def parse_spec(spec: str) -> tuple[str, int | None]:
+    """'subspace:int8@16' -> ('subspace:int8', 16): the @k suffix sets compression_rank."""
+    codec, _, rank = spec.partition("@")
+    return codec, int(rank) if rank else None
+
+
+def config_for(cfg: RunConfig, spec: str) -> tuple[RunConfig, str]:
+    """The run config a codec trains with: the constrained model for subspace, the plain one otherwise."""
+    codec, rank = parse_spec(spec)
+    sub: dict = {"enabled": codec.startswith("subspace")}
+    if rank is not None:
+        sub.update(compression_rank=rank, compression_ratio=None)
+    return cfg.with_overrides(subspace=sub), codec
+
+
 class TrainSummary(BaseModel):
     steps: int
     final_train_loss: float

@@ -1,0 +1,116 @@
+"""The real CLIs, invoked as a user would: outputs, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent.parent
+TINY = str(ROOT / "configs" / "tiny.yaml")
+
+
+def run(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    exe = Path(sys.executable).parent
+    return subprocess.run([str(exe / args[0]), *args[1:]], capture_output=True, text=True, timeout=timeout)
+
+
+def one_line_error(r: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert lines[0].startswith("error:"), r.stderr
+    for n in needles:
+        assert n in r.stderr, r.stderr
+
+
+def test_train_writes_summary(tmp_path: Path, toy_corpus: Path) -> None:
+    out = tmp_path / "s.json"
+    r = run(
+        "pmnode",
+        "train",
+        "--config",
+        TINY,
+        "--steps",
+        "6",
+        "--data",
+        str(toy_corpus),
+        "--summary-json",
+        str(out),
+    )
+    assert r.returncode == 0, r.stderr
+    s = json.loads(out.read_text())
+    assert {"steps", "final_train_loss", "heldout_loss", "tokens_per_s", "codec"} <= set(s)
+    assert s["steps"] == 6 and s["codec"] == "subspace" and 0 < s["heldout_loss"] < 6
+    assert len(s["train_losses"]) == 6
+
+
+def test_bench_codec_json() -> None:
+    r = run("pmnode", "bench", "codec", "--config", TINY, "--json")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["d_model"] == 64 and rep["compression_rank"] == 8
+    by = {c["name"]: c for c in rep["codecs"]}
+    assert by["dense"]["bytes_per_token_forward"] == 256 and by["dense"]["ratio_vs_dense_fp32"] == 1.0
+    assert by["subspace:int8"]["bytes_per_token_forward"] == 8 + 2 + 1
+    assert by["subspace:int8"]["bytes_per_token_backward"] == 8 + 2
+    assert all(c["encode_decode_fraction_of_step"] > 0 for c in rep["codecs"])
+
+
+def test_coordinator_inspect_json() -> None:
+    r = run("coordinator", "inspect", "--config", TINY, "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["stages"] == [{"stage": 0, "layers": [0, 2]}, {"stage": 1, "layers": [2, 4]}]
+    assert len(info["fingerprint"]) == 16 and info["uncompressed_layers"] == [3]
+
+
+def test_missing_config() -> None:
+    one_line_error(run("pmnode", "train", "--config", "nope.yaml"), "config file not found: nope.yaml")
+
+
+def test_bad_fields_one_per_line(tmp_path: Path) -> None:
+    p = tmp_path / "bad.yaml"
+    p.write_text("model:\n  d_model: -3\ntrain:\n  stepz: 4\n")
+    r = run("pmnode", "train", "--config", str(p))
+    one_line_error(
+        r, "model.d_model: Input should be greater than or equal to 8", "train.stepz: Extra inputs"
+    )
+
+
+def test_unknown_codec() -> None:
+    one_line_error(run("pmnode", "train", "--config", TINY, "--codec", "gzip"), "unknown codec 'gzip'")
+
+
+def test_missing_data_path() -> None:
+    one_line_error(
+        run("pmnode", "train", "--config", TINY, "--data", "/nonexistent/corpus"), "/nonexistent/corpus"
+    )
+
+
+def test_cuda_absent() -> None:
+    pytest.importorskip("torch")
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    one_line_error(run("pmnode", "train", "--config", TINY, "--device", "cuda"), "no CUDA device")
+
+
+def test_verbose_shows_traceback() -> None:
+    r = run("pmnode", "train", "--config", "nope.yaml", "--verbose")
+    assert r.returncode == 1 and "Traceback" in r.stderr
+
+
+def test_wrong_flag_is_usage_error() -> None:
+    r = run("pmnode", "train", "--confg", TINY)
+    assert r.returncode == 2 and "No such option" in r.stderr
+
+
+def test_help() -> None:
+    for args in (("pmnode", "--help"), ("pmnode", "bench", "--help"), ("coordinator", "--help")):
+        r = run(*args)
+        assert r.returncode == 0 and "Usage" in r.stdout
