@@ -189,15 +189,15 @@ def hash_seed(*parts: int) -> int:
 
 
 def _encode(files: list[Path], tok: ByteTokenizer | HFTokenizer, max_bytes: int | None) -> Tensor:
-    texts, total = [], 0
+    """Join files with a separator, cut at max_bytes of UTF-8, tokenize."""
+    parts, total = [], 0
     for f in files:
-        t = read_text(f)
-        if max_bytes is not None and total + len(t) > max_bytes:
-            texts.append(t[: max_bytes - total])
+        b = read_text(f).encode("utf-8") + _SEPARATOR.encode()
+        parts.append(b)
+        total += len(b)
+        if max_bytes is not None and total >= max_bytes:
             break
-        texts.append(t)
-        total += len(t)
-    ids = tok.encode_tensor(_SEPARATOR.join(texts))
-    if ids.numel() and int(ids.max()) >= 2**31:
-        raise DataError("token ids exceed int32")
-    return ids
+    blob = b"".join(parts)[:max_bytes]
+    if isinstance(tok, ByteTokenizer):
+        return torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+    return tok.encode_tensor(blob.decode("utf-8", errors="ignore"))
