@@ -55,8 +55,8 @@ class ResidualWrite(nn.Module):
 
     free:       y = W h                 W (d, n)
     projection: y = W h, W <- U U^T W   at init, after every step and load;
-                the gradient is projected too, so Adam's moments see only the
-                part of the update that survives.
+                the gradient is projected before the step too, so Adam's
+                moments see only the part of the update that survives.
     reparam:    y = U (Z h)             Z (k, n) trainable; in span(U) by construction.
     """
 
@@ -67,8 +67,6 @@ class ResidualWrite(nn.Module):
         self.mode, self.subspace = mode, subspace
         rows = subspace.rank if mode == "reparam" else d  # type: ignore[union-attr]
         self.weight = nn.Parameter(torch.empty(rows, n_in))
-        if mode == "projection":
-            self.weight.register_hook(lambda g: subspace.project_columns(g))  # type: ignore[union-attr]
 
     def reset(self, std: float, g: torch.Generator) -> None:
         full = torch.empty(
@@ -87,6 +85,11 @@ class ResidualWrite(nn.Module):
     def project_(self) -> None:
         if self.mode == "projection":
             self.weight.copy_(self.subspace.project_columns(self.weight))  # type: ignore[union-attr]
+
+    @torch.no_grad()
+    def project_grad_(self) -> None:
+        if self.mode == "projection" and self.weight.grad is not None:
+            self.weight.grad.copy_(self.subspace.project_columns(self.weight.grad))  # type: ignore[union-attr]
 
     def effective_weight(self) -> Tensor:
         if self.mode == "reparam":
@@ -107,8 +110,6 @@ class SubspaceEmbedding(nn.Module):
         self.mode, self.subspace = mode, subspace
         cols = subspace.rank if mode == "reparam" else d  # type: ignore[union-attr]
         self.weight = nn.Parameter(torch.empty(vocab, cols))
-        if mode == "projection":
-            self.weight.register_hook(lambda g: subspace.project_rows(g))  # type: ignore[union-attr]
 
     def reset(self, std: float, g: torch.Generator) -> None:
         full = torch.empty(
@@ -123,6 +124,11 @@ class SubspaceEmbedding(nn.Module):
     def project_(self) -> None:
         if self.mode == "projection":
             self.weight.copy_(self.subspace.project_rows(self.weight))  # type: ignore[union-attr]
+
+    @torch.no_grad()
+    def project_grad_(self) -> None:
+        if self.mode == "projection" and self.weight.grad is not None:
+            self.weight.grad.copy_(self.subspace.project_rows(self.weight.grad))  # type: ignore[union-attr]
 
     def forward(self, tokens: Tensor) -> Tensor:
         e = F.embedding(tokens, self.weight)  # (B, T, d) or (B, T, k)
@@ -196,9 +202,8 @@ class Block(nn.Module):
         self.attn.wo.reset(out_std, g)
         self.mlp.w2.reset(out_std, g)
 
-    def project_(self) -> None:
-        self.attn.wo.project_()
-        self.mlp.w2.project_()
+    def writes(self) -> tuple[ResidualWrite, ResidualWrite]:
+        return self.attn.wo, self.mlp.w2
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         x = x + self.out_norm(self.attn(self.attn_norm(x), cos, sin))

@@ -49,11 +49,27 @@ def build_optimizer(stage: Stage, optim: OptimConfig) -> torch.optim.AdamW:
 
 @dataclass
 class _InFlight:
-    output: Tensor | None  # codec-space output still attached to this stage's graph
-    leaf: Tensor | None  # received codec-space input; its .grad goes upstream
+    version: int
+    samples: int
+    output: Tensor | None = None  # codec-space output still attached to this stage's graph
+    leaf: Tensor | None = None  # received codec-space input; its .grad goes upstream
 
 
 class StageWorker:
+    """One stage's weights, optimizer and in-flight micro-batches.
+
+    Gradients of a micro-batch are summed per sample (the tail backpropagates
+    loss x samples) and `step()` divides by the samples it applies, so a step
+    is the mean gradient over exactly the samples whose backward finished.
+
+    stash_weights (for the async schedule): a step may come while micro-batches
+    are between their forward and backward here. Their graphs then hold a
+    frozen copy of the weights they ran with (PipeDream's weight stashing), so
+    the in-place optimizer step never invalidates them; their gradients join
+    the next step. Without stashing (sync), stepping with micro-batches in
+    flight is an error.
+    """
+
     def __init__(
         self,
         cfg: RunConfig,
@@ -61,17 +77,22 @@ class StageWorker:
         codec: str = "subspace",
         device: str | torch.device = "cpu",
         subspace: Subspace | None = None,
+        stash_weights: bool = False,
     ):
         self.cfg, self.index, self.device = cfg, index, torch.device(device)
-        subspace = subspace if subspace is not None else build_subspace(cfg)
+        if subspace is None:
+            subspace = build_subspace(cfg)
         self.stage = Stage(cfg, index, subspace).to(self.device)
         m = cfg.model
         self.codec: Codec = make_codec(
             codec, d_model=m.d_model, vocab_size=m.vocab_size, subspace=self.stage.subspace
         )
         self.optimizer = build_optimizer(self.stage, cfg.optim)
+        self.stash_weights = stash_weights
         self.step_count = 0
+        self.samples_ready = 0  # backward finished, not yet applied
         self.inflight: dict[str, _InFlight] = {}
+        self._stashes: dict[int, dict[str, Tensor]] = {}
 
     @property
     def is_first(self) -> bool:
@@ -81,85 +102,128 @@ class StageWorker:
     def is_last(self) -> bool:
         return self.stage.is_last
 
-    def _receive(self, packet: Packet, grad: bool) -> tuple[Tensor, Tensor | None]:
-        tensors = {k: v.to(self.device) for k, v in packet.tensors.items()}
-        pkt = Packet(tensors)
-        z = self.codec.unpack_activation(pkt).requires_grad_(grad)
-        tokens = tensors["tokens"].long() if "tokens" in tensors else None
-        return z, tokens
+    def _call_stage(self, x: Tensor | None, tokens: Tensor | None, grad: bool) -> Tensor:
+        if not (grad and self.stash_weights):
+            return self.stage(x, tokens)
+        params = self._stashes.get(self.step_count)
+        if params is None:
+            params = {n: p.detach().clone().requires_grad_() for n, p in self.stage.named_parameters()}
+            self._stashes[self.step_count] = params
+        return torch.func.functional_call(self.stage, params, (x, tokens))
 
     def _run(
-        self, mb: str, packet: Packet | None, tokens: Tensor | None, grad: bool
+        self, mb: str, packet: Packet | None, tokens: Tensor | None, samples: int, grad: bool
     ) -> tuple[Tensor, Tensor | None]:
         leaf = None
         with torch.set_grad_enabled(grad):
             if self.is_first:
                 if tokens is None:
                     raise PmnodeError("the head stage needs token ids")
-                tokens = tokens.to(self.device)
-                x = None
+                tokens, x = tokens.to(self.device), None
             else:
                 if packet is None:
                     raise PmnodeError(f"stage {self.index} needs an activation packet")
-                leaf, tokens = self._receive(packet, grad)
+                tensors = {k: v.to(self.device) for k, v in packet.tensors.items()}
+                leaf = self.codec.unpack_activation(Packet(tensors)).requires_grad_(grad)
+                tokens = tensors["tokens"].long() if "tokens" in tensors else None
                 x = self.codec.lift(leaf, tokens)
-            out = self.stage(x, tokens)
+            out = self._call_stage(x, tokens, grad)
         if grad:
-            self.inflight[mb] = _InFlight(None, leaf)
+            self.inflight[mb] = _InFlight(self.step_count, samples, leaf=leaf)
         return out, tokens
 
-    def forward(self, mb: str, packet: Packet | None = None, tokens: Tensor | None = None) -> Packet:
+    def forward(
+        self, mb: str, packet: Packet | None = None, tokens: Tensor | None = None, samples: int = 1
+    ) -> Packet:
         """Head or body: run the layers and encode the output for the next stage."""
-        out, tok = self._run(mb, packet, tokens, grad=True)
+        out, tok = self._run(mb, packet, tokens, samples, grad=True)
         z = self.codec.project(out, tok)
         self.inflight[mb].output = z
         return self.codec.pack_activation(z, tok)
 
     def forward_backward(
-        self, mb: str, packet: Packet, targets: Tensor, weight: float = 1.0
-    ) -> tuple[float, Packet]:
-        """Tail: loss on this micro-batch, backward, and the gradient packet for upstream.
+        self, mb: str, packet: Packet | None, targets: Tensor, tokens: Tensor | None = None
+    ) -> tuple[float, Packet | None]:
+        """Tail: mean loss on this micro-batch, backward, and the gradient packet for upstream.
 
-        `weight` scales the gradient (micro-batch share of the step); the returned loss is unscaled.
+        A one-stage run passes tokens instead of a packet and gets no packet back.
         """
-        logits, _ = self._run(mb, packet, None, grad=True)
+        samples = targets.shape[0]
+        logits, _ = self._run(mb, packet, tokens, samples, grad=True)
         loss = F.cross_entropy(logits.flatten(0, 1), targets.to(self.device).flatten())
-        (loss * weight).backward()
-        leaf = self.inflight.pop(mb).leaf
-        assert leaf is not None and leaf.grad is not None
+        (loss * samples).backward()
+        leaf = self._finish(mb).leaf
+        if leaf is None:
+            return loss.item(), None
+        assert leaf.grad is not None
         return loss.item(), self.codec.pack_gradient(leaf.grad)
 
     def backward(self, mb: str, grad: Packet) -> Packet | None:
         """Head or body: backpropagate a gradient packet; return the one for upstream."""
-        entry = self.inflight.pop(mb)
+        entry = self.inflight[mb]
         g = self.codec.unpack_gradient(Packet({k: v.to(self.device) for k, v in grad.tensors.items()}))
         assert entry.output is not None
         entry.output.backward(g)
+        self._finish(mb)
         if self.is_first:
             return None
         assert entry.leaf is not None and entry.leaf.grad is not None
         return self.codec.pack_gradient(entry.leaf.grad)
 
+    def _finish(self, mb: str) -> _InFlight:
+        entry = self.inflight.pop(mb)
+        self.samples_ready += entry.samples
+        return entry
+
+    def abandon(self, mb: str) -> bool:
+        """Forget a micro-batch whose backward will never come (a failed route)."""
+        return self.inflight.pop(mb, None) is not None
+
     @torch.no_grad()
     def evaluate(self, packet: Packet | None, tokens: Tensor | None = None, targets: Tensor | None = None):
         """Forward without keeping state: a packet for the next stage, or the tail's loss."""
-        out, tok = self._run("", packet, tokens, grad=False)
+        out, tok = self._run("", packet, tokens, 0, grad=False)
         if self.is_last:
             assert targets is not None
             return F.cross_entropy(out.flatten(0, 1), targets.to(self.device).flatten()).item()
         return self.codec.pack_activation(self.codec.project(out, tok), tok)
 
-    def step(self, total_steps: int | None = None) -> float:
-        """Clip, AdamW step at the scheduled lr, re-project constrained weights, zero grads."""
-        optim = self.cfg.optim
+    @torch.no_grad()
+    def _collect_grads(self) -> None:
+        """Fold stashed gradients into the master weights; drop stashes nothing needs any more."""
+        masters = dict(self.stage.named_parameters())
+        live = {e.version for e in self.inflight.values()}
+        for version, params in list(self._stashes.items()):
+            for name, p in params.items():
+                if p.grad is not None:
+                    m = masters[name]
+                    m.grad = p.grad.clone() if m.grad is None else m.grad.add_(p.grad)
+                    p.grad = None
+            if version not in live:
+                del self._stashes[version]
+
+    def step(self, total_steps: int | None = None) -> tuple[int, float]:
+        """Mean gradient over the finished samples, clip, AdamW at the scheduled lr, re-project.
+
+        Returns (samples applied, lr).
+        """
+        if self.inflight and not self.stash_weights:
+            raise PmnodeError(f"stage {self.index}: step with {len(self.inflight)} micro-batches in flight")
+        self._collect_grads()
+        applied, optim = self.samples_ready, self.cfg.optim
+        params = [p for p in self.stage.parameters() if p.grad is not None]
+        if applied:
+            for p in params:
+                p.grad.div_(applied)  # type: ignore[union-attr]
+        self.stage.project_grads_()
         lr = lr_at(self.step_count, optim, total_steps or self.cfg.train.steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        params = [p for p in self.stage.parameters() if p.grad is not None]
         if optim.grad_clip is not None and params:
             torch.nn.utils.clip_grad_norm_(params, optim.grad_clip)
         self.optimizer.step()
         self.stage.project_()
         self.optimizer.zero_grad(set_to_none=True)
         self.step_count += 1
-        return lr
+        self.samples_ready = 0
+        return applied, lr

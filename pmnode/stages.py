@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from pmnode.config import RunConfig
 from pmnode.errors import ConfigError
-from pmnode.model import Block, RMSNorm, SubspaceEmbedding, WriteMode, normal_, rope_tables, seeded_generator
+from pmnode.model import (
+    Block,
+    ResidualWrite,
+    RMSNorm,
+    SubspaceEmbedding,
+    WriteMode,
+    normal_,
+    rope_tables,
+    seeded_generator,
+)
 from pmnode.subspace import Subspace
 
 
@@ -115,13 +123,22 @@ class Stage(nn.Module):
         if self.is_last:
             normal_(self.lm_head.weight, m.init_std, seeded_generator(seed, "lm_head"))
 
-    @torch.no_grad()
+    def writes(self) -> list[ResidualWrite | SubspaceEmbedding]:
+        """Every module that writes into the residual stream."""
+        out: list[ResidualWrite | SubspaceEmbedding] = [self.embed] if self.is_first else []
+        for block in self.layers.values():
+            out.extend(block.writes())
+        return out
+
     def project_(self) -> None:
         """Re-impose the subspace invariant on every constrained write (after a step or a load)."""
-        if self.is_first:
-            self.embed.project_()
-        for block in self.layers.values():
-            block.project_()
+        for w in self.writes():
+            w.project_()
+
+    def project_grads_(self) -> None:
+        """Drop the gradient part the post-step projection would discard anyway (projection mode)."""
+        for w in self.writes():
+            w.project_grad_()
 
     def forward(self, x: Tensor | None, tokens: Tensor | None = None) -> Tensor:
         if self.is_first:

@@ -61,23 +61,21 @@ class Pipeline:
         """One optimizer step over a batch split into micro-batches; returns the mean loss."""
         micro = self.cfg.train.micro
         n = inputs.shape[0] // micro
-        losses = []
         head, *rest = self.workers
-        body, tail = rest[:-1], rest[-1] if rest else None
+        losses = []
         for i in range(n):
             mb = f"{head.step_count}:{i}"
             x, y = inputs[i * micro : (i + 1) * micro], targets[i * micro : (i + 1) * micro]
-            if tail is None:  # a one-stage run: the head is also the tail
-                losses.append(_single_stage_step(head, x, y, 1.0 / n))
+            if not rest:  # one stage: the head is also the tail
+                losses.append(head.forward_backward(mb, None, y, tokens=x)[0])
                 continue
-            p = head.forward(mb, tokens=x)
-            for w in body:
-                p = w.forward(mb, p)
-            loss, g = tail.forward_backward(mb, p, y, 1.0 / n)
+            p = head.forward(mb, tokens=x, samples=micro)
+            for w in rest[:-1]:
+                p = w.forward(mb, p, samples=micro)
+            loss, g = rest[-1].forward_backward(mb, p, y)
             losses.append(loss)
-            for w in reversed(body):
-                g = w.backward(mb, g)
-            head.backward(mb, g)
+            for w in reversed(self.workers[:-1]):
+                g = w.backward(mb, g)  # type: ignore[arg-type]
         for w in self.workers:
             w.step(total_steps)
         return sum(losses) / len(losses)
@@ -86,22 +84,11 @@ class Pipeline:
     def eval_loss(self, batches: list[tuple[Tensor, Tensor]]) -> float:
         total = 0.0
         for x, y in batches:
-            if len(self.workers) == 1:
-                logits = self.workers[0].stage(None, x)
-                total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten()).item()
-                continue
-            p = self.workers[0].evaluate(None, tokens=x)
-            for w in self.workers[1:-1]:
-                p = w.evaluate(p)
-            total += self.workers[-1].evaluate(p, targets=y)
+            p = None
+            for w in self.workers[:-1]:
+                p = w.evaluate(p, tokens=x)
+            total += self.workers[-1].evaluate(p, tokens=x, targets=y)
         return total / len(batches)
-
-
-def _single_stage_step(w: StageWorker, x: Tensor, y: Tensor, weight: float) -> float:
-    logits = w.stage(None, x)
-    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
-    (loss * weight).backward()
-    return loss.item()
 
 
 @dataclass
