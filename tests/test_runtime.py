@@ -1,0 +1,84 @@
+"""StageWorker bookkeeping: sample accounting, sync guard, weight stashing for async."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pmnode.codecs import Packet
+from pmnode.config import RunConfig
+from pmnode.errors import PmnodeError
+from pmnode.runtime import StageWorker, lr_at
+
+CFG = RunConfig.model_validate(
+    {
+        "model": {"d_model": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": 16},
+        "subspace": {"compression_rank": 4, "uncompressed_tail_layers": 1},
+        "n_stages": 2,
+        "train": {"seq_len": 8},
+        "optim": {"warmup_steps": 0},
+    }
+)
+
+
+def toks(seed: int) -> torch.Tensor:
+    return torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(seed))
+
+
+def grad_packet(seed: int) -> Packet:
+    return Packet({"v": torch.randn(2, 8, 4, generator=torch.Generator().manual_seed(seed))})
+
+
+def test_sync_step_refuses_inflight() -> None:
+    w = StageWorker(CFG, 0)
+    w.forward("a", tokens=toks(0), samples=2)
+    with pytest.raises(PmnodeError, match="1 micro-batches in flight"):
+        w.step()
+
+
+def test_step_applies_finished_samples() -> None:
+    w = StageWorker(CFG, 0)
+    for i in range(3):
+        w.forward(str(i), tokens=toks(i), samples=2)
+        w.backward(str(i), grad_packet(i))
+    before = w.stage.embed.weight.detach().clone()
+    applied, lr = w.step(10)
+    assert applied == 6 and lr == pytest.approx(CFG.optim.lr)
+    assert w.samples_ready == 0 and w.step_count == 1
+    assert not torch.equal(before, w.stage.embed.weight)
+
+
+def test_stashed_weights_give_forward_time_gradients() -> None:
+    ref = StageWorker(CFG, 0)
+    ref.forward("a", tokens=toks(0), samples=2)
+    ref.backward("a", grad_packet(0))
+    expect = {n: p.grad.clone() for n, p in ref.stage.named_parameters() if p.grad is not None}
+
+    w = StageWorker(CFG, 0, stash_weights=True)
+    w.forward("a", tokens=toks(0), samples=2)  # runs with version 0
+    w.forward("b", tokens=toks(1), samples=2)
+    w.backward("b", grad_packet(1))
+    applied, _ = w.step(10)  # "a" is still in flight: allowed with stashing
+    assert applied == 2 and w.step_count == 1
+    w.backward("a", grad_packet(0))  # the graph of version 0 is intact
+    assert w.samples_ready == 2
+    w._collect_grads()
+    got = dict(w.stage.named_parameters())
+    for name, g in expect.items():
+        assert torch.allclose(got[name].grad, g, rtol=1e-5, atol=1e-7), name
+    assert w._stashes == {} or set(w._stashes) == {1}
+
+
+def test_abandon_forgets_microbatch() -> None:
+    w = StageWorker(CFG, 0)
+    w.forward("a", tokens=toks(0), samples=2)
+    assert w.abandon("a") and not w.abandon("a")
+    assert w.step()[0] == 0
+
+
+def test_lr_schedule() -> None:
+    o = CFG.optim.model_copy(update={"warmup_steps": 10, "lr": 1.0, "min_lr_ratio": 0.1})
+    assert lr_at(0, o, 110) == pytest.approx(0.1)
+    assert lr_at(9, o, 110) == pytest.approx(1.0)
+    assert lr_at(60, o, 110) == pytest.approx(0.55)
+    assert lr_at(110, o, 110) == pytest.approx(0.1)
