@@ -28,6 +28,23 @@ def _root() -> None:
 
 
 @app.command()
+def serve(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Run config YAML.")],
+    host: Annotated[
+        str, typer.Option(help="Interface to listen on; 0.0.0.0 for a public VPS.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port; 0 picks a free one (remembered in --state-dir).")] = 0,
+    state_dir: Annotated[Path, typer.Option(help="Where identity, state and addresses persist.")] = Path(
+        "coordinator-state"
+    ),
+) -> None:
+    """Start the DHT bootstrap peer, hand out the run config and assign stages."""
+    from coordinator.server import serve as run_server
+
+    run_server(load_config(config), host=host, port=port, state_dir=state_dir, console=Console(stderr=True))
+
+
+@app.command()
 def inspect(
     config: Annotated[Path, typer.Option("--config", "-c", help="Run config YAML.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
@@ -62,4 +79,3 @@ def inspect(
 
 def main() -> None:
     run_cli(app)
-

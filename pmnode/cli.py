@@ -72,7 +72,7 @@ def train(
     if codec:  # the codec decides the model: constrained for subspace, plain otherwise
         cfg, codec = config_for(cfg, codec)
     else:
-        codec = "subspace" if cfg.subspace.enabled else "dense"
+        codec = cfg.codec_spec
     summary = train_with_progress(cfg, codec, resolve_device(device), console)
     out = summary.model_dump(include={"steps", "final_train_loss", "heldout_loss", "tokens_per_s", "codec"})
     console.print(
@@ -84,6 +84,56 @@ def train(
         summary_json.write_text(json.dumps(summary.model_dump(), indent=2))
     else:
         print(json.dumps(out))
+
+
+@app.command()
+def join(
+    coordinator: Annotated[str, typer.Option(help="The multiaddr `coordinator serve` printed.")],
+    stage: Annotated[
+        int | None, typer.Option(help="Serve this stage; default: the coordinator picks.")
+    ] = None,
+    device: DeviceOpt = "auto",
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port; 0 picks a free one.")] = 0,
+    announce: Annotated[
+        list[str] | None, typer.Option(help="Multiaddr others should dial (behind NAT).")
+    ] = None,
+    data: DataOpt = None,
+    checkpoint_dir: Annotated[Path | None, typer.Option(help="Save (and resume) this stage here.")] = None,
+    summary_json: Annotated[Path | None, typer.Option(help="Write this node's summary here on exit.")] = None,
+) -> None:
+    """Join a swarm: get a stage from the coordinator, build it, serve and train."""
+    import asyncio
+    import signal
+
+    from pmnode.node import Node, NodeOptions
+
+    opts = NodeOptions(
+        coordinator=coordinator,
+        stage=stage,
+        device=resolve_device(device),
+        host=host,
+        port=port,
+        announce=announce or [],
+        data=data,
+        checkpoint_dir=checkpoint_dir,
+        summary_json=summary_json,
+    )
+
+    node = Node(opts, console)
+    node.start()
+
+    async def main() -> dict:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        return await node.run(stop)
+
+    summary = asyncio.run(main())
+    if summary_json:
+        summary_json.parent.mkdir(parents=True, exist_ok=True)
+        summary_json.write_text(json.dumps(summary, indent=2))
 
 
 @bench_app.command("codec")

@@ -8,7 +8,7 @@ Precedence is: CLI flag > config file > default declared here.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -37,9 +37,6 @@ class ModelConfig(_Strict):
     rope_theta: float = Field(10000.0, gt=0, description="RoPE base frequency.")
     norm_eps: float = Field(1e-6, gt=0, description="RMSNorm epsilon.")
     init_std: float = Field(0.02, gt=0, description="Std of the normal init of linear layers.")
-    branch_norm: bool = Field(
-        False, description="Parameter-free RMSNorm on each branch output before the residual add."
-    )
 
     @model_validator(mode="after")
     def _check_heads(self) -> ModelConfig:
@@ -76,10 +73,16 @@ class SubspaceConfig(_Strict):
         None, gt=1, description="Alternative to compression_rank: k = round(d_model / ratio)."
     )
     mode: Literal["projection", "reparam"] = Field(
-        "projection",
-        description="projection: W <- U(U^T W) after each step; reparam: W = U Z with Z trainable.",
+        "reparam",
+        description="projection: W <- U(U^T W) after each step; reparam: W = U Z with Z trainable "
+        "(the default: it trained better in docs/benchmarks/subspace-sweep).",
     )
     token_table_scale: float = Field(1.0, gt=0, description="Std of the frozen token table F.")
+    branch_norm: bool = Field(
+        True,
+        description="Parameter-free RMSNorm on each constrained branch output, so writes match F's scale "
+        "(a per-token scalar keeps them in span(U)).",
+    )
     uncompressed_tail_layers: int = Field(
         2, ge=0, description="Last layers of the tail left unconstrained (no boundary follows them)."
     )
@@ -146,6 +149,20 @@ class TrainConfig(_Strict):
         return self.micro_batch_size or self.batch_size
 
 
+class SwarmConfig(_Strict):
+    """How a swarm runs the pipeline; single-process training ignores it."""
+
+    schedule: Literal["sync", "async"] = Field(
+        "sync",
+        description="sync flushes the pipeline before every step (equals pmnode train); async overlaps.",
+    )
+    max_inflight: int = Field(4, ge=1, description="Micro-batches a head keeps in flight at once.")
+    request_timeout: float = Field(
+        60.0, gt=0, description="Seconds before a micro-batch's route is given up."
+    )
+    threads: int | None = Field(None, ge=1, description="torch threads per node; None keeps torch's default.")
+
+
 class RunConfig(_Strict):
     """Everything a swarm agrees on: model, subspace, stage split, optimizer, data."""
 
@@ -156,9 +173,13 @@ class RunConfig(_Strict):
     stage_layers: list[int] | None = Field(
         None, description="Explicit layers per stage; None splits as evenly as possible."
     )
+    codec: str | None = Field(
+        None, description="Boundary codec spec; None means subspace if enabled, else dense."
+    )
     optim: OptimConfig = Field(default_factory=OptimConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    swarm: SwarmConfig = Field(default_factory=SwarmConfig)
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
@@ -170,10 +191,14 @@ class RunConfig(_Strict):
         return self
 
     @property
+    def codec_spec(self) -> str:
+        return self.codec or ("subspace" if self.subspace.enabled else "dense")
+
+    @property
     def rank(self) -> int:
         return self.subspace.rank(self.model.d_model)
 
-    def with_overrides(self, **sections: dict) -> RunConfig:
+    def with_overrides(self, **sections: Any) -> RunConfig:
         """A copy with some fields replaced, e.g. with_overrides(train={"steps": 5}); re-validated."""
         data = self.model_dump()
         for section, values in sections.items():

@@ -101,7 +101,12 @@ class Stage(nn.Module):
             self.embed = SubspaceEmbedding(m.vocab_size, m.d_model, constrained, subspace)
         self.layers = nn.ModuleDict(
             {
-                str(i): Block(m, "free" if i in free else constrained, subspace, m.branch_norm)
+                str(i): Block(
+                    m,
+                    "free" if i in free else constrained,
+                    subspace,
+                    cfg.subspace.enabled and cfg.subspace.branch_norm,
+                )
                 for i in self.layer_range
             }
         )

@@ -31,7 +31,7 @@ def config_for(cfg: RunConfig, spec: str) -> tuple[RunConfig, str]:
     sub: dict = {"enabled": codec.startswith("subspace")}
     if rank is not None:
         sub.update(compression_rank=rank, compression_ratio=None)
-    return cfg.with_overrides(subspace=sub), codec
+    return cfg.with_overrides(subspace=sub, codec=codec), codec
 
 
 class TrainSummary(BaseModel):

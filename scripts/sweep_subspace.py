@@ -19,31 +19,32 @@ from rich.console import Console
 from pmnode.config import load_config
 from pmnode.progress import train_with_progress
 
-# name -> (codec, overrides). Grouped by the question each answers.
+
+def ssn(mode: str, f: float, branch_norm: bool, free: int = 1, **extra: dict) -> tuple[str, dict]:
+    """A subspace variant with every knob spelled out, so later default changes do not move it."""
+    sub = {"mode": mode, "token_table_scale": f, "branch_norm": branch_norm, "uncompressed_tail_layers": free}
+    return "subspace", {"subspace": sub, **extra}
+
+
+# name -> (codec, overrides), grouped by the question each answers. k = compression_rank of the base config.
 VARIANTS: dict[str, tuple[str, dict]] = {
     "dense": ("dense", {"subspace": {"enabled": False}}),
+    "dense lr=1e-2": ("dense", {"subspace": {"enabled": False}, "optim": {"lr": 0.01}}),
     # Scale of the frozen table F against the residual writes.
-    "proj F=1": ("subspace", {"subspace": {"token_table_scale": 1.0}}),
-    "proj F=0.1": ("subspace", {"subspace": {"token_table_scale": 0.1}}),
-    "proj F=0.02": ("subspace", {"subspace": {"token_table_scale": 0.02}}),
+    "proj F=1": ssn("projection", 1.0, False),
+    "proj F=0.1": ssn("projection", 0.1, False),
+    "proj F=0.02": ssn("projection", 0.02, False),
     # node0's pairing: F ~ N(0, 1) with a parameter-free RMSNorm on each branch output.
-    "proj F=1 branch-norm": (
-        "subspace",
-        {"subspace": {"token_table_scale": 1.0}, "model": {"branch_norm": True}},
-    ),
+    "proj F=1 branch-norm": ssn("projection", 1.0, True),
     # Projection vs reparametrisation.
-    "reparam F=1": ("subspace", {"subspace": {"token_table_scale": 1.0, "mode": "reparam"}}),
-    "reparam F=0.1": ("subspace", {"subspace": {"token_table_scale": 0.1, "mode": "reparam"}}),
-    "reparam F=1 branch-norm": (
-        "subspace",
-        {"subspace": {"token_table_scale": 1.0, "mode": "reparam"}, "model": {"branch_norm": True}},
-    ),
-    # Free tail layers and learning rate.
-    "proj F=0.1 free-tail=0": (
-        "subspace",
-        {"subspace": {"token_table_scale": 0.1, "uncompressed_tail_layers": 0}},
-    ),
-    "proj F=0.1 lr=1e-2": ("subspace", {"subspace": {"token_table_scale": 0.1}, "optim": {"lr": 0.01}}),
+    "reparam F=1": ssn("reparam", 1.0, False),
+    "reparam F=0.1": ssn("reparam", 0.1, False),
+    "reparam F=1 branch-norm": ssn("reparam", 1.0, True),
+    # Around the best: free tail layers, F scale, learning rate.
+    "reparam F=1 branch-norm free-tail=0": ssn("reparam", 1.0, True, 0),
+    "reparam F=1 branch-norm free-tail=2": ssn("reparam", 1.0, True, 2),
+    "reparam F=2 branch-norm": ssn("reparam", 2.0, True),
+    "reparam F=1 branch-norm lr=1e-2": ssn("reparam", 1.0, True, optim={"lr": 0.01}),
 }
 
 

@@ -1,0 +1,87 @@
+"""Stage checkpoints: safetensors weights, optimizer state and a manifest that explains them.
+
+Layout of DIR/stage-{i}/:
+    model.safetensors   the stage's weights (U and F are never saved: they come from the seed)
+    optimizer.pt        AdamW state
+    manifest.json       step, stage, layer range, subspace fingerprint, run name, samples
+Each file is written to a temporary name and renamed, and the manifest last, so a
+crash leaves either the previous complete checkpoint or the new one.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel
+from safetensors.torch import load_file, save_file
+
+from pmnode.errors import PmnodeError
+from pmnode.runtime import StageWorker
+
+
+class Manifest(BaseModel):
+    run: str
+    stage: int
+    layers: tuple[int, int]
+    step: int
+    samples: int = 0
+    fingerprint: str | None
+    codec: str
+
+
+def stage_dir(root: Path, stage: int) -> Path:
+    return root / f"stage-{stage}"
+
+
+def _atomic(path: Path, write: Callable[[Path], object]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save(worker: StageWorker, root: Path, run: str, samples: int = 0) -> Path:
+    d = stage_dir(root, worker.index)
+    d.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in worker.stage.state_dict().items()}
+    _atomic(d / "model.safetensors", lambda p: save_file(state, str(p)))
+    _atomic(d / "optimizer.pt", lambda p: torch.save(worker.optimizer.state_dict(), p))
+    sub = worker.stage.subspace
+    man = Manifest(
+        run=run,
+        stage=worker.index,
+        layers=(worker.stage.layer_range.start, worker.stage.layer_range.stop),
+        step=worker.step_count,
+        samples=samples,
+        fingerprint=sub.fingerprint if sub is not None else None,
+        codec=worker.codec.name,
+    )
+    _atomic(d / "manifest.json", lambda p: p.write_text(man.model_dump_json(indent=2)))
+    return d
+
+
+def load_manifest(root: Path, stage: int) -> Manifest | None:
+    p = stage_dir(root, stage) / "manifest.json"
+    return Manifest.model_validate_json(p.read_text()) if p.exists() else None
+
+
+def load(worker: StageWorker, root: Path) -> Manifest:
+    """Restore weights and optimizer state; refuses a checkpoint of another basis or layer range."""
+    man = load_manifest(root, worker.index)
+    if man is None:
+        raise PmnodeError(f"no checkpoint for stage {worker.index} under {root}")
+    sub = worker.stage.subspace
+    fp = sub.fingerprint if sub is not None else None
+    if man.fingerprint != fp:
+        raise PmnodeError(f"checkpoint fingerprint {man.fingerprint} does not match this run's basis {fp}")
+    rng = worker.stage.layer_range
+    if tuple(man.layers) != (rng.start, rng.stop):
+        raise PmnodeError(f"checkpoint holds layers {man.layers}, this stage has {rng.start}..{rng.stop}")
+    d = stage_dir(root, worker.index)
+    worker.stage.load_state_dict(load_file(str(d / "model.safetensors"), device=str(worker.device)))
+    worker.stage.project_()  # the invariant is re-imposed after every load
+    worker.optimizer.load_state_dict(torch.load(d / "optimizer.pt", map_location=worker.device))
+    worker.step_count = man.step
+    return man

@@ -1,0 +1,95 @@
+"""Control plane: small JSON RPCs between nodes and the coordinator over hivemind P2P.
+
+Requests and replies are pydantic models carried in the `metadata` bytes of
+hivemind's own ExpertRequest/ExpertResponse protobufs, so no extra protoc step
+is needed. A request that fails validation gets an error reply; the handler's
+exception never reaches the P2P daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from hivemind.p2p import P2P, P2PContext, PeerID
+from hivemind.proto import runtime_pb2
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pmnode.errors import PmnodeError
+
+JOIN_RPC = "pmnode.coord.join"  # fixed name: a joining node does not know the run yet
+
+Req = TypeVar("Req", bound=BaseModel)
+Resp = TypeVar("Resp", bound=BaseModel)
+
+
+class ControlError(PmnodeError):
+    """The peer answered with an error, or did not answer in time."""
+
+
+class JoinRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    peer_id: str
+    stage: int | None = Field(None, description="The stage asked for; None lets the coordinator choose.")
+    device: str = "cpu"
+
+
+class JoinReply(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    stage: int
+    config: dict[str, Any]
+    fingerprint: str | None
+    step: int = 0
+
+
+class Envelope(BaseModel):
+    """What travels: either a result or an error line."""
+
+    ok: bool
+    error: str = ""
+    body: dict[str, Any] = {}
+
+
+async def add_json_handler(
+    p2p: P2P,
+    name: str,
+    request_type: type[Req],
+    handler: Callable[[Req, str], Awaitable[BaseModel]],
+) -> None:
+    """Serve `name`: parse request_type, call handler(request, caller peer id), reply."""
+
+    async def _handle(request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        try:
+            req = request_type.model_validate_json(request.metadata)
+            reply = Envelope(ok=True, body=(await handler(req, context.remote_id.to_base58())).model_dump())
+        except ValidationError as e:
+            reply = Envelope(ok=False, error=f"bad request: {e.error_count()} invalid field(s)")
+        except PmnodeError as e:
+            reply = Envelope(ok=False, error=str(e))
+        except Exception as e:  # never let a handler bug take the daemon's connection down
+            reply = Envelope(ok=False, error=f"internal error: {type(e).__name__}: {e}")
+        return runtime_pb2.ExpertResponse(metadata=reply.model_dump_json().encode())
+
+    await p2p.add_protobuf_handler(name, _handle, runtime_pb2.ExpertRequest)
+
+
+async def call_json(
+    p2p: P2P, peer: PeerID | str, name: str, request: BaseModel, reply_type: type[Resp], timeout: float = 10.0
+) -> Resp:
+    peer_id = PeerID.from_base58(peer) if isinstance(peer, str) else peer
+    msg = runtime_pb2.ExpertRequest(metadata=request.model_dump_json().encode())
+    try:
+        resp = await asyncio.wait_for(
+            p2p.call_protobuf_handler(peer_id, name, msg, runtime_pb2.ExpertResponse), timeout
+        )
+    except asyncio.TimeoutError as e:
+        raise ControlError(f"{name}: no answer from {peer_id} within {timeout:.0f}s") from e
+    except Exception as e:
+        raise ControlError(f"{name}: call to {peer_id} failed: {e}") from e
+    env = Envelope.model_validate_json(resp.metadata)
+    if not env.ok:
+        raise ControlError(env.error)
+    return reply_type.model_validate(env.body)

@@ -1,0 +1,65 @@
+"""The DHT side of a swarm: starting a peer, announcing stage records, reading them back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hivemind
+from hivemind.utils import get_dht_time
+
+from pmnode.errors import PmnodeError
+from pmnode.routing import RECORD_TTL, StageRecord, live, stage_key
+
+
+def p2p_options(host: str) -> dict[str, bool]:
+    """On loopback, no UPnP port mapping or AutoNAT probes: they would talk to the LAN for nothing."""
+    local = host.startswith("127.") or host == "localhost"
+    return {"nat_port_map": not local, "auto_nat": not local}
+
+
+def start_dht(
+    initial_peers: list[str],
+    host: str,
+    port: int,
+    *,
+    announce: list[str] | None = None,
+    identity_path: Path | None = None,
+    what: str = "this node",
+) -> hivemind.DHT:
+    """Start a DHT peer (and its p2pd). Call it before any event loop installs signal handlers."""
+    try:
+        return hivemind.DHT(
+            initial_peers=initial_peers or None,
+            start=True,
+            host_maddrs=[f"/ip4/{host}/tcp/{port}"],
+            announce_maddrs=announce or None,
+            identity_path=str(identity_path) if identity_path else None,
+            **p2p_options(host),
+        )
+    except Exception as e:
+        if initial_peers:
+            raise PmnodeError(f"could not reach the coordinator at {initial_peers[0]}: {e}") from e
+        raise PmnodeError(f"could not start {what} on {host}:{port}: {e}; is the port in use?") from e
+
+
+async def stage_records(dht: hivemind.DHT, run: str, stage: int) -> list[StageRecord]:
+    """The live records announced under a stage; malformed ones are skipped, never trusted."""
+    found = await dht.get(stage_key(run, stage), latest=True, return_future=True)
+    recs = []
+    if found is not None and isinstance(found.value, dict):
+        for sub in found.value.values():
+            try:
+                recs.append(StageRecord.model_validate(sub.value))
+            except Exception:
+                continue
+    return live(recs)
+
+
+async def announce(dht: hivemind.DHT, run: str, rec: StageRecord) -> None:
+    await dht.store(
+        stage_key(run, rec.stage),
+        subkey=rec.peer_id,
+        value=rec.model_dump(),
+        expiration_time=get_dht_time() + RECORD_TTL,
+        return_future=True,
+    )

@@ -1,0 +1,440 @@
+"""A swarm node: one stage of the run, served over hivemind P2P.
+
+Data path (one RPC per boundary and micro-batch, SWARM-style): a stage's
+`forward` handler decodes the activation packet, runs its layers, calls the
+next stage's `forward` with its own packet and gets the gradient packet back
+in the reply, backpropagates, and replies upstream with its own gradient. The
+call stack remembers the route, so gradients retrace the activations' path.
+The head drives: it owns the data and keeps `swarm.max_inflight` micro-batches
+in flight. Each stage steps when the samples whose backward finished reach
+the batch size; in `sync` that happens only after the head's flush, so a swarm
+reproduces `pmnode train` step for step.
+
+All torch work runs on one worker thread, so handlers never block the event
+loop and never race on gradients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+from hivemind.p2p import P2P
+from pydantic import BaseModel, ConfigDict
+from rich.console import Console
+from torch import Tensor
+
+from pmnode import checkpoint
+from pmnode.codecs import Packet
+from pmnode.config import RunConfig
+from pmnode.control import JOIN_RPC, ControlError, JoinReply, JoinRequest, add_json_handler, call_json
+from pmnode.data import TokenDataset
+from pmnode.dht import announce, stage_records, start_dht
+from pmnode.errors import PmnodeError
+from pmnode.routing import HEARTBEAT_PERIOD, StageRecord, choose_peer
+from pmnode.runtime import StageWorker
+from pmnode.transport import TransportStats, request, serve
+from pmnode.wire import MessageHeader, WireError
+
+_DATA_KEYS = ("targets", "last_target")  # travel beside the codec's tensors, untouched, to the tail
+
+
+class NodeOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    coordinator: str
+    stage: int | None = None
+    device: str = "cpu"
+    host: str = "127.0.0.1"
+    port: int = 0
+    announce: list[str] = []
+    data: str | None = None
+    checkpoint_dir: Path | None = None
+    summary_json: Path | None = None
+    connect_timeout: float = 30.0
+
+
+class Done(BaseModel):
+    reason: str = "finished"
+
+
+class Ack(BaseModel):
+    ok: bool = True
+
+
+def coordinator_peer(maddr: str) -> str:
+    if "/p2p/" not in maddr:
+        raise PmnodeError(
+            f"--coordinator {maddr!r} must end in /p2p/<peer id>, as `coordinator serve` prints it"
+        )
+    return maddr.rsplit("/p2p/", 1)[1]
+
+
+class Node:
+    def __init__(self, opts: NodeOptions, console: Console):
+        self.opts, self.console = opts, console
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="pmnode-compute")
+        self.stats = TransportStats()  # calls this node makes (to the next stage)
+        self.server_stats = TransportStats()  # calls this node serves (from the previous stage)
+        self.done = asyncio.Event()
+        self.downstream: list[StageRecord] = []
+        self.failed: dict[str, float] = {}  # peer -> when it last failed us
+        self.rng = random.Random()
+        self.losses: list[float] = []
+        self.evals: list[tuple[int, int, float]] = []
+        self.samples_applied = 0
+        self.started = time.monotonic()
+        self.step_times: list[float] = []
+        self.last_loss: float | None = None
+
+    # ---- plumbing --------------------------------------------------------------------------------------
+    async def compute(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.pool, lambda: fn(*args, **kwargs))
+
+    def _header(self, kind: str, mb: str, **meta: Any) -> MessageHeader:
+        return MessageHeader(
+            kind=kind,
+            run=self.cfg.name,
+            micro_batch=mb,
+            stage=self.worker.index,
+            step=self.worker.step_count,
+            sender=self.peer_id,
+            tensors=[],
+            meta=meta,
+        )
+
+    async def _refresh_downstream(self) -> None:
+        if not self.worker.is_last:
+            self.downstream = await stage_records(self.dht, self.cfg.name, self.worker.index + 1)
+
+    async def _send(self, rpc: str, header: MessageHeader, packet: Packet) -> tuple[MessageHeader, Packet]:
+        """Send to a downstream replica; on failure try another until request_timeout runs out."""
+        deadline = time.monotonic() + self.cfg.swarm.request_timeout
+        while True:
+            now = time.monotonic()
+            recent = [p for p, t in self.failed.items() if now - t < 10.0]
+            peer = choose_peer(self.downstream, exclude=recent, rng=self.rng)
+            if peer is None:
+                if now > deadline:
+                    raise PmnodeError(f"stage {self.worker.index + 1} has no reachable node")
+                await asyncio.sleep(0.5)
+                await self._refresh_downstream()
+                continue
+            try:
+                return await request(
+                    self.p2p,
+                    peer.peer_id,
+                    f"{self.cfg.name}.{rpc}",
+                    header,
+                    packet,
+                    self.stats,
+                    timeout=max(1.0, deadline - now),
+                )
+            except (WireError, PmnodeError, asyncio.TimeoutError, OSError, Exception) as e:
+                if isinstance(e, asyncio.CancelledError):
+                    raise
+                self.failed[peer.peer_id] = time.monotonic()
+                self.console.print(f"stage {self.worker.index}: {rpc} to {peer.peer_id[-8:]} failed: {e}")
+                if time.monotonic() > deadline:
+                    raise PmnodeError(f"micro-batch {header.micro_batch} failed: {e}") from e
+
+    def _step_if_ready(self) -> tuple[int, float] | None:
+        """Runs on the compute thread, so the check and the step are atomic."""
+        if self.worker.samples_ready < self.cfg.train.batch_size:
+            return None
+        t0 = time.perf_counter()
+        applied, lr = self.worker.step(self.cfg.train.steps)
+        self.samples_applied += applied
+        self.step_times.append(time.perf_counter() - t0)
+        return applied, lr
+
+    # ---- handlers (every stage but the head) -----------------------------------------------------------
+    async def _on_forward(
+        self, header: MessageHeader, packet: Packet, caller: str
+    ) -> tuple[MessageHeader, Packet]:
+        mb, samples = header.micro_batch, int(header.meta.get("samples", 1))
+        extra = {k: packet.tensors.pop(k) for k in _DATA_KEYS if k in packet.tensors}
+        if self.worker.is_last:
+            targets = self._targets(packet, extra)
+            loss, grad = await self.compute(self.worker.forward_backward, mb, packet, targets)
+            self.last_loss = loss
+            await self.compute(self._step_if_ready)
+            return self._header("gradient", mb, loss=loss), grad
+        out = await self.compute(self.worker.forward, mb, packet, None, samples)
+        out.tensors.update(extra)
+        try:
+            reply, grad = await self._send("forward", self._header("activation", mb, **header.meta), out)
+        except BaseException:
+            await self.compute(self.worker.abandon, mb)
+            raise
+        up = await self.compute(self.worker.backward, mb, grad)
+        await self.compute(self._step_if_ready)
+        return self._header("gradient", mb, **reply.meta), up
+
+    async def _on_eval(
+        self, header: MessageHeader, packet: Packet, caller: str
+    ) -> tuple[MessageHeader, Packet]:
+        extra = {k: packet.tensors.pop(k) for k in _DATA_KEYS if k in packet.tensors}
+        if self.worker.is_last:
+            loss = await self.compute(self.worker.evaluate, packet, None, self._targets(packet, extra))
+            return self._header("ack", header.micro_batch, loss=loss), Packet({})
+        out = await self.compute(self.worker.evaluate, packet)
+        out.tensors.update(extra)
+        return await self._send("eval", self._header("activation", header.micro_batch), out)
+
+    @staticmethod
+    def _targets(packet: Packet, extra: dict[str, Tensor]) -> Tensor:
+        if "targets" in extra:
+            return extra["targets"].long()
+        if "last_target" in extra and "tokens" in packet.tensors:
+            return torch.cat([packet.tensors["tokens"][:, 1:].long(), extra["last_target"].long()], dim=1)
+        raise WireError("micro-batch carries no targets")
+
+    async def _on_done(self, req: Done, caller: str) -> Ack:
+        self.done.set()
+        return Ack()
+
+    # ---- the head's loop ---------------------------------------------------------------------------------
+    def _attach_targets(self, packet: Packet, y: Tensor) -> Packet:
+        dtype = self.worker.codec.token_dtype
+        if "tokens" in packet.tensors:  # targets are the tokens shifted by one: send only the last column
+            packet.tensors["last_target"] = y[:, -1:].to(dtype)
+        else:
+            packet.tensors["targets"] = y.to(dtype)
+        return packet
+
+    async def _train_microbatch(self, mb: str, x: Tensor, y: Tensor) -> float:
+        pkt = await self.compute(self.worker.forward, mb, None, x, x.shape[0])
+        self._attach_targets(pkt, y)
+        try:
+            reply, grad = await self._send("forward", self._header("activation", mb, samples=x.shape[0]), pkt)
+        except BaseException:
+            await self.compute(self.worker.abandon, mb)
+            raise
+        await self.compute(self.worker.backward, mb, grad)
+        return float(reply.meta.get("loss", float("nan")))
+
+    async def _eval(self, batches: list[tuple[Tensor, Tensor]]) -> float:
+        total = 0.0
+        for i, (x, y) in enumerate(batches):
+            pkt = await self.compute(self.worker.evaluate, None, x)
+            reply, _ = await self._send(
+                "eval", self._header("activation", f"eval:{i}"), self._attach_targets(pkt, y)
+            )
+            total += float(reply.meta["loss"])
+        return total / len(batches)
+
+    async def drive(self) -> None:
+        cfg, t = self.cfg, self.cfg.train
+        train_set, heldout = TokenDataset.from_config(cfg.data, cfg.model.vocab_size)
+        eval_batches = heldout.eval_batches(t.eval_batches, t.batch_size, t.seq_len)
+        while not self.downstream:
+            self.console.print(f"waiting for stage {self.worker.index + 1} to come online...")
+            await asyncio.sleep(1.0)
+            await self._refresh_downstream()
+        n_micro = t.batch_size // t.micro
+        window = asyncio.Semaphore(cfg.swarm.max_inflight)
+        start, tokens = time.perf_counter(), 0
+        pending: list[float] = []
+
+        async def one(mb: str, x: Tensor, y: Tensor) -> None:
+            try:
+                pending.append(await self._train_microbatch(mb, x, y))
+            finally:
+                window.release()
+
+        tasks: set[asyncio.Task] = set()
+        for step in range(self.worker.step_count, t.steps):
+            x, y = train_set.batch(step, t.batch_size, t.seq_len, t.seed)
+            for j in range(n_micro):
+                await window.acquire()
+                sl = slice(j * t.micro, (j + 1) * t.micro)
+                task = asyncio.create_task(one(f"{step}:{j}", x[sl], y[sl]))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            if cfg.swarm.schedule == "sync":
+                await asyncio.gather(*tasks)
+            stepped = await self.compute(self._step_if_ready)
+            if cfg.swarm.schedule == "async":
+                while stepped is None and tasks and self.worker.samples_ready < t.batch_size:
+                    await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                    stepped = await self.compute(self._step_if_ready)
+            tokens += t.batch_size * t.seq_len
+            loss = sum(pending) / len(pending) if pending else float("nan")
+            pending.clear()
+            self.losses.append(loss)
+            self.last_loss = loss
+            done_steps = self.worker.step_count
+            held = None
+            if done_steps % t.eval_every == 0 or step + 1 == t.steps:
+                if tasks:
+                    await asyncio.gather(*tasks)
+                held = await self._eval(eval_batches)
+                self.evals.append((done_steps, tokens, held))
+            elapsed = time.perf_counter() - start
+            self._report(done_steps, loss, held, tokens / elapsed)
+        if tasks:
+            await asyncio.gather(*tasks)
+        await self.compute(lambda: self.worker.samples_ready and self.worker.step(t.steps))
+        self.elapsed = time.perf_counter() - start
+        self.tokens = tokens
+
+    def _report(self, step: int, loss: float, held: float | None, tps: float) -> None:
+        line = {"step": step, "loss": round(loss, 5), "tokens_per_s": round(tps, 1)}
+        if held is not None:
+            line["heldout_loss"] = round(held, 5)
+        line.update(self.stats.summary())
+        print(json.dumps(line), flush=True)
+
+    # ---- lifecycle -----------------------------------------------------------------------------------------
+    async def _heartbeat(self) -> None:
+        while True:
+            rec = StageRecord(
+                peer_id=self.peer_id,
+                stage=self.worker.index,
+                state="online",
+                throughput=self._throughput(),
+                queue=len(self.worker.inflight),
+                step=self.worker.step_count,
+                samples=self.samples_applied,
+                loss=self.last_loss,
+                device=self.opts.device,
+                time=time.time(),
+            )
+            await self._announce(rec)
+            await self._refresh_downstream()
+            await asyncio.sleep(HEARTBEAT_PERIOD)
+
+    def _throughput(self) -> float:
+        elapsed = time.monotonic() - self.started
+        return round(self.samples_applied / elapsed, 3) if elapsed > 0 else 0.0
+
+    async def _announce(self, rec: StageRecord) -> None:
+        await announce(self.dht, self.cfg.name, rec)
+
+    async def _join(self) -> JoinReply:
+        coord = coordinator_peer(self.opts.coordinator)
+        try:
+            return await call_json(
+                self.p2p,
+                coord,
+                JOIN_RPC,
+                JoinRequest(peer_id=self.peer_id, stage=self.opts.stage),
+                JoinReply,
+                timeout=self.opts.connect_timeout,
+            )
+        except ControlError as e:
+            raise PmnodeError(f"coordinator refused or did not answer: {e}") from e
+
+    def start(self) -> None:
+        """Start the DHT outside any event loop (see start_dht)."""
+        o = self.opts
+        coordinator_peer(o.coordinator)  # validate the address before starting anything
+        self.dht = start_dht([o.coordinator], o.host, o.port, announce=o.announce)
+
+    async def run(self, stop: asyncio.Event) -> dict:
+        o = self.opts
+        try:
+            self.p2p: P2P = await self.dht.replicate_p2p()
+            self.peer_id = self.dht.peer_id.to_base58()
+            reply = await self._join()
+            cfg = RunConfig.model_validate(reply.config)
+            if o.data:
+                cfg = cfg.with_overrides(data={"source": o.data})
+            self.cfg = cfg
+            if cfg.swarm.threads:
+                torch.set_num_threads(cfg.swarm.threads)
+            self.worker = StageWorker(
+                cfg, reply.stage, cfg.codec_spec, o.device, stash_weights=cfg.swarm.schedule == "async"
+            )
+            sub = self.worker.stage.subspace
+            mine = sub.fingerprint if sub is not None else None
+            if mine != reply.fingerprint:
+                raise PmnodeError(
+                    f"subspace fingerprint mismatch: coordinator has {reply.fingerprint}, this node "
+                    f"built {mine}; upgrade pmnode to the coordinator's version"
+                )
+            if o.checkpoint_dir and checkpoint.load_manifest(o.checkpoint_dir, reply.stage):
+                man = checkpoint.load(self.worker, o.checkpoint_dir)
+                self.console.print(f"resumed stage {reply.stage} from step {man.step}")
+            await serve(self.p2p, f"{cfg.name}.forward", self._on_forward, self.server_stats)
+            await serve(self.p2p, f"{cfg.name}.eval", self._on_eval, self.server_stats)
+            await add_json_handler(self.p2p, f"{cfg.name}.done", Done, self._on_done)
+            r = self.worker.stage.layer_range
+            self.console.print(
+                f"node {self.peer_id[-8:]} serves stage {reply.stage} (layers {r.start}..{r.stop - 1}) "
+                f"of run {cfg.name}, codec {cfg.codec_spec}, {cfg.swarm.schedule}"
+            )
+            beat = asyncio.create_task(self._heartbeat())
+            try:
+                if self.worker.is_first:
+                    driver = asyncio.create_task(self.drive())
+                    await asyncio.wait(
+                        [driver, asyncio.create_task(stop.wait())], return_when="FIRST_COMPLETED"
+                    )
+                    if driver.done():
+                        driver.result()
+                        await self._finish_swarm()
+                    else:
+                        driver.cancel()
+                else:
+                    await asyncio.wait(
+                        [asyncio.create_task(self.done.wait()), asyncio.create_task(stop.wait())],
+                        return_when="FIRST_COMPLETED",
+                    )
+                    if self.done.is_set():
+                        await self._finish_swarm()
+            finally:
+                beat.cancel()
+                if o.checkpoint_dir:
+                    checkpoint.save(self.worker, o.checkpoint_dir, cfg.name, self.samples_applied)
+                await self._announce(
+                    StageRecord(
+                        peer_id=self.peer_id, stage=self.worker.index, state="offline", time=time.time()
+                    )
+                )
+            return self.summary()
+        finally:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.dht.shutdown()
+
+    async def _finish_swarm(self) -> None:
+        """Tell the next stage's replicas that training is over (they pass it on)."""
+        await self._refresh_downstream()
+        for rec in self.downstream:
+            try:
+                await call_json(self.p2p, rec.peer_id, f"{self.cfg.name}.done", Done(), Ack, timeout=10)
+            except ControlError as e:
+                self.console.print(f"could not tell {rec.peer_id[-8:]} to stop: {e}")
+
+    def summary(self) -> dict:
+        out: dict[str, Any] = {
+            "stage": self.worker.index,
+            "steps": self.worker.step_count,
+            "schedule": self.cfg.swarm.schedule,
+            "codec": self.cfg.codec_spec,
+            "samples_applied": self.samples_applied,
+            "transport": self.stats.summary(),
+        }
+        if self.worker.is_first and self.losses:
+            tokens = getattr(self, "tokens", 0)
+            out.update(
+                final_train_loss=self.losses[-1],
+                heldout_loss=self.evals[-1][2] if self.evals else None,
+                tokens_per_s=tokens / max(getattr(self, "elapsed", 1e-9), 1e-9),
+                train_losses=self.losses,
+                evals=self.evals,
+                wire_bytes_per_token_per_boundary={
+                    "forward": self.stats.bytes_sent["forward"] / max(tokens, 1),
+                    "backward": self.stats.bytes_received["forward"] / max(tokens, 1),
+                    "forward_payload": self.stats.payload_sent["forward"] / max(tokens, 1),
+                    "backward_payload": self.stats.payload_received["forward"] / max(tokens, 1),
+                },
+            )
+        return out

@@ -1,0 +1,95 @@
+"""Swarm policy as pure functions over announced records: DHT keys, stage choice, peer choice.
+
+Every peer computes the same answer from the same records (sorted, deterministic
+tie-breaks), as Petals does for block selection; the loops that act on these
+stay thin.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Mapping
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pmnode.errors import ConfigError
+
+HEARTBEAT_PERIOD = 2.0  # seconds between a node's announcements
+RECORD_TTL = 3 * HEARTBEAT_PERIOD  # a node missing three beats is gone
+
+
+def stage_key(run: str, stage: int) -> str:
+    return f"{run}.stage.{stage}"
+
+
+def config_key(run: str) -> str:
+    return f"{run}.config"
+
+
+class StageRecord(BaseModel):
+    """What a node announces about itself under its stage key (subkey: its peer id)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    peer_id: str
+    stage: int = Field(ge=0)
+    state: Literal["joining", "online", "offline"] = "online"
+    throughput: float = Field(0.0, ge=0, description="Samples/s this node measured on its own stage.")
+    queue: int = Field(0, ge=0, description="Micro-batches in flight through this node.")
+    step: int = Field(0, ge=0)
+    samples: int = Field(0, ge=0, description="Samples this node has applied in optimizer steps.")
+    loss: float | None = None
+    heldout_loss: float | None = None
+    tokens_per_s: float = 0.0
+    wire_bytes_per_s: float = 0.0
+    device: str = "cpu"
+    time: float = 0.0
+
+
+def live(records: Iterable[StageRecord]) -> list[StageRecord]:
+    return sorted((r for r in records if r.state != "offline"), key=lambda r: r.peer_id)
+
+
+def capacity(records: Iterable[StageRecord]) -> float:
+    """A stage's capacity: summed throughput; a node that has not measured yet counts as 1."""
+    return sum(r.throughput or 1.0 for r in live(records))
+
+
+def choose_stage(
+    by_stage: Mapping[int, Iterable[StageRecord]], n_stages: int, requested: int | None = None
+) -> int:
+    """The stage a joining node serves: the requested one if valid, else the weakest.
+
+    Empty stages come first (the swarm cannot train without them), then the least
+    capacity; ties go to the lowest index so every caller agrees.
+    """
+    if requested is not None:
+        if not 0 <= requested < n_stages:
+            raise ConfigError(f"stage {requested} is out of range: this run has stages 0..{n_stages - 1}")
+        return requested
+    return min(range(n_stages), key=lambda s: (capacity(by_stage.get(s, ())), s))
+
+
+def score(r: StageRecord) -> float:
+    """Expected service rate for one more micro-batch: throughput shared with its queue."""
+    return (r.throughput or 1.0) / (1 + r.queue)
+
+
+def choose_peer(
+    records: Iterable[StageRecord],
+    exclude: Iterable[str] = (),
+    rng: random.Random | None = None,
+) -> StageRecord | None:
+    """Pick a downstream replica by score; random among near-equals to spread load.
+
+    Candidates within 10% of the best score are equally good; without an rng the
+    choice is the first of them by peer id (deterministic, for tests).
+    """
+    banned = set(exclude)
+    cands = [r for r in live(records) if r.peer_id not in banned and r.state == "online"]
+    if not cands:
+        return None
+    best = max(score(r) for r in cands)
+    near = [r for r in cands if score(r) >= 0.9 * best]
+    return rng.choice(near) if rng else near[0]

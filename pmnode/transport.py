@@ -1,0 +1,311 @@
+"""Data-plane transport over hivemind P2P: one request message in, one reply message out.
+
+Mechanism: hivemind protobuf handlers carrying pmnode.wire bytes in the `metadata` (bytes) field of
+hivemind's own `runtime_pb2.ExpertRequest/ExpertResponse`, so nothing is compiled at build time.
+Each RPC name registers three handlers:
+
+    NAME         unary, request <= UNARY_LIMIT: one call over the daemon's persistent connection
+    NAME.stream  bidirectional stream: the request in CHUNK_SIZE pieces, the reply likewise
+    NAME.fetch   server stream: a reply too large for a unary answer, parked under a ticket
+
+Unary payloads are capped by the daemon (~2 MiB after protobuf framing), so the client streams any
+request above UNARY_LIMIT (1.5 MiB). The client cannot know the reply's size beforehand: a unary
+handler whose reply is too large parks it and answers with a ticket (a runtime_pb2.Tensor with
+dtype TICKET); the client then pulls it from NAME.fetch. The handler therefore runs exactly once.
+
+Framing overhead on top of a pmnode message (whose own framing is wire.framing_overhead, the
+4-byte prefix + header JSON): protobuf adds a field tag and a length varint, 2-4 bytes per message
+or chunk (counted exactly in `TransportStats.proto_*`); a hivemind stream adds 9 bytes per chunk
+(marker + 8-byte length) and a 9-byte end-of-stream marker per direction. libp2p (yamux, TLS) adds
+its own, below what this module can see.
+
+A request that fails to decode, or whose handler raises, gets a kind="error" reply with the
+reason in meta["reason"] and is counted in `TransportStats.errors`; the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from hivemind.p2p import P2P, P2PContext, P2PDaemonError, P2PHandlerError, PeerID
+from hivemind.proto import runtime_pb2
+
+from pmnode.codecs import Packet
+from pmnode.errors import PmnodeError
+from pmnode.wire import MessageHeader, WireError, WireLimits, decode, encode, framing_overhead
+
+UNARY_LIMIT = 1536 * 1024  # leaves headroom under the daemon's ~2 MiB unary cap for protobuf framing
+CHUNK_SIZE = 2**20
+TICKET = "pmnode.ticket"
+TICKET_TTL = 60.0  # seconds a parked reply waits for its fetch before it is dropped
+RPCS = ("forward", "backward")
+
+Reply = tuple[MessageHeader | Mapping[str, Any], Packet]
+Handler = Callable[[MessageHeader, Packet, str], Awaitable[Reply]]
+
+
+class TransportError(PmnodeError):
+    """A call that got no usable reply: timeout, daemon or stream failure, or an error reply."""
+
+
+def rpc_name(prefix: str, rpc: str) -> str:
+    """The handler name of one of RPCS, namespaced by a run prefix: 'myrun.pmnode.forward'."""
+    if rpc not in RPCS:
+        raise ValueError(f"unknown rpc {rpc!r}; expected one of {RPCS}")
+    return f"{prefix}.pmnode.{rpc}"
+
+
+def _key(name: str) -> str:
+    return name.rsplit(".", 1)[-1]  # stats are keyed by the short name: 'forward', 'backward'
+
+
+@dataclass
+class TransportStats:
+    """Counters per short RPC name, from this process's side: `*_sent` left it, `*_received` came in.
+
+    bytes_* are exactly len() of pmnode messages; payload_* their tensor bytes alone; proto_* the
+    serialized protobuf sizes that carried them. Pass separate instances to `serve` and `call` to
+    tell the server's role from the client's.
+    """
+
+    messages_sent: Counter[str] = field(default_factory=Counter)
+    messages_received: Counter[str] = field(default_factory=Counter)
+    bytes_sent: Counter[str] = field(default_factory=Counter)
+    bytes_received: Counter[str] = field(default_factory=Counter)
+    payload_sent: Counter[str] = field(default_factory=Counter)
+    payload_received: Counter[str] = field(default_factory=Counter)
+    proto_bytes_sent: Counter[str] = field(default_factory=Counter)
+    proto_bytes_received: Counter[str] = field(default_factory=Counter)
+    streamed: Counter[str] = field(default_factory=Counter)  # messages that went in chunks
+    errors: Counter[str] = field(default_factory=Counter)
+    error_reasons: Counter[str] = field(default_factory=Counter)
+
+    def count(self, key: str, data: bytes, sent: bool) -> None:
+        try:
+            payload = len(data) - framing_overhead(data)
+        except WireError:
+            payload = 0
+        d = "sent" if sent else "received"
+        getattr(self, f"messages_{d}")[key] += 1
+        getattr(self, f"bytes_{d}")[key] += len(data)
+        getattr(self, f"payload_{d}")[key] += max(payload, 0)
+
+    def error(self, key: str, reason: str) -> None:
+        self.errors[key] += 1
+        self.error_reasons[reason] += 1
+
+    def summary(self) -> dict[str, int]:
+        return {
+            "messages_sent": sum(self.messages_sent.values()),
+            "messages_received": sum(self.messages_received.values()),
+            "bytes_sent": sum(self.bytes_sent.values()),
+            "bytes_received": sum(self.bytes_received.values()),
+            "errors": sum(self.errors.values()),
+        }
+
+
+def error_message(reason: str, request: MessageHeader | None = None, sender: str = "") -> bytes:
+    """A kind='error' reply with meta['reason'], addressed like the request when it could be parsed."""
+    where = request.model_dump(include={"run", "micro_batch", "stage", "step"}) if request else {}
+    fields = {"run": "", "micro_batch": "", "stage": 0, "step": 0, "sender": sender, **where}
+    return encode({**fields, "kind": "error", "meta": {"reason": reason[:300]}}, Packet({}))
+
+
+def _chunks(data: bytes) -> list[bytes]:
+    return [data[i : i + CHUNK_SIZE] for i in range(0, len(data), CHUNK_SIZE)] or [b""]
+
+
+async def serve(
+    p2p: P2P, name: str, handler: Handler, stats: TransportStats, limits: WireLimits | None = None
+) -> None:
+    """Register one RPC `name` (unary, .stream, .fetch) answering with `handler`.
+
+    A dict reply header is completed from the request (run, micro_batch, stage, step) and this
+    peer's id as sender, so handlers need to give only what changes, e.g. {"kind": "gradient"}.
+    """
+    limits, key = limits or WireLimits(), _key(name)
+    me = p2p.peer_id.to_base58()
+    parked: dict[str, tuple[float, bytes]] = {}
+
+    async def process(data: bytes, caller: str) -> bytes:
+        stats.count(key, data, sent=False)
+        header = None
+        try:
+            header, packet = decode(data, limits)
+            reply_header, reply = await handler(header, packet, caller)
+            if not isinstance(reply_header, MessageHeader):
+                base = header.model_dump(include={"run", "micro_batch", "stage", "step"})
+                reply_header = {**base, "sender": me, **reply_header}
+            out = encode(reply_header, reply)
+        except WireError as e:
+            stats.error(key, e.reason)
+            out = error_message(str(e), header, me)
+        except Exception as e:  # the handler's bug or refusal must not take the server down
+            stats.error(key, f"handler: {type(e).__name__}")
+            out = error_message(f"{type(e).__name__}: {e}", header, me)
+        stats.count(key, out, sent=True)
+        return out
+
+    async def unary(req: runtime_pb2.ExpertRequest, ctx: P2PContext) -> runtime_pb2.ExpertResponse:
+        stats.proto_bytes_received[key] += req.ByteSize()
+        out = await process(req.metadata, ctx.remote_id.to_base58())
+        if len(out) <= UNARY_LIMIT:
+            resp = runtime_pb2.ExpertResponse(metadata=out)
+        else:
+            now = time.monotonic()
+            for t in [t for t, (deadline, _) in parked.items() if deadline < now]:
+                del parked[t]  # the client died or gave up before fetching
+            ticket = secrets.token_hex(16)
+            parked[ticket] = (now + TICKET_TTL, out)
+            resp = runtime_pb2.ExpertResponse(
+                tensors=[runtime_pb2.Tensor(buffer=ticket.encode(), dtype=TICKET)]
+            )
+        stats.proto_bytes_sent[key] += resp.ByteSize()
+        return resp
+
+    def replies(out: bytes) -> list[runtime_pb2.ExpertResponse]:
+        stats.streamed[key] += 1
+        resps = [runtime_pb2.ExpertResponse(metadata=part) for part in _chunks(out)]
+        stats.proto_bytes_sent[key] += sum(r.ByteSize() for r in resps)
+        return resps
+
+    async def stream(
+        requests: AsyncIterator[runtime_pb2.ExpertRequest], ctx: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        parts, size = [], 0
+        async for req in requests:
+            stats.proto_bytes_received[key] += req.ByteSize()
+            parts.append(req.metadata)
+            size += len(req.metadata)
+            if size > limits.max_bytes:  # stop buffering at once: the sender may be hostile
+                stats.error(key, "too large")
+                out = error_message(f"too large: stream exceeds {limits.max_bytes} bytes", sender=me)
+                break
+        else:
+            out = await process(b"".join(parts), ctx.remote_id.to_base58())
+        for resp in replies(out):
+            yield resp
+
+    async def fetch(
+        req: runtime_pb2.ExpertRequest, ctx: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        _, out = parked.pop(req.uid, (0.0, b""))
+        if not out:
+            stats.error(key, "unknown ticket")
+            out = error_message("unknown ticket: the reply expired or was fetched already", sender=me)
+        for resp in replies(out):
+            yield resp
+
+    await p2p.add_protobuf_handler(name, unary, runtime_pb2.ExpertRequest)
+    await p2p.add_protobuf_handler(
+        f"{name}.stream", stream, runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
+    )
+    await p2p.add_protobuf_handler(f"{name}.fetch", fetch, runtime_pb2.ExpertRequest, stream_output=True)
+
+
+async def serve_stage(
+    p2p: P2P,
+    prefix: str,
+    handlers: Mapping[str, Handler],
+    stats: TransportStats,
+    limits: WireLimits | None = None,
+) -> list[str]:
+    """Register `prefix.pmnode.forward` / `.backward` for the given handlers; returns the names."""
+    names = [rpc_name(prefix, rpc) for rpc in handlers]
+    for name, handler in zip(names, handlers.values(), strict=True):
+        await serve(p2p, name, handler, stats, limits)
+    return names
+
+
+async def _pull(
+    p2p: P2P,
+    peer: PeerID,
+    name: str,
+    requests: runtime_pb2.ExpertRequest | AsyncIterator[runtime_pb2.ExpertRequest],
+    stats: TransportStats,
+) -> bytes:
+    key, parts = _key(name.rsplit(".", 1)[0]), []  # strip .stream / .fetch
+    stats.streamed[key] += 1
+    async for resp in await p2p.iterate_protobuf_handler(peer, name, requests, runtime_pb2.ExpertResponse):
+        stats.proto_bytes_received[key] += resp.ByteSize()
+        parts.append(resp.metadata)
+    return b"".join(parts)
+
+
+async def _exchange(p2p: P2P, peer: PeerID, name: str, data: bytes, stats: TransportStats) -> bytes:
+    key = _key(name)
+    if len(data) <= UNARY_LIMIT:
+        req = runtime_pb2.ExpertRequest(metadata=data)
+        stats.proto_bytes_sent[key] += req.ByteSize()
+        resp = await p2p.call_protobuf_handler(peer, name, req, runtime_pb2.ExpertResponse)
+        stats.proto_bytes_received[key] += resp.ByteSize()
+        if not (resp.tensors and resp.tensors[0].dtype == TICKET):
+            return resp.metadata
+        ticket = runtime_pb2.ExpertRequest(uid=resp.tensors[0].buffer.decode())
+        stats.proto_bytes_sent[key] += ticket.ByteSize()
+        return await _pull(p2p, peer, f"{name}.fetch", ticket, stats)
+
+    async def chunks() -> AsyncIterator[runtime_pb2.ExpertRequest]:
+        for part in _chunks(data):
+            req = runtime_pb2.ExpertRequest(metadata=part)
+            stats.proto_bytes_sent[key] += req.ByteSize()
+            yield req
+
+    return await _pull(p2p, peer, f"{name}.stream", chunks(), stats)
+
+
+async def call(
+    p2p: P2P,
+    peer_id: str | PeerID,
+    rpc: str,
+    data: bytes,
+    timeout: float,
+    stats: TransportStats | None = None,
+) -> bytes:
+    """Send one encoded message to `rpc` (a full handler name) at `peer_id`; return the reply's bytes.
+
+    Unary up to UNARY_LIMIT, streamed above. The reply is not decoded here (see `request`).
+    """
+    stats = stats if stats is not None else TransportStats()
+    key = _key(rpc)
+    peer = peer_id if isinstance(peer_id, PeerID) else PeerID.from_base58(peer_id)
+    stats.count(key, data, sent=True)
+    try:
+        reply = await asyncio.wait_for(_exchange(p2p, peer, rpc, data, stats), timeout)
+    except asyncio.TimeoutError:
+        stats.error(key, "timeout")
+        raise TransportError(f"{rpc} to {peer.to_base58()[-8:]} timed out after {timeout:g} s") from None
+    except (P2PDaemonError, P2PHandlerError, OSError, EOFError) as e:  # IncompleteReadError is an EOFError
+        stats.error(key, f"transport: {type(e).__name__}")
+        raise TransportError(f"{rpc} to {peer.to_base58()[-8:]} failed: {e}") from e
+    stats.count(key, reply, sent=False)
+    return reply
+
+
+async def request(
+    p2p: P2P,
+    peer_id: str | PeerID,
+    rpc: str,
+    header: MessageHeader | Mapping[str, Any],
+    packet: Packet,
+    stats: TransportStats | None,
+    timeout: float,
+    limits: WireLimits | None = None,
+) -> tuple[MessageHeader, Packet]:
+    """encode + call + decode; an error reply raises TransportError carrying the peer's reason."""
+    stats = stats if stats is not None else TransportStats()
+    data = await call(p2p, peer_id, rpc, encode(header, packet), timeout, stats)
+    try:
+        reply_header, reply = decode(data, limits)
+    except WireError as e:
+        stats.error(_key(rpc), e.reason)
+        raise
+    if reply_header.kind == "error":
+        raise TransportError(f"peer refused {rpc}: {reply_header.meta.get('reason', '?')}")
+    return reply_header, reply

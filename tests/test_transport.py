@@ -1,0 +1,234 @@
+"""pmnode.transport between two real p2pd daemons on 127.0.0.1: unary, streamed, refused, counted."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import torch
+from hivemind.p2p import P2P
+
+from pmnode.codecs import Packet
+from pmnode.transport import (
+    UNARY_LIMIT,
+    TransportError,
+    TransportStats,
+    call,
+    request,
+    rpc_name,
+    serve,
+    serve_stage,
+)
+from pmnode.wire import MessageHeader, WireLimits, decode, encode
+
+# localhost only: no UPnP port mapping, no AutoNAT probes
+P2P_OPTS = {"host_maddrs": ["/ip4/127.0.0.1/tcp/0"], "nat_port_map": False, "auto_nat": False}
+FORWARD, BACKWARD = rpc_name("test-run", "forward"), rpc_name("test-run", "backward")
+Scenario = Callable[[P2P, P2P, TransportStats, TransportStats], Awaitable[None]]
+
+
+def _header(kind: str = "activation", mb: str = "0:0") -> MessageHeader:
+    return MessageHeader(kind=kind, run="test-run", micro_batch=mb, stage=0, step=0)
+
+
+def _bits(t: torch.Tensor) -> bytes:
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+async def _echo(header: MessageHeader, packet: Packet, peer_id: str) -> tuple[dict, Packet]:
+    """Sends the tensors back untouched, plus one transformed tensor, as the 'gradient'."""
+    out = dict(packet.tensors)
+    if "v" in out:
+        out["neg"] = -out["v"]
+    return {"kind": "gradient", "meta": {"caller": peer_id[-8:], "n": len(packet.tensors)}}, Packet(out)
+
+
+async def _fail(header: MessageHeader, packet: Packet, peer_id: str) -> tuple[dict, Packet]:
+    raise RuntimeError("stage exploded")
+
+
+def _p2pd_children() -> list[int]:
+    """p2pd processes whose parent is this test process (other daemons on the machine are not ours)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        comm, rest = text[text.index("(") + 1 : text.rindex(")")], text[text.rindex(")") + 2 :].split()
+        if comm == "p2pd" and int(rest[1]) == os.getpid() and rest[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _run(scenario: Scenario, timeout: float = 60.0) -> tuple[TransportStats, TransportStats]:
+    """Two daemons, the second bootstrapped from the first; `a` serves both RPCs; always shut down."""
+    server_stats, client_stats = TransportStats(), TransportStats()
+    pids: list[int] = []
+
+    async def main() -> None:
+        a = await P2P.create(**P2P_OPTS)
+        pids.append(a._child.pid)
+        b = None
+        try:
+            b = await P2P.create(initial_peers=await a.get_visible_maddrs(), **P2P_OPTS)
+            pids.append(b._child.pid)
+            assert set(pids) <= set(_p2pd_children())  # the orphan check below can see our daemons
+            names = await serve_stage(a, "test-run", {"forward": _echo, "backward": _echo}, server_stats)
+            assert names == [FORWARD, BACKWARD]
+            await serve(a, "test-run.pmnode.fail", _fail, server_stats)
+            await asyncio.wait_for(scenario(a, b, server_stats, client_stats), timeout)
+        finally:
+            if b is not None:
+                await b.shutdown()
+            await a.shutdown()
+
+    asyncio.run(main())
+    assert not [p for p in pids if p in _p2pd_children()], "p2pd outlived its P2P"
+    return server_stats, client_stats
+
+
+def test_small_message_goes_unary() -> None:
+    packet = Packet(
+        {"v": torch.randn(2, 16, 8).to(torch.bfloat16), "tokens": torch.arange(32).to(torch.uint16)}
+    )
+    data = encode(_header(), packet)
+    replies: list[bytes] = []
+
+    async def scenario(a: P2P, b: P2P, srv: TransportStats, cli: TransportStats) -> None:
+        replies.append(await call(b, a.peer_id.to_base58(), FORWARD, data, timeout=10, stats=cli))
+        header, reply = await request(b, a.peer_id, BACKWARD, _header("gradient", "0:1"), packet, cli, 10)
+        assert header.kind == "gradient" and header.micro_batch == "0:1"  # completed from the request
+        assert header.sender == a.peer_id.to_base58() and header.meta["caller"] == b.peer_id.to_base58()[-8:]
+        assert _bits(reply.tensors["neg"]) == _bits(-packet.tensors["v"])
+
+    srv, cli = _run(scenario)
+    header, reply = decode(replies[0])
+    assert header.kind == "gradient" and header.meta["n"] == 2
+    for k, t in packet.tensors.items():
+        assert reply.tensors[k].dtype == t.dtype and _bits(reply.tensors[k]) == _bits(t)
+    # exact counts: what left the client is what reached the server, and back
+    assert cli.bytes_sent["forward"] == srv.bytes_received["forward"] == len(data)
+    assert cli.bytes_received["forward"] == srv.bytes_sent["forward"] == len(replies[0])
+    assert cli.payload_sent["forward"] == packet.nbytes
+    assert cli.messages_sent == srv.messages_received == {"forward": 1, "backward": 1}
+    assert not cli.streamed and not srv.streamed and not cli.errors and not srv.errors
+    assert 0 < cli.proto_bytes_sent["forward"] - len(data) <= 8  # protobuf: a tag and a length varint
+    assert (
+        cli.proto_bytes_sent == srv.proto_bytes_received and cli.proto_bytes_received == srv.proto_bytes_sent
+    )
+
+
+def test_5mib_message_is_streamed_bit_exact() -> None:
+    gen = torch.Generator().manual_seed(0)
+    v = torch.randn(5 * 2**20 // 4, generator=gen)  # 5 MiB of float32
+    v[:4] = torch.tensor([-0.0, 1e-45, 3.4e38, -1.0])  # signed zero and a subnormal must survive too
+    packet = Packet({"v": v, "tokens": torch.randint(0, 2**16, (4, 512), generator=gen).to(torch.uint16)})
+    data = encode(_header(), packet)
+    assert len(data) > 5 * 2**20 > UNARY_LIMIT
+    replies: list[bytes] = []
+
+    async def scenario(a: P2P, b: P2P, srv: TransportStats, cli: TransportStats) -> None:
+        replies.append(await call(b, a.peer_id, FORWARD, data, timeout=30, stats=cli))
+
+    srv, cli = _run(scenario)
+    header, reply = decode(replies[0])
+    assert header.kind == "gradient"
+    assert _bits(reply.tensors["v"]) == _bits(v) and _bits(reply.tensors["neg"]) == _bits(-v)
+    assert _bits(reply.tensors["tokens"]) == _bits(packet.tensors["tokens"])
+    assert cli.bytes_sent["forward"] == srv.bytes_received["forward"] == len(data)
+    assert cli.bytes_received["forward"] == srv.bytes_sent["forward"] == len(replies[0])
+    assert cli.streamed["forward"] == srv.streamed["forward"] == 1
+    chunks = -(-len(data) // 2**20)
+    assert len(data) < cli.proto_bytes_sent["forward"] <= len(data) + 5 * chunks
+
+
+def test_large_reply_to_small_request_is_fetched_once() -> None:
+    calls: list[str] = []
+
+    async def grow(header: MessageHeader, packet: Packet, peer_id: str) -> tuple[dict, Packet]:
+        calls.append(header.micro_batch)  # must run once even though the reply cannot go unary
+        return {"kind": "gradient"}, Packet({"g": torch.arange(3 * 2**20, dtype=torch.int32)})
+
+    async def scenario(a: P2P, b: P2P, srv: TransportStats, cli: TransportStats) -> None:
+        await serve(a, "test-run.pmnode.grow", grow, srv)
+        _, reply = await request(b, a.peer_id, "test-run.pmnode.grow", _header(), Packet({}), cli, 30)
+        assert torch.equal(reply.tensors["g"], torch.arange(3 * 2**20, dtype=torch.int32))
+
+    srv, cli = _run(scenario)
+    assert calls == ["0:0"]
+    assert cli.bytes_received["grow"] == srv.bytes_sent["grow"] > 12 * 2**20
+    assert cli.streamed["grow"] == 1 and not srv.errors
+
+
+def test_garbage_gets_an_error_reply_and_the_server_keeps_serving() -> None:
+    good = encode(_header(), Packet({"v": torch.ones(4)}))
+    garbage = [b"\x00\x01", b"\xff" * 64, encode(_header(), Packet({"v": torch.ones(4)}))[:-1]]
+
+    async def scenario(a: P2P, b: P2P, srv: TransportStats, cli: TransportStats) -> None:
+        for i, junk in enumerate(garbage):
+            header, packet = decode(await call(b, a.peer_id, FORWARD, junk, timeout=10, stats=cli))
+            assert header.kind == "error" and not packet.tensors
+            assert header.meta["reason"].split(":")[0] in ("too short", "bad header length", "size mismatch")
+            assert srv.errors["forward"] == i + 1
+            header, packet = decode(await call(b, a.peer_id, FORWARD, good, timeout=10, stats=cli))
+            assert header.kind == "gradient" and torch.equal(packet.tensors["neg"], -torch.ones(4))
+        try:  # a raising handler is an error reply too, with the request's address
+            await request(b, a.peer_id, "test-run.pmnode.fail", _header(mb="7:1"), Packet({}), cli, 10)
+            raise AssertionError("an error reply must raise")
+        except TransportError as e:
+            assert "stage exploded" in str(e)
+        header, _ = decode(await call(b, a.peer_id, BACKWARD, good, timeout=10, stats=cli))
+        assert header.kind == "gradient"
+
+    srv, cli = _run(scenario)
+    assert srv.errors == {"forward": 3, "fail": 1}
+    assert srv.error_reasons == {
+        "too short": 1,
+        "bad header length": 1,
+        "size mismatch": 1,
+        "handler: RuntimeError": 1,
+    }
+    assert (
+        cli.bytes_sent["forward"] == srv.bytes_received["forward"] == sum(map(len, garbage)) + 3 * len(good)
+    )
+    assert cli.bytes_received == srv.bytes_sent
+    assert not cli.errors
+
+
+def test_unreachable_rpc_times_out_cleanly() -> None:
+    async def scenario(a: P2P, b: P2P, srv: TransportStats, cli: TransportStats) -> None:
+        big = encode(_header(), Packet({"v": torch.zeros(2**19)}))  # 2 MiB: takes the stream path
+        for data in (encode(_header(), Packet({})), big):
+            try:
+                await call(b, a.peer_id, "test-run.pmnode.nobody", data, timeout=2, stats=cli)
+                raise AssertionError("a call to an unregistered rpc must fail")
+            except TransportError:
+                pass
+        assert cli.errors["nobody"] == 2
+
+    _, cli = _run(scenario)
+    print(cli.error_reasons)
+
+
+def test_oversized_stream_is_cut_off() -> None:
+    async def scenario(a: P2P, b: P2P, srv: TransportStats, cli: TransportStats) -> None:
+        await serve(a, "test-run.pmnode.small", _echo, srv, WireLimits(max_bytes=2 * 2**20))
+        data = encode(_header(), Packet({"v": torch.zeros(2**20)}))  # 4 MiB
+        try:
+            header, _ = decode(await call(b, a.peer_id, "test-run.pmnode.small", data, timeout=10, stats=cli))
+            assert header.kind == "error" and header.meta["reason"].startswith("too large")
+        except TransportError:
+            pass  # the server hung up mid-stream; either way nothing was buffered past the limit
+        assert srv.error_reasons["too large"] == 1
+        ok = encode(_header(), Packet({"v": torch.ones(8)}))
+        header, _ = decode(await call(b, a.peer_id, "test-run.pmnode.small", ok, timeout=10, stats=cli))
+        assert header.kind == "gradient"
+
+    _run(scenario)
+
+
+def test_no_p2pd_left_behind() -> None:
+    assert _p2pd_children() == []
