@@ -136,6 +136,51 @@ def join(
         summary_json.write_text(json.dumps(summary, indent=2))
 
 
+@app.command("local-swarm")
+def local_swarm(
+    config: ConfigOpt = Path("configs/tiny.yaml"),
+    stages: Annotated[int, typer.Option(help="Pipeline stages, one process each.")] = 4,
+    replicas: Annotated[int, typer.Option(help="Nodes per stage.")] = 1,
+    steps: Annotated[int | None, typer.Option(help="Override train.steps.")] = None,
+    schedule: Annotated[str | None, typer.Option(help="sync or async; overrides swarm.schedule.")] = None,
+    codec: Annotated[str | None, typer.Option(help="Boundary codec; overrides the config.")] = None,
+    data: DataOpt = None,
+    workdir: Annotated[Path, typer.Option(help="Logs, config, node summaries.")] = Path("runs/local-swarm"),
+    checkpoint_dir: Annotated[Path | None, typer.Option(help="Default: WORKDIR/checkpoint.")] = None,
+    summary_json: Annotated[Path | None, typer.Option(help="Write the swarm summary here.")] = None,
+) -> None:
+    """Run a coordinator and every stage as separate processes on 127.0.0.1 (the embedded default)."""
+    import os
+
+    from pmnode.local_swarm import run_local_swarm
+
+    sections: dict = {"n_stages": stages, "stage_layers": None}
+    if schedule:
+        if schedule not in ("sync", "async"):
+            raise PmnodeError(f"--schedule must be sync or async, not {schedule!r}")
+        sections["swarm"] = {"schedule": schedule}
+    # One process per stage shares this machine's cores: more torch threads only oversubscribe them.
+    sections.setdefault("swarm", {})["threads"] = max(1, (os.cpu_count() or 1) // (stages * replicas))
+    cfg = load_with_overrides(config, steps=steps, data=data, **sections)
+    if codec:
+        from pmnode.train import config_for
+
+        cfg, _ = config_for(cfg, codec)
+    summary = run_local_swarm(
+        cfg, stages=stages, replicas=replicas, workdir=workdir, console=console, checkpoint_dir=checkpoint_dir
+    )
+    console.print(
+        f"[bold]done[/]: {summary.steps} steps, train loss {summary.final_train_loss:.4f}, held-out loss "
+        f"{summary.heldout_loss:.4f}, {summary.tokens_per_s:,.0f} tokens/s, "
+        f"{summary.wire_bytes_per_token_per_boundary['forward']:.1f} B/token/boundary forward"
+    )
+    out = summary.model_dump(exclude={"train_losses"})
+    if summary_json:
+        summary_json.parent.mkdir(parents=True, exist_ok=True)
+        summary_json.write_text(json.dumps(summary.model_dump(), indent=2))
+    print(json.dumps(out))
+
+
 @bench_app.command("codec")
 def bench_codec(
     config: ConfigOpt,

@@ -278,18 +278,25 @@ class Node:
                 held = await self._eval(eval_batches)
                 self.evals.append((done_steps, tokens, held))
             elapsed = time.perf_counter() - start
-            self._report(done_steps, loss, held, tokens / elapsed)
+            self._report(done_steps, loss, held, tokens, elapsed)
         if tasks:
             await asyncio.gather(*tasks)
         await self.compute(lambda: self.worker.samples_ready and self.worker.step(t.steps))
         self.elapsed = time.perf_counter() - start
         self.tokens = tokens
 
-    def _report(self, step: int, loss: float, held: float | None, tps: float) -> None:
-        line = {"step": step, "loss": round(loss, 5), "tokens_per_s": round(tps, 1)}
+    def _report(self, step: int, loss: float, held: float | None, tokens: int, elapsed: float) -> None:
+        """One JSON line per step on stdout: what local-swarm's progress view reads."""
+        line: dict[str, Any] = {
+            "step": step,
+            "loss": round(loss, 5),
+            "tokens_per_s": round(tokens / elapsed, 1),
+        }
         if held is not None:
             line["heldout_loss"] = round(held, 5)
-        line.update(self.stats.summary())
+        line["fwd_bytes_per_token"] = round(self.stats.bytes_sent["forward"] / max(tokens, 1), 3)
+        line["bwd_bytes_per_token"] = round(self.stats.bytes_received["forward"] / max(tokens, 1), 3)
+        line["wire_bytes"] = self.stats.summary()["bytes_sent"] + self.stats.summary()["bytes_received"]
         print(json.dumps(line), flush=True)
 
     # ---- lifecycle -----------------------------------------------------------------------------------------
@@ -420,7 +427,8 @@ class Node:
             "schedule": self.cfg.swarm.schedule,
             "codec": self.cfg.codec_spec,
             "samples_applied": self.samples_applied,
-            "transport": self.stats.summary(),
+            "client": _counters(self.stats),
+            "server": _counters(self.server_stats),
         }
         if self.worker.is_first and self.losses:
             tokens = getattr(self, "tokens", 0)
@@ -438,3 +446,8 @@ class Node:
                 },
             )
         return out
+
+
+def _counters(stats: TransportStats) -> dict[str, dict[str, int]]:
+    """Every per-RPC counter, for summaries and the bytes-on-the-wire tests."""
+    return {k: dict(v) for k, v in vars(stats).items()}

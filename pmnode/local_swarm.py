@@ -1,0 +1,211 @@
+"""`pmnode local-swarm`: a coordinator and every stage as separate processes on 127.0.0.1.
+
+It runs the real CLIs (`coordinator serve`, `pmnode join`), each in its own
+process session so that it can signal a node together with its DHT child and
+p2pd, and it always kills what is left on the way out: no orphans.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from pmnode.config import RunConfig
+from pmnode.errors import PmnodeError
+
+BIN = Path(sys.executable).parent
+
+
+class SwarmSummary(BaseModel):
+    steps: int
+    final_train_loss: float
+    heldout_loss: float | None
+    tokens_per_s: float
+    wire_bytes_per_token_per_boundary: dict[str, float]
+    schedule: str
+    codec: str
+    stages: int
+    replicas: int
+    train_losses: list[float]
+
+
+class Proc:
+    def __init__(self, name: str, args: list[str], log: Path):
+        self.name, self.log = name, log
+        self.file = log.open("w")
+        self.p = subprocess.Popen(
+            args, stdout=self.file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
+
+    def signal(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.p.pid, sig)  # the whole session: the process, its DHT child and p2pd
+
+    def stop(self, grace: float) -> None:
+        if self.p.poll() is None:
+            self.signal(signal.SIGINT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.p.wait(grace)
+        self.signal(signal.SIGKILL)  # whatever is left of the session, even if the leader exited
+        self.p.wait()
+        self.file.close()
+
+
+def _wait_file(path: Path, proc: Proc, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            try:
+                return json.loads(path.read_text())
+            except json.JSONDecodeError:
+                pass
+        if proc.p.poll() is not None:
+            raise PmnodeError(f"{proc.name} exited early; see {proc.log}:\n{proc.log.read_text()[-2000:]}")
+        time.sleep(0.2)
+    raise PmnodeError(f"{proc.name} did not come up within {timeout:.0f}s; see {proc.log}")
+
+
+def _progress(cfg: RunConfig, line: dict, rates: dict, stages: int) -> Table:
+    t = Table(title=f"local swarm: {cfg.name}, {stages} stages, {cfg.codec_spec}, {cfg.swarm.schedule}")
+    for col in ("step", "loss", "held-out", "tokens/s", "wire out/s", "compression"):
+        t.add_column(col, justify="right")
+    held = line.get("heldout_loss", rates.get("held"))
+    t.add_row(
+        f"{line.get('step', 0)}/{cfg.train.steps}",
+        f"{line.get('loss', float('nan')):.4f}",
+        f"{held:.4f}" if held is not None else "-",
+        f"{line.get('tokens_per_s', 0):,.0f}",
+        f"{rates.get('bytes_per_s', 0) / 1e6:.2f} MB/s",
+        f"{rates.get('compression', 0):.0f}x vs dense fp32",
+    )
+    return t
+
+
+def run_local_swarm(
+    cfg: RunConfig,
+    *,
+    stages: int,
+    replicas: int,
+    workdir: Path,
+    console: Console,
+    checkpoint_dir: Path | None = None,
+    resume: bool = False,
+    startup_timeout: float = 60.0,
+) -> SwarmSummary:
+    if replicas != 1:
+        raise PmnodeError(
+            "--replicas > 1 needs replica averaging, which is not available yet; use --replicas 1"
+        )
+    if not resume and workdir.exists():
+        shutil.rmtree(workdir)
+    (workdir / "logs").mkdir(parents=True, exist_ok=True)
+    cfg_path = workdir / "config.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    ckpt = checkpoint_dir or workdir / "checkpoint"
+    procs: list[Proc] = []
+    try:
+        coord = Proc(
+            "coordinator",
+            [
+                str(BIN / "coordinator"),
+                "serve",
+                "--config",
+                str(cfg_path),
+                "--state-dir",
+                str(workdir / "coordinator"),
+            ],
+            workdir / "logs" / "coordinator.log",
+        )
+        procs.append(coord)
+        maddr = _wait_file(workdir / "coordinator" / "coordinator.json", coord, startup_timeout)["maddrs"][0]
+        nodes: dict[int, Proc] = {}
+        for s in reversed(range(stages)):  # tail first, so every stage finds its next one at once
+            nodes[s] = Proc(
+                f"stage {s}",
+                [
+                    str(BIN / "pmnode"),
+                    "join",
+                    "--coordinator",
+                    maddr,
+                    "--stage",
+                    str(s),
+                    "--device",
+                    "cpu",
+                    "--checkpoint-dir",
+                    str(ckpt),
+                    "--summary-json",
+                    str(workdir / f"node-{s}.json"),
+                ],
+                workdir / "logs" / f"node-{s}.log",
+            )
+            procs.append(nodes[s])
+        head = nodes[0]
+        _follow(cfg, head, stages, console)
+        if head.p.returncode != 0:
+            raise PmnodeError(f"the head node failed; see {head.log}:\n{head.log.read_text()[-2000:]}")
+        for s in range(1, stages):  # they stop once the head's "done" reaches them
+            try:
+                nodes[s].p.wait(30)
+            except subprocess.TimeoutExpired:
+                console.print(f"stage {s} did not stop in time; killing it")
+        summary = json.loads((workdir / "node-0.json").read_text())
+    finally:
+        for p in reversed(procs):
+            p.stop(grace=10.0)
+    return SwarmSummary(
+        steps=summary["steps"],
+        final_train_loss=summary["final_train_loss"],
+        heldout_loss=summary.get("heldout_loss"),
+        tokens_per_s=summary["tokens_per_s"],
+        wire_bytes_per_token_per_boundary=summary["wire_bytes_per_token_per_boundary"],
+        schedule=summary["schedule"],
+        codec=summary["codec"],
+        stages=stages,
+        replicas=replicas,
+        train_losses=summary["train_losses"],
+    )
+
+
+def _follow(cfg: RunConfig, head: Proc, stages: int, console: Console) -> None:
+    """Show the head's progress lines until it exits."""
+    dense_bytes = 4 * cfg.model.d_model
+    rates: dict = {}
+    last_t, last_bytes = time.monotonic(), 0
+    with head.log.open() as f, Live(console=console, refresh_per_second=4, transient=False) as live:
+        line: dict = {}
+        while True:
+            raw = f.readline()
+            if not raw:
+                if head.p.poll() is not None:
+                    break
+                time.sleep(0.1)
+                continue
+            if not raw.startswith("{"):
+                continue
+            try:
+                line = json.loads(raw)
+            except json.JSONDecodeError:
+                continue
+            now, total = time.monotonic(), line.get("wire_bytes", 0)
+            rates["bytes_per_s"] = (total - last_bytes) / max(now - last_t, 1e-9)
+            last_t, last_bytes = now, total
+            fwd = line.get("fwd_bytes_per_token", 0)
+            rates["compression"] = dense_bytes / fwd if fwd else 0
+            if "heldout_loss" in line:
+                rates["held"] = line["heldout_loss"]
+            live.update(_progress(cfg, line, rates, stages))
+            if not console.is_terminal:
+                console.print(json.dumps(line), highlight=False)

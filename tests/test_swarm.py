@@ -1,0 +1,184 @@
+"""Real swarms on 127.0.0.1: a coordinator and stage processes started through the real CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+ROOT = Path(__file__).parent.parent
+BIN = Path(sys.executable).parent
+STEPS = 30
+
+pytestmark = pytest.mark.slow
+
+
+def tagged_env(tag: str) -> dict[str, str]:
+    """Every descendant (nodes, DHT children, p2pd) inherits the tag, so leftovers can be found."""
+    return {**os.environ, "PMNODE_TEST_TAG": tag}
+
+
+def leftovers(tag: str) -> list[str]:
+    found = []
+    for p in psutil.process_iter(["pid", "name"]):
+        try:
+            if p.environ().get("PMNODE_TEST_TAG") == tag:
+                found.append(f"{p.pid} {p.info['name']}")
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def swarm_config(tmp: Path, toy_corpus: Path, **overrides: dict) -> Path:
+    cfg = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+    cfg["n_stages"] = 3
+    cfg["data"] = {"source": str(toy_corpus)}
+    cfg["train"].update(steps=STEPS, eval_every=10)
+    for section, values in overrides.items():
+        cfg.setdefault(section, {}).update(values)
+    path = tmp / "swarm.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def sync_run(tmp_path_factory: pytest.TempPathFactory, toy_corpus: Path) -> dict:
+    tmp = tmp_path_factory.mktemp("sync")
+    cfg = swarm_config(tmp, toy_corpus)
+    tag = uuid.uuid4().hex
+    swarm = subprocess.run(
+        [
+            str(BIN / "pmnode"),
+            "local-swarm",
+            "--config",
+            str(cfg),
+            "--stages",
+            "3",
+            "--schedule",
+            "sync",
+            "--workdir",
+            str(tmp / "work"),
+            "--summary-json",
+            str(tmp / "swarm.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=tagged_env(tag),
+    )
+    assert swarm.returncode == 0, swarm.stderr[-3000:]
+    single = subprocess.run(
+        [str(BIN / "pmnode"), "train", "--config", str(cfg), "--summary-json", str(tmp / "single.json")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+    return {
+        "swarm": json.loads((tmp / "swarm.json").read_text()),
+        "single": json.loads((tmp / "single.json").read_text()),
+        "nodes": [json.loads((tmp / "work" / f"node-{s}.json").read_text()) for s in range(3)],
+        "work": tmp / "work",
+        "tag": tag,
+    }
+
+
+def test_sync_swarm_matches_single_process(sync_run: dict) -> None:
+    swarm, single = sync_run["swarm"]["train_losses"], sync_run["single"]["train_losses"]
+    assert len(swarm) == len(single) == STEPS
+    for step, (a, b) in enumerate(zip(swarm, single, strict=True)):
+        assert abs(a - b) / b <= 1e-4, f"step {step}: swarm {a} vs single {b}"
+    assert swarm[-1] < swarm[0] - 0.5
+    assert sync_run["swarm"]["heldout_loss"] == pytest.approx(sync_run["single"]["heldout_loss"], rel=1e-4)
+
+
+def test_bytes_on_the_wire(sync_run: dict) -> None:
+    """Per token, per boundary, per direction: k x 4 (fp32 coefficients) + 1 (uint8 token id) forward,
+    k x 4 backward, plus framing: a 4-byte length and a JSON header (<= 400 bytes) per message and one
+    uint8 target per sequence (the tail rebuilds the other targets from the token ids)."""
+    cfg = yaml.safe_load((sync_run["work"] / "config.yaml").read_text())
+    k, seq, micro = (
+        cfg["subspace"]["compression_rank"],
+        cfg["train"]["seq_len"],
+        cfg["train"]["micro_batch_size"],
+    )
+    n_msgs = STEPS * cfg["train"]["batch_size"] // micro
+    tokens = n_msgs * micro * seq
+    for node in sync_run["nodes"][:-1]:  # the sender side of each of the two boundaries
+        c = node["client"]
+        assert c["messages_sent"]["forward"] == c["messages_received"]["forward"] == n_msgs
+        assert c["payload_sent"]["forward"] == tokens * (4 * k + 1) + n_msgs * micro
+        assert c["payload_received"]["forward"] == tokens * 4 * k
+        framing_fwd = c["bytes_sent"]["forward"] - c["payload_sent"]["forward"]
+        framing_bwd = c["bytes_received"]["forward"] - c["payload_received"]["forward"]
+        assert 0 < framing_fwd <= n_msgs * 404 and 0 < framing_bwd <= n_msgs * 404
+    # The receiving side counted the same bytes.
+    for up, down in zip(sync_run["nodes"][:-1], sync_run["nodes"][1:], strict=True):
+        assert up["client"]["bytes_sent"]["forward"] == down["server"]["bytes_received"]["forward"]
+        assert up["client"]["bytes_received"]["forward"] == down["server"]["bytes_sent"]["forward"]
+    per_token = sync_run["swarm"]["wire_bytes_per_token_per_boundary"]
+    assert per_token["forward_payload"] == pytest.approx(4 * k + 1 + 1 / seq)
+    assert per_token["backward_payload"] == pytest.approx(4 * k)
+
+
+def test_sync_run_leaves_checkpoint_and_no_processes(sync_run: dict) -> None:
+    for s in range(3):
+        man = json.loads((sync_run["work"] / "checkpoint" / f"stage-{s}" / "manifest.json").read_text())
+        assert man["step"] == STEPS and man["stage"] == s and man["fingerprint"]
+        assert (sync_run["work"] / "checkpoint" / f"stage-{s}" / "model.safetensors").stat().st_size > 0
+    assert leftovers(sync_run["tag"]) == []
+
+
+def test_async_trains_and_sigint_cleans_up(tmp_path: Path, toy_corpus: Path) -> None:
+    cfg = swarm_config(tmp_path, toy_corpus, train={"steps": 2000, "eval_every": 10})
+    tag = uuid.uuid4().hex
+    work = tmp_path / "work"
+    proc = subprocess.Popen(
+        [
+            str(BIN / "pmnode"),
+            "local-swarm",
+            "--config",
+            str(cfg),
+            "--stages",
+            "3",
+            "--schedule",
+            "async",
+            "--workdir",
+            str(work),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=tagged_env(tag),
+    )
+    try:
+        helds: list[float] = []
+        deadline = time.monotonic() + 300
+        while len(helds) < 4 and time.monotonic() < deadline:  # four evaluations: steps 10..40
+            time.sleep(1)
+            log = work / "logs" / "node-0.log"
+            if log.exists():
+                lines = [json.loads(x) for x in log.read_text().splitlines() if x.startswith("{")]
+                helds = [x["heldout_loss"] for x in lines if "heldout_loss" in x]
+            assert proc.poll() is None, proc.stderr.read()[-3000:] if proc.stderr else ""
+        assert len(helds) >= 4, "async swarm made no progress (deadlock?)"
+        assert helds[-1] < helds[0] - 0.3
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    deadline = time.monotonic() + 10
+    while leftovers(tag) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert leftovers(tag) == []
