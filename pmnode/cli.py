@@ -88,7 +88,15 @@ def train(
 
 @app.command()
 def join(
-    coordinator: Annotated[str, typer.Option(help="The multiaddr `coordinator serve` printed.")],
+    coordinator: Annotated[
+        str | None, typer.Option(help="The multiaddr `coordinator serve` printed.")
+    ] = None,
+    coordinator_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="Read the coordinator's address from its STATE_DIR/coordinator.json (waits for it)."
+        ),
+    ] = None,
     stage: Annotated[
         int | None, typer.Option(help="Serve this stage; default: the coordinator picks.")
     ] = None,
@@ -106,8 +114,12 @@ def join(
     import asyncio
     import signal
 
-    from pmnode.node import Node, NodeOptions
+    from pmnode.node import Node, NodeOptions, coordinator_from_file
 
+    if (coordinator is None) == (coordinator_file is None):
+        raise PmnodeError("give exactly one of --coordinator MULTIADDR or --coordinator-file PATH")
+    if coordinator_file is not None:
+        coordinator = coordinator_from_file(coordinator_file, local=host.startswith("127."))
     opts = NodeOptions(
         coordinator=coordinator,
         stage=stage,

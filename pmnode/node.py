@@ -68,6 +68,18 @@ class Ack(BaseModel):
     ok: bool = True
 
 
+def coordinator_from_file(path: Path, local: bool, timeout: float = 60.0) -> str:
+    """The coordinator's multiaddr from its coordinator.json: loopback for local nodes, else another."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise PmnodeError(f"{path} did not appear within {timeout:.0f}s; is the coordinator running?")
+        time.sleep(0.5)
+    maddrs = json.loads(path.read_text())["maddrs"]
+    pick = [m for m in maddrs if m.startswith("/ip4/127.") == local] or maddrs
+    return pick[0]
+
+
 def coordinator_peer(maddr: str) -> str:
     if "/p2p/" not in maddr:
         raise PmnodeError(
