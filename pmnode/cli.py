@@ -109,6 +109,7 @@ def join(
     data: DataOpt = None,
     checkpoint_dir: Annotated[Path | None, typer.Option(help="Save (and resume) this stage here.")] = None,
     summary_json: Annotated[Path | None, typer.Option(help="Write this node's summary here on exit.")] = None,
+    bf16: Annotated[bool, typer.Option("--bf16", help="bf16 autocast for this node's layers.")] = False,
 ) -> None:
     """Join a swarm: get a stage from the coordinator, build it, serve and train."""
     import asyncio
@@ -130,6 +131,7 @@ def join(
         data=data,
         checkpoint_dir=checkpoint_dir,
         summary_json=summary_json,
+        bf16=bf16,
     )
 
     node = Node(opts, console)

@@ -137,6 +137,7 @@ class TrainConfig(_Strict):
     seed: int = Field(0, ge=0, description="Seed for weight init and data order.")
     eval_every: int = Field(100, ge=1, description="Evaluate held-out loss every N steps.")
     eval_batches: int = Field(8, ge=1, description="Held-out batches per evaluation.")
+    autocast_bf16: bool = Field(False, description="Run the layers under bf16 autocast (for GPUs).")
 
     @model_validator(mode="after")
     def _micro(self) -> TrainConfig:

@@ -27,5 +27,5 @@ def run_cli(app) -> None:
     except PmnodeError as e:
         if verbose:
             raise
-        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False)
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {e}", highlight=False)
         sys.exit(1)

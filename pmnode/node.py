@@ -57,6 +57,7 @@ class NodeOptions(BaseModel):
     data: str | None = None
     checkpoint_dir: Path | None = None
     summary_json: Path | None = None
+    bf16: bool = False
     connect_timeout: float = 30.0
 
 
@@ -366,6 +367,8 @@ class Node:
             cfg = RunConfig.model_validate(reply.config)
             if o.data:
                 cfg = cfg.with_overrides(data={"source": o.data})
+            if o.bf16:
+                cfg = cfg.with_overrides(train={"autocast_bf16": True})
             self.cfg = cfg
             if cfg.swarm.threads:
                 torch.set_num_threads(cfg.swarm.threads)

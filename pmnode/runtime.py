@@ -103,13 +103,20 @@ class StageWorker:
         return self.stage.is_last
 
     def _call_stage(self, x: Tensor | None, tokens: Tensor | None, grad: bool) -> Tensor:
-        if not (grad and self.stash_weights):
-            return self.stage(x, tokens)
-        params = self._stashes.get(self.step_count)
-        if params is None:
-            params = {n: p.detach().clone().requires_grad_() for n, p in self.stage.named_parameters()}
-            self._stashes[self.step_count] = params
-        return torch.func.functional_call(self.stage, params, (x, tokens))
+        # bf16 autocast covers the layers only: the codec's projections and the loss stay in fp32.
+        bf16 = self.cfg.train.autocast_bf16
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
+            if not (grad and self.stash_weights):
+                out = self.stage(x, tokens)
+            else:
+                params = self._stashes.get(self.step_count)
+                if params is None:
+                    params = {
+                        n: p.detach().clone().requires_grad_() for n, p in self.stage.named_parameters()
+                    }
+                    self._stashes[self.step_count] = params
+                out = torch.func.functional_call(self.stage, params, (x, tokens))
+        return out.float()
 
     def _run(
         self, mb: str, packet: Packet | None, tokens: Tensor | None, samples: int, grad: bool

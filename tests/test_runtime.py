@@ -82,3 +82,12 @@ def test_lr_schedule() -> None:
     assert lr_at(9, o, 110) == pytest.approx(1.0)
     assert lr_at(60, o, 110) == pytest.approx(0.55)
     assert lr_at(110, o, 110) == pytest.approx(0.1)
+
+
+def test_bf16_autocast_keeps_the_wire_fp32() -> None:
+    cfg = CFG.with_overrides(train={"autocast_bf16": True})
+    w = StageWorker(cfg, 0)
+    p = w.forward("a", tokens=toks(0), samples=2)
+    assert p.tensors["v"].dtype == torch.float32
+    w.backward("a", grad_packet(0))
+    assert w.stage.embed.weight.grad is not None and w.stage.embed.weight.grad.dtype == torch.float32

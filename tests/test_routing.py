@@ -1,0 +1,48 @@
+"""Stage assignment and replica choice: pure functions over announced records."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from pmnode.errors import ConfigError
+from pmnode.routing import StageRecord, capacity, choose_peer, choose_stage
+
+
+def rec(peer: str, stage: int = 0, **kw) -> StageRecord:
+    return StageRecord(peer_id=peer, stage=stage, **kw)
+
+
+def test_empty_stages_first_then_least_capacity() -> None:
+    assert choose_stage({}, 3) == 0
+    assert choose_stage({0: [rec("a")]}, 3) == 1
+    full = {0: [rec("a", throughput=5)], 1: [rec("b", 1, throughput=2)], 2: [rec("c", 2, throughput=9)]}
+    assert choose_stage(full, 3) == 1
+    full[1].append(rec("d", 1, throughput=4))
+    assert choose_stage(full, 3) == 0
+
+
+def test_offline_records_do_not_count() -> None:
+    assert capacity([rec("a", throughput=3, state="offline"), rec("b", throughput=2)]) == 2
+    assert choose_stage({0: [rec("a", state="offline")], 1: [rec("b", 1)]}, 2) == 0
+
+
+def test_requested_stage_is_checked() -> None:
+    assert choose_stage({}, 4, requested=3) == 3
+    with pytest.raises(ConfigError, match=r"stage 4 is out of range: this run has stages 0\.\.3"):
+        choose_stage({}, 4, requested=4)
+
+
+def test_peer_choice_by_throughput_and_queue() -> None:
+    recs = [rec("a", throughput=10, queue=4), rec("b", throughput=6, queue=0), rec("c", throughput=1)]
+    assert choose_peer(recs).peer_id == "b"  # 6/1 beats 10/5
+    assert choose_peer(recs, exclude=["b"]).peer_id == "a"
+    assert choose_peer([rec("a", state="joining")]) is None
+    assert choose_peer([]) is None
+
+
+def test_near_equal_peers_share_load() -> None:
+    recs = [rec("a", throughput=10), rec("b", throughput=9.5), rec("c", throughput=1)]
+    picks = {choose_peer(recs, rng=random.Random(i)).peer_id for i in range(50)}
+    assert picks == {"a", "b"}
