@@ -200,11 +200,12 @@ def bench_codec(
     config: ConfigOpt,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     device: DeviceOpt = "cpu",
+    timing: Annotated[bool, typer.Option(help="Also time encode+decode against a stage's step.")] = True,
 ) -> None:
     """Bytes per token of every codec and its encode+decode share of a stage's step."""
     from pmnode.bench import codec_report, print_codec_table
 
-    report = codec_report(load_config(config), resolve_device(device))
+    report = codec_report(load_config(config), resolve_device(device), timing=timing)
     if as_json:
         print(json.dumps(report, indent=2))
     else:
