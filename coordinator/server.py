@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from rich.console import Console
 
 from pmnode.config import RunConfig
 from pmnode.control import JOIN_RPC, JoinReply, JoinRequest, add_json_handler
-from pmnode.dht import stage_records, start_dht
+from pmnode.dht import run_until_signal, stage_records, start_dht
 from pmnode.errors import PmnodeError
 from pmnode.routing import HEARTBEAT_PERIOD, StageRecord, choose_stage
 from pmnode.stages import build_subspace
@@ -131,12 +130,4 @@ def serve(cfg: RunConfig, *, host: str, port: int, state_dir: Path, console: Con
 
     coord = Coordinator(cfg, host=host, port=port, state_dir=state_dir, console=console)
     coord.start()
-
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await coord.run(stop)
-
-    asyncio.run(main())
+    run_until_signal(coord.run)

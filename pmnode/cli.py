@@ -112,9 +112,8 @@ def join(
     bf16: Annotated[bool, typer.Option("--bf16", help="bf16 autocast for this node's layers.")] = False,
 ) -> None:
     """Join a swarm: get a stage from the coordinator, build it, serve and train."""
-    import asyncio
-    import signal
 
+    from pmnode.dht import run_until_signal
     from pmnode.node import Node, NodeOptions, coordinator_from_file
 
     if (coordinator is None) == (coordinator_file is None):
@@ -136,15 +135,7 @@ def join(
 
     node = Node(opts, console)
     node.start()
-
-    async def main() -> dict:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        return await node.run(stop)
-
-    summary = asyncio.run(main())
+    summary = run_until_signal(node.run)
     if summary_json:
         summary_json.parent.mkdir(parents=True, exist_ok=True)
         summary_json.write_text(json.dumps(summary, indent=2))

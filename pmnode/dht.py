@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import signal
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import hivemind
 from hivemind.utils import get_dht_time
 
 from pmnode.errors import PmnodeError
 from pmnode.routing import RECORD_TTL, StageRecord, live, stage_key
+
+T = TypeVar("T")
 
 
 def p2p_options(host: str) -> dict[str, bool]:
@@ -63,3 +69,16 @@ async def announce(dht: hivemind.DHT, run: str, rec: StageRecord) -> None:
         expiration_time=get_dht_time() + RECORD_TTL,
         return_future=True,
     )
+
+
+def run_until_signal(main: Callable[[asyncio.Event], Awaitable[T]]) -> T:
+    """Run main(stop) in a fresh event loop; SIGINT and SIGTERM set `stop` for a clean shutdown."""
+
+    async def runner() -> T:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        return await main(stop)
+
+    return asyncio.run(runner())
