@@ -103,7 +103,6 @@ class Node:
         self.evals: list[tuple[int, int, float]] = []
         self.samples_applied = 0
         self.started = time.monotonic()
-        self.step_times: list[float] = []
         self.last_loss: float | None = None
 
     # ---- plumbing --------------------------------------------------------------------------------------
@@ -149,22 +148,24 @@ class Node:
                     self.stats,
                     timeout=max(1.0, deadline - now),
                 )
-            except (WireError, PmnodeError, asyncio.TimeoutError, OSError, Exception) as e:
-                if isinstance(e, asyncio.CancelledError):
-                    raise
+            except Exception as e:  # any failure of this route: mark the peer, try another
                 self.failed[peer.peer_id] = time.monotonic()
                 self.console.print(f"stage {self.worker.index}: {rpc} to {peer.peer_id[-8:]} failed: {e}")
                 if time.monotonic() > deadline:
                     raise PmnodeError(f"micro-batch {header.micro_batch} failed: {e}") from e
 
+    def _then_step(self, result: Any) -> Any:
+        """Step if this backward completed the batch. Called in the same compute job as the backward,
+        so every step applies exactly batch_size samples."""
+        self._step_if_ready()
+        return result
+
     def _step_if_ready(self) -> tuple[int, float] | None:
         """Runs on the compute thread, so the check and the step are atomic."""
         if self.worker.samples_ready < self.cfg.train.batch_size:
             return None
-        t0 = time.perf_counter()
         applied, lr = self.worker.step(self.cfg.train.steps)
         self.samples_applied += applied
-        self.step_times.append(time.perf_counter() - t0)
         return applied, lr
 
     # ---- handlers (every stage but the head) -----------------------------------------------------------
@@ -175,9 +176,10 @@ class Node:
         extra = {k: packet.tensors.pop(k) for k in _DATA_KEYS if k in packet.tensors}
         if self.worker.is_last:
             targets = self._targets(packet, extra)
-            loss, grad = await self.compute(self.worker.forward_backward, mb, packet, targets)
+            loss, grad = await self.compute(
+                lambda: self._then_step(self.worker.forward_backward(mb, packet, targets))
+            )
             self.last_loss = loss
-            await self.compute(self._step_if_ready)
             return self._header("gradient", mb, loss=loss), grad
         out = await self.compute(self.worker.forward, mb, packet, None, samples)
         out.tensors.update(extra)
@@ -186,8 +188,7 @@ class Node:
         except BaseException:
             await self.compute(self.worker.abandon, mb)
             raise
-        up = await self.compute(self.worker.backward, mb, grad)
-        await self.compute(self._step_if_ready)
+        up = await self.compute(lambda: self._then_step(self.worker.backward(mb, grad)))
         return self._header("gradient", mb, **reply.meta), up
 
     async def _on_eval(
@@ -230,7 +231,11 @@ class Node:
         except BaseException:
             await self.compute(self.worker.abandon, mb)
             raise
-        await self.compute(self.worker.backward, mb, grad)
+        # In sync the head steps after the flush; in async as soon as its batch is complete.
+        if self.cfg.swarm.schedule == "async":
+            await self.compute(lambda: self._then_step(self.worker.backward(mb, grad)))
+        else:
+            await self.compute(self.worker.backward, mb, grad)
         return float(reply.meta.get("loss", float("nan")))
 
     async def _eval(self, batches: list[tuple[Tensor, Tensor]]) -> float:
@@ -266,35 +271,27 @@ class Node:
         for step in range(self.worker.step_count, t.steps):
             x, y = train_set.batch(step, t.batch_size, t.seq_len, t.seed)
             for j in range(n_micro):
-                await window.acquire()
+                await window.acquire()  # async: the window, not the step, bounds staleness
                 sl = slice(j * t.micro, (j + 1) * t.micro)
                 task = asyncio.create_task(one(f"{step}:{j}", x[sl], y[sl]))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
             if cfg.swarm.schedule == "sync":
                 await asyncio.gather(*tasks)
-            stepped = await self.compute(self._step_if_ready)
-            if cfg.swarm.schedule == "async":
-                while stepped is None and tasks and self.worker.samples_ready < t.batch_size:
-                    await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-                    stepped = await self.compute(self._step_if_ready)
+                await self.compute(self._step_if_ready)
             tokens += t.batch_size * t.seq_len
-            loss = sum(pending) / len(pending) if pending else float("nan")
-            pending.clear()
-            self.losses.append(loss)
-            self.last_loss = loss
-            done_steps = self.worker.step_count
+            last = step + 1 == t.steps
+            if last and tasks:
+                await asyncio.gather(*tasks)
+            if pending:
+                self.last_loss = sum(pending) / len(pending)
+                pending.clear()
+            self.losses.append(self.last_loss if self.last_loss is not None else float("nan"))
             held = None
-            if done_steps % t.eval_every == 0 or step + 1 == t.steps:
-                if tasks:
-                    await asyncio.gather(*tasks)
+            if (step + 1) % t.eval_every == 0 or last:
                 held = await self._eval(eval_batches)
-                self.evals.append((done_steps, tokens, held))
-            elapsed = time.perf_counter() - start
-            self._report(done_steps, loss, held, tokens, elapsed)
-        if tasks:
-            await asyncio.gather(*tasks)
-        await self.compute(lambda: self.worker.samples_ready and self.worker.step(t.steps))
+                self.evals.append((step + 1, tokens, held))
+            self._report(step + 1, self.losses[-1], held, tokens, time.perf_counter() - start)
         self.elapsed = time.perf_counter() - start
         self.tokens = tokens
 

@@ -46,7 +46,10 @@ def main() -> None:
         tail_layers = raw["model"]["n_layers"] // args.stages  # the even split's smallest stage is the tail
         sub = raw.setdefault("subspace", {})
         sub["uncompressed_tail_layers"] = min(sub.get("uncompressed_tail_layers", 2), tail_layers)
-        raw.setdefault("train", {}).update(steps=args.steps, eval_every=10**6)  # evaluate at the end only
+        train = raw.setdefault("train", {})
+        train.update(steps=args.steps, eval_every=10**6)  # evaluate at the end only
+        # Pipelining needs several micro-batches per step; both sides use the same split.
+        train.setdefault("micro_batch_size", max(1, train.get("batch_size", 16) // 4))
         with tempfile.TemporaryDirectory() as d:
             cfg = Path(d) / "config.yaml"
             cfg.write_text(yaml.safe_dump(raw))
