@@ -54,7 +54,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--out", type=Path, default=Path("docs/benchmarks/subspace-sweep"))
     ap.add_argument("--only", default="", help="Comma-separated variant names to run.")
+    ap.add_argument("--replot", action="store_true", help="Only redraw DIR/sweep.png from DIR/results.json.")
     args = ap.parse_args()
+    if args.replot:
+        plot(json.loads((args.out / "results.json").read_text())["runs"], args.out / "sweep.png")
+        return
     base = load_config(args.config).with_overrides(train={"steps": args.steps, "eval_every": args.steps})
     names = [n for n in VARIANTS if not args.only or n in args.only.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -86,6 +90,30 @@ def main() -> None:
             rel = f"{100 * (r['heldout_loss'] / dense - 1):+.1f}%" if dense else "-"
             md.append(f"| {r['variant']} | {r['rank'] or '-'} | {r['heldout_loss']:.4f} | {rel} |")
         (args.out / "results.md").write_text("\n".join(md) + "\n")
+        plot(rows, args.out / "sweep.png")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.2))
+    names = [r["variant"] for r in rows]
+    losses = [r["heldout_loss"] for r in rows]
+    colors = ["tab:gray" if r["codec"] == "dense" else "tab:blue" for r in rows]
+    ax.barh(names, losses, color=colors)
+    dense = next((r["heldout_loss"] for r in rows if r["variant"] == "dense"), None)
+    if dense:
+        ax.axvline(dense, color="k", lw=0.8, ls="--", label="dense")
+    ax.set_xlim(min(losses) * 0.95, max(losses) * 1.02)
+    ax.invert_yaxis()
+    ax.set_xlabel("held-out loss after the sweep's steps (lower is better)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
