@@ -284,6 +284,9 @@ async def call(
     except (P2PDaemonError, P2PHandlerError, OSError, EOFError) as e:  # IncompleteReadError is an EOFError
         stats.error(key, f"transport: {type(e).__name__}")
         raise TransportError(f"{rpc} to {peer.to_base58()[-8:]} failed: {e}") from e
+    if not reply:  # a stream the server closed without answering, e.g. after cutting off our upload
+        stats.error(key, "transport: empty reply")
+        raise TransportError(f"{rpc} to {peer.to_base58()[-8:]} hung up without a reply")
     stats.count(key, reply, sent=False)
     return reply
 
