@@ -37,11 +37,26 @@ def serve(
     state_dir: Annotated[Path, typer.Option(help="Where identity, state and addresses persist.")] = Path(
         "coordinator-state"
     ),
+    http_port: Annotated[
+        int | None,
+        typer.Option(
+            help="Serve a status page, /status (JSON) and /metrics (Prometheus) on this port; 0 picks one.",
+            min=0,
+            max=65535,
+        ),
+    ] = None,
 ) -> None:
     """Start the DHT bootstrap peer, hand out the run config and assign stages."""
     from coordinator.server import serve as run_server
 
-    run_server(load_config(config), host=host, port=port, state_dir=state_dir, console=Console(stderr=True))
+    run_server(
+        load_config(config),
+        host=host,
+        port=port,
+        state_dir=state_dir,
+        console=Console(stderr=True),
+        http_port=http_port,
+    )
 
 
 @app.command()

@@ -18,19 +18,35 @@ from typing import Any
 from hivemind.p2p import P2P
 from rich.console import Console
 
+from coordinator.http import Metrics, StatusServer
 from pmnode.config import RunConfig
 from pmnode.control import JOIN_RPC, JoinReply, JoinRequest, add_json_handler
 from pmnode.dht import run_until_signal, stage_records, start_dht
 from pmnode.errors import PmnodeError
 from pmnode.routing import HEARTBEAT_PERIOD, StageRecord, choose_stage
-from pmnode.stages import build_subspace
+from pmnode.stages import build_subspace, split_layers
+from pmnode.status import STATUS_RPC, HistoryPoint, Replica, StageStatus, StatusRequest, SwarmStatus, thin
 
 PENDING_TTL = 15.0  # an assigned node that has not announced yet still counts for its stage this long
 
 
 class Coordinator:
-    def __init__(self, cfg: RunConfig, *, host: str, port: int, state_dir: Path, console: Console):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        *,
+        host: str,
+        port: int,
+        state_dir: Path,
+        console: Console,
+        http_port: int | None = None,
+    ):
         self.cfg, self.host, self.port, self.state_dir, self.console = cfg, host, port, state_dir, console
+        self.http_port = http_port
+        self.metrics = Metrics()
+        self.http: StatusServer | None = None
+        self.history: list[HistoryPoint] = []
+        self.maddrs: list[str] = []
         sub = build_subspace(cfg)
         self.fingerprint = sub.fingerprint if sub is not None else None
         self.members: dict[int, list[StageRecord]] = {}
@@ -47,6 +63,7 @@ class Coordinator:
                     f"{state.get('fingerprint')}); use another --state-dir"
                 )
             self.global_step = state.get("global_step", 0)
+            self.history = [HistoryPoint.model_validate(h) for h in state.get("history", [])]
             if not self.port:  # come back on the same port, so nodes' bootstrap address still works
                 self.port = state.get("port", 0)
 
@@ -59,6 +76,7 @@ class Coordinator:
             "maddrs": maddrs,
             "global_step": self.global_step,
             "members": {s: [r.model_dump() for r in recs] for s, recs in self.members.items()},
+            "history": [h.model_dump() for h in self.history],
             "time": time.time(),
         }
         tmp = self.state_path.with_suffix(".tmp")
@@ -76,7 +94,12 @@ class Coordinator:
         return by
 
     async def _on_join(self, req: JoinRequest, caller: str) -> JoinReply:
-        stage = choose_stage(self._by_stage_with_pending(), self.cfg.n_stages, req.stage)
+        try:
+            stage = choose_stage(self._by_stage_with_pending(), self.cfg.n_stages, req.stage)
+        except PmnodeError:
+            self.metrics.refused.inc()
+            raise
+        self.metrics.joins.inc()
         self.pending[caller] = (stage, time.monotonic())
         self.console.print(f"assigned peer {caller[-8:]} to stage {stage}", highlight=False)
         return JoinReply(
@@ -99,35 +122,115 @@ class Coordinator:
         try:
             p2p: P2P = await dht.replicate_p2p()
             await add_json_handler(p2p, JOIN_RPC, JoinRequest, self._on_join)
-            maddrs = [str(m) for m in dht.get_visible_maddrs()]
+            await add_json_handler(p2p, STATUS_RPC, StatusRequest, self._on_status)
+            maddrs = self.maddrs = [str(m) for m in dht.get_visible_maddrs()]
             if not self.port:
                 self.port = int(maddrs[0].split("/tcp/")[1].split("/")[0])
             self._save_state(maddrs)
-            (self.state_dir / "coordinator.json").write_text(json.dumps({"maddrs": maddrs}))
+            info: dict[str, Any] = {"maddrs": maddrs}
+            if self.http_port is not None:
+                self.http = StatusServer(self.host, self.http_port, self.metrics)
+                self.http.publish(self.status())
+                self.http.start()
+                info["http"] = f"http://{self.host}:{self.http.port}/"
+            (self.state_dir / "coordinator.json").write_text(json.dumps(info))
             self.console.print(
                 f"[bold]coordinator[/] for run [bold]{self.cfg.name}[/] is up. Volunteers join with:"
             )
             for m in maddrs:
                 print(f"  pmnode join --coordinator {m}", flush=True)
+            if self.http is not None:
+                self.console.print(f"status page: {info['http']}  (JSON at /status, Prometheus at /metrics)")
             while not stop.is_set():
                 self.members = {
                     s: await stage_records(dht, self.cfg.name, s) for s in range(self.cfg.n_stages)
                 }
                 steps = [r.step for recs in self.members.values() for r in recs]
                 self.global_step = max([self.global_step, *steps])
+                self._record_history()
                 self._save_state(maddrs)
+                if self.http is not None:
+                    self.http.publish(self.status())
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(stop.wait(), HEARTBEAT_PERIOD)
         finally:
+            if self.http is not None:
+                self.http.close()
             dht.shutdown()
 
-    def status(self) -> dict[str, Any]:
-        return json.loads(self.state_path.read_text())
+    def _head(self) -> StageRecord | None:
+        """The head replica furthest along: it sees the loss (the tail's reply) and drives the data."""
+        heads = self.members.get(0, [])
+        return max(heads, key=lambda r: (r.step, r.peer_id)) if heads else None
+
+    def _record_history(self) -> None:
+        head = self._head()
+        if head is None or head.loss is None:
+            return
+        last = self.history[-1] if self.history else None
+        if last is None or head.step > last.step:
+            self.history.append(
+                HistoryPoint(step=head.step, loss=head.loss, heldout_loss=head.heldout_loss, time=time.time())
+            )
+            self.history = thin(self.history)
+
+    def status(self) -> SwarmStatus:
+        cfg, now = self.cfg, time.time()
+        ranges = split_layers(cfg.model.n_layers, cfg.n_stages, cfg.stage_layers)
+        by_stage = self._by_stage_with_pending()
+        stages = []
+        for i, rng in enumerate(ranges):
+            recs = by_stage.get(i, [])
+            role = "head" if i == 0 else "tail" if i == cfg.n_stages - 1 else "body"
+            replicas = [
+                Replica(**r.model_dump(), last_seen_s=round(max(now - r.time, 0.0), 1) if r.time else 0.0)
+                for r in recs
+            ]
+            stages.append(
+                StageStatus(
+                    stage=i,
+                    role=role,
+                    layers=(rng.start, rng.stop),
+                    replicas=replicas,
+                    throughput=sum(r.throughput for r in recs if r.state == "online"),
+                )
+            )
+        head = self._head()
+        return SwarmStatus(
+            run=cfg.name,
+            fingerprint=self.fingerprint,
+            d_model=cfg.model.d_model,
+            compression_rank=cfg.rank if self.fingerprint else None,
+            codec=cfg.codec_spec,
+            schedule=cfg.swarm.schedule,
+            n_stages=cfg.n_stages,
+            target_steps=cfg.train.steps,
+            global_step=self.global_step,
+            loss=head.loss if head else (self.history[-1].loss if self.history else None),
+            heldout_loss=next((h.heldout_loss for h in reversed(self.history) if h.heldout_loss), None),
+            tokens_per_s=head.tokens_per_s if head else 0.0,
+            wire_bytes_per_s=sum(r.wire_bytes_per_s for recs in self.members.values() for r in recs),
+            stages=stages,
+            history=self.history,
+            coordinator=self.maddrs,
+            time=now,
+        )
+
+    async def _on_status(self, req: StatusRequest, caller: str) -> SwarmStatus:
+        return self.status()
 
 
-def serve(cfg: RunConfig, *, host: str, port: int, state_dir: Path, console: Console) -> None:
+def serve(
+    cfg: RunConfig,
+    *,
+    host: str,
+    port: int,
+    state_dir: Path,
+    console: Console,
+    http_port: int | None = None,
+) -> None:
     """Run until SIGINT/SIGTERM."""
 
-    coord = Coordinator(cfg, host=host, port=port, state_dir=state_dir, console=console)
+    coord = Coordinator(cfg, host=host, port=port, state_dir=state_dir, console=console, http_port=http_port)
     coord.start()
     run_until_signal(coord.run)

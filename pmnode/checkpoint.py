@@ -1,9 +1,11 @@
 """Stage checkpoints: safetensors weights, optimizer state and a manifest that explains them.
 
-Layout of DIR/stage-{i}/:
-    model.safetensors   the stage's weights (U and F are never saved: they come from the seed)
-    optimizer.pt        AdamW state
-    manifest.json       step, stage, layer range, subspace fingerprint, run name, samples
+Layout:
+    DIR/run.json                  the RunConfig, so the checkpoint can be loaded without the swarm
+    DIR/stage-{i}/
+        model.safetensors   the stage's weights (U and F are never saved: they come from the seed)
+        optimizer.pt        AdamW state
+        manifest.json       step, stage, layer range, subspace fingerprint, run name, samples
 Each file is written to a temporary name and renamed, and the manifest last, so a
 crash leaves either the previous complete checkpoint or the new one.
 """
@@ -15,10 +17,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from safetensors.torch import load_file, save_file
 
-from pmnode.errors import PmnodeError
+from pmnode.config import RunConfig, format_validation_error
+from pmnode.errors import ConfigError, PmnodeError
 from pmnode.runtime import StageWorker
 
 
@@ -32,12 +35,16 @@ class Manifest(BaseModel):
     codec: str
 
 
+RUN_CONFIG = "run.json"
+
+
 def stage_dir(root: Path, stage: int) -> Path:
     return root / f"stage-{stage}"
 
 
 def _atomic(path: Path, write: Callable[[Path], object]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    # The pid keeps concurrent writers (every node of a local swarm writes run.json) off each other's tmp.
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     write(tmp)
     os.replace(tmp, path)
 
@@ -60,6 +67,27 @@ def save(worker: StageWorker, root: Path, run: str, samples: int = 0) -> Path:
     )
     _atomic(d / "manifest.json", lambda p: p.write_text(man.model_dump_json(indent=2)))
     return d
+
+
+def save_run_config(cfg: RunConfig, root: Path) -> Path:
+    """Write cfg as DIR/run.json; every node writes the same config, so the last writer wins harmlessly."""
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / RUN_CONFIG
+    _atomic(path, lambda p: p.write_text(cfg.model_dump_json(indent=2)))
+    return path
+
+
+def load_run_config(root: Path) -> RunConfig:
+    path = root / RUN_CONFIG
+    if not path.is_file():
+        raise PmnodeError(
+            f"{root} is not a pmnode checkpoint: {path} is missing; "
+            f"run `pmnode local-swarm --checkpoint-dir {root}` first"
+        )
+    try:
+        return RunConfig.model_validate_json(path.read_text())
+    except ValidationError as e:
+        raise ConfigError(f"invalid run config {path}:\n{format_validation_error(e)}") from e
 
 
 def load_manifest(root: Path, stage: int) -> Manifest | None:

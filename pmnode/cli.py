@@ -141,6 +141,32 @@ def join(
         summary_json.write_text(json.dumps(summary, indent=2))
 
 
+@app.command()
+def status(
+    coordinator: Annotated[
+        str | None, typer.Option(help="The multiaddr `coordinator serve` printed.")
+    ] = None,
+    coordinator_file: Annotated[
+        Path | None, typer.Option(help="Read the address from the coordinator's STATE_DIR/coordinator.json.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the coordinator.", min=1)] = 15.0,
+) -> None:
+    """Show the swarm: stages x replicas, throughput, queues, last seen, global step and loss."""
+    from pmnode.node import coordinator_from_file
+    from pmnode.status import fetch_status, render
+
+    if (coordinator is None) == (coordinator_file is None):
+        raise PmnodeError("give exactly one of --coordinator MULTIADDR or --coordinator-file PATH")
+    if coordinator_file is not None:
+        coordinator = coordinator_from_file(coordinator_file, local=True, timeout=0)
+    st = fetch_status(coordinator, timeout)  # type: ignore[arg-type]
+    if as_json:
+        print(st.model_dump_json(indent=2))
+    else:
+        render(st, Console())
+
+
 @app.command("local-swarm")
 def local_swarm(
     config: ConfigOpt = Path("configs/tiny.yaml"),
@@ -153,6 +179,10 @@ def local_swarm(
     workdir: Annotated[Path, typer.Option(help="Logs, config, node summaries.")] = Path("runs/local-swarm"),
     checkpoint_dir: Annotated[Path | None, typer.Option(help="Default: WORKDIR/checkpoint.")] = None,
     summary_json: Annotated[Path | None, typer.Option(help="Write the swarm summary here.")] = None,
+    http_port: Annotated[
+        int | None,
+        typer.Option(help="Have the coordinator serve its status page on this port; 0 picks one.", min=0),
+    ] = None,
 ) -> None:
     """Run a coordinator and every stage as separate processes on 127.0.0.1 (the embedded default)."""
     import os
@@ -172,7 +202,13 @@ def local_swarm(
 
         cfg, _ = config_for(cfg, codec)
     summary = run_local_swarm(
-        cfg, stages=stages, replicas=replicas, workdir=workdir, console=console, checkpoint_dir=checkpoint_dir
+        cfg,
+        stages=stages,
+        replicas=replicas,
+        workdir=workdir,
+        console=console,
+        checkpoint_dir=checkpoint_dir,
+        http_port=http_port,
     )
     console.print(
         f"[bold]done[/]: {summary.steps} steps, train loss {summary.final_train_loss:.4f}, held-out loss "
@@ -184,6 +220,36 @@ def local_swarm(
         summary_json.parent.mkdir(parents=True, exist_ok=True)
         summary_json.write_text(json.dumps(summary.model_dump(), indent=2))
     print(json.dumps(out))
+
+
+@app.command()
+def generate(
+    checkpoint: Annotated[
+        Path, typer.Option(help="A swarm checkpoint: the --checkpoint-dir of local-swarm or join.")
+    ],
+    prompt: Annotated[str, typer.Option(help="Text to continue.")],
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to sample.")] = 200,
+    temperature: Annotated[float, typer.Option(help="Softmax temperature; 0 is greedy.")] = 0.8,
+    top_k: Annotated[int | None, typer.Option(help="Sample from the k likeliest tokens only.")] = None,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Sample text from a checkpoint: every stage in one process, the codec at each boundary."""
+    from pmnode.generate import check_sampling, load_checkpoint
+    from pmnode.generate import generate as generate_text
+
+    if not prompt:
+        raise PmnodeError("--prompt is empty: give some text to continue")
+    check_sampling(max_new_tokens, temperature, top_k)  # before the (possibly slow) load
+    model = load_checkpoint(checkpoint, resolve_device(device))
+    lo, hi = min(model.steps), max(model.steps)
+    console.print(
+        f"loaded run {model.cfg.name} from {checkpoint}: {model.cfg.n_stages} stages, codec {model.codec}, "
+        f"step {lo if lo == hi else f'{lo}..{hi} (stages saved at different steps)'}",
+        highlight=False,
+    )
+    out = generate_text(model, prompt, max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
+    print(out.text)  # stdout holds only the text, so it can be piped
 
 
 @bench_app.command("codec")

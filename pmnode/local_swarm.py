@@ -104,6 +104,7 @@ def run_local_swarm(
     checkpoint_dir: Path | None = None,
     resume: bool = False,
     startup_timeout: float = 60.0,
+    http_port: int | None = None,
 ) -> SwarmSummary:
     if replicas != 1:
         raise PmnodeError(
@@ -126,11 +127,15 @@ def run_local_swarm(
                 str(cfg_path),
                 "--state-dir",
                 str(workdir / "coordinator"),
+                *(["--http-port", str(http_port)] if http_port is not None else []),
             ],
             workdir / "logs" / "coordinator.log",
         )
         procs.append(coord)
-        maddr = _wait_file(workdir / "coordinator" / "coordinator.json", coord, startup_timeout)["maddrs"][0]
+        info = _wait_file(workdir / "coordinator" / "coordinator.json", coord, startup_timeout)
+        maddr = info["maddrs"][0]
+        if "http" in info:
+            console.print(f"swarm status page: {info['http']}")
         nodes: dict[int, Proc] = {}
         for s in reversed(range(stages)):  # tail first, so every stage finds its next one at once
             nodes[s] = Proc(

@@ -104,6 +104,8 @@ class Node:
         self.samples_applied = 0
         self.started = time.monotonic()
         self.last_loss: float | None = None
+        self.tokens_per_s = 0.0
+        self._last_wire = (time.monotonic(), 0)
 
     # ---- plumbing --------------------------------------------------------------------------------------
     async def compute(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -297,6 +299,7 @@ class Node:
 
     def _report(self, step: int, loss: float, held: float | None, tokens: int, elapsed: float) -> None:
         """One JSON line per step on stdout: what local-swarm's progress view reads."""
+        self.tokens_per_s = round(tokens / elapsed, 1)
         line: dict[str, Any] = {
             "step": step,
             "loss": round(loss, 5),
@@ -321,12 +324,26 @@ class Node:
                 step=self.worker.step_count,
                 samples=self.samples_applied,
                 loss=self.last_loss,
+                heldout_loss=self.evals[-1][2] if self.evals else None,
+                tokens_per_s=self.tokens_per_s,
+                wire_bytes_per_s=self._wire_rate(),
                 device=self.opts.device,
                 time=time.time(),
             )
             await self._announce(rec)
             await self._refresh_downstream()
             await asyncio.sleep(HEARTBEAT_PERIOD)
+
+    def wire_bytes(self) -> int:
+        """Bytes of pmnode messages this node sent and received, in both roles."""
+        c, v = self.stats.summary(), self.server_stats.summary()
+        return c["bytes_sent"] + c["bytes_received"] + v["bytes_sent"] + v["bytes_received"]
+
+    def _wire_rate(self) -> float:
+        now, total = time.monotonic(), self.wire_bytes()
+        then, before = self._last_wire
+        self._last_wire = (now, total)
+        return round((total - before) / (now - then), 1) if now > then else 0.0
 
     def _throughput(self) -> float:
         elapsed = time.monotonic() - self.started
@@ -413,6 +430,7 @@ class Node:
                 beat.cancel()
                 if o.checkpoint_dir:
                     checkpoint.save(self.worker, o.checkpoint_dir, cfg.name, self.samples_applied)
+                    checkpoint.save_run_config(cfg, o.checkpoint_dir)
                 await self._announce(
                     StageRecord(
                         peer_id=self.peer_id, stage=self.worker.index, state="offline", time=time.time()

@@ -9,6 +9,7 @@ libp2p, so both train identically.
     body: forward(mb, packet)                  -> activation packet
     tail: forward_backward(mb, packet, targets) -> (loss, gradient packet)
     body/head: backward(mb, grad packet)       -> gradient packet (None at the head)
+    tail: logits(packet)                       -> (B, T, V) logits, for sampling
     all:  step()                               after the stage's samples for one step
 """
 
@@ -194,6 +195,13 @@ class StageWorker:
             assert targets is not None
             return F.cross_entropy(out.flatten(0, 1), targets.to(self.device).flatten()).item()
         return self.codec.pack_activation(self.codec.project(out, tok), tok)
+
+    @torch.no_grad()
+    def logits(self, packet: Packet | None, tokens: Tensor | None = None) -> Tensor:
+        """Tail: fp32 logits (B, T, V) without keeping state, for sampling."""
+        if not self.is_last:
+            raise PmnodeError(f"stage {self.index} is not the tail: only the tail has logits")
+        return self._run("", packet, tokens, 0, grad=False)[0]
 
     @torch.no_grad()
     def _collect_grads(self) -> None:

@@ -1,0 +1,102 @@
+"""The coordinator's HTTP side: /status (JSON), /metrics (Prometheus) and a one-page dashboard.
+
+It runs in a daemon thread beside the DHT loop and only reads the latest SwarmStatus
+the loop publishes, so a slow scraper never stalls the swarm.
+"""
+
+from __future__ import annotations
+
+import threading
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib.resources import files
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+
+from pmnode.status import SwarmStatus
+
+
+class Metrics:
+    """Gauges mirrored from the latest status; one registry per coordinator (tests run several)."""
+
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.step = Gauge("pmnode_global_step", "Highest optimizer step any node reports.", registry=r)
+        self.target = Gauge("pmnode_target_steps", "Steps the run trains for.", registry=r)
+        self.loss = Gauge("pmnode_train_loss", "Latest training loss seen by the head.", registry=r)
+        self.heldout = Gauge("pmnode_heldout_loss", "Latest held-out loss.", registry=r)
+        self.tokens = Gauge("pmnode_tokens_per_second", "Training tokens/s at the head.", registry=r)
+        self.wire = Gauge("pmnode_wire_bytes_per_second", "Bytes/s all nodes put on the wire.", registry=r)
+        self.replicas = Gauge("pmnode_stage_replicas", "Online nodes per stage.", ["stage"], registry=r)
+        self.stage_throughput = Gauge(
+            "pmnode_stage_throughput_samples", "Summed samples/s per stage.", ["stage"], registry=r
+        )
+        self.node_queue = Gauge(
+            "pmnode_node_queue", "Micro-batches in flight.", ["stage", "peer"], registry=r
+        )
+        self.node_step = Gauge("pmnode_node_step", "A node's optimizer step.", ["stage", "peer"], registry=r)
+        self.joins = Counter("pmnode_joins", "Join requests the coordinator answered.", registry=r)
+        self.refused = Counter("pmnode_joins_refused", "Join requests refused.", registry=r)
+
+    def update(self, s: SwarmStatus) -> None:
+        self.step.set(s.global_step)
+        self.target.set(s.target_steps)
+        self.loss.set(s.loss if s.loss is not None else float("nan"))
+        self.heldout.set(s.heldout_loss if s.heldout_loss is not None else float("nan"))
+        self.tokens.set(s.tokens_per_s)
+        self.wire.set(s.wire_bytes_per_s)
+        self.node_queue.clear()  # nodes that left must not linger as stale series
+        self.node_step.clear()
+        for st in s.stages:
+            self.replicas.labels(stage=str(st.stage)).set(len(st.replicas))
+            self.stage_throughput.labels(stage=str(st.stage)).set(st.throughput)
+            for r in st.replicas:
+                self.node_queue.labels(stage=str(st.stage), peer=r.peer_id).set(r.queue)
+                self.node_step.labels(stage=str(st.stage), peer=r.peer_id).set(r.step)
+
+
+class StatusServer:
+    def __init__(self, host: str, port: int, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self._status_json = b"{}"
+        self._page = files("coordinator").joinpath("static/index.html").read_bytes()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                path = self.path.split("?", 1)[0]
+                if path == "/status":
+                    self._send(server._status_json, "application/json")
+                elif path == "/metrics":
+                    self._send(generate_latest(server.metrics.registry), CONTENT_TYPE_LATEST)
+                elif path in ("/", "/index.html"):
+                    self._send(server._page, "text/html; charset=utf-8")
+                else:
+                    self.send_error(HTTPStatus.NOT_FOUND, "try /, /status or /metrics")
+
+            def _send(self, body: bytes, content_type: str) -> None:
+                self.send_response(HTTPStatus.OK)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Cache-Control", "no-store")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass  # scrapes every few seconds would drown the operator's console
+
+        self.httpd = ThreadingHTTPServer((host, port), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, name="pmnode-http", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def publish(self, status: SwarmStatus) -> None:
+        self.metrics.update(status)
+        self._status_json = status.model_dump_json().encode()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
