@@ -106,6 +106,8 @@ class SubspaceConfig(_Strict):
 
 
 class OptimConfig(_Strict):
+    """AdamW per stage, with linear warmup then cosine decay to min_lr_ratio * lr at train.steps."""
+
     lr: float = Field(3e-3, gt=0, description="Peak AdamW learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay.")
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
@@ -116,6 +118,8 @@ class OptimConfig(_Strict):
 
 
 class DataConfig(_Strict):
+    """Training corpus and tokenizer; only the head stage of a swarm reads data."""
+
     source: str = Field(
         "stdlib",
         description="'stdlib' (the Python standard library's source, no download) or a file/directory path.",
@@ -128,6 +132,8 @@ class DataConfig(_Strict):
 
 
 class TrainConfig(_Strict):
+    """Optimizer steps, batch and sequence shapes, seeds and evaluation cadence."""
+
     steps: int = Field(200, ge=1, description="Optimizer steps.")
     batch_size: int = Field(16, ge=1, description="Sequences per optimizer step.")
     micro_batch_size: int | None = Field(
@@ -168,8 +174,10 @@ class RunConfig(_Strict):
     """Everything a swarm agrees on: model, subspace, stage split, optimizer, data."""
 
     name: str = Field("run", description="Run name; also the DHT prefix of a swarm.")
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    subspace: SubspaceConfig = Field(default_factory=SubspaceConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Transformer architecture.")
+    subspace: SubspaceConfig = Field(
+        default_factory=SubspaceConfig, description="Protocol Models subspace: seed, rank k, write mode."
+    )
     n_stages: int = Field(2, ge=1, description="Pipeline stages the layers are split over.")
     stage_layers: list[int] | None = Field(
         None, description="Explicit layers per stage; None splits as evenly as possible."
@@ -177,10 +185,14 @@ class RunConfig(_Strict):
     codec: str | None = Field(
         None, description="Boundary codec spec; None means subspace if enabled, else dense."
     )
-    optim: OptimConfig = Field(default_factory=OptimConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    swarm: SwarmConfig = Field(default_factory=SwarmConfig)
+    optim: OptimConfig = Field(
+        default_factory=OptimConfig, description="Optimizer and learning-rate schedule."
+    )
+    data: DataConfig = Field(default_factory=DataConfig, description="Corpus and tokenizer.")
+    train: TrainConfig = Field(
+        default_factory=TrainConfig, description="Steps, batch shapes, seeds, evaluation."
+    )
+    swarm: SwarmConfig = Field(default_factory=SwarmConfig, description="Pipeline schedule of a swarm.")
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
