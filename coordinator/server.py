@@ -112,6 +112,7 @@ class Coordinator:
     def start(self) -> None:
         """Start the DHT outside any event loop: its forked child must keep default signal handling."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        (self.state_dir / "coordinator.json").unlink(missing_ok=True)  # stale until this run writes it
         self._load_state()
         self.dht = start_dht(
             [], self.host, self.port, identity_path=self.state_dir / "identity.key", what="the coordinator"

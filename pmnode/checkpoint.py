@@ -104,6 +104,10 @@ def load(worker: StageWorker, root: Path) -> Manifest:
     fp = sub.fingerprint if sub is not None else None
     if man.fingerprint != fp:
         raise PmnodeError(f"checkpoint fingerprint {man.fingerprint} does not match this run's basis {fp}")
+    if man.codec != worker.codec.name:
+        raise PmnodeError(
+            f"checkpoint was trained with codec {man.codec}; this stage uses {worker.codec.name}"
+        )
     rng = worker.stage.layer_range
     if tuple(man.layers) != (rng.start, rng.stop):
         raise PmnodeError(f"checkpoint holds layers {man.layers}, this stage has {rng.start}..{rng.stop}")

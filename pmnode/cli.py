@@ -110,6 +110,9 @@ def join(
     checkpoint_dir: Annotated[Path | None, typer.Option(help="Save (and resume) this stage here.")] = None,
     summary_json: Annotated[Path | None, typer.Option(help="Write this node's summary here on exit.")] = None,
     bf16: Annotated[bool, typer.Option("--bf16", help="bf16 autocast for this node's layers.")] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue this stage from its checkpoint in --checkpoint-dir.")
+    ] = False,
 ) -> None:
     """Join a swarm: get a stage from the coordinator, build it, serve and train."""
 
@@ -118,6 +121,8 @@ def join(
 
     if (coordinator is None) == (coordinator_file is None):
         raise PmnodeError("give exactly one of --coordinator MULTIADDR or --coordinator-file PATH")
+    if resume and checkpoint_dir is None:
+        raise PmnodeError("--resume needs --checkpoint-dir DIR, the directory the checkpoint is in")
     if coordinator_file is not None:
         coordinator = coordinator_from_file(coordinator_file, local=host.startswith("127."))
     opts = NodeOptions(
@@ -131,6 +136,7 @@ def join(
         checkpoint_dir=checkpoint_dir,
         summary_json=summary_json,
         bf16=bf16,
+        resume=resume,
     )
 
     node = Node(opts, console)
@@ -178,6 +184,9 @@ def local_swarm(
     data: DataOpt = None,
     workdir: Annotated[Path, typer.Option(help="Logs, config, node summaries.")] = Path("runs/local-swarm"),
     checkpoint_dir: Annotated[Path | None, typer.Option(help="Default: WORKDIR/checkpoint.")] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue every stage from the checkpoint (keeps WORKDIR).")
+    ] = False,
     summary_json: Annotated[Path | None, typer.Option(help="Write the swarm summary here.")] = None,
     http_port: Annotated[
         int | None,
@@ -208,6 +217,7 @@ def local_swarm(
         workdir=workdir,
         console=console,
         checkpoint_dir=checkpoint_dir,
+        resume=resume,
         http_port=http_port,
     )
     console.print(

@@ -110,13 +110,17 @@ def run_local_swarm(
         raise PmnodeError(
             "--replicas > 1 needs replica averaging, which is not available yet; use --replicas 1"
         )
+    ckpt = checkpoint_dir or workdir / "checkpoint"
+    if resume and not (ckpt / "run.json").exists():
+        raise PmnodeError(f"--resume: {ckpt} holds no checkpoint; run without --resume first")
     if not resume and workdir.exists():
         shutil.rmtree(workdir)
     (workdir / "logs").mkdir(parents=True, exist_ok=True)
     cfg_path = workdir / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    ckpt = checkpoint_dir or workdir / "checkpoint"
     procs: list[Proc] = []
+    # A resumed run keeps WORKDIR: the last run's address file must not be read as this one's.
+    (workdir / "coordinator" / "coordinator.json").unlink(missing_ok=True)
     try:
         coord = Proc(
             "coordinator",
@@ -153,12 +157,13 @@ def run_local_swarm(
                     str(ckpt),
                     "--summary-json",
                     str(workdir / f"node-{s}.json"),
+                    *(["--resume"] if resume else []),
                 ],
                 workdir / "logs" / f"node-{s}.log",
             )
             procs.append(nodes[s])
         head = nodes[0]
-        _follow(cfg, head, stages, console)
+        _follow(cfg, head, [coord, *(nodes[s] for s in range(1, stages))], stages, console)
         if head.p.returncode != 0:
             raise PmnodeError(f"the head node failed; see {head.log}:\n{head.log.read_text()[-2000:]}")
         for s in range(1, stages):  # they stop once the head's "done" reaches them
@@ -184,8 +189,8 @@ def run_local_swarm(
     )
 
 
-def _follow(cfg: RunConfig, head: Proc, stages: int, console: Console) -> None:
-    """Show the head's progress lines until it exits."""
+def _follow(cfg: RunConfig, head: Proc, others: list[Proc], stages: int, console: Console) -> None:
+    """Show the head's progress lines until it exits; stop at once if another process dies first."""
     dense_bytes = 4 * cfg.model.d_model
     rates: dict = {}
     last_t, last_bytes = time.monotonic(), 0
@@ -196,6 +201,12 @@ def _follow(cfg: RunConfig, head: Proc, stages: int, console: Console) -> None:
             if not raw:
                 if head.p.poll() is not None:
                     break
+                for o in others:
+                    if o.p.poll() not in (None, 0):  # a clean exit can race the head's own at the end
+                        raise PmnodeError(
+                            f"{o.name} exited (code {o.p.returncode}) while training; see {o.log}:\n"
+                            + "\n".join(o.log.read_text().splitlines()[-5:])
+                        )
                 time.sleep(0.1)
                 continue
             if not raw.startswith("{"):

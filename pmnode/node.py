@@ -59,6 +59,7 @@ class NodeOptions(BaseModel):
     summary_json: Path | None = None
     bf16: bool = False
     connect_timeout: float = 30.0
+    resume: bool = False
 
 
 class Done(BaseModel):
@@ -202,7 +203,8 @@ class Node:
             return self._header("ack", header.micro_batch, loss=loss), Packet({})
         out = await self.compute(self.worker.evaluate, packet)
         out.tensors.update(extra)
-        return await self._send("eval", self._header("activation", header.micro_batch), out)
+        reply, _ = await self._send("eval", self._header("activation", header.micro_batch), out)
+        return self._header("ack", header.micro_batch, **reply.meta), Packet({})
 
     @staticmethod
     def _targets(packet: Packet, extra: dict[str, Tensor]) -> Tensor:
@@ -258,33 +260,48 @@ class Node:
             self.console.print(f"waiting for stage {self.worker.index + 1} to come online...")
             await asyncio.sleep(1.0)
             await self._refresh_downstream()
+        if self.worker.step_count >= t.steps:
+            raise PmnodeError(
+                f"nothing to train: stage 0 is at step {self.worker.step_count} and train.steps is "
+                f"{t.steps}; pass a larger --steps to continue"
+            )
         n_micro = t.batch_size // t.micro
         window = asyncio.Semaphore(cfg.swarm.max_inflight)
         start, tokens = time.perf_counter(), 0
         pending: list[float] = []
+        failures: list[BaseException] = []
 
         async def one(mb: str, x: Tensor, y: Tensor) -> None:
             try:
                 pending.append(await self._train_microbatch(mb, x, y))
+            except Exception as e:  # kept, never dropped: a lost micro-batch would skew the step
+                failures.append(e)
             finally:
                 window.release()
+
+        def check() -> None:
+            if failures:
+                raise PmnodeError(f"training stopped: {failures[0]}") from failures[0]
 
         tasks: set[asyncio.Task] = set()
         for step in range(self.worker.step_count, t.steps):
             x, y = train_set.batch(step, t.batch_size, t.seq_len, t.seed)
             for j in range(n_micro):
                 await window.acquire()  # async: the window, not the step, bounds staleness
+                check()
                 sl = slice(j * t.micro, (j + 1) * t.micro)
                 task = asyncio.create_task(one(f"{step}:{j}", x[sl], y[sl]))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
             if cfg.swarm.schedule == "sync":
                 await asyncio.gather(*tasks)
+                check()
                 await self.compute(self._step_if_ready)
             tokens += t.batch_size * t.seq_len
             last = step + 1 == t.steps
             if last and tasks:
                 await asyncio.gather(*tasks)
+            check()
             if pending:
                 self.last_loss = sum(pending) / len(pending)
                 pending.clear()
@@ -396,8 +413,14 @@ class Node:
                     f"subspace fingerprint mismatch: coordinator has {reply.fingerprint}, this node "
                     f"built {mine}; upgrade pmnode to the coordinator's version"
                 )
-            if o.checkpoint_dir and checkpoint.load_manifest(o.checkpoint_dir, reply.stage):
+            if o.resume:
+                if not (o.checkpoint_dir and checkpoint.load_manifest(o.checkpoint_dir, reply.stage)):
+                    raise PmnodeError(
+                        f"--resume: no checkpoint of stage {reply.stage} under {o.checkpoint_dir}; "
+                        "drop --resume to start this stage fresh"
+                    )
                 man = checkpoint.load(self.worker, o.checkpoint_dir)
+                self.samples_applied = man.samples
                 self.console.print(f"resumed stage {reply.stage} from step {man.step}")
             await serve(self.p2p, f"{cfg.name}.forward", self._on_forward, self.server_stats)
             await serve(self.p2p, f"{cfg.name}.eval", self._on_eval, self.server_stats)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -182,3 +183,53 @@ def test_async_trains_and_sigint_cleans_up(tmp_path: Path, toy_corpus: Path) -> 
     while leftovers(tag) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert leftovers(tag) == []
+
+
+def _resume(work: Path, steps: int) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [
+            str(BIN / "pmnode"),
+            "local-swarm",
+            "--config",
+            str(work / "config.yaml"),
+            "--stages",
+            "3",
+            "--steps",
+            str(steps),
+            "--workdir",
+            str(work),
+            "--resume",
+            "--summary-json",
+            str(work / "resumed.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_resume_continues_from_the_checkpoint(sync_run: dict, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    shutil.copytree(sync_run["work"], work)
+    out = _resume(work, STEPS + 10)
+    assert out.returncode == 0, out.stderr[-3000:]
+    resumed = json.loads((work / "resumed.json").read_text())
+    assert resumed["steps"] == STEPS + 10 and len(resumed["train_losses"]) == 10
+    before = sync_run["swarm"]["train_losses"]
+    # It picks up at the trained loss level, far below where a fresh model starts.
+    assert abs(resumed["train_losses"][0] - before[-1]) < 0.25 * (before[0] - before[-1])
+    for s in range(3):
+        man = json.loads((work / "checkpoint" / f"stage-{s}" / "manifest.json").read_text())
+        assert man["step"] == STEPS + 10
+    node0 = json.loads((work / "node-0.json").read_text())
+    assert (
+        node0["samples_applied"]
+        == (STEPS + 10) * yaml.safe_load((work / "config.yaml").read_text())["train"]["batch_size"]
+    )
+
+    # A checkpoint of another basis is refused with one clear line, and nothing hangs.
+    man_path = work / "checkpoint" / "stage-1" / "manifest.json"
+    man = json.loads(man_path.read_text())
+    man_path.write_text(json.dumps({**man, "fingerprint": "0" * 16}))
+    out = _resume(work, STEPS + 20)
+    assert out.returncode == 1 and "fingerprint" in out.stderr and "Traceback" not in out.stderr
