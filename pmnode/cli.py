@@ -113,6 +113,9 @@ def join(
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue this stage from its checkpoint in --checkpoint-dir.")
     ] = False,
+    log_format: Annotated[
+        str, typer.Option(help="text: a live panel on a terminal, plain lines otherwise; json: JSON lines.")
+    ] = "text",
 ) -> None:
     """Join a swarm: get a stage from the coordinator, build it, serve and train."""
 
@@ -121,6 +124,8 @@ def join(
 
     if (coordinator is None) == (coordinator_file is None):
         raise PmnodeError("give exactly one of --coordinator MULTIADDR or --coordinator-file PATH")
+    if log_format not in ("text", "json"):
+        raise PmnodeError(f"--log-format must be text or json, not {log_format!r}")
     if resume and checkpoint_dir is None:
         raise PmnodeError("--resume needs --checkpoint-dir DIR, the directory the checkpoint is in")
     if coordinator_file is not None:
@@ -137,6 +142,7 @@ def join(
         summary_json=summary_json,
         bf16=bf16,
         resume=resume,
+        log_format=log_format,  # type: ignore[arg-type]
     )
 
     node = Node(opts, console)

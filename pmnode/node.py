@@ -17,8 +17,10 @@ loop and never race on gradients.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -37,6 +39,7 @@ from pmnode.control import JOIN_RPC, ControlError, JoinReply, JoinRequest, add_j
 from pmnode.data import TokenDataset
 from pmnode.dht import announce, stage_records, start_dht
 from pmnode.errors import PmnodeError
+from pmnode.panel import Display, LogFormat, NodeSnapshot
 from pmnode.routing import HEARTBEAT_PERIOD, StageRecord, choose_peer
 from pmnode.runtime import StageWorker
 from pmnode.transport import TransportStats, request, serve
@@ -60,6 +63,7 @@ class NodeOptions(BaseModel):
     bf16: bool = False
     connect_timeout: float = 30.0
     resume: bool = False
+    log_format: LogFormat = "text"
 
 
 class Done(BaseModel):
@@ -107,6 +111,9 @@ class Node:
         self.last_loss: float | None = None
         self.tokens_per_s = 0.0
         self._last_wire = (time.monotonic(), 0)
+        self.upstream: dict[str, float] = {}  # caller -> when it last sent us a micro-batch
+        self.display = Display(console, opts.log_format)
+        self._io = (time.monotonic(), 0, 0, 0.0, 0.0)  # when, bytes in, bytes out, rate in, rate out
 
     # ---- plumbing --------------------------------------------------------------------------------------
     async def compute(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -176,6 +183,7 @@ class Node:
         self, header: MessageHeader, packet: Packet, caller: str
     ) -> tuple[MessageHeader, Packet]:
         mb, samples = header.micro_batch, int(header.meta.get("samples", 1))
+        self.upstream[caller] = time.monotonic()
         extra = {k: packet.tensors.pop(k) for k in _DATA_KEYS if k in packet.tensors}
         if self.worker.is_last:
             targets = self._targets(packet, extra)
@@ -256,9 +264,12 @@ class Node:
         cfg, t = self.cfg, self.cfg.train
         train_set, heldout = TokenDataset.from_config(cfg.data, cfg.model.vocab_size)
         eval_batches = heldout.eval_batches(t.eval_batches, t.batch_size, t.seq_len)
+        waited = 0
         while not self.downstream:
-            self.console.print(f"waiting for stage {self.worker.index + 1} to come online...")
+            if waited % 30 == 0:  # once, then every half minute: the panel shows the empty downstream too
+                self.console.print(f"waiting for stage {self.worker.index + 1} to come online...")
             await asyncio.sleep(1.0)
+            waited += 1
             await self._refresh_downstream()
         if self.worker.step_count >= t.steps:
             raise PmnodeError(
@@ -327,7 +338,8 @@ class Node:
         line["fwd_bytes_per_token"] = round(self.stats.bytes_sent["forward"] / max(tokens, 1), 3)
         line["bwd_bytes_per_token"] = round(self.stats.bytes_received["forward"] / max(tokens, 1), 3)
         line["wire_bytes"] = self.stats.summary()["bytes_sent"] + self.stats.summary()["bytes_received"]
-        print(json.dumps(line), flush=True)
+        if self.opts.log_format == "json" or not sys.stdout.isatty():  # a terminal gets the panel instead
+            print(json.dumps(line), flush=True)
 
     # ---- lifecycle -----------------------------------------------------------------------------------------
     async def _heartbeat(self) -> None:
@@ -361,6 +373,54 @@ class Node:
         then, before = self._last_wire
         self._last_wire = (now, total)
         return round((total - before) / (now - then), 1) if now > then else 0.0
+
+    def _io_rates(self) -> tuple[float, float]:
+        """Bytes/s in and out over the last second or more, both roles together."""
+        c, v = self.stats.summary(), self.server_stats.summary()
+        now = time.monotonic()
+        b_in = c["bytes_received"] + v["bytes_received"]
+        b_out = c["bytes_sent"] + v["bytes_sent"]
+        then, i0, o0, r_in, r_out = self._io
+        if now - then >= 1.0:
+            r_in, r_out = (b_in - i0) / (now - then), (b_out - o0) / (now - then)
+            self._io = (now, b_in, b_out, r_in, r_out)
+        return r_in, r_out
+
+    def snapshot(self) -> NodeSnapshot:
+        cfg, w, now = self.cfg, self.worker, time.monotonic()
+        r_in, r_out = self._io_rates()
+        tps = self.tokens_per_s or self._throughput() * cfg.train.seq_len
+        role = "head" if w.is_first else "tail" if w.is_last else "body"
+        return NodeSnapshot(
+            run=cfg.name,
+            peer_id=self.peer_id,
+            stage=w.index,
+            n_stages=cfg.n_stages,
+            layers=(w.stage.layer_range.start, w.stage.layer_range.stop),
+            role=role,
+            device=self.opts.device,
+            codec=cfg.codec_spec,
+            schedule=cfg.swarm.schedule,
+            upstream=sorted(p for p, t in self.upstream.items() if now - t < 30.0),
+            downstream=[r.peer_id for r in self.downstream],
+            step=w.step_count,
+            target_steps=cfg.train.steps,
+            samples=self.samples_applied,
+            loss=self.last_loss,
+            heldout_loss=self.evals[-1][2] if self.evals else None,
+            tokens_per_s=tps,
+            bytes_in_per_s=r_in,
+            bytes_out_per_s=r_out,
+            compression=4 * cfg.model.d_model / max(w.codec.bytes_per_token_forward(), 1),
+            inflight=len(w.inflight),
+            errors=sum(self.stats.errors.values()) + sum(self.server_stats.errors.values()),
+            uptime_s=now - self.started,
+        )
+
+    async def _show(self) -> None:
+        while True:
+            self.display.show(self.snapshot())
+            await asyncio.sleep(0.5)
 
     def _throughput(self) -> float:
         elapsed = time.monotonic() - self.started
@@ -431,6 +491,7 @@ class Node:
                 f"of run {cfg.name}, codec {cfg.codec_spec}, {cfg.swarm.schedule}"
             )
             beat = asyncio.create_task(self._heartbeat())
+            ui = asyncio.create_task(self._show())
             try:
                 if self.worker.is_first:
                     driver = asyncio.create_task(self.drive())
@@ -451,14 +512,18 @@ class Node:
                         await self._finish_swarm()
             finally:
                 beat.cancel()
+                ui.cancel()
+                self.display.close(self.snapshot())
                 if o.checkpoint_dir:
                     checkpoint.save(self.worker, o.checkpoint_dir, cfg.name, self.samples_applied)
                     checkpoint.save_run_config(cfg, o.checkpoint_dir)
-                await self._announce(
-                    StageRecord(
-                        peer_id=self.peer_id, stage=self.worker.index, state="offline", time=time.time()
-                    )
+                offline = StageRecord(
+                    peer_id=self.peer_id, stage=self.worker.index, state="offline", time=time.time()
                 )
+                # Best effort: if the DHT process is gone (SIGTERM to the whole group), don't hang on it;
+                # the record expires after RECORD_TTL anyway.
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self._announce(offline), 5.0)
             return self.summary()
         finally:
             self.pool.shutdown(wait=False, cancel_futures=True)
