@@ -230,11 +230,25 @@ def format_validation_error(err: ValidationError) -> str:
     return "\n".join(lines)
 
 
+SHIPPED_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A file path, or a shipped config by path or bare name ('tiny'), from any working directory."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    if not p.is_absolute():
+        for cand in (SHIPPED_CONFIGS / p.name, SHIPPED_CONFIGS / f"{p.name}.yaml"):
+            if cand.is_file() and (p.parent == Path(".") or p.parent.name == "configs"):
+                return cand
+    shipped = ", ".join(sorted(c.stem for c in SHIPPED_CONFIGS.glob("*.yaml"))) or "none found"
+    raise ConfigError(f"config file not found: {p} (shipped configs: {shipped})")
+
+
 def load_config(path: str | Path) -> RunConfig:
     """Load and validate a YAML run config; raises ConfigError with one line per bad field."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file not found: {p} (see configs/ for examples)")
+    p = resolve_config_path(path)
     try:
         raw = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:

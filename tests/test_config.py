@@ -101,3 +101,13 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
     bad.write_text("model: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_shipped_configs_by_name_from_any_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert load_config("tiny").name == "tiny"
+    assert load_config("configs/small.yaml").model.d_model == 256  # the README's path, outside the repo
+    with pytest.raises(ConfigError, match="shipped configs: gpu-1b, small, tiny"):
+        load_config("configs/nope.yaml")
+    with pytest.raises(ConfigError, match="not found: elsewhere/tiny"):
+        load_config("elsewhere/tiny")
