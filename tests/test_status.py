@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -11,14 +12,17 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from test_swarm import BIN, leftovers, swarm_config, tagged_env
 
 from pmnode.status import HistoryPoint, SwarmStatus, thin
 
+pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
@@ -59,11 +63,14 @@ def _chromium(*args: str) -> subprocess.CompletedProcess:
         )
 
 
-@pytest.mark.slow
-def test_status_of_a_training_swarm(tmp_path: Path, toy_corpus: Path) -> None:
-    cfg = swarm_config(tmp_path, toy_corpus, train={"steps": 100_000, "eval_every": 5})
+@pytest.fixture(scope="module")
+def live_swarm(tmp_path_factory: pytest.TempPathFactory, toy_corpus: Path) -> Iterator[dict]:
+    """An async 3-stage swarm with its status page, trained until every stage reports; SIGINT after."""
+    tmp = tmp_path_factory.mktemp("status")
+    cfg = swarm_config(tmp, toy_corpus, train={"steps": 100_000, "eval_every": 5})
     tag = uuid.uuid4().hex
-    work = tmp_path / "work"
+    work = tmp / "work"
+    err = tmp / "local-swarm.err"
     proc = subprocess.Popen(
         [
             str(BIN / "pmnode"),
@@ -80,91 +87,25 @@ def test_status_of_a_training_swarm(tmp_path: Path, toy_corpus: Path) -> None:
             "0",
         ],
         stdout=subprocess.DEVNULL,
-        stderr=(tmp_path / "local-swarm.err").open("w"),  # an unread pipe would fill and block it
-        text=True,
+        stderr=err.open("w"),  # an unread pipe would fill and block it
         env=tagged_env(tag),
     )
     try:
         info_path = work / "coordinator" / "coordinator.json"
         deadline = time.monotonic() + 240
-        status = None
         while time.monotonic() < deadline:
-            assert proc.poll() is None, (tmp_path / "local-swarm.err").read_text()[-3000:]
+            assert proc.poll() is None, err.read_text()[-3000:]
             time.sleep(1)
             if not info_path.exists() or "http" not in json.loads(info_path.read_text()):
                 continue
             base = json.loads(info_path.read_text())["http"]
-            ctype, body = _get(base + "status")
-            status = SwarmStatus.model_validate_json(body)
+            status = SwarmStatus.model_validate_json(_get(base + "status")[1])
             trained = [h for h in status.history if h.heldout_loss is not None]
             if all(s.replicas for s in status.stages) and len(status.history) >= 3 and trained:
                 break
-        assert status is not None and ctype == "application/json"
-        assert [s.stage for s in status.stages] == [0, 1, 2]
-        assert [s.role for s in status.stages] == ["head", "body", "tail"]
-        assert [len(s.replicas) for s in status.stages] == [1, 1, 1]
-        assert all(r.state == "online" and r.last_seen_s < 10 for s in status.stages for r in s.replicas)
-        assert status.run == "tiny" and status.compression_rank == 8 and status.fingerprint
-        assert status.global_step >= 3 and status.loss is not None and status.heldout_loss is not None
-        steps = [h.step for h in status.history]
-        assert steps == sorted(set(steps))
-
-        # /metrics, scraped and parsed like Prometheus would.
-        ctype, body = _get(base + "metrics")
-        assert ctype.startswith("text/plain")
-        samples = {
-            (s.name, tuple(sorted(s.labels.items()))): s.value
-            for fam in text_string_to_metric_families(body.decode())
-            for s in fam.samples
-        }
-        assert samples[("pmnode_global_step", ())] >= 3
-        assert samples[("pmnode_target_steps", ())] == 100_000
-        assert [samples[("pmnode_stage_replicas", (("stage", str(i)),))] for i in range(3)] == [1, 1, 1]
-        assert samples[("pmnode_joins_total", ())] == 3
-        assert samples[("pmnode_train_loss", ())] > 0
-        with pytest.raises(urllib.error.HTTPError) as e:
-            _get(base + "nope")
-        assert e.value.code == 404
-
-        # `pmnode status`, the volunteer's and operator's view, through the coordinator's RPC.
-        out = subprocess.run(
-            [str(BIN / "pmnode"), "status", "--coordinator-file", str(info_path), "--json"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert out.returncode == 0, out.stderr
-        via_rpc = SwarmStatus.model_validate_json(out.stdout)
-        assert via_rpc.run == status.run and via_rpc.global_step >= status.global_step
-        assert {r.peer_id for s in via_rpc.stages for r in s.replicas} == {
-            r.peer_id for s in status.stages for r in s.replicas
-        }
-        table = subprocess.run(
-            [str(BIN / "pmnode"), "status", "--coordinator-file", str(info_path)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env={**tagged_env(tag), "COLUMNS": "160"},
-        )
-        assert table.returncode == 0, table.stderr
-        assert "run tiny" in table.stdout and "online" in table.stdout and "(tail)" in table.stdout
-
-        if CHROMIUM:
-            # The page in a real browser: its script must have fetched /status and drawn the swarm.
-            dom = _chromium("--dump-dom", base)
-            assert 'data-ready="1"' in dom.stdout, dom.stderr[-2000:]
-            assert dom.stdout.count('class="node online"') == 3
-            assert "<polyline" in dom.stdout  # the loss curve
-            shot = tmp_path / "page.png"
-            r = _chromium(f"--screenshot={shot}", "--window-size=900,700", base)
-            assert shot.exists(), r.stderr[-2000:]
-            from PIL import Image
-
-            img = Image.open(shot).convert("RGB")
-            assert img.size == (900, 700)
-            colors = img.getcolors(maxcolors=1 << 20)
-            assert colors is not None and len(colors) > 50  # text, boxes and a curve, not a blank page
-
+        else:
+            raise AssertionError(f"the swarm did not report within 240 s: {err.read_text()[-3000:]}")
+        yield {"base": base, "info": info_path, "tag": tag}
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=90)
     finally:
@@ -175,6 +116,88 @@ def test_status_of_a_training_swarm(tmp_path: Path, toy_corpus: Path) -> None:
     while leftovers(tag) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert leftovers(tag) == []
+
+
+def test_status_json(live_swarm: dict) -> None:
+    ctype, body = _get(live_swarm["base"] + "status")
+    assert ctype == "application/json"
+    status = SwarmStatus.model_validate_json(body)
+    assert [s.stage for s in status.stages] == [0, 1, 2]
+    assert [s.role for s in status.stages] == ["head", "body", "tail"]
+    assert [s.layers for s in status.stages] == [(0, 2), (2, 3), (3, 4)]
+    assert [len(s.replicas) for s in status.stages] == [1, 1, 1]
+    assert all(r.state == "online" and r.last_seen_s < 10 for s in status.stages for r in s.replicas)
+    assert all(s.throughput > 0 for s in status.stages)
+    assert status.run == "tiny" and status.compression_rank == 8 and status.fingerprint
+    assert status.global_step >= 3 and status.loss is not None and status.heldout_loss is not None
+    assert status.tokens_per_s > 0 and status.wire_bytes_per_s > 0
+    steps = [h.step for h in status.history]
+    assert steps == sorted(set(steps))
+
+
+def test_metrics_scraped_by_a_real_client(live_swarm: dict) -> None:
+    ctype, body = _get(live_swarm["base"] + "metrics")
+    assert ctype.startswith("text/plain")
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(body.decode())
+        for s in fam.samples
+    }
+    assert samples[("pmnode_global_step", ())] >= 3
+    assert samples[("pmnode_target_steps", ())] == 100_000
+    assert [samples[("pmnode_stage_replicas", (("stage", str(i)),))] for i in range(3)] == [1, 1, 1]
+    assert samples[("pmnode_joins_total", ())] == 3
+    assert samples[("pmnode_train_loss", ())] > 0
+    assert len([k for k in samples if k[0] == "pmnode_node_step"]) == 3
+    with pytest.raises(urllib.error.HTTPError) as e:
+        _get(live_swarm["base"] + "nope")
+    assert e.value.code == 404
+
+
+def test_pmnode_status_command(live_swarm: dict) -> None:
+    """The operator's and volunteer's view, through the coordinator's status RPC."""
+    _, body = _get(live_swarm["base"] + "status")
+    status = SwarmStatus.model_validate_json(body)
+    out = subprocess.run(
+        [str(BIN / "pmnode"), "status", "--coordinator-file", str(live_swarm["info"]), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    via_rpc = SwarmStatus.model_validate_json(out.stdout)
+    assert via_rpc.run == status.run and via_rpc.global_step >= status.global_step
+    peers = {r.peer_id for s in status.stages for r in s.replicas}
+    assert {r.peer_id for s in via_rpc.stages for r in s.replicas} == peers
+    table = subprocess.run(
+        [str(BIN / "pmnode"), "status", "--coordinator-file", str(live_swarm["info"])],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "160"},
+    )
+    assert table.returncode == 0, table.stderr
+    assert "run tiny" in table.stdout and table.stdout.count("online") == 3 and "(tail)" in table.stdout
+    assert all(p[-12:] in table.stdout for p in peers)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it)")
+def test_status_page_in_headless_chromium(live_swarm: dict, tmp_path: Path) -> None:
+    """The page in a real browser: its script fetched /status and drew the swarm and the loss curve."""
+    dom = _chromium("--dump-dom", live_swarm["base"])
+    assert 'data-ready="1"' in dom.stdout, dom.stderr[-2000:]
+    assert dom.stdout.count('class="node online"') == 3
+    assert dom.stdout.count('class="stage"') == 3  # no stage marked empty
+    assert "<polyline" in dom.stdout and '<div id="error"></div>' in dom.stdout
+    shot = tmp_path / "page.png"
+    r = _chromium(f"--screenshot={shot}", "--window-size=900,700", live_swarm["base"])
+    assert shot.exists(), r.stderr[-2000:]
+    img = Image.open(shot).convert("RGB")
+    assert img.size == (900, 700)
+    colors = img.getcolors(maxcolors=1 << 20)
+    assert colors is not None and len(colors) > 50  # text, boxes and a curve, not a blank page
+    # The stage boxes' green fill is on screen where the swarm map is drawn.
+    assert any(c == (229, 244, 232) for _, c in colors)
 
 
 def test_status_of_nothing_is_one_clear_line(tmp_path: Path) -> None:
