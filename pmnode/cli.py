@@ -28,6 +28,11 @@ DataOpt = Annotated[
     str | None, typer.Option("--data", help="Corpus file/dir, or 'stdlib'; overrides data.source.")
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda or auto.")]
+BandwidthOpt = Annotated[
+    str,
+    typer.Option(help="Emulate this bandwidth on every outgoing link, e.g. 80mbit, 1gbit; or unlimited."),
+]
+LatencyOpt = Annotated[str, typer.Option(help="Emulate this one-way latency on every link, e.g. 50ms.")]
 
 
 def resolve_device(device: str) -> str:
@@ -116,11 +121,14 @@ def join(
     log_format: Annotated[
         str, typer.Option(help="text: a live panel on a terminal, plain lines otherwise; json: JSON lines.")
     ] = "text",
+    link_bandwidth: BandwidthOpt = "unlimited",
+    link_latency: LatencyOpt = "0ms",
 ) -> None:
     """Join a swarm: get a stage from the coordinator, build it, serve and train."""
 
     from pmnode.dht import run_until_signal
     from pmnode.node import Node, NodeOptions, coordinator_from_file
+    from pmnode.shaping import parse_bandwidth, parse_latency
 
     if (coordinator is None) == (coordinator_file is None):
         raise PmnodeError("give exactly one of --coordinator MULTIADDR or --coordinator-file PATH")
@@ -143,6 +151,8 @@ def join(
         bf16=bf16,
         resume=resume,
         log_format=log_format,  # type: ignore[arg-type]
+        link_bandwidth=parse_bandwidth(link_bandwidth),
+        link_latency=parse_latency(link_latency),
     )
 
     node = Node(opts, console)
@@ -198,11 +208,16 @@ def local_swarm(
         int | None,
         typer.Option(help="Have the coordinator serve its status page on this port; 0 picks one.", min=0),
     ] = None,
+    link_bandwidth: BandwidthOpt = "unlimited",
+    link_latency: LatencyOpt = "0ms",
 ) -> None:
     """Run a coordinator and every stage as separate processes on 127.0.0.1 (the embedded default)."""
     import os
 
     from pmnode.local_swarm import run_local_swarm
+    from pmnode.shaping import parse_bandwidth, parse_latency
+
+    parse_bandwidth(link_bandwidth), parse_latency(link_latency)  # fail before starting anything
 
     sections: dict = {"n_stages": stages, "stage_layers": None}
     if schedule:
@@ -225,6 +240,7 @@ def local_swarm(
         checkpoint_dir=checkpoint_dir,
         resume=resume,
         http_port=http_port,
+        node_args=["--link-bandwidth", link_bandwidth, "--link-latency", link_latency],
     )
     console.print(
         f"[bold]done[/]: {summary.steps} steps, train loss {summary.final_train_loss:.4f}, held-out loss "
@@ -300,6 +316,60 @@ def bench_convergence(
     cfg = load_with_overrides(config, steps=steps, data=data)
     specs = [c.strip() for c in codecs.split(",") if c.strip()]
     convergence(cfg, specs, out, resolve_device(device), console, command=" ".join(["pmnode", *sys.argv[1:]]))
+
+
+@bench_app.command("swarm")
+def bench_swarm_cmd(
+    config: ConfigOpt,
+    out: Annotated[Path, typer.Option(help="Output directory for results.json, results.md, throughput.png.")],
+    stages: Annotated[int, typer.Option(help="Pipeline stages, one process each.", min=2)] = 4,
+    codecs: Annotated[str, typer.Option(help="Comma-separated codec specs.")] = "dense,subspace",
+    bandwidths: Annotated[
+        str, typer.Option(help="Comma-separated link bandwidths; 'unlimited' is an unshaped link.")
+    ] = "unlimited,1gbit,80mbit,20mbit",
+    latency: Annotated[str, typer.Option(help="One-way latency added to every shaped link.")] = "50ms",
+    steps: Annotated[int | None, typer.Option(help="Override train.steps.")] = None,
+    schedule: Annotated[str, typer.Option(help="sync or async.")] = "async",
+    max_inflight: Annotated[
+        int | None, typer.Option(help="Micro-batches in flight; must cover bandwidth-delay.", min=1)
+    ] = None,
+    window: Annotated[int, typer.Option(help="Steps per throughput window.", min=1)] = 10,
+    data: DataOpt = None,
+) -> None:
+    """Local-swarm tokens/s per codec and emulated link, at steady state."""
+    import os
+
+    from pmnode.bench_swarm import bench_swarm
+
+    if schedule not in ("sync", "async"):
+        raise PmnodeError(f"--schedule must be sync or async, not {schedule!r}")
+    swarm: dict = {"schedule": schedule, "threads": max(1, (os.cpu_count() or 1) // stages)}
+    if max_inflight is not None:
+        swarm["max_inflight"] = max_inflight
+    base = load_config(config)
+    tail = base.model.n_layers // stages  # the even split's last stage is its smallest
+    free = min(base.subspace.uncompressed_tail_layers, max(tail, 0))
+    cfg = load_with_overrides(
+        config,
+        steps=steps,
+        data=data,
+        n_stages=stages,
+        stage_layers=None,
+        swarm=swarm,
+        subspace={"uncompressed_tail_layers": free},
+        train={"eval_every": 10**9},  # evaluate only at the end: evaluations would sit in the windows
+    )
+    bench_swarm(
+        cfg,
+        stages=stages,
+        codecs=[c.strip() for c in codecs.split(",") if c.strip()],
+        bandwidths=[b.strip() for b in bandwidths.split(",") if b.strip()],
+        latency=latency,
+        out=out,
+        window=window,
+        console=console,
+        command=" ".join(["pmnode", *sys.argv[1:]]),
+    )
 
 
 def main() -> None:

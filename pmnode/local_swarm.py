@@ -105,6 +105,7 @@ def run_local_swarm(
     resume: bool = False,
     startup_timeout: float = 60.0,
     http_port: int | None = None,
+    node_args: list[str] | None = None,
 ) -> SwarmSummary:
     if replicas != 1:
         raise PmnodeError(
@@ -158,6 +159,7 @@ def run_local_swarm(
                     "--summary-json",
                     str(workdir / f"node-{s}.json"),
                     *(["--resume"] if resume else []),
+                    *(node_args or []),
                 ],
                 workdir / "logs" / f"node-{s}.log",
             )

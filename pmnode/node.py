@@ -42,6 +42,7 @@ from pmnode.errors import PmnodeError
 from pmnode.panel import Display, LogFormat, NodeSnapshot
 from pmnode.routing import HEARTBEAT_PERIOD, StageRecord, choose_peer
 from pmnode.runtime import StageWorker
+from pmnode.shaping import LinkShaper
 from pmnode.transport import TransportStats, request, serve
 from pmnode.wire import MessageHeader, WireError
 
@@ -64,6 +65,8 @@ class NodeOptions(BaseModel):
     connect_timeout: float = 30.0
     resume: bool = False
     log_format: LogFormat = "text"
+    link_bandwidth: float | None = None  # bytes/s on each emulated outgoing link; None: unshaped
+    link_latency: float = 0.0  # seconds, one way
 
 
 class Done(BaseModel):
@@ -113,6 +116,7 @@ class Node:
         self._last_wire = (time.monotonic(), 0)
         self.upstream: dict[str, float] = {}  # caller -> when it last sent us a micro-batch
         self.display = Display(console, opts.log_format)
+        self.shaper = LinkShaper(opts.link_bandwidth, opts.link_latency)
         self._io = (time.monotonic(), 0, 0, 0.0, 0.0)  # when, bytes in, bytes out, rate in, rate out
 
     # ---- plumbing --------------------------------------------------------------------------------------
@@ -157,6 +161,7 @@ class Node:
                     packet,
                     self.stats,
                     timeout=max(1.0, deadline - now),
+                    shaper=self.shaper,
                 )
             except Exception as e:  # any failure of this route: mark the peer, try another
                 self.failed[peer.peer_id] = time.monotonic()
@@ -332,6 +337,8 @@ class Node:
             "step": step,
             "loss": round(loss, 5),
             "tokens_per_s": round(tokens / elapsed, 1),
+            "tokens": tokens,
+            "elapsed": round(elapsed, 4),  # for windowed rates (pmnode bench swarm)
         }
         if held is not None:
             line["heldout_loss"] = round(held, 5)
@@ -482,13 +489,16 @@ class Node:
                 man = checkpoint.load(self.worker, o.checkpoint_dir)
                 self.samples_applied = man.samples
                 self.console.print(f"resumed stage {reply.stage} from step {man.step}")
-            await serve(self.p2p, f"{cfg.name}.forward", self._on_forward, self.server_stats)
-            await serve(self.p2p, f"{cfg.name}.eval", self._on_eval, self.server_stats)
+            await serve(
+                self.p2p, f"{cfg.name}.forward", self._on_forward, self.server_stats, shaper=self.shaper
+            )
+            await serve(self.p2p, f"{cfg.name}.eval", self._on_eval, self.server_stats, shaper=self.shaper)
             await add_json_handler(self.p2p, f"{cfg.name}.done", Done, self._on_done)
             r = self.worker.stage.layer_range
             self.console.print(
                 f"node {self.peer_id[-8:]} serves stage {reply.stage} (layers {r.start}..{r.stop - 1}) "
                 f"of run {cfg.name}, codec {cfg.codec_spec}, {cfg.swarm.schedule}"
+                + (f", links emulated at {self.shaper.describe()}" if self.shaper.active else "")
             )
             beat = asyncio.create_task(self._heartbeat())
             ui = asyncio.create_task(self._show())

@@ -38,6 +38,7 @@ from hivemind.proto import runtime_pb2
 
 from pmnode.codecs import Packet
 from pmnode.errors import PmnodeError
+from pmnode.shaping import LinkShaper
 from pmnode.wire import MessageHeader, WireError, WireLimits, decode, encode, framing_overhead
 
 UNARY_LIMIT = 1536 * 1024  # leaves headroom under the daemon's ~2 MiB unary cap for protobuf framing
@@ -122,9 +123,16 @@ def _chunks(data: bytes) -> list[bytes]:
 
 
 async def serve(
-    p2p: P2P, name: str, handler: Handler, stats: TransportStats, limits: WireLimits | None = None
+    p2p: P2P,
+    name: str,
+    handler: Handler,
+    stats: TransportStats,
+    limits: WireLimits | None = None,
+    shaper: LinkShaper | None = None,
 ) -> None:
     """Register one RPC `name` (unary, .stream, .fetch) answering with `handler`.
+
+    With a `shaper`, each reply waits for its emulated trip over the link back to the caller.
 
     A dict reply header is completed from the request (run, micro_batch, stage, step) and this
     peer's id as sender, so handlers need to give only what changes, e.g. {"kind": "gradient"}.
@@ -150,6 +158,8 @@ async def serve(
             stats.error(key, f"handler: {type(e).__name__}")
             out = error_message(f"{type(e).__name__}: {e}", header, me)
         stats.count(key, out, sent=True)
+        if shaper is not None:
+            await shaper.transmit(caller, len(out))
         return out
 
     async def unary(req: runtime_pb2.ExpertRequest, ctx: P2PContext) -> runtime_pb2.ExpertResponse:
@@ -267,17 +277,25 @@ async def call(
     data: bytes,
     timeout: float,
     stats: TransportStats | None = None,
+    shaper: LinkShaper | None = None,
 ) -> bytes:
     """Send one encoded message to `rpc` (a full handler name) at `peer_id`; return the reply's bytes.
 
     Unary up to UNARY_LIMIT, streamed above. The reply is not decoded here (see `request`).
+    With a `shaper`, the request first waits for its emulated trip over the link to the peer.
     """
     stats = stats if stats is not None else TransportStats()
     key = _key(rpc)
     peer = peer_id if isinstance(peer_id, PeerID) else PeerID.from_base58(peer_id)
     stats.count(key, data, sent=True)
+
+    async def shaped() -> bytes:
+        if shaper is not None:
+            await shaper.transmit(peer.to_base58(), len(data))
+        return await _exchange(p2p, peer, rpc, data, stats)
+
     try:
-        reply = await asyncio.wait_for(_exchange(p2p, peer, rpc, data, stats), timeout)
+        reply = await asyncio.wait_for(shaped(), timeout)
     except asyncio.TimeoutError:
         stats.error(key, "timeout")
         raise TransportError(f"{rpc} to {peer.to_base58()[-8:]} timed out after {timeout:g} s") from None
@@ -300,10 +318,11 @@ async def request(
     stats: TransportStats | None,
     timeout: float,
     limits: WireLimits | None = None,
+    shaper: LinkShaper | None = None,
 ) -> tuple[MessageHeader, Packet]:
     """encode + call + decode; an error reply raises TransportError carrying the peer's reason."""
     stats = stats if stats is not None else TransportStats()
-    data = await call(p2p, peer_id, rpc, encode(header, packet), timeout, stats)
+    data = await call(p2p, peer_id, rpc, encode(header, packet), timeout, stats, shaper)
     try:
         reply_header, reply = decode(data, limits)
     except WireError as e:
