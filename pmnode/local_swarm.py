@@ -94,6 +94,20 @@ def _progress(cfg: RunConfig, line: dict, rates: dict, stages: int) -> Table:
     return t
 
 
+def _interrupt_on_signals() -> None:
+    """Ctrl-C and `kill` both stop the swarm through the cleanup path, never leaving orphans.
+
+    SIGINT is restored explicitly: a shell starting us in the background may have ignored it.
+    SIGTERM would otherwise end this process at once and leave the stage processes running.
+    """
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def run_local_swarm(
     cfg: RunConfig,
     *,
@@ -119,6 +133,7 @@ def run_local_swarm(
     (workdir / "logs").mkdir(parents=True, exist_ok=True)
     cfg_path = workdir / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    _interrupt_on_signals()
     procs: list[Proc] = []
     # A resumed run keeps WORKDIR: the last run's address file must not be read as this one's.
     (workdir / "coordinator" / "coordinator.json").unlink(missing_ok=True)

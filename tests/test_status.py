@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
-from test_swarm import BIN, leftovers, swarm_config, tagged_env
+from test_swarm import BIN, kill_tagged, leftovers, swarm_config, tagged_env
 
 from pmnode.status import HistoryPoint, SwarmStatus, thin
 
@@ -106,7 +106,7 @@ def live_swarm(tmp_path_factory: pytest.TempPathFactory, toy_corpus: Path) -> It
         else:
             raise AssertionError(f"the swarm did not report within 240 s: {err.read_text()[-3000:]}")
         yield {"base": base, "info": info_path, "tag": tag}
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)  # `kill` must clean up as Ctrl-C does (tested in test_swarm)
         proc.wait(timeout=90)
     finally:
         if proc.poll() is None:
@@ -115,7 +115,9 @@ def live_swarm(tmp_path_factory: pytest.TempPathFactory, toy_corpus: Path) -> It
     deadline = time.monotonic() + 10
     while leftovers(tag) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert leftovers(tag) == []
+    left = leftovers(tag)
+    kill_tagged(tag)
+    assert left == []
 
 
 def test_status_json(live_swarm: dict) -> None:

@@ -39,6 +39,16 @@ def leftovers(tag: str) -> list[str]:
     return found
 
 
+def kill_tagged(tag: str) -> None:
+    """After a failure: kill whatever the test started, so one failure cannot load the next tests."""
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get("PMNODE_TEST_TAG") == tag:
+                p.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+
+
 def swarm_config(tmp: Path, toy_corpus: Path, **overrides: dict) -> Path:
     cfg = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
     cfg["n_stages"] = 3
@@ -182,7 +192,9 @@ def test_async_trains_and_sigint_cleans_up(tmp_path: Path, toy_corpus: Path) -> 
     deadline = time.monotonic() + 10
     while leftovers(tag) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert leftovers(tag) == []
+    left = leftovers(tag)
+    kill_tagged(tag)
+    assert left == []
 
 
 def _resume(work: Path, steps: int) -> subprocess.CompletedProcess:
