@@ -192,9 +192,9 @@ def status(
 @app.command("local-swarm")
 def local_swarm(
     config: ConfigOpt = Path("configs/tiny.yaml"),
-    stages: Annotated[int, typer.Option(help="Pipeline stages, one process each.")] = 4,
-    replicas: Annotated[int, typer.Option(help="Nodes per stage.")] = 1,
-    steps: Annotated[int | None, typer.Option(help="Override train.steps.")] = None,
+    stages: Annotated[int, typer.Option(help="Pipeline stages, one process each.", min=2)] = 4,
+    replicas: Annotated[int, typer.Option(help="Nodes per stage.", min=1)] = 1,
+    steps: Annotated[int | None, typer.Option(help="Override train.steps.", min=1)] = None,
     schedule: Annotated[str | None, typer.Option(help="sync or async; overrides swarm.schedule.")] = None,
     codec: Annotated[str | None, typer.Option(help="Boundary codec; overrides the config.")] = None,
     data: DataOpt = None,

@@ -219,7 +219,10 @@ class RunConfig(_Strict):
                 data[section].update(values)
             else:
                 data[section] = values
-        return RunConfig.model_validate(data)
+        try:
+            return RunConfig.model_validate(data)
+        except ValidationError as e:  # overrides come from flags: say which field, not a traceback
+            raise ConfigError(f"invalid setting:\n{format_validation_error(e)}") from e
 
 
 def format_validation_error(err: ValidationError) -> str:

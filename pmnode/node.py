@@ -81,6 +81,8 @@ def coordinator_from_file(path: Path, local: bool, timeout: float = 60.0) -> str
     """The coordinator's multiaddr from its coordinator.json: loopback for local nodes, else another."""
     deadline = time.monotonic() + timeout
     while not path.exists():
+        if timeout <= 0:
+            raise PmnodeError(f"{path} does not exist; give the coordinator's STATE_DIR/coordinator.json")
         if time.monotonic() > deadline:
             raise PmnodeError(f"{path} did not appear within {timeout:.0f}s; is the coordinator running?")
         time.sleep(0.5)
@@ -463,6 +465,8 @@ class Node:
             self.peer_id = self.dht.peer_id.to_base58()
             reply = await self._join()
             cfg = RunConfig.model_validate(reply.config)
+            if cfg.n_stages < 2:
+                raise PmnodeError("this run has one stage: a swarm needs two or more; use `pmnode train`")
             if o.data:
                 cfg = cfg.with_overrides(data={"source": o.data})
             if o.bf16:

@@ -114,3 +114,14 @@ def test_help() -> None:
     for args in (("pmnode", "--help"), ("pmnode", "bench", "--help"), ("coordinator", "--help")):
         r = run(*args)
         assert r.returncode == 0 and "Usage" in r.stdout
+
+
+def test_bad_override_flags_name_the_field() -> None:
+    one_line_error(run("pmnode", "train", "--config", "configs/tiny.yaml", "--steps", "0"), "train.steps")
+    r = run("pmnode", "train", "--config", "configs/tiny.yaml", "--codec", "subspace@0")
+    one_line_error(r, "subspace.compression_rank")
+
+
+def test_local_swarm_needs_two_stages() -> None:
+    r = run("pmnode", "local-swarm", "--stages", "1")
+    assert r.returncode == 2 and "--stages" in r.stderr and "Traceback" not in r.stderr
