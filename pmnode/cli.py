@@ -372,6 +372,41 @@ def bench_swarm_cmd(
     )
 
 
+@bench_app.command("time-to-loss")
+def bench_time_to_loss(
+    convergence: Annotated[Path, typer.Option(help="A `pmnode bench convergence` output directory.")],
+    swarm: Annotated[Path, typer.Option(help="A `pmnode bench swarm` output directory, same config.")],
+    out: Annotated[Path, typer.Option(help="Output directory for results.json, results.md and the plot.")],
+    codecs: Annotated[str, typer.Option(help="Codecs present in both, first one is the reference.")] = (
+        "dense,subspace@16"
+    ),
+    bandwidth: Annotated[str, typer.Option(help="Which link of the swarm results to use.")] = "80mbit",
+    target: Annotated[
+        float | None, typer.Option(help="Held-out loss to reach; default: the worst final loss.")
+    ] = None,
+) -> None:
+    """Steps to a target loss (from convergence curves) x steady-state step time on a link."""
+    from pmnode.shaping import format_bandwidth, parse_bandwidth
+    from pmnode.time_to_loss import time_to_loss
+
+    result = time_to_loss(
+        convergence,
+        swarm,
+        codecs=[c.strip() for c in codecs.split(",") if c.strip()],
+        bandwidth=format_bandwidth(parse_bandwidth(bandwidth)),
+        target=target,
+        out=out,
+        command=" ".join(["pmnode", *sys.argv[1:]]),
+    )
+    for r in result["runs"]:
+        secs = r["seconds_to_target"]
+        console.print(
+            f"{r['codec']}: {'not reached' if secs is None else f'{secs:,.0f} s'} to held-out "
+            f"{r['target_loss']:.4f} at {r['bandwidth']}",
+            highlight=False,
+        )
+
+
 def main() -> None:
     run_cli(app)
 
