@@ -33,6 +33,9 @@ BandwidthOpt = Annotated[
     typer.Option(help="Emulate this bandwidth on every outgoing link, e.g. 80mbit, 1gbit; or unlimited."),
 ]
 LatencyOpt = Annotated[str, typer.Option(help="Emulate this one-way latency on every link, e.g. 50ms.")]
+CheckpointEveryOpt = Annotated[
+    int, typer.Option(help="Also checkpoint every N optimizer steps (0: only on exit).", min=0)
+]
 
 
 def resolve_device(device: str) -> str:
@@ -123,6 +126,7 @@ def join(
     ] = "text",
     link_bandwidth: BandwidthOpt = "unlimited",
     link_latency: LatencyOpt = "0ms",
+    checkpoint_every: CheckpointEveryOpt = 0,
 ) -> None:
     """Join a swarm: get a stage from the coordinator, build it, serve and train."""
 
@@ -134,6 +138,8 @@ def join(
         raise PmnodeError("give exactly one of --coordinator MULTIADDR or --coordinator-file PATH")
     if log_format not in ("text", "json"):
         raise PmnodeError(f"--log-format must be text or json, not {log_format!r}")
+    if checkpoint_every and checkpoint_dir is None:
+        raise PmnodeError("--checkpoint-every needs --checkpoint-dir DIR")
     if resume and checkpoint_dir is None:
         raise PmnodeError("--resume needs --checkpoint-dir DIR, the directory the checkpoint is in")
     if coordinator_file is not None:
@@ -153,6 +159,7 @@ def join(
         log_format=log_format,  # type: ignore[arg-type]
         link_bandwidth=parse_bandwidth(link_bandwidth),
         link_latency=parse_latency(link_latency),
+        checkpoint_every=checkpoint_every,
     )
 
     node = Node(opts, console)
@@ -210,6 +217,7 @@ def local_swarm(
     ] = None,
     link_bandwidth: BandwidthOpt = "unlimited",
     link_latency: LatencyOpt = "0ms",
+    checkpoint_every: CheckpointEveryOpt = 0,
 ) -> None:
     """Run a coordinator and every stage as separate processes on 127.0.0.1 (the embedded default)."""
     import os
@@ -240,7 +248,14 @@ def local_swarm(
         checkpoint_dir=checkpoint_dir,
         resume=resume,
         http_port=http_port,
-        node_args=["--link-bandwidth", link_bandwidth, "--link-latency", link_latency],
+        node_args=[
+            "--link-bandwidth",
+            link_bandwidth,
+            "--link-latency",
+            link_latency,
+            "--checkpoint-every",
+            str(checkpoint_every),
+        ],
     )
     console.print(
         f"[bold]done[/]: {summary.steps} steps, train loss {summary.final_train_loss:.4f}, held-out loss "

@@ -64,6 +64,7 @@ class NodeOptions(BaseModel):
     bf16: bool = False
     connect_timeout: float = 30.0
     resume: bool = False
+    checkpoint_every: int = 0  # steps between checkpoints; 0: only on exit
     log_format: LogFormat = "text"
     link_bandwidth: float | None = None  # bytes/s on each emulated outgoing link; None: unshaped
     link_latency: float = 0.0  # seconds, one way
@@ -183,6 +184,11 @@ class Node:
             return None
         applied, lr = self.worker.step(self.cfg.train.steps)
         self.samples_applied += applied
+        o = self.opts
+        if o.checkpoint_every and o.checkpoint_dir and self.worker.step_count % o.checkpoint_every == 0:
+            # Still on the compute thread: no backward can touch the weights while they are written.
+            checkpoint.save(self.worker, o.checkpoint_dir, self.cfg.name, self.samples_applied)
+            checkpoint.save_run_config(self.cfg, o.checkpoint_dir)
         return applied, lr
 
     # ---- handlers (every stage but the head) -----------------------------------------------------------

@@ -178,7 +178,8 @@ def test_async_trains_and_sigint_cleans_up(tmp_path: Path, toy_corpus: Path) -> 
             time.sleep(1)
             log = work / "logs" / "node-0.log"
             if log.exists():
-                lines = [json.loads(x) for x in log.read_text().splitlines() if x.startswith("{")]
+                done = log.read_text().rpartition("\n")[0]  # whole lines only: the node may be mid-write
+                lines = [json.loads(x) for x in done.splitlines() if x.startswith("{")]
                 helds = [x["heldout_loss"] for x in lines if "heldout_loss" in x]
             assert proc.poll() is None, (tmp_path / "local-swarm.err").read_text()[-3000:]
         assert len(helds) >= 4, "async swarm made no progress (deadlock?)"
@@ -266,3 +267,56 @@ def test_generate_from_the_swarm_checkpoint(sync_run: dict) -> None:
         timeout=120,
     )
     assert again.stdout == out.stdout  # greedy is deterministic
+
+
+def test_periodic_checkpoint_survives_sigkill(tmp_path: Path, toy_corpus: Path) -> None:
+    """Kill -9 every process mid-training: the checkpoint is whole, at a multiple of N, and loads."""
+    every = 5
+    cfg = swarm_config(tmp_path, toy_corpus, train={"steps": 2000, "eval_every": 1000})
+    tag = uuid.uuid4().hex
+    work = tmp_path / "work"
+    proc = subprocess.Popen(
+        [
+            str(BIN / "pmnode"),
+            "local-swarm",
+            "--config",
+            str(cfg),
+            "--stages",
+            "3",
+            "--schedule",
+            "async",
+            "--workdir",
+            str(work),
+            "--checkpoint-every",
+            str(every),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / "local-swarm.err").open("w"),
+        env=tagged_env(tag),
+    )
+    try:
+        deadline = time.monotonic() + 240
+        steps = 0
+        while steps < 4 * every and time.monotonic() < deadline:
+            time.sleep(0.5)
+            assert proc.poll() is None, (tmp_path / "local-swarm.err").read_text()[-3000:]
+            log = work / "logs" / "node-0.log"
+            if log.exists():
+                done = log.read_text().rpartition("\n")[0]  # whole lines only: the node may be mid-write
+                rows = [json.loads(x) for x in done.splitlines() if x.startswith("{")]
+                steps = max([0, *(r["step"] for r in rows)])
+        assert steps >= 4 * every
+    finally:
+        kill_tagged(tag)  # SIGKILL: no exit path runs, only what was saved along the way survives
+        proc.wait()
+    ckpt = work / "checkpoint"
+    for s in range(3):
+        man = json.loads((ckpt / f"stage-{s}" / "manifest.json").read_text())
+        assert man["step"] >= every and man["step"] % every == 0 and man["stage"] == s
+    out = subprocess.run(
+        [str(BIN / "pmnode"), "generate", "--checkpoint", str(ckpt), "--prompt", "a "],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0 and out.stdout.startswith("a "), out.stderr[-2000:]
