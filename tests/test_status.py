@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
-from test_swarm import BIN, kill_tagged, leftovers, swarm_config, tagged_env
+from test_swarm import BIN, kill_tagged, leftovers, start_async_swarm, swarm_config
 
 from pmnode.status import HistoryPoint, SwarmStatus, thin
 
@@ -70,26 +70,8 @@ def live_swarm(tmp_path_factory: pytest.TempPathFactory, toy_corpus: Path) -> It
     cfg = swarm_config(tmp, toy_corpus, train={"steps": 100_000, "eval_every": 5})
     tag = uuid.uuid4().hex
     work = tmp / "work"
-    err = tmp / "local-swarm.err"
-    proc = subprocess.Popen(
-        [
-            str(BIN / "pmnode"),
-            "local-swarm",
-            "--config",
-            str(cfg),
-            "--stages",
-            "3",
-            "--schedule",
-            "async",
-            "--workdir",
-            str(work),
-            "--http-port",
-            "0",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=err.open("w"),  # an unread pipe would fill and block it
-        env=tagged_env(tag),
-    )
+    err = work.with_suffix(".err")
+    proc = start_async_swarm(cfg, work, tag, "--http-port", "0")
     try:
         info_path = work / "coordinator" / "coordinator.json"
         deadline = time.monotonic() + 240

@@ -49,6 +49,19 @@ def kill_tagged(tag: str) -> None:
             continue
 
 
+def start_async_swarm(cfg: Path, work: Path, tag: str, *extra: str) -> subprocess.Popen:
+    """`pmnode local-swarm` of 3 async stages in the background; its stderr goes to WORK.err, since
+    an unread pipe would fill up with progress lines and block it."""
+    work.parent.mkdir(parents=True, exist_ok=True)
+    args = ["--config", str(cfg), "--stages", "3", "--schedule", "async", "--workdir", str(work), *extra]
+    return subprocess.Popen(
+        [str(BIN / "pmnode"), "local-swarm", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=work.with_suffix(".err").open("w"),
+        env=tagged_env(tag),
+    )
+
+
 def swarm_config(tmp: Path, toy_corpus: Path, **overrides: dict) -> Path:
     cfg = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
     cfg["n_stages"] = 3
@@ -153,24 +166,7 @@ def test_async_trains_and_sigint_cleans_up(tmp_path: Path, toy_corpus: Path) -> 
     cfg = swarm_config(tmp_path, toy_corpus, train={"steps": 2000, "eval_every": 10})
     tag = uuid.uuid4().hex
     work = tmp_path / "work"
-    proc = subprocess.Popen(
-        [
-            str(BIN / "pmnode"),
-            "local-swarm",
-            "--config",
-            str(cfg),
-            "--stages",
-            "3",
-            "--schedule",
-            "async",
-            "--workdir",
-            str(work),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=(tmp_path / "local-swarm.err").open("w"),  # an unread pipe would fill and block it
-        text=True,
-        env=tagged_env(tag),
-    )
+    proc = start_async_swarm(cfg, work, tag)
     try:
         helds: list[float] = []
         deadline = time.monotonic() + 300
@@ -181,7 +177,7 @@ def test_async_trains_and_sigint_cleans_up(tmp_path: Path, toy_corpus: Path) -> 
                 done = log.read_text().rpartition("\n")[0]  # whole lines only: the node may be mid-write
                 lines = [json.loads(x) for x in done.splitlines() if x.startswith("{")]
                 helds = [x["heldout_loss"] for x in lines if "heldout_loss" in x]
-            assert proc.poll() is None, (tmp_path / "local-swarm.err").read_text()[-3000:]
+            assert proc.poll() is None, work.with_suffix(".err").read_text()[-3000:]
         assert len(helds) >= 4, "async swarm made no progress (deadlock?)"
         assert helds[-1] < helds[0] - 0.3
         proc.send_signal(signal.SIGINT)
@@ -275,31 +271,13 @@ def test_periodic_checkpoint_survives_sigkill(tmp_path: Path, toy_corpus: Path) 
     cfg = swarm_config(tmp_path, toy_corpus, train={"steps": 2000, "eval_every": 1000})
     tag = uuid.uuid4().hex
     work = tmp_path / "work"
-    proc = subprocess.Popen(
-        [
-            str(BIN / "pmnode"),
-            "local-swarm",
-            "--config",
-            str(cfg),
-            "--stages",
-            "3",
-            "--schedule",
-            "async",
-            "--workdir",
-            str(work),
-            "--checkpoint-every",
-            str(every),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=(tmp_path / "local-swarm.err").open("w"),
-        env=tagged_env(tag),
-    )
+    proc = start_async_swarm(cfg, work, tag, "--checkpoint-every", str(every))
     try:
         deadline = time.monotonic() + 240
         steps = 0
         while steps < 4 * every and time.monotonic() < deadline:
             time.sleep(0.5)
-            assert proc.poll() is None, (tmp_path / "local-swarm.err").read_text()[-3000:]
+            assert proc.poll() is None, work.with_suffix(".err").read_text()[-3000:]
             log = work / "logs" / "node-0.log"
             if log.exists():
                 done = log.read_text().rpartition("\n")[0]  # whole lines only: the node may be mid-write
