@@ -101,7 +101,7 @@ class Coordinator:
             raise
         self.metrics.joins.inc()
         self.pending[caller] = (stage, time.monotonic())
-        self.console.print(f"assigned peer {caller[-8:]} to stage {stage}", highlight=False)
+        self.console.print(f"assigned peer {caller[-8:]} ({req.device}) to stage {stage}", highlight=False)
         return JoinReply(
             stage=stage,
             config=self.cfg.model_dump(mode="json"),

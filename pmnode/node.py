@@ -451,7 +451,7 @@ class Node:
                 self.p2p,
                 coord,
                 JOIN_RPC,
-                JoinRequest(peer_id=self.peer_id, stage=self.opts.stage),
+                JoinRequest(peer_id=self.peer_id, stage=self.opts.stage, device=self.opts.device),
                 JoinReply,
                 timeout=self.opts.connect_timeout,
             )
