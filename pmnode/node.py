@@ -44,9 +44,8 @@ from pmnode.routing import HEARTBEAT_PERIOD, StageRecord, choose_peer
 from pmnode.runtime import StageWorker
 from pmnode.shaping import LinkShaper
 from pmnode.transport import TransportStats, request, serve
+from pmnode.validate import DATA_KEYS, check_activation
 from pmnode.wire import MessageHeader, WireError
-
-_DATA_KEYS = ("targets", "last_target")  # travel beside the codec's tensors, untouched, to the tail
 
 
 class NodeOptions(BaseModel):
@@ -196,8 +195,9 @@ class Node:
         self, header: MessageHeader, packet: Packet, caller: str
     ) -> tuple[MessageHeader, Packet]:
         mb, samples = header.micro_batch, int(header.meta.get("samples", 1))
+        self._check(packet, self.cfg.train.micro, samples)  # before anything reaches the model
         self.upstream[caller] = time.monotonic()
-        extra = {k: packet.tensors.pop(k) for k in _DATA_KEYS if k in packet.tensors}
+        extra = {k: packet.tensors.pop(k) for k in DATA_KEYS if k in packet.tensors}
         if self.worker.is_last:
             targets = self._targets(packet, extra)
             loss, grad = await self.compute(
@@ -218,7 +218,8 @@ class Node:
     async def _on_eval(
         self, header: MessageHeader, packet: Packet, caller: str
     ) -> tuple[MessageHeader, Packet]:
-        extra = {k: packet.tensors.pop(k) for k in _DATA_KEYS if k in packet.tensors}
+        self._check(packet, self.cfg.train.batch_size)  # evaluation sends whole batches
+        extra = {k: packet.tensors.pop(k) for k in DATA_KEYS if k in packet.tensors}
         if self.worker.is_last:
             loss = await self.compute(self.worker.evaluate, packet, None, self._targets(packet, extra))
             return self._header("ack", header.micro_batch, loss=loss), Packet({})
@@ -226,6 +227,17 @@ class Node:
         out.tensors.update(extra)
         reply, _ = await self._send("eval", self._header("activation", header.micro_batch), out)
         return self._header("ack", header.micro_batch, **reply.meta), Packet({})
+
+    def _check(self, packet: Packet, max_batch: int, samples: int | None = None) -> None:
+        cfg = self.cfg
+        check_activation(
+            packet,
+            self.worker.codec,
+            vocab_size=cfg.model.vocab_size,
+            max_batch=max_batch,
+            max_len=cfg.train.seq_len,
+            samples=samples,
+        )
 
     @staticmethod
     def _targets(packet: Packet, extra: dict[str, Tensor]) -> Tensor:
