@@ -115,7 +115,6 @@ class Node:
         self.started = time.monotonic()
         self.last_loss: float | None = None
         self.tokens_per_s = 0.0
-        self._last_wire = (time.monotonic(), 0)
         self.upstream: dict[str, float] = {}  # caller -> when it last sent us a micro-batch
         self.display = Display(console, opts.log_format)
         self.shaper = LinkShaper(opts.link_bandwidth, opts.link_latency)
@@ -382,24 +381,13 @@ class Node:
                 loss=self.last_loss,
                 heldout_loss=self.evals[-1][2] if self.evals else None,
                 tokens_per_s=self.tokens_per_s,
-                wire_bytes_per_s=self._wire_rate(),
+                wire_bytes_per_s=round(sum(self._io_rates()), 1),
                 device=self.opts.device,
                 time=time.time(),
             )
             await self._announce(rec)
             await self._refresh_downstream()
             await asyncio.sleep(HEARTBEAT_PERIOD)
-
-    def wire_bytes(self) -> int:
-        """Bytes of pmnode messages this node sent and received, in both roles."""
-        c, v = self.stats.summary(), self.server_stats.summary()
-        return c["bytes_sent"] + c["bytes_received"] + v["bytes_sent"] + v["bytes_received"]
-
-    def _wire_rate(self) -> float:
-        now, total = time.monotonic(), self.wire_bytes()
-        then, before = self._last_wire
-        self._last_wire = (now, total)
-        return round((total - before) / (now - then), 1) if now > then else 0.0
 
     def _io_rates(self) -> tuple[float, float]:
         """Bytes/s in and out over the last second or more, both roles together."""

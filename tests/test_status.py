@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
-from test_swarm import BIN, kill_tagged, leftovers, start_async_swarm, swarm_config
+from test_swarm import BIN, assert_no_leftovers, start_async_swarm, swarm_config
 
 from pmnode.status import HistoryPoint, SwarmStatus, thin
 
@@ -94,12 +94,7 @@ def live_swarm(tmp_path_factory: pytest.TempPathFactory, toy_corpus: Path) -> It
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    deadline = time.monotonic() + 10
-    while leftovers(tag) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    left = leftovers(tag)
-    kill_tagged(tag)
-    assert left == []
+    assert_no_leftovers(tag)
 
 
 def test_status_json(live_swarm: dict) -> None:

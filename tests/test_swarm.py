@@ -62,6 +62,16 @@ def start_async_swarm(cfg: Path, work: Path, tag: str, *extra: str) -> subproces
     )
 
 
+def assert_no_leftovers(tag: str) -> None:
+    """Everything the test started is gone within 10 s; whatever is not is killed before failing."""
+    deadline = time.monotonic() + 10
+    while leftovers(tag) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    left = leftovers(tag)
+    kill_tagged(tag)
+    assert left == []
+
+
 def swarm_config(tmp: Path, toy_corpus: Path, **overrides: dict) -> Path:
     cfg = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
     cfg["n_stages"] = 3
@@ -186,12 +196,7 @@ def test_async_trains_and_sigint_cleans_up(tmp_path: Path, toy_corpus: Path) -> 
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    deadline = time.monotonic() + 10
-    while leftovers(tag) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    left = leftovers(tag)
-    kill_tagged(tag)
-    assert left == []
+    assert_no_leftovers(tag)
 
 
 def _resume(work: Path, steps: int) -> subprocess.CompletedProcess:
