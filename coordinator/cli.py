@@ -45,17 +45,28 @@ def serve(
             max=65535,
         ),
     ] = None,
+    token_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="Use the join token in this file (mode 0600) instead of $PMNODE_JOIN_TOKEN or the one "
+            "kept in --state-dir; without any, a new token is made and shown once."
+        ),
+    ] = None,
 ) -> None:
     """Start the DHT bootstrap peer, hand out the run config and assign stages."""
     from coordinator.server import serve as run_server
+    from pmnode.auth import resolve_token
 
+    cfg = load_config(config)
+    token = resolve_token(token_file)
     run_server(
-        load_config(config),
+        cfg,
         host=host,
         port=port,
         state_dir=state_dir,
         console=Console(stderr=True),
         http_port=http_port,
+        token=token,
     )
 
 

@@ -16,17 +16,35 @@ from pathlib import Path
 from typing import Any
 
 from hivemind.p2p import P2P
+from hivemind.utils import get_dht_time
+from hivemind.utils.crypto import RSAPublicKey
 from rich.console import Console
 
 from coordinator.http import Metrics, StatusServer
+from pmnode.auth import (
+    AUTHORITY_FILE,
+    JOIN_TOKEN_ENV,
+    TOKEN_FILE,
+    SwarmValidator,
+    Verifier,
+    issue_cert,
+    load_or_create_key,
+    new_token,
+    public_bytes,
+    read_token_file,
+    sign_config,
+    token_matches,
+    write_secret,
+)
 from pmnode.config import RunConfig
 from pmnode.control import JOIN_RPC, JoinReply, JoinRequest, add_json_handler
 from pmnode.dht import run_until_signal, stage_records, start_dht
 from pmnode.errors import PmnodeError
-from pmnode.routing import HEARTBEAT_PERIOD, StageRecord, choose_stage
+from pmnode.routing import HEARTBEAT_PERIOD, StageRecord, choose_stage, config_key
 from pmnode.stages import build_subspace, split_layers
 from pmnode.status import STATUS_RPC, HistoryPoint, Replica, StageStatus, StatusRequest, SwarmStatus, thin
 
+CONFIG_TTL = 60.0  # seconds a published config record lives; republished every third of it
 PENDING_TTL = 15.0  # an assigned node that has not announced yet still counts for its stage this long
 
 
@@ -40,8 +58,10 @@ class Coordinator:
         state_dir: Path,
         console: Console,
         http_port: int | None = None,
+        token: str | None = None,
     ):
         self.cfg, self.host, self.port, self.state_dir, self.console = cfg, host, port, state_dir, console
+        self.token = token
         self.http_port = http_port
         self.metrics = Metrics()
         self.http: StatusServer | None = None
@@ -95,27 +115,74 @@ class Coordinator:
 
     async def _on_join(self, req: JoinRequest, caller: str) -> JoinReply:
         try:
+            if not token_matches(req.token, self.token):
+                self.console.print(f"refused peer {caller[-8:]}: wrong join token", highlight=False)
+                raise PmnodeError("wrong join token")
+            try:
+                RSAPublicKey.from_bytes(req.public_key.encode())
+            except Exception as e:
+                raise PmnodeError("the join request carries no valid RSA public key") from e
             stage = choose_stage(self._by_stage_with_pending(), self.cfg.n_stages, req.stage)
         except PmnodeError:
             self.metrics.refused.inc()
             raise
-        self.metrics.joins.inc()
-        self.pending[caller] = (stage, time.monotonic())
-        self.console.print(f"assigned peer {caller[-8:]} ({req.device}) to stage {stage}", highlight=False)
+        # `caller` is the peer id libp2p authenticated, so the certificate binds the key that made the call.
+        cert = issue_cert(self.authority, self.cfg.name, caller, stage, req.public_key)
+        if not req.renew:
+            self.metrics.joins.inc()
+            self.pending[caller] = (stage, time.monotonic())
+            self.console.print(
+                f"assigned peer {caller[-8:]} ({req.device}) to stage {stage}", highlight=False
+            )
         return JoinReply(
             stage=stage,
             config=self.cfg.model_dump(mode="json"),
             fingerprint=self.fingerprint,
-            step=self.global_step,
+            cert=cert,
+            authority=public_bytes(self.authority),
         )
+
+    def _setup_secrets(self) -> None:
+        """The authority key and the join token: created on the first start, kept in the state dir."""
+        self.authority = load_or_create_key(self.state_dir / AUTHORITY_FILE)
+        self.verifier = Verifier(self.cfg.name, public_bytes(self.authority))
+        path = self.state_dir / TOKEN_FILE
+        if self.token is not None:
+            write_secret(path, self.token.encode())
+        elif path.exists():
+            self.token = read_token_file(path)
+        else:
+            self.token = new_token()
+            write_secret(path, self.token.encode())
+            self.new_token = True
+
+    def _show_token(self) -> None:
+        """Once, when the token is made: the operator hands it to volunteers out of band."""
+        if getattr(self, "new_token", False):
+            self.console.print(
+                f"join token (shown once; kept in {self.state_dir / TOKEN_FILE}, mode 0600):", highlight=False
+            )
+            print(f"  {self.token}", flush=True)
+            self.console.print(
+                f"volunteers pass it as ${JOIN_TOKEN_ENV} or with --token-file PATH (mode 0600)",
+                highlight=False,
+            )
 
     def start(self) -> None:
         """Start the DHT outside any event loop: its forked child must keep default signal handling."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         (self.state_dir / "coordinator.json").unlink(missing_ok=True)  # stale until this run writes it
         self._load_state()
+        self._setup_secrets()
         self.dht = start_dht(
-            [], self.host, self.port, identity_path=self.state_dir / "identity.key", what="the coordinator"
+            [],
+            self.host,
+            self.port,
+            identity_path=self.state_dir / "identity.key",
+            what="the coordinator",
+            record_validators=[
+                SwarmValidator(self.cfg.name, self.cfg.n_stages, public_bytes(self.authority))
+            ],
         )
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -140,11 +207,17 @@ class Coordinator:
             )
             for m in maddrs:
                 print(f"  pmnode join --coordinator {m}", flush=True)
+            self._show_token()
             if self.http is not None:
                 self.console.print(f"status page: {info['http']}  (JSON at /status, Prometheus at /metrics)")
+            published = 0.0
             while not stop.is_set():
+                if time.monotonic() - published > CONFIG_TTL / 3:
+                    published = time.monotonic()
+                    await self._publish_config()
                 self.members = {
-                    s: await stage_records(dht, self.cfg.name, s) for s in range(self.cfg.n_stages)
+                    s: await stage_records(dht, self.cfg.name, s, self.verifier)
+                    for s in range(self.cfg.n_stages)
                 }
                 steps = [r.step for recs in self.members.values() for r in recs]
                 self.global_step = max([self.global_step, *steps])
@@ -158,6 +231,14 @@ class Coordinator:
             if self.http is not None:
                 self.http.close()
             dht.shutdown()
+
+    async def _publish_config(self) -> None:
+        """The run config in the DHT, signed: only this coordinator's key can write it."""
+        value = sign_config(self.cfg.model_dump(mode="json"), self.fingerprint, self.authority)
+        with contextlib.suppress(Exception):
+            await self.dht.store(
+                config_key(self.cfg.name), value, get_dht_time() + CONFIG_TTL, return_future=True
+            )
 
     def _head(self) -> StageRecord | None:
         """The head replica furthest along: it sees the loss (the tail's reply) and drives the data."""
@@ -229,9 +310,12 @@ def serve(
     state_dir: Path,
     console: Console,
     http_port: int | None = None,
+    token: str | None = None,
 ) -> None:
     """Run until SIGINT/SIGTERM."""
 
-    coord = Coordinator(cfg, host=host, port=port, state_dir=state_dir, console=console, http_port=http_port)
+    coord = Coordinator(
+        cfg, host=host, port=port, state_dir=state_dir, console=console, http_port=http_port, token=token
+    )
     coord.start()
     run_until_signal(coord.run)

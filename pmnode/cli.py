@@ -127,6 +127,13 @@ def join(
     link_bandwidth: BandwidthOpt = "unlimited",
     link_latency: LatencyOpt = "0ms",
     checkpoint_every: CheckpointEveryOpt = 0,
+    token_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="Read the run's join token from this file (mode 0600); default: $PMNODE_JOIN_TOKEN, or "
+            "the token kept beside --coordinator-file."
+        ),
+    ] = None,
 ) -> None:
     """Join a swarm: get a stage from the coordinator, build it, serve and train."""
 
@@ -142,9 +149,20 @@ def join(
         raise PmnodeError("--checkpoint-every needs --checkpoint-dir DIR")
     if resume and checkpoint_dir is None:
         raise PmnodeError("--resume needs --checkpoint-dir DIR, the directory the checkpoint is in")
+    from pmnode.auth import JOIN_TOKEN_ENV, TOKEN_FILE, resolve_token
+
+    token = resolve_token(
+        token_file, fallback=coordinator_file.parent / TOKEN_FILE if coordinator_file is not None else None
+    )
+    if token is None:
+        raise PmnodeError(
+            f"this node needs the run's join token: set ${JOIN_TOKEN_ENV} or pass --token-file PATH "
+            "(ask the operator; `coordinator serve` showed it once)"
+        )
     if coordinator_file is not None:
         coordinator = coordinator_from_file(coordinator_file, local=host.startswith("127."))
     opts = NodeOptions(
+        token=token,
         coordinator=coordinator,
         stage=stage,
         device=resolve_device(device),

@@ -168,6 +168,18 @@ class SwarmConfig(_Strict):
         60.0, gt=0, description="Seconds before a micro-batch's route is given up."
     )
     threads: int | None = Field(None, ge=1, description="torch threads per node; None keeps torch's default.")
+    peer_rate: float = Field(
+        1000.0, gt=0, description="Data calls per second one upstream peer may make; the excess is refused."
+    )
+    ban_after: int = Field(
+        20, ge=1, description="Rejected payloads from one peer within a minute that get it banned."
+    )
+    ban_seconds: float = Field(300.0, ge=0, description="How long a ban lasts.")
+    max_grad_ratio: float = Field(
+        100.0,
+        gt=1,
+        description="A boundary gradient whose norm exceeds this many times the running median is dropped.",
+    )
 
 
 class RunConfig(_Strict):

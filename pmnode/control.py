@@ -16,6 +16,7 @@ from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto import runtime_pb2
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from pmnode.auth import Cert
 from pmnode.errors import PmnodeError
 
 JOIN_RPC = "pmnode.coord.join"  # fixed name: a joining node does not know the run yet
@@ -34,6 +35,9 @@ class JoinRequest(BaseModel):
     peer_id: str
     stage: int | None = Field(None, description="The stage asked for; None lets the coordinator choose.")
     device: str = "cpu"
+    token: str = Field("", max_length=256, description="The run's join token.", repr=False)
+    public_key: str = Field("", max_length=2048, description="The node's record-signing RSA key (OpenSSH).")
+    renew: bool = Field(False, description="Renewing the certificate of a stage already served.")
 
 
 class JoinReply(BaseModel):
@@ -42,7 +46,16 @@ class JoinReply(BaseModel):
     stage: int
     config: dict[str, Any]
     fingerprint: str | None
-    step: int = 0
+    cert: Cert
+    authority: str = Field(description="The coordinator's certificate-signing public key (OpenSSH).")
+
+
+class Hello(BaseModel):
+    """Shown once to each peer before data calls, both ways: the caller's and the callee's certificate."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cert: Cert
 
 
 class Envelope(BaseModel):

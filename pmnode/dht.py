@@ -9,8 +9,11 @@ from pathlib import Path
 from typing import TypeVar
 
 import hivemind
+from hivemind.dht.validation import RecordValidatorBase
 from hivemind.utils import get_dht_time
+from hivemind.utils.crypto import RSAPrivateKey
 
+from pmnode.auth import Cert, Verifier, open_record, sign_record
 from pmnode.errors import PmnodeError
 from pmnode.routing import RECORD_TTL, StageRecord, live, stage_key
 
@@ -31,6 +34,7 @@ def start_dht(
     announce: list[str] | None = None,
     identity_path: Path | None = None,
     what: str = "this node",
+    record_validators: list[RecordValidatorBase] | None = None,
 ) -> hivemind.DHT:
     """Start a DHT peer (and its p2pd). Call it before any event loop installs signal handlers."""
     try:
@@ -40,6 +44,7 @@ def start_dht(
             host_maddrs=[f"/ip4/{host}/tcp/{port}"],
             announce_maddrs=announce or None,
             identity_path=str(identity_path) if identity_path else None,
+            record_validators=record_validators or (),
             **p2p_options(host),
         )
     except Exception as e:
@@ -48,25 +53,27 @@ def start_dht(
         raise PmnodeError(f"could not start {what} on {host}:{port}: {e}; is the port in use?") from e
 
 
-async def stage_records(dht: hivemind.DHT, run: str, stage: int) -> list[StageRecord]:
-    """The live records announced under a stage; malformed ones are skipped, never trusted."""
+async def stage_records(dht: hivemind.DHT, run: str, stage: int, verifier: Verifier) -> list[StageRecord]:
+    """The live records announced under a stage. A record that is malformed, unsigned, signed by a
+    non-member or for another stage is skipped, never trusted (the DHT's validator refuses them
+    too; this is the reader's own check)."""
     found = await dht.get(stage_key(run, stage), latest=True, return_future=True)
     recs = []
     if found is not None and isinstance(found.value, dict):
-        for sub in found.value.values():
+        for subkey, sub in found.value.items():
             try:
-                recs.append(StageRecord.model_validate(sub.value))
+                recs.append(open_record(sub.value, verifier, stage, subkey))
             except Exception:
                 continue
     return live(recs)
 
 
-async def announce(dht: hivemind.DHT, run: str, rec: StageRecord) -> None:
+async def announce(dht: hivemind.DHT, run: str, rec: StageRecord, cert: Cert, key: RSAPrivateKey) -> None:
     await dht.store(
         stage_key(run, rec.stage),
         subkey=rec.peer_id,
-        value=rec.model_dump(),
-        expiration_time=get_dht_time() + RECORD_TTL,
+        value=sign_record(rec, cert, key),
+        expiration_time=min(get_dht_time(), rec.time) + RECORD_TTL,
         return_future=True,
     )
 

@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from pmnode.auth import JOIN_TOKEN_ENV, TOKEN_FILE, new_token, read_token_file
 from pmnode.config import RunConfig
 from pmnode.errors import PmnodeError
 
@@ -43,11 +44,16 @@ class SwarmSummary(BaseModel):
 
 
 class Proc:
-    def __init__(self, name: str, args: list[str], log: Path):
+    def __init__(self, name: str, args: list[str], log: Path, env: dict[str, str] | None = None):
         self.name, self.log = name, log
         self.file = log.open("w")
         self.p = subprocess.Popen(
-            args, stdout=self.file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            args,
+            stdout=self.file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env=env,
         )
 
     def signal(self, sig: int) -> None:
@@ -76,6 +82,12 @@ def _wait_file(path: Path, proc: Proc, timeout: float) -> dict:
             raise PmnodeError(f"{proc.name} exited early; see {proc.log}:\n{proc.log.read_text()[-2000:]}")
         time.sleep(0.2)
     raise PmnodeError(f"{proc.name} did not come up within {timeout:.0f}s; see {proc.log}")
+
+
+def _local_token(state_dir: Path) -> str:
+    """The token a resumed local swarm used before, else a fresh one."""
+    path = state_dir / TOKEN_FILE
+    return read_token_file(path) if path.exists() else new_token()
 
 
 def _progress(cfg: RunConfig, line: dict, rates: dict, stages: int) -> Table:
@@ -135,6 +147,8 @@ def run_local_swarm(
     cfg_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     _interrupt_on_signals()
     procs: list[Proc] = []
+    # The join token travels in the environment: other users can read a process's arguments.
+    env = {**os.environ, JOIN_TOKEN_ENV: _local_token(workdir / "coordinator")}
     # A resumed run keeps WORKDIR: the last run's address file must not be read as this one's.
     (workdir / "coordinator" / "coordinator.json").unlink(missing_ok=True)
     try:
@@ -150,6 +164,7 @@ def run_local_swarm(
                 *(["--http-port", str(http_port)] if http_port is not None else []),
             ],
             workdir / "logs" / "coordinator.log",
+            env,
         )
         procs.append(coord)
         info = _wait_file(workdir / "coordinator" / "coordinator.json", coord, startup_timeout)
@@ -177,6 +192,7 @@ def run_local_swarm(
                     *(node_args or []),
                 ],
                 workdir / "logs" / f"node-{s}.log",
+                env,
             )
             procs.append(nodes[s])
         head = nodes[0]

@@ -28,14 +28,33 @@ from typing import Any
 
 import torch
 from hivemind.p2p import P2P
-from pydantic import BaseModel, ConfigDict
+from hivemind.utils.crypto import RSAPrivateKey
+from pydantic import BaseModel, ConfigDict, SecretStr
 from rich.console import Console
 from torch import Tensor
 
 from pmnode import checkpoint
+from pmnode.auth import (
+    CERT_TTL,
+    JOIN_TOKEN_ENV,
+    AuthError,
+    Cert,
+    Guard,
+    SwarmValidator,
+    Verifier,
+    public_bytes,
+)
 from pmnode.codecs import Packet
 from pmnode.config import RunConfig
-from pmnode.control import JOIN_RPC, ControlError, JoinReply, JoinRequest, add_json_handler, call_json
+from pmnode.control import (
+    JOIN_RPC,
+    ControlError,
+    Hello,
+    JoinReply,
+    JoinRequest,
+    add_json_handler,
+    call_json,
+)
 from pmnode.data import TokenDataset
 from pmnode.dht import announce, stage_records, start_dht
 from pmnode.errors import PmnodeError
@@ -44,7 +63,14 @@ from pmnode.routing import HEARTBEAT_PERIOD, StageRecord, choose_peer
 from pmnode.runtime import StageWorker
 from pmnode.shaping import LinkShaper
 from pmnode.transport import TransportStats, request, serve
-from pmnode.validate import DATA_KEYS, check_activation
+from pmnode.validate import (
+    DATA_KEYS,
+    GradScale,
+    check_activation,
+    check_eval_batch,
+    check_gradient,
+    check_micro_batch,
+)
 from pmnode.wire import MessageHeader, WireError
 
 
@@ -67,6 +93,7 @@ class NodeOptions(BaseModel):
     log_format: LogFormat = "text"
     link_bandwidth: float | None = None  # bytes/s on each emulated outgoing link; None: unshaped
     link_latency: float = 0.0  # seconds, one way
+    token: SecretStr | None = None  # the run's join token; never printed
 
 
 class Done(BaseModel):
@@ -119,6 +146,11 @@ class Node:
         self.display = Display(console, opts.log_format)
         self.shaper = LinkShaper(opts.link_bandwidth, opts.link_latency)
         self._io = (time.monotonic(), 0, 0, 0.0, 0.0)  # when, bytes in, bytes out, rate in, rate out
+        self.key = RSAPrivateKey()  # signs this node's DHT records; the coordinator certifies its public half
+        self.greeted: dict[str, Cert] = {}  # downstream peer -> its verified certificate
+        self.seen: dict[str, int] = {}  # micro-batch ids this stage has taken, by step: replays are refused
+        self.grad_scale = GradScale()
+        self.dropped_gradients = 0
 
     # ---- plumbing --------------------------------------------------------------------------------------
     async def compute(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -138,7 +170,9 @@ class Node:
 
     async def _refresh_downstream(self) -> None:
         if not self.worker.is_last:
-            self.downstream = await stage_records(self.dht, self.cfg.name, self.worker.index + 1)
+            self.downstream = await stage_records(
+                self.dht, self.cfg.name, self.worker.index + 1, self.verifier
+            )
 
     async def _send(self, rpc: str, header: MessageHeader, packet: Packet) -> tuple[MessageHeader, Packet]:
         """Send to a downstream replica; on failure try another until request_timeout runs out."""
@@ -154,6 +188,7 @@ class Node:
                 await self._refresh_downstream()
                 continue
             try:
+                await self._greet(peer.peer_id)
                 return await request(
                     self.p2p,
                     peer.peer_id,
@@ -165,10 +200,26 @@ class Node:
                     shaper=self.shaper,
                 )
             except Exception as e:  # any failure of this route: mark the peer, try another
+                if "unauthorized" in str(e) and self.greeted.pop(peer.peer_id, None) is not None:
+                    continue  # it forgot us (restarted, or our certificate was renewed): greet again
                 self.failed[peer.peer_id] = time.monotonic()
                 self.console.print(f"stage {self.worker.index}: {rpc} to {peer.peer_id[-8:]} failed: {e}")
                 if time.monotonic() > deadline:
                     raise PmnodeError(f"micro-batch {header.micro_batch} failed: {e}") from e
+
+    async def _greet(self, peer: str) -> None:
+        """Show our certificate to a downstream peer once, and check its own: it must serve the next stage."""
+        if peer in self.greeted:
+            return
+        reply = await call_json(
+            self.p2p, peer, f"{self.cfg.name}.hello", Hello(cert=self.cert), Hello, timeout=10.0
+        )
+        self.verifier.check_cert(reply.cert, peer_id=peer, stage=self.worker.index + 1)
+        self.greeted[peer] = reply.cert
+
+    async def _on_hello(self, req: Hello, caller: str) -> Hello:
+        self.guard.hello(req.cert, caller)  # AuthError -> an error reply, counted, a strike
+        return Hello(cert=self.cert)
 
     def _then_step(self, result: Any) -> Any:
         """Step if this backward completed the batch. Called in the same compute job as the backward,
@@ -193,8 +244,21 @@ class Node:
     async def _on_forward(
         self, header: MessageHeader, packet: Packet, caller: str
     ) -> tuple[MessageHeader, Packet]:
-        mb, samples = header.micro_batch, int(header.meta.get("samples", 1))
-        self._check(packet, self.cfg.train.micro, samples)  # before anything reaches the model
+        mb, samples = header.micro_batch, header.meta.get("samples", 1)
+        if not isinstance(samples, int):
+            raise WireError("bad payload", "samples is not an integer")
+        t = self.cfg.train
+        step = check_micro_batch(
+            header,
+            run=self.cfg.name,
+            from_stage=self.worker.index - 1,
+            n_micro=t.batch_size // t.micro,
+            step=self.worker.step_count,
+            window=self.cfg.swarm.max_inflight // max(t.batch_size // t.micro, 1) + 2,
+            seen=self.seen,
+        )
+        self._check(packet, t.micro, samples)  # before anything reaches the model
+        self._remember(mb, step)
         self.upstream[caller] = time.monotonic()
         extra = {k: packet.tensors.pop(k) for k in DATA_KEYS if k in packet.tensors}
         if self.worker.is_last:
@@ -205,9 +269,11 @@ class Node:
             self.last_loss = loss
             return self._header("gradient", mb, loss=loss), grad
         out = await self.compute(self.worker.forward, mb, packet, None, samples)
+        shape = self._shape(out)
         out.tensors.update(extra)
         try:
             reply, grad = await self._send("forward", self._header("activation", mb, **header.meta), out)
+            self._check_gradient(grad, shape)
         except BaseException:
             await self.compute(self.worker.abandon, mb)
             raise
@@ -217,6 +283,9 @@ class Node:
     async def _on_eval(
         self, header: MessageHeader, packet: Packet, caller: str
     ) -> tuple[MessageHeader, Packet]:
+        check_eval_batch(
+            header, run=self.cfg.name, from_stage=self.worker.index - 1, n_batches=self.cfg.train.eval_batches
+        )
         self._check(packet, self.cfg.train.batch_size)  # evaluation sends whole batches
         extra = {k: packet.tensors.pop(k) for k in DATA_KEYS if k in packet.tensors}
         if self.worker.is_last:
@@ -238,6 +307,25 @@ class Node:
             samples=samples,
         )
 
+    def _remember(self, mb: str, step: int) -> None:
+        self.seen[mb] = step
+        if len(self.seen) > 4 * self.cfg.swarm.max_inflight + 64:  # ids far behind can't pass the window
+            oldest = self.worker.step_count - self.cfg.swarm.max_inflight - 4
+            self.seen = {k: v for k, v in self.seen.items() if v >= oldest}
+
+    def _shape(self, packet: Packet) -> tuple[int, int]:
+        main = next(v for k, v in packet.tensors.items() if k != "tokens")
+        return int(main.shape[0]), int(main.shape[1])
+
+    def _check_gradient(self, grad: Packet, shape: tuple[int, int]) -> None:
+        """A gradient from downstream is checked before backward; a bad one is dropped, never applied."""
+        try:
+            check_gradient(grad, self.worker.codec, shape, self.grad_scale)
+        except WireError as e:
+            self.dropped_gradients += 1
+            self.stats.error("forward", e.reason)
+            raise
+
     @staticmethod
     def _targets(packet: Packet, extra: dict[str, Tensor]) -> Tensor:
         if "targets" in extra:
@@ -247,6 +335,9 @@ class Node:
         raise WireError("micro-batch carries no targets")
 
     async def _on_done(self, req: Done, caller: str) -> Ack:
+        reason = self.guard.admit(caller)
+        if reason is not None:
+            raise AuthError(reason, "only the previous stage may end the run here")
         self.done.set()
         return Ack()
 
@@ -261,9 +352,11 @@ class Node:
 
     async def _train_microbatch(self, mb: str, x: Tensor, y: Tensor) -> float:
         pkt = await self.compute(self.worker.forward, mb, None, x, x.shape[0])
+        shape = self._shape(pkt)
         self._attach_targets(pkt, y)
         try:
             reply, grad = await self._send("forward", self._header("activation", mb, samples=x.shape[0]), pkt)
+            self._check_gradient(grad, shape)
         except BaseException:
             await self.compute(self.worker.abandon, mb)
             raise
@@ -387,7 +480,19 @@ class Node:
             )
             await self._announce(rec)
             await self._refresh_downstream()
+            if self.cert.expires - time.time() < CERT_TTL / 2:
+                await self._renew()
             await asyncio.sleep(HEARTBEAT_PERIOD)
+
+    async def _renew(self) -> None:
+        """A fresh certificate before the old one runs out; peers see it at our next hello."""
+        try:
+            reply = await self._join(renew=True)
+        except PmnodeError as e:  # the coordinator may be restarting: the old one is still valid a while
+            self.console.print(f"could not renew the membership certificate yet: {e}")
+            return
+        self.cert = reply.cert
+        self.greeted.clear()
 
     def _io_rates(self) -> tuple[float, float]:
         """Bytes/s in and out over the last second or more, both roles together."""
@@ -442,21 +547,38 @@ class Node:
         return round(self.samples_applied / elapsed, 3) if elapsed > 0 else 0.0
 
     async def _announce(self, rec: StageRecord) -> None:
-        await announce(self.dht, self.cfg.name, rec)
+        await announce(self.dht, self.cfg.name, rec, self.cert, self.key)
 
-    async def _join(self) -> JoinReply:
+    async def _join(self, renew: bool = False) -> JoinReply:
         coord = coordinator_peer(self.opts.coordinator)
+        token = self.opts.token.get_secret_value() if self.opts.token else ""
+        req = JoinRequest(
+            peer_id=self.peer_id,
+            stage=self.worker.index if renew else self.opts.stage,
+            device=self.opts.device,
+            token=token,
+            public_key=public_bytes(self.key),
+            renew=renew,
+        )
         try:
-            return await call_json(
-                self.p2p,
-                coord,
-                JOIN_RPC,
-                JoinRequest(peer_id=self.peer_id, stage=self.opts.stage, device=self.opts.device),
-                JoinReply,
-                timeout=self.opts.connect_timeout,
+            reply = await call_json(
+                self.p2p, coord, JOIN_RPC, req, JoinReply, timeout=self.opts.connect_timeout
             )
         except ControlError as e:
+            if "join token" in str(e):
+                how = "is wrong" if token else "is missing"
+                raise PmnodeError(
+                    f"the coordinator refused to admit this node: the join token {how}; set "
+                    f"${JOIN_TOKEN_ENV} or pass --token-file PATH with the token `coordinator serve` showed"
+                ) from e
             raise PmnodeError(f"coordinator refused or did not answer: {e}") from e
+        # The reply came over libp2p's channel to the coordinator's peer id, so its key can be trusted.
+        verifier = Verifier(reply.cert.run, reply.authority)
+        try:
+            verifier.check_cert(reply.cert, peer_id=self.peer_id, stage=reply.stage)
+        except AuthError as e:
+            raise PmnodeError(f"the coordinator sent an unusable certificate: {e}") from e
+        return reply
 
     def start(self) -> None:
         """Start the DHT outside any event loop (see start_dht)."""
@@ -471,6 +593,9 @@ class Node:
             self.peer_id = self.dht.peer_id.to_base58()
             reply = await self._join()
             cfg = RunConfig.model_validate(reply.config)
+            self.cert, self.verifier = reply.cert, Verifier(cfg.name, reply.authority)
+            # From now on this DHT peer refuses run records that are not signed by members.
+            self.dht.add_validators([SwarmValidator(cfg.name, cfg.n_stages, reply.authority)])
             if cfg.n_stages < 2:
                 raise PmnodeError("this run has one stage: a swarm needs two or more; use `pmnode train`")
             if o.data:
@@ -499,10 +624,26 @@ class Node:
                 man = checkpoint.load(self.worker, o.checkpoint_dir)
                 self.samples_applied = man.samples
                 self.console.print(f"resumed stage {reply.stage} from step {man.step}")
-            await serve(
-                self.p2p, f"{cfg.name}.forward", self._on_forward, self.server_stats, shaper=self.shaper
+            sw = cfg.swarm
+            self.grad_scale = GradScale(sw.max_grad_ratio)
+            self.guard = Guard(
+                self.verifier,
+                reply.stage,
+                rate=sw.peer_rate,
+                burst=max(64, 2 * sw.max_inflight),
+                ban_after=sw.ban_after,
+                ban_seconds=sw.ban_seconds,
             )
-            await serve(self.p2p, f"{cfg.name}.eval", self._on_eval, self.server_stats, shaper=self.shaper)
+            await add_json_handler(self.p2p, f"{cfg.name}.hello", Hello, self._on_hello)
+            for rpc, handler in (("forward", self._on_forward), ("eval", self._on_eval)):
+                await serve(
+                    self.p2p,
+                    f"{cfg.name}.{rpc}",
+                    handler,
+                    self.server_stats,
+                    shaper=self.shaper,
+                    guard=self.guard,
+                )
             await add_json_handler(self.p2p, f"{cfg.name}.done", Done, self._on_done)
             r = self.worker.stage.layer_range
             self.console.print(
@@ -567,6 +708,9 @@ class Node:
             "samples_applied": self.samples_applied,
             "client": _counters(self.stats),
             "server": _counters(self.server_stats),
+            "rejected": dict(self.guard.rejected) if hasattr(self, "guard") else {},
+            "bans": self.guard.bans if hasattr(self, "guard") else 0,
+            "dropped_gradients": self.dropped_gradients,
         }
         if self.worker.is_first and self.losses:
             tokens = getattr(self, "tokens", 0)

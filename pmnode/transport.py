@@ -31,7 +31,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from hivemind.p2p import P2P, P2PContext, P2PDaemonError, P2PHandlerError, PeerID
 from hivemind.proto import runtime_pb2
@@ -49,6 +49,13 @@ RPCS = ("forward", "backward")
 
 Reply = tuple[MessageHeader | Mapping[str, Any], Packet]
 Handler = Callable[[MessageHeader, Packet, str], Awaitable[Reply]]
+
+
+class Gate(Protocol):
+    """Admission before a byte is decoded (see pmnode.auth.Guard)."""
+
+    def admit(self, caller: str) -> str | None: ...  # None, or why the caller is refused
+    def strike(self, caller: str) -> bool: ...  # the caller sent something bad
 
 
 class TransportError(PmnodeError):
@@ -129,8 +136,12 @@ async def serve(
     stats: TransportStats,
     limits: WireLimits | None = None,
     shaper: LinkShaper | None = None,
+    guard: Gate | None = None,
 ) -> None:
     """Register one RPC `name` (unary, .stream, .fetch) answering with `handler`.
+
+    With a `guard`, a caller it refuses gets an error reply before anything is decoded, and every
+    message that fails decoding or the handler's checks (a WireError) is a strike against its sender.
 
     With a `shaper`, each reply waits for its emulated trip over the link back to the caller.
 
@@ -141,18 +152,31 @@ async def serve(
     me = p2p.peer_id.to_base58()
     parked: dict[str, tuple[float, bytes]] = {}
 
+    def refuse(caller: str) -> bytes | None:
+        reason = guard.admit(caller) if guard is not None else None
+        if reason is None:
+            return None
+        stats.error(key, reason)
+        return error_message(reason, sender=me)
+
     async def process(data: bytes, caller: str) -> bytes:
         stats.count(key, data, sent=False)
         header = None
         try:
-            header, packet = decode(data, limits)
-            reply_header, reply = await handler(header, packet, caller)
-            if not isinstance(reply_header, MessageHeader):
-                base = header.model_dump(include={"run", "micro_batch", "stage", "step"})
-                reply_header = {**base, "sender": me, **reply_header}
-            out = encode(reply_header, reply)
+            refused = refuse(caller)
+            if refused is not None:
+                out = refused
+            else:
+                header, packet = decode(data, limits)
+                reply_header, reply = await handler(header, packet, caller)
+                if not isinstance(reply_header, MessageHeader):
+                    base = header.model_dump(include={"run", "micro_batch", "stage", "step"})
+                    reply_header = {**base, "sender": me, **reply_header}
+                out = encode(reply_header, reply)
         except WireError as e:
             stats.error(key, e.reason)
+            if guard is not None:
+                guard.strike(caller)
             out = error_message(str(e), header, me)
         except Exception as e:  # the handler's bug or refusal must not take the server down
             stats.error(key, f"handler: {type(e).__name__}")
@@ -189,12 +213,19 @@ async def serve(
         requests: AsyncIterator[runtime_pb2.ExpertRequest], ctx: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         parts, size = [], 0
+        refused = refuse(ctx.remote_id.to_base58())
+        if refused is not None:  # don't even read the upload
+            for resp in replies(refused):
+                yield resp
+            return
         async for req in requests:
             stats.proto_bytes_received[key] += req.ByteSize()
             parts.append(req.metadata)
             size += len(req.metadata)
             if size > limits.max_bytes:  # stop buffering at once: the sender may be hostile
                 stats.error(key, "too large")
+                if guard is not None:
+                    guard.strike(ctx.remote_id.to_base58())
                 out = error_message(f"too large: stream exceeds {limits.max_bytes} bytes", sender=me)
                 break
         else:

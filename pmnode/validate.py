@@ -9,10 +9,15 @@ stage's own codec, so every codec is covered without a table to keep in sync.
 
 from __future__ import annotations
 
+import math
+import statistics
+from collections import deque
+from collections.abc import Mapping
+
 import torch
 
 from pmnode.codecs import Codec, Packet
-from pmnode.wire import WireError
+from pmnode.wire import MessageHeader, WireError
 
 DATA_KEYS = ("targets", "last_target")  # travel beside the codec's tensors, untouched, to the tail
 
@@ -58,3 +63,88 @@ def check_activation(
             lo, hi = int(t[k].min()), int(t[k].max())
             if lo < 0 or hi >= vocab_size:
                 raise WireError("bad payload", f"{k} span {lo}..{hi}, outside 0..{vocab_size - 1}")
+    _check_indices(t, dim)
+
+
+def _check_indices(t: dict[str, torch.Tensor], dim: int) -> None:
+    """top-k packets carry coordinate indices: each must name a coordinate."""
+    if "i" in t and t["i"].numel():
+        lo, hi = int(t["i"].min()), int(t["i"].max())
+        if lo < 0 or hi >= dim:
+            raise WireError("bad payload", f"indices span {lo}..{hi}, outside 0..{dim - 1}")
+
+
+class GradScale:
+    """The running scale of the boundary gradients a stage has accepted (median of recent norms).
+
+    A gradient far above it, `ratio` times the median, is dropped: a faulty or hostile downstream peer
+    must not be able to blow up the weights with one reply.
+    """
+
+    def __init__(self, ratio: float = 100.0, warmup: int = 8, keep: int = 64):
+        self.ratio, self.warmup = ratio, warmup
+        self.norms: deque[float] = deque(maxlen=keep)
+
+    def check(self, norm: float) -> None:
+        if not math.isfinite(norm):
+            raise WireError("bad gradient", f"norm {norm}")
+        if len(self.norms) >= self.warmup:
+            median = statistics.median(self.norms)
+            if median > 0 and norm > self.ratio * median:
+                raise WireError(
+                    "bad gradient", f"norm {norm:.3g} is over {self.ratio:g}x the median {median:.3g}"
+                )
+        self.norms.append(norm)
+
+
+def check_gradient(packet: Packet, codec: Codec, shape: tuple[int, int], scale: GradScale) -> None:
+    """Raise WireError unless `packet` is the gradient of an activation of `shape` (batch, tokens)."""
+    b, n = shape
+    dim = codec.bwd.dim  # type: ignore[attr-defined]
+    want = _layout(codec.pack_gradient(torch.zeros(b, n, dim)))
+    got = _layout(packet)
+    if got != want:
+        raise WireError("bad gradient", f"tensors {got} where the codec sends {want}")
+    _check_indices(packet.tensors, dim)
+    g = codec.unpack_gradient(packet)
+    scale.check(float(torch.linalg.vector_norm(g)))
+
+
+def check_micro_batch(
+    header: MessageHeader,
+    *,
+    run: str,
+    from_stage: int,
+    n_micro: int,
+    step: int,
+    window: int,
+    seen: Mapping[str, int],
+) -> int:
+    """The step of a training micro-batch id "STEP:J" this stage may take now; WireError otherwise.
+
+    Ids are known in advance (the head numbers them by step and slot), so an id outside the steps
+    a pipeline can have in flight, or one this stage has already taken (a replay), is refused.
+    """
+    if header.kind != "activation" or header.run != run or header.stage != from_stage:
+        raise WireError(
+            "bad payload", f"a {header.kind} of run {header.run!r} from stage {header.stage} is not for us"
+        )
+    try:
+        s, j = (int(v) for v in header.micro_batch.split(":"))
+    except ValueError:
+        raise WireError("unknown micro-batch", repr(header.micro_batch[:40])) from None
+    if not (0 <= j < n_micro and abs(s - step) <= window):
+        raise WireError("unknown micro-batch", f"{header.micro_batch!r} while this stage is at step {step}")
+    if header.micro_batch in seen:
+        raise WireError("replay", f"micro-batch {header.micro_batch} was already taken")
+    return s
+
+
+def check_eval_batch(header: MessageHeader, *, run: str, from_stage: int, n_batches: int) -> None:
+    if header.kind != "activation" or header.run != run or header.stage != from_stage:
+        raise WireError(
+            "bad payload", f"a {header.kind} of run {header.run!r} from stage {header.stage} is not for us"
+        )
+    name, _, i = header.micro_batch.partition(":")
+    if name != "eval" or not i.isdigit() or int(i) >= n_batches:
+        raise WireError("unknown micro-batch", repr(header.micro_batch[:40]))
