@@ -150,6 +150,11 @@ def join(
     if resume and checkpoint_dir is None:
         raise PmnodeError("--resume needs --checkpoint-dir DIR, the directory the checkpoint is in")
     from pmnode.auth import JOIN_TOKEN_ENV, TOKEN_FILE, resolve_token
+    from pmnode.data import corpus_files
+
+    device = resolve_device(device)
+    if data is not None:
+        corpus_files(data)  # a wrong path fails here, not after joining the swarm
 
     token = resolve_token(
         token_file, fallback=coordinator_file.parent / TOKEN_FILE if coordinator_file is not None else None
@@ -165,7 +170,7 @@ def join(
         token=token,
         coordinator=coordinator,
         stage=stage,
-        device=resolve_device(device),
+        device=device,
         host=host,
         port=port,
         announce=announce or [],

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
+import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
@@ -37,6 +39,8 @@ def start_dht(
     record_validators: list[RecordValidatorBase] | None = None,
 ) -> hivemind.DHT:
     """Start a DHT peer (and its p2pd). Call it before any event loop installs signal handlers."""
+    if port:
+        _check_port(host, port, what)
     try:
         return hivemind.DHT(
             initial_peers=initial_peers or None,
@@ -48,9 +52,25 @@ def start_dht(
             **p2p_options(host),
         )
     except Exception as e:
+        why = re.sub(r"^.*\d\d:\d\d:\d\d ", "", str(e).strip().splitlines()[-1])  # p2pd's timestamp
         if initial_peers:
-            raise PmnodeError(f"could not reach the coordinator at {initial_peers[0]}: {e}") from e
-        raise PmnodeError(f"could not start {what} on {host}:{port}: {e}; is the port in use?") from e
+            raise PmnodeError(
+                f"could not reach the coordinator at {initial_peers[0]} ({why}); check the address and "
+                "that `coordinator serve` is running and reachable from here"
+            ) from e
+        raise PmnodeError(f"could not start {what} on {host}:{port}: {why}") from e
+
+
+def _check_port(host: str, port: int, what: str) -> None:
+    """A clear line for a taken port, before p2pd fails on it with a less clear one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as p2pd binds: TIME_WAIT is no conflict
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            raise PmnodeError(
+                f"cannot start {what} on {host}:{port}: {e.strerror or e}; pick another --port, or 0 for any"
+            ) from e
 
 
 async def stage_records(dht: hivemind.DHT, run: str, stage: int, verifier: Verifier) -> list[StageRecord]:

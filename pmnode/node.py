@@ -71,7 +71,7 @@ from pmnode.validate import (
     check_gradient,
     check_micro_batch,
 )
-from pmnode.wire import MessageHeader, WireError
+from pmnode.wire import MessageHeader, WireError, WireLimits
 
 
 class NodeOptions(BaseModel):
@@ -635,12 +635,19 @@ class Node:
                 ban_seconds=sw.ban_seconds,
             )
             await add_json_handler(self.p2p, f"{cfg.name}.hello", Hello, self._on_hello)
+            # No honest message is larger than a whole batch of dense fp32 activations: refuse beyond
+            # that before buffering it.
+            t = cfg.train
+            limits = WireLimits(
+                max_bytes=max(2**20, 2 * t.batch_size * t.seq_len * (4 * cfg.model.d_model + 16))
+            )
             for rpc, handler in (("forward", self._on_forward), ("eval", self._on_eval)):
                 await serve(
                     self.p2p,
                     f"{cfg.name}.{rpc}",
                     handler,
                     self.server_stats,
+                    limits=limits,
                     shaper=self.shaper,
                     guard=self.guard,
                 )

@@ -232,3 +232,46 @@ def test_oversized_stream_is_cut_off() -> None:
 
 def test_no_p2pd_left_behind() -> None:
     assert _p2pd_children() == []
+
+
+def test_guard_refuses_before_decoding_and_bans_garbage() -> None:
+    from hivemind.utils.crypto import RSAPrivateKey
+
+    from pmnode.auth import Guard, Verifier, issue_cert, public_bytes
+
+    authority = RSAPrivateKey()
+    guard = Guard(
+        Verifier("test-run", public_bytes(authority)),
+        stage=1,
+        rate=1e6,
+        burst=100,
+        ban_after=3,
+        ban_seconds=60,
+    )
+    good = encode(_header(), Packet({"v": torch.randn(2, 3)}))
+    got: list[str] = []
+
+    async def scenario(a: P2P, b: P2P, srv: TransportStats, cli: TransportStats) -> None:
+        handled: list[str] = []
+
+        async def handler(header: MessageHeader, packet: Packet, peer: str) -> tuple[dict, Packet]:
+            handled.append(header.micro_batch)
+            return {"kind": "gradient"}, Packet({})
+
+        await serve(a, "test-run.guarded", handler, srv, guard=guard)
+
+        async def send(data: bytes) -> str:
+            header, _ = decode(await call(b, a.peer_id, "test-run.guarded", data, timeout=10, stats=cli))
+            return str(header.meta.get("reason", header.kind))
+
+        got.append(await send(good))  # not a member yet
+        me = b.peer_id.to_base58()
+        guard.hello(issue_cert(authority, "test-run", me, 0, public_bytes(authority)), me)
+        got.append(await send(good))
+        got.extend([(await send(b"\x00garbage")).split(":")[0] for _ in range(3)])
+        got.append(await send(good))  # banned now: even a good message is refused
+        assert handled == ["0:0"]
+
+    srv, _ = _run(scenario)
+    assert got == ["unauthorized", "gradient", *["bad header length"] * 3, "banned"]
+    assert srv.error_reasons["unauthorized"] == 1 and srv.error_reasons["banned"] == 1 and guard.bans == 1
