@@ -248,6 +248,7 @@ class Node:
         if not isinstance(samples, int):
             raise WireError("bad payload", "samples is not an integer")
         t = self.cfg.train
+        self._check(packet, t.micro, samples)  # the layout first: it needs no state
         step = check_micro_batch(
             header,
             run=self.cfg.name,
@@ -257,7 +258,6 @@ class Node:
             window=self.cfg.swarm.max_inflight // max(t.batch_size // t.micro, 1) + 2,
             seen=self.seen,
         )
-        self._check(packet, t.micro, samples)  # before anything reaches the model
         self._remember(mb, step)
         self.upstream[caller] = time.monotonic()
         extra = {k: packet.tensors.pop(k) for k in DATA_KEYS if k in packet.tensors}

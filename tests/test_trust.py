@@ -141,8 +141,8 @@ def payloads(cfg_path: Path, run: str, step: int, rng: random.Random) -> list[tu
     for i in range(100):  # ids the stage can't be expecting
         mb = ["garbage", "-1:0", "999999:0", f"{step}:99", "eval:0", "1:2:3", ""][i % 7]
         out.append(("unknown id", msg(good(), mb=mb)))
-    for i in range(100):  # replays of ids already trained on
-        out.append(("replay", msg(good(), mb=f"{i % max(step, 1)}:{i % 2}")))
+    for i in range(50):  # replays of ids trained on long ago
+        out.append(("old id", msg(good(), mb=f"{i % max(step, 1)}:{i % 2}")))
     for i in range(100):  # well-formed, but not for this stage
         hdr = [{"run": "other"}, {"stage": 1}, {"kind": "gradient"}, {"meta": {"samples": 3}}][i % 4]
         out.append(("not for us", msg(good(), **hdr)))
@@ -154,6 +154,12 @@ def payloads(cfg_path: Path, run: str, step: int, rng: random.Random) -> list[tu
             t["tokens"] = t["tokens"].to(torch.int64) + vocab
         out.append(("token range", msg(t)))
     return out
+
+
+def _with_id(message: bytes, mb: str) -> bytes:
+    """The same message under another micro-batch id."""
+    header, packet = decode(message)
+    return encode(header.model_copy(update={"micro_batch": mb}), packet)
 
 
 # ---- the scenario -----------------------------------------------------------------------------------------
@@ -233,6 +239,16 @@ async def _attack(maddr: str, token: str, cfg_path: Path, work: Path) -> dict:
                 assert kind == "oversized stream", (kind, e)
                 reasons["hung up"] += 1
             sent[kind] += 1
+        # replays of the ids stage 1 has just trained on: its refusal of an unknown id names its step
+        valid = next(d for k, d in payloads(cfg_path, run, stage1.step, rng) if k == "old id")
+        probe = _with_id(valid, "999999:0")
+        for i in range(100):
+            r = decode(await call(p2p, stage1.peer_id, f"{run}.forward", probe, 30.0))[0]
+            now = int(str(r.meta["reason"]).rsplit("at step ", 1)[1])
+            replay = _with_id(valid, f"{max(now - 1, 0)}:{i % 2}")
+            r = decode(await call(p2p, stage1.peer_id, f"{run}.forward", replay, 30.0))[0]
+            reasons[str(r.meta.get("reason", "")).split(":")[0]] += 1
+            sent["replay"] += 1
         for _, data in payloads(cfg_path, run, stage1.step, rng)[:40]:
             r = await call(p2p, stage1.peer_id, f"{run}.eval", data, 30.0)
             assert decode(r)[0].kind == "error"
@@ -279,7 +295,7 @@ def test_fuzz_and_outsiders_leave_the_weights_bit_identical(tmp_path: Path, toy_
     finally:
         kill_tagged(tag)
 
-    print(json.dumps(report, indent=1))
+    print(json.dumps({k: report[k] for k in ("sent", "reasons", "outsider", "step_before", "step_after")}))
     # the outsider got nothing
     assert report["outsider"] == ["unauthorized"] * 3
     assert report["stage1_peers"] == [report["stage1_real"]]
@@ -287,6 +303,8 @@ def test_fuzz_and_outsiders_leave_the_weights_bit_identical(tmp_path: Path, toy_
     assert report["config"] == load_config(work / "config.yaml").model_dump(mode="json")  # the signed one
     # the garbage: over 1,000 pieces, each refused, while the swarm went on training
     assert sum(report["sent"].values()) >= 1000
+    assert report["reasons"]["replay"] >= 90  # ids it had just trained on (a few may leave the window)
+    assert report["reasons"]["bad payload"] >= 300  # dtypes, shapes, token ids, samples, headers
     assert sum(report["reasons"].values()) == sum(v for k, v in report["sent"].items() if "eval" not in k)
     assert report["step_after"] > report["step_before"] and report["step_after"] < report["steps"]
     node1 = json.loads((work / "node-1.json").read_text())
