@@ -7,13 +7,17 @@ import re
 import signal
 import socket
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
 import hivemind
+from hivemind.dht.node import DHTNode
 from hivemind.dht.validation import RecordValidatorBase
+from hivemind.p2p import PeerID
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
+from hivemind.utils.multiaddr import Multiaddr
 
 from pmnode.auth import Cert, Verifier, open_record, sign_record
 from pmnode.errors import PmnodeError
@@ -96,6 +100,29 @@ async def announce(dht: hivemind.DHT, run: str, rec: StageRecord, cert: Cert, ke
         expiration_time=min(get_dht_time(), rec.time) + RECORD_TTL,
         return_future=True,
     )
+
+
+async def keep_in_touch(dht: hivemind.DHT, maddr: str, timeout: float = 5.0) -> bool:
+    """Ping the bootstrap peer (the coordinator) from this DHT node.
+
+    Both sides then keep each other in their routing tables. A DHT peer drops a peer that stops
+    answering, so without this a restarted coordinator would start with an empty table and never
+    hear from the swarm it bootstrapped; with it, it learns every node within a few heartbeats.
+    """
+    try:
+        return bool(
+            await asyncio.wait_for(dht.run_coroutine(partial(_ping, maddr), return_future=True), timeout)
+        )
+    except Exception:
+        return False
+
+
+async def _ping(maddr: str, _dht: hivemind.DHT, node: DHTNode) -> bool:
+    addr, peer = maddr.rsplit("/p2p/", 1)
+    peer_id = PeerID.from_base58(peer)
+    # The daemon may have forgotten the address of a peer that went away; give it again.
+    await node.p2p._client.connect(peer_id, [Multiaddr(addr)])
+    return await node.protocol.call_ping(peer_id) is not None
 
 
 def run_until_signal(main: Callable[[asyncio.Event], Awaitable[T]]) -> T:

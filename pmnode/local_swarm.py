@@ -196,7 +196,7 @@ def run_local_swarm(
             )
             procs.append(nodes[s])
         head = nodes[0]
-        _follow(cfg, head, [coord, *(nodes[s] for s in range(1, stages))], stages, console)
+        _follow(cfg, head, coord, [nodes[s] for s in range(1, stages)], stages, console)
         if head.p.returncode != 0:
             raise PmnodeError(f"the head node failed; see {head.log}:\n{head.log.read_text()[-2000:]}")
         for s in range(1, stages):  # they stop once the head's "done" reaches them
@@ -222,8 +222,14 @@ def run_local_swarm(
     )
 
 
-def _follow(cfg: RunConfig, head: Proc, others: list[Proc], stages: int, console: Console) -> None:
-    """Show the head's progress lines until it exits; stop at once if another process dies first."""
+def _follow(
+    cfg: RunConfig, head: Proc, coord: Proc, others: list[Proc], stages: int, console: Console
+) -> None:
+    """Show the head's progress lines until it exits; stop at once if another node dies first.
+
+    The coordinator is not on the data path: if it dies, training goes on (and a restarted one, with the
+    same state dir, finds the swarm again)."""
+    coord_gone = False
     dense_bytes = 4 * cfg.model.d_model
     rates: dict = {}
     last_t, last_bytes = time.monotonic(), 0
@@ -234,6 +240,12 @@ def _follow(cfg: RunConfig, head: Proc, others: list[Proc], stages: int, console
             if not raw:
                 if head.p.poll() is not None:
                     break
+                if not coord_gone and coord.p.poll() is not None:
+                    coord_gone = True
+                    console.print(
+                        f"the coordinator exited (code {coord.p.returncode}; see {coord.log}); training goes "
+                        "on without it"
+                    )
                 for o in others:
                     if o.p.poll() not in (None, 0):  # a clean exit can race the head's own at the end
                         raise PmnodeError(

@@ -56,7 +56,7 @@ from pmnode.control import (
     call_json,
 )
 from pmnode.data import TokenDataset
-from pmnode.dht import announce, stage_records, start_dht
+from pmnode.dht import announce, keep_in_touch, stage_records, start_dht
 from pmnode.errors import PmnodeError
 from pmnode.panel import Display, LogFormat, NodeSnapshot
 from pmnode.routing import HEARTBEAT_PERIOD, StageRecord, choose_peer
@@ -462,7 +462,11 @@ class Node:
 
     # ---- lifecycle -----------------------------------------------------------------------------------------
     async def _heartbeat(self) -> None:
+        beats = 0
         while True:
+            if beats % 3 == 0:  # a restarted coordinator learns the swarm from these
+                await keep_in_touch(self.dht, self.opts.coordinator)
+            beats += 1
             rec = StageRecord(
                 peer_id=self.peer_id,
                 stage=self.worker.index,
