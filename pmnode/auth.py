@@ -299,6 +299,10 @@ class Guard:
         self.bans = 0
 
     def hello(self, cert: Cert, caller: str) -> None:
+        until = self.banned.get(caller)
+        if until is not None and time.monotonic() < until:
+            self.rejected["banned"] += 1
+            raise AuthError("banned")
         try:
             self.verifier.check_cert(cert, peer_id=caller)
         except AuthError as e:

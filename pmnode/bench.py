@@ -93,7 +93,8 @@ def codec_report(cfg: RunConfig, device: str, specs: list[str] | None = None, ti
     rows = []
     for spec in specs or default_codecs(cfg):
         run_cfg, codec = config_for(cfg, spec)
-        rows.append(codec_cost(run_cfg, codec, device)[0] if timing else codec_bytes(run_cfg, codec))
+        row = codec_cost(run_cfg, codec, device)[0] if timing else codec_bytes(run_cfg, codec)
+        rows.append({**row, "name": spec, "rank": run_cfg.rank if run_cfg.subspace.enabled else None})
     return {"d_model": cfg.model.d_model, "compression_rank": cfg.rank, "codecs": rows}
 
 

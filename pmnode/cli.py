@@ -328,11 +328,16 @@ def bench_codec(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     device: DeviceOpt = "cpu",
     timing: Annotated[bool, typer.Option(help="Also time encode+decode against a stage's step.")] = True,
+    codecs: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated codec specs, e.g. dense,subspace:int8@64 (@k sets the rank)."),
+    ] = None,
 ) -> None:
     """Bytes per token of every codec and its encode+decode share of a stage's step."""
     from pmnode.bench import codec_report, print_codec_table
 
-    report = codec_report(load_config(config), resolve_device(device), timing=timing)
+    specs = [c.strip() for c in codecs.split(",") if c.strip()] if codecs else None
+    report = codec_report(load_config(config), resolve_device(device), specs=specs, timing=timing)
     if as_json:
         print(json.dumps(report, indent=2))
     else:
