@@ -60,6 +60,26 @@ def test_bench_codec_json() -> None:
     assert all(c["encode_decode_fraction_of_step"] > 0 for c in rep["codecs"])
 
 
+def test_bench_codec_chosen_specs_and_ranks() -> None:
+    r = run(
+        "pmnode",
+        "bench",
+        "codec",
+        "--config",
+        TINY,
+        "--json",
+        "--no-timing",
+        "--codecs",
+        "dense,subspace:int8@16",
+    )
+    assert r.returncode == 0, r.stderr
+    rows = {c["name"]: c for c in json.loads(r.stdout)["codecs"]}
+    assert rows["dense"]["bytes_per_token_forward"] == 256
+    assert (
+        rows["subspace:int8@16"]["rank"] == 16 and rows["subspace:int8@16"]["bytes_per_token_forward"] == 19
+    )
+
+
 def test_coordinator_inspect_json() -> None:
     r = run("coordinator", "inspect", "--config", TINY, "--json")
     assert r.returncode == 0, r.stderr
