@@ -106,3 +106,42 @@ async def call_json(
     if not env.ok:
         raise ControlError(env.error)
     return reply_type.model_validate(env.body)
+
+
+class Prepare(BaseModel):
+    """Head -> every replica of a stage, after a sync step's micro-batches are all back."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    step: int
+    peers: list[str] = Field(max_length=256, description="The stage's replicas that take part.")
+
+
+class Prepared(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ok: bool
+    own: list[str] = Field(description="Micro-batches this replica accumulated for the step.")
+    samples: int = 0
+    unreachable: list[str] = []
+
+
+class Apply(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    step: int
+
+
+class Applied(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    step: int
+    samples: int
+
+
+class Reset(BaseModel):
+    """Head -> replicas of a stage: drop the step's gradient sums; its micro-batches will come again."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    step: int

@@ -120,9 +120,12 @@ async def keep_in_touch(dht: hivemind.DHT, maddr: str, timeout: float = 5.0) -> 
 async def _ping(maddr: str, _dht: hivemind.DHT, node: DHTNode) -> bool:
     addr, peer = maddr.rsplit("/p2p/", 1)
     peer_id = PeerID.from_base58(peer)
-    # The daemon may have forgotten the address of a peer that went away; give it again.
-    await node.p2p._client.connect(peer_id, [Multiaddr(addr)])
-    return await node.protocol.call_ping(peer_id) is not None
+    try:
+        # The daemon may have forgotten the address of a peer that went away; give it again.
+        await node.p2p._client.connect(peer_id, [Multiaddr(addr)])
+        return await node.protocol.call_ping(peer_id) is not None
+    except Exception:  # the coordinator is down: quietly, hivemind would log a traceback each time
+        return False
 
 
 def run_until_signal(main: Callable[[asyncio.Event], Awaitable[T]]) -> T:

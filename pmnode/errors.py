@@ -27,5 +27,8 @@ def run_cli(app) -> None:
     except PmnodeError as e:
         if verbose:
             raise
-        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {e}", highlight=False)
+        from rich.markup import escape
+
+        # escape: a message may quote a multiaddr or a config value that looks like markup ("[/ip4/...]")
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
         sys.exit(1)

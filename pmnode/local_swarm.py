@@ -133,9 +133,10 @@ def run_local_swarm(
     http_port: int | None = None,
     node_args: list[str] | None = None,
 ) -> SwarmSummary:
-    if replicas != 1:
+    if replicas > 1 and cfg.swarm.schedule != "sync":
         raise PmnodeError(
-            "--replicas > 1 needs replica averaging, which is not available yet; use --replicas 1"
+            "--replicas > 1 needs the sync schedule (replicas sum their gradients at each step's commit); "
+            "add --schedule sync"
         )
     ckpt = checkpoint_dir or workdir / "checkpoint"
     if resume and not (ckpt / "run.json").exists():
@@ -172,9 +173,13 @@ def run_local_swarm(
         if "http" in info:
             console.print(f"swarm status page: {info['http']}")
         nodes: dict[int, Proc] = {}
-        for s in reversed(range(stages)):  # tail first, so every stage finds its next one at once
-            nodes[s] = Proc(
-                f"stage {s}",
+        extra: list[Proc] = []  # replicas beyond the first of stages 1..; the head is never replicated
+        plan = [(st, r) for st in reversed(range(stages)) for r in range(replicas if st else 1)]
+        for s, r in plan:
+            # tail first, so every stage finds its next one at once
+            name = f"node-{s}" if r == 0 else f"node-{s}-{r}"
+            node = Proc(
+                f"stage {s}" + (f" replica {r}" if r else ""),
                 [
                     str(BIN / "pmnode"),
                     "join",
@@ -187,23 +192,27 @@ def run_local_swarm(
                     "--checkpoint-dir",
                     str(ckpt),
                     "--summary-json",
-                    str(workdir / f"node-{s}.json"),
+                    str(workdir / f"{name}.json"),
                     *(["--resume"] if resume else []),
                     *(node_args or []),
                 ],
-                workdir / "logs" / f"node-{s}.log",
+                workdir / "logs" / f"{name}.log",
                 env,
             )
-            procs.append(nodes[s])
+            procs.append(node)
+            if r == 0:
+                nodes[s] = node
+            else:
+                extra.append(node)
         head = nodes[0]
-        _follow(cfg, head, coord, [nodes[s] for s in range(1, stages)], stages, console)
+        _follow(cfg, head, coord, [*(nodes[s] for s in range(1, stages)), *extra], stages, console)
         if head.p.returncode != 0:
             raise PmnodeError(f"the head node failed; see {head.log}:\n{head.log.read_text()[-2000:]}")
-        for s in range(1, stages):  # they stop once the head's "done" reaches them
+        for node in [*(nodes[s] for s in range(1, stages)), *extra]:  # they stop once "done" reaches them
             try:
-                nodes[s].p.wait(30)
+                node.p.wait(30)
             except subprocess.TimeoutExpired:
-                console.print(f"stage {s} did not stop in time; killing it")
+                console.print(f"{node.name} did not stop in time; killing it")
         summary = json.loads((workdir / "node-0.json").read_text())
     finally:
         for p in reversed(procs):
@@ -225,11 +234,11 @@ def run_local_swarm(
 def _follow(
     cfg: RunConfig, head: Proc, coord: Proc, others: list[Proc], stages: int, console: Console
 ) -> None:
-    """Show the head's progress lines until it exits; stop at once if another node dies first.
+    """Show the head's progress lines until it exits; stop at once if every node of a stage dies.
 
     The coordinator is not on the data path: if it dies, training goes on (and a restarted one, with the
     same state dir, finds the swarm again)."""
-    coord_gone = False
+    coord_gone, lost = False, set()
     dense_bytes = 4 * cfg.model.d_model
     rates: dict = {}
     last_t, last_bytes = time.monotonic(), 0
@@ -246,10 +255,15 @@ def _follow(
                         f"the coordinator exited (code {coord.p.returncode}; see {coord.log}); training goes "
                         "on without it"
                     )
-                for o in others:
-                    if o.p.poll() not in (None, 0):  # a clean exit can race the head's own at the end
+                crashed = [o for o in others if o.p.poll() not in (None, 0)]  # clean exits race the end
+                for o in crashed:
+                    if o.name not in lost:
+                        lost.add(o.name)
+                        console.print(f"{o.name} exited (code {o.p.returncode}); see {o.log}")
+                    stage = o.name.split()[1]
+                    if all(p in crashed for p in others if p.name.split()[1] == stage):
                         raise PmnodeError(
-                            f"{o.name} exited (code {o.p.returncode}) while training; see {o.log}:\n"
+                            f"every node of stage {stage} exited while training; see {o.log}:\n"
                             + "\n".join(o.log.read_text().splitlines()[-5:])
                         )
                 time.sleep(0.1)

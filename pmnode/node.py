@@ -48,10 +48,15 @@ from pmnode.codecs import Packet
 from pmnode.config import RunConfig
 from pmnode.control import (
     JOIN_RPC,
+    Applied,
+    Apply,
     ControlError,
     Hello,
     JoinReply,
     JoinRequest,
+    Prepare,
+    Prepared,
+    Reset,
     add_json_handler,
     call_json,
 )
@@ -59,7 +64,7 @@ from pmnode.data import TokenDataset
 from pmnode.dht import announce, keep_in_touch, stage_records, start_dht
 from pmnode.errors import PmnodeError
 from pmnode.panel import Display, LogFormat, NodeSnapshot
-from pmnode.routing import HEARTBEAT_PERIOD, StageRecord, choose_peer
+from pmnode.routing import HEARTBEAT_PERIOD, Backoff, StageRecord, choose_peer
 from pmnode.runtime import StageWorker
 from pmnode.shaping import LinkShaper
 from pmnode.transport import TransportStats, request, serve
@@ -94,6 +99,19 @@ class NodeOptions(BaseModel):
     link_bandwidth: float | None = None  # bytes/s on each emulated outgoing link; None: unshaped
     link_latency: float = 0.0  # seconds, one way
     token: SecretStr | None = None  # the run's join token; never printed
+
+
+class SameStage:
+    """Admission for calls between replicas of one stage (gradient sums), on the stage's own guard."""
+
+    def __init__(self, guard: Guard):
+        self.guard = guard
+
+    def admit(self, caller: str) -> str | None:
+        return self.guard.admit(caller, from_stage=self.guard.stage)
+
+    def strike(self, caller: str) -> bool:
+        return self.guard.strike(caller)
 
 
 class Done(BaseModel):
@@ -134,7 +152,8 @@ class Node:
         self.server_stats = TransportStats()  # calls this node serves (from the previous stage)
         self.done = asyncio.Event()
         self.downstream: list[StageRecord] = []
-        self.failed: dict[str, float] = {}  # peer -> when it last failed us
+        self.backoff = Backoff()  # downstream replicas that failed us, skipped for a doubling while
+        self.commit_failed: dict[str, float] = {}  # head: replica -> when a commit last failed with it
         self.rng = random.Random()
         self.losses: list[float] = []
         self.evals: list[tuple[int, int, float]] = []
@@ -148,9 +167,14 @@ class Node:
         self._io = (time.monotonic(), 0, 0, 0.0, 0.0)  # when, bytes in, bytes out, rate in, rate out
         self.key = RSAPrivateKey()  # signs this node's DHT records; the coordinator certifies its public half
         self.greeted: dict[str, Cert] = {}  # downstream peer -> its verified certificate
-        self.seen: dict[str, int] = {}  # micro-batch ids this stage has taken, by step: replays are refused
+        self.seen: dict[str, set[int]] = {}  # micro-batch id -> tries taken here: replays are refused
+        self.seen_step: dict[str, int] = {}
+        self.prepared: tuple[int, Tensor, int] | None = None  # (step, summed gradients, samples) to apply
+        self.members: dict[int, list[StageRecord]] = {}  # head: every stage's replicas, for commits
         self.grad_scale = GradScale()
         self.dropped_gradients = 0
+        self.reissued = 0  # micro-batches the head sent again after losing a replica
+        self.samples_off = 0  # summed |samples applied - batch_size| over this node's steps: 0 when exact
 
     # ---- plumbing --------------------------------------------------------------------------------------
     async def compute(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -179,7 +203,7 @@ class Node:
         deadline = time.monotonic() + self.cfg.swarm.request_timeout
         while True:
             now = time.monotonic()
-            recent = [p for p, t in self.failed.items() if now - t < 10.0]
+            recent = self.backoff.skipped(now)
             peer = choose_peer(self.downstream, exclude=recent, rng=self.rng)
             if peer is None:
                 if now > deadline:
@@ -189,7 +213,7 @@ class Node:
                 continue
             try:
                 await self._greet(peer.peer_id)
-                return await request(
+                answer = await request(
                     self.p2p,
                     peer.peer_id,
                     f"{self.cfg.name}.{rpc}",
@@ -199,22 +223,31 @@ class Node:
                     timeout=max(1.0, deadline - now),
                     shaper=self.shaper,
                 )
+                self.backoff.ok(peer.peer_id)
+                return answer
             except Exception as e:  # any failure of this route: mark the peer, try another
                 if "unauthorized" in str(e) and self.greeted.pop(peer.peer_id, None) is not None:
                     continue  # it forgot us (restarted, or our certificate was renewed): greet again
-                self.failed[peer.peer_id] = time.monotonic()
-                self.console.print(f"stage {self.worker.index}: {rpc} to {peer.peer_id[-8:]} failed: {e}")
+                # The dead route may have reached stages further down: a new try is not a replay there.
+                header = header.model_copy(
+                    update={"meta": {**header.meta, "try": self.rng.randrange(1, 2**31)}}
+                )
+                self.backoff.fail(peer.peer_id, time.monotonic())
+                self.console.print(
+                    f"stage {self.worker.index}: {rpc} to {peer.peer_id[-8:]} failed: {e}", markup=False
+                )
                 if time.monotonic() > deadline:
                     raise PmnodeError(f"micro-batch {header.micro_batch} failed: {e}") from e
 
-    async def _greet(self, peer: str) -> None:
-        """Show our certificate to a downstream peer once, and check its own: it must serve the next stage."""
+    async def _greet(self, peer: str, stage: int | None = None) -> None:
+        """Show our certificate to a peer once, and check its own: it serves `stage` (default: the next)."""
         if peer in self.greeted:
             return
         reply = await call_json(
             self.p2p, peer, f"{self.cfg.name}.hello", Hello(cert=self.cert), Hello, timeout=10.0
         )
-        self.verifier.check_cert(reply.cert, peer_id=peer, stage=self.worker.index + 1)
+        want = self.worker.index + 1 if stage is None else stage
+        self.verifier.check_cert(reply.cert, peer_id=peer, stage=want)
         self.greeted[peer] = reply.cert
 
     async def _on_hello(self, req: Hello, caller: str) -> Hello:
@@ -222,23 +255,237 @@ class Node:
         return Hello(cert=self.cert)
 
     def _then_step(self, result: Any) -> Any:
-        """Step if this backward completed the batch. Called in the same compute job as the backward,
-        so every step applies exactly batch_size samples."""
-        self._step_if_ready()
+        """async: step if this backward completed the batch. Called in the same compute job as the
+        backward, so every step applies exactly batch_size samples. sync: the head's commit steps."""
+        if self.cfg.swarm.schedule == "async":
+            self._step_if_ready()
         return result
 
-    def _step_if_ready(self) -> tuple[int, float] | None:
+    def _step_if_ready(self, force: bool = False) -> tuple[int, float] | None:
         """Runs on the compute thread, so the check and the step are atomic."""
-        if self.worker.samples_ready < self.cfg.train.batch_size:
+        if self.worker.samples_ready < self.cfg.train.batch_size and not force:
             return None
         applied, lr = self.worker.step(self.cfg.train.steps)
         self.samples_applied += applied
+        # A step of anything but batch_size samples lost or double-counted micro-batches on the way.
+        self.samples_off += abs(applied - self.cfg.train.batch_size)
         o = self.opts
         if o.checkpoint_every and o.checkpoint_dir and self.worker.step_count % o.checkpoint_every == 0:
             # Still on the compute thread: no backward can touch the weights while they are written.
             checkpoint.save(self.worker, o.checkpoint_dir, self.cfg.name, self.samples_applied)
             checkpoint.save_run_config(self.cfg, o.checkpoint_dir)
         return applied, lr
+
+    # ---- sync commits: every replica of a stage applies the same summed gradient ----------------------
+    def _own(self, step: int) -> list[str]:
+        return sorted(k for k, v in self.worker.accumulated.items() if v == step)
+
+    async def _on_grads(
+        self, header: MessageHeader, packet: Packet, caller: str
+    ) -> tuple[MessageHeader, Packet]:
+        """A replica of our stage asks for our gradient sums of one step."""
+        step = header.meta.get("step")
+        if not isinstance(step, int):
+            raise WireError("bad payload", "no step")
+        deadline = time.monotonic() + self.cfg.swarm.request_timeout / 2
+        while step > self.worker.step_count and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)  # behind: our own prepare of this step is catching us up
+        if step != self.worker.step_count:
+            raise PmnodeError(f"this replica is at step {self.worker.step_count}, not {step}")
+        flat, samples = await self.compute(lambda: (self.worker.grad_vector(), self.worker.samples_ready))
+        meta = {"samples": samples, "mbs": ",".join(self._own(step))}
+        return self._header("ack", header.micro_batch, **meta), Packet({"g": flat})
+
+    async def _on_prepare(self, req: Prepare, caller: str) -> Prepared:
+        reason = self.guard.admit(caller, from_stage=0)
+        if reason is not None:
+            raise AuthError(reason, "only the head commits steps")
+        self.prepared = None
+        if req.step > self.worker.step_count:  # it joined late or missed a commit: catch up first
+            await self._catch_up(req.step, [p for p in sorted(req.peers) if p != self.peer_id])
+        if req.step != self.worker.step_count:
+            raise PmnodeError(f"this replica is at step {self.worker.step_count}, not {req.step}")
+        flat, samples = await self.compute(lambda: (self.worker.grad_vector(), self.worker.samples_ready))
+        parts = {self.peer_id: flat}
+        own, unreachable = self._own(req.step), []
+        for peer in sorted(set(req.peers) - {self.peer_id}):
+            try:
+                await self._greet(peer, self.worker.index)
+                reply, pkt = await request(
+                    self.p2p,
+                    peer,
+                    f"{self.cfg.name}.grads",
+                    self._header("ack", f"{req.step}:grads", step=req.step),
+                    Packet({}),
+                    self.stats,
+                    timeout=min(self.cfg.swarm.request_timeout, 15.0),
+                )
+                parts[peer] = pkt.tensors["g"]
+                samples += int(reply.meta["samples"])
+            except Exception as e:
+                self.console.print(
+                    f"stage {self.worker.index}: no gradients from {peer[-8:]}: {e}", markup=False
+                )
+                unreachable.append(peer)
+        if unreachable:
+            return Prepared(ok=False, own=own, unreachable=unreachable)
+        # The same sum in the same order on every replica: their weights stay bit-identical.
+        total = torch.stack([parts[p] for p in sorted(parts)]).sum(0)
+        self.prepared = (req.step, total, samples)
+        return Prepared(ok=True, own=own, samples=samples)
+
+    async def _on_state(
+        self, header: MessageHeader, packet: Packet, caller: str
+    ) -> tuple[MessageHeader, Packet]:
+        """A replica of our stage that is behind downloads our weights and optimizer state."""
+        data = await self.compute(self.worker.state_bytes)
+        blob = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        return self._header("ack", header.micro_batch, step=self.worker.step_count), Packet({"state": blob})
+
+    async def _catch_up(self, step: int, peers: list[str]) -> None:
+        """Load a live replica's state (weights, optimizer, step): never serve from a stale or random one."""
+        for peer in peers:
+            try:
+                await self._greet(peer, self.worker.index)
+                reply, pkt = await request(
+                    self.p2p,
+                    peer,
+                    f"{self.cfg.name}.state",
+                    self._header("ack", f"{step}:state"),
+                    Packet({}),
+                    self.stats,
+                    timeout=self.cfg.swarm.request_timeout,
+                )
+            except Exception as e:
+                self.console.print(f"stage {self.worker.index}: no state from {peer[-8:]}: {e}", markup=False)
+                continue
+            if reply.meta.get("step") != step:
+                continue
+            data = pkt.tensors["state"].numpy().tobytes()
+
+            def load(data: bytes = data) -> None:
+                self.worker.load_state_bytes(data)
+                self.worker.optimizer.zero_grad(set_to_none=True)
+                self.worker.samples_ready = 0
+                self.worker.accumulated = {}
+
+            await self.compute(load)
+            self.samples_applied = step * self.cfg.train.batch_size
+            self.console.print(f"stage {self.worker.index}: caught up to step {step} from {peer[-8:]}")
+            return
+        raise PmnodeError(f"stage {self.worker.index}: no replica at step {step} to catch up from")
+
+    async def _on_reset(self, req: Reset, caller: str) -> Ack:
+        reason = self.guard.admit(caller, from_stage=0)
+        if reason is not None:
+            raise AuthError(reason, "only the head commits steps")
+        if req.step != self.worker.step_count:
+            raise PmnodeError(f"this replica is at step {self.worker.step_count}, not {req.step}")
+        self.prepared = None
+        await self.compute(self.worker.forget, req.step)
+        return Ack()
+
+    async def _on_apply(self, req: Apply, caller: str) -> Applied:
+        reason = self.guard.admit(caller, from_stage=0)
+        if reason is not None:
+            raise AuthError(reason, "only the head commits steps")
+        if self.prepared is None or self.prepared[0] != req.step:
+            raise PmnodeError(f"step {req.step} was not prepared here")
+        _, total, samples = self.prepared
+        self.prepared = None
+
+        def apply() -> None:
+            self.worker.set_grads(total, samples)
+            self._step_if_ready(force=True)
+
+        await self.compute(apply)
+        return Applied(step=self.worker.step_count, samples=samples)
+
+    async def _commit(self, step: int, batch: dict[str, tuple[Tensor, Tensor]]) -> None:
+        """After a sync step: the replicas of every later stage sum their gradients (prepare), then all
+        step together (apply), then the head steps.
+
+        A micro-batch that no live replica of some stage holds (its replica died after answering) is
+        sent again first; the stages that hold it already only pass it through, so every stage applies
+        every sample of the step exactly once. Nothing is applied until every stage is prepared, so no
+        re-sent micro-batch meets a stage that has already stepped.
+        """
+        run, deadline = self.cfg.name, time.monotonic() + self.cfg.swarm.request_timeout
+        stages = range(1, self.cfg.n_stages)
+        while True:
+            now = time.monotonic()
+            # Only a failure to commit excludes a replica here: one that refused micro-batches because it
+            # is behind must still get the commit that brings it up to date.
+            dead = {p for p, t in self.commit_failed.items() if now - t < 10.0}
+            peers = {s: [r.peer_id for r in self.members.get(s, []) if r.peer_id not in dead] for s in stages}
+            empty = [s for s in stages if not peers[s]]
+            if empty:
+                if now > deadline:
+                    raise PmnodeError(f"stage {empty[0]} has no node to commit step {step} with")
+                await asyncio.sleep(0.5)
+                for s in empty:
+                    self.members[s] = await stage_records(self.dht, run, s, self.verifier)
+                continue
+            results = await asyncio.gather(*(self._prepare_stage(s, step, peers[s]) for s in stages))
+            failed = set().union(*(f for f, _, _ in results))
+            missing = set().union(*(set(batch) - have for _, have, _ in results))
+            for s, (_, _, twice) in zip(stages, results, strict=True):
+                if twice:  # a retry met another replica than the first try: this stage's sums count it twice
+                    self.console.print(
+                        f"stage {s}: step {step} holds {len(twice)} micro-batch(es) twice after a lost "
+                        "replica; its replicas start the step over"
+                    )
+                    resets = [call_json(self.p2p, p, f"{run}.reset", Reset(step=step), Ack) for p in peers[s]]
+                    outcome = await asyncio.gather(*resets, return_exceptions=True)
+                    failed |= {p for p, r in zip(peers[s], outcome, strict=True) if not isinstance(r, Ack)}
+                    missing |= set(batch)
+            if not failed and not missing:
+                everyone = [p for s in stages for p in peers[s]]
+                await asyncio.gather(
+                    *(call_json(self.p2p, p, f"{run}.apply", Apply(step=step), Applied) for p in everyone),
+                    return_exceptions=True,  # a replica that dies now is gone; the others stepped
+                )
+                await self.compute(self._step_if_ready)
+                return
+            for p in failed:
+                self.commit_failed[p] = time.monotonic()
+            if missing:
+                self.console.print(
+                    f"step {step}: {len(missing)} micro-batch(es) were held only by a lost replica; "
+                    "sending them again"
+                )
+                self.reissued += len(missing)
+                await asyncio.gather(
+                    *(self._train_microbatch(mb, *batch[mb], retry=True) for mb in sorted(missing))
+                )
+
+    async def _prepare_stage(
+        self, stage: int, step: int, peers: list[str]
+    ) -> tuple[set[str], set[str], set[str]]:
+        """Ask every replica of `stage` to sum the step's gradients.
+
+        Returns the replicas lost, the micro-batches the live ones hold, and those held twice."""
+        run, timeout = self.cfg.name, self.cfg.swarm.request_timeout
+
+        async def prepare(peer: str) -> Prepared:
+            await self._greet(peer, stage)
+            return await call_json(
+                self.p2p, peer, f"{run}.prepare", Prepare(step=step, peers=peers), Prepared, timeout
+            )
+
+        replies = await asyncio.gather(*(prepare(p) for p in peers), return_exceptions=True)
+        failed = {p for p, r in zip(peers, replies, strict=True) if not isinstance(r, Prepared)}
+        for r in replies:
+            if isinstance(r, Prepared):
+                failed.update(r.unreachable)
+        held = [
+            mb
+            for p, r in zip(peers, replies, strict=True)
+            if isinstance(r, Prepared) and p not in failed
+            for mb in r.own
+        ]
+        have = set(held)
+        return failed, have, {mb for mb in have if held.count(mb) > 1}
 
     # ---- handlers (every stage but the head) -----------------------------------------------------------
     async def _on_forward(
@@ -258,26 +505,33 @@ class Node:
             window=self.cfg.swarm.max_inflight // max(t.batch_size // t.micro, 1) + 2,
             seen=self.seen,
         )
-        self._remember(mb, step)
+        if self.cfg.swarm.schedule == "sync" and step != self.worker.step_count:
+            # A replica that missed a commit takes nothing until the next one brings it up to date.
+            raise WireError(
+                "unknown micro-batch", f"{mb!r} while this replica is at step {self.worker.step_count}"
+            )
+        self._remember(mb, step, int(header.meta.get("try", 0)))
+        # A retry gets its own slot in flight here, beside an earlier try that may still be running.
+        key = f"{mb}#{header.meta['try']}" if header.meta.get("try") else mb
         self.upstream[caller] = time.monotonic()
         extra = {k: packet.tensors.pop(k) for k in DATA_KEYS if k in packet.tensors}
         if self.worker.is_last:
             targets = self._targets(packet, extra)
             loss, grad = await self.compute(
-                lambda: self._then_step(self.worker.forward_backward(mb, packet, targets))
+                lambda: self._then_step(self.worker.forward_backward(key, packet, targets))
             )
             self.last_loss = loss
             return self._header("gradient", mb, loss=loss), grad
-        out = await self.compute(self.worker.forward, mb, packet, None, samples)
+        out = await self.compute(self.worker.forward, key, packet, None, samples)
         shape = self._shape(out)
         out.tensors.update(extra)
         try:
             reply, grad = await self._send("forward", self._header("activation", mb, **header.meta), out)
             self._check_gradient(grad, shape)
         except BaseException:
-            await self.compute(self.worker.abandon, mb)
+            await self.compute(self.worker.abandon, key)
             raise
-        up = await self.compute(lambda: self._then_step(self.worker.backward(mb, grad)))
+        up = await self.compute(lambda: self._then_step(self.worker.backward(key, grad)))
         return self._header("gradient", mb, **reply.meta), up
 
     async def _on_eval(
@@ -307,11 +561,13 @@ class Node:
             samples=samples,
         )
 
-    def _remember(self, mb: str, step: int) -> None:
-        self.seen[mb] = step
+    def _remember(self, mb: str, step: int, attempt: int) -> None:
+        self.seen.setdefault(mb, set()).add(attempt)
+        self.seen_step[mb] = step
         if len(self.seen) > 4 * self.cfg.swarm.max_inflight + 64:  # ids far behind can't pass the window
             oldest = self.worker.step_count - self.cfg.swarm.max_inflight - 4
-            self.seen = {k: v for k, v in self.seen.items() if v >= oldest}
+            self.seen_step = {k: v for k, v in self.seen_step.items() if v >= oldest}
+            self.seen = {k: v for k, v in self.seen.items() if k in self.seen_step}
 
     def _shape(self, packet: Packet) -> tuple[int, int]:
         main = next(v for k, v in packet.tensors.items() if k != "tokens")
@@ -350,21 +606,26 @@ class Node:
             packet.tensors["targets"] = y.to(dtype)
         return packet
 
-    async def _train_microbatch(self, mb: str, x: Tensor, y: Tensor) -> float:
-        pkt = await self.compute(self.worker.forward, mb, None, x, x.shape[0])
+    async def _train_microbatch(self, mb: str, x: Tensor, y: Tensor, retry: bool = False) -> float:
+        meta: dict[str, Any] = {"samples": x.shape[0]}
+        key = mb
+        if retry:  # the stages that already hold its gradient only pass it through
+            meta["try"] = self.rng.randrange(1, 2**31)
+            key = f"{mb}#{meta['try']}"
+        pkt = await self.compute(self.worker.forward, key, None, x, x.shape[0])
         shape = self._shape(pkt)
         self._attach_targets(pkt, y)
         try:
-            reply, grad = await self._send("forward", self._header("activation", mb, samples=x.shape[0]), pkt)
+            reply, grad = await self._send("forward", self._header("activation", mb, **meta), pkt)
             self._check_gradient(grad, shape)
         except BaseException:
-            await self.compute(self.worker.abandon, mb)
+            await self.compute(self.worker.abandon, key)
             raise
         # In sync the head steps after the flush; in async as soon as its batch is complete.
         if self.cfg.swarm.schedule == "async":
-            await self.compute(lambda: self._then_step(self.worker.backward(mb, grad)))
+            await self.compute(lambda: self._then_step(self.worker.backward(key, grad)))
         else:
-            await self.compute(self.worker.backward, mb, grad)
+            await self.compute(self.worker.backward, key, grad)
         return float(reply.meta.get("loss", float("nan")))
 
     async def _eval(self, batches: list[tuple[Tensor, Tensor]]) -> float:
@@ -424,7 +685,11 @@ class Node:
             if cfg.swarm.schedule == "sync":
                 await asyncio.gather(*tasks)
                 check()
-                await self.compute(self._step_if_ready)
+                batch = {
+                    f"{step}:{j}": (x[j * t.micro : (j + 1) * t.micro], y[j * t.micro : (j + 1) * t.micro])
+                    for j in range(n_micro)
+                }
+                await self._commit(step, batch)
             tokens += t.batch_size * t.seq_len
             last = step + 1 == t.steps
             if last and tasks:
@@ -484,6 +749,9 @@ class Node:
             )
             await self._announce(rec)
             await self._refresh_downstream()
+            if self.worker.is_first:  # the head commits with every stage's replicas
+                for stage in range(1, self.cfg.n_stages):
+                    self.members[stage] = await stage_records(self.dht, self.cfg.name, stage, self.verifier)
             if self.cert.expires - time.time() < CERT_TTL / 2:
                 await self._renew()
             await asyncio.sleep(HEARTBEAT_PERIOD)
@@ -619,6 +887,13 @@ class Node:
                     f"subspace fingerprint mismatch: coordinator has {reply.fingerprint}, this node "
                     f"built {mine}; upgrade pmnode to the coordinator's version"
                 )
+            if cfg.swarm.schedule == "async" and reply.stage > 0:
+                others = await stage_records(self.dht, cfg.name, reply.stage, self.verifier)
+                if [r for r in others if r.peer_id != self.peer_id]:
+                    raise PmnodeError(
+                        f"stage {reply.stage} already has a node and this run is async: replicas keep one "
+                        "set of weights only under the sync schedule; join another stage or run sync"
+                    )
             if o.resume:
                 if not (o.checkpoint_dir and checkpoint.load_manifest(o.checkpoint_dir, reply.stage)):
                     raise PmnodeError(
@@ -656,6 +931,20 @@ class Node:
                     guard=self.guard,
                 )
             await add_json_handler(self.p2p, f"{cfg.name}.done", Done, self._on_done)
+            await add_json_handler(self.p2p, f"{cfg.name}.prepare", Prepare, self._on_prepare)
+            await add_json_handler(self.p2p, f"{cfg.name}.apply", Apply, self._on_apply)
+            await add_json_handler(self.p2p, f"{cfg.name}.reset", Reset, self._on_reset)
+            await serve(
+                self.p2p, f"{cfg.name}.state", self._on_state, self.server_stats, guard=SameStage(self.guard)
+            )
+            await serve(
+                self.p2p,
+                f"{cfg.name}.grads",
+                self._on_grads,
+                self.server_stats,
+                shaper=self.shaper,
+                guard=SameStage(self.guard),
+            )
             r = self.worker.stage.layer_range
             self.console.print(
                 f"node {self.peer_id[-8:]} serves stage {reply.stage} (layers {r.start}..{r.stop - 1}) "
@@ -722,6 +1011,8 @@ class Node:
             "rejected": dict(self.guard.rejected) if hasattr(self, "guard") else {},
             "bans": self.guard.bans if hasattr(self, "guard") else 0,
             "dropped_gradients": self.dropped_gradients,
+            "reissued": self.reissued,
+            "samples_off": self.samples_off,
         }
         if self.worker.is_first and self.losses:
             tokens = getattr(self, "tokens", 0)

@@ -93,3 +93,27 @@ def choose_peer(
     best = max(score(r) for r in cands)
     near = [r for r in cands if score(r) >= 0.9 * best]
     return rng.choice(near) if rng else near[0]
+
+
+class Backoff:
+    """Replicas that failed us, skipped for a while that doubles with each failure in a row.
+
+    A first failure skips a peer for `base` seconds, the next for twice that, up to `cap`; a success
+    forgets its failures. So a peer that died is tried rarely, and one that hiccuped soon again.
+    """
+
+    def __init__(self, base: float = 1.0, cap: float = 60.0):
+        self.base, self.cap = base, cap
+        self.failures: dict[str, tuple[int, float]] = {}  # peer -> (failures in a row, skipped until)
+
+    def fail(self, peer: str, now: float) -> float:
+        n = self.failures.get(peer, (0, 0.0))[0] + 1
+        wait = min(self.base * 2 ** (n - 1), self.cap)
+        self.failures[peer] = (n, now + wait)
+        return wait
+
+    def ok(self, peer: str) -> None:
+        self.failures.pop(peer, None)
+
+    def skipped(self, now: float) -> list[str]:
+        return [p for p, (_, until) in self.failures.items() if until > now]

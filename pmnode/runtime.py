@@ -15,6 +15,7 @@ libp2p, so both train identically.
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass
 
@@ -94,6 +95,9 @@ class StageWorker:
         self.samples_ready = 0  # backward finished, not yet applied
         self.inflight: dict[str, _InFlight] = {}
         self._stashes: dict[int, dict[str, Tensor]] = {}
+        # Micro-batches whose gradients this stage has accumulated, by step: a re-issued one passes
+        # through again for its input gradient, but never adds to the weights' gradients twice.
+        self.accumulated: dict[str, int] = {}
 
     @property
     def is_first(self) -> bool:
@@ -159,24 +163,48 @@ class StageWorker:
         samples = targets.shape[0]
         logits, _ = self._run(mb, packet, tokens, samples, grad=True)
         loss = F.cross_entropy(logits.flatten(0, 1), targets.to(self.device).flatten())
-        (loss * samples).backward()
-        leaf = self._finish(mb).leaf
-        if leaf is None:
-            return loss.item(), None
-        assert leaf.grad is not None
-        return loss.item(), self.codec.pack_gradient(leaf.grad)
+        entry = self.inflight[mb]
+        if self._first_time(mb):
+            (loss * samples).backward()
+            leaf = self._finish(mb).leaf
+            if leaf is None:
+                return loss.item(), None
+            assert leaf.grad is not None
+            return loss.item(), self.codec.pack_gradient(leaf.grad)
+        self.inflight.pop(mb)
+        assert entry.leaf is not None
+        (g,) = torch.autograd.grad(loss * samples, entry.leaf)
+        return loss.item(), self.codec.pack_gradient(g)
 
     def backward(self, mb: str, grad: Packet) -> Packet | None:
         """Head or body: backpropagate a gradient packet; return the one for upstream."""
         entry = self.inflight[mb]
         g = self.codec.unpack_gradient(Packet({k: v.to(self.device) for k, v in grad.tensors.items()}))
         assert entry.output is not None
-        entry.output.backward(g)
-        self._finish(mb)
+        if self._first_time(mb):
+            entry.output.backward(g)
+            self._finish(mb)
+            if self.is_first:
+                return None
+            assert entry.leaf is not None and entry.leaf.grad is not None
+            return self.codec.pack_gradient(entry.leaf.grad)
+        self.inflight.pop(mb)  # seen before: only the input gradient, for the stages upstream
         if self.is_first:
             return None
-        assert entry.leaf is not None and entry.leaf.grad is not None
-        return self.codec.pack_gradient(entry.leaf.grad)
+        assert entry.leaf is not None
+        (up,) = torch.autograd.grad(entry.output, entry.leaf, g)
+        return self.codec.pack_gradient(up)
+
+    def _first_time(self, mb: str) -> bool:
+        """Claim micro-batch `mb` (an attempt suffix "#n" aside) for this stage's gradients, once."""
+        base = mb.split("#", 1)[0]
+        if base in self.accumulated:
+            return False
+        self.accumulated[base] = self.step_count
+        if len(self.accumulated) > 4096:  # ids this old can no longer come back
+            keep = self.step_count - 64
+            self.accumulated = {k: v for k, v in self.accumulated.items() if v >= keep}
+        return True
 
     def _finish(self, mb: str) -> _InFlight:
         entry = self.inflight.pop(mb)
@@ -216,6 +244,46 @@ class StageWorker:
                     p.grad = None
             if version not in live:
                 del self._stashes[version]
+
+    def grad_vector(self) -> Tensor:
+        """This stage's accumulated gradient sums, flat, in parameter order (zeros where none)."""
+        self._collect_grads()
+        return torch.cat(
+            [
+                (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float().cpu()
+                for p in self.stage.parameters()
+            ]
+        )
+
+    def set_grads(self, flat: Tensor, samples: int) -> None:
+        """Replace the accumulated gradients by `flat` (summed over `samples`), e.g. all replicas' sum."""
+        offset = 0
+        for p in self.stage.parameters():
+            n = p.numel()
+            p.grad = flat[offset : offset + n].view_as(p).to(p.device, p.dtype).clone()
+            offset += n
+        self.samples_ready = samples
+
+    def forget(self, step: int) -> None:
+        """Drop the gradients accumulated at `step` and forget which micro-batches they came from."""
+        if self.inflight:
+            raise PmnodeError(f"stage {self.index}: reset with {len(self.inflight)} micro-batches in flight")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.samples_ready = 0
+        self.accumulated = {k: v for k, v in self.accumulated.items() if v != step}
+
+    def state_bytes(self) -> bytes:
+        """Weights, optimizer state and step count: what a new replica of this stage starts from."""
+        buf = io.BytesIO()
+        model = {k: v.detach().cpu() for k, v in self.stage.state_dict().items()}
+        torch.save({"model": model, "optim": self.optimizer.state_dict(), "step": self.step_count}, buf)
+        return buf.getvalue()
+
+    def load_state_bytes(self, data: bytes) -> None:
+        state = torch.load(io.BytesIO(data), map_location=self.device, weights_only=True)
+        self.stage.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optim"])
+        self.step_count = int(state["step"])
 
     def step(self, total_steps: int | None = None) -> tuple[int, float]:
         """Mean gradient over the finished samples, clip, AdamW at the scheduled lr, re-project.

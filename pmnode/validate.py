@@ -118,12 +118,14 @@ def check_micro_batch(
     n_micro: int,
     step: int,
     window: int,
-    seen: Mapping[str, int],
+    seen: Mapping[str, set[int]],
 ) -> int:
     """The step of a training micro-batch id "STEP:J" this stage may take now; WireError otherwise.
 
     Ids are known in advance (the head numbers them by step and slot), so an id outside the steps
-    a pipeline can have in flight, or one this stage has already taken (a replay), is refused.
+    a pipeline can have in flight, or an (id, try) this stage has already taken (a replay), is
+    refused. A retry of the same id comes with a new random `try`; the stage then passes it through
+    for its input gradient but never adds its gradient to the weights twice (StageWorker).
     """
     if header.kind != "activation" or header.run != run or header.stage != from_stage:
         raise WireError(
@@ -135,8 +137,11 @@ def check_micro_batch(
         raise WireError("unknown micro-batch", repr(header.micro_batch[:40])) from None
     if not (0 <= j < n_micro and abs(s - step) <= window):
         raise WireError("unknown micro-batch", f"{header.micro_batch!r} while this stage is at step {step}")
-    if header.micro_batch in seen:
-        raise WireError("replay", f"micro-batch {header.micro_batch} was already taken")
+    attempt = header.meta.get("try", 0)
+    if not isinstance(attempt, int):
+        raise WireError("bad payload", "try is not an integer")
+    if attempt in seen.get(header.micro_batch, ()):
+        raise WireError("replay", f"micro-batch {header.micro_batch} (try {attempt}) was already taken")
     return s
 
 

@@ -12,7 +12,10 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import pytest
+import torch
+from safetensors.torch import load_file
 from test_swarm import BIN, assert_no_leftovers, kill_tagged, swarm_config, tagged_env
 
 from pmnode.status import fetch_status
@@ -97,4 +100,108 @@ def test_training_survives_a_coordinator_restart(tmp_path: Path, toy_corpus: Pat
             with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(30)
         kill_tagged(tag)
+    assert_no_leftovers(tag)
+
+
+def _pid_of(tag: str, summary_name: str) -> int:
+    """The `pmnode join` process of the swarm tagged `tag` that writes `summary_name`."""
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            cmd = p.info["cmdline"] or []
+            if (
+                p.environ().get("PMNODE_TEST_TAG") == tag
+                and "join" in cmd
+                and any(c.endswith(summary_name) for c in cmd)
+            ):
+                return p.info["pid"]
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    raise AssertionError(f"no process writes {summary_name}")
+
+
+def test_a_replica_killed_mid_training_loses_no_micro_batch(tmp_path: Path, toy_corpus: Path) -> None:
+    steps = 150
+    cfg = swarm_config(
+        tmp_path, toy_corpus, train={"steps": steps, "eval_every": 1000}, swarm={"request_timeout": 20.0}
+    )
+    work, tag = tmp_path / "work", uuid.uuid4().hex
+    args = ["--config", str(cfg), "--stages", "3", "--replicas", "2", "--schedule", "sync"]
+    swarm = subprocess.Popen(
+        [
+            str(BIN / "pmnode"),
+            "local-swarm",
+            *args,
+            "--workdir",
+            str(work),
+            "--summary-json",
+            str(tmp_path / "s.json"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / "swarm.err").open("w"),
+        env=tagged_env(tag),
+    )
+    try:
+        head_log = work / "logs" / "node-0.log"
+        _wait(lambda: head_log.exists() and _head_step(head_log) >= 30, 120, "30 steps")
+        victim = _pid_of(tag, "node-1-1.json")
+        os.killpg(victim, signal.SIGKILL)  # the replica, its DHT child and its p2pd, mid-step
+        killed_at, step_at_kill = time.monotonic(), _head_step(head_log)
+        _wait(lambda: _head_step(head_log) > step_at_kill + 5, 20.0, "training to go on within the timeout")
+        recovered = time.monotonic() - killed_at
+        assert swarm.wait(300) == 0, (tmp_path / "swarm.err").read_text()[-3000:]
+    finally:
+        kill_tagged(tag)
+    head = json.loads((work / "node-0.json").read_text())
+    assert head["steps"] == steps and head["samples_applied"] == steps * 8
+    # Every stage applied every sample of every step once: the survivors count exactly what the head did.
+    for name in ("node-1.json", "node-2.json", "node-2-1.json"):
+        node = json.loads((work / name).read_text())
+        assert (node["steps"], node["samples_applied"]) == (steps, steps * 8), name
+    assert not (work / "node-1-1.json").exists()  # it never got to write one
+    print(json.dumps({"recovered_s": round(recovered, 2), "reissued": head["reissued"]}))
+    assert_no_leftovers(tag)
+
+
+def test_a_replica_joining_mid_run_catches_up_and_stays_identical(tmp_path: Path, toy_corpus: Path) -> None:
+    steps = 400  # tiny runs ~15 steps/s: long enough for a node to start, announce and be committed with
+    cfg = swarm_config(tmp_path, toy_corpus, train={"steps": steps, "eval_every": 1000})
+    work, tag = tmp_path / "work", uuid.uuid4().hex
+    swarm = subprocess.Popen(
+        [str(BIN / "pmnode"), "local-swarm", "--config", str(cfg), "--stages", "3", "--workdir", str(work)],
+        stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / "swarm.err").open("w"),
+        env=tagged_env(tag),
+    )
+    try:
+        head_log = work / "logs" / "node-0.log"
+        _wait(lambda: head_log.exists() and _head_step(head_log) >= 20, 120, "20 steps")
+        joiner_log = tmp_path / "joiner.log"
+        args = [
+            str(BIN / "pmnode"),
+            "join",
+            "--coordinator-file",
+            str(work / "coordinator" / "coordinator.json"),
+        ]
+        args += ["--stage", "1", "--device", "cpu", "--checkpoint-dir", str(tmp_path / "joiner-ckpt")]
+        args += ["--summary-json", str(tmp_path / "joiner.json")]
+        joiner = _start(args, joiner_log, tag)
+        assert swarm.wait(300) == 0, (tmp_path / "swarm.err").read_text()[-3000:]
+        assert joiner.wait(60) == 0, joiner_log.read_text()[-3000:]
+    finally:
+        kill_tagged(tag)
+    caught = [line for line in joiner_log.read_text().splitlines() if "caught up to step" in line]
+    assert len(caught) == 1, joiner_log.read_text()[-2000:]
+    joined_at = int(caught[0].split("caught up to step ")[1].split()[0])
+    assert 20 <= joined_at < steps
+    summary = json.loads((tmp_path / "joiner.json").read_text())
+    assert summary["steps"] == steps and summary["samples_applied"] == steps * 8
+    assert summary["server"]["messages_received"]["forward"] > 0  # it served after catching up
+    # Replicas sum the same gradients in the same order: the joiner's weights and optimizer state
+    # are bit-identical to its peer's after every step, here after the last one.
+    mine, peer = tmp_path / "joiner-ckpt" / "stage-1", work / "checkpoint" / "stage-1"
+    a, b = load_file(str(mine / "model.safetensors")), load_file(str(peer / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    oa, ob = torch.load(mine / "optimizer.pt"), torch.load(peer / "optimizer.pt")
+    for i, st in oa["state"].items():
+        assert all(torch.equal(v, ob["state"][i][k]) for k, v in st.items() if torch.is_tensor(v))
     assert_no_leftovers(tag)

@@ -46,3 +46,13 @@ def test_near_equal_peers_share_load() -> None:
     recs = [rec("a", throughput=10), rec("b", throughput=9.5), rec("c", throughput=1)]
     picks = {choose_peer(recs, rng=random.Random(i)).peer_id for i in range(50)}
     assert picks == {"a", "b"}
+
+
+def test_backoff_doubles_and_a_success_forgets() -> None:
+    from pmnode.routing import Backoff
+
+    b = Backoff(base=1.0, cap=4.0)
+    assert [b.fail("p", 0.0) for _ in range(4)] == [1.0, 2.0, 4.0, 4.0]
+    assert b.skipped(3.9) == ["p"] and b.skipped(4.1) == []
+    b.ok("p")
+    assert b.fail("p", 10.0) == 1.0
