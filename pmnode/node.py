@@ -310,16 +310,7 @@ class Node:
         own, unreachable = self._own(req.step), []
         for peer in sorted(set(req.peers) - {self.peer_id}):
             try:
-                await self._greet(peer, self.worker.index)
-                reply, pkt = await request(
-                    self.p2p,
-                    peer,
-                    f"{self.cfg.name}.grads",
-                    self._header("ack", f"{req.step}:grads", step=req.step),
-                    Packet({}),
-                    self.stats,
-                    timeout=min(self.cfg.swarm.request_timeout, 15.0),
-                )
+                reply, pkt = await self._ask_replica(peer, "grads", req.step, timeout=15.0)
                 parts[peer] = pkt.tensors["g"]
                 samples += int(reply.meta["samples"])
             except Exception as e:
@@ -342,20 +333,27 @@ class Node:
         blob = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         return self._header("ack", header.micro_batch, step=self.worker.step_count), Packet({"state": blob})
 
+    async def _ask_replica(
+        self, peer: str, rpc: str, step: int, timeout: float | None = None
+    ) -> tuple[MessageHeader, Packet]:
+        """One call to another replica of our stage (gradient sums, state) about `step`."""
+        await self._greet(peer, self.worker.index)
+        limit = self.cfg.swarm.request_timeout
+        return await request(
+            self.p2p,
+            peer,
+            f"{self.cfg.name}.{rpc}",
+            self._header("ack", f"{step}:{rpc}", step=step),
+            Packet({}),
+            self.stats,
+            timeout=min(limit, timeout) if timeout else limit,
+        )
+
     async def _catch_up(self, step: int, peers: list[str]) -> None:
         """Load a live replica's state (weights, optimizer, step): never serve from a stale or random one."""
         for peer in peers:
             try:
-                await self._greet(peer, self.worker.index)
-                reply, pkt = await request(
-                    self.p2p,
-                    peer,
-                    f"{self.cfg.name}.state",
-                    self._header("ack", f"{step}:state"),
-                    Packet({}),
-                    self.stats,
-                    timeout=self.cfg.swarm.request_timeout,
-                )
+                reply, pkt = await self._ask_replica(peer, "state", step)
             except Exception as e:
                 self.console.print(f"stage {self.worker.index}: no state from {peer[-8:]}: {e}", markup=False)
                 continue

@@ -103,6 +103,17 @@ def test_training_survives_a_coordinator_restart(tmp_path: Path, toy_corpus: Pat
     assert_no_leftovers(tag)
 
 
+def _local_swarm(cfg: Path, work: Path, tag: str, *extra: str) -> subprocess.Popen:
+    """`pmnode local-swarm` of 3 stages in the background; stderr to WORK/../swarm.err."""
+    args = ["--config", str(cfg), "--stages", "3", "--workdir", str(work), *extra]
+    return subprocess.Popen(
+        [str(BIN / "pmnode"), "local-swarm", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=(work.parent / "swarm.err").open("w"),
+        env=tagged_env(tag),
+    )
+
+
 def _pid_of(tag: str, summary_name: str) -> int:
     """The `pmnode join` process of the swarm tagged `tag` that writes `summary_name`."""
     for p in psutil.process_iter(["pid", "cmdline"]):
@@ -125,21 +136,7 @@ def test_a_replica_killed_mid_training_loses_no_micro_batch(tmp_path: Path, toy_
         tmp_path, toy_corpus, train={"steps": steps, "eval_every": 1000}, swarm={"request_timeout": 20.0}
     )
     work, tag = tmp_path / "work", uuid.uuid4().hex
-    args = ["--config", str(cfg), "--stages", "3", "--replicas", "2", "--schedule", "sync"]
-    swarm = subprocess.Popen(
-        [
-            str(BIN / "pmnode"),
-            "local-swarm",
-            *args,
-            "--workdir",
-            str(work),
-            "--summary-json",
-            str(tmp_path / "s.json"),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=(tmp_path / "swarm.err").open("w"),
-        env=tagged_env(tag),
-    )
+    swarm = _local_swarm(cfg, work, tag, "--replicas", "2", "--schedule", "sync")
     try:
         head_log = work / "logs" / "node-0.log"
         _wait(lambda: head_log.exists() and _head_step(head_log) >= 30, 120, "30 steps")
@@ -166,12 +163,7 @@ def test_a_replica_joining_mid_run_catches_up_and_stays_identical(tmp_path: Path
     steps = 400  # tiny runs ~15 steps/s: long enough for a node to start, announce and be committed with
     cfg = swarm_config(tmp_path, toy_corpus, train={"steps": steps, "eval_every": 1000})
     work, tag = tmp_path / "work", uuid.uuid4().hex
-    swarm = subprocess.Popen(
-        [str(BIN / "pmnode"), "local-swarm", "--config", str(cfg), "--stages", "3", "--workdir", str(work)],
-        stdout=subprocess.DEVNULL,
-        stderr=(tmp_path / "swarm.err").open("w"),
-        env=tagged_env(tag),
-    )
+    swarm = _local_swarm(cfg, work, tag)
     try:
         head_log = work / "logs" / "node-0.log"
         _wait(lambda: head_log.exists() and _head_step(head_log) >= 20, 120, "20 steps")
