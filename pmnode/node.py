@@ -293,13 +293,15 @@ class Node:
         if step != self.worker.step_count:
             raise PmnodeError(f"this replica is at step {self.worker.step_count}, not {step}")
         flat, samples = await self.compute(lambda: (self.worker.grad_vector(), self.worker.samples_ready))
-        meta = {"samples": samples, "mbs": ",".join(self._own(step))}
-        return self._header("ack", header.micro_batch, **meta), Packet({"g": flat})
+        return self._header("ack", header.micro_batch, samples=samples), Packet({"g": flat})
 
-    async def _on_prepare(self, req: Prepare, caller: str) -> Prepared:
+    def _only_head(self, caller: str) -> None:
         reason = self.guard.admit(caller, from_stage=0)
         if reason is not None:
             raise AuthError(reason, "only the head commits steps")
+
+    async def _on_prepare(self, req: Prepare, caller: str) -> Prepared:
+        self._only_head(caller)
         self.prepared = None
         if req.step > self.worker.step_count:  # it joined late or missed a commit: catch up first
             await self._catch_up(req.step, [p for p in sorted(req.peers) if p != self.peer_id])
@@ -359,24 +361,14 @@ class Node:
                 continue
             if reply.meta.get("step") != step:
                 continue
-            data = pkt.tensors["state"].numpy().tobytes()
-
-            def load(data: bytes = data) -> None:
-                self.worker.load_state_bytes(data)
-                self.worker.optimizer.zero_grad(set_to_none=True)
-                self.worker.samples_ready = 0
-                self.worker.accumulated = {}
-
-            await self.compute(load)
+            await self.compute(self.worker.load_state_bytes, pkt.tensors["state"].numpy().tobytes())
             self.samples_applied = step * self.cfg.train.batch_size
             self.console.print(f"stage {self.worker.index}: caught up to step {step} from {peer[-8:]}")
             return
         raise PmnodeError(f"stage {self.worker.index}: no replica at step {step} to catch up from")
 
     async def _on_reset(self, req: Reset, caller: str) -> Ack:
-        reason = self.guard.admit(caller, from_stage=0)
-        if reason is not None:
-            raise AuthError(reason, "only the head commits steps")
+        self._only_head(caller)
         if req.step != self.worker.step_count:
             raise PmnodeError(f"this replica is at step {self.worker.step_count}, not {req.step}")
         self.prepared = None
@@ -384,9 +376,7 @@ class Node:
         return Ack()
 
     async def _on_apply(self, req: Apply, caller: str) -> Applied:
-        reason = self.guard.admit(caller, from_stage=0)
-        if reason is not None:
-            raise AuthError(reason, "only the head commits steps")
+        self._only_head(caller)
         if self.prepared is None or self.prepared[0] != req.step:
             raise PmnodeError(f"step {req.step} was not prepared here")
         _, total, samples = self.prepared

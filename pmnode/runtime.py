@@ -280,10 +280,14 @@ class StageWorker:
         return buf.getvalue()
 
     def load_state_bytes(self, data: bytes) -> None:
+        """Become the replica whose `state_bytes` these are; gradients accumulated here are void."""
         state = torch.load(io.BytesIO(data), map_location=self.device, weights_only=True)
         self.stage.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optim"])
         self.step_count = int(state["step"])
+        self.optimizer.zero_grad(set_to_none=True)
+        self.samples_ready = 0
+        self.accumulated = {}
 
     def step(self, total_steps: int | None = None) -> tuple[int, float]:
         """Mean gradient over the finished samples, clip, AdamW at the scheduled lr, re-project.

@@ -110,6 +110,13 @@ def check_gradient(packet: Packet, codec: Codec, shape: tuple[int, int], scale: 
     scale.check(float(torch.linalg.vector_norm(g)))
 
 
+def _for_us(header: MessageHeader, run: str, from_stage: int) -> None:
+    if header.kind != "activation" or header.run != run or header.stage != from_stage:
+        raise WireError(
+            "bad payload", f"a {header.kind} of run {header.run!r} from stage {header.stage} is not for us"
+        )
+
+
 def check_micro_batch(
     header: MessageHeader,
     *,
@@ -127,10 +134,7 @@ def check_micro_batch(
     refused. A retry of the same id comes with a new random `try`; the stage then passes it through
     for its input gradient but never adds its gradient to the weights twice (StageWorker).
     """
-    if header.kind != "activation" or header.run != run or header.stage != from_stage:
-        raise WireError(
-            "bad payload", f"a {header.kind} of run {header.run!r} from stage {header.stage} is not for us"
-        )
+    _for_us(header, run, from_stage)
     try:
         s, j = (int(v) for v in header.micro_batch.split(":"))
     except ValueError:
@@ -146,10 +150,7 @@ def check_micro_batch(
 
 
 def check_eval_batch(header: MessageHeader, *, run: str, from_stage: int, n_batches: int) -> None:
-    if header.kind != "activation" or header.run != run or header.stage != from_stage:
-        raise WireError(
-            "bad payload", f"a {header.kind} of run {header.run!r} from stage {header.stage} is not for us"
-        )
+    _for_us(header, run, from_stage)
     name, _, i = header.micro_batch.partition(":")
     if name != "eval" or not i.isdigit() or int(i) >= n_batches:
         raise WireError("unknown micro-batch", repr(header.micro_batch[:40]))
