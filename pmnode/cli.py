@@ -115,7 +115,13 @@ def join(
         list[str] | None, typer.Option(help="Multiaddr others should dial (behind NAT).")
     ] = None,
     data: DataOpt = None,
-    checkpoint_dir: Annotated[Path | None, typer.Option(help="Save (and resume) this stage here.")] = None,
+    checkpoint_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Save this stage here; --resume loads from it, and so does a node that takes over an "
+            "empty stage mid-run."
+        ),
+    ] = None,
     summary_json: Annotated[Path | None, typer.Option(help="Write this node's summary here on exit.")] = None,
     bf16: Annotated[bool, typer.Option("--bf16", help="bf16 autocast for this node's layers.")] = False,
     resume: Annotated[
@@ -127,6 +133,14 @@ def join(
     link_bandwidth: BandwidthOpt = "unlimited",
     link_latency: LatencyOpt = "0ms",
     checkpoint_every: CheckpointEveryOpt = 0,
+    fresh_weights: Annotated[
+        bool,
+        typer.Option(
+            "--fresh-weights",
+            help="If this stage has no node and the swarm is past step 0, start it from random weights "
+            "instead of refusing to join without a checkpoint.",
+        ),
+    ] = False,
     token_file: Annotated[
         Path | None,
         typer.Option(
@@ -183,6 +197,7 @@ def join(
         link_bandwidth=parse_bandwidth(link_bandwidth),
         link_latency=parse_latency(link_latency),
         checkpoint_every=checkpoint_every,
+        fresh_weights=fresh_weights,
     )
 
     node = Node(opts, console)

@@ -167,6 +167,12 @@ class SwarmConfig(_Strict):
     request_timeout: float = Field(
         60.0, gt=0, description="Seconds before a micro-batch's route is given up."
     )
+    pause_limit: float = Field(
+        0.0,
+        ge=0,
+        description="Seconds the head waits for an empty stage to get a node again before it stops the "
+        "run; 0 waits for ever.",
+    )
     threads: int | None = Field(None, ge=1, description="torch threads per node; None keeps torch's default.")
     peer_rate: float = Field(
         1000.0, gt=0, description="Data calls per second one upstream peer may make; the excess is refused."

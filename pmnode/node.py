@@ -64,7 +64,7 @@ from pmnode.data import TokenDataset
 from pmnode.dht import announce, keep_in_touch, stage_records, start_dht
 from pmnode.errors import PmnodeError
 from pmnode.panel import Display, LogFormat, NodeSnapshot
-from pmnode.routing import HEARTBEAT_PERIOD, Backoff, StageRecord, choose_peer
+from pmnode.routing import HEARTBEAT_PERIOD, RECORD_TTL, Backoff, StageRecord, choose_peer
 from pmnode.runtime import StageWorker
 from pmnode.shaping import LinkShaper
 from pmnode.transport import TransportStats, request, serve
@@ -99,6 +99,7 @@ class NodeOptions(BaseModel):
     link_bandwidth: float | None = None  # bytes/s on each emulated outgoing link; None: unshaped
     link_latency: float = 0.0  # seconds, one way
     token: SecretStr | None = None  # the run's join token; never printed
+    fresh_weights: bool = False  # may start an empty stage mid-run from random weights
 
 
 class SameStage:
@@ -151,6 +152,7 @@ class Node:
         self.stats = TransportStats()  # calls this node makes (to the next stage)
         self.server_stats = TransportStats()  # calls this node serves (from the previous stage)
         self.done = asyncio.Event()
+        self.pause_lock = asyncio.Lock()
         self.downstream: list[StageRecord] = []
         self.backoff = Backoff()  # downstream replicas that failed us, skipped for a doubling while
         self.commit_failed: dict[str, float] = {}  # head: replica -> when a commit last failed with it
@@ -175,6 +177,10 @@ class Node:
         self.dropped_gradients = 0
         self.reissued = 0  # micro-batches the head sent again after losing a replica
         self.samples_off = 0  # summed |samples applied - batch_size| over this node's steps: 0 when exact
+        self.origin: str | None = None  # where this stage's weights came from, when not random init
+        self.rejoined = False  # took over an empty stage mid-run: its first step re-sends everything
+        self.steps_lost = 0  # swarm steps whose updates this stage's weights never saw (empty stage)
+        self.paused_s = 0.0  # head: seconds spent waiting for an empty stage
 
     # ---- plumbing --------------------------------------------------------------------------------------
     async def compute(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -365,7 +371,71 @@ class Node:
             self.samples_applied = step * self.cfg.train.batch_size
             self.console.print(f"stage {self.worker.index}: caught up to step {step} from {peer[-8:]}")
             return
+        if not peers:  # no other replica: this node is the stage now, from its checkpoint
+            await self._adopt(step)
+            return
         raise PmnodeError(f"stage {self.worker.index}: no replica at step {step} to catch up from")
+
+    async def _swarm_step(self) -> int:
+        """The step the swarm is at, read from the other stages' records: the head's, else the furthest."""
+        run, here = self.cfg.name, self.worker.index
+        steps: dict[int, list[int]] = {}
+        for s in range(self.cfg.n_stages):
+            if s != here:
+                recs = await stage_records(self.dht, run, s, self.verifier)
+                steps[s] = [r.step for r in recs if r.state == "online"]
+        return max(steps.get(0) or [x for v in steps.values() for x in v] or [0])
+
+    async def _take_over_if_empty(self) -> None:
+        """Joining a stage that no node serves while the swarm is past step 0: never from random init."""
+        run, s = self.cfg.name, self.worker.index
+        others = [
+            r
+            for r in await stage_records(self.dht, run, s, self.verifier)
+            if r.peer_id != self.peer_id and r.state == "online"
+        ]
+        if others:
+            return  # a replica: the head's next commit brings it up to date from them
+        step = await self._swarm_step()
+        if step > self.worker.step_count:
+            await self._adopt(step)
+
+    async def _adopt(self, step: int) -> None:
+        """Serve an empty stage from its latest checkpoint, then move to the swarm's step.
+
+        The updates the stage made after that checkpoint died with its last node; the other stages
+        keep theirs, so the swarm goes on at `step` and this stage counts the steps it lost.
+        """
+        o, s = self.opts, self.worker.index
+        if self.origin is None:
+            man = checkpoint.load_manifest(o.checkpoint_dir, s) if o.checkpoint_dir else None
+            if man is not None and man.run == self.cfg.name and man.step <= step:
+                man = await self.compute(checkpoint.load, self.worker, o.checkpoint_dir)
+                self.samples_applied = man.samples
+                self.origin = f"its checkpoint of step {man.step} in {o.checkpoint_dir}"
+            elif o.fresh_weights:
+                self.origin = "random weights (--fresh-weights)"
+            else:
+                found = f" (the one there is of step {man.step} or another run)" if man else ""
+                raise PmnodeError(
+                    f"stage {s} has no node and the swarm is at step {step}: pass --checkpoint-dir DIR "
+                    f"holding this run's stage-{s}/ checkpoint{found}, or --fresh-weights to start the stage "
+                    "from random weights"
+                )
+        lost = step - self.worker.step_count
+
+        def move() -> None:
+            self.worker.step_count = step
+
+        await self.compute(move)
+        self.steps_lost += lost
+        self.rejoined = True
+        self.console.print(
+            f"stage {s} had no node: serving from {self.origin}; the swarm is at step {step}, so this "
+            f"stage skips the updates of {lost} step(s)",
+            highlight=False,
+            markup=False,
+        )
 
     async def _on_reset(self, req: Reset, caller: str) -> Ack:
         self._only_head(caller)
@@ -407,6 +477,10 @@ class Node:
             dead = {p for p, t in self.commit_failed.items() if now - t < 10.0}
             peers = {s: [r.peer_id for r in self.members.get(s, []) if r.peer_id not in dead] for s in stages}
             empty = [s for s in stages if not peers[s]]
+            if empty and self._empty_stages():
+                await self._wait_whole()
+                deadline = time.monotonic() + self.cfg.swarm.request_timeout
+                continue
             if empty:
                 if now > deadline:
                     raise PmnodeError(f"stage {empty[0]} has no node to commit step {step} with")
@@ -626,6 +700,67 @@ class Node:
             total += float(reply.meta["loss"])
         return total / len(batches)
 
+    def _empty_stages(self) -> list[int]:
+        return [
+            s
+            for s in range(1, self.cfg.n_stages)
+            if not [r for r in self.members.get(s, []) if r.state == "online"]
+        ]
+
+    async def _refresh_members(self) -> None:
+        for s in range(1, self.cfg.n_stages):
+            self.members[s] = await stage_records(self.dht, self.cfg.name, s, self.verifier)
+
+    async def _stage_went_empty(self) -> bool:
+        """After a failed micro-batch: did a whole stage go? Its last record outlives it by RECORD_TTL."""
+        deadline = time.monotonic() + RECORD_TTL + HEARTBEAT_PERIOD
+        while True:
+            await self._refresh_members()
+            if self._empty_stages():
+                return True
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(HEARTBEAT_PERIOD)
+
+    async def _wait_whole(self) -> None:
+        """Pause while some stage has no node at all; go on when one joins (the coordinator sends
+        new nodes to empty stages first)."""
+        empty = self._empty_stages()
+        if not empty:
+            return
+        async with self.pause_lock:  # every waiting micro-batch shares one pause and one message
+            empty, t0, said, waited = self._empty_stages(), time.monotonic(), -1e9, False
+            limit = self.cfg.swarm.pause_limit
+            while empty:
+                waited = True
+                now = time.monotonic()
+                if now - said >= 30.0:
+                    said = now
+                    names = ", ".join(map(str, empty))
+                    self.console.print(
+                        f"training paused at step {self.worker.step_count}: stage {names} has no node; "
+                        f"it resumes when one joins (pmnode join --stage {empty[0]} ...)",
+                        highlight=False,
+                    )
+                if limit and now - t0 > limit:
+                    raise PmnodeError(
+                        f"stage {empty[0]} had no node for {limit:.0f}s (swarm.pause_limit); stopping"
+                    )
+                await asyncio.sleep(1.0)
+                await self._refresh_members()
+                empty = self._empty_stages()
+            if waited:
+                self.paused_s += time.monotonic() - t0
+                # The swarm changed: whom we gave up on before may be back, and new routes are untried.
+                self.backoff.failures.clear()
+                self.commit_failed.clear()
+                await self._refresh_downstream()
+                self.console.print(
+                    f"every stage has a node again: training resumes at step {self.worker.step_count} "
+                    f"after {time.monotonic() - t0:.1f}s",
+                    highlight=False,
+                )
+
     async def drive(self) -> None:
         cfg, t = self.cfg, self.cfg.train
         train_set, heldout = TokenDataset.from_config(cfg.data, cfg.model.vocab_size)
@@ -637,6 +772,7 @@ class Node:
             await asyncio.sleep(1.0)
             waited += 1
             await self._refresh_downstream()
+        await self._refresh_members()
         if self.worker.step_count >= t.steps:
             raise PmnodeError(
                 f"nothing to train: stage 0 is at step {self.worker.step_count} and train.steps is "
@@ -648,9 +784,17 @@ class Node:
         pending: list[float] = []
         failures: list[BaseException] = []
 
-        async def one(mb: str, x: Tensor, y: Tensor) -> None:
+        async def one(mb: str, x: Tensor, y: Tensor, retry: bool) -> None:
             try:
-                pending.append(await self._train_microbatch(mb, x, y))
+                while True:
+                    try:
+                        pending.append(await self._train_microbatch(mb, x, y, retry=retry))
+                        return
+                    except Exception:
+                        if not await self._stage_went_empty():
+                            raise
+                    await self._wait_whole()
+                    retry = True  # stages that hold it already only pass it through
             except Exception as e:  # kept, never dropped: a lost micro-batch would skew the step
                 failures.append(e)
             finally:
@@ -661,13 +805,17 @@ class Node:
                 raise PmnodeError(f"training stopped: {failures[0]}") from failures[0]
 
         tasks: set[asyncio.Task] = set()
-        for step in range(self.worker.step_count, t.steps):
+        first = self.worker.step_count
+        for step in range(first, t.steps):
             x, y = train_set.batch(step, t.batch_size, t.seq_len, t.seed)
+            # A head that took over mid-step: the stages may hold some of this step from its predecessor.
+            retry = self.rejoined and step == first
             for j in range(n_micro):
                 await window.acquire()  # async: the window, not the step, bounds staleness
                 check()
+                await self._wait_whole()
                 sl = slice(j * t.micro, (j + 1) * t.micro)
-                task = asyncio.create_task(one(f"{step}:{j}", x[sl], y[sl]))
+                task = asyncio.create_task(one(f"{step}:{j}", x[sl], y[sl], retry))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
             if cfg.swarm.schedule == "sync":
@@ -890,7 +1038,9 @@ class Node:
                     )
                 man = checkpoint.load(self.worker, o.checkpoint_dir)
                 self.samples_applied = man.samples
+                self.origin = f"its checkpoint of step {man.step} in {o.checkpoint_dir}"
                 self.console.print(f"resumed stage {reply.stage} from step {man.step}")
+            await self._take_over_if_empty()
             sw = cfg.swarm
             self.grad_scale = GradScale(sw.max_grad_ratio)
             self.guard = Guard(
@@ -1001,6 +1151,8 @@ class Node:
             "dropped_gradients": self.dropped_gradients,
             "reissued": self.reissued,
             "samples_off": self.samples_off,
+            "steps_lost": self.steps_lost,
+            "paused_s": round(self.paused_s, 2),
         }
         if self.worker.is_first and self.losses:
             tokens = getattr(self, "tokens", 0)

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 from test_swarm import BIN, assert_no_leftovers, kill_tagged, swarm_config, tagged_env
 
+from pmnode import checkpoint
 from pmnode.status import fetch_status
 
 pytestmark = pytest.mark.slow
@@ -196,4 +197,71 @@ def test_a_replica_joining_mid_run_catches_up_and_stays_identical(tmp_path: Path
     oa, ob = torch.load(mine / "optimizer.pt"), torch.load(peer / "optimizer.pt")
     for i, st in oa["state"].items():
         assert all(torch.equal(v, ob["state"][i][k]) for k, v in st.items() if torch.is_tensor(v))
+    assert_no_leftovers(tag)
+
+
+def test_an_empty_stage_pauses_the_swarm_until_a_node_takes_it_over(tmp_path: Path, toy_corpus: Path) -> None:
+    steps = 200
+    cfg = swarm_config(
+        tmp_path, toy_corpus, train={"steps": steps, "eval_every": 1000}, swarm={"request_timeout": 8.0}
+    )
+    state, ckpt, tag = tmp_path / "coord", tmp_path / "ckpt", uuid.uuid4().hex
+    info = state / "coordinator.json"
+    procs: list[subprocess.Popen] = []
+
+    def join(name: str, *extra: str) -> subprocess.Popen:
+        args = [str(BIN / "pmnode"), "join", "--coordinator-file", str(info), "--device", "cpu"]
+        args += ["--log-format", "json", "--summary-json", str(tmp_path / f"{name}.json"), *extra]
+        p = _start(args, tmp_path / f"{name}.log", tag)
+        procs.append(p)
+        return p
+
+    try:
+        coord, _ = _coordinator(cfg, state, tmp_path / "coord.log", tag)
+        procs.append(coord)
+        every = ["--checkpoint-dir", str(ckpt), "--checkpoint-every", "10"]
+        nodes = {s: join(f"node-{s}", "--stage", str(s), *every) for s in (2, 1, 0)}
+        head_log = tmp_path / "node-0.log"
+        _wait(lambda: _head_step(head_log) >= 30, 120, "30 steps")
+        os.killpg(nodes[1].pid, signal.SIGKILL)  # stage 1's only node: the stage is empty
+        nodes[1].wait()
+        _wait(lambda: "training paused" in head_log.read_text(), 60, "the head to pause")
+        paused_at = _head_step(head_log)
+        assert paused_at < steps
+
+        # Without a checkpoint it must not serve stage 1 from random weights.
+        refused = join("no-checkpoint")
+        assert refused.wait(60) == 1
+        said = (tmp_path / "no-checkpoint.log").read_text().strip().splitlines()
+        assert f"stage 1 has no node and the swarm is at step {paused_at}" in said[-1]
+        assert "Traceback" not in "\n".join(said)
+        assert _head_step(head_log) == paused_at
+
+        saved = checkpoint.load_manifest(ckpt, 1)
+        assert saved is not None and saved.step <= paused_at
+        taker = join("taker", *every)  # no --stage: the coordinator sends it to the empty stage
+        assert coord.poll() is None
+        assert taker.wait(300) == 0, (tmp_path / "taker.log").read_text()[-3000:]
+        for s in (0, 2):
+            assert nodes[s].wait(60) == 0, (tmp_path / f"node-{s}.log").read_text()[-3000:]
+    finally:
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGINT)
+        for p in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(30)
+        kill_tagged(tag)
+    log = (tmp_path / "taker.log").read_text()
+    assert f"serving from its checkpoint of step {saved.step}" in log
+    head, tail = (json.loads((tmp_path / f"node-{s}.json").read_text()) for s in (0, 2))
+    taker_sum = json.loads((tmp_path / "taker.json").read_text())
+    assert taker_sum["stage"] == 1 and taker_sum["steps"] == steps
+    assert taker_sum["steps_lost"] == paused_at - saved.step
+    # The taker's weights saw every step after its checkpoint; the others saw every step, once each.
+    assert taker_sum["samples_applied"] == (steps - taker_sum["steps_lost"]) * 8
+    for node in (head, tail):
+        assert (node["steps"], node["samples_applied"], node["samples_off"]) == (steps, steps * 8, 0)
+    assert taker_sum["samples_off"] == 0 and head["paused_s"] > 0
+    print(json.dumps({"paused_at": paused_at, "checkpoint": saved.step, "paused_s": head["paused_s"]}))
     assert_no_leftovers(tag)
