@@ -122,7 +122,7 @@ class Coordinator:
                 RSAPublicKey.from_bytes(req.public_key.encode())
             except Exception as e:
                 raise PmnodeError("the join request carries no valid RSA public key") from e
-            stage = choose_stage(self._by_stage_with_pending(), self.cfg.n_stages, req.stage)
+            stage = choose_stage(self._by_stage_with_pending(), self.cfg.n_stages, req.stage, caller)
         except PmnodeError:
             self.metrics.refused.inc()
             raise

@@ -57,18 +57,29 @@ def capacity(records: Iterable[StageRecord]) -> float:
 
 
 def choose_stage(
-    by_stage: Mapping[int, Iterable[StageRecord]], n_stages: int, requested: int | None = None
+    by_stage: Mapping[int, Iterable[StageRecord]],
+    n_stages: int,
+    requested: int | None = None,
+    caller: str | None = None,
 ) -> int:
     """The stage a joining node serves: the requested one if valid, else the weakest.
 
     Empty stages come first (the swarm cannot train without them), then the least
-    capacity; ties go to the lowest index so every caller agrees.
+    capacity; ties go to the lowest index so every caller agrees. The head (stage 0)
+    drives the data and is never replicated: a node joins it only when it is empty.
     """
+    heads = [r.peer_id for r in live(by_stage.get(0, ())) if r.peer_id != caller]
     if requested is not None:
         if not 0 <= requested < n_stages:
             raise ConfigError(f"stage {requested} is out of range: this run has stages 0..{n_stages - 1}")
+        if requested == 0 and heads:
+            raise ConfigError(
+                f"stage 0 already has its head ({heads[0][-8:]}); the head is never replicated: "
+                "join another stage, or leave --stage out"
+            )
         return requested
-    return min(range(n_stages), key=lambda s: (capacity(by_stage.get(s, ())), s))
+    open_ = [s for s in range(n_stages) if s or not heads]
+    return min(open_, key=lambda s: (capacity(by_stage.get(s, ())), s))
 
 
 def score(r: StageRecord) -> float:

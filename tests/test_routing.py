@@ -20,7 +20,9 @@ def test_empty_stages_first_then_least_capacity() -> None:
     full = {0: [rec("a", throughput=5)], 1: [rec("b", 1, throughput=2)], 2: [rec("c", 2, throughput=9)]}
     assert choose_stage(full, 3) == 1
     full[1].append(rec("d", 1, throughput=4))
-    assert choose_stage(full, 3) == 0
+    assert choose_stage(full, 3) == 1  # stage 0 is weaker, but its head is never replicated
+    full[0] = [rec("a", state="offline")]
+    assert choose_stage(full, 3) == 0  # the head is gone: its stage is empty, so it comes first
 
 
 def test_offline_records_do_not_count() -> None:
@@ -32,6 +34,11 @@ def test_requested_stage_is_checked() -> None:
     assert choose_stage({}, 4, requested=3) == 3
     with pytest.raises(ConfigError, match=r"stage 4 is out of range: this run has stages 0\.\.3"):
         choose_stage({}, 4, requested=4)
+    with pytest.raises(
+        ConfigError, match=r"already has its head \(a\); the head is never replicated"
+    ):
+        choose_stage({0: [rec("a")]}, 4, requested=0)
+    assert choose_stage({0: [rec("a")]}, 4, requested=0, caller="a") == 0  # the head renewing its certificate
 
 
 def test_peer_choice_by_throughput_and_queue() -> None:
