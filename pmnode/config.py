@@ -167,6 +167,17 @@ class SwarmConfig(_Strict):
     request_timeout: float = Field(
         60.0, gt=0, description="Seconds before a micro-batch's route is given up."
     )
+    average_period: float = Field(
+        5.0,
+        gt=0,
+        description="async: seconds between the parameter-averaging rounds of a stage's replicas "
+        "(hivemind DecentralizedAverager); a stage with one node never averages.",
+    )
+    average_compression: Literal["none", "float16"] = Field(
+        "float16",
+        description="async: how averaging rounds send tensors of 16 Ki elements or more (smaller ones go "
+        "exactly).",
+    )
     pause_limit: float = Field(
         0.0,
         ge=0,

@@ -133,11 +133,6 @@ def run_local_swarm(
     http_port: int | None = None,
     node_args: list[str] | None = None,
 ) -> SwarmSummary:
-    if replicas > 1 and cfg.swarm.schedule != "sync":
-        raise PmnodeError(
-            "--replicas > 1 needs the sync schedule (replicas sum their gradients at each step's commit); "
-            "add --schedule sync"
-        )
     ckpt = checkpoint_dir or workdir / "checkpoint"
     if resume and not (ckpt / "run.json").exists():
         raise PmnodeError(f"--resume: {ckpt} holds no checkpoint; run without --resume first")

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from hivemind.p2p import P2P
+from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 from pydantic import BaseModel, ConfigDict, SecretStr
 from rich.console import Console
@@ -44,6 +45,7 @@ from pmnode.auth import (
     Verifier,
     public_bytes,
 )
+from pmnode.averaging import MATCHMAKING_TIME, StageAverager, next_round
 from pmnode.codecs import Packet
 from pmnode.config import RunConfig
 from pmnode.control import (
@@ -100,6 +102,9 @@ class NodeOptions(BaseModel):
     link_latency: float = 0.0  # seconds, one way
     token: SecretStr | None = None  # the run's join token; never printed
     fresh_weights: bool = False  # may start an empty stage mid-run from random weights
+
+
+ASYNC_SLACK = 256  # steps an async micro-batch id may be ahead of the head's step a replica knows
 
 
 class SameStage:
@@ -160,6 +165,8 @@ class Node:
         self.losses: list[float] = []
         self.evals: list[tuple[int, int, float]] = []
         self.samples_applied = 0
+        self.samples_served = 0  # samples whose backward finished here: with `busy`, the service rate
+        self.busy = 0.0  # seconds the compute thread worked
         self.started = time.monotonic()
         self.last_loss: float | None = None
         self.tokens_per_s = 0.0
@@ -181,10 +188,23 @@ class Node:
         self.rejoined = False  # took over an empty stage mid-run: its first step re-sends everything
         self.steps_lost = 0  # swarm steps whose updates this stage's weights never saw (empty stage)
         self.paused_s = 0.0  # head: seconds spent waiting for an empty stage
+        # async replicas: parameter averaging (pmnode.averaging) and the head's step they follow
+        self.averager: StageAverager | None = None
+        self.replicated = False  # async: has shared this stage with another node
+        self.frontier = 0  # async: the furthest step of a micro-batch taken here
+        self.since_average = 0  # samples applied since this replica's last averaging round
+        self.averaging: dict[str, int] = {"rounds": 0, "failed": 0, "refused": 0, "alone": 0}
 
     # ---- plumbing --------------------------------------------------------------------------------------
     async def compute(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self.pool, lambda: fn(*args, **kwargs))
+        def timed() -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.busy += time.perf_counter() - t0  # one compute thread: the only writer
+
+        return await asyncio.get_running_loop().run_in_executor(self.pool, timed)
 
     def _header(self, kind: str, mb: str, **meta: Any) -> MessageHeader:
         return MessageHeader(
@@ -271,8 +291,11 @@ class Node:
         """Runs on the compute thread, so the check and the step are atomic."""
         if self.worker.samples_ready < self.cfg.train.batch_size and not force:
             return None
-        applied, lr = self.worker.step(self.cfg.train.steps)
+        # An async replica makes only its share of the stage's steps: the schedule follows the head.
+        lr_step = max(self.frontier, self.worker.step_count) if self.replicated else None
+        applied, lr = self.worker.step(self.cfg.train.steps, lr_step)
         self.samples_applied += applied
+        self.since_average += applied
         # A step of anything but batch_size samples lost or double-counted micro-batches on the way.
         self.samples_off += abs(applied - self.cfg.train.batch_size)
         o = self.opts
@@ -376,6 +399,99 @@ class Node:
             return
         raise PmnodeError(f"stage {self.worker.index}: no replica at step {step} to catch up from")
 
+    async def _copy_replica(self, peers: list[str]) -> None:
+        """async: start from a live replica's weights, optimizer state and step, before serving."""
+        for peer in peers:
+            try:
+                _, pkt = await self._ask_replica(peer, "state", self.worker.step_count)
+            except Exception as e:
+                self.console.print(f"stage {self.worker.index}: no state from {peer[-8:]}: {e}", markup=False)
+                continue
+            await self.compute(self.worker.load_state_bytes, pkt.tensors["state"].numpy().tobytes())
+            step = self.worker.step_count
+            self.samples_applied, self.frontier, self.replicated = 0, step, True
+            self.origin = f"replica {peer[-8:]} at step {step}"
+            self.console.print(f"stage {self.worker.index}: copied replica {peer[-8:]} at step {step}")
+            return
+        raise PmnodeError(
+            f"stage {self.worker.index}: no replica answered with its state; this node will not serve "
+            "from random weights: try again"
+        )
+
+    # ---- async replicas: parameter averaging with hivemind ---------------------------------------------
+    async def _average_loop(self) -> None:
+        """Every average_period: if this stage has other replicas, average parameters with them."""
+        run, s, period = self.cfg.name, self.worker.index, self.cfg.swarm.average_period
+        while True:
+            at = next_round(period)
+            await asyncio.sleep(max(0.0, at - get_dht_time() - MATCHMAKING_TIME - 0.2))
+            others = [
+                r
+                for r in await stage_records(self.dht, run, s, self.verifier)
+                if r.peer_id != self.peer_id and r.state == "online"
+            ]
+            if not others:
+                self.averaging["alone"] += 1
+                await asyncio.sleep(max(0.0, at - get_dht_time()))
+                continue
+            await self._average_round(at)
+
+    def _task_ended(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self.console.print(f"stage {self.worker.index}: {task.get_name()} stopped: {task.exception()!r}")
+
+    async def _average_round(self, at: float) -> bool:
+        loop = asyncio.get_running_loop()
+        if self.averager is None:  # started by the first round with a partner: one replica pays nothing
+            # In this (the main) thread: hivemind's averager process sets up signal handling as it starts.
+            self.averager = StageAverager(
+                self.worker, self.dht, self.cfg.name, compression=self.cfg.swarm.average_compression
+            )
+            self.replicated = True
+        avg = self.averager
+        await self.compute(avg.snapshot)
+        weight, self.since_average = self.since_average, 0
+        try:
+            control = avg.start_round(at, weight, self.cert)
+            group = await loop.run_in_executor(None, control.result)
+        except Exception as e:
+            group = None
+            self.console.print(f"stage {self.worker.index}: averaging round failed: {e}", markup=False)
+        if not group or len(group) < 2:
+            self.averaging["failed"] += 1
+            self.since_average += weight  # those samples count toward the next round
+            return False
+        try:
+            StageAverager.members(group, self.verifier, self.worker.index)
+        except AuthError as e:
+            self.averaging["refused"] += 1
+            self.console.print(f"stage {self.worker.index}: averaging round refused: {e}", markup=False)
+            return False
+        if not await self.compute(avg.apply):
+            self.averaging["refused"] += 1
+            return False
+        self.averaging["rounds"] += 1
+        return True
+
+    async def _last_average(self) -> None:
+        """async, at the end: apply what is left, then one more round, so replicas end with one set of
+        weights."""
+        if self.averager is None:
+            return
+
+        def flush() -> None:
+            if self.worker.samples_ready:  # a replica's last, partial batch: applied, not lost
+                applied, _ = self.worker.step(
+                    self.cfg.train.steps, max(self.frontier, self.worker.step_count)
+                )
+                self.samples_applied += applied
+                self.since_average += applied
+
+        await self.compute(flush)
+        for _ in range(3):  # the other replica may still be finishing its own flush
+            if await self._average_round(next_round(self.cfg.swarm.average_period)):
+                return
+
     async def _swarm_step(self) -> int:
         """The step the swarm is at, read from the other stages' records: the head's, else the furthest."""
         run, here = self.cfg.name, self.worker.index
@@ -394,8 +510,10 @@ class Node:
             for r in await stage_records(self.dht, run, s, self.verifier)
             if r.peer_id != self.peer_id and r.state == "online"
         ]
+        if others and self.cfg.swarm.schedule == "async":
+            await self._copy_replica([r.peer_id for r in others])
         if others:
-            return  # a replica: the head's next commit brings it up to date from them
+            return  # sync: the head's next commit brings it up to date from them
         step = await self._swarm_step()
         if step > self.worker.step_count:
             await self._adopt(step)
@@ -558,16 +676,21 @@ class Node:
             raise WireError("bad payload", "samples is not an integer")
         t = self.cfg.train
         self._check(packet, t.micro, samples)  # the layout first: it needs no state
+        sync = self.cfg.swarm.schedule == "sync"
         step = check_micro_batch(
             header,
             run=self.cfg.name,
             from_stage=self.worker.index - 1,
             n_micro=t.batch_size // t.micro,
-            step=self.worker.step_count,
-            window=self.cfg.swarm.max_inflight // max(t.batch_size // t.micro, 1) + 2,
+            step=self._ref_step(),
+            # Async replicas count only their own steps and learn the head's between micro-batches
+            # (and from its record every heartbeat), so ids may run ahead of what they know.
+            window=self.cfg.swarm.max_inflight // max(t.batch_size // t.micro, 1)
+            + (2 if sync else ASYNC_SLACK),
             seen=self.seen,
         )
-        if self.cfg.swarm.schedule == "sync" and step != self.worker.step_count:
+        self.frontier = max(self.frontier, step)
+        if sync and step != self.worker.step_count:
             # A replica that missed a commit takes nothing until the next one brings it up to date.
             raise WireError(
                 "unknown micro-batch", f"{mb!r} while this replica is at step {self.worker.step_count}"
@@ -583,6 +706,7 @@ class Node:
                 lambda: self._then_step(self.worker.forward_backward(key, packet, targets))
             )
             self.last_loss = loss
+            self.samples_served += samples
             return self._header("gradient", mb, loss=loss), grad
         out = await self.compute(self.worker.forward, key, packet, None, samples)
         shape = self._shape(out)
@@ -594,6 +718,7 @@ class Node:
             await self.compute(self.worker.abandon, key)
             raise
         up = await self.compute(lambda: self._then_step(self.worker.backward(key, grad)))
+        self.samples_served += samples
         return self._header("gradient", mb, **reply.meta), up
 
     async def _on_eval(
@@ -623,11 +748,17 @@ class Node:
             samples=samples,
         )
 
+    def _ref_step(self) -> int:
+        """The step this stage takes micro-batches around: its own, or async, the head's as far as known."""
+        if self.cfg.swarm.schedule == "sync":
+            return self.worker.step_count
+        return max(self.worker.step_count, self.frontier)
+
     def _remember(self, mb: str, step: int, attempt: int) -> None:
         self.seen.setdefault(mb, set()).add(attempt)
         self.seen_step[mb] = step
         if len(self.seen) > 4 * self.cfg.swarm.max_inflight + 64:  # ids far behind can't pass the window
-            oldest = self.worker.step_count - self.cfg.swarm.max_inflight - 4
+            oldest = self._ref_step() - self.cfg.swarm.max_inflight - 4
             self.seen_step = {k: v for k, v in self.seen_step.items() if v >= oldest}
             self.seen = {k: v for k, v in self.seen.items() if k in self.seen_step}
 
@@ -688,6 +819,7 @@ class Node:
             await self.compute(lambda: self._then_step(self.worker.backward(key, grad)))
         else:
             await self.compute(self.worker.backward, key, grad)
+        self.samples_served += x.shape[0]
         return float(reply.meta.get("loss", float("nan")))
 
     async def _eval(self, batches: list[tuple[Tensor, Tensor]]) -> float:
@@ -885,6 +1017,9 @@ class Node:
             )
             await self._announce(rec)
             await self._refresh_downstream()
+            if self.cfg.swarm.schedule == "async" and not self.worker.is_first:
+                heads = await stage_records(self.dht, self.cfg.name, 0, self.verifier)
+                self.frontier = max([self.frontier] + [r.step for r in heads if r.state == "online"])
             if self.worker.is_first:  # the head commits with every stage's replicas
                 for stage in range(1, self.cfg.n_stages):
                     self.members[stage] = await stage_records(self.dht, self.cfg.name, stage, self.verifier)
@@ -951,8 +1086,9 @@ class Node:
             await asyncio.sleep(0.5)
 
     def _throughput(self) -> float:
-        elapsed = time.monotonic() - self.started
-        return round(self.samples_applied / elapsed, 3) if elapsed > 0 else 0.0
+        """Samples/s this node can serve: per second of compute, not of wall time, so a replica that
+        got little traffic is not mistaken for a slow one (0 until it has measured itself)."""
+        return round(self.samples_served / self.busy, 3) if self.busy > 0.2 and self.samples_served else 0.0
 
     async def _announce(self, rec: StageRecord) -> None:
         await announce(self.dht, self.cfg.name, rec, self.cert, self.key)
@@ -1023,13 +1159,6 @@ class Node:
                     f"subspace fingerprint mismatch: coordinator has {reply.fingerprint}, this node "
                     f"built {mine}; upgrade pmnode to the coordinator's version"
                 )
-            if cfg.swarm.schedule == "async" and reply.stage > 0:
-                others = await stage_records(self.dht, cfg.name, reply.stage, self.verifier)
-                if [r for r in others if r.peer_id != self.peer_id]:
-                    raise PmnodeError(
-                        f"stage {reply.stage} already has a node and this run is async: replicas keep one "
-                        "set of weights only under the sync schedule; join another stage or run sync"
-                    )
             if o.resume:
                 if not (o.checkpoint_dir and checkpoint.load_manifest(o.checkpoint_dir, reply.stage)):
                     raise PmnodeError(
@@ -1089,8 +1218,13 @@ class Node:
                 f"of run {cfg.name}, codec {cfg.codec_spec}, {cfg.swarm.schedule}"
                 + (f", links emulated at {self.shaper.describe()}" if self.shaper.active else "")
             )
-            beat = asyncio.create_task(self._heartbeat())
+            beat = asyncio.create_task(self._heartbeat(), name="heartbeat")
+            beat.add_done_callback(self._task_ended)
             ui = asyncio.create_task(self._show())
+            averaging = None
+            if cfg.swarm.schedule == "async" and not self.worker.is_first:
+                averaging = asyncio.create_task(self._average_loop(), name="averaging")
+                averaging.add_done_callback(self._task_ended)
             try:
                 if self.worker.is_first:
                     driver = asyncio.create_task(self.drive())
@@ -1109,9 +1243,16 @@ class Node:
                     )
                     if self.done.is_set():
                         await self._finish_swarm()
+                        if averaging is not None:
+                            averaging.cancel()
+                            await self._last_average()
             finally:
                 beat.cancel()
                 ui.cancel()
+                if averaging is not None:
+                    averaging.cancel()
+                if self.averager is not None:
+                    self.averager.shutdown()
                 self.display.close(self.snapshot())
                 if o.checkpoint_dir:
                     checkpoint.save(self.worker, o.checkpoint_dir, cfg.name, self.samples_applied)
@@ -1133,8 +1274,9 @@ class Node:
         await self._refresh_downstream()
         for rec in self.downstream:
             try:
+                await self._greet(rec.peer_id)  # a replica that never got a micro-batch from us
                 await call_json(self.p2p, rec.peer_id, f"{self.cfg.name}.done", Done(), Ack, timeout=10)
-            except ControlError as e:
+            except (ControlError, AuthError) as e:
                 self.console.print(f"could not tell {rec.peer_id[-8:]} to stop: {e}")
 
     def summary(self) -> dict:
@@ -1153,6 +1295,7 @@ class Node:
             "samples_off": self.samples_off,
             "steps_lost": self.steps_lost,
             "paused_s": round(self.paused_s, 2),
+            "averaging": dict(self.averaging),
         }
         if self.worker.is_first and self.losses:
             tokens = getattr(self, "tokens", 0)

@@ -82,9 +82,9 @@ def choose_stage(
     return min(open_, key=lambda s: (capacity(by_stage.get(s, ())), s))
 
 
-def score(r: StageRecord) -> float:
+def score(r: StageRecord, unmeasured: float = 1.0) -> float:
     """Expected service rate for one more micro-batch: throughput shared with its queue."""
-    return (r.throughput or 1.0) / (1 + r.queue)
+    return (r.throughput or unmeasured) / (1 + r.queue)
 
 
 def choose_peer(
@@ -95,14 +95,17 @@ def choose_peer(
     """Pick a downstream replica by score; random among near-equals to spread load.
 
     Candidates within 10% of the best score are equally good; without an rng the
-    choice is the first of them by peer id (deterministic, for tests).
+    choice is the first of them by peer id (deterministic, for tests). A replica that
+    has not measured itself yet (it just joined) is taken to be as fast as the fastest,
+    so it gets micro-batches to measure itself on instead of starving.
     """
     banned = set(exclude)
     cands = [r for r in live(records) if r.peer_id not in banned and r.state == "online"]
     if not cands:
         return None
-    best = max(score(r) for r in cands)
-    near = [r for r in cands if score(r) >= 0.9 * best]
+    fresh = max((r.throughput for r in cands), default=0.0) or 1.0
+    best = max(score(r, fresh) for r in cands)
+    near = [r for r in cands if score(r, fresh) >= 0.9 * best]
     return rng.choice(near) if rng else near[0]
 
 

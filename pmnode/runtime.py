@@ -289,10 +289,11 @@ class StageWorker:
         self.samples_ready = 0
         self.accumulated = {}
 
-    def step(self, total_steps: int | None = None) -> tuple[int, float]:
+    def step(self, total_steps: int | None = None, lr_step: int | None = None) -> tuple[int, float]:
         """Mean gradient over the finished samples, clip, AdamW at the scheduled lr, re-project.
 
-        Returns (samples applied, lr).
+        `lr_step` puts the schedule at another step than this worker's own count (an async replica
+        makes only its share of the stage's steps). Returns (samples applied, lr).
         """
         if self.inflight and not self.stash_weights:
             raise PmnodeError(f"stage {self.index}: step with {len(self.inflight)} micro-batches in flight")
@@ -303,7 +304,9 @@ class StageWorker:
             for p in params:
                 p.grad.div_(applied)  # type: ignore[union-attr]
         self.stage.project_grads_()
-        lr = lr_at(self.step_count, optim, total_steps or self.cfg.train.steps)
+        lr = lr_at(
+            self.step_count if lr_step is None else lr_step, optim, total_steps or self.cfg.train.steps
+        )
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         if optim.grad_clip is not None and params:

@@ -265,3 +265,50 @@ def test_an_empty_stage_pauses_the_swarm_until_a_node_takes_it_over(tmp_path: Pa
     assert taker_sum["samples_off"] == 0 and head["paused_s"] > 0
     print(json.dumps({"paused_at": paused_at, "checkpoint": saved.step, "paused_s": head["paused_s"]}))
     assert_no_leftovers(tag)
+
+
+def test_async_replicas_average_with_hivemind_and_end_with_one_set_of_weights(
+    tmp_path: Path, toy_corpus: Path
+) -> None:
+    steps = 1500  # async tiny runs ~30 steps/s here: the joiner is in for several averaging rounds
+    cfg = swarm_config(
+        tmp_path,
+        toy_corpus,
+        train={"steps": steps, "eval_every": 100_000},
+        swarm={"schedule": "async", "average_period": 2.0},
+    )
+    work, tag = tmp_path / "work", uuid.uuid4().hex
+    swarm = _local_swarm(cfg, work, tag)
+    try:
+        head_log = work / "logs" / "node-0.log"
+        _wait(lambda: head_log.exists() and _head_step(head_log) >= 30, 120, "30 steps")
+        joiner_log = tmp_path / "joiner.log"
+        args = [
+            str(BIN / "pmnode"),
+            "join",
+            "--coordinator-file",
+            str(work / "coordinator" / "coordinator.json"),
+        ]
+        args += ["--stage", "1", "--device", "cpu", "--checkpoint-dir", str(tmp_path / "joiner-ckpt")]
+        args += ["--summary-json", str(tmp_path / "joiner.json")]
+        joiner = _start(args, joiner_log, tag)
+        assert swarm.wait(300) == 0, (tmp_path / "swarm.err").read_text()[-3000:]
+        assert joiner.wait(60) == 0, joiner_log.read_text()[-3000:]
+    finally:
+        kill_tagged(tag)
+    log = joiner_log.read_text()
+    assert "stage 1: copied replica" in log, log[-2000:]  # never served from random weights
+    mine = json.loads((tmp_path / "joiner.json").read_text())
+    peer = json.loads((work / "node-1.json").read_text())
+    assert mine["server"]["messages_received"]["forward"] > 0  # it took a share of the micro-batches
+    assert mine["averaging"]["rounds"] >= 2 and mine["averaging"]["refused"] == 0
+    assert peer["averaging"]["rounds"] >= 2 and mine["samples_off"] == peer["samples_off"] == 0
+    # Each sample went through one replica of stage 1, once: their steps together apply the head's.
+    assert mine["samples_applied"] + peer["samples_applied"] == steps * 8
+    # The last round leaves both with the same weights, up to the fp16 rounding of the averaging traffic.
+    a = load_file(str(tmp_path / "joiner-ckpt" / "stage-1" / "model.safetensors"))
+    b = load_file(str(work / "checkpoint" / "stage-1" / "model.safetensors"))
+    gap = max(float((a[k] - b[k]).abs().max()) for k in a)
+    print(json.dumps({"rounds": mine["averaging"]["rounds"], "max_weight_gap": gap}))
+    assert gap < 2e-3
+    assert_no_leftovers(tag)

@@ -34,9 +34,7 @@ def test_requested_stage_is_checked() -> None:
     assert choose_stage({}, 4, requested=3) == 3
     with pytest.raises(ConfigError, match=r"stage 4 is out of range: this run has stages 0\.\.3"):
         choose_stage({}, 4, requested=4)
-    with pytest.raises(
-        ConfigError, match=r"already has its head \(a\); the head is never replicated"
-    ):
+    with pytest.raises(ConfigError, match=r"already has its head \(a\); the head is never replicated"):
         choose_stage({0: [rec("a")]}, 4, requested=0)
     assert choose_stage({0: [rec("a")]}, 4, requested=0, caller="a") == 0  # the head renewing its certificate
 
