@@ -35,11 +35,14 @@ def averaging_prefix(run: str, stage: int) -> str:
     return f"{run.replace('.', '_')}_stage{stage}"  # hivemind prefixes may not contain dots
 
 
-def next_round(period: float, now: float | None = None) -> float:
-    """The next round's start: a multiple of `period` in DHT time, so every replica picks the same one."""
+def next_round(period: float, now: float | None = None, lead: float = MATCHMAKING_TIME + 0.25) -> float:
+    """The next round's start at least `lead` s ahead: a multiple of `period` in DHT time, so every
+    replica picks the same one."""
     now = get_dht_time() if now is None else now
     at = (math.floor(now / period) + 1) * period
-    return at if at - now > MATCHMAKING_TIME + 0.25 else at + period
+    while at - now <= lead:
+        at += period
+    return at
 
 
 class StageAverager:
@@ -85,10 +88,10 @@ class StageAverager:
                 t.copy_(p.detach())
                 b.copy_(p.detach())
 
-    def start_round(self, at: float, weight: float, cert: Cert) -> Any:
+    def start_round(self, at: float, weight: float, cert: Cert, final: bool = False) -> Any:
         """Join the round that starts at `at`; returns hivemind's StepControl (a future)."""
         return self.averager.step(
-            gather={"cert": cert.model_dump(mode="json")},
+            gather={"cert": cert.model_dump(mode="json"), "final": final},
             scheduled_time=at,
             weight=max(float(weight), 1.0),
             timeout=at - get_dht_time() + self.timeout,

@@ -22,6 +22,7 @@ import json
 import random
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,7 @@ class NodeOptions(BaseModel):
     fresh_weights: bool = False  # may start an empty stage mid-run from random weights
 
 
+LINGER = 3.0  # seconds an async replica keeps its averager after the last round, for the others
 ASYNC_SLACK = 256  # steps an async micro-batch id may be ahead of the head's step a replica knows
 
 
@@ -224,8 +226,17 @@ class Node:
                 self.dht, self.cfg.name, self.worker.index + 1, self.verifier
             )
 
-    async def _send(self, rpc: str, header: MessageHeader, packet: Packet) -> tuple[MessageHeader, Packet]:
-        """Send to a downstream replica; on failure try another until request_timeout runs out."""
+    async def _send(
+        self,
+        rpc: str,
+        header: MessageHeader,
+        packet: Packet,
+        check: Callable[[Packet], None] | None = None,
+    ) -> tuple[MessageHeader, Packet]:
+        """Send to a downstream replica; on failure try another until request_timeout runs out.
+
+        A reply that fails `check` (a bad gradient) counts as a failure of that route: it is dropped,
+        never applied, and the micro-batch goes by another replica."""
         deadline = time.monotonic() + self.cfg.swarm.request_timeout
         while True:
             now = time.monotonic()
@@ -249,6 +260,8 @@ class Node:
                     timeout=max(1.0, deadline - now),
                     shaper=self.shaper,
                 )
+                if check is not None:
+                    check(answer[1])
                 self.backoff.ok(peer.peer_id)
                 return answer
             except Exception as e:  # any failure of this route: mark the peer, try another
@@ -420,11 +433,17 @@ class Node:
 
     # ---- async replicas: parameter averaging with hivemind ---------------------------------------------
     async def _average_loop(self) -> None:
-        """Every average_period: if this stage has other replicas, average parameters with them."""
+        """Every average_period: if this stage has other replicas, average parameters with them.
+
+        Ends when the run does, after the round in progress (never cut off: hivemind would run it
+        anyway and the replicas' last round could meet the wrong partner)."""
         run, s, period = self.cfg.name, self.worker.index, self.cfg.swarm.average_period
-        while True:
+        while not self.done.is_set():
             at = next_round(period)
-            await asyncio.sleep(max(0.0, at - get_dht_time() - MATCHMAKING_TIME - 0.2))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.done.wait(), at - get_dht_time() - MATCHMAKING_TIME - 0.2)
+            if self.done.is_set():
+                return
             others = [
                 r
                 for r in await stage_records(self.dht, run, s, self.verifier)
@@ -440,7 +459,8 @@ class Node:
         if not task.cancelled() and task.exception() is not None:
             self.console.print(f"stage {self.worker.index}: {task.get_name()} stopped: {task.exception()!r}")
 
-    async def _average_round(self, at: float) -> bool:
+    async def _average_round(self, at: float, final: bool = False) -> bool:
+        """One round; True if its result was applied (and, if `final`, every participant's was final too)."""
         loop = asyncio.get_running_loop()
         if self.averager is None:  # started by the first round with a partner: one replica pays nothing
             # In this (the main) thread: hivemind's averager process sets up signal handling as it starts.
@@ -452,7 +472,7 @@ class Node:
         await self.compute(avg.snapshot)
         weight, self.since_average = self.since_average, 0
         try:
-            control = avg.start_round(at, weight, self.cert)
+            control = avg.start_round(at, weight, self.cert, final)
             group = await loop.run_in_executor(None, control.result)
         except Exception as e:
             group = None
@@ -471,26 +491,32 @@ class Node:
             self.averaging["refused"] += 1
             return False
         self.averaging["rounds"] += 1
-        return True
+        return all(isinstance(d, dict) and d.get("final") for d in group.values()) if final else True
 
-    async def _last_average(self) -> None:
-        """async, at the end: apply what is left, then one more round, so replicas end with one set of
-        weights."""
+    async def _last_average(self, averaging: asyncio.Task | None) -> None:
+        """async, at the end: let the round in progress finish, apply what is left, then rounds until
+        one has only finished replicas in it, so the replicas end with one set of weights."""
+        if averaging is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(averaging, self.cfg.swarm.average_period + 20.0)
         if self.averager is None:
             return
 
         def flush() -> None:
             if self.worker.samples_ready:  # a replica's last, partial batch: applied, not lost
-                applied, _ = self.worker.step(
-                    self.cfg.train.steps, max(self.frontier, self.worker.step_count)
-                )
+                at = max(self.frontier, self.worker.step_count)
+                applied, _ = self.worker.step(self.cfg.train.steps, at)
                 self.samples_applied += applied
                 self.since_average += applied
 
         await self.compute(flush)
-        for _ in range(3):  # the other replica may still be finishing its own flush
-            if await self._average_round(next_round(self.cfg.swarm.average_period)):
+        for _ in range(4):  # another replica may still be in a regular round, or finishing its flush
+            at = next_round(self.cfg.swarm.average_period, lead=MATCHMAKING_TIME + 1.0)
+            if await self._average_round(at, final=True):
+                # This replica has its average; the others may still be receiving parts it reduced.
+                await asyncio.sleep(LINGER)
                 return
+        self.console.print(f"stage {self.worker.index}: no final averaging round with the other replicas")
 
     async def _swarm_step(self) -> int:
         """The step the swarm is at, read from the other stages' records: the head's, else the furthest."""
@@ -712,8 +738,12 @@ class Node:
         shape = self._shape(out)
         out.tensors.update(extra)
         try:
-            reply, grad = await self._send("forward", self._header("activation", mb, **header.meta), out)
-            self._check_gradient(grad, shape)
+            reply, grad = await self._send(
+                "forward",
+                self._header("activation", mb, **header.meta),
+                out,
+                check=lambda g: self._check_gradient(g, shape),
+            )
         except BaseException:
             await self.compute(self.worker.abandon, key)
             raise
@@ -809,8 +839,12 @@ class Node:
         shape = self._shape(pkt)
         self._attach_targets(pkt, y)
         try:
-            reply, grad = await self._send("forward", self._header("activation", mb, **meta), pkt)
-            self._check_gradient(grad, shape)
+            reply, grad = await self._send(
+                "forward",
+                self._header("activation", mb, **meta),
+                pkt,
+                check=lambda g: self._check_gradient(g, shape),
+            )
         except BaseException:
             await self.compute(self.worker.abandon, key)
             raise
@@ -1244,8 +1278,7 @@ class Node:
                     if self.done.is_set():
                         await self._finish_swarm()
                         if averaging is not None:
-                            averaging.cancel()
-                            await self._last_average()
+                            await self._last_average(averaging)
             finally:
                 beat.cancel()
                 ui.cancel()
