@@ -105,7 +105,7 @@ class NodeOptions(BaseModel):
     fresh_weights: bool = False  # may start an empty stage mid-run from random weights
 
 
-LINGER = 3.0  # seconds an async replica keeps its averager after the last round, for the others
+LINGER = 5.0  # seconds an async replica keeps its averager after the last round, for the others
 ASYNC_SLACK = 256  # steps an async micro-batch id may be ahead of the head's step a replica knows
 
 
@@ -195,6 +195,8 @@ class Node:
         self.replicated = False  # async: has shared this stage with another node
         self.frontier = 0  # async: the furthest step of a micro-batch taken here
         self.since_average = 0  # samples applied since this replica's last averaging round
+        self.finishing = False  # async: in the last averaging round
+        self.final_done = asyncio.Event()
         self.averaging: dict[str, int] = {"rounds": 0, "failed": 0, "refused": 0, "alone": 0}
 
     # ---- plumbing --------------------------------------------------------------------------------------
@@ -373,6 +375,9 @@ class Node:
         self, header: MessageHeader, packet: Packet, caller: str
     ) -> tuple[MessageHeader, Packet]:
         """A replica of our stage that is behind downloads our weights and optimizer state."""
+        if self.finishing:  # async, at the end: what the others take is the result of our last round
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.final_done.wait(), 60.0)
         data = await self.compute(self.worker.state_bytes)
         blob = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         return self._header("ack", header.micro_batch, step=self.worker.step_count), Packet({"state": blob})
@@ -491,7 +496,16 @@ class Node:
             self.averaging["refused"] += 1
             return False
         self.averaging["rounds"] += 1
-        return all(isinstance(d, dict) and d.get("final") for d in group.values()) if final else True
+        if final:
+            ok = all(isinstance(d, dict) and d.get("final") for d in group.values())
+            total = float(sum(p.double().sum() for p in self.worker.stage.parameters()))
+            self.console.print(
+                f"stage {self.worker.index}: last averaging round with {len(group)} replicas "
+                f"({'all' if ok else 'not all'} finished); weights sum {total:.6f}",
+                highlight=False,
+            )
+            return ok
+        return True
 
     async def _last_average(self, averaging: asyncio.Task | None) -> None:
         """async, at the end: let the round in progress finish, apply what is left, then rounds until
@@ -509,14 +523,44 @@ class Node:
                 self.samples_applied += applied
                 self.since_average += applied
 
+        self.finishing = True
         await self.compute(flush)
-        for _ in range(4):  # another replica may still be in a regular round, or finishing its flush
-            at = next_round(self.cfg.swarm.average_period, lead=MATCHMAKING_TIME + 1.0)
-            if await self._average_round(at, final=True):
-                # This replica has its average; the others may still be receiving parts it reduced.
-                await asyncio.sleep(LINGER)
-                return
-        self.console.print(f"stage {self.worker.index}: no final averaging round with the other replicas")
+        try:
+            for _ in range(4):  # another replica may still be in a regular round, or finishing its flush
+                at = next_round(self.cfg.swarm.average_period, lead=MATCHMAKING_TIME + 1.0)
+                if await self._average_round(at, final=True):
+                    break
+            else:
+                self.console.print(f"stage {self.worker.index}: no final averaging round with the others")
+        finally:
+            self.final_done.set()
+        await self._adopt_lowest()
+        await asyncio.sleep(LINGER)  # others may still be receiving parts we reduced, or our state
+
+    async def _adopt_lowest(self) -> None:
+        """After the last round, every replica takes the weights of the one with the lowest peer id:
+        a round whose all-reduce was partial (hivemind then keeps local parts) cannot leave two sets."""
+        s = self.worker.index
+        peers = [
+            r.peer_id
+            for r in await stage_records(self.dht, self.cfg.name, s, self.verifier)
+            if r.state == "online"
+        ]
+        lowest = min([*peers, self.peer_id])
+        if lowest == self.peer_id:
+            return
+        try:
+            _, pkt = await self._ask_replica(lowest, "state", self.worker.step_count)
+        except Exception as e:
+            self.console.print(f"stage {s}: could not take {lowest[-8:]}'s final weights: {e}", markup=False)
+            return
+        step = self.worker.step_count
+
+        def load() -> None:
+            self.worker.load_state_bytes(pkt.tensors["state"].numpy().tobytes())
+            self.worker.step_count = step  # this replica's own count of its steps stays
+
+        await self.compute(load)
 
     async def _swarm_step(self) -> int:
         """The step the swarm is at, read from the other stages' records: the head's, else the furthest."""
@@ -662,7 +706,7 @@ class Node:
                 )
                 self.reissued += len(missing)
                 await asyncio.gather(
-                    *(self._train_microbatch(mb, *batch[mb], retry=True) for mb in sorted(missing))
+                    *(self._train_through_pauses(mb, *batch[mb], retry=True) for mb in sorted(missing))
                 )
 
     async def _prepare_stage(
@@ -927,6 +971,17 @@ class Node:
                     highlight=False,
                 )
 
+    async def _train_through_pauses(self, mb: str, x: Tensor, y: Tensor, retry: bool = False) -> float:
+        """One micro-batch; if it fails because a stage lost its last node, wait for one and send again."""
+        while True:
+            try:
+                return await self._train_microbatch(mb, x, y, retry=retry)
+            except Exception:
+                if not await self._stage_went_empty():
+                    raise
+            await self._wait_whole()
+            retry = True  # stages that hold it already only pass it through
+
     async def drive(self) -> None:
         cfg, t = self.cfg, self.cfg.train
         train_set, heldout = TokenDataset.from_config(cfg.data, cfg.model.vocab_size)
@@ -952,15 +1007,7 @@ class Node:
 
         async def one(mb: str, x: Tensor, y: Tensor, retry: bool) -> None:
             try:
-                while True:
-                    try:
-                        pending.append(await self._train_microbatch(mb, x, y, retry=retry))
-                        return
-                    except Exception:
-                        if not await self._stage_went_empty():
-                            raise
-                    await self._wait_whole()
-                    retry = True  # stages that hold it already only pass it through
+                pending.append(await self._train_through_pauses(mb, x, y, retry))
             except Exception as e:  # kept, never dropped: a lost micro-batch would skew the step
                 failures.append(e)
             finally:

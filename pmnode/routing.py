@@ -68,7 +68,8 @@ def choose_stage(
     capacity; ties go to the lowest index so every caller agrees. The head (stage 0)
     drives the data and is never replicated: a node joins it only when it is empty.
     """
-    heads = [r.peer_id for r in live(by_stage.get(0, ())) if r.peer_id != caller]
+    # Announced heads only: a node assigned stage 0 a moment ago may never come up.
+    heads = [r.peer_id for r in live(by_stage.get(0, ())) if r.state == "online" and r.peer_id != caller]
     if requested is not None:
         if not 0 <= requested < n_stages:
             raise ConfigError(f"stage {requested} is out of range: this run has stages 0..{n_stages - 1}")
