@@ -1,11 +1,13 @@
-r"""Churn: a sync swarm trains while replicas leave (SIGKILL or SIGINT) and join, every 30-60 s.
+r"""Churn: a swarm trains while replicas leave (SIGKILL or SIGINT) and join, every 30-60 s.
 
     python scripts/churn.py --config configs/tiny.yaml --stages 3 --duration 600 --out docs/benchmarks/churn
+    python scripts/churn.py --schedule async --duration 600 --out docs/benchmarks/churn-async
 
 Starts a coordinator, one head and two replicas of every later stage as real processes on
 127.0.0.1, then alternates a leave (a random replica of a stage that has two or more, by SIGKILL
 or by SIGINT in turn) and a join (a new `pmnode join` on a stage with the fewest replicas, which
-catches up from a live replica at its first commit). The head is never removed: it owns the data.
+catches up from a live replica: at its first commit under sync, before it serves under async, where
+replicas then average parameters with hivemind). The head is never removed: it owns the data.
 
 Measured: tokens/s of the head over 10 s windows, the events, and per node the samples applied
 and `samples_off`, the summed |samples applied - batch size| over its steps (0 when no micro-batch
@@ -114,13 +116,14 @@ def main() -> None:
     ap.add_argument("--min-gap", type=float, default=30.0)
     ap.add_argument("--max-gap", type=float, default=60.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--schedule", choices=["sync", "async"], default="sync")
     ap.add_argument("--out", type=Path, default=Path("docs/benchmarks/churn"))
     args = ap.parse_args()
     rng = random.Random(args.seed)
     raw = yaml.safe_load(Path(args.config).read_text())
     raw["n_stages"] = args.stages
     raw.setdefault("train", {}).update(steps=10**7, eval_every=10**7)
-    raw.setdefault("swarm", {}).update(schedule="sync", threads=1, request_timeout=30.0)
+    raw.setdefault("swarm", {}).update(schedule=args.schedule, threads=1, request_timeout=30.0)
     batch = raw["train"]["batch_size"]
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
@@ -189,6 +192,7 @@ def main() -> None:
                     "samples_applied": s["samples_applied"],
                     "samples_off": s.get("samples_off"),
                     "reissued": s.get("reissued", 0),
+                    "averaging_rounds": s.get("averaging", {}).get("rounds", 0),
                 }
             elif stage >= 0:
                 nodes[name] = {"stage": stage, "summary": "none (SIGKILLed, or stopped while starting)"}
@@ -196,7 +200,7 @@ def main() -> None:
             name: [
                 line
                 for line in (work / f"{name}.log").read_text().splitlines()
-                if "caught up to step" in line
+                if "caught up to step" in line or "copied replica" in line
             ]
             for name in swarm.procs
             if name.startswith("node-")
@@ -204,6 +208,7 @@ def main() -> None:
     result = {
         "command": "python " + " ".join(sys.argv),
         "config": args.config,
+        "schedule": args.schedule,
         "stages": args.stages,
         "duration_s": args.duration,
         "steps": points[-1]["step"] if points else 0,
@@ -224,7 +229,7 @@ def write(out: Path, r: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(r, indent=2))
     lines = [
-        f"# Churn: {r['config']}, {r['stages']} stages, {r['duration_s']:.0f} s",
+        f"# Churn: {r['config']}, {r['stages']} stages, {r.get('schedule', 'sync')}, {r['duration_s']:.0f} s",
         "",
         f"Command: `{r['command']}`",
         "",
@@ -236,11 +241,11 @@ def write(out: Path, r: dict) -> None:
         "|---|---|---|---|",
         *(f"| {e['t']:.0f} | {e['kind']} | {e['stage']} | {e['node']} |" for e in r["events"]),
         "",
-        "| node | stage | steps | samples applied | samples off |",
-        "|---|---|---|---|---|",
+        "| node | stage | steps | samples applied | samples off | averaging rounds |",
+        "|---|---|---|---|---|---|",
         *(
             f"| {n} | {v['stage']} | {v.get('steps', '-')} | {v.get('samples_applied', '-')} | "
-            f"{v.get('samples_off', v.get('summary', '-'))} |"
+            f"{v.get('samples_off', v.get('summary', '-'))} | {v.get('averaging_rounds', '-')} |"
             for n, v in sorted(r["nodes"].items())
         ),
     ]
@@ -258,7 +263,7 @@ def write(out: Path, r: dict) -> None:
         ax.axvline(e["t"], color=color, alpha=0.5, linestyle="--")
     ax.set_xlabel("seconds of training (red: a replica leaves, green: one joins)")
     ax.set_ylabel("tokens/s")
-    ax.set_title(f"churn: {Path(r['config']).stem}, {r['stages']} stages, sync")
+    ax.set_title(f"churn: {Path(r['config']).stem}, {r['stages']} stages, {r.get('schedule', 'sync')}")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
