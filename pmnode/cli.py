@@ -256,6 +256,14 @@ def local_swarm(
     link_bandwidth: BandwidthOpt = "unlimited",
     link_latency: LatencyOpt = "0ms",
     checkpoint_every: CheckpointEveryOpt = 0,
+    churn: Annotated[
+        str | None,
+        typer.Option(
+            help="Every MIN-MAX seconds (e.g. 30-60) a replica leaves (SIGKILL and SIGINT in turn) or a new "
+            "one joins; needs --replicas 2 or more.",
+            metavar="MIN-MAX",
+        ),
+    ] = None,
 ) -> None:
     """Run a coordinator and every stage as separate processes on 127.0.0.1 (the embedded default)."""
     import os
@@ -264,6 +272,17 @@ def local_swarm(
     from pmnode.shaping import parse_bandwidth, parse_latency
 
     parse_bandwidth(link_bandwidth), parse_latency(link_latency)  # fail before starting anything
+    gaps = None
+    if churn is not None:
+        try:
+            lo, hi = (float(v) for v in churn.split("-"))
+        except ValueError:
+            raise PmnodeError(f"--churn takes MIN-MAX seconds, e.g. 30-60, not {churn!r}") from None
+        if not 0 < lo <= hi:
+            raise PmnodeError(f"--churn {churn}: need 0 < MIN <= MAX seconds")
+        gaps = (lo, hi)
+        if replicas < 2:
+            raise PmnodeError("--churn needs --replicas 2 or more: a leave must never empty a stage")
 
     sections: dict = {"n_stages": stages, "stage_layers": None}
     if schedule:
@@ -294,6 +313,7 @@ def local_swarm(
             "--checkpoint-every",
             str(checkpoint_every),
         ],
+        churn=gaps,
     )
     console.print(
         f"[bold]done[/]: {summary.steps} steps, train loss {summary.final_train_loss:.4f}, held-out loss "

@@ -10,11 +10,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -46,6 +48,7 @@ class SwarmSummary(BaseModel):
 class Proc:
     def __init__(self, name: str, args: list[str], log: Path, env: dict[str, str] | None = None):
         self.name, self.log = name, log
+        self.started = time.monotonic()
         self.file = log.open("w")
         self.p = subprocess.Popen(
             args,
@@ -132,7 +135,10 @@ def run_local_swarm(
     startup_timeout: float = 60.0,
     http_port: int | None = None,
     node_args: list[str] | None = None,
+    churn: tuple[float, float] | None = None,
 ) -> SwarmSummary:
+    if churn and replicas < 2:
+        raise PmnodeError("--churn needs --replicas 2 or more: a leave must never empty a stage")
     ckpt = checkpoint_dir or workdir / "checkpoint"
     if resume and not (ckpt / "run.json").exists():
         raise PmnodeError(f"--resume: {ckpt} holds no checkpoint; run without --resume first")
@@ -169,9 +175,8 @@ def run_local_swarm(
             console.print(f"swarm status page: {info['http']}")
         nodes: dict[int, Proc] = {}
         extra: list[Proc] = []  # replicas beyond the first of stages 1..; the head is never replicated
-        plan = [(st, r) for st in reversed(range(stages)) for r in range(replicas if st else 1)]
-        for s, r in plan:
-            # tail first, so every stage finds its next one at once
+
+        def spawn(s: int, r: int) -> Proc:
             name = f"node-{s}" if r == 0 else f"node-{s}-{r}"
             node = Proc(
                 f"stage {s}" + (f" replica {r}" if r else ""),
@@ -195,20 +200,29 @@ def run_local_swarm(
                 env,
             )
             procs.append(node)
+            return node
+
+        plan = [(st, r) for st in reversed(range(stages)) for r in range(replicas if st else 1)]
+        for s, r in plan:  # tail first, so every stage finds its next one at once
+            node = spawn(s, r)
             if r == 0:
                 nodes[s] = node
             else:
                 extra.append(node)
         head = nodes[0]
-        _follow(cfg, head, coord, [*(nodes[s] for s in range(1, stages)), *extra], stages, console)
+        others = [*(nodes[s] for s in range(1, stages)), *extra]
+        chaos = Churn(churn, stages, replicas, spawn, others, console) if churn else None
+        _follow(cfg, head, coord, others, stages, console, chaos)
         if head.p.returncode != 0:
             raise PmnodeError(f"the head node failed; see {head.log}:\n{head.log.read_text()[-2000:]}")
-        for node in [*(nodes[s] for s in range(1, stages)), *extra]:  # they stop once "done" reaches them
+        for node in others:  # they stop once "done" reaches them
             try:
                 node.p.wait(30)
             except subprocess.TimeoutExpired:
                 console.print(f"{node.name} did not stop in time; killing it")
         summary = json.loads((workdir / "node-0.json").read_text())
+        if chaos is not None:
+            chaos.report(workdir)
     finally:
         for p in reversed(procs):
             p.stop(grace=10.0)
@@ -226,8 +240,75 @@ def run_local_swarm(
     )
 
 
+class Churn:
+    """`--churn`: every MIN-MAX s a replica leaves (SIGKILL and SIGINT in turn) or a new one joins.
+
+    A leave takes a random replica of a stage that has two or more that have been up a while (a
+    joiner may still be catching up), so no stage is ever emptied; a join goes to the stage with
+    the fewest. The head is never touched: it owns the data.
+    """
+
+    def __init__(
+        self,
+        gaps: tuple[float, float],
+        stages: int,
+        replicas: int,
+        spawn: Callable[[int, int], Proc],
+        others: list[Proc],
+        console: Console,
+    ):
+        self.gaps, self.stages, self.spawn, self.others, self.console = gaps, stages, spawn, others, console
+        self.rng = random.Random()
+        self.next_r = replicas  # replica numbers of joiners, so their names and files never collide
+        self.turn, self.leaves, self.joins = 0, 0, 0
+        self.due = time.monotonic() + self.rng.uniform(*gaps)
+
+    def _live(self, stage: int) -> list[Proc]:
+        return [o for o in self.others if o.name.split()[1] == str(stage) and o.p.poll() is None]
+
+    def _settled(self, stage: int) -> list[Proc]:
+        grace = max(10.0, self.gaps[0])
+        return [o for o in self._live(stage) if time.monotonic() - o.started >= grace]
+
+    def tick(self) -> None:
+        if time.monotonic() < self.due:
+            return
+        self.due = time.monotonic() + self.rng.uniform(*self.gaps)
+        if self.turn % 2 == 0:
+            full = [s for s in range(1, self.stages) if len(self._settled(s)) >= 2]
+            if full:
+                victim = self.rng.choice(self._settled(self.rng.choice(full)))
+                sig = (signal.SIGKILL, signal.SIGINT)[(self.turn // 2) % 2]
+                self.others.remove(victim)  # gone on purpose: not a crash of the swarm
+                victim.signal(sig)
+                self.leaves += 1
+                self.console.print(f"churn: {victim.name} leaves ({signal.Signals(sig).name})")
+        else:
+            stage = min(range(1, self.stages), key=lambda s: (len(self._live(s)), self.rng.random()))
+            node = self.spawn(stage, self.next_r)
+            self.next_r += 1
+            self.others.append(node)
+            self.joins += 1
+            self.console.print(f"churn: {node.name} joins")
+        self.turn += 1
+
+    def report(self, workdir: Path) -> None:
+        """Samples lost or counted twice, summed over the steps of every node that left a summary."""
+        off = sum(json.loads(p.read_text()).get("samples_off", 0) for p in workdir.glob("node-*.json"))
+        self.console.print(
+            f"churn: {self.leaves} leaves, {self.joins} joins; samples lost or counted twice over every "
+            f"node's steps: {off}"
+        )
+
+
 def _follow(
-    cfg: RunConfig, head: Proc, coord: Proc, others: list[Proc], stages: int, console: Console
+    cfg: RunConfig,
+    head: Proc,
+    coord: Proc,
+    others: list[Proc],
+    stages: int,
+    console: Console,
+    churn: Churn | None = None,
 ) -> None:
     """Show the head's progress lines until it exits; stop at once if every node of a stage dies.
 
@@ -240,6 +321,8 @@ def _follow(
     with head.log.open() as f, Live(console=console, refresh_per_second=4, transient=False) as live:
         line: dict = {}
         while True:
+            if churn is not None:
+                churn.tick()
             raw = f.readline()
             if not raw:
                 if head.p.poll() is not None:

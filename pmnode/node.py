@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import json
 import random
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -196,6 +197,7 @@ class Node:
         self.frontier = 0  # async: the furthest step of a micro-batch taken here
         self.since_average = 0  # samples applied since this replica's last averaging round
         self.finishing = False  # async: in the last averaging round
+        self.round: Any = None  # async: hivemind's StepControl of the round in progress
         self.final_done = asyncio.Event()
         self.averaging: dict[str, int] = {"rounds": 0, "failed": 0, "refused": 0, "alone": 0}
 
@@ -472,13 +474,17 @@ class Node:
             self.averager = StageAverager(
                 self.worker, self.dht, self.cfg.name, compression=self.cfg.swarm.average_compression
             )
+            # hivemind ignores SIGINT in this process while it forks the averager, and leaves it so.
+            loop.add_signal_handler(signal.SIGINT, self.stop.set)
             self.replicated = True
         avg = self.averager
         await self.compute(avg.snapshot)
         weight, self.since_average = self.since_average, 0
         try:
             control = avg.start_round(at, weight, self.cert, final)
-            group = await loop.run_in_executor(None, control.result)
+            self.round = control
+            limit = at - get_dht_time() + avg.timeout + 5.0  # a thread must never wait for ever on it
+            group = await loop.run_in_executor(None, lambda: control.result(timeout=limit))
         except Exception as e:
             group = None
             self.console.print(f"stage {self.worker.index}: averaging round failed: {e}", markup=False)
@@ -1213,6 +1219,7 @@ class Node:
 
     async def run(self, stop: asyncio.Event) -> dict:
         o = self.opts
+        self.stop = stop
         try:
             self.p2p: P2P = await self.dht.replicate_p2p()
             self.peer_id = self.dht.peer_id.to_base58()
@@ -1332,6 +1339,8 @@ class Node:
                 if averaging is not None:
                     averaging.cancel()
                 if self.averager is not None:
+                    if self.round is not None and not self.round.done():
+                        self.round.cancel()  # its waiting thread returns; the process can exit
                     self.averager.shutdown()
                 self.display.close(self.snapshot())
                 if o.checkpoint_dir:
