@@ -101,6 +101,12 @@ def test_bad_fields_one_per_line(tmp_path: Path) -> None:
     )
 
 
+def test_bad_churn_flags() -> None:
+    one_line_error(run("pmnode", "local-swarm", "--churn", "30"), "--churn takes MIN-MAX seconds")
+    one_line_error(run("pmnode", "local-swarm", "--churn", "60-30", "--replicas", "2"), "0 < MIN <= MAX")
+    one_line_error(run("pmnode", "local-swarm", "--churn", "30-60"), "--churn needs --replicas 2 or more")
+
+
 def test_unknown_codec() -> None:
     one_line_error(run("pmnode", "train", "--config", TINY, "--codec", "gzip"), "unknown codec 'gzip'")
 
