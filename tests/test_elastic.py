@@ -115,6 +115,31 @@ def _local_swarm(cfg: Path, work: Path, tag: str, *extra: str) -> subprocess.Pop
     )
 
 
+def _run_with_a_joiner(cfg: Path, work: Path, tag: str, after_steps: int) -> Path:
+    """A 3-stage local swarm that a `pmnode join --stage 1` (its own checkpoint dir and summary beside
+    WORK) joins once the head is `after_steps` in; waits for both to finish. Returns the joiner's log."""
+    swarm = _local_swarm(cfg, work, tag)
+    base = work.parent
+    try:
+        head_log = work / "logs" / "node-0.log"
+        _wait(lambda: head_log.exists() and _head_step(head_log) >= after_steps, 120, f"{after_steps} steps")
+        joiner_log = base / "joiner.log"
+        args = [
+            str(BIN / "pmnode"),
+            "join",
+            "--coordinator-file",
+            str(work / "coordinator" / "coordinator.json"),
+        ]
+        args += ["--stage", "1", "--device", "cpu", "--checkpoint-dir", str(base / "joiner-ckpt")]
+        args += ["--summary-json", str(base / "joiner.json")]
+        joiner = _start(args, joiner_log, tag)
+        assert swarm.wait(300) == 0, (base / "swarm.err").read_text()[-3000:]
+        assert joiner.wait(60) == 0, joiner_log.read_text()[-3000:]
+    finally:
+        kill_tagged(tag)
+    return joiner_log
+
+
 def _pid_of(tag: str, summary_name: str) -> int:
     """The `pmnode join` process of the swarm tagged `tag` that writes `summary_name`."""
     for p in psutil.process_iter(["pid", "cmdline"]):
@@ -164,24 +189,7 @@ def test_a_replica_joining_mid_run_catches_up_and_stays_identical(tmp_path: Path
     steps = 400  # tiny runs ~15 steps/s: long enough for a node to start, announce and be committed with
     cfg = swarm_config(tmp_path, toy_corpus, train={"steps": steps, "eval_every": 1000})
     work, tag = tmp_path / "work", uuid.uuid4().hex
-    swarm = _local_swarm(cfg, work, tag)
-    try:
-        head_log = work / "logs" / "node-0.log"
-        _wait(lambda: head_log.exists() and _head_step(head_log) >= 20, 120, "20 steps")
-        joiner_log = tmp_path / "joiner.log"
-        args = [
-            str(BIN / "pmnode"),
-            "join",
-            "--coordinator-file",
-            str(work / "coordinator" / "coordinator.json"),
-        ]
-        args += ["--stage", "1", "--device", "cpu", "--checkpoint-dir", str(tmp_path / "joiner-ckpt")]
-        args += ["--summary-json", str(tmp_path / "joiner.json")]
-        joiner = _start(args, joiner_log, tag)
-        assert swarm.wait(300) == 0, (tmp_path / "swarm.err").read_text()[-3000:]
-        assert joiner.wait(60) == 0, joiner_log.read_text()[-3000:]
-    finally:
-        kill_tagged(tag)
+    joiner_log = _run_with_a_joiner(cfg, work, tag, after_steps=20)
     caught = [line for line in joiner_log.read_text().splitlines() if "caught up to step" in line]
     assert len(caught) == 1, joiner_log.read_text()[-2000:]
     joined_at = int(caught[0].split("caught up to step ")[1].split()[0])
@@ -278,24 +286,7 @@ def test_async_replicas_average_with_hivemind_and_end_with_one_set_of_weights(
         swarm={"schedule": "async", "average_period": 2.0},
     )
     work, tag = tmp_path / "work", uuid.uuid4().hex
-    swarm = _local_swarm(cfg, work, tag)
-    try:
-        head_log = work / "logs" / "node-0.log"
-        _wait(lambda: head_log.exists() and _head_step(head_log) >= 30, 120, "30 steps")
-        joiner_log = tmp_path / "joiner.log"
-        args = [
-            str(BIN / "pmnode"),
-            "join",
-            "--coordinator-file",
-            str(work / "coordinator" / "coordinator.json"),
-        ]
-        args += ["--stage", "1", "--device", "cpu", "--checkpoint-dir", str(tmp_path / "joiner-ckpt")]
-        args += ["--summary-json", str(tmp_path / "joiner.json")]
-        joiner = _start(args, joiner_log, tag)
-        assert swarm.wait(300) == 0, (tmp_path / "swarm.err").read_text()[-3000:]
-        assert joiner.wait(60) == 0, joiner_log.read_text()[-3000:]
-    finally:
-        kill_tagged(tag)
+    joiner_log = _run_with_a_joiner(cfg, work, tag, after_steps=30)
     log = joiner_log.read_text()
     assert "stage 1: copied replica" in log, log[-2000:]  # never served from random weights
     head = json.loads((work / "node-0.json").read_text())
