@@ -404,13 +404,13 @@ class Node:
         """Load a live replica's state (weights, optimizer, step): never serve from a stale or random one."""
         for peer in peers:
             try:
-                reply, pkt = await self._ask_replica(peer, "state", step)
+                theirs, data = await self._state_of(peer, step)
             except Exception as e:
                 self.console.print(f"stage {self.worker.index}: no state from {peer[-8:]}: {e}", markup=False)
                 continue
-            if reply.meta.get("step") != step:
+            if theirs != step:
                 continue
-            await self.compute(self.worker.load_state_bytes, pkt.tensors["state"].numpy().tobytes())
+            await self.compute(self.worker.load_state_bytes, data)
             self.samples_applied = step * self.cfg.train.batch_size
             self.console.print(f"stage {self.worker.index}: caught up to step {step} from {peer[-8:]}")
             return
@@ -419,15 +419,25 @@ class Node:
             return
         raise PmnodeError(f"stage {self.worker.index}: no replica at step {step} to catch up from")
 
+    async def _replicas(self) -> list[str]:
+        """The other online replicas of this node's stage, by peer id."""
+        recs = await stage_records(self.dht, self.cfg.name, self.worker.index, self.verifier)
+        return [r.peer_id for r in recs if r.peer_id != self.peer_id and r.state == "online"]
+
+    async def _state_of(self, peer: str, step: int) -> tuple[int | None, bytes]:
+        """A replica's weights, optimizer state and step (`{run}.state`): its step and the bytes."""
+        reply, pkt = await self._ask_replica(peer, "state", step)
+        return reply.meta.get("step"), pkt.tensors["state"].numpy().tobytes()
+
     async def _copy_replica(self, peers: list[str]) -> None:
         """async: start from a live replica's weights, optimizer state and step, before serving."""
         for peer in peers:
             try:
-                _, pkt = await self._ask_replica(peer, "state", self.worker.step_count)
+                _, data = await self._state_of(peer, self.worker.step_count)
             except Exception as e:
                 self.console.print(f"stage {self.worker.index}: no state from {peer[-8:]}: {e}", markup=False)
                 continue
-            await self.compute(self.worker.load_state_bytes, pkt.tensors["state"].numpy().tobytes())
+            await self.compute(self.worker.load_state_bytes, data)
             step = self.worker.step_count
             self.samples_applied, self.frontier, self.replicated = 0, step, True
             self.origin = f"replica {peer[-8:]} at step {step}"
@@ -444,19 +454,14 @@ class Node:
 
         Ends when the run does, after the round in progress (never cut off: hivemind would run it
         anyway and the replicas' last round could meet the wrong partner)."""
-        run, s, period = self.cfg.name, self.worker.index, self.cfg.swarm.average_period
+        period = self.cfg.swarm.average_period
         while not self.done.is_set():
             at = next_round(period)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.done.wait(), at - get_dht_time() - MATCHMAKING_TIME - 0.2)
             if self.done.is_set():
                 return
-            others = [
-                r
-                for r in await stage_records(self.dht, run, s, self.verifier)
-                if r.peer_id != self.peer_id and r.state == "online"
-            ]
-            if not others:
+            if not await self._replicas():
                 self.averaging["alone"] += 1
                 await asyncio.sleep(max(0.0, at - get_dht_time()))
                 continue
@@ -504,11 +509,9 @@ class Node:
         self.averaging["rounds"] += 1
         if final:
             ok = all(isinstance(d, dict) and d.get("final") for d in group.values())
-            total = float(sum(p.double().sum() for p in self.worker.stage.parameters()))
             self.console.print(
                 f"stage {self.worker.index}: last averaging round with {len(group)} replicas "
-                f"({'all' if ok else 'not all'} finished); weights sum {total:.6f}",
-                highlight=False,
+                f"({'all' if ok else 'not all'} finished)"
             )
             return ok
         return True
@@ -546,24 +549,20 @@ class Node:
     async def _adopt_lowest(self) -> None:
         """After the last round, every replica takes the weights of the one with the lowest peer id:
         a round whose all-reduce was partial (hivemind then keeps local parts) cannot leave two sets."""
-        s = self.worker.index
-        peers = [
-            r.peer_id
-            for r in await stage_records(self.dht, self.cfg.name, s, self.verifier)
-            if r.state == "online"
-        ]
-        lowest = min([*peers, self.peer_id])
+        lowest = min([*await self._replicas(), self.peer_id])
         if lowest == self.peer_id:
             return
         try:
-            _, pkt = await self._ask_replica(lowest, "state", self.worker.step_count)
+            _, data = await self._state_of(lowest, self.worker.step_count)
         except Exception as e:
-            self.console.print(f"stage {s}: could not take {lowest[-8:]}'s final weights: {e}", markup=False)
+            self.console.print(
+                f"stage {self.worker.index}: could not take {lowest[-8:]}'s final weights: {e}", markup=False
+            )
             return
         step = self.worker.step_count
 
         def load() -> None:
-            self.worker.load_state_bytes(pkt.tensors["state"].numpy().tobytes())
+            self.worker.load_state_bytes(data)
             self.worker.step_count = step  # this replica's own count of its steps stays
 
         await self.compute(load)
@@ -580,14 +579,9 @@ class Node:
 
     async def _take_over_if_empty(self) -> None:
         """Joining a stage that no node serves while the swarm is past step 0: never from random init."""
-        run, s = self.cfg.name, self.worker.index
-        others = [
-            r
-            for r in await stage_records(self.dht, run, s, self.verifier)
-            if r.peer_id != self.peer_id and r.state == "online"
-        ]
+        others = await self._replicas()
         if others and self.cfg.swarm.schedule == "async":
-            await self._copy_replica([r.peer_id for r in others])
+            await self._copy_replica(others)
         if others:
             return  # sync: the head's next commit brings it up to date from them
         step = await self._swarm_step()
