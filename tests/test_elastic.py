@@ -115,6 +115,30 @@ def _local_swarm(cfg: Path, work: Path, tag: str, *extra: str) -> subprocess.Pop
     )
 
 
+class _Processes:
+    """A test's coordinator and `pmnode join` processes (logs and summaries in `base`), stopped together."""
+
+    def __init__(self, base: Path, tag: str, info: Path):
+        self.base, self.tag, self.info = base, tag, info
+        self.procs: list[subprocess.Popen] = []
+
+    def join(self, name: str, *extra: str) -> subprocess.Popen:
+        args = [str(BIN / "pmnode"), "join", "--coordinator-file", str(self.info), "--device", "cpu"]
+        args += ["--log-format", "json", "--summary-json", str(self.base / f"{name}.json"), *extra]
+        p = _start(args, self.base / f"{name}.log", self.tag)
+        self.procs.append(p)
+        return p
+
+    def stop(self) -> None:
+        for p in self.procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGINT)
+        for p in self.procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(30)
+        kill_tagged(self.tag)
+
+
 def _run_with_a_joiner(cfg: Path, work: Path, tag: str, after_steps: int) -> Path:
     """A 3-stage local swarm that a `pmnode join --stage 1` (its own checkpoint dir and summary beside
     WORK) joins once the head is `after_steps` in; waits for both to finish. Returns the joiner's log."""
@@ -214,21 +238,13 @@ def test_an_empty_stage_pauses_the_swarm_until_a_node_takes_it_over(tmp_path: Pa
         tmp_path, toy_corpus, train={"steps": steps, "eval_every": 1000}, swarm={"request_timeout": 8.0}
     )
     state, ckpt, tag = tmp_path / "coord", tmp_path / "ckpt", uuid.uuid4().hex
-    info = state / "coordinator.json"
-    procs: list[subprocess.Popen] = []
-
-    def join(name: str, *extra: str) -> subprocess.Popen:
-        args = [str(BIN / "pmnode"), "join", "--coordinator-file", str(info), "--device", "cpu"]
-        args += ["--log-format", "json", "--summary-json", str(tmp_path / f"{name}.json"), *extra]
-        p = _start(args, tmp_path / f"{name}.log", tag)
-        procs.append(p)
-        return p
+    run = _Processes(tmp_path, tag, state / "coordinator.json")
 
     try:
         coord, _ = _coordinator(cfg, state, tmp_path / "coord.log", tag)
-        procs.append(coord)
+        run.procs.append(coord)
         every = ["--checkpoint-dir", str(ckpt), "--checkpoint-every", "10"]
-        nodes = {s: join(f"node-{s}", "--stage", str(s), *every) for s in (2, 1, 0)}
+        nodes = {s: run.join(f"node-{s}", "--stage", str(s), *every) for s in (2, 1, 0)}
         head_log = tmp_path / "node-0.log"
         _wait(lambda: _head_step(head_log) >= 30, 120, "30 steps")
         os.killpg(nodes[1].pid, signal.SIGKILL)  # stage 1's only node: the stage is empty
@@ -238,7 +254,7 @@ def test_an_empty_stage_pauses_the_swarm_until_a_node_takes_it_over(tmp_path: Pa
         assert paused_at < steps
 
         # Without a checkpoint it must not serve stage 1 from random weights.
-        refused = join("no-checkpoint")
+        refused = run.join("no-checkpoint")
         assert refused.wait(60) == 1
         said = (tmp_path / "no-checkpoint.log").read_text().strip().splitlines()
         assert f"stage 1 has no node and the swarm is at step {paused_at}" in said[-1]
@@ -247,19 +263,13 @@ def test_an_empty_stage_pauses_the_swarm_until_a_node_takes_it_over(tmp_path: Pa
 
         saved = checkpoint.load_manifest(ckpt, 1)
         assert saved is not None and saved.step <= paused_at
-        taker = join("taker", *every)  # no --stage: the coordinator sends it to the empty stage
+        taker = run.join("taker", *every)  # no --stage: the coordinator sends it to the empty stage
         assert coord.poll() is None
         assert taker.wait(300) == 0, (tmp_path / "taker.log").read_text()[-3000:]
         for s in (0, 2):
             assert nodes[s].wait(60) == 0, (tmp_path / f"node-{s}.log").read_text()[-3000:]
     finally:
-        for p in procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGINT)
-        for p in procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(30)
-        kill_tagged(tag)
+        run.stop()
     log = (tmp_path / "taker.log").read_text()
     assert f"serving from its checkpoint of step {saved.step}" in log
     head, tail = (json.loads((tmp_path / f"node-{s}.json").read_text()) for s in (0, 2))
@@ -312,20 +322,16 @@ def test_a_new_head_takes_over_from_the_checkpoint(tmp_path: Path, toy_corpus: P
         tmp_path, toy_corpus, train={"steps": steps, "eval_every": 1000}, swarm={"request_timeout": 8.0}
     )
     state, ckpt, tag = tmp_path / "coord", tmp_path / "ckpt", uuid.uuid4().hex
-    info = state / "coordinator.json"
-    procs: list[subprocess.Popen] = []
+    run = _Processes(tmp_path, tag, state / "coordinator.json")
+
+    every = ["--checkpoint-dir", str(ckpt), "--checkpoint-every", "10"]
 
     def join(name: str, *extra: str) -> subprocess.Popen:
-        args = [str(BIN / "pmnode"), "join", "--coordinator-file", str(info), "--device", "cpu"]
-        args += ["--log-format", "json", "--summary-json", str(tmp_path / f"{name}.json")]
-        args += ["--checkpoint-dir", str(ckpt), "--checkpoint-every", "10", *extra]
-        p = _start(args, tmp_path / f"{name}.log", tag)
-        procs.append(p)
-        return p
+        return run.join(name, *every, *extra)
 
     try:
         coord, _ = _coordinator(cfg, state, tmp_path / "coord.log", tag)
-        procs.append(coord)
+        run.procs.append(coord)
         nodes = {s: join(f"node-{s}", "--stage", str(s)) for s in (2, 1, 0)}
         _wait(lambda: _head_step(tmp_path / "node-0.log") >= 30, 120, "30 steps")
         os.killpg(nodes[0].pid, signal.SIGKILL)  # the head: nothing drives the data now
@@ -336,13 +342,7 @@ def test_a_new_head_takes_over_from_the_checkpoint(tmp_path: Path, toy_corpus: P
         for s in (1, 2):
             assert nodes[s].wait(60) == 0, (tmp_path / f"node-{s}.log").read_text()[-3000:]
     finally:
-        for p in procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGINT)
-        for p in procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(30)
-        kill_tagged(tag)
+        run.stop()
     head = json.loads((tmp_path / "taker.json").read_text())
     assert head["stage"] == 0 and head["steps"] == steps and head["steps_lost"] >= 0
     assert "stage 0 had no node: serving from its checkpoint of step" in (tmp_path / "taker.log").read_text()
