@@ -383,17 +383,64 @@ def bench_codec(
 def bench_convergence(
     config: ConfigOpt,
     out: Annotated[Path, typer.Option(help="Output directory for results.json, results.md, loss.png.")],
-    codecs: Annotated[str, typer.Option(help="Comma-separated codec specs.")] = "dense,subspace,int8,topk",
+    codecs: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated variants: a codec spec (dense, subspace@8, subspace@d = unconstrained) "
+            "with optional +key=value config overrides, e.g. subspace@8+subspace.constrain=boundaries."
+        ),
+    ] = "dense,subspace,int8,topk",
     steps: Annotated[int | None, typer.Option(help="Override train.steps.")] = None,
+    tokens: Annotated[
+        int | None,
+        typer.Option(
+            help="Train this many tokens per variant (sets the steps). Long-run mode: each run goes to "
+            "OUT/runs/ and the report is rebuilt from every run there, against the unconstrained model.",
+            min=1,
+        ),
+    ] = None,
+    target_loss: Annotated[
+        float | None,
+        typer.Option(help="Held-out loss for steps-to-target; default: the unconstrained run's final loss."),
+    ] = None,
+    eval_points: Annotated[
+        int, typer.Option(help="Held-out evaluations per run (long-run mode).", min=2)
+    ] = 20,
+    threads: Annotated[int | None, typer.Option(help="torch threads for this process.", min=1)] = None,
+    report_only: Annotated[bool, typer.Option(help="Only rebuild the report from OUT/runs/.")] = False,
     data: DataOpt = None,
     device: DeviceOpt = "cpu",
 ) -> None:
-    """Train each codec with the same data, seed and steps; compare held-out loss and bytes."""
-    from pmnode.bench import convergence
-
+    """Train each variant with the same data, seed and steps; compare held-out loss and bytes."""
+    command = " ".join(["pmnode", *sys.argv[1:]])
     cfg = load_with_overrides(config, steps=steps, data=data)
     specs = [c.strip() for c in codecs.split(",") if c.strip()]
-    convergence(cfg, specs, out, resolve_device(device), console, command=" ".join(["pmnode", *sys.argv[1:]]))
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    if tokens is None and target_loss is None and not report_only:
+        from pmnode.bench import convergence
+
+        convergence(cfg, specs, out, resolve_device(device), console, command=command)
+        return
+    from pmnode.fidelity import run_variant, with_tokens
+    from pmnode.fidelity_report import write_report
+    from pmnode.variants import variant_config
+
+    for spec in specs:
+        variant_config(cfg, spec)  # a bad variant fails before hours of training, not after
+    if not report_only:
+        cfg = with_tokens(cfg, tokens, eval_points)
+        for spec in specs:
+            r = run_variant(cfg, spec, out, resolve_device(device), console, command)
+            console.print(f"{spec}: held-out {r.heldout_loss:.4f} after {r.tokens:,} tokens")
+            write_report(out, target_loss, cfg.name)
+    for row in write_report(out, target_loss, cfg.name):
+        gap = f"{100 * row.gap_end:+.1f}%" if row.gap_end is not None else "-"
+        console.print(
+            f"{row.variant}: held-out {row.heldout_loss:.4f}, gap {gap}, steps ratio {row.steps_ratio}"
+        )
 
 
 @bench_app.command("swarm")

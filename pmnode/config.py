@@ -86,6 +86,19 @@ class SubspaceConfig(_Strict):
     uncompressed_tail_layers: int = Field(
         2, ge=0, description="Last layers of the tail left unconstrained (no boundary follows them)."
     )
+    stage_embeddings: bool = Field(
+        False,
+        description="Every stage after the head adds a trainable token embedding (zero at init) to the "
+        "stream it receives: token features it would otherwise need from the k coefficients. Costs "
+        "vocab x k (layers) or vocab x d (boundaries) parameters per stage, no bytes on the wire.",
+    )
+    constrain: Literal["layers", "boundaries"] = Field(
+        "layers",
+        description="layers: every residual write of a constrained layer lies in span(U), so the stream "
+        "is F[tok] + span(U) between all layers (the paper's); boundaries: layers write at full width and "
+        "the stream is projected onto F[tok] + span(U) only where a stage ends (the codec's encode is that "
+        "projection), so the layers inside a stage keep their width. Both send k numbers per token.",
+    )
 
     @model_validator(mode="after")
     def _one_rank(self) -> SubspaceConfig:
@@ -115,6 +128,12 @@ class OptimConfig(_Strict):
     warmup_steps: int = Field(20, ge=0, description="Linear warmup steps.")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine decay floor as a fraction of lr.")
     grad_clip: float | None = Field(1.0, gt=0, description="Global grad-norm clip per stage; None disables.")
+    write_lr_scale: float = Field(
+        1.0,
+        gt=0,
+        description="Multiplier on the learning rate of the reparametrised residual writes Z (W = U Z): "
+        "an Adam step moves Z's k rows, so the write's update is sqrt(k/d) of a full-width one.",
+    )
 
 
 class DataConfig(_Strict):

@@ -103,11 +103,16 @@ class ResidualWrite(nn.Module):
 
 
 class SubspaceEmbedding(nn.Module):
-    """x0 = F[tok] + E[tok] with E's rows in span(U); without a subspace, x0 = E[tok]."""
+    """x0 = F[tok] + E[tok] with E's rows in span(U); without a subspace, x0 = E[tok].
 
-    def __init__(self, vocab: int, d: int, mode: WriteMode, subspace: Subspace | None):
+    with_table=False leaves F out: a stage's own token embedding, added to the stream it receives.
+    """
+
+    def __init__(
+        self, vocab: int, d: int, mode: WriteMode, subspace: Subspace | None, with_table: bool = True
+    ):
         super().__init__()
-        self.mode, self.subspace = mode, subspace
+        self.mode, self.subspace, self.with_table = mode, subspace, with_table
         cols = subspace.rank if mode == "reparam" else d  # type: ignore[union-attr]
         self.weight = nn.Parameter(torch.empty(vocab, cols))
 
@@ -134,7 +139,7 @@ class SubspaceEmbedding(nn.Module):
         e = F.embedding(tokens, self.weight)  # (B, T, d) or (B, T, k)
         if self.mode == "reparam":
             e = e @ self.subspace.basis.T  # type: ignore[union-attr]
-        if self.subspace is not None:
+        if self.subspace is not None and self.with_table:
             e = e + self.subspace.table[tokens]
         return e
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -9,7 +11,9 @@ from pmnode.config import RunConfig
 from pmnode.train import StepInfo, TrainSummary, train
 
 
-def train_with_progress(cfg: RunConfig, codec: str, device: str, console: Console) -> TrainSummary:
+def train_with_progress(
+    cfg: RunConfig, codec: str, device: str, console: Console, on_end: Callable | None = None
+) -> TrainSummary:
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -32,4 +36,4 @@ def train_with_progress(cfg: RunConfig, codec: str, device: str, console: Consol
                     highlight=False,
                 )
 
-        return train(cfg, codec, device, on_step)
+        return train(cfg, codec, device, on_step, on_end)

@@ -41,11 +41,22 @@ def lr_at(step: int, optim: OptimConfig, total_steps: int) -> float:
 
 
 def build_optimizer(stage: Stage, optim: OptimConfig) -> torch.optim.AdamW:
-    decay = [p for p in stage.parameters() if p.requires_grad and p.dim() >= 2]
-    rest = [p for p in stage.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": optim.weight_decay}]
+    """AdamW groups: matrices with weight decay, the reparametrised writes Z apart (their own lr
+    scale), vectors without decay. Each group's `lr_scale` multiplies the scheduled lr."""
+    scaled = (
+        {id(w.weight) for w in stage.writes() if w.mode == "reparam"} if optim.write_lr_scale != 1 else set()
+    )
+    params = [p for p in stage.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2 and id(p) not in scaled]
+    writes = [p for p in params if id(p) in scaled]
+    rest = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": optim.weight_decay, "lr_scale": 1.0}]
+    if writes:
+        groups.append(
+            {"params": writes, "weight_decay": optim.weight_decay, "lr_scale": optim.write_lr_scale}
+        )
     if rest:
-        groups.append({"params": rest, "weight_decay": 0.0})
+        groups.append({"params": rest, "weight_decay": 0.0, "lr_scale": 1.0})
     return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps)
 
 
@@ -308,7 +319,7 @@ class StageWorker:
             self.step_count if lr_step is None else lr_step, optim, total_steps or self.cfg.train.steps
         )
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         if optim.grad_clip is not None and params:
             torch.nn.utils.clip_grad_norm_(params, optim.grad_clip)
         self.optimizer.step()

@@ -50,7 +50,7 @@ def split_layers(n_layers: int, n_stages: int, explicit: list[int] | None = None
 def free_layers(cfg: RunConfig) -> range:
     """Global ids of the unconstrained tail layers; they must all sit in the last stage."""
     n = cfg.model.n_layers
-    if not cfg.subspace.enabled:
+    if not cfg.subspace.enabled or cfg.subspace.constrain == "boundaries":
         return range(0, n)
     free = range(n - cfg.subspace.uncompressed_tail_layers, n)
     tail = split_layers(n, cfg.n_stages, cfg.stage_layers)[-1]
@@ -94,11 +94,18 @@ class Stage(nn.Module):
         self.cfg, self.index, self.layer_range = cfg, index, ranges[index]
         self.is_first, self.is_last = index == 0, index == len(ranges) - 1
         m = cfg.model
-        constrained: WriteMode = cfg.subspace.mode if cfg.subspace.enabled else "free"
+        sub = cfg.subspace
+        constrained: WriteMode = sub.mode if sub.enabled and sub.constrain == "layers" else "free"
         free = free_layers(cfg)
         self.subspace = subspace
         if self.is_first:
             self.embed = SubspaceEmbedding(m.vocab_size, m.d_model, constrained, subspace)
+        own_table = sub.enabled and sub.stage_embeddings and not self.is_first
+        self.reembed = (
+            SubspaceEmbedding(m.vocab_size, m.d_model, constrained, subspace, with_table=False)
+            if own_table
+            else None
+        )
         self.layers = nn.ModuleDict(
             {
                 str(i): Block(
@@ -123,6 +130,8 @@ class Stage(nn.Module):
         seed, m = self.cfg.train.seed, self.cfg.model
         if self.is_first:
             self.embed.reset(m.init_std, seeded_generator(seed, "embed"))
+        elif self.reembed is not None:
+            nn.init.zeros_(self.reembed.weight)  # the stage starts as the model without it
         for i, block in self.layers.items():
             block.reset(m, seeded_generator(seed, f"layer{i}"))
         if self.is_last:
@@ -131,6 +140,8 @@ class Stage(nn.Module):
     def writes(self) -> list[ResidualWrite | SubspaceEmbedding]:
         """Every module that writes into the residual stream."""
         out: list[ResidualWrite | SubspaceEmbedding] = [self.embed] if self.is_first else []
+        if self.reembed is not None:
+            out.append(self.reembed)
         for block in self.layers.values():
             out.extend(block.writes())
         return out
@@ -152,6 +163,10 @@ class Stage(nn.Module):
             x = self.embed(tokens)  # (B, T, d)
         if x is None:
             raise ValueError(f"stage {self.index} needs the residual stream from upstream")
+        if self.reembed is not None:
+            if tokens is None:
+                raise ValueError(f"stage {self.index} adds its token embedding: it needs token ids")
+            x = x + self.reembed(tokens)
         for block in self.layers.values():
             x = block(x, self.cos, self.sin)
         if self.is_last:

@@ -105,8 +105,11 @@ def train(
     codec: str = "subspace",
     device: str = "cpu",
     on_step: Callable[[StepInfo], None] | None = None,
+    on_end: Callable[[Pipeline, list[tuple[Tensor, Tensor]]], None] | None = None,
 ) -> TrainSummary:
-    """Train cfg.train.steps steps; evaluate held-out loss every eval_every steps and at the end."""
+    """Train cfg.train.steps steps; evaluate held-out loss every eval_every steps and at the end.
+
+    `on_end(pipeline, heldout_batches)` sees the trained model, e.g. for diagnostics."""
     t = cfg.train
     from pmnode.data import TokenDataset
 
@@ -129,6 +132,8 @@ def train(
             evals.append((step + 1, (step + 1) * tokens_per_step, held))
         if on_step:
             on_step(StepInfo(step + 1, loss, (step + 1) * tokens_per_step / max(elapsed, 1e-9), held))
+    if on_end:
+        on_end(pipe, eval_batches)
     return TrainSummary(
         steps=t.steps,
         final_train_loss=losses[-1],
