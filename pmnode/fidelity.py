@@ -15,9 +15,11 @@ from pathlib import Path
 from pydantic import BaseModel
 from rich.console import Console
 
+from pmnode.bench import codec_bytes
 from pmnode.config import RunConfig
 from pmnode.diagnostics import Diagnostics, diagnose
 from pmnode.progress import train_with_progress
+from pmnode.train import StepInfo
 from pmnode.variants import slug, variant_config
 
 
@@ -38,6 +40,7 @@ class RunResult(BaseModel):
     diagnostics: Diagnostics | None
     config_hash: str
     command: str
+    complete: bool = True  # False: the run was cut short; the curve holds what it reached
 
 
 def config_hash(cfg: RunConfig) -> str:
@@ -54,33 +57,55 @@ def with_tokens(cfg: RunConfig, tokens: int | None, eval_points: int) -> RunConf
 def run_variant(
     cfg: RunConfig, spec: str, out: Path, device: str, console: Console, command: str
 ) -> RunResult:
+    """Train one variant; its JSON is rewritten at every evaluation (complete=False until the end),
+    so a run cut short by the end of a session still leaves its curve."""
     run_cfg, codec = variant_config(cfg, spec)
-    found: list[Diagnostics] = []
-    s = train_with_progress(
-        run_cfg, codec, device, console, on_end=lambda pipe, batches: found.append(diagnose(pipe, batches))
-    )
     t = run_cfg.train
+    tokens_per_step = t.batch_size * t.seq_len
+    sub = run_cfg.subspace
+    wire = codec_bytes(run_cfg, codec)
     result = RunResult(
         variant=spec,
         codec=codec,
         d_model=run_cfg.model.d_model,
-        rank=run_cfg.rank if run_cfg.subspace.enabled else None,
-        constrain=run_cfg.subspace.constrain if run_cfg.subspace.enabled else None,
+        rank=run_cfg.rank if sub.enabled else None,
+        constrain=sub.constrain if sub.enabled else None,
         boundaries=run_cfg.n_stages - 1,
-        bytes_per_token=s.bytes_per_token_forward,
-        bytes_per_token_backward=s.bytes_per_token_backward,
-        steps=s.steps,
-        tokens=s.steps * t.batch_size * t.seq_len,
-        tokens_per_s=round(s.tokens_per_s, 1),
-        heldout_loss=round(s.heldout_loss, 4),
-        curve=[(step, tok, round(loss, 4)) for step, tok, loss in s.evals],
-        diagnostics=found[0] if found else None,
+        bytes_per_token=wire["bytes_per_token_forward"],
+        bytes_per_token_backward=wire["bytes_per_token_backward"],
+        steps=0,
+        tokens=0,
+        tokens_per_s=0.0,
+        heldout_loss=math.nan,
+        curve=[],
+        diagnostics=None,
         config_hash=config_hash(run_cfg),
         command=command,
+        complete=False,
     )
-    runs = out / "runs"
-    runs.mkdir(parents=True, exist_ok=True)
-    (runs / f"{slug(spec)}.json").write_text(result.model_dump_json(indent=1))
+    path = out / "runs" / f"{slug(spec)}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def on_eval(info: StepInfo) -> None:
+        assert info.heldout is not None
+        result.curve.append((info.step, info.step * tokens_per_step, round(info.heldout, 4)))
+        result.steps, result.tokens = info.step, info.step * tokens_per_step
+        result.heldout_loss, result.tokens_per_s = round(info.heldout, 4), round(info.tokens_per_s, 1)
+        path.write_text(result.model_dump_json(indent=1))
+
+    found: list[Diagnostics] = []
+    s = train_with_progress(
+        run_cfg,
+        codec,
+        device,
+        console,
+        on_end=lambda pipe, batches: found.append(diagnose(pipe, batches)),
+        on_eval=on_eval,
+    )
+    result.tokens_per_s = round(s.tokens_per_s, 1)
+    result.diagnostics = found[0] if found else None
+    result.complete = True
+    path.write_text(result.model_dump_json(indent=1))
     return result
 
 

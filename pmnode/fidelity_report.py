@@ -37,10 +37,12 @@ def markdown(rows: list[Row], runs: list[RunResult], target: float | None, title
         "| vs dense | steps to target | steps ratio |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    complete = {run.variant: run.complete for run in runs}
     for r in rows:
         steps = f"{r.steps_to_target:,.0f}" if r.steps_to_target is not None else "not reached"
+        cut = "" if complete[r.variant] else " **(cut short: still running or stopped)**"
         lines.append(
-            f"| `{r.variant}` ({_name(r)}) | {r.d_model} | {r.rank or '-'} | {r.constrain or '-'} "
+            f"| `{r.variant}` ({_name(r)}){cut} | {r.d_model} | {r.rank or '-'} | {r.constrain or '-'} "
             f"| {r.boundaries} | {r.bytes_per_token} | {r.tokens / 1e6:.2f}M | {r.heldout_loss:.4f} "
             f"| {_pct(r.gap_end)} | {_pct(r.gap_mid)} | {_pct(r.gap_dense)} | {steps} "
             f"| {r.steps_ratio if r.steps_ratio is not None else '-'} |"

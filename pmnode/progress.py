@@ -12,7 +12,12 @@ from pmnode.train import StepInfo, TrainSummary, train
 
 
 def train_with_progress(
-    cfg: RunConfig, codec: str, device: str, console: Console, on_end: Callable | None = None
+    cfg: RunConfig,
+    codec: str,
+    device: str,
+    console: Console,
+    on_end: Callable | None = None,
+    on_eval: Callable[[StepInfo], None] | None = None,
 ) -> TrainSummary:
     columns = (
         TextColumn("[bold]{task.description}"),
@@ -35,5 +40,7 @@ def train_with_progress(
                     f"held-out {info.heldout:.4f} {info.tokens_per_s:,.0f} tok/s",
                     highlight=False,
                 )
+            if on_eval is not None and info.heldout is not None:
+                on_eval(info)
 
         return train(cfg, codec, device, on_step, on_end)
