@@ -92,6 +92,13 @@ class SubspaceConfig(_Strict):
         "stream it receives: token features it would otherwise need from the k coefficients. Costs "
         "vocab x k (layers) or vocab x d (boundaries) parameters per stage, no bytes on the wire.",
     )
+    stage_bigrams: int = Field(
+        0,
+        ge=0,
+        description="With stage_embeddings: also a trainable embedding of each (previous, current) token "
+        "pair, hashed into this many rows (0: none). Every stage has the token ids, so local context "
+        "costs no bytes on the wire.",
+    )
     constrain: Literal["layers", "boundaries"] = Field(
         "layers",
         description="layers: every residual write of a constrained layer lies in span(U), so the stream "

@@ -60,8 +60,7 @@ def _stream(pipe: Pipeline, tokens: Tensor, grad: bool) -> tuple[Tensor, list[Te
                 x = st.embed(tokens)
             elif x is not None:
                 x = codec.lift(codec.project(x, tokens), tokens)
-                if st.reembed is not None:
-                    x = x + st.reembed(tokens)
+                x = st.add_token_features(x, tokens)
             for block in st.layers.values():
                 x = block(x, st.cos, st.sin)
                 resid.append(x)

@@ -144,6 +144,13 @@ class SubspaceEmbedding(nn.Module):
         return e
 
 
+def bigram_ids(tokens: Tensor, vocab: int, buckets: int) -> Tensor:
+    """(B, T) token ids -> (B, T) hashed ids of (previous, current) pairs; position 0 pairs with a
+    start marker (id `vocab`), so the ids depend on the window alone."""
+    prev = torch.cat([torch.full_like(tokens[:, :1], vocab), tokens[:, :-1]], dim=1)
+    return (prev * 1_000_003 + tokens) % buckets
+
+
 def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[Tensor, Tensor]:
     inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
     ang = torch.outer(torch.arange(max_len, dtype=torch.float32), inv)  # (L, hd/2)

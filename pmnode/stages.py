@@ -12,6 +12,7 @@ from pmnode.model import (
     RMSNorm,
     SubspaceEmbedding,
     WriteMode,
+    bigram_ids,
     normal_,
     rope_tables,
     seeded_generator,
@@ -106,6 +107,11 @@ class Stage(nn.Module):
             if own_table
             else None
         )
+        self.bigrams = (
+            SubspaceEmbedding(sub.stage_bigrams, m.d_model, constrained, subspace, with_table=False)
+            if own_table and sub.stage_bigrams
+            else None
+        )
         self.layers = nn.ModuleDict(
             {
                 str(i): Block(
@@ -132,6 +138,8 @@ class Stage(nn.Module):
             self.embed.reset(m.init_std, seeded_generator(seed, "embed"))
         elif self.reembed is not None:
             nn.init.zeros_(self.reembed.weight)  # the stage starts as the model without it
+            if self.bigrams is not None:
+                nn.init.zeros_(self.bigrams.weight)
         for i, block in self.layers.items():
             block.reset(m, seeded_generator(seed, f"layer{i}"))
         if self.is_last:
@@ -140,8 +148,7 @@ class Stage(nn.Module):
     def writes(self) -> list[ResidualWrite | SubspaceEmbedding]:
         """Every module that writes into the residual stream."""
         out: list[ResidualWrite | SubspaceEmbedding] = [self.embed] if self.is_first else []
-        if self.reembed is not None:
-            out.append(self.reembed)
+        out.extend(e for e in (self.reembed, self.bigrams) if e is not None)
         for block in self.layers.values():
             out.extend(block.writes())
         return out
@@ -156,6 +163,18 @@ class Stage(nn.Module):
         for w in self.writes():
             w.project_grad_()
 
+    def add_token_features(self, x: Tensor, tokens: Tensor | None) -> Tensor:
+        """The stage's own token (and token-pair) embeddings, added to the stream it received."""
+        if self.reembed is None:
+            return x
+        if tokens is None:
+            raise ValueError(f"stage {self.index} adds its token embedding: it needs token ids")
+        x = x + self.reembed(tokens)
+        if self.bigrams is not None:
+            ids = bigram_ids(tokens, self.cfg.model.vocab_size, self.bigrams.weight.shape[0])
+            x = x + self.bigrams(ids)
+        return x
+
     def forward(self, x: Tensor | None, tokens: Tensor | None = None) -> Tensor:
         if self.is_first:
             if tokens is None:
@@ -163,10 +182,7 @@ class Stage(nn.Module):
             x = self.embed(tokens)  # (B, T, d)
         if x is None:
             raise ValueError(f"stage {self.index} needs the residual stream from upstream")
-        if self.reembed is not None:
-            if tokens is None:
-                raise ValueError(f"stage {self.index} adds its token embedding: it needs token ids")
-            x = x + self.reembed(tokens)
+        x = self.add_token_features(x, tokens)
         for block in self.layers.values():
             x = block(x, self.cos, self.sin)
         if self.is_last:

@@ -192,3 +192,21 @@ def test_bench_convergence_long_run_mode(tmp_path: Path, toy_corpus: Path) -> No
     assert "unconstrained (k = d)" in (out / "results.md").read_text()
     bad = CliRunner().invoke(app, [*args, "--codecs", "subspace@2+nonsense.key=1"])
     assert bad.exit_code != 0 and "Traceback" not in bad.output
+
+
+def test_stage_bigrams_hash_pairs_within_the_window() -> None:
+    from pmnode.model import bigram_ids
+
+    tok = torch.tensor([[1, 2, 3], [5, 2, 3]])
+    ids = bigram_ids(tok, V, 4096)
+    assert ids[0, 2] == ids[1, 2]  # the same pair (2, 3), wherever it is
+    assert ids[0, 1] != ids[1, 1]  # (1, 2) vs (5, 2)
+    assert ids[0, 0] == (V * 1_000_003 + 1) % 4096  # position 0 pairs with the start marker
+    c = cfg(4, constrain="boundaries", stage_embeddings=True, stage_bigrams=512)
+    pipe = Pipeline(c)
+    assert pipe.workers[1].stage.bigrams.weight.shape == (512, D)
+    tok, tgt = batch(3)
+    before = Pipeline(cfg(4, constrain="boundaries")).eval_loss([(tok, tgt)])
+    assert abs(pipe.eval_loss([(tok, tgt)]) - before) < 1e-6  # zero at init
+    pipe.train_step(tok, tgt, 10)
+    assert pipe.workers[3].stage.bigrams.weight.abs().max().item() > 0
