@@ -20,7 +20,7 @@ from pmnode.config import RunConfig
 from pmnode.diagnostics import Diagnostics, diagnose
 from pmnode.progress import train_with_progress
 from pmnode.train import StepInfo
-from pmnode.variants import slug, variant_config
+from pmnode.variants import parse_variant, slug, variant_config
 
 
 class RunResult(BaseModel):
@@ -143,8 +143,10 @@ class Row(BaseModel):
     tokens: int
     heldout_loss: float
     mid_loss: float | None
-    gap_end: float | None = None  # against the unconstrained model of the same d, at equal tokens
+    baseline: str | None = None  # the unconstrained (k = d) run of the same architecture
+    gap_end: float | None = None  # against that baseline, at equal tokens
     gap_mid: float | None = None  # the same at half the run's tokens
+    gap_plain: float | None = None  # against the plain unconstrained model of the same shape
     gap_dense: float | None = None  # against the plain dense model, at equal tokens
     steps_to_target: float | None = None
     steps_ratio: float | None = None  # steps to the target over the unconstrained model's
@@ -155,19 +157,52 @@ def is_unconstrained(r: RunResult) -> bool:
     return r.codec == "subspace" and r.rank == r.d_model
 
 
+# Settings that say how a model is compressed, not what model it is: variants that differ only in
+# these are the same architecture, and the unconstrained (k = d) one among them is their baseline.
+_COMPRESSION_KEYS = {
+    "n_stages",
+    "stage_layers",
+    "subspace.constrain",
+    "subspace.compression_rank",
+    "subspace.compression_ratio",
+    "subspace.uncompressed_tail_layers",
+    "optim.write_lr_scale",
+}
+
+
+def architecture(variant: str, plain: bool = False) -> str:
+    """The variant's model as a key: its overrides less the compression settings; `plain` keeps
+    only the model's shape (model.*), the architecture without any remedy's extra parts."""
+    _, overrides = parse_variant(variant)
+    flat: dict[str, object] = {}
+
+    def walk(node: dict, prefix: str) -> None:
+        for k, v in node.items():
+            walk(v, f"{prefix}{k}.") if isinstance(v, dict) else flat.__setitem__(prefix + k, v)
+
+    walk(overrides, "")
+    keep = {k: v for k, v in flat.items() if k not in _COMPRESSION_KEYS}
+    if plain:
+        keep = {k: v for k, v in keep.items() if k.startswith("model.")}
+    return ",".join(f"{k}={keep[k]}" for k in sorted(keep))
+
+
 def compare(runs: list[RunResult], target: float | None) -> list[Row]:
-    """Each run against the unconstrained run of the same d_model (and against dense), at equal
-    tokens and in steps to a target held-out loss (None: the unconstrained run's final loss)."""
-    bases: dict[int, RunResult] = {}
-    dense: dict[int, RunResult] = {}
+    """Each run against the unconstrained run of the same architecture, at equal tokens and in steps
+    to a target held-out loss (None: that baseline's final loss); also against the plain
+    unconstrained model of its shape and against plain dense."""
+    bases: dict[str, RunResult] = {}
+    dense: dict[str, RunResult] = {}
     for r in runs:
         if is_unconstrained(r):
-            bases.setdefault(r.d_model, r)
+            bases.setdefault(architecture(r.variant), r)
         if r.codec == "dense" and r.rank is None:
-            dense.setdefault(r.d_model, r)
+            dense.setdefault(architecture(r.variant, plain=True), r)
     rows = []
     for r in runs:
-        b, dn = bases.get(r.d_model), dense.get(r.d_model)
+        b = bases.get(architecture(r.variant))
+        plain = bases.get(architecture(r.variant, plain=True))
+        dn = dense.get(architecture(r.variant, plain=True))
         mid_tokens = r.tokens // 2
         mid = loss_at(r.curve, mid_tokens)
         row = Row(
@@ -180,9 +215,12 @@ def compare(runs: list[RunResult], target: float | None) -> list[Row]:
             tokens=r.tokens,
             heldout_loss=r.heldout_loss,
             mid_loss=round(mid, 4) if mid is not None else None,
+            baseline=b.variant if b is not None else None,
         )
         if dn is not None:
             row.gap_dense = _gap(r.heldout_loss, _end(dn, r.tokens))
+        if plain is not None:
+            row.gap_plain = _gap(r.heldout_loss, _end(plain, r.tokens))
         if b is not None:
             row.gap_end = _gap(r.heldout_loss, _end(b, r.tokens))
             row.gap_mid = _gap(mid, loss_at(b.curve, mid_tokens))

@@ -25,17 +25,20 @@ def markdown(rows: list[Row], runs: list[RunResult], target: float | None, title
     lines = [
         f"# {title}",
         "",
-        "Held-out loss (nats per byte token) at the end of each run and at half its tokens; *gap* is "
-        "against the **unconstrained** model of the same width (the subspace architecture with k = d: "
-        "frozen token table F, branch norm, full-rank writes), at equal tokens; *vs dense* is against "
-        "the **plain dense** model (no F, no branch norm). *steps ratio*: steps to reach "
+        "Held-out loss (nats per byte token) at the end of each run and at half its tokens. *gap* is "
+        "against the **unconstrained model of the same architecture** (the same variant with k = d and "
+        "nothing projected: frozen token table F, branch norm, full-rank writes, and the variant's own "
+        "extra parts such as stage embeddings), at equal tokens: the cost of the compression alone. "
+        "*vs plain* is against the plain unconstrained model of the same shape (k = d, no extra parts): "
+        "what a user gives up against training the usual model. *vs dense* is against the **plain "
+        "dense** model (no F, no branch norm). *steps ratio*: steps to reach "
         + (f"held-out {target}" if target is not None else "the unconstrained model's final held-out loss")
         + " over the unconstrained model's steps to the same loss (ProtocolNanoGPT's measure); "
         "'not reached' means the run ended above it.",
         "",
         "| variant | d | k | constrain | boundaries | B/token | tokens | held-out | gap | gap at mid "
-        "| vs dense | steps to target | steps ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| vs plain | vs dense | steps to target | steps ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     complete = {run.variant: run.complete for run in runs}
     for r in rows:
@@ -44,7 +47,7 @@ def markdown(rows: list[Row], runs: list[RunResult], target: float | None, title
         lines.append(
             f"| `{r.variant}` ({_name(r)}){cut} | {r.d_model} | {r.rank or '-'} | {r.constrain or '-'} "
             f"| {r.boundaries} | {r.bytes_per_token} | {r.tokens / 1e6:.2f}M | {r.heldout_loss:.4f} "
-            f"| {_pct(r.gap_end)} | {_pct(r.gap_mid)} | {_pct(r.gap_dense)} | {steps} "
+            f"| {_pct(r.gap_end)} | {_pct(r.gap_mid)} | {_pct(r.gap_plain)} | {_pct(r.gap_dense)} | {steps} "
             f"| {r.steps_ratio if r.steps_ratio is not None else '-'} |"
         )
     lines += ["", "Diagnostics at the end of each run (held-out batches; see pmnode/diagnostics.py):", ""]

@@ -210,3 +210,23 @@ def test_stage_bigrams_hash_pairs_within_the_window() -> None:
     assert abs(pipe.eval_loss([(tok, tgt)]) - before) < 1e-6  # zero at init
     pipe.train_step(tok, tgt, 10)
     assert pipe.workers[3].stage.bigrams.weight.abs().max().item() > 0
+
+
+def test_each_variant_is_compared_with_the_unconstrained_model_of_its_architecture() -> None:
+    from pmnode.fidelity import architecture
+
+    assert architecture("subspace@4+n_stages=2+subspace.constrain=boundaries") == ""
+    feat = "subspace.stage_bigrams=64,subspace.stage_embeddings=True"
+    assert architecture("subspace@4+subspace.stage_embeddings=true+subspace.stage_bigrams=64") == feat
+    assert architecture("subspace@d+subspace.stage_embeddings=true+subspace.stage_bigrams=64") == feat
+    assert architecture("subspace@4+subspace.stage_embeddings=true", plain=True) == ""
+    curve = [(10, 100, 2.0), (20, 200, 1.0)]
+    plain = _run("subspace@d", "subspace", 128, curve)
+    rich = _run(
+        "subspace@d+subspace.stage_embeddings=true", "subspace", 128, [(10, 100, 1.8), (20, 200, 0.9)]
+    )
+    k4 = _run("subspace@4+subspace.stage_embeddings=true", "subspace", 4, [(10, 100, 1.9), (20, 200, 0.99)])
+    rows = {r.variant: r for r in compare([rich, plain, k4], None)}
+    assert rows[k4.variant].baseline == rich.variant
+    assert rows[k4.variant].gap_end == pytest.approx(0.1)
+    assert rows[k4.variant].gap_plain == pytest.approx(-0.01)
