@@ -21,7 +21,10 @@ from hivemind.utils.crypto import RSAPublicKey
 from rich.console import Console
 
 from coordinator.http import Metrics, StatusServer
-from pmnode.auth import (
+from pmnode.config import RunConfig
+from pmnode.core.stages import build_subspace, split_layers
+from pmnode.errors import PmnodeError
+from pmnode.net.auth import (
     AUTHORITY_FILE,
     JOIN_TOKEN_ENV,
     TOKEN_FILE,
@@ -36,13 +39,10 @@ from pmnode.auth import (
     token_matches,
     write_secret,
 )
-from pmnode.config import RunConfig
-from pmnode.control import JOIN_RPC, JoinReply, JoinRequest, add_json_handler
-from pmnode.dht import run_until_signal, stage_records, start_dht
-from pmnode.errors import PmnodeError
-from pmnode.routing import HEARTBEAT_PERIOD, StageRecord, choose_stage, config_key
-from pmnode.stages import build_subspace, split_layers
-from pmnode.status import STATUS_RPC, HistoryPoint, Replica, StageStatus, StatusRequest, SwarmStatus, thin
+from pmnode.net.control import JOIN_RPC, JoinReply, JoinRequest, add_json_handler
+from pmnode.net.dht import run_until_signal, stage_records, start_dht
+from pmnode.net.routing import HEARTBEAT_PERIOD, StageRecord, choose_stage, config_key
+from pmnode.net.status import STATUS_RPC, HistoryPoint, Replica, StageStatus, StatusRequest, SwarmStatus, thin
 
 CONFIG_TTL = 60.0  # seconds a published config record lives; republished every third of it
 PENDING_TTL = 15.0  # an assigned node that has not announced yet still counts for its stage this long

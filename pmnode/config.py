@@ -225,7 +225,7 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
-        from pmnode.stages import free_layers
+        from pmnode.core.stages import free_layers
 
         free_layers(self)  # also validates the layer split
         if self.train.seq_len > self.model.max_seq_len:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pmnode.bench_swarm import head_lines, steady_rate, window_rates
+from pmnode.bench.swarm import head_lines, steady_rate, window_rates
 
 
 def lines(rates: list[float], window: int = 2, tokens: int = 100) -> list[dict]:
@@ -44,7 +44,7 @@ def test_head_lines_skip_other_output(tmp_path: Path) -> None:
 
 
 def test_tokens_to_reach_interpolates() -> None:
-    from pmnode.time_to_loss import tokens_to_reach
+    from pmnode.bench.time_to_loss import tokens_to_reach
 
     curve = [[100, 3.0], [200, 2.0], [300, 1.5]]
     assert tokens_to_reach(curve, 2.5) == pytest.approx(150)
@@ -53,8 +53,8 @@ def test_tokens_to_reach_interpolates() -> None:
 
 
 def test_time_to_loss_joins_convergence_and_swarm(tmp_path: Path) -> None:
+    from pmnode.bench.time_to_loss import time_to_loss
     from pmnode.errors import PmnodeError
-    from pmnode.time_to_loss import time_to_loss
 
     conv, swarm = tmp_path / "conv", tmp_path / "swarm"
     conv.mkdir()

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pmnode.codecs import make_codec, token_dtype
+from pmnode.core.codecs import make_codec, token_dtype
+from pmnode.core.subspace import Subspace
 from pmnode.errors import ConfigError
-from pmnode.subspace import Subspace
 
 D, K, V = 64, 8, 256
 B, T = 3, 5

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from pmnode.config import RunConfig, load_config
+from pmnode.core.stages import free_layers, split_layers
 from pmnode.errors import ConfigError
-from pmnode.stages import free_layers, split_layers
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 

@@ -15,9 +15,9 @@ import hivemind
 import pytest
 from hivemind.utils.crypto import RSAPrivateKey
 
-from pmnode.auth import Verifier, load_or_create_key, public_bytes
-from pmnode.control import JOIN_RPC, ControlError, JoinReply, JoinRequest, call_json
-from pmnode.dht import p2p_options
+from pmnode.net.auth import Verifier, load_or_create_key, public_bytes
+from pmnode.net.control import JOIN_RPC, ControlError, JoinReply, JoinRequest, call_json
+from pmnode.net.dht import p2p_options
 
 ROOT = Path(__file__).parent.parent
 BIN = Path(sys.executable).parent

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pmnode.config import DataConfig
-from pmnode.data import ByteTokenizer, TokenDataset, corpus_files, is_heldout, load_tokenizer
+from pmnode.data.dataset import ByteTokenizer, TokenDataset, corpus_files, is_heldout, load_tokenizer
 from pmnode.errors import DataError
 
 

@@ -9,7 +9,7 @@ import subprocess
 from rich.console import Console
 from test_swarm import BIN
 
-from pmnode.panel import Display, NodeSnapshot, line, render
+from pmnode.swarm.panel import Display, NodeSnapshot, line, render
 
 
 def snapshot(**kw: object) -> NodeSnapshot:

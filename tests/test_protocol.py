@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pmnode.codecs import make_codec
 from pmnode.config import RunConfig
-from pmnode.runtime import StageWorker
-from pmnode.stages import Stage, build_subspace
-from pmnode.subspace import Subspace, fingerprint, make_basis, make_token_table
+from pmnode.core.codecs import make_codec
+from pmnode.core.stages import Stage, build_subspace
+from pmnode.core.subspace import Subspace, fingerprint, make_basis, make_token_table
+from pmnode.core.worker import StageWorker
 
 D, K, V, T = 64, 8, 256, 16
 
@@ -109,7 +109,7 @@ def test_invariant_survives_training(mode: str) -> None:
 
 _BYTES_SNIPPET = """
 import hashlib
-from pmnode.subspace import make_basis, make_token_table
+from pmnode.core.subspace import make_basis, make_token_table
 u, f = make_basis(7, 96, 12), make_token_table(7, 300, 96)
 print(hashlib.sha256(u.numpy().tobytes() + f.numpy().tobytes()).hexdigest())
 """

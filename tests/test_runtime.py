@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pmnode.codecs import Packet
 from pmnode.config import RunConfig
+from pmnode.core.codecs import Packet
+from pmnode.core.worker import StageWorker, lr_at
 from pmnode.errors import PmnodeError
-from pmnode.runtime import StageWorker, lr_at
 
 CFG = RunConfig.model_validate(
     {

@@ -1,4 +1,4 @@
-"""pmnode.transport between two real p2pd daemons on 127.0.0.1: unary, streamed, refused, counted."""
+"""pmnode.net.transport between two real p2pd daemons on 127.0.0.1: unary, streamed, refused, counted."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from hivemind.p2p import P2P
 
-from pmnode.codecs import Packet
-from pmnode.transport import (
+from pmnode.core.codecs import Packet
+from pmnode.net.transport import (
     UNARY_LIMIT,
     TransportError,
     TransportStats,
@@ -21,7 +21,7 @@ from pmnode.transport import (
     serve,
     serve_stage,
 )
-from pmnode.wire import MessageHeader, WireLimits, decode, encode
+from pmnode.net.wire import MessageHeader, WireLimits, decode, encode
 
 # localhost only: no UPnP port mapping, no AutoNAT probes
 P2P_OPTS = {"host_maddrs": ["/ip4/127.0.0.1/tcp/0"], "nat_port_map": False, "auto_nat": False}
@@ -237,7 +237,7 @@ def test_no_p2pd_left_behind() -> None:
 def test_guard_refuses_before_decoding_and_bans_garbage() -> None:
     from hivemind.utils.crypto import RSAPrivateKey
 
-    from pmnode.auth import Guard, Verifier, issue_cert, public_bytes
+    from pmnode.net.auth import Guard, Verifier, issue_cert, public_bytes
 
     authority = RSAPrivateKey()
     guard = Guard(

@@ -1,7 +1,7 @@
 """`pmnode bench swarm`: local-swarm throughput per codec and emulated link, at steady state.
 
 Every (codec, bandwidth) pair runs a real local swarm (coordinator + one process per stage) with
-its nodes' links shaped in-process (pmnode.shaping). The head's per-step lines give tokens and
+its nodes' links shaped in-process (pmnode.net.shaping). The head's per-step lines give tokens and
 elapsed time; tokens/s is measured over windows of steps, and the run is at steady state once
 three consecutive windows agree within `tolerance`. The figure reported is the median of the
 windows from there on. 'unlimited' means an unshaped link: no bandwidth cap and no added latency.
@@ -17,9 +17,9 @@ from pathlib import Path
 from rich.console import Console
 
 from pmnode.config import RunConfig
-from pmnode.local_swarm import run_local_swarm
-from pmnode.shaping import format_bandwidth, parse_bandwidth, parse_latency
-from pmnode.train import config_for
+from pmnode.core.train import config_for
+from pmnode.net.shaping import format_bandwidth, parse_bandwidth, parse_latency
+from pmnode.swarm.local_swarm import run_local_swarm
 
 
 def window_rates(lines: list[dict], window: int) -> list[float]:

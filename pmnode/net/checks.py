@@ -16,8 +16,8 @@ from collections.abc import Mapping
 
 import torch
 
-from pmnode.codecs import Codec, Packet
-from pmnode.wire import MessageHeader, WireError
+from pmnode.core.codecs import Codec, Packet
+from pmnode.net.wire import MessageHeader, WireError
 
 DATA_KEYS = ("targets", "last_target")  # travel beside the codec's tensors, untouched, to the tail
 

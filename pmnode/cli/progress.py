@@ -6,7 +6,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from pmnode.config import RunConfig
-from pmnode.train import StepInfo, TrainSummary, train
+from pmnode.core.train import StepInfo, TrainSummary, train
 
 
 def train_with_progress(cfg: RunConfig, codec: str, device: str, console: Console) -> TrainSummary:

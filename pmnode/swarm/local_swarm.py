@@ -25,9 +25,9 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from pmnode.auth import JOIN_TOKEN_ENV, TOKEN_FILE, new_token, read_token_file
 from pmnode.config import RunConfig
 from pmnode.errors import PmnodeError
+from pmnode.net.auth import JOIN_TOKEN_ENV, TOKEN_FILE, new_token, read_token_file
 
 BIN = Path(sys.executable).parent
 

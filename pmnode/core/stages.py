@@ -5,8 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from pmnode.config import RunConfig
-from pmnode.errors import ConfigError
-from pmnode.model import (
+from pmnode.core.model import (
     Block,
     ResidualWrite,
     RMSNorm,
@@ -16,7 +15,8 @@ from pmnode.model import (
     rope_tables,
     seeded_generator,
 )
-from pmnode.subspace import Subspace
+from pmnode.core.subspace import Subspace
+from pmnode.errors import ConfigError
 
 
 def split_layers(n_layers: int, n_stages: int, explicit: list[int] | None = None) -> list[range]:

@@ -21,11 +21,11 @@ from typing import Any, Literal, get_args
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pmnode.codecs import Packet
+from pmnode.core.codecs import Packet
 from pmnode.errors import PmnodeError
 
 if sys.byteorder != "little":  # raw tensor bytes are sent in host order, which must be the wire's
-    raise ImportError("pmnode.wire needs a little-endian host")
+    raise ImportError("pmnode.net.wire needs a little-endian host")
 
 DTypeName = Literal["float32", "float16", "bfloat16", "int8", "uint8", "int16", "uint16", "int32", "int64"]
 DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in get_args(DTypeName)}

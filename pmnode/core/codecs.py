@@ -24,8 +24,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from pmnode.core.subspace import Subspace
 from pmnode.errors import ConfigError
-from pmnode.subspace import Subspace
 
 _SCALE_DTYPE = torch.bfloat16  # fp32's range in 2 bytes: activation gradients can be ~1e-9
 

@@ -1,6 +1,6 @@
 """Data-plane transport over hivemind P2P: one request message in, one reply message out.
 
-Mechanism: hivemind protobuf handlers carrying pmnode.wire bytes in the `metadata` (bytes) field of
+Mechanism: hivemind protobuf handlers carrying pmnode.net.wire bytes in the `metadata` (bytes) field of
 hivemind's own `runtime_pb2.ExpertRequest/ExpertResponse`, so nothing is compiled at build time.
 Each RPC name registers three handlers:
 
@@ -36,10 +36,10 @@ from typing import Any, Protocol
 from hivemind.p2p import P2P, P2PContext, P2PDaemonError, P2PHandlerError, PeerID
 from hivemind.proto import runtime_pb2
 
-from pmnode.codecs import Packet
+from pmnode.core.codecs import Packet
 from pmnode.errors import PmnodeError
-from pmnode.shaping import LinkShaper
-from pmnode.wire import MessageHeader, WireError, WireLimits, decode, encode, framing_overhead
+from pmnode.net.shaping import LinkShaper
+from pmnode.net.wire import MessageHeader, WireError, WireLimits, decode, encode, framing_overhead
 
 UNARY_LIMIT = 1536 * 1024  # leaves headroom under the daemon's ~2 MiB unary cap for protobuf framing
 CHUNK_SIZE = 2**20

@@ -15,8 +15,8 @@ from pydantic import BaseModel
 from torch import Tensor
 
 from pmnode.config import RunConfig
-from pmnode.runtime import StageWorker
-from pmnode.stages import build_subspace
+from pmnode.core.stages import build_subspace
+from pmnode.core.worker import StageWorker
 
 
 def parse_spec(spec: str) -> tuple[str, int | None]:
@@ -108,7 +108,7 @@ def train(
 ) -> TrainSummary:
     """Train cfg.train.steps steps; evaluate held-out loss every eval_every steps and at the end."""
     t = cfg.train
-    from pmnode.data import TokenDataset
+    from pmnode.data.dataset import TokenDataset
 
     train_set, heldout = TokenDataset.from_config(cfg.data, cfg.model.vocab_size)
     eval_batches = heldout.eval_batches(t.eval_batches, t.batch_size, t.seq_len)

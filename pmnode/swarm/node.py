@@ -36,8 +36,13 @@ from pydantic import BaseModel, ConfigDict, SecretStr
 from rich.console import Console
 from torch import Tensor
 
-from pmnode import checkpoint
-from pmnode.auth import (
+from pmnode.config import RunConfig
+from pmnode.core import checkpoint
+from pmnode.core.codecs import Packet
+from pmnode.core.worker import StageWorker
+from pmnode.data.dataset import TokenDataset
+from pmnode.errors import PmnodeError
+from pmnode.net.auth import (
     CERT_TTL,
     JOIN_TOKEN_ENV,
     AuthError,
@@ -47,10 +52,15 @@ from pmnode.auth import (
     Verifier,
     public_bytes,
 )
-from pmnode.averaging import MATCHMAKING_TIME, StageAverager, next_round
-from pmnode.codecs import Packet
-from pmnode.config import RunConfig
-from pmnode.control import (
+from pmnode.net.checks import (
+    DATA_KEYS,
+    GradScale,
+    check_activation,
+    check_eval_batch,
+    check_gradient,
+    check_micro_batch,
+)
+from pmnode.net.control import (
     JOIN_RPC,
     Applied,
     Apply,
@@ -64,23 +74,13 @@ from pmnode.control import (
     add_json_handler,
     call_json,
 )
-from pmnode.data import TokenDataset
-from pmnode.dht import announce, keep_in_touch, stage_records, start_dht
-from pmnode.errors import PmnodeError
-from pmnode.panel import Display, LogFormat, NodeSnapshot
-from pmnode.routing import HEARTBEAT_PERIOD, RECORD_TTL, Backoff, StageRecord, choose_peer
-from pmnode.runtime import StageWorker
-from pmnode.shaping import LinkShaper
-from pmnode.transport import TransportStats, request, serve
-from pmnode.validate import (
-    DATA_KEYS,
-    GradScale,
-    check_activation,
-    check_eval_batch,
-    check_gradient,
-    check_micro_batch,
-)
-from pmnode.wire import MessageHeader, WireError, WireLimits
+from pmnode.net.dht import announce, keep_in_touch, stage_records, start_dht
+from pmnode.net.routing import HEARTBEAT_PERIOD, RECORD_TTL, Backoff, StageRecord, choose_peer
+from pmnode.net.shaping import LinkShaper
+from pmnode.net.transport import TransportStats, request, serve
+from pmnode.net.wire import MessageHeader, WireError, WireLimits
+from pmnode.swarm.averaging import MATCHMAKING_TIME, StageAverager, next_round
+from pmnode.swarm.panel import Display, LogFormat, NodeSnapshot
 
 
 class NodeOptions(BaseModel):
@@ -191,7 +191,7 @@ class Node:
         self.rejoined = False  # took over an empty stage mid-run: its first step re-sends everything
         self.steps_lost = 0  # swarm steps whose updates this stage's weights never saw (empty stage)
         self.paused_s = 0.0  # head: seconds spent waiting for an empty stage
-        # async replicas: parameter averaging (pmnode.averaging) and the head's step they follow
+        # async replicas: parameter averaging (pmnode.swarm.averaging) and the head's step they follow
         self.averager: StageAverager | None = None
         self.replicated = False  # async: has shared this stage with another node
         self.frontier = 0  # async: the furthest step of a micro-batch taken here

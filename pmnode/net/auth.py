@@ -38,7 +38,7 @@ from hivemind.utils.serializer import MSGPackSerializer
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pmnode.errors import PmnodeError
-from pmnode.routing import RECORD_TTL, StageRecord, config_key, stage_key
+from pmnode.net.routing import RECORD_TTL, StageRecord, config_key, stage_key
 
 JOIN_TOKEN_ENV = "PMNODE_JOIN_TOKEN"
 TOKEN_FILE = "join_token"  # in the coordinator's state dir, mode 0600

@@ -73,8 +73,8 @@ def train(
     summary_json: Annotated[Path | None, typer.Option(help="Write the run summary here.")] = None,
 ) -> None:
     """Train every stage in one process with the codec at each boundary (the swarm's reference)."""
-    from pmnode.progress import train_with_progress
-    from pmnode.train import config_for
+    from pmnode.cli.progress import train_with_progress
+    from pmnode.core.train import config_for
 
     cfg = load_with_overrides(config, steps=steps, data=data)
     if codec:  # the codec decides the model: constrained for subspace, plain otherwise
@@ -151,9 +151,9 @@ def join(
 ) -> None:
     """Join a swarm: get a stage from the coordinator, build it, serve and train."""
 
-    from pmnode.dht import run_until_signal
-    from pmnode.node import Node, NodeOptions, coordinator_from_file
-    from pmnode.shaping import parse_bandwidth, parse_latency
+    from pmnode.net.dht import run_until_signal
+    from pmnode.net.shaping import parse_bandwidth, parse_latency
+    from pmnode.swarm.node import Node, NodeOptions, coordinator_from_file
 
     if (coordinator is None) == (coordinator_file is None):
         raise PmnodeError("give exactly one of --coordinator MULTIADDR or --coordinator-file PATH")
@@ -163,8 +163,8 @@ def join(
         raise PmnodeError("--checkpoint-every needs --checkpoint-dir DIR")
     if resume and checkpoint_dir is None:
         raise PmnodeError("--resume needs --checkpoint-dir DIR, the directory the checkpoint is in")
-    from pmnode.auth import JOIN_TOKEN_ENV, TOKEN_FILE, resolve_token
-    from pmnode.data import corpus_files
+    from pmnode.data.dataset import corpus_files
+    from pmnode.net.auth import JOIN_TOKEN_ENV, TOKEN_FILE, resolve_token
 
     device = resolve_device(device)
     if data is not None:
@@ -220,8 +220,8 @@ def status(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the coordinator.", min=1)] = 15.0,
 ) -> None:
     """Show the swarm: stages x replicas, throughput, queues, last seen, global step and loss."""
-    from pmnode.node import coordinator_from_file
-    from pmnode.status import fetch_status, render
+    from pmnode.net.status import fetch_status, render
+    from pmnode.swarm.node import coordinator_from_file
 
     if (coordinator is None) == (coordinator_file is None):
         raise PmnodeError("give exactly one of --coordinator MULTIADDR or --coordinator-file PATH")
@@ -268,8 +268,8 @@ def local_swarm(
     """Run a coordinator and every stage as separate processes on 127.0.0.1 (the embedded default)."""
     import os
 
-    from pmnode.local_swarm import run_local_swarm
-    from pmnode.shaping import parse_bandwidth, parse_latency
+    from pmnode.net.shaping import parse_bandwidth, parse_latency
+    from pmnode.swarm.local_swarm import run_local_swarm
 
     parse_bandwidth(link_bandwidth), parse_latency(link_latency)  # fail before starting anything
     gaps = None
@@ -293,7 +293,7 @@ def local_swarm(
     sections.setdefault("swarm", {})["threads"] = max(1, (os.cpu_count() or 1) // (stages * replicas))
     cfg = load_with_overrides(config, steps=steps, data=data, **sections)
     if codec:
-        from pmnode.train import config_for
+        from pmnode.core.train import config_for
 
         cfg, _ = config_for(cfg, codec)
     summary = run_local_swarm(
@@ -340,8 +340,8 @@ def generate(
     device: DeviceOpt = "cpu",
 ) -> None:
     """Sample text from a checkpoint: every stage in one process, the codec at each boundary."""
-    from pmnode.generate import check_sampling, load_checkpoint
-    from pmnode.generate import generate as generate_text
+    from pmnode.core.generate import check_sampling, load_checkpoint
+    from pmnode.core.generate import generate as generate_text
 
     if not prompt:
         raise PmnodeError("--prompt is empty: give some text to continue")
@@ -369,7 +369,7 @@ def bench_codec(
     ] = None,
 ) -> None:
     """Bytes per token of every codec and its encode+decode share of a stage's step."""
-    from pmnode.bench import codec_report, print_codec_table
+    from pmnode.bench.core import codec_report, print_codec_table
 
     specs = [c.strip() for c in codecs.split(",") if c.strip()] if codecs else None
     report = codec_report(load_config(config), resolve_device(device), specs=specs, timing=timing)
@@ -389,7 +389,7 @@ def bench_convergence(
     device: DeviceOpt = "cpu",
 ) -> None:
     """Train each codec with the same data, seed and steps; compare held-out loss and bytes."""
-    from pmnode.bench import convergence
+    from pmnode.bench.core import convergence
 
     cfg = load_with_overrides(config, steps=steps, data=data)
     specs = [c.strip() for c in codecs.split(",") if c.strip()]
@@ -417,7 +417,7 @@ def bench_swarm_cmd(
     """Local-swarm tokens/s per codec and emulated link, at steady state."""
     import os
 
-    from pmnode.bench_swarm import bench_swarm
+    from pmnode.bench.swarm import bench_swarm
 
     if schedule not in ("sync", "async"):
         raise PmnodeError(f"--schedule must be sync or async, not {schedule!r}")
@@ -464,8 +464,8 @@ def bench_time_to_loss(
     ] = None,
 ) -> None:
     """Steps to a target loss (from convergence curves) x steady-state step time on a link."""
-    from pmnode.shaping import format_bandwidth, parse_bandwidth
-    from pmnode.time_to_loss import time_to_loss
+    from pmnode.bench.time_to_loss import time_to_loss
+    from pmnode.net.shaping import format_bandwidth, parse_bandwidth
 
     result = time_to_loss(
         convergence,

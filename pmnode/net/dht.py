@@ -19,9 +19,9 @@ from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.multiaddr import Multiaddr
 
-from pmnode.auth import Cert, Verifier, open_record, sign_record
 from pmnode.errors import PmnodeError
-from pmnode.routing import RECORD_TTL, StageRecord, live, stage_key
+from pmnode.net.auth import Cert, Verifier, open_record, sign_record
+from pmnode.net.routing import RECORD_TTL, StageRecord, live, stage_key
 
 T = TypeVar("T")
 

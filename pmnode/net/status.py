@@ -14,9 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
 from rich.table import Table
 
-from pmnode.dht import p2p_options
 from pmnode.errors import PmnodeError
-from pmnode.routing import StageRecord
+from pmnode.net.dht import p2p_options
+from pmnode.net.routing import StageRecord
 
 STATUS_RPC = "pmnode.coord.status"  # fixed name, like JOIN_RPC: asked before the run is known
 HISTORY_LIMIT = 2000  # points of loss history kept; older ones are thinned, never the latest
@@ -123,7 +123,7 @@ def render(status: SwarmStatus, console: Console) -> None:
 async def _fetch(maddr: str, peer: str, timeout: float) -> SwarmStatus:
     from hivemind.p2p import P2P
 
-    from pmnode.control import ControlError, call_json
+    from pmnode.net.control import ControlError, call_json
 
     host = maddr.split("/")[2] if maddr.startswith("/ip") else "0.0.0.0"
     # A bare libp2p client: no DHT, no listening port, gone when the call is answered.
@@ -138,7 +138,7 @@ async def _fetch(maddr: str, peer: str, timeout: float) -> SwarmStatus:
 
 def fetch_status(maddr: str, timeout: float = 15.0) -> SwarmStatus:
     """Ask a coordinator (by the multiaddr it printed) for the swarm's status."""
-    from pmnode.node import coordinator_peer
+    from pmnode.swarm.node import coordinator_peer
 
     peer = coordinator_peer(maddr)
     try:

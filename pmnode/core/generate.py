@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from pmnode import checkpoint
 from pmnode.config import RunConfig
-from pmnode.data import ByteTokenizer, HFTokenizer, load_tokenizer
+from pmnode.core import checkpoint
+from pmnode.core.train import Pipeline
+from pmnode.data.dataset import ByteTokenizer, HFTokenizer, load_tokenizer
 from pmnode.errors import PmnodeError
-from pmnode.train import Pipeline
 
 LogitsFn = Callable[[Tensor], Tensor]  # (B, T) token ids -> (B, T, V) logits
 

@@ -24,8 +24,8 @@ from hivemind.averaging import DecentralizedAverager
 from hivemind.compression import Float16Compression, NoCompression, SizeAdaptiveCompression
 from hivemind.utils import get_dht_time
 
-from pmnode.auth import AuthError, Cert, Verifier
-from pmnode.runtime import StageWorker
+from pmnode.core.worker import StageWorker
+from pmnode.net.auth import AuthError, Cert, Verifier
 
 MATCHMAKING_TIME = 1.0  # seconds before a round's start that replicas look for each other
 FP16_FROM = 2**14  # elements: smaller tensors (norms, biases) are sent exactly, they cost nothing

@@ -23,11 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pmnode.codecs import Codec, Packet, make_codec
 from pmnode.config import OptimConfig, RunConfig
+from pmnode.core.codecs import Codec, Packet, make_codec
+from pmnode.core.stages import Stage, build_subspace
+from pmnode.core.subspace import Subspace
 from pmnode.errors import PmnodeError
-from pmnode.stages import Stage, build_subspace
-from pmnode.subspace import Subspace
 
 
 def lr_at(step: int, optim: OptimConfig, total_steps: int) -> float:

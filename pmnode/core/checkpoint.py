@@ -21,8 +21,8 @@ from pydantic import BaseModel, ValidationError
 from safetensors.torch import load_file, save_file
 
 from pmnode.config import RunConfig, format_validation_error
+from pmnode.core.worker import StageWorker
 from pmnode.errors import ConfigError, PmnodeError
-from pmnode.runtime import StageWorker
 
 
 class Manifest(BaseModel):

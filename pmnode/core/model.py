@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pmnode.config import ModelConfig
-from pmnode.subspace import Subspace
+from pmnode.core.subspace import Subspace
 
 WriteMode = Literal["free", "projection", "reparam"]
 

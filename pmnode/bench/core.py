@@ -10,12 +10,12 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from pmnode.codecs import make_codec
+from pmnode.cli.progress import train_with_progress
 from pmnode.config import RunConfig
-from pmnode.progress import train_with_progress
-from pmnode.runtime import StageWorker
-from pmnode.stages import build_subspace
-from pmnode.train import config_for
+from pmnode.core.codecs import make_codec
+from pmnode.core.stages import build_subspace
+from pmnode.core.train import config_for
+from pmnode.core.worker import StageWorker
 
 
 def default_codecs(cfg: RunConfig) -> list[str]:

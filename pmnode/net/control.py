@@ -16,8 +16,8 @@ from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto import runtime_pb2
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pmnode.auth import Cert
 from pmnode.errors import PmnodeError
+from pmnode.net.auth import Cert
 
 JOIN_RPC = "pmnode.coord.join"  # fixed name: a joining node does not know the run yet
 
