@@ -17,15 +17,13 @@ from pmnode.net.transport import (
     TransportStats,
     call,
     request,
-    rpc_name,
     serve,
-    serve_stage,
 )
 from pmnode.net.wire import MessageHeader, WireLimits, decode, encode
 
 # localhost only: no UPnP port mapping, no AutoNAT probes
 P2P_OPTS = {"host_maddrs": ["/ip4/127.0.0.1/tcp/0"], "nat_port_map": False, "auto_nat": False}
-FORWARD, BACKWARD = rpc_name("test-run", "forward"), rpc_name("test-run", "backward")
+FORWARD, BACKWARD = "test-run.forward", "test-run.backward"
 Scenario = Callable[[P2P, P2P, TransportStats, TransportStats], Awaitable[None]]
 
 
@@ -76,8 +74,8 @@ def _run(scenario: Scenario, timeout: float = 60.0) -> tuple[TransportStats, Tra
             b = await P2P.create(initial_peers=await a.get_visible_maddrs(), **P2P_OPTS)
             pids.append(b._child.pid)
             assert set(pids) <= set(_p2pd_children())  # the orphan check below can see our daemons
-            names = await serve_stage(a, "test-run", {"forward": _echo, "backward": _echo}, server_stats)
-            assert names == [FORWARD, BACKWARD]
+            for name in (FORWARD, BACKWARD):
+                await serve(a, name, _echo, server_stats)
             await serve(a, "test-run.pmnode.fail", _fail, server_stats)
             await asyncio.wait_for(scenario(a, b, server_stats, client_stats), timeout)
         finally:

@@ -17,9 +17,10 @@ from collections.abc import Mapping
 import torch
 
 from pmnode.core.codecs import Codec, Packet
+from pmnode.net.envelope import LAST_TARGET, TARGET_KEYS, TARGETS, MicroBatchId, parse_eval_id
 from pmnode.net.wire import MessageHeader, WireError
 
-DATA_KEYS = ("targets", "last_target")  # travel beside the codec's tensors, untouched, to the tail
+DATA_KEYS = TARGET_KEYS  # travel beside the codec's tensors, untouched, to the tail
 
 
 def _layout(p: Packet) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
@@ -48,9 +49,9 @@ def check_activation(
     dim = codec.fwd.dim  # type: ignore[attr-defined]
     want = _layout(codec.pack_activation(torch.zeros(b, n, dim), torch.zeros(b, n, dtype=torch.long)))
     if "tokens" in want:
-        want_data = {"last_target": (codec.token_dtype, (b, 1))}
+        want_data = {LAST_TARGET: (codec.token_dtype, (b, 1))}
     else:
-        want_data = {"targets": (codec.token_dtype, (b, n))}
+        want_data = {TARGETS: (codec.token_dtype, (b, n))}
     got = _layout(packet)
     got_codec = {k: v for k, v in got.items() if k not in DATA_KEYS}
     if got_codec != want:
@@ -127,7 +128,7 @@ def check_micro_batch(
     window: int,
     seen: Mapping[str, set[int]],
 ) -> int:
-    """The step of a training micro-batch id "STEP:J" this stage may take now; WireError otherwise.
+    """The step of a training micro-batch (MicroBatchId) this stage may take now; WireError otherwise.
 
     Ids are known in advance (the head numbers them by step and slot), so an id outside the steps
     a pipeline can have in flight, or an (id, try) this stage has already taken (a replay), is
@@ -135,22 +136,16 @@ def check_micro_batch(
     for its input gradient but never adds its gradient to the weights twice (StageWorker).
     """
     _for_us(header, run, from_stage)
-    try:
-        s, j = (int(v) for v in header.micro_batch.split(":"))
-    except ValueError:
-        raise WireError("unknown micro-batch", repr(header.micro_batch[:40])) from None
-    if not (0 <= j < n_micro and abs(s - step) <= window):
+    mb = MicroBatchId.parse(header)
+    if not (0 <= mb.index < n_micro and abs(mb.step - step) <= window):
         raise WireError("unknown micro-batch", f"{header.micro_batch!r} while this stage is at step {step}")
-    attempt = header.meta.get("try", 0)
-    if not isinstance(attempt, int):
-        raise WireError("bad payload", "try is not an integer")
-    if attempt in seen.get(header.micro_batch, ()):
-        raise WireError("replay", f"micro-batch {header.micro_batch} (try {attempt}) was already taken")
-    return s
+    if mb.attempt in seen.get(mb.wire, ()):
+        raise WireError("replay", f"micro-batch {mb.wire} (try {mb.attempt}) was already taken")
+    return mb.step
 
 
 def check_eval_batch(header: MessageHeader, *, run: str, from_stage: int, n_batches: int) -> None:
     _for_us(header, run, from_stage)
-    name, _, i = header.micro_batch.partition(":")
-    if name != "eval" or not i.isdigit() or int(i) >= n_batches:
+    i = parse_eval_id(header.micro_batch)
+    if i is None or i >= n_batches:
         raise WireError("unknown micro-batch", repr(header.micro_batch[:40]))

@@ -145,3 +145,17 @@ class Reset(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     step: int
+
+
+class Done(BaseModel):
+    """Stage -> the next stage's replicas: training is over (each passes it on)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = "finished"
+
+
+class Ack(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ok: bool = True

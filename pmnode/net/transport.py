@@ -45,7 +45,6 @@ UNARY_LIMIT = 1536 * 1024  # leaves headroom under the daemon's ~2 MiB unary cap
 CHUNK_SIZE = 2**20
 TICKET = "pmnode.ticket"
 TICKET_TTL = 60.0  # seconds a parked reply waits for its fetch before it is dropped
-RPCS = ("forward", "backward")
 
 Reply = tuple[MessageHeader | Mapping[str, Any], Packet]
 Handler = Callable[[MessageHeader, Packet, str], Awaitable[Reply]]
@@ -62,11 +61,12 @@ class TransportError(PmnodeError):
     """A call that got no usable reply: timeout, daemon or stream failure, or an error reply."""
 
 
-def rpc_name(prefix: str, rpc: str) -> str:
-    """The handler name of one of RPCS, namespaced by a run prefix: 'myrun.pmnode.forward'."""
-    if rpc not in RPCS:
-        raise ValueError(f"unknown rpc {rpc!r}; expected one of {RPCS}")
-    return f"{prefix}.pmnode.{rpc}"
+class Refused(TransportError):
+    """The peer answered with an error reply; `reason` is its first phrase, e.g. 'unauthorized'."""
+
+    def __init__(self, rpc: str, reason: str):
+        super().__init__(f"peer refused {rpc}: {reason}")
+        self.reason = reason.split(":", 1)[0]
 
 
 def _key(name: str) -> str:
@@ -250,20 +250,6 @@ async def serve(
     await p2p.add_protobuf_handler(f"{name}.fetch", fetch, runtime_pb2.ExpertRequest, stream_output=True)
 
 
-async def serve_stage(
-    p2p: P2P,
-    prefix: str,
-    handlers: Mapping[str, Handler],
-    stats: TransportStats,
-    limits: WireLimits | None = None,
-) -> list[str]:
-    """Register `prefix.pmnode.forward` / `.backward` for the given handlers; returns the names."""
-    names = [rpc_name(prefix, rpc) for rpc in handlers]
-    for name, handler in zip(names, handlers.values(), strict=True):
-        await serve(p2p, name, handler, stats, limits)
-    return names
-
-
 async def _pull(
     p2p: P2P,
     peer: PeerID,
@@ -360,5 +346,5 @@ async def request(
         stats.error(_key(rpc), e.reason)
         raise
     if reply_header.kind == "error":
-        raise TransportError(f"peer refused {rpc}: {reply_header.meta.get('reason', '?')}")
+        raise Refused(rpc, str(reply_header.meta.get("reason", "?")))
     return reply_header, reply
