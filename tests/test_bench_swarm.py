@@ -8,16 +8,21 @@ from pathlib import Path
 import pytest
 
 from pmnode.bench.swarm import head_lines, steady_rate, window_rates
+from pmnode.swarm.report import StepLine
 
 
-def lines(rates: list[float], window: int = 2, tokens: int = 100) -> list[dict]:
+def _line(step: int, tokens: int, elapsed: float) -> StepLine:
+    return StepLine(step=step, loss=1.0, tokens_per_s=0.0, tokens=tokens, elapsed=elapsed)
+
+
+def lines(rates: list[float], window: int = 2, tokens: int = 100) -> list[StepLine]:
     """Per-step lines whose windows of `window` steps run at the given tokens/s."""
-    out, t, tok = [{"step": 0, "tokens": 0, "elapsed": 0.0}], 0.0, 0
+    out, t, tok = [_line(0, 0, 0.0)], 0.0, 0
     for r in rates:
         for _ in range(window):
             tok += tokens
             t += tokens / r
-            out.append({"step": len(out), "tokens": tok, "elapsed": t})
+            out.append(_line(len(out), tok, t))
     return out
 
 
@@ -39,7 +44,7 @@ def test_never_steady_falls_back_to_the_last_half() -> None:
 def test_head_lines_skip_other_output(tmp_path: Path) -> None:
     log = tmp_path / "node-0.log"
     rows = lines([100, 100])
-    log.write_text("node abc serves stage 0\n" + "\n".join(json.dumps(r) for r in rows) + "\n{broken\n")
+    log.write_text("node abc serves stage 0\n" + "\n".join(r.json_line() for r in rows) + "\n{broken\n")
     assert head_lines(log) == rows
 
 

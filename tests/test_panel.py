@@ -6,8 +6,8 @@ import io
 import json
 import subprocess
 
+from launch import BIN
 from rich.console import Console
-from test_swarm import BIN
 
 from pmnode.swarm.panel import Display, NodeSnapshot, line, render
 

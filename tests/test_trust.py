@@ -23,8 +23,8 @@ import pytest
 import torch
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
+from launch import BIN, assert_no_leftovers, kill_tagged, swarm_config, tagged_env
 from safetensors.torch import load_file
-from test_swarm import BIN, assert_no_leftovers, kill_tagged, swarm_config, tagged_env
 
 from pmnode.config import load_config
 from pmnode.core.codecs import Packet, make_codec

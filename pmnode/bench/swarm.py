@@ -20,16 +20,17 @@ from pmnode.config import RunConfig
 from pmnode.core.train import config_for
 from pmnode.net.shaping import format_bandwidth, parse_bandwidth, parse_latency
 from pmnode.swarm.local_swarm import run_local_swarm
+from pmnode.swarm.report import StepLine
 
 
-def window_rates(lines: list[dict], window: int) -> list[float]:
+def window_rates(lines: list[StepLine], window: int) -> list[float]:
     """tokens/s over consecutive windows of `window` steps, from the head's per-step lines."""
     rates = []
     for i in range(window, len(lines), window):
         a, b = lines[i - window], lines[i]
-        dt = b["elapsed"] - a["elapsed"]
+        dt = b.elapsed - a.elapsed
         if dt > 0:
-            rates.append((b["tokens"] - a["tokens"]) / dt)
+            rates.append((b.tokens - a.tokens) / dt)
     return rates
 
 
@@ -43,17 +44,9 @@ def steady_rate(rates: list[float], tolerance: float = 0.05) -> tuple[float, boo
     return (statistics.median(tail) if tail else 0.0), False, -1
 
 
-def head_lines(log: Path) -> list[dict]:
-    out = []
-    for raw in log.read_text().splitlines():
-        if raw.startswith("{"):
-            try:
-                row = json.loads(raw)
-            except json.JSONDecodeError:
-                continue
-            if "elapsed" in row:
-                out.append(row)
-    return out
+def head_lines(log: Path) -> list[StepLine]:
+    """The head's per-step lines in its log, other output skipped."""
+    return [line for raw in log.read_text().splitlines() if (line := StepLine.parse(raw)) is not None]
 
 
 def run_one(

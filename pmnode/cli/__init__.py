@@ -1,5 +1,12 @@
-"""The `pmnode` command line (typer)."""
+"""The `pmnode` command line (typer). The commands are in pmnode.cli.commands; the console script
+starts at pmnode.cli.entry, which makes Ctrl-C during start-up a quiet exit."""
 
-from pmnode.cli.main import app, main
+from typing import Any
 
-__all__ = ["app", "main"]
+
+def __getattr__(name: str) -> Any:  # `pmnode.cli.app`, without importing the commands up front
+    if name in ("app", "main"):
+        from pmnode.cli import commands
+
+        return getattr(commands, name)
+    raise AttributeError(name)

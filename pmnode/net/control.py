@@ -9,7 +9,10 @@ exception never reaches the P2P daemon.
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from hivemind.p2p import P2P, P2PContext, PeerID
@@ -159,3 +162,25 @@ class Ack(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     ok: bool = True
+
+
+def coordinator_from_file(path: Path, local: bool, timeout: float = 60.0) -> str:
+    """The coordinator's multiaddr from its coordinator.json: loopback for local nodes, else another."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if timeout <= 0:
+            raise PmnodeError(f"{path} does not exist; give the coordinator's STATE_DIR/coordinator.json")
+        if time.monotonic() > deadline:
+            raise PmnodeError(f"{path} did not appear within {timeout:.0f}s; is the coordinator running?")
+        time.sleep(0.5)
+    maddrs = json.loads(path.read_text())["maddrs"]
+    pick = [m for m in maddrs if m.startswith("/ip4/127.") == local] or maddrs
+    return pick[0]
+
+
+def coordinator_peer(maddr: str) -> str:
+    if "/p2p/" not in maddr:
+        raise PmnodeError(
+            f"--coordinator {maddr!r} must end in /p2p/<peer id>, as `coordinator serve` prints it"
+        )
+    return maddr.rsplit("/p2p/", 1)[1]

@@ -57,6 +57,12 @@ class MicroBatchId:
         return cls(step, index, attempt)
 
 
+def activation_shape(packet: Packet) -> tuple[int, int]:
+    """(batch, tokens) of an activation packet: what its gradient must match."""
+    main = next(v for k, v in packet.tensors.items() if k != "tokens")
+    return int(main.shape[0]), int(main.shape[1])
+
+
 def eval_id(index: int) -> str:
     return f"eval:{index}"
 
@@ -112,9 +118,10 @@ class MicroBatch:
             raise WireError("micro-batch carries no targets")
         return torch.cat([tokens[:, 1:].long(), self.targets.long()], dim=1)
 
-    @property
-    def samples(self) -> int:
-        s = self.meta.get("samples", 1)
-        if not isinstance(s, int):
-            raise WireError("bad payload", "samples is not an integer")
-        return s
+
+def samples_of(header: MessageHeader) -> int:
+    """The samples a training micro-batch's header says it holds."""
+    s = header.meta.get("samples", 1)
+    if not isinstance(s, int):
+        raise WireError("bad payload", "samples is not an integer")
+    return s

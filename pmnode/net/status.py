@@ -138,7 +138,7 @@ async def _fetch(maddr: str, peer: str, timeout: float) -> SwarmStatus:
 
 def fetch_status(maddr: str, timeout: float = 15.0) -> SwarmStatus:
     """Ask a coordinator (by the multiaddr it printed) for the swarm's status."""
-    from pmnode.swarm.node import coordinator_peer
+    from pmnode.net.control import coordinator_peer
 
     peer = coordinator_peer(maddr)
     try:

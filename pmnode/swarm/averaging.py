@@ -77,9 +77,6 @@ class StageAverager:
             allreduce_timeout=timeout,
             allow_state_sharing=False,  # a joining replica copies state over pmnode's own {run}.state call
         )
-        self.bytes_per_round = sum(
-            p.numel() * (2 if compression == "float16" and p.numel() >= FP16_FROM else 4) for p in self.params
-        )
 
     def snapshot(self) -> None:
         """Compute thread: what this replica brings to the round."""

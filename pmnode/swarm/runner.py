@@ -41,10 +41,15 @@ class Checkpoints:
 
 class StageRunner:
     def __init__(
-        self, worker: StageWorker, cfg: RunConfig, schedule: Schedule, checkpoints: Checkpoints | None
+        self,
+        worker: StageWorker,
+        cfg: RunConfig,
+        schedule: Schedule,
+        checkpoints: Checkpoints | None,
+        pool: ThreadPoolExecutor,
     ):
         self.worker, self.cfg, self.schedule, self.checkpoints = worker, cfg, schedule, checkpoints
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="pmnode-compute")
+        self.pool = pool
         self.busy = 0.0  # seconds the compute thread worked
         self.samples_applied = 0
         self.samples_served = 0  # samples whose backward finished here: with `busy`, the service rate
@@ -52,6 +57,18 @@ class StageRunner:
         self.samples_off = 0  # summed |samples applied - batch_size| over the steps: 0 when exact
         self.frontier = 0  # async: the furthest step of a micro-batch taken here (or the head's)
         self.replicated = False  # async: has shared this stage with another node
+
+    @classmethod
+    async def start(
+        cls, cfg: RunConfig, schedule: Schedule, checkpoints: Checkpoints | None, stage: int, device: str
+    ) -> StageRunner:
+        """Build the stage (weights, subspace, optimizer) on the compute thread it will live on."""
+        pool = ThreadPoolExecutor(1, thread_name_prefix="pmnode-compute")
+        worker = await asyncio.get_running_loop().run_in_executor(
+            pool,
+            lambda: StageWorker(cfg, stage, cfg.codec_spec, device, stash_weights=schedule.stash_weights),
+        )
+        return cls(worker, cfg, schedule, checkpoints, pool)
 
     # ---- the one thread ------------------------------------------------------------------------------
     async def run(self, fn: Callable[..., T], *args: object) -> T:

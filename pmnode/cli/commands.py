@@ -151,9 +151,11 @@ def join(
 ) -> None:
     """Join a swarm: get a stage from the coordinator, build it, serve and train."""
 
+    from pmnode.net.control import coordinator_from_file
     from pmnode.net.dht import run_until_signal
     from pmnode.net.shaping import parse_bandwidth, parse_latency
-    from pmnode.swarm.node import Node, NodeOptions, coordinator_from_file
+    from pmnode.swarm.node import Node
+    from pmnode.swarm.options import NodeOptions
 
     if (coordinator is None) == (coordinator_file is None):
         raise PmnodeError("give exactly one of --coordinator MULTIADDR or --coordinator-file PATH")
@@ -190,7 +192,6 @@ def join(
         announce=announce or [],
         data=data,
         checkpoint_dir=checkpoint_dir,
-        summary_json=summary_json,
         bf16=bf16,
         resume=resume,
         log_format=log_format,  # type: ignore[arg-type]
@@ -205,7 +206,7 @@ def join(
     summary = run_until_signal(node.run)
     if summary_json:
         summary_json.parent.mkdir(parents=True, exist_ok=True)
-        summary_json.write_text(json.dumps(summary, indent=2))
+        summary_json.write_text(summary.model_dump_json(indent=2, exclude_none=True))
 
 
 @app.command()
@@ -220,8 +221,8 @@ def status(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the coordinator.", min=1)] = 15.0,
 ) -> None:
     """Show the swarm: stages x replicas, throughput, queues, last seen, global step and loss."""
+    from pmnode.net.control import coordinator_from_file
     from pmnode.net.status import fetch_status, render
-    from pmnode.swarm.node import coordinator_from_file
 
     if (coordinator is None) == (coordinator_file is None):
         raise PmnodeError("give exactly one of --coordinator MULTIADDR or --coordinator-file PATH")
@@ -296,25 +297,29 @@ def local_swarm(
         from pmnode.core.train import config_for
 
         cfg, _ = config_for(cfg, codec)
-    summary = run_local_swarm(
-        cfg,
-        stages=stages,
-        replicas=replicas,
-        workdir=workdir,
-        console=console,
-        checkpoint_dir=checkpoint_dir,
-        resume=resume,
-        http_port=http_port,
-        node_args=[
-            "--link-bandwidth",
-            link_bandwidth,
-            "--link-latency",
-            link_latency,
-            "--checkpoint-every",
-            str(checkpoint_every),
-        ],
-        churn=gaps,
-    )
+    try:
+        summary = run_local_swarm(
+            cfg,
+            stages=stages,
+            replicas=replicas,
+            workdir=workdir,
+            console=console,
+            checkpoint_dir=checkpoint_dir,
+            resume=resume,
+            http_port=http_port,
+            node_args=[
+                "--link-bandwidth",
+                link_bandwidth,
+                "--link-latency",
+                link_latency,
+                "--checkpoint-every",
+                str(checkpoint_every),
+            ],
+            churn=gaps,
+        )
+    except KeyboardInterrupt:  # every process of the swarm is stopped by now
+        console.print("interrupted: the swarm's processes are stopped", highlight=False)
+        raise typer.Exit(130) from None
     console.print(
         f"[bold]done[/]: {summary.steps} steps, train loss {summary.final_train_loss:.4f}, held-out loss "
         f"{summary.heldout_loss:.4f}, {summary.tokens_per_s:,.0f} tokens/s, "
