@@ -6,13 +6,16 @@ Layout:
         model.safetensors   the stage's weights (U and F are never saved: they come from the seed)
         optimizer.pt        AdamW state
         manifest.json       step, stage, layer range, subspace fingerprint, run name, samples
-Each file is written to a temporary name and renamed, and the manifest last, so a
-crash leaves either the previous complete checkpoint or the new one.
+A stage is written whole into a new directory (manifest last), which then takes the old one's
+place by two renames; a crash between them is settled at the next read or write (`_settle`). So a
+crash at any moment leaves the previous complete checkpoint or the new one, never a mix of files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -49,12 +52,47 @@ def _atomic(path: Path, write: Callable[[Path], object]) -> None:
     os.replace(tmp, path)
 
 
+def _writer_gone(path: Path) -> bool:
+    """Whether the process that named `stage-i.PID.new|old` is this one or no longer runs."""
+    pid = int(path.name.split(".")[1])
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _settle(root: Path, stage: int) -> None:
+    """Finish or undo a save that a dead writer left between its two renames; drop its leftovers.
+    (Replicas of one stage may write the same directory: a live writer's files are left alone.)"""
+    d = stage_dir(root, stage)
+    left = [
+        p for p in (*root.glob(f"stage-{stage}.*.new"), *root.glob(f"stage-{stage}.*.old")) if _writer_gone(p)
+    ]
+    if not d.exists():
+        whole = [p for p in left if p.suffix == ".new" and (p / "manifest.json").exists()]
+        whole += [p for p in left if p.suffix == ".old"]
+        if whole:
+            os.replace(whole[0], d)
+            left.remove(whole[0])
+    for p in left:
+        shutil.rmtree(p, ignore_errors=True)
+
+
 def save(worker: StageWorker, root: Path, run: str, samples: int = 0) -> Path:
+    """Write the stage whole into a new directory, then swap it in (see the module's docstring)."""
     d = stage_dir(root, worker.index)
-    d.mkdir(parents=True, exist_ok=True)
+    root.mkdir(parents=True, exist_ok=True)
+    _settle(root, worker.index)
+    new, old = d.with_name(f"{d.name}.{os.getpid()}.new"), d.with_name(f"{d.name}.{os.getpid()}.old")
+    new.mkdir()
     state = {k: v.detach().cpu().contiguous() for k, v in worker.stage.state_dict().items()}
-    _atomic(d / "model.safetensors", lambda p: save_file(state, str(p)))
-    _atomic(d / "optimizer.pt", lambda p: torch.save(worker.optimizer.state_dict(), p))
+    save_file(state, str(new / "model.safetensors"))
+    torch.save(worker.optimizer.state_dict(), new / "optimizer.pt")
     sub = worker.stage.subspace
     man = Manifest(
         run=run,
@@ -65,7 +103,14 @@ def save(worker: StageWorker, root: Path, run: str, samples: int = 0) -> Path:
         fingerprint=sub.fingerprint if sub is not None else None,
         codec=worker.codec.name,
     )
-    _atomic(d / "manifest.json", lambda p: p.write_text(man.model_dump_json(indent=2)))
+    (new / "manifest.json").write_text(man.model_dump_json(indent=2))
+    with contextlib.suppress(FileNotFoundError):  # another replica of the stage may be swapping too
+        os.replace(d, old)
+    try:
+        os.replace(new, d)
+    except OSError:  # that replica's whole checkpoint is in place: the same weights, under sync
+        shutil.rmtree(new, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
     return d
 
 
@@ -91,6 +136,8 @@ def load_run_config(root: Path) -> RunConfig:
 
 
 def load_manifest(root: Path, stage: int) -> Manifest | None:
+    if root.is_dir():
+        _settle(root, stage)
     p = stage_dir(root, stage) / "manifest.json"
     return Manifest.model_validate_json(p.read_text()) if p.exists() else None
 
