@@ -9,7 +9,9 @@ from pmnode.config import RunConfig
 from pmnode.core.train import StepInfo, TrainSummary, train
 
 
-def train_with_progress(cfg: RunConfig, codec: str, device: str, console: Console) -> TrainSummary:
+def train_with_progress(
+    cfg: RunConfig, codec: str, device: str, console: Console, autocast_bf16: bool = False
+) -> TrainSummary:
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -32,4 +34,4 @@ def train_with_progress(cfg: RunConfig, codec: str, device: str, console: Consol
                     highlight=False,
                 )
 
-        return train(cfg, codec, device, on_step)
+        return train(cfg, codec, device, on_step, autocast_bf16=autocast_bf16)

@@ -1,4 +1,4 @@
-"""Pipeline stages: a pure layer split, and the stage module built from (config, index) alone."""
+"""Pipeline stages: the stage module built from (config, index) alone (the pure split: core.split)."""
 
 from __future__ import annotations
 
@@ -15,51 +15,17 @@ from pmnode.core.model import (
     rope_tables,
     seeded_generator,
 )
+from pmnode.core.split import free_layer_range, split_layers
 from pmnode.core.subspace import Subspace
 from pmnode.errors import ConfigError
 
 
-def split_layers(n_layers: int, n_stages: int, explicit: list[int] | None = None) -> list[range]:
-    """Global layer ranges per stage. Even split puts the remainder on the earliest stages.
-
-    >>> split_layers(5, 2)
-    [range(0, 3), range(3, 5)]
-    """
-    if n_stages < 1:
-        raise ConfigError(f"n_stages must be >= 1, got {n_stages}")
-    if explicit is not None:
-        if len(explicit) != n_stages:
-            raise ConfigError(f"stage_layers has {len(explicit)} entries but n_stages={n_stages}")
-        if any(n < 1 for n in explicit):
-            raise ConfigError(f"stage_layers={explicit} would leave a stage empty")
-        if sum(explicit) != n_layers:
-            raise ConfigError(f"stage_layers={explicit} sums to {sum(explicit)}, not n_layers={n_layers}")
-        sizes = list(explicit)
-    else:
-        if n_stages > n_layers:
-            raise ConfigError(f"{n_stages} stages over {n_layers} layers would leave a stage empty")
-        base, extra = divmod(n_layers, n_stages)
-        sizes = [base + (i < extra) for i in range(n_stages)]
-    out, start = [], 0
-    for n in sizes:
-        out.append(range(start, start + n))
-        start += n
-    return out
-
-
 def free_layers(cfg: RunConfig) -> range:
     """Global ids of the unconstrained tail layers; they must all sit in the last stage."""
-    n = cfg.model.n_layers
-    if not cfg.subspace.enabled:
-        return range(0, n)
-    free = range(n - cfg.subspace.uncompressed_tail_layers, n)
-    tail = split_layers(n, cfg.n_stages, cfg.stage_layers)[-1]
-    if len(free) and free.start < tail.start:
-        raise ConfigError(
-            f"subspace.uncompressed_tail_layers={len(free)} but the tail stage holds {len(tail)} layer(s); "
-            "lower it or use fewer stages, since an unconstrained layer before a boundary breaks compression"
-        )
-    return free
+    sub, m = cfg.subspace, cfg.model
+    return free_layer_range(
+        m.n_layers, cfg.n_stages, cfg.stage_layers, sub.uncompressed_tail_layers, sub.enabled
+    )
 
 
 def build_subspace(cfg: RunConfig) -> Subspace | None:

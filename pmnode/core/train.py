@@ -49,12 +49,17 @@ class TrainSummary(BaseModel):
 class Pipeline:
     """All stages of a run in one process."""
 
-    def __init__(self, cfg: RunConfig, codec: str = "subspace", device: str = "cpu"):
+    def __init__(
+        self, cfg: RunConfig, codec: str = "subspace", device: str = "cpu", autocast_bf16: bool = False
+    ):
         self.cfg = cfg
         subspace = build_subspace(cfg)
         if subspace is not None:
             subspace = subspace.to(device)
-        self.workers = [StageWorker(cfg, i, codec, device, subspace) for i in range(cfg.n_stages)]
+        self.workers = [
+            StageWorker(cfg, i, codec, device, subspace, autocast_bf16=autocast_bf16)
+            for i in range(cfg.n_stages)
+        ]
         self.codec = self.workers[0].codec
 
     def train_step(self, inputs: Tensor, targets: Tensor, total_steps: int | None = None) -> float:
@@ -105,6 +110,7 @@ def train(
     codec: str = "subspace",
     device: str = "cpu",
     on_step: Callable[[StepInfo], None] | None = None,
+    autocast_bf16: bool = False,
 ) -> TrainSummary:
     """Train cfg.train.steps steps; evaluate held-out loss every eval_every steps and at the end."""
     t = cfg.train
@@ -112,7 +118,7 @@ def train(
 
     train_set, heldout = TokenDataset.from_config(cfg.data, cfg.model.vocab_size)
     eval_batches = heldout.eval_batches(t.eval_batches, t.batch_size, t.seq_len)
-    pipe = Pipeline(cfg, codec, device)
+    pipe = Pipeline(cfg, codec, device, autocast_bf16)
     losses: list[float] = []
     evals: list[tuple[int, int, float]] = []
     tokens_per_step = t.batch_size * t.seq_len

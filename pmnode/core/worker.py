@@ -80,8 +80,10 @@ class StageWorker:
         device: str | torch.device = "cpu",
         subspace: Subspace | None = None,
         stash_weights: bool = False,
+        autocast_bf16: bool = False,
     ):
         self.cfg, self.index, self.device = cfg, index, torch.device(device)
+        self.autocast_bf16 = autocast_bf16  # this machine's choice (MachineConfig), not the run's
         if subspace is None:
             subspace = build_subspace(cfg)
         self.stage = Stage(cfg, index, subspace).to(self.device)
@@ -109,7 +111,7 @@ class StageWorker:
 
     def _call_stage(self, x: Tensor | None, tokens: Tensor | None, grad: bool) -> Tensor:
         # bf16 autocast covers the layers only: the codec's projections and the loss stay in fp32.
-        bf16 = self.cfg.train.autocast_bf16
+        bf16 = self.autocast_bf16
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
             if not (grad and self.stash_weights):
                 out = self.stage(x, tokens)

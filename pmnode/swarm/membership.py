@@ -40,7 +40,7 @@ class Membership:
         req = JoinRequest(
             peer_id=self.peer_id,
             stage=self.stage,
-            device=self.opts.device,
+            device=self.opts.machine.device,
             token=token,
             public_key=public_bytes(self.key),
             renew=renew,

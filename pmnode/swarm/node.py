@@ -194,13 +194,13 @@ class Node:
         dht.add_validators([SwarmValidator(cfg.name, cfg.n_stages, reply.authority)])
         if cfg.n_stages < 2:
             raise PmnodeError("this run has one stage: a swarm needs two or more; use `pmnode train`")
-        cfg = machine_config(cfg, o)
-        threads = o.threads or cfg.swarm.threads
-        if threads:
-            torch.set_num_threads(threads)
+        if o.machine.data:  # this machine's copy of the agreed corpus
+            cfg = cfg.with_overrides(data={"source": o.machine.data})
+        if o.machine.threads:
+            torch.set_num_threads(o.machine.threads)
         schedule = schedule_named(cfg.swarm.schedule)
         ckpt = Checkpoints(o.checkpoint_dir, o.checkpoint_every) if o.checkpoint_dir else None
-        runner = await StageRunner.start(cfg, schedule, ckpt, reply.stage, o.device)
+        runner = await StageRunner.start(cfg, schedule, ckpt, reply.stage, o.machine)
         sub = runner.worker.stage.subspace
         mine = sub.fingerprint if sub is not None else None
         if mine != reply.fingerprint:
@@ -283,12 +283,3 @@ async def _first(*aws: object) -> None:
     for t in pending:
         if t not in aws:
             t.cancel()
-
-
-def machine_config(cfg: RunConfig, opts: NodeOptions) -> RunConfig:
-    """What this machine chooses on top of what the swarm agrees on: its corpus copy, bf16."""
-    if opts.data:
-        cfg = cfg.with_overrides(data={"source": opts.data})
-    if opts.bf16:
-        cfg = cfg.with_overrides(train={"autocast_bf16": True})
-    return cfg

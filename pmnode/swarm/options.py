@@ -6,6 +6,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, SecretStr
 
+from pmnode.config import MachineConfig
 from pmnode.swarm.panel import LogFormat
 
 
@@ -14,14 +15,11 @@ class NodeOptions(BaseModel):
 
     coordinator: str
     stage: int | None = None
-    device: str = "cpu"
     host: str = "127.0.0.1"
     port: int = 0
     announce: list[str] = []
-    data: str | None = None  # this machine's copy of the corpus (the head reads it)
     checkpoint_dir: Path | None = None
-    bf16: bool = False
-    threads: int | None = None  # torch threads on this machine; None: the run's swarm.threads
+    machine: MachineConfig = MachineConfig()  # device, threads, bf16, this machine's corpus copy
     connect_timeout: float = 30.0
     resume: bool = False
     checkpoint_every: int = 0  # steps between checkpoints; 0: only on exit

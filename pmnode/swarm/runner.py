@@ -18,7 +18,7 @@ from typing import TypeVar
 
 from torch import Tensor
 
-from pmnode.config import RunConfig
+from pmnode.config import MachineConfig, RunConfig
 from pmnode.core import checkpoint
 from pmnode.core.codecs import Packet
 from pmnode.core.worker import StageWorker
@@ -60,14 +60,27 @@ class StageRunner:
 
     @classmethod
     async def start(
-        cls, cfg: RunConfig, schedule: Schedule, checkpoints: Checkpoints | None, stage: int, device: str
+        cls,
+        cfg: RunConfig,
+        schedule: Schedule,
+        checkpoints: Checkpoints | None,
+        stage: int,
+        machine: MachineConfig,
     ) -> StageRunner:
         """Build the stage (weights, subspace, optimizer) on the compute thread it will live on."""
         pool = ThreadPoolExecutor(1, thread_name_prefix="pmnode-compute")
-        worker = await asyncio.get_running_loop().run_in_executor(
-            pool,
-            lambda: StageWorker(cfg, stage, cfg.codec_spec, device, stash_weights=schedule.stash_weights),
-        )
+
+        def build() -> StageWorker:
+            return StageWorker(
+                cfg,
+                stage,
+                cfg.codec_spec,
+                machine.device,
+                stash_weights=schedule.stash_weights,
+                autocast_bf16=machine.autocast_bf16,
+            )
+
+        worker = await asyncio.get_running_loop().run_in_executor(pool, build)
         return cls(worker, cfg, schedule, checkpoints, pool)
 
     # ---- the one thread ------------------------------------------------------------------------------

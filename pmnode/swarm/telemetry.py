@@ -59,7 +59,7 @@ class Telemetry:
             heldout_loss=p.head.progress.heldout,
             tokens_per_s=p.head.progress.tokens_per_s,
             wire_bytes_per_s=round(sum(self.io.now()), 1),
-            device=self.opts.device,
+            device=self.opts.machine.device,
             time=time.time(),
         )
 
@@ -75,7 +75,7 @@ class Telemetry:
             n_stages=cfg.n_stages,
             layers=(w.stage.layer_range.start, w.stage.layer_range.stop),
             role="head" if w.is_first else "tail" if w.is_last else "body",
-            device=self.opts.device,
+            device=self.opts.machine.device,
             codec=cfg.codec_spec,
             schedule=cfg.swarm.schedule,
             upstream=p.handler.recent_upstream(),
