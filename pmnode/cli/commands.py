@@ -71,6 +71,7 @@ def train(
     steps: Annotated[int | None, typer.Option(help="Override train.steps.")] = None,
     data: DataOpt = None,
     device: DeviceOpt = "cpu",
+    bf16: Annotated[bool, typer.Option("--bf16", help="bf16 autocast for the layers (for GPUs).")] = False,
     summary_json: Annotated[Path | None, typer.Option(help="Write the run summary here.")] = None,
 ) -> None:
     """Train every stage in one process with the codec at each boundary (the swarm's reference)."""
@@ -82,7 +83,7 @@ def train(
         cfg, codec = config_for(cfg, codec)
     else:
         codec = cfg.codec_spec
-    summary = train_with_progress(cfg, codec, resolve_device(device), console)
+    summary = train_with_progress(cfg, codec, resolve_device(device), console, autocast_bf16=bf16)
     out = summary.model_dump(include={"steps", "final_train_loss", "heldout_loss", "tokens_per_s", "codec"})
     console.print(
         f"[bold]done[/]: {summary.steps} steps, train loss {summary.final_train_loss:.4f}, "
