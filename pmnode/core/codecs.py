@@ -11,9 +11,9 @@ gradient that travels back is dL/dc, k numbers per token. For the baselines
 
 Upstream sends pack(project(x)); downstream treats unpack(...) as a leaf,
 lifts it and runs its layers; after backward it sends pack(leaf.grad), and
-upstream calls z.backward(unpack(...)). `roundtrip` does the same in one
-process, as an autograd Function, so the single-process trainer sees exactly
-what a swarm sees.
+upstream calls z.backward(unpack(...)). The single-process trainer hands the
+same packets from one StageWorker to the next, so it sees exactly what a swarm
+sees.
 """
 
 from __future__ import annotations
@@ -116,17 +116,6 @@ class TopKQ:
         return self.count * (2 + torch.empty((), dtype=self.index_dtype).element_size())
 
 
-class _WireRoundTrip(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, z: Tensor, codec: Codec) -> Tensor:  # type: ignore[override]
-        ctx.codec = codec
-        return codec.fwd.unpack(codec.fwd.pack(z))
-
-    @staticmethod
-    def backward(ctx, g: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        return ctx.codec.bwd.unpack(ctx.codec.bwd.pack(g)), None
-
-
 class Codec:
     """One boundary codec. Build with `make_codec(spec, ...)`."""
 
@@ -170,10 +159,6 @@ class Codec:
 
     def unpack_gradient(self, p: Packet) -> Tensor:
         return self.bwd.unpack(p.tensors)
-
-    def roundtrip(self, x: Tensor, tokens: Tensor | None) -> Tensor:
-        """x as the next stage rebuilds it, with the backward compressed the same way."""
-        return self.lift(_WireRoundTrip.apply(self.project(x, tokens), self), tokens)
 
     def bytes_per_token_forward(self) -> int:
         tok = torch.empty((), dtype=self.token_dtype).element_size() if self.sends_tokens else 0

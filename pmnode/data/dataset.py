@@ -12,7 +12,6 @@ import json
 import sysconfig
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -23,13 +22,6 @@ from pmnode.errors import DataError
 EXTENSIONS = (".txt", ".md", ".py", ".jsonl")
 _SEPARATOR = "\n\n"
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
-
-
-class Tokenizer(Protocol):
-    vocab_size: int
-
-    def encode(self, text: str) -> list[int]: ...
-    def decode(self, ids: Sequence[int]) -> str: ...
 
 
 class ByteTokenizer:
@@ -156,19 +148,13 @@ class TokenDataset:
         cut = int(len(everything) * (1 - data.heldout_fraction))
         return cls(everything[:cut]), cls(everything[cut:])
 
-    def batch(
-        self, step: int, batch_size: int, seq_len: int, seed: int, shard: int = 0, num_shards: int = 1
-    ) -> tuple[Tensor, Tensor]:
-        """Seeded random windows: (inputs, targets) int64 (B, T), the same in any process.
-
-        Shards draw from disjoint generator streams, so heads of a swarm see different windows.
-        """
+    def batch(self, step: int, batch_size: int, seq_len: int, seed: int) -> tuple[Tensor, Tensor]:
+        """Seeded random windows: (inputs, targets) int64 (B, T), the same in any process."""
         n = len(self) - seq_len - 1
         if n < 1:
             raise DataError(f"corpus split has {len(self)} tokens, fewer than seq_len + 1 = {seq_len + 1}")
-        if not 0 <= shard < num_shards:
-            raise DataError(f"shard {shard} out of range for {num_shards} shards")
-        g = torch.Generator().manual_seed(hash_seed(seed, step, shard, num_shards))
+        # (0, 1): the one shard there is (the head is never replicated); kept so the data order stays
+        g = torch.Generator().manual_seed(hash_seed(seed, step, 0, 1))
         starts = torch.randint(0, n + 1, (batch_size,), generator=g)
         idx = starts.unsqueeze(1) + torch.arange(seq_len + 1).unsqueeze(0)  # (B, T+1)
         window = self.tokens[idx].long()
