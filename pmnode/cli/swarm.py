@@ -177,17 +177,7 @@ def local_swarm(
     from pmnode.swarm.local_swarm import run_local_swarm
 
     parse_bandwidth(link_bandwidth), parse_latency(link_latency)  # fail before starting anything
-    gaps = None
-    if churn is not None:
-        try:
-            lo, hi = (float(v) for v in churn.split("-"))
-        except ValueError:
-            raise PmnodeError(f"--churn takes MIN-MAX seconds, e.g. 30-60, not {churn!r}") from None
-        if not 0 < lo <= hi:
-            raise PmnodeError(f"--churn {churn}: need 0 < MIN <= MAX seconds")
-        gaps = (lo, hi)
-        if replicas < 2:
-            raise PmnodeError("--churn needs --replicas 2 or more: a leave must never empty a stage")
+    gaps = _churn_gaps(churn, replicas)
 
     sections: dict = {"n_stages": stages, "stage_layers": None}
     if schedule:
@@ -232,3 +222,18 @@ def local_swarm(
         summary_json.parent.mkdir(parents=True, exist_ok=True)
         summary_json.write_text(json.dumps(summary.model_dump(), indent=2))
     print(json.dumps(out))
+
+
+def _churn_gaps(churn: str | None, replicas: int) -> tuple[float, float] | None:
+    """--churn MIN-MAX as seconds, or one line saying what is wrong with it."""
+    if churn is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in churn.split("-"))
+    except ValueError:
+        raise PmnodeError(f"--churn takes MIN-MAX seconds, e.g. 30-60, not {churn!r}") from None
+    if not 0 < lo <= hi:
+        raise PmnodeError(f"--churn {churn}: need 0 < MIN <= MAX seconds")
+    if replicas < 2:
+        raise PmnodeError("--churn needs --replicas 2 or more: a leave must never empty a stage")
+    return lo, hi

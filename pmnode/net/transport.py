@@ -129,6 +129,118 @@ def _chunks(data: bytes) -> list[bytes]:
     return [data[i : i + CHUNK_SIZE] for i in range(0, len(data), CHUNK_SIZE)] or [b""]
 
 
+class _Server:
+    """One RPC's three handlers (unary, .stream, .fetch) around one message handler; see `serve`."""
+
+    def __init__(
+        self,
+        me: str,
+        name: str,
+        handler: Handler,
+        stats: TransportStats,
+        limits: WireLimits,
+        shaper: LinkShaper | None,
+        guard: Gate | None,
+    ):
+        self.me, self.key, self.handler, self.stats = me, _key(name), handler, stats
+        self.limits, self.shaper, self.guard = limits, shaper, guard
+        self.parked: dict[str, tuple[float, bytes]] = {}  # ticket -> (deadline, reply too large for unary)
+
+    def refuse(self, caller: str) -> bytes | None:
+        reason = self.guard.admit(caller) if self.guard is not None else None
+        if reason is None:
+            return None
+        self.stats.error(self.key, reason)
+        return error_message(reason, sender=self.me)
+
+    async def _answer(self, data: bytes, caller: str) -> bytes:
+        header = None
+        try:
+            refused = self.refuse(caller)
+            if refused is not None:
+                return refused
+            header, packet = decode(data, self.limits)
+            reply_header, reply = await self.handler(header, packet, caller)
+            if not isinstance(reply_header, MessageHeader):
+                base = header.model_dump(include={"run", "micro_batch", "stage", "step"})
+                reply_header = {**base, "sender": self.me, **reply_header}
+            return encode(reply_header, reply)
+        except WireError as e:
+            self.stats.error(self.key, e.reason)
+            if self.guard is not None:
+                self.guard.strike(caller)
+            return error_message(str(e), header, self.me)
+        except Exception as e:  # the handler's bug or refusal must not take the server down
+            self.stats.error(self.key, f"handler: {type(e).__name__}")
+            return error_message(f"{type(e).__name__}: {e}", header, self.me)
+
+    async def process(self, data: bytes, caller: str) -> bytes:
+        self.stats.count(self.key, data, sent=False)
+        out = await self._answer(data, caller)
+        self.stats.count(self.key, out, sent=True)
+        if self.shaper is not None:
+            await self.shaper.transmit(caller, len(out))
+        return out
+
+    async def unary(self, req: runtime_pb2.ExpertRequest, ctx: P2PContext) -> runtime_pb2.ExpertResponse:
+        self.stats.proto_bytes_received[self.key] += req.ByteSize()
+        out = await self.process(req.metadata, ctx.remote_id.to_base58())
+        if len(out) <= UNARY_LIMIT:
+            resp = runtime_pb2.ExpertResponse(metadata=out)
+        else:
+            now = time.monotonic()
+            for t in [t for t, (deadline, _) in self.parked.items() if deadline < now]:
+                del self.parked[t]  # the client died or gave up before fetching
+            ticket = secrets.token_hex(16)
+            self.parked[ticket] = (now + TICKET_TTL, out)
+            resp = runtime_pb2.ExpertResponse(
+                tensors=[runtime_pb2.Tensor(buffer=ticket.encode(), dtype=TICKET)]
+            )
+        self.stats.proto_bytes_sent[self.key] += resp.ByteSize()
+        return resp
+
+    def replies(self, out: bytes) -> list[runtime_pb2.ExpertResponse]:
+        self.stats.streamed[self.key] += 1
+        resps = [runtime_pb2.ExpertResponse(metadata=part) for part in _chunks(out)]
+        self.stats.proto_bytes_sent[self.key] += sum(r.ByteSize() for r in resps)
+        return resps
+
+    async def stream(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], ctx: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        caller = ctx.remote_id.to_base58()
+        out = self.refuse(caller)  # if refused, don't even read the upload
+        if out is None:
+            out = await self._upload(requests, caller)
+        for resp in self.replies(out):
+            yield resp
+
+    async def _upload(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], caller: str) -> bytes:
+        parts, size = [], 0
+        async for req in requests:
+            self.stats.proto_bytes_received[self.key] += req.ByteSize()
+            parts.append(req.metadata)
+            size += len(req.metadata)
+            if size > self.limits.max_bytes:  # stop buffering at once: the sender may be hostile
+                self.stats.error(self.key, "too large")
+                if self.guard is not None:
+                    self.guard.strike(caller)
+                return error_message(
+                    f"too large: stream exceeds {self.limits.max_bytes} bytes", sender=self.me
+                )
+        return await self.process(b"".join(parts), caller)
+
+    async def fetch(
+        self, req: runtime_pb2.ExpertRequest, ctx: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        _, out = self.parked.pop(req.uid, (0.0, b""))
+        if not out:
+            self.stats.error(self.key, "unknown ticket")
+            out = error_message("unknown ticket: the reply expired or was fetched already", sender=self.me)
+        for resp in self.replies(out):
+            yield resp
+
+
 async def serve(
     p2p: P2P,
     name: str,
@@ -148,106 +260,12 @@ async def serve(
     A dict reply header is completed from the request (run, micro_batch, stage, step) and this
     peer's id as sender, so handlers need to give only what changes, e.g. {"kind": "gradient"}.
     """
-    limits, key = limits or WireLimits(), _key(name)
-    me = p2p.peer_id.to_base58()
-    parked: dict[str, tuple[float, bytes]] = {}
-
-    def refuse(caller: str) -> bytes | None:
-        reason = guard.admit(caller) if guard is not None else None
-        if reason is None:
-            return None
-        stats.error(key, reason)
-        return error_message(reason, sender=me)
-
-    async def process(data: bytes, caller: str) -> bytes:
-        stats.count(key, data, sent=False)
-        header = None
-        try:
-            refused = refuse(caller)
-            if refused is not None:
-                out = refused
-            else:
-                header, packet = decode(data, limits)
-                reply_header, reply = await handler(header, packet, caller)
-                if not isinstance(reply_header, MessageHeader):
-                    base = header.model_dump(include={"run", "micro_batch", "stage", "step"})
-                    reply_header = {**base, "sender": me, **reply_header}
-                out = encode(reply_header, reply)
-        except WireError as e:
-            stats.error(key, e.reason)
-            if guard is not None:
-                guard.strike(caller)
-            out = error_message(str(e), header, me)
-        except Exception as e:  # the handler's bug or refusal must not take the server down
-            stats.error(key, f"handler: {type(e).__name__}")
-            out = error_message(f"{type(e).__name__}: {e}", header, me)
-        stats.count(key, out, sent=True)
-        if shaper is not None:
-            await shaper.transmit(caller, len(out))
-        return out
-
-    async def unary(req: runtime_pb2.ExpertRequest, ctx: P2PContext) -> runtime_pb2.ExpertResponse:
-        stats.proto_bytes_received[key] += req.ByteSize()
-        out = await process(req.metadata, ctx.remote_id.to_base58())
-        if len(out) <= UNARY_LIMIT:
-            resp = runtime_pb2.ExpertResponse(metadata=out)
-        else:
-            now = time.monotonic()
-            for t in [t for t, (deadline, _) in parked.items() if deadline < now]:
-                del parked[t]  # the client died or gave up before fetching
-            ticket = secrets.token_hex(16)
-            parked[ticket] = (now + TICKET_TTL, out)
-            resp = runtime_pb2.ExpertResponse(
-                tensors=[runtime_pb2.Tensor(buffer=ticket.encode(), dtype=TICKET)]
-            )
-        stats.proto_bytes_sent[key] += resp.ByteSize()
-        return resp
-
-    def replies(out: bytes) -> list[runtime_pb2.ExpertResponse]:
-        stats.streamed[key] += 1
-        resps = [runtime_pb2.ExpertResponse(metadata=part) for part in _chunks(out)]
-        stats.proto_bytes_sent[key] += sum(r.ByteSize() for r in resps)
-        return resps
-
-    async def stream(
-        requests: AsyncIterator[runtime_pb2.ExpertRequest], ctx: P2PContext
-    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        parts, size = [], 0
-        refused = refuse(ctx.remote_id.to_base58())
-        if refused is not None:  # don't even read the upload
-            for resp in replies(refused):
-                yield resp
-            return
-        async for req in requests:
-            stats.proto_bytes_received[key] += req.ByteSize()
-            parts.append(req.metadata)
-            size += len(req.metadata)
-            if size > limits.max_bytes:  # stop buffering at once: the sender may be hostile
-                stats.error(key, "too large")
-                if guard is not None:
-                    guard.strike(ctx.remote_id.to_base58())
-                out = error_message(f"too large: stream exceeds {limits.max_bytes} bytes", sender=me)
-                break
-        else:
-            out = await process(b"".join(parts), ctx.remote_id.to_base58())
-        for resp in replies(out):
-            yield resp
-
-    async def fetch(
-        req: runtime_pb2.ExpertRequest, ctx: P2PContext
-    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        _, out = parked.pop(req.uid, (0.0, b""))
-        if not out:
-            stats.error(key, "unknown ticket")
-            out = error_message("unknown ticket: the reply expired or was fetched already", sender=me)
-        for resp in replies(out):
-            yield resp
-
-    await p2p.add_protobuf_handler(name, unary, runtime_pb2.ExpertRequest)
+    srv = _Server(p2p.peer_id.to_base58(), name, handler, stats, limits or WireLimits(), shaper, guard)
+    await p2p.add_protobuf_handler(name, srv.unary, runtime_pb2.ExpertRequest)
     await p2p.add_protobuf_handler(
-        f"{name}.stream", stream, runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
+        f"{name}.stream", srv.stream, runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
     )
-    await p2p.add_protobuf_handler(f"{name}.fetch", fetch, runtime_pb2.ExpertRequest, stream_output=True)
+    await p2p.add_protobuf_handler(f"{name}.fetch", srv.fetch, runtime_pb2.ExpertRequest, stream_output=True)
 
 
 async def _pull(

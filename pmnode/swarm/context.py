@@ -28,7 +28,7 @@ class NodeContext:
 
     @property
     def stage(self) -> int:
-        return self.runner.index
+        return self.runner.worker.index
 
     def header(self, kind: str, micro_batch: str, **meta: float | int | str) -> MessageHeader:
         """A message from this stage at its current step."""

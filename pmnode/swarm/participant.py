@@ -87,7 +87,7 @@ class CommitParticipant:
     async def rpc_reset(self, req: Reset, caller: str) -> Ack:
         self._at(req.step)
         self.prepared = None
-        await self.ctx.runner.forget(req.step)
+        await self.ctx.runner.run(self.ctx.runner.worker.forget, req.step)
         return Ack()
 
     async def rpc_grads(

@@ -43,7 +43,7 @@ class Replicas:
         if self.finishing:  # async, at the end: what the others take is the result of our last round
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.final_done.wait(), FINAL_WAIT)
-        data = await self.ctx.runner.state_bytes()
+        data = await self.ctx.runner.run(self.ctx.runner.worker.state_bytes)
         blob = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         step = self.ctx.runner.step
         return self.ctx.header("ack", header.micro_batch, step=step), Packet({"state": blob})

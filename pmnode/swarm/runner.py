@@ -101,10 +101,6 @@ class StageRunner:
     def step(self) -> int:
         return self.worker.step_count
 
-    @property
-    def index(self) -> int:
-        return self.worker.index
-
     def throughput(self) -> float:
         """Samples/s this node can serve: per second of compute, not of wall time, so a replica that
         got little traffic is not mistaken for a slow one (0 until it has measured itself)."""
@@ -197,12 +193,6 @@ class StageRunner:
 
     async def step_if_ready(self) -> None:
         await self.run(self._step_if_ready)
-
-    async def forget(self, step: int) -> None:
-        await self.run(self.worker.forget, step)
-
-    async def state_bytes(self) -> bytes:
-        return await self.run(self.worker.state_bytes)
 
     async def load_state(self, data: bytes, keep_step: bool = False) -> None:
         """Become a replica whose state_bytes these are; `keep_step`: this replica's own step count stays."""
