@@ -54,6 +54,9 @@ class AuthError(PmnodeError):
         self.reason = reason
 
 
+WRONG_TOKEN = "wrong join token"  # the coordinator's reason for refusing a join
+
+
 # ---- the join token ------------------------------------------------------------------------------------
 def new_token() -> str:
     return secrets.token_urlsafe(24)

@@ -9,7 +9,6 @@ exception never reaches the P2P daemon.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -20,7 +19,7 @@ from hivemind.proto import runtime_pb2
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pmnode.errors import PmnodeError
-from pmnode.net.auth import Cert
+from pmnode.net.auth import AuthError, Cert
 
 JOIN_RPC = "pmnode.coord.join"  # fixed name: a joining node does not know the run yet
 
@@ -29,7 +28,12 @@ Resp = TypeVar("Resp", bound=BaseModel)
 
 
 class ControlError(PmnodeError):
-    """The peer answered with an error, or did not answer in time."""
+    """The peer answered with an error, or did not answer in time; `reason` is the peer's fixed phrase
+    when it refused a membership check (net.auth.AuthError), else empty."""
+
+    def __init__(self, message: str, reason: str = ""):
+        super().__init__(message)
+        self.reason = reason
 
 
 class JoinRequest(BaseModel):
@@ -61,11 +65,19 @@ class Hello(BaseModel):
     cert: Cert
 
 
+class CoordinatorInfo(BaseModel):
+    """STATE_DIR/coordinator.json: where a running coordinator can be reached."""
+
+    maddrs: list[str]
+    http: str | None = None
+
+
 class Envelope(BaseModel):
-    """What travels: either a result or an error line."""
+    """What travels: either a result or an error line (and, for a refused membership check, its reason)."""
 
     ok: bool
     error: str = ""
+    reason: str = ""
     body: dict[str, Any] = {}
 
 
@@ -83,6 +95,8 @@ async def add_json_handler(
             reply = Envelope(ok=True, body=(await handler(req, context.remote_id.to_base58())).model_dump())
         except ValidationError as e:
             reply = Envelope(ok=False, error=f"bad request: {e.error_count()} invalid field(s)")
+        except AuthError as e:
+            reply = Envelope(ok=False, error=str(e), reason=e.reason)
         except PmnodeError as e:
             reply = Envelope(ok=False, error=str(e))
         except Exception as e:  # never let a handler bug take the daemon's connection down
@@ -107,7 +121,7 @@ async def call_json(
         raise ControlError(f"{name}: call to {peer_id} failed: {e}") from e
     env = Envelope.model_validate_json(resp.metadata)
     if not env.ok:
-        raise ControlError(env.error)
+        raise ControlError(env.error, env.reason)
     return reply_type.model_validate(env.body)
 
 
@@ -173,7 +187,7 @@ def coordinator_from_file(path: Path, local: bool, timeout: float = 60.0) -> str
         if time.monotonic() > deadline:
             raise PmnodeError(f"{path} did not appear within {timeout:.0f}s; is the coordinator running?")
         time.sleep(0.5)
-    maddrs = json.loads(path.read_text())["maddrs"]
+    maddrs = CoordinatorInfo.model_validate_json(path.read_text()).maddrs
     pick = [m for m in maddrs if m.startswith("/ip4/127.") == local] or maddrs
     return pick[0]
 

@@ -26,7 +26,7 @@ from pmnode.config import RunConfig
 from pmnode.errors import PmnodeError
 from pmnode.net.auth import JOIN_TOKEN_ENV, TOKEN_FILE, new_token, read_token_file
 from pmnode.swarm.churn import Churn
-from pmnode.swarm.procs import Launcher, Proc, wait_file
+from pmnode.swarm.procs import Launcher, Proc, wait_coordinator
 from pmnode.swarm.report import NodeSummary, StepLine
 
 BIN = Path(sys.executable).parent
@@ -86,10 +86,10 @@ class LocalSwarm:
             *(["--http-port", str(http_port)] if http_port is not None else []),
         ]
         coord = self.launcher.start("coordinator", args, self.workdir / "logs" / "coordinator.log", self.env)
-        info = wait_file(state / "coordinator.json", coord, timeout)
-        self.maddr = info["maddrs"][0]
-        if "http" in info:
-            console.print(f"swarm status page: {info['http']}")
+        info = wait_coordinator(state / "coordinator.json", coord, timeout)
+        self.maddr = info.maddrs[0]
+        if info.http is not None:
+            console.print(f"swarm status page: {info.http}")
         return coord
 
     def spawn(self, s: int, r: int) -> Proc:

@@ -12,7 +12,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 from rich.console import Console
 
 from pmnode.errors import PmnodeError
-from pmnode.net.auth import CERT_TTL, JOIN_TOKEN_ENV, AuthError, Cert, Verifier, public_bytes
+from pmnode.net.auth import CERT_TTL, JOIN_TOKEN_ENV, WRONG_TOKEN, AuthError, Cert, Verifier, public_bytes
 from pmnode.net.control import JOIN_RPC, ControlError, JoinReply, JoinRequest, call_json, coordinator_peer
 from pmnode.net.dht import announce, keep_in_touch, stage_records
 from pmnode.net.routing import HEARTBEAT_PERIOD, StageRecord
@@ -50,7 +50,7 @@ class Membership:
                 self.p2p, coord, JOIN_RPC, req, JoinReply, timeout=self.opts.connect_timeout
             )
         except ControlError as e:
-            if "join token" in str(e):
+            if e.reason == WRONG_TOKEN:
                 how = "is wrong" if token else "is missing"
                 raise PmnodeError(
                     f"the coordinator refused to admit this node: the join token {how}; set "

@@ -10,7 +10,6 @@ this process dies before that (SIGKILL), the reaper stops them.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import IO
 
 from pmnode.errors import PmnodeError
+from pmnode.net.control import CoordinatorInfo
 
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
@@ -120,15 +120,13 @@ class Launcher:
                 self.reaper.wait(5)
 
 
-def wait_file(path: Path, proc: Proc, timeout: float) -> dict:
-    """A JSON file a process writes when it is up (the coordinator's address file)."""
+def wait_coordinator(path: Path, proc: Proc, timeout: float) -> CoordinatorInfo:
+    """The address file a coordinator writes when it is up."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if path.exists():
-            try:
-                return json.loads(path.read_text())
-            except json.JSONDecodeError:
-                pass
+            with contextlib.suppress(ValueError):  # half written
+                return CoordinatorInfo.model_validate_json(path.read_text())
         if proc.p.poll() is not None:
             raise PmnodeError(f"{proc.name} exited early; see {proc.log}:\n{proc.log.read_text()[-2000:]}")
         time.sleep(0.2)
