@@ -11,8 +11,8 @@ from rich.console import Console
 from rich.table import Table
 
 from pmnode.config import load_config
+from pmnode.core.stages import build_subspace, free_layers, split_layers
 from pmnode.errors import run_cli
-from pmnode.stages import build_subspace, free_layers, split_layers
 
 app = typer.Typer(
     help="pmnode coordinator: holds the run config and subspace seed, assigns stages.",
@@ -55,7 +55,7 @@ def serve(
 ) -> None:
     """Start the DHT bootstrap peer, hand out the run config and assign stages."""
     from coordinator.server import serve as run_server
-    from pmnode.auth import resolve_token
+    from pmnode.net.auth import resolve_token
 
     cfg = load_config(config)
     token = resolve_token(token_file)

@@ -13,7 +13,7 @@ from importlib.resources import files
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 
-from pmnode.status import SwarmStatus
+from pmnode.net.status import SwarmStatus
 
 
 class Metrics:

@@ -13,7 +13,6 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
 
 from hivemind.p2p import P2P
 from hivemind.utils import get_dht_time
@@ -21,10 +20,15 @@ from hivemind.utils.crypto import RSAPublicKey
 from rich.console import Console
 
 from coordinator.http import Metrics, StatusServer
-from pmnode.auth import (
+from pmnode.config import RunConfig
+from pmnode.core.stages import build_subspace, split_layers
+from pmnode.errors import PmnodeError
+from pmnode.net.auth import (
     AUTHORITY_FILE,
     JOIN_TOKEN_ENV,
     TOKEN_FILE,
+    WRONG_TOKEN,
+    AuthError,
     SwarmValidator,
     Verifier,
     issue_cert,
@@ -36,13 +40,10 @@ from pmnode.auth import (
     token_matches,
     write_secret,
 )
-from pmnode.config import RunConfig
-from pmnode.control import JOIN_RPC, JoinReply, JoinRequest, add_json_handler
-from pmnode.dht import run_until_signal, stage_records, start_dht
-from pmnode.errors import PmnodeError
-from pmnode.routing import HEARTBEAT_PERIOD, StageRecord, choose_stage, config_key
-from pmnode.stages import build_subspace, split_layers
-from pmnode.status import STATUS_RPC, HistoryPoint, Replica, StageStatus, StatusRequest, SwarmStatus, thin
+from pmnode.net.control import JOIN_RPC, CoordinatorInfo, JoinReply, JoinRequest, add_json_handler
+from pmnode.net.dht import run_until_signal, stage_records, start_dht
+from pmnode.net.routing import HEARTBEAT_PERIOD, StageRecord, choose_stage, config_key
+from pmnode.net.status import STATUS_RPC, HistoryPoint, Replica, StageStatus, StatusRequest, SwarmStatus, thin
 
 CONFIG_TTL = 60.0  # seconds a published config record lives; republished every third of it
 PENDING_TTL = 15.0  # an assigned node that has not announced yet still counts for its stage this long
@@ -117,7 +118,7 @@ class Coordinator:
         try:
             if not token_matches(req.token, self.token):
                 self.console.print(f"refused peer {caller[-8:]}: wrong join token", highlight=False)
-                raise PmnodeError("wrong join token")
+                raise AuthError(WRONG_TOKEN)
             try:
                 RSAPublicKey.from_bytes(req.public_key.encode())
             except Exception as e:
@@ -195,13 +196,13 @@ class Coordinator:
             if not self.port:
                 self.port = int(maddrs[0].split("/tcp/")[1].split("/")[0])
             self._save_state(maddrs)
-            info: dict[str, Any] = {"maddrs": maddrs}
+            info = CoordinatorInfo(maddrs=maddrs)
             if self.http_port is not None:
                 self.http = StatusServer(self.host, self.http_port, self.metrics)
                 self.http.publish(self.status())
                 self.http.start()
-                info["http"] = f"http://{self.host}:{self.http.port}/"
-            (self.state_dir / "coordinator.json").write_text(json.dumps(info))
+                info.http = f"http://{self.host}:{self.http.port}/"
+            (self.state_dir / "coordinator.json").write_text(info.model_dump_json(exclude_none=True))
             self.console.print(
                 f"[bold]coordinator[/] for run [bold]{self.cfg.name}[/] is up. Volunteers join with:"
             )

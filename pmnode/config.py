@@ -13,6 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+import pmnode.configs
+from pmnode.core.split import free_layer_range
 from pmnode.errors import ConfigError
 
 
@@ -169,7 +171,6 @@ class TrainConfig(_Strict):
     seed: int = Field(0, ge=0, description="Seed for weight init and data order.")
     eval_every: int = Field(100, ge=1, description="Evaluate held-out loss every N steps.")
     eval_batches: int = Field(8, ge=1, description="Held-out batches per evaluation.")
-    autocast_bf16: bool = Field(False, description="Run the layers under bf16 autocast (for GPUs).")
 
     @model_validator(mode="after")
     def _micro(self) -> TrainConfig:
@@ -210,7 +211,6 @@ class SwarmConfig(_Strict):
         description="Seconds the head waits for an empty stage to get a node again before it stops the "
         "run; 0 waits for ever.",
     )
-    threads: int | None = Field(None, ge=1, description="torch threads per node; None keeps torch's default.")
     peer_rate: float = Field(
         1000.0, gt=0, description="Data calls per second one upstream peer may make; the excess is refused."
     )
@@ -223,6 +223,18 @@ class SwarmConfig(_Strict):
         gt=1,
         description="A boundary gradient whose norm exceeds this many times the running median is dropped.",
     )
+
+
+class MachineConfig(_Strict):
+    """What one machine chooses for itself (command-line flags, never part of a RunConfig)."""
+
+    device: str = Field("cpu", description="torch device: cpu, cuda, cuda:N.")
+    threads: int | None = Field(None, ge=1, description="torch threads; None keeps torch's default.")
+    autocast_bf16: bool = Field(False, description="Run the layers under bf16 autocast (for GPUs).")
+    data: str | None = Field(None, description="This machine's copy of the corpus; None: data.source.")
+
+
+MOVED = {("train", "autocast_bf16"): "--bf16", ("swarm", "threads"): "--threads"}
 
 
 class RunConfig(_Strict):
@@ -249,11 +261,20 @@ class RunConfig(_Strict):
     )
     swarm: SwarmConfig = Field(default_factory=SwarmConfig, description="Pipeline schedule of a swarm.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: Any) -> Any:
+        for (section, key), flag in MOVED.items():
+            if isinstance(data, dict) and isinstance(data.get(section), dict) and key in data[section]:
+                raise ConfigError(f"{section}.{key} is this machine's choice now, not the run's: pass {flag}")
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
-        from pmnode.stages import free_layers
-
-        free_layers(self)  # also validates the layer split
+        sub = self.subspace  # also validates the layer split:
+        free_layer_range(
+            self.model.n_layers, self.n_stages, self.stage_layers, sub.uncompressed_tail_layers, sub.enabled
+        )
         if self.train.seq_len > self.model.max_seq_len:
             raise ValueError(f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len")
         return self
@@ -288,7 +309,7 @@ def format_validation_error(err: ValidationError) -> str:
     return "\n".join(lines)
 
 
-SHIPPED_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+SHIPPED_CONFIGS = Path(pmnode.configs.__file__).resolve().parent  # package data: configs/ in the repository
 
 
 def resolve_config_path(path: str | Path) -> Path:

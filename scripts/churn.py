@@ -66,7 +66,7 @@ class Swarm:
             "--coordinator-file",
             str(self.work / "coord" / "coordinator.json"),
         ]
-        args += ["--stage", str(stage), "--device", "cpu", "--log-format", "json"]
+        args += ["--stage", str(stage), "--device", "cpu", "--threads", "1", "--log-format", "json"]
         args += ["--summary-json", str(self.work / f"{name}.json")]
         self.start(name, args, stage)
         return name
@@ -123,7 +123,7 @@ def main() -> None:
     raw = yaml.safe_load(Path(args.config).read_text())
     raw["n_stages"] = args.stages
     raw.setdefault("train", {}).update(steps=10**7, eval_every=10**7)
-    raw.setdefault("swarm", {}).update(schedule=args.schedule, threads=1, request_timeout=30.0)
+    raw.setdefault("swarm", {}).update(schedule=args.schedule, request_timeout=30.0)
     batch = raw["train"]["batch_size"]
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)

@@ -91,7 +91,7 @@ def config(tmp: Path, steps: int) -> Path:
     raw.update(n_stages=2, codec="dense")
     raw["subspace"]["enabled"] = False
     raw["train"].update(steps=steps, eval_every=10**9)
-    raw.setdefault("swarm", {}).update(schedule="async", threads=1)
+    raw.setdefault("swarm", {}).update(schedule="async")
     path = tmp / "netns.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -155,6 +155,8 @@ def kernel_run(cfg: Path, tmp: Path, timeout: float) -> dict:
                         str(stage),
                         "--device",
                         "cpu",
+                        "--threads",
+                        "1",
                         "--host",
                         ADDR[stage],
                         "--summary-json",

@@ -13,7 +13,9 @@ from hivemind.dht.validation import DHTRecord
 from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.serializer import MSGPackSerializer
 
-from pmnode.auth import (
+from pmnode.core.codecs import make_codec
+from pmnode.errors import PmnodeError
+from pmnode.net.auth import (
     JOIN_TOKEN_ENV,
     AuthError,
     Guard,
@@ -30,11 +32,9 @@ from pmnode.auth import (
     sign_record,
     write_secret,
 )
-from pmnode.codecs import make_codec
-from pmnode.errors import PmnodeError
-from pmnode.routing import StageRecord, config_key, stage_key
-from pmnode.validate import GradScale, check_eval_batch, check_gradient, check_micro_batch
-from pmnode.wire import MessageHeader, WireError
+from pmnode.net.checks import GradScale, check_eval_batch, check_gradient, check_micro_batch
+from pmnode.net.routing import StageRecord, config_key, stage_key
+from pmnode.net.wire import MessageHeader, WireError
 
 AUTHORITY, NODE, OTHER = RSAPrivateKey(), RSAPrivateKey(), RSAPrivateKey()
 RUN = "r"
@@ -208,7 +208,7 @@ def test_micro_batch_ids() -> None:
 
 @pytest.mark.parametrize("spec", ["dense", "int8", "topk:4", "subspace", "subspace:int8"])
 def test_gradient_checks(spec: str) -> None:
-    from pmnode.subspace import Subspace
+    from pmnode.core.subspace import Subspace
 
     sub = Subspace(d_model=32, rank=8, vocab_size=64, seed=0) if spec.startswith("subspace") else None
     codec = make_codec(spec, d_model=32, vocab_size=64, subspace=sub)

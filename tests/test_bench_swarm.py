@@ -7,17 +7,22 @@ from pathlib import Path
 
 import pytest
 
-from pmnode.bench_swarm import head_lines, steady_rate, window_rates
+from pmnode.bench.swarm import head_lines, steady_rate, window_rates
+from pmnode.swarm.report import StepLine
 
 
-def lines(rates: list[float], window: int = 2, tokens: int = 100) -> list[dict]:
+def _line(step: int, tokens: int, elapsed: float) -> StepLine:
+    return StepLine(step=step, loss=1.0, tokens_per_s=0.0, tokens=tokens, elapsed=elapsed)
+
+
+def lines(rates: list[float], window: int = 2, tokens: int = 100) -> list[StepLine]:
     """Per-step lines whose windows of `window` steps run at the given tokens/s."""
-    out, t, tok = [{"step": 0, "tokens": 0, "elapsed": 0.0}], 0.0, 0
+    out, t, tok = [_line(0, 0, 0.0)], 0.0, 0
     for r in rates:
         for _ in range(window):
             tok += tokens
             t += tokens / r
-            out.append({"step": len(out), "tokens": tok, "elapsed": t})
+            out.append(_line(len(out), tok, t))
     return out
 
 
@@ -39,12 +44,12 @@ def test_never_steady_falls_back_to_the_last_half() -> None:
 def test_head_lines_skip_other_output(tmp_path: Path) -> None:
     log = tmp_path / "node-0.log"
     rows = lines([100, 100])
-    log.write_text("node abc serves stage 0\n" + "\n".join(json.dumps(r) for r in rows) + "\n{broken\n")
+    log.write_text("node abc serves stage 0\n" + "\n".join(r.json_line() for r in rows) + "\n{broken\n")
     assert head_lines(log) == rows
 
 
 def test_tokens_to_reach_interpolates() -> None:
-    from pmnode.time_to_loss import tokens_to_reach
+    from pmnode.bench.time_to_loss import tokens_to_reach
 
     curve = [[100, 3.0], [200, 2.0], [300, 1.5]]
     assert tokens_to_reach(curve, 2.5) == pytest.approx(150)
@@ -53,8 +58,8 @@ def test_tokens_to_reach_interpolates() -> None:
 
 
 def test_time_to_loss_joins_convergence_and_swarm(tmp_path: Path) -> None:
+    from pmnode.bench.time_to_loss import time_to_loss
     from pmnode.errors import PmnodeError
-    from pmnode.time_to_loss import time_to_loss
 
     conv, swarm = tmp_path / "conv", tmp_path / "swarm"
     conv.mkdir()

@@ -8,23 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).parent.parent
-TINY = str(ROOT / "configs" / "tiny.yaml")
+from launch import TINY, one_line_error
 
 
 def run(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
     exe = Path(sys.executable).parent
     return subprocess.run([str(exe / args[0]), *args[1:]], capture_output=True, text=True, timeout=timeout)
-
-
-def one_line_error(r: subprocess.CompletedProcess[str], *needles: str) -> None:
-    assert r.returncode == 1, r.stderr
-    assert "Traceback" not in r.stderr
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert lines[0].startswith("error:"), r.stderr
-    for n in needles:
-        assert n in r.stderr, r.stderr
 
 
 def test_train_writes_summary(tmp_path: Path, toy_corpus: Path) -> None:

@@ -12,8 +12,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_cli import TINY, one_line_error
-from test_coordinator import BIN, start, stop
+from launch import BIN, TINY, one_line_error
+from launch import start_coordinator as start
+from launch import stop_coordinator as stop
 
 pytestmark = pytest.mark.slow
 

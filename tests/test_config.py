@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from pmnode.config import RunConfig, load_config
+from pmnode.core.stages import free_layers, split_layers
 from pmnode.errors import ConfigError
-from pmnode.stages import free_layers, split_layers
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
@@ -111,3 +111,21 @@ def test_shipped_configs_by_name_from_any_directory(tmp_path: Path, monkeypatch:
         load_config("configs/nope.yaml")
     with pytest.raises(ConfigError, match="not found: elsewhere/tiny"):
         load_config("elsewhere/tiny")
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "flag"), [("train", "autocast_bf16", "--bf16"), ("swarm", "threads", "--threads")]
+)
+def test_per_machine_knobs_are_not_run_config(tmp_path: Path, section: str, key: str, flag: str) -> None:
+    """What one machine chooses is a flag of that machine's command, never part of what a swarm agrees on."""
+    path = tmp_path / "c.yaml"
+    path.write_text(f"{section}:\n  {key}: 1\n")
+    with pytest.raises(ConfigError, match=flag):
+        load_config(path)
+
+
+def test_shipped_configs_resolve_by_name_from_anywhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert load_config("tiny").name == load_config("configs/tiny.yaml").name

@@ -4,54 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
 import stat
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import hivemind
 import pytest
 from hivemind.utils.crypto import RSAPrivateKey
+from launch import start_coordinator as start
+from launch import stop_coordinator as stop
 
-from pmnode.auth import Verifier, load_or_create_key, public_bytes
-from pmnode.control import JOIN_RPC, ControlError, JoinReply, JoinRequest, call_json
-from pmnode.dht import p2p_options
-
-ROOT = Path(__file__).parent.parent
-BIN = Path(sys.executable).parent
-
-
-def start(state: Path) -> tuple[subprocess.Popen, str]:
-    info = state / "coordinator.json"
-    info.unlink(missing_ok=True)  # a restart must not be mistaken for up by the last run's file
-    p = subprocess.Popen(
-        [
-            str(BIN / "coordinator"),
-            "serve",
-            "--config",
-            str(ROOT / "configs" / "tiny.yaml"),
-            "--state-dir",
-            str(state),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 60
-    while not info.exists():
-        assert p.poll() is None, p.stderr.read() if p.stderr else ""
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
-    return p, json.loads(info.read_text())["maddrs"][0]
-
-
-def stop(p: subprocess.Popen) -> str:
-    p.send_signal(signal.SIGINT)
-    out, err = p.communicate(timeout=30)
-    assert p.returncode == 0, err
-    return out + err
+from pmnode.net.auth import Verifier, load_or_create_key, public_bytes
+from pmnode.net.control import JOIN_RPC, ControlError, JoinReply, JoinRequest, call_json
+from pmnode.net.dht import p2p_options
 
 
 def test_assignment_and_restart(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pmnode.config import DataConfig
-from pmnode.data import ByteTokenizer, TokenDataset, corpus_files, is_heldout, load_tokenizer
+from pmnode.data.dataset import ByteTokenizer, TokenDataset, corpus_files, is_heldout, load_tokenizer
 from pmnode.errors import DataError
 
 
@@ -45,9 +45,6 @@ def test_batches_are_seeded(toy_corpus: Path) -> None:
     assert torch.equal(x[:, 1:], y[:, :-1])
     assert torch.equal(x, train.batch(3, 4, 32, seed=1)[0])
     assert not torch.equal(x, train.batch(4, 4, 32, seed=1)[0])
-    assert not torch.equal(x, train.batch(3, 4, 32, seed=1, shard=1, num_shards=2)[0])
-    with pytest.raises(DataError, match="shard 2 out of range"):
-        train.batch(0, 1, 8, seed=1, shard=2, num_shards=2)
 
 
 def test_directory_corpus_kinds(tmp_path: Path) -> None:

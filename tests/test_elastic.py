@@ -15,11 +15,11 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from launch import BIN, assert_no_leftovers, kill_tagged, swarm_config, tagged_env
 from safetensors.torch import load_file
-from test_swarm import BIN, assert_no_leftovers, kill_tagged, swarm_config, tagged_env
 
-from pmnode import checkpoint
-from pmnode.status import fetch_status
+from pmnode.core import checkpoint
+from pmnode.net.status import fetch_status
 
 pytestmark = pytest.mark.slow
 

@@ -10,14 +10,14 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
+from pmnode.bench.fidelity import RunResult, compare, loss_at, steps_to
+from pmnode.bench.variants import parse_variant, slug, variant_config
 from pmnode.cli import app
 from pmnode.config import RunConfig
+from pmnode.core.stages import Stage, build_subspace
+from pmnode.core.train import Pipeline
+from pmnode.core.worker import StageWorker, build_optimizer
 from pmnode.errors import ConfigError
-from pmnode.fidelity import RunResult, compare, loss_at, steps_to
-from pmnode.runtime import StageWorker, build_optimizer
-from pmnode.stages import Stage, build_subspace
-from pmnode.train import Pipeline
-from pmnode.variants import parse_variant, slug, variant_config
 
 D, K, V, T = 64, 8, 256, 16
 
@@ -195,7 +195,7 @@ def test_bench_convergence_long_run_mode(tmp_path: Path, toy_corpus: Path) -> No
 
 
 def test_stage_bigrams_hash_pairs_within_the_window() -> None:
-    from pmnode.model import bigram_ids
+    from pmnode.core.model import bigram_ids
 
     tok = torch.tensor([[1, 2, 3], [5, 2, 3]])
     ids = bigram_ids(tok, V, 4096)
@@ -213,7 +213,7 @@ def test_stage_bigrams_hash_pairs_within_the_window() -> None:
 
 
 def test_each_variant_is_compared_with_the_unconstrained_model_of_its_architecture() -> None:
-    from pmnode.fidelity import architecture
+    from pmnode.bench.fidelity import architecture
 
     assert architecture("subspace@4+n_stages=2+subspace.constrain=boundaries") == ""
     feat = "subspace.stage_bigrams=64,subspace.stage_embeddings=True"

@@ -10,13 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pmnode import checkpoint
 from pmnode.config import RunConfig, load_config
-from pmnode.data import TokenDataset
+from pmnode.core import checkpoint
+from pmnode.core.generate import CheckpointModel, generate, load_checkpoint, sample
+from pmnode.core.stages import Stage
+from pmnode.core.train import Pipeline
+from pmnode.data.dataset import TokenDataset
 from pmnode.errors import PmnodeError
-from pmnode.generate import CheckpointModel, generate, load_checkpoint, sample
-from pmnode.stages import Stage
-from pmnode.train import Pipeline
 
 ROOT = Path(__file__).parent.parent
 PMNODE = str(Path(sys.executable).parent / "pmnode")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pmnode.config import load_config
-from pmnode.train import train
+from pmnode.core.train import train
 
 GOLDEN = Path(__file__).parent / "golden" / "tiny_losses.json"
 CONFIG = Path(__file__).parent.parent / "configs" / "tiny.yaml"

@@ -6,10 +6,10 @@ import io
 import json
 import subprocess
 
+from launch import BIN
 from rich.console import Console
-from test_swarm import BIN
 
-from pmnode.panel import Display, NodeSnapshot, line, render
+from pmnode.swarm.panel import Display, NodeSnapshot, line, render
 
 
 def snapshot(**kw: object) -> NodeSnapshot:

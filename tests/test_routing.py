@@ -7,7 +7,7 @@ import random
 import pytest
 
 from pmnode.errors import ConfigError
-from pmnode.routing import StageRecord, capacity, choose_peer, choose_stage
+from pmnode.net.routing import StageRecord, capacity, choose_peer, choose_stage
 
 
 def rec(peer: str, stage: int = 0, **kw) -> StageRecord:
@@ -54,7 +54,7 @@ def test_near_equal_peers_share_load() -> None:
 
 
 def test_backoff_doubles_and_a_success_forgets() -> None:
-    from pmnode.routing import Backoff
+    from pmnode.net.routing import Backoff
 
     b = Backoff(base=1.0, cap=4.0)
     assert [b.fail("p", 0.0) for _ in range(4)] == [1.0, 2.0, 4.0, 4.0]

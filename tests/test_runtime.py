@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pmnode.codecs import Packet
 from pmnode.config import RunConfig
+from pmnode.core.codecs import Packet
+from pmnode.core.worker import StageWorker, lr_at
 from pmnode.errors import PmnodeError
-from pmnode.runtime import StageWorker, lr_at
 
 CFG = RunConfig.model_validate(
     {
@@ -85,8 +85,7 @@ def test_lr_schedule() -> None:
 
 
 def test_bf16_autocast_keeps_the_wire_fp32() -> None:
-    cfg = CFG.with_overrides(train={"autocast_bf16": True})
-    w = StageWorker(cfg, 0)
+    w = StageWorker(CFG, 0, autocast_bf16=True)  # this machine's choice, not the run's
     p = w.forward("a", tokens=toks(0), samples=2)
     assert p.tensors["v"].dtype == torch.float32
     w.backward("a", grad_packet(0))

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from pmnode.errors import PmnodeError
-from pmnode.shaping import LinkShaper, format_bandwidth, parse_bandwidth, parse_latency
+from pmnode.net.shaping import LinkShaper, format_bandwidth, parse_bandwidth, parse_latency
 
 
 @pytest.mark.parametrize(

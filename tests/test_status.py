@@ -16,11 +16,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from launch import BIN, assert_no_leftovers, start_async_swarm, swarm_config
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
-from test_swarm import BIN, assert_no_leftovers, start_async_swarm, swarm_config
 
-from pmnode.status import HistoryPoint, SwarmStatus, thin
+from pmnode.net.status import HistoryPoint, SwarmStatus, thin
 
 pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

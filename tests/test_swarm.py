@@ -3,85 +3,27 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
-
-ROOT = Path(__file__).parent.parent
-BIN = Path(sys.executable).parent
-STEPS = 30
+from launch import (
+    BIN,
+    STEPS,
+    assert_no_leftovers,
+    kill_tagged,
+    leftovers,
+    start_async_swarm,
+    swarm_config,
+    tagged_env,
+)
 
 pytestmark = pytest.mark.slow
-
-
-def tagged_env(tag: str) -> dict[str, str]:
-    """Every descendant (nodes, DHT children, p2pd) inherits the tag, so leftovers can be found."""
-    return {**os.environ, "PMNODE_TEST_TAG": tag}
-
-
-def leftovers(tag: str) -> list[str]:
-    found = []
-    for p in psutil.process_iter(["pid", "name"]):
-        try:
-            if p.environ().get("PMNODE_TEST_TAG") == tag:
-                found.append(f"{p.pid} {p.info['name']}")
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    return found
-
-
-def kill_tagged(tag: str) -> None:
-    """After a failure: kill whatever the test started, so one failure cannot load the next tests."""
-    for p in psutil.process_iter():
-        try:
-            if p.environ().get("PMNODE_TEST_TAG") == tag:
-                p.kill()
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-
-
-def start_async_swarm(cfg: Path, work: Path, tag: str, *extra: str) -> subprocess.Popen:
-    """`pmnode local-swarm` of 3 async stages in the background; its stderr goes to WORK.err, since
-    an unread pipe would fill up with progress lines and block it."""
-    work.parent.mkdir(parents=True, exist_ok=True)
-    args = ["--config", str(cfg), "--stages", "3", "--schedule", "async", "--workdir", str(work), *extra]
-    return subprocess.Popen(
-        [str(BIN / "pmnode"), "local-swarm", *args],
-        stdout=subprocess.DEVNULL,
-        stderr=work.with_suffix(".err").open("w"),
-        env=tagged_env(tag),
-    )
-
-
-def assert_no_leftovers(tag: str) -> None:
-    """Everything the test started is gone within 10 s; whatever is not is killed before failing."""
-    deadline = time.monotonic() + 10
-    while leftovers(tag) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    left = leftovers(tag)
-    kill_tagged(tag)
-    assert left == []
-
-
-def swarm_config(tmp: Path, toy_corpus: Path, **overrides: dict) -> Path:
-    cfg = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
-    cfg["n_stages"] = 3
-    cfg["data"] = {"source": str(toy_corpus)}
-    cfg["train"].update(steps=STEPS, eval_every=10)
-    for section, values in overrides.items():
-        cfg.setdefault(section, {}).update(values)
-    path = tmp / "swarm.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""pmnode.transport between two real p2pd daemons on 127.0.0.1: unary, streamed, refused, counted."""
+"""pmnode.net.transport between two real p2pd daemons on 127.0.0.1: unary, streamed, refused, counted."""
 
 from __future__ import annotations
 
@@ -10,22 +10,20 @@ from pathlib import Path
 import torch
 from hivemind.p2p import P2P
 
-from pmnode.codecs import Packet
-from pmnode.transport import (
+from pmnode.core.codecs import Packet
+from pmnode.net.transport import (
     UNARY_LIMIT,
     TransportError,
     TransportStats,
     call,
     request,
-    rpc_name,
     serve,
-    serve_stage,
 )
-from pmnode.wire import MessageHeader, WireLimits, decode, encode
+from pmnode.net.wire import MessageHeader, WireLimits, decode, encode
 
 # localhost only: no UPnP port mapping, no AutoNAT probes
 P2P_OPTS = {"host_maddrs": ["/ip4/127.0.0.1/tcp/0"], "nat_port_map": False, "auto_nat": False}
-FORWARD, BACKWARD = rpc_name("test-run", "forward"), rpc_name("test-run", "backward")
+FORWARD, BACKWARD = "test-run.forward", "test-run.backward"
 Scenario = Callable[[P2P, P2P, TransportStats, TransportStats], Awaitable[None]]
 
 
@@ -76,8 +74,8 @@ def _run(scenario: Scenario, timeout: float = 60.0) -> tuple[TransportStats, Tra
             b = await P2P.create(initial_peers=await a.get_visible_maddrs(), **P2P_OPTS)
             pids.append(b._child.pid)
             assert set(pids) <= set(_p2pd_children())  # the orphan check below can see our daemons
-            names = await serve_stage(a, "test-run", {"forward": _echo, "backward": _echo}, server_stats)
-            assert names == [FORWARD, BACKWARD]
+            for name in (FORWARD, BACKWARD):
+                await serve(a, name, _echo, server_stats)
             await serve(a, "test-run.pmnode.fail", _fail, server_stats)
             await asyncio.wait_for(scenario(a, b, server_stats, client_stats), timeout)
         finally:
@@ -237,7 +235,7 @@ def test_no_p2pd_left_behind() -> None:
 def test_guard_refuses_before_decoding_and_bans_garbage() -> None:
     from hivemind.utils.crypto import RSAPrivateKey
 
-    from pmnode.auth import Guard, Verifier, issue_cert, public_bytes
+    from pmnode.net.auth import Guard, Verifier, issue_cert, public_bytes
 
     authority = RSAPrivateKey()
     guard = Guard(

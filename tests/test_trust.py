@@ -23,18 +23,18 @@ import pytest
 import torch
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
+from launch import BIN, assert_no_leftovers, kill_tagged, swarm_config, tagged_env
 from safetensors.torch import load_file
-from test_swarm import BIN, assert_no_leftovers, kill_tagged, swarm_config, tagged_env
 
-from pmnode.auth import SwarmValidator, Verifier, issue_cert, public_bytes, sign_config, sign_record
-from pmnode.codecs import Packet, make_codec
 from pmnode.config import load_config
-from pmnode.control import JOIN_RPC, ControlError, Hello, JoinReply, JoinRequest, call_json
-from pmnode.dht import p2p_options, stage_records
-from pmnode.routing import StageRecord, config_key, stage_key
-from pmnode.stages import build_subspace
-from pmnode.transport import TransportError, call
-from pmnode.wire import decode, encode
+from pmnode.core.codecs import Packet, make_codec
+from pmnode.core.stages import build_subspace
+from pmnode.net.auth import SwarmValidator, Verifier, issue_cert, public_bytes, sign_config, sign_record
+from pmnode.net.control import JOIN_RPC, ControlError, Hello, JoinReply, JoinRequest, call_json
+from pmnode.net.dht import p2p_options, stage_records
+from pmnode.net.routing import StageRecord, config_key, stage_key
+from pmnode.net.transport import TransportError, call
+from pmnode.net.wire import decode, encode
 
 pytestmark = pytest.mark.slow
 STEPS = 400  # long enough that the fuzzing happens while the swarm trains

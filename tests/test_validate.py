@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pmnode.codecs import Packet
 from pmnode.config import load_config
-from pmnode.runtime import StageWorker
-from pmnode.stages import build_subspace
-from pmnode.train import config_for
-from pmnode.validate import check_activation
-from pmnode.wire import WireError
+from pmnode.core.codecs import Packet
+from pmnode.core.stages import build_subspace
+from pmnode.core.train import config_for
+from pmnode.core.worker import StageWorker
+from pmnode.net.checks import check_activation
+from pmnode.net.wire import WireError
 
 B, T, VOCAB = 4, 16, 256
 

@@ -1,4 +1,4 @@
-"""pmnode.wire: bit-exact round trips, the framing overhead, and every rejection."""
+"""pmnode.net.wire: bit-exact round trips, the framing overhead, and every rejection."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import struct
 import pytest
 import torch
 
-from pmnode.codecs import Packet
-from pmnode.wire import DTYPES, MessageHeader, WireError, WireLimits, decode, encode, framing_overhead
+from pmnode.core.codecs import Packet
+from pmnode.net.wire import DTYPES, MessageHeader, WireError, WireLimits, decode, encode, framing_overhead
 
 PEER = "12D3KooWQmSQsu9sHKtAzR88drkboS5Nqw54Snb2we4T94ArUibbb7"  # a peer id's typical length
 

@@ -1,0 +1,1 @@
+"""`pmnode bench`: codec, convergence, swarm throughput and time-to-loss measurements."""

@@ -1,0 +1,115 @@
+"""The fidelity report: results.json, results.md and plots, rebuilt from every run in a directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pmnode.bench.fidelity import Row, RunResult, compare, load_runs
+
+
+def _pct(x: float | None) -> str:
+    return f"{100 * x:+.1f}%" if x is not None else "-"
+
+
+def _name(r: Row) -> str:
+    if r.rank is None:
+        return "dense (plain)"
+    if r.rank == r.d_model:
+        return "unconstrained (k = d)"
+    return f"k = d/{r.d_model // r.rank}" if r.d_model % r.rank == 0 else f"k = {r.rank}"
+
+
+def markdown(rows: list[Row], runs: list[RunResult], target: float | None, title: str) -> str:
+    commands = sorted({r.command for r in runs})
+    lines = [
+        f"# {title}",
+        "",
+        "Held-out loss (nats per byte token) at the end of each run and at half its tokens. *gap* is "
+        "against the **unconstrained model of the same architecture** (the same variant with k = d and "
+        "nothing projected: frozen token table F, branch norm, full-rank writes, and the variant's own "
+        "extra parts such as stage embeddings), at equal tokens: the cost of the compression alone. "
+        "*vs plain* is against the plain unconstrained model of the same shape (k = d, no extra parts): "
+        "what a user gives up against training the usual model. *vs dense* is against the **plain "
+        "dense** model (no F, no branch norm). *steps ratio*: steps to reach "
+        + (f"held-out {target}" if target is not None else "the unconstrained model's final held-out loss")
+        + " over the unconstrained model's steps to the same loss (ProtocolNanoGPT's measure); "
+        "'not reached' means the run ended above it.",
+        "",
+        "| variant | d | k | constrain | boundaries | B/token | tokens | held-out | gap | gap at mid "
+        "| vs plain | vs dense | steps to target | steps ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    complete = {run.variant: run.complete for run in runs}
+    for r in rows:
+        steps = f"{r.steps_to_target:,.0f}" if r.steps_to_target is not None else "not reached"
+        cut = "" if complete[r.variant] else " **(cut short: still running or stopped)**"
+        lines.append(
+            f"| `{r.variant}` ({_name(r)}){cut} | {r.d_model} | {r.rank or '-'} | {r.constrain or '-'} "
+            f"| {r.boundaries} | {r.bytes_per_token} | {r.tokens / 1e6:.2f}M | {r.heldout_loss:.4f} "
+            f"| {_pct(r.gap_end)} | {_pct(r.gap_mid)} | {_pct(r.gap_plain)} | {_pct(r.gap_dense)} | {steps} "
+            f"| {r.steps_ratio if r.steps_ratio is not None else '-'} |"
+        )
+    lines += ["", "Diagnostics at the end of each run (held-out batches; see pmnode/diagnostics.py):", ""]
+    lines += [
+        "| variant | dims for 90% of the stream, per layer | kept by a boundary (in span U) "
+        "| write stable rank (attn, mlp) | grad norm per layer |",
+        "|---|---|---|---|---|",
+    ]
+    for run in runs:
+        dg = run.diagnostics
+        if dg is None:
+            continue
+        spans = [f"{x.in_span:.2f}" for x in dg.layers if x.in_span is not None]
+        lines.append(
+            f"| `{run.variant}` | {' '.join(str(x.dims90) for x in dg.layers)} "
+            f"| {' '.join(spans) or '-'} "
+            f"| {' '.join('/'.join(f'{v:.0f}' for v in x.write_stable_rank) for x in dg.layers)} "
+            f"| {' '.join(f'{x.grad_norm:.3f}' for x in dg.layers)} |"
+        )
+    lines += ["", "Commands:", "", *[f"    {c}" for c in commands], ""]
+    return "\n".join(lines)
+
+
+def plot(runs: list[RunResult], out: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    widths = sorted({r.d_model for r in runs})
+    fig, axes = plt.subplots(1, len(widths), figsize=(7 * len(widths), 4.8), squeeze=False)
+    for ax, d in zip(axes[0], widths, strict=True):
+        for r in sorted((r for r in runs if r.d_model == d), key=lambda r: r.variant):
+            toks = [t / 1e6 for _, t, _ in r.curve]
+            ax.plot(toks, [loss for _, _, loss in r.curve], marker=".", ms=3, label=r.variant)
+        ax.set_xlabel("training tokens (millions)")
+        ax.set_ylabel("held-out loss")
+        ax.set_title(f"{title}, d = {d}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        lows = [min(loss for _, _, loss in r.curve) for r in runs if r.d_model == d and r.curve]
+        if lows:
+            ax.set_ylim(min(lows) * 0.97, min(lows) * 1.6)
+    fig.tight_layout()
+    fig.savefig(out / "loss.png", dpi=110)
+    plt.close(fig)
+
+
+def write_report(out: Path, target: float | None, title: str) -> list[Row]:
+    runs = load_runs(out)
+    rows = compare(runs, target)
+    (out / "results.json").write_text(
+        json.dumps(
+            {
+                "target": target,
+                "rows": [r.model_dump() for r in rows],
+                "runs": [r.model_dump() for r in runs],
+            },
+            indent=1,
+        )
+    )
+    (out / "results.md").write_text(markdown(rows, runs, target, title))
+    if runs:
+        plot(runs, out, title)
+    return rows

@@ -1,0 +1,13 @@
+"""The `pmnode` command line (typer): pmnode.cli.commands (shared options, train, status, generate,
+bench) and pmnode.cli.swarm (join, local-swarm). The console script starts at pmnode.cli.entry,
+which makes Ctrl-C during start-up a quiet exit."""
+
+from typing import Any
+
+
+def __getattr__(name: str) -> Any:  # `pmnode.cli.app`, without importing the commands up front
+    if name in ("app", "main"):
+        from pmnode.cli import commands, swarm  # noqa: F401  (swarm's commands register on the app)
+
+        return getattr(commands, name)
+    raise AttributeError(name)

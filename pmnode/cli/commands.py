@@ -1,0 +1,336 @@
+"""The `pmnode` command line: the shared options, and the commands that run in one process (train,
+status, generate, bench); `join` and `local-swarm` are in pmnode.cli.swarm."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from pmnode.config import RunConfig, load_config
+from pmnode.errors import PmnodeError, run_cli
+
+app = typer.Typer(
+    help="pmnode: decentralized model-parallel training with Protocol Models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+bench_app = typer.Typer(help="Benchmarks; results go to JSON, markdown and PNG.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+console = Console(stderr=True)
+
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Run config YAML (see configs/).")]
+DataOpt = Annotated[
+    str | None, typer.Option("--data", help="Corpus file/dir, or 'stdlib'; overrides data.source.")
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda or auto.")]
+BandwidthOpt = Annotated[
+    str,
+    typer.Option(help="Emulate this bandwidth on every outgoing link, e.g. 80mbit, 1gbit; or unlimited."),
+]
+LatencyOpt = Annotated[str, typer.Option(help="Emulate this one-way latency on every link, e.g. 50ms.")]
+CheckpointEveryOpt = Annotated[
+    int, typer.Option(help="Also checkpoint every N optimizer steps (0: only on exit).", min=0)
+]
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise PmnodeError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise PmnodeError(f"unknown --device {device!r}: use auto, cpu or cuda")
+    return device
+
+
+def load_with_overrides(
+    config: Path, *, steps: int | None = None, data: str | None = None, **sections: dict
+) -> RunConfig:
+    cfg = load_config(config)
+    if steps is not None:
+        sections.setdefault("train", {})["steps"] = steps
+    if data is not None:
+        sections.setdefault("data", {})["source"] = data
+    return cfg.with_overrides(**sections) if sections else cfg
+
+
+@app.command()
+def train(
+    config: ConfigOpt,
+    codec: Annotated[
+        str, typer.Option(help="Boundary codec: subspace[:int8][@k], dense[:bf16], int8, topk:N.")
+    ] = "",
+    steps: Annotated[int | None, typer.Option(help="Override train.steps.")] = None,
+    data: DataOpt = None,
+    device: DeviceOpt = "cpu",
+    bf16: Annotated[bool, typer.Option("--bf16", help="bf16 autocast for the layers (for GPUs).")] = False,
+    summary_json: Annotated[Path | None, typer.Option(help="Write the run summary here.")] = None,
+) -> None:
+    """Train every stage in one process with the codec at each boundary (the swarm's reference)."""
+    from pmnode.cli.progress import train_with_progress
+    from pmnode.core.train import config_for
+
+    cfg = load_with_overrides(config, steps=steps, data=data)
+    if codec:  # the codec decides the model: constrained for subspace, plain otherwise
+        cfg, codec = config_for(cfg, codec)
+    else:
+        codec = cfg.codec_spec
+    summary = train_with_progress(cfg, codec, resolve_device(device), console, autocast_bf16=bf16)
+    out = summary.model_dump(include={"steps", "final_train_loss", "heldout_loss", "tokens_per_s", "codec"})
+    console.print(
+        f"[bold]done[/]: {summary.steps} steps, train loss {summary.final_train_loss:.4f}, "
+        f"held-out loss {summary.heldout_loss:.4f}, {summary.tokens_per_s:,.0f} tokens/s"
+    )
+    if summary_json:
+        summary_json.parent.mkdir(parents=True, exist_ok=True)
+        summary_json.write_text(json.dumps(summary.model_dump(), indent=2))
+    else:
+        print(json.dumps(out))
+
+
+@app.command()
+def status(
+    coordinator: Annotated[
+        str | None, typer.Option(help="The multiaddr `coordinator serve` printed.")
+    ] = None,
+    coordinator_file: Annotated[
+        Path | None, typer.Option(help="Read the address from the coordinator's STATE_DIR/coordinator.json.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the coordinator.", min=1)] = 15.0,
+) -> None:
+    """Show the swarm: stages x replicas, throughput, queues, last seen, global step and loss."""
+    from pmnode.net.control import coordinator_from_file
+    from pmnode.net.status import fetch_status, render
+
+    if (coordinator is None) == (coordinator_file is None):
+        raise PmnodeError("give exactly one of --coordinator MULTIADDR or --coordinator-file PATH")
+    if coordinator_file is not None:
+        coordinator = coordinator_from_file(coordinator_file, local=True, timeout=0)
+    st = fetch_status(coordinator, timeout)  # type: ignore[arg-type]
+    if as_json:
+        print(st.model_dump_json(indent=2))
+    else:
+        render(st, Console())
+
+
+@app.command()
+def generate(
+    checkpoint: Annotated[
+        Path, typer.Option(help="A swarm checkpoint: the --checkpoint-dir of local-swarm or join.")
+    ],
+    prompt: Annotated[str, typer.Option(help="Text to continue.")],
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to sample.")] = 200,
+    temperature: Annotated[float, typer.Option(help="Softmax temperature; 0 is greedy.")] = 0.8,
+    top_k: Annotated[int | None, typer.Option(help="Sample from the k likeliest tokens only.")] = None,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Sample text from a checkpoint: every stage in one process, the codec at each boundary."""
+    from pmnode.core.generate import check_sampling, load_checkpoint
+    from pmnode.core.generate import generate as generate_text
+
+    if not prompt:
+        raise PmnodeError("--prompt is empty: give some text to continue")
+    check_sampling(max_new_tokens, temperature, top_k)  # before the (possibly slow) load
+    model = load_checkpoint(checkpoint, resolve_device(device))
+    lo, hi = min(model.steps), max(model.steps)
+    console.print(
+        f"loaded run {model.cfg.name} from {checkpoint}: {model.cfg.n_stages} stages, codec {model.codec}, "
+        f"step {lo if lo == hi else f'{lo}..{hi} (stages saved at different steps)'}",
+        highlight=False,
+    )
+    out = generate_text(model, prompt, max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
+    print(out.text)  # stdout holds only the text, so it can be piped
+
+
+@bench_app.command("codec")
+def bench_codec(
+    config: ConfigOpt,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    device: DeviceOpt = "cpu",
+    timing: Annotated[bool, typer.Option(help="Also time encode+decode against a stage's step.")] = True,
+    codecs: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated codec specs, e.g. dense,subspace:int8@64 (@k sets the rank)."),
+    ] = None,
+) -> None:
+    """Bytes per token of every codec and its encode+decode share of a stage's step."""
+    from pmnode.bench.core import codec_report, print_codec_table
+
+    specs = [c.strip() for c in codecs.split(",") if c.strip()] if codecs else None
+    report = codec_report(load_config(config), resolve_device(device), specs=specs, timing=timing)
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_codec_table(report, Console())
+
+
+@bench_app.command("convergence")
+def bench_convergence(
+    config: ConfigOpt,
+    out: Annotated[Path, typer.Option(help="Output directory for results.json, results.md, loss.png.")],
+    codecs: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated variants: a codec spec (dense, subspace@8, subspace@d = unconstrained) "
+            "with optional +key=value config overrides, e.g. subspace@8+subspace.constrain=boundaries."
+        ),
+    ] = "dense,subspace,int8,topk",
+    steps: Annotated[int | None, typer.Option(help="Override train.steps.")] = None,
+    tokens: Annotated[
+        int | None,
+        typer.Option(
+            help="Train this many tokens per variant (sets the steps). Long-run mode: each run goes to "
+            "OUT/runs/ and the report is rebuilt from every run there, against the unconstrained model.",
+            min=1,
+        ),
+    ] = None,
+    target_loss: Annotated[
+        float | None,
+        typer.Option(help="Held-out loss for steps-to-target; default: the unconstrained run's final loss."),
+    ] = None,
+    eval_points: Annotated[
+        int, typer.Option(help="Held-out evaluations per run (long-run mode).", min=2)
+    ] = 20,
+    threads: Annotated[int | None, typer.Option(help="torch threads for this process.", min=1)] = None,
+    report_only: Annotated[bool, typer.Option(help="Only rebuild the report from OUT/runs/.")] = False,
+    data: DataOpt = None,
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Train each variant with the same data, seed and steps; compare held-out loss and bytes."""
+    command = " ".join(["pmnode", *sys.argv[1:]])
+    cfg = load_with_overrides(config, steps=steps, data=data)
+    specs = [c.strip() for c in codecs.split(",") if c.strip()]
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    if tokens is None and target_loss is None and not report_only:
+        from pmnode.bench.core import convergence
+
+        convergence(cfg, specs, out, resolve_device(device), console, command=command)
+        return
+    from pmnode.bench.fidelity import run_variant, with_tokens
+    from pmnode.bench.fidelity_report import write_report
+    from pmnode.bench.variants import variant_config
+
+    for spec in specs:
+        variant_config(cfg, spec)  # a bad variant fails before hours of training, not after
+    if not report_only:
+        cfg = with_tokens(cfg, tokens, eval_points)
+        for spec in specs:
+            r = run_variant(cfg, spec, out, resolve_device(device), console, command)
+            console.print(f"{spec}: held-out {r.heldout_loss:.4f} after {r.tokens:,} tokens")
+            write_report(out, target_loss, cfg.name)
+    for row in write_report(out, target_loss, cfg.name):
+        gap = f"{100 * row.gap_end:+.1f}%" if row.gap_end is not None else "-"
+        console.print(
+            f"{row.variant}: held-out {row.heldout_loss:.4f}, gap {gap}, steps ratio {row.steps_ratio}"
+        )
+
+
+@bench_app.command("swarm")
+def bench_swarm_cmd(
+    config: ConfigOpt,
+    out: Annotated[Path, typer.Option(help="Output directory for results.json, results.md, throughput.png.")],
+    stages: Annotated[int, typer.Option(help="Pipeline stages, one process each.", min=2)] = 4,
+    codecs: Annotated[str, typer.Option(help="Comma-separated codec specs.")] = "dense,subspace",
+    bandwidths: Annotated[
+        str, typer.Option(help="Comma-separated link bandwidths; 'unlimited' is an unshaped link.")
+    ] = "unlimited,1gbit,80mbit,20mbit",
+    latency: Annotated[str, typer.Option(help="One-way latency added to every shaped link.")] = "50ms",
+    steps: Annotated[int | None, typer.Option(help="Override train.steps.")] = None,
+    schedule: Annotated[str, typer.Option(help="sync or async.")] = "async",
+    max_inflight: Annotated[
+        int | None, typer.Option(help="Micro-batches in flight; must cover bandwidth-delay.", min=1)
+    ] = None,
+    window: Annotated[int, typer.Option(help="Steps per throughput window.", min=1)] = 10,
+    data: DataOpt = None,
+) -> None:
+    """Local-swarm tokens/s per codec and emulated link, at steady state."""
+
+    from pmnode.bench.swarm import bench_swarm
+
+    if schedule not in ("sync", "async"):
+        raise PmnodeError(f"--schedule must be sync or async, not {schedule!r}")
+    swarm: dict = {"schedule": schedule}
+    if max_inflight is not None:
+        swarm["max_inflight"] = max_inflight
+    base = load_config(config)
+    tail = base.model.n_layers // stages  # the even split's last stage is its smallest
+    free = min(base.subspace.uncompressed_tail_layers, max(tail, 0))
+    cfg = load_with_overrides(
+        config,
+        steps=steps,
+        data=data,
+        n_stages=stages,
+        stage_layers=None,
+        swarm=swarm,
+        subspace={"uncompressed_tail_layers": free},
+        train={"eval_every": 10**9},  # evaluate only at the end: evaluations would sit in the windows
+    )
+    bench_swarm(
+        cfg,
+        stages=stages,
+        codecs=[c.strip() for c in codecs.split(",") if c.strip()],
+        bandwidths=[b.strip() for b in bandwidths.split(",") if b.strip()],
+        latency=latency,
+        out=out,
+        window=window,
+        console=console,
+        command=" ".join(["pmnode", *sys.argv[1:]]),
+    )
+
+
+@bench_app.command("time-to-loss")
+def bench_time_to_loss(
+    convergence: Annotated[Path, typer.Option(help="A `pmnode bench convergence` output directory.")],
+    swarm: Annotated[Path, typer.Option(help="A `pmnode bench swarm` output directory, same config.")],
+    out: Annotated[Path, typer.Option(help="Output directory for results.json, results.md and the plot.")],
+    codecs: Annotated[str, typer.Option(help="Codecs present in both, first one is the reference.")] = (
+        "dense,subspace@16"
+    ),
+    bandwidth: Annotated[str, typer.Option(help="Which link of the swarm results to use.")] = "80mbit",
+    target: Annotated[
+        float | None, typer.Option(help="Held-out loss to reach; default: the worst final loss.")
+    ] = None,
+) -> None:
+    """Steps to a target loss (from convergence curves) x steady-state step time on a link."""
+    from pmnode.bench.time_to_loss import time_to_loss
+    from pmnode.net.shaping import format_bandwidth, parse_bandwidth
+
+    result = time_to_loss(
+        convergence,
+        swarm,
+        codecs=[c.strip() for c in codecs.split(",") if c.strip()],
+        bandwidth=format_bandwidth(parse_bandwidth(bandwidth)),
+        target=target,
+        out=out,
+        command=" ".join(["pmnode", *sys.argv[1:]]),
+    )
+    for r in result["runs"]:
+        secs = r["seconds_to_target"]
+        console.print(
+            f"{r['codec']}: {'not reached' if secs is None else f'{secs:,.0f} s'} to held-out "
+            f"{r['target_loss']:.4f} at {r['bandwidth']}",
+            highlight=False,
+        )
+
+
+def main() -> None:
+    from pmnode.cli import swarm  # noqa: F401  (its commands register on `app`)
+
+    run_cli(app)
+
+
+if __name__ == "__main__":
+    main()

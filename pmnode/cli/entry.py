@@ -1,0 +1,24 @@
+"""The console script's first code: until a command sets its own handling, Ctrl-C exits quietly.
+
+Importing the commands (torch, hivemind) takes a second or more; a SIGINT in that time would
+otherwise end in a KeyboardInterrupt traceback from deep inside an import.
+"""
+
+import signal
+import sys
+
+
+def _interrupted(signum: int, frame: object) -> None:
+    raise SystemExit(130)
+
+
+def main() -> None:
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _interrupted)
+    from pmnode.cli.commands import main as run
+
+    run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

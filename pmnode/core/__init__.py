@@ -1,0 +1,2 @@
+"""The model side, with no network: subspace math, model, stage split, codecs, the stage worker,
+the single-process trainer, checkpoints and sampling."""

@@ -1,0 +1,153 @@
+"""Single-process reference trainer: every stage in one process, the codec at every boundary.
+
+It chains `StageWorker`s by handing packets along, exactly as a swarm's nodes
+do over the network, so a `sync` swarm must reproduce its losses step by step.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from pydantic import BaseModel
+from torch import Tensor
+
+from pmnode.config import RunConfig
+from pmnode.core.stages import build_subspace
+from pmnode.core.worker import StageWorker
+
+
+def parse_spec(spec: str) -> tuple[str, int | None]:
+    """'subspace:int8@16' -> ('subspace:int8', 16): the @k suffix sets compression_rank."""
+    codec, _, rank = spec.partition("@")
+    return codec, int(rank) if rank else None
+
+
+def config_for(cfg: RunConfig, spec: str) -> tuple[RunConfig, str]:
+    """The run config a codec trains with: the constrained model for subspace, the plain one otherwise."""
+    codec, rank = parse_spec(spec)
+    sub: dict = {"enabled": codec.startswith("subspace")}
+    if rank is not None:
+        sub.update(compression_rank=rank, compression_ratio=None)
+    return cfg.with_overrides(subspace=sub, codec=codec), codec
+
+
+class TrainSummary(BaseModel):
+    steps: int
+    final_train_loss: float
+    heldout_loss: float
+    tokens_per_s: float
+    codec: str
+    bytes_per_token_forward: int
+    bytes_per_token_backward: int
+    train_losses: list[float]
+    evals: list[tuple[int, int, float]]  # (step, tokens seen, held-out loss)
+
+
+class Pipeline:
+    """All stages of a run in one process."""
+
+    def __init__(
+        self, cfg: RunConfig, codec: str = "subspace", device: str = "cpu", autocast_bf16: bool = False
+    ):
+        self.cfg = cfg
+        subspace = build_subspace(cfg)
+        if subspace is not None:
+            subspace = subspace.to(device)
+        self.workers = [
+            StageWorker(cfg, i, codec, device, subspace, autocast_bf16=autocast_bf16)
+            for i in range(cfg.n_stages)
+        ]
+        self.codec = self.workers[0].codec
+
+    def train_step(self, inputs: Tensor, targets: Tensor, total_steps: int | None = None) -> float:
+        """One optimizer step over a batch split into micro-batches; returns the mean loss."""
+        micro = self.cfg.train.micro
+        n = inputs.shape[0] // micro
+        head, *rest = self.workers
+        losses = []
+        for i in range(n):
+            mb = f"{head.step_count}:{i}"
+            x, y = inputs[i * micro : (i + 1) * micro], targets[i * micro : (i + 1) * micro]
+            if not rest:  # one stage: the head is also the tail
+                losses.append(head.forward_backward(mb, None, y, tokens=x)[0])
+                continue
+            p = head.forward(mb, tokens=x, samples=micro)
+            for w in rest[:-1]:
+                p = w.forward(mb, p, samples=micro)
+            loss, g = rest[-1].forward_backward(mb, p, y)
+            losses.append(loss)
+            for w in reversed(self.workers[:-1]):
+                g = w.backward(mb, g)  # type: ignore[arg-type]
+        for w in self.workers:
+            w.step(total_steps)
+        return sum(losses) / len(losses)
+
+    @torch.no_grad()
+    def eval_loss(self, batches: list[tuple[Tensor, Tensor]]) -> float:
+        total = 0.0
+        for x, y in batches:
+            p = None
+            for w in self.workers[:-1]:
+                p = w.evaluate(p, tokens=x)
+            total += self.workers[-1].evaluate(p, tokens=x, targets=y)
+        return total / len(batches)
+
+
+@dataclass
+class StepInfo:
+    step: int
+    loss: float
+    tokens_per_s: float
+    heldout: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def train(
+    cfg: RunConfig,
+    codec: str = "subspace",
+    device: str = "cpu",
+    on_step: Callable[[StepInfo], None] | None = None,
+    on_end: Callable[[Pipeline, list[tuple[Tensor, Tensor]]], None] | None = None,
+    autocast_bf16: bool = False,
+) -> TrainSummary:
+    """Train cfg.train.steps steps; evaluate held-out loss every eval_every steps and at the end.
+
+    `on_end(pipeline, heldout_batches)` sees the trained model, e.g. for diagnostics."""
+    t = cfg.train
+    from pmnode.data.dataset import TokenDataset
+
+    train_set, heldout = TokenDataset.from_config(cfg.data, cfg.model.vocab_size)
+    eval_batches = heldout.eval_batches(t.eval_batches, t.batch_size, t.seq_len)
+    pipe = Pipeline(cfg, codec, device, autocast_bf16)
+    losses: list[float] = []
+    evals: list[tuple[int, int, float]] = []
+    tokens_per_step = t.batch_size * t.seq_len
+    elapsed = 0.0
+    for step in range(t.steps):
+        x, y = train_set.batch(step, t.batch_size, t.seq_len, t.seed)
+        start = time.perf_counter()
+        loss = pipe.train_step(x.to(device), y.to(device), t.steps)
+        elapsed += time.perf_counter() - start
+        losses.append(loss)
+        held = None
+        if (step + 1) % t.eval_every == 0 or step + 1 == t.steps:
+            held = pipe.eval_loss([(a.to(device), b.to(device)) for a, b in eval_batches])
+            evals.append((step + 1, (step + 1) * tokens_per_step, held))
+        if on_step:
+            on_step(StepInfo(step + 1, loss, (step + 1) * tokens_per_step / max(elapsed, 1e-9), held))
+    if on_end:
+        on_end(pipe, eval_batches)
+    return TrainSummary(
+        steps=t.steps,
+        final_train_loss=losses[-1],
+        heldout_loss=evals[-1][2],
+        tokens_per_s=t.steps * tokens_per_step / max(elapsed, 1e-9),
+        codec=codec,
+        bytes_per_token_forward=pipe.codec.bytes_per_token_forward(),
+        bytes_per_token_backward=pipe.codec.bytes_per_token_backward(),
+        train_losses=losses,
+        evals=evals,
+    )

@@ -1,0 +1,1 @@
+"""Tokenizers, corpus files and the deterministic train / held-out batches."""

@@ -1,0 +1,30 @@
+"""Every RPC a node serves, by name, once: who may call it and what it carries.
+
+    hello    JSON  anyone              Hello -> Hello: certificates, both ways, before data calls
+    forward  data  the previous stage  a training micro-batch -> its gradient (the tail: and loss)
+    eval     data  the previous stage  an evaluation batch -> the held-out loss
+    done     JSON  the previous stage  Done -> Ack: training is over
+    prepare  JSON  the head            Prepare -> Prepared: sum a sync step's gradients with the replicas
+    apply    JSON  the head            Apply -> Applied: step with the prepared sum
+    reset    JSON  the head            Reset -> Ack: drop a step's sums; its micro-batches come again
+    grads    data  the same stage      {step} -> this replica's gradient sums of that step
+    state    data  the same stage      {step} -> weights, optimizer state and step (catch-up, copy)
+
+The coordinator's own RPCs (join, status) have fixed names: see net.control.JOIN_RPC and
+net.status.STATUS_RPC.
+"""
+
+from __future__ import annotations
+
+from pmnode.net.control import Ack, Applied, Apply, Done, Hello, Prepare, Prepared, Reset
+from pmnode.net.services import Admission, DataRpc, JsonRpc
+
+HELLO = JsonRpc("hello", Hello, Hello, Admission.ANYONE)
+FORWARD = DataRpc("forward", Admission.PREVIOUS_STAGE)
+EVAL = DataRpc("eval", Admission.PREVIOUS_STAGE)
+DONE = JsonRpc("done", Done, Ack, Admission.PREVIOUS_STAGE)
+PREPARE = JsonRpc("prepare", Prepare, Prepared, Admission.HEAD)
+APPLY = JsonRpc("apply", Apply, Applied, Admission.HEAD)
+RESET = JsonRpc("reset", Reset, Ack, Admission.HEAD)
+GRADS = DataRpc("grads", Admission.SAME_STAGE, run_limits=False)
+STATE = DataRpc("state", Admission.SAME_STAGE, shaped=False, run_limits=False)

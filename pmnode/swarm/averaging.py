@@ -1,0 +1,126 @@
+"""Async replicas of one stage keep one set of weights by averaging parameters with hivemind.
+
+Sync replicas need none of this: they add up the same gradients at every step's commit and stay
+bit-identical. Async replicas each step on the micro-batches routed to them, so their weights drift
+apart; every `swarm.average_period` seconds they meet in a hivemind `DecentralizedAverager` group
+(one prefix per stage, `{run}_stage{S}`) and average their parameters, weighted by the samples
+each applied since the last round. Training goes on during a round, so the result is applied as a
+delta (p += average - snapshot) that keeps the steps taken meanwhile.
+
+hivemind's averager knows nothing of pmnode's certificates, so every participant all-gathers its
+own: a round that includes any peer that is not a certified member of this stage, or whose result
+is not finite, is thrown away (counted) and never touches the weights. A stage with one replica
+never starts an averager and pays nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+from hivemind import DHT
+from hivemind.averaging import DecentralizedAverager
+from hivemind.compression import Float16Compression, NoCompression, SizeAdaptiveCompression
+from hivemind.utils import get_dht_time
+
+from pmnode.core.worker import StageWorker
+from pmnode.net.auth import AuthError, Cert, Verifier
+
+MATCHMAKING_TIME = 1.0  # seconds before a round's start that replicas look for each other
+FP16_FROM = 2**14  # elements: smaller tensors (norms, biases) are sent exactly, they cost nothing
+
+
+def averaging_prefix(run: str, stage: int) -> str:
+    return f"{run.replace('.', '_')}_stage{stage}"  # hivemind prefixes may not contain dots
+
+
+def next_round(period: float, now: float | None = None, lead: float = MATCHMAKING_TIME + 0.25) -> float:
+    """The next round's start at least `lead` s ahead: a multiple of `period` in DHT time, so every
+    replica picks the same one."""
+    now = get_dht_time() if now is None else now
+    at = (math.floor(now / period) + 1) * period
+    while at - now <= lead:
+        at += period
+    return at
+
+
+class StageAverager:
+    """One stage's hivemind averager, over a copy of its trainable parameters."""
+
+    def __init__(
+        self,
+        worker: StageWorker,
+        dht: DHT,
+        run: str,
+        *,
+        compression: Literal["none", "float16"] = "float16",
+        timeout: float = 10.0,
+    ):
+        self.worker = worker
+        self.params = [p for p in worker.stage.parameters() if p.requires_grad]
+        self.before = [p.detach().clone() for p in self.params]
+        comp = (
+            SizeAdaptiveCompression(FP16_FROM, less=NoCompression(), greater_equal=Float16Compression())
+            if compression == "float16"
+            else NoCompression()
+        )
+        self.timeout = timeout
+        self.averager = DecentralizedAverager(
+            [p.detach().clone() for p in self.params],
+            dht,
+            start=True,
+            prefix=averaging_prefix(run, worker.index),
+            min_matchmaking_time=MATCHMAKING_TIME,
+            request_timeout=MATCHMAKING_TIME / 2,
+            compression=comp,
+            allreduce_timeout=timeout,
+            allow_state_sharing=False,  # a joining replica copies state over pmnode's own {run}.state call
+        )
+
+    def snapshot(self) -> None:
+        """Compute thread: what this replica brings to the round."""
+        with self.averager.get_tensors() as tensors:
+            for t, b, p in zip(tensors, self.before, self.params, strict=True):
+                t.copy_(p.detach())
+                b.copy_(p.detach())
+
+    def start_round(self, at: float, weight: float, cert: Cert, final: bool = False) -> Any:
+        """Join the round that starts at `at`; returns hivemind's StepControl (a future)."""
+        return self.averager.step(
+            gather={"cert": cert.model_dump(mode="json"), "final": final},
+            scheduled_time=at,
+            weight=max(float(weight), 1.0),
+            timeout=at - get_dht_time() + self.timeout,
+            allow_retries=False,
+            wait=False,
+        )
+
+    @staticmethod
+    def members(group: dict, verifier: Verifier, stage: int) -> list[str]:
+        """Every participant's peer id, if each showed a valid certificate for `stage`; AuthError if not."""
+        peers = []
+        for peer_id, data in group.items():
+            peer = peer_id.to_base58()
+            try:
+                cert = Cert.model_validate(data["cert"])
+            except Exception as e:
+                raise AuthError("bad certificate", f"{peer[-8:]} sent no certificate to the round") from e
+            verifier.check_cert(cert, peer_id=peer, stage=stage)
+            peers.append(peer)
+        return sorted(peers)
+
+    def apply(self) -> bool:
+        """Compute thread: add (average - snapshot) to the live weights; False if the result is unusable."""
+        with self.averager.get_tensors() as tensors:
+            deltas = [t - b for t, b in zip(tensors, self.before, strict=True)]
+        if not all(torch.isfinite(d).all() for d in deltas):
+            return False
+        with torch.no_grad():
+            for p, d in zip(self.params, deltas, strict=True):
+                p.add_(d.to(p.device, p.dtype))
+            self.worker.stage.project_()  # fp16 rounding must not leak outside span(U)
+        return True
+
+    def shutdown(self) -> None:
+        self.averager.shutdown()

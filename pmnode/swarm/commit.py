@@ -1,0 +1,142 @@
+"""The sync step commit, head side: after a step's micro-batches are all back, the replicas of
+every later stage sum their gradients (prepare), then all step together (apply), then the head.
+
+A micro-batch that no live replica of some stage holds (its replica died after answering) is sent
+again first; the stages that hold it already only pass it through, so every stage applies every
+sample of the step exactly once. Nothing is applied until every stage is prepared, so no re-sent
+micro-batch meets a stage that has already stepped. The accounting is pure (`tally`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from pmnode.errors import PmnodeError
+from pmnode.net.control import Ack, Apply, Prepare, Prepared, Reset
+from pmnode.net.rpcs import APPLY, PREPARE, RESET
+from pmnode.net.services import Client
+from pmnode.swarm.context import NodeContext
+from pmnode.swarm.downstream import Downstream
+from pmnode.swarm.membership import SwarmView
+
+FAILED_FOR = 10.0  # seconds a replica that failed a commit is left out of the next tries
+
+
+@dataclass
+class StageTally:
+    """One stage's answers to `prepare`: replicas lost, micro-batches held, and held twice."""
+
+    failed: set[str] = field(default_factory=set)
+    held: set[str] = field(default_factory=set)
+    twice: set[str] = field(default_factory=set)
+
+
+def tally(peers: list[str], replies: list[Prepared | BaseException]) -> StageTally:
+    failed = {p for p, r in zip(peers, replies, strict=True) if not isinstance(r, Prepared)}
+    for r in replies:
+        if isinstance(r, Prepared):
+            failed.update(r.unreachable)
+    held = [
+        mb
+        for p, r in zip(peers, replies, strict=True)
+        if isinstance(r, Prepared) and p not in failed
+        for mb in r.own
+    ]
+    have = set(held)
+    return StageTally(failed, have, {mb for mb in have if held.count(mb) > 1})
+
+
+def live_peers(
+    members: dict[int, list[str]], failed_at: dict[str, float], now: float
+) -> dict[int, list[str]]:
+    """Each stage's replicas minus those that failed a commit lately. Only a failed commit excludes a
+    replica: one that refused micro-batches because it is behind must still get the commit that
+    brings it up to date."""
+    dead = {p for p, t in failed_at.items() if now - t < FAILED_FOR}
+    return {s: [p for p in peers if p not in dead] for s, peers in members.items()}
+
+
+class StepCommit:
+    def __init__(
+        self,
+        ctx: NodeContext,
+        view: SwarmView,
+        downstream: Downstream,
+        wait_whole: Callable[[], Awaitable[None]],
+        resend: Callable[[list[str]], Awaitable[None]],
+    ):
+        self.ctx, self.view, self.downstream = ctx, view, downstream
+        self.wait_whole, self.resend = wait_whole, resend
+        self.client = Client(ctx.p2p, ctx.cfg.name)
+        self.failed_at: dict[str, float] = {}  # replica -> when a commit last failed with it
+        self.reissued = 0  # micro-batches sent again after losing a replica
+
+    async def commit(self, step: int, batch: list[str]) -> None:
+        """Commit `step`, whose micro-batch ids are `batch` (re-sending what a lost replica held)."""
+        stages = list(range(1, self.ctx.cfg.n_stages))
+        deadline = time.monotonic() + self.ctx.cfg.swarm.request_timeout
+        while True:
+            now = time.monotonic()
+            members = {s: [r.peer_id for r in self.view.members.get(s, [])] for s in stages}
+            peers = live_peers(members, self.failed_at, now)
+            empty = [s for s in stages if not peers[s]]
+            if empty and self.view.empty():
+                await self.wait_whole()
+                deadline = time.monotonic() + self.ctx.cfg.swarm.request_timeout
+                continue
+            if empty:
+                if now > deadline:
+                    raise PmnodeError(f"stage {empty[0]} has no node to commit step {step} with")
+                await asyncio.sleep(0.5)
+                await self.view.refresh(empty)
+                continue
+            tallies = await asyncio.gather(*(self._prepare(s, step, peers[s]) for s in stages))
+            failed = set().union(*(t.failed for t in tallies))
+            missing = set().union(*(set(batch) - t.held for t in tallies))
+            for s, t in zip(stages, tallies, strict=True):
+                if t.twice:
+                    failed |= await self._reset(s, step, peers[s], len(t.twice))
+                    missing |= set(batch)
+            if not failed and not missing:
+                await self._apply(step, [p for s in stages for p in peers[s]])
+                return
+            for p in failed:
+                self.failed_at[p] = time.monotonic()
+            if missing:
+                self.ctx.console.print(
+                    f"step {step}: {len(missing)} micro-batch(es) were held only by a lost replica; "
+                    "sending them again"
+                )
+                self.reissued += len(missing)
+                await self.resend(sorted(missing))
+
+    async def _prepare(self, stage: int, step: int, peers: list[str]) -> StageTally:
+        """Ask every replica of `stage` to sum the step's gradients."""
+        timeout = self.ctx.cfg.swarm.request_timeout
+
+        async def prepare(peer: str) -> Prepared:
+            await self.downstream.greet(peer, stage)
+            return await self.client.call(PREPARE, peer, Prepare(step=step, peers=peers), timeout)
+
+        replies = await asyncio.gather(*(prepare(p) for p in peers), return_exceptions=True)
+        return tally(peers, replies)
+
+    async def _reset(self, stage: int, step: int, peers: list[str], twice: int) -> set[str]:
+        """A retry met another replica than the first try: this stage's sums count it twice."""
+        self.ctx.console.print(
+            f"stage {stage}: step {step} holds {twice} micro-batch(es) twice after a lost "
+            "replica; its replicas start the step over"
+        )
+        resets = [self.client.call(RESET, p, Reset(step=step)) for p in peers]
+        outcome = await asyncio.gather(*resets, return_exceptions=True)
+        return {p for p, r in zip(peers, outcome, strict=True) if not isinstance(r, Ack)}
+
+    async def _apply(self, step: int, everyone: list[str]) -> None:
+        replies = [self.client.call(APPLY, p, Apply(step=step)) for p in everyone]
+        await asyncio.gather(
+            *replies, return_exceptions=True
+        )  # one that dies now is gone; the others stepped
+        await self.ctx.runner.step_if_ready()

@@ -1,0 +1,46 @@
+"""What every role of a node shares: the run's config, this node's identity and stage, the runner."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hivemind import DHT
+from hivemind.p2p import P2P
+from rich.console import Console
+
+from pmnode.config import RunConfig
+from pmnode.net.auth import Verifier
+from pmnode.net.wire import MessageHeader
+from pmnode.swarm.runner import StageRunner
+from pmnode.swarm.schedule import Schedule
+
+
+@dataclass
+class NodeContext:
+    cfg: RunConfig
+    schedule: Schedule
+    dht: DHT
+    p2p: P2P
+    peer_id: str
+    verifier: Verifier
+    runner: StageRunner
+    console: Console
+
+    @property
+    def stage(self) -> int:
+        return self.runner.worker.index
+
+    def header(self, kind: str, micro_batch: str, **meta: float | int | str) -> MessageHeader:
+        """A message from this stage at its current step."""
+        return MessageHeader(
+            kind=kind,  # type: ignore[arg-type]
+            run=self.cfg.name,
+            micro_batch=micro_batch,
+            stage=self.stage,
+            step=self.runner.step,
+            sender=self.peer_id,
+            meta=meta,
+        )
+
+    def say(self, text: str) -> None:
+        self.console.print(f"stage {self.stage}: {text}", markup=False)

@@ -1,0 +1,157 @@
+"""The downstream client: calls to the next stage (and to this stage's other replicas).
+
+It owns the choice of route (pure, in net.routing), the backoff of replicas that failed, the
+certificates shown and checked (hello, once per peer), the link shaping and the byte counters
+of the calls this node makes. A reply that fails its check counts as a failed route.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable
+
+from hivemind.p2p import P2P
+from rich.console import Console
+
+from pmnode.core.codecs import Packet
+from pmnode.errors import PmnodeError
+from pmnode.net.auth import Cert, Verifier
+from pmnode.net.checks import GradScale
+from pmnode.net.control import Hello
+from pmnode.net.dht import stage_records
+from pmnode.net.routing import Backoff, StageRecord, choose_peer
+from pmnode.net.rpcs import HELLO
+from pmnode.net.services import Client, DataRpc
+from pmnode.net.shaping import LinkShaper
+from pmnode.net.transport import Refused, TransportStats, request
+from pmnode.net.wire import MessageHeader, WireError
+
+NEW_TRY = 2**31  # a re-sent micro-batch's attempt is drawn from 1..NEW_TRY
+GradCheck = Callable[[Packet, tuple[int, int], GradScale], Awaitable[None]]
+
+
+class Downstream:
+    def __init__(
+        self,
+        *,
+        p2p: P2P,
+        dht: object,
+        run: str,
+        stage: int,
+        n_stages: int,
+        verifier: Verifier,
+        cert: Callable[[], Cert],
+        shaper: LinkShaper,
+        request_timeout: float,
+        console: Console,
+        grad_check: GradCheck,
+        grad_scale: GradScale,
+    ):
+        self.p2p, self.dht, self.run, self.stage, self.n_stages = p2p, dht, run, stage, n_stages
+        self.verifier, self.cert, self.shaper = verifier, cert, shaper
+        self.request_timeout, self.console = request_timeout, console
+        self.client = Client(p2p, run)
+        self.stats = TransportStats()  # calls this node makes
+        self.records: list[StageRecord] = []  # the next stage's replicas, from the DHT
+        self.backoff = Backoff()  # replicas that failed us, skipped for a doubling while
+        self.greeted: dict[str, Cert] = {}  # peer -> its verified certificate
+        self.rng = random.Random()
+        self.grad_check, self.grad_scale = grad_check, grad_scale
+        self.dropped_gradients = 0
+
+    def new_try(self) -> int:
+        return self.rng.randrange(1, NEW_TRY)
+
+    async def refresh(self) -> None:
+        if self.stage + 1 < self.n_stages:
+            self.records = await stage_records(self.dht, self.run, self.stage + 1, self.verifier)  # type: ignore[arg-type]
+
+    def forget_failures(self) -> None:
+        """The swarm changed: whom we gave up on before may be back, and new routes are untried."""
+        self.backoff.failures.clear()
+
+    async def greet(self, peer: str, stage: int | None = None) -> None:
+        """Show our certificate to a peer once, and check its own: it serves `stage` (default: the next)."""
+        if peer in self.greeted:
+            return
+        reply = await self.client.call(HELLO, peer, Hello(cert=self.cert()), timeout=10.0)
+        want = self.stage + 1 if stage is None else stage
+        self.verifier.check_cert(reply.cert, peer_id=peer, stage=want)
+        self.greeted[peer] = reply.cert
+
+    async def send(
+        self,
+        rpc: DataRpc,
+        header: MessageHeader,
+        packet: Packet,
+        shape: tuple[int, int] | None = None,
+    ) -> tuple[MessageHeader, Packet]:
+        """Send to a replica of the next stage; on failure try another until request_timeout runs out.
+
+        With `shape` (batch, tokens), the reply must be the gradient of an activation of that shape;
+        one that fails the check counts as a failure of that route: it is dropped, never applied,
+        and the micro-batch goes by another replica."""
+        deadline = time.monotonic() + self.request_timeout
+        while True:
+            now = time.monotonic()
+            peer = choose_peer(self.records, exclude=self.backoff.skipped(now), rng=self.rng)
+            if peer is None:
+                if now > deadline:
+                    raise PmnodeError(f"stage {self.stage + 1} has no reachable node")
+                await asyncio.sleep(0.5)
+                await self.refresh()
+                continue
+            try:
+                await self.greet(peer.peer_id)
+                answer = await request(
+                    self.p2p,
+                    peer.peer_id,
+                    rpc.path(self.run),
+                    header,
+                    packet,
+                    self.stats,
+                    timeout=max(1.0, deadline - now),
+                    shaper=self.shaper,
+                )
+                if shape is not None:
+                    await self._check_gradient(rpc, answer[1], shape)
+                self.backoff.ok(peer.peer_id)
+                return answer
+            except Exception as e:  # any failure of this route: mark the peer, try another
+                forgot = isinstance(e, Refused) and e.reason == "unauthorized"
+                if forgot and self.greeted.pop(peer.peer_id, None) is not None:
+                    continue  # it forgot us (restarted, or our certificate was renewed): greet again
+                # The dead route may have reached stages further down: a new try is not a replay there.
+                header = header.model_copy(update={"meta": {**header.meta, "try": self.new_try()}})
+                self.backoff.fail(peer.peer_id, time.monotonic())
+                self.console.print(
+                    f"stage {self.stage}: {rpc.name} to {peer.peer_id[-8:]} failed: {e}", markup=False
+                )
+                if time.monotonic() > deadline:
+                    raise PmnodeError(f"micro-batch {header.micro_batch} failed: {e}") from e
+
+    async def _check_gradient(self, rpc: DataRpc, grad: Packet, shape: tuple[int, int]) -> None:
+        try:
+            await self.grad_check(grad, shape, self.grad_scale)
+        except WireError as e:
+            self.dropped_gradients += 1
+            self.stats.error(rpc.name, e.reason)
+            raise
+
+    async def ask_replica(
+        self, rpc: DataRpc, peer: str, header: MessageHeader, timeout: float | None = None
+    ) -> tuple[MessageHeader, Packet]:
+        """One call to another replica of our own stage (gradient sums, state)."""
+        await self.greet(peer, self.stage)
+        limit = self.request_timeout
+        return await request(
+            self.p2p,
+            peer,
+            rpc.path(self.run),
+            header,
+            Packet({}),
+            self.stats,
+            timeout=min(limit, timeout) if timeout else limit,
+        )

@@ -1,0 +1,120 @@
+"""The stage handler: what a stage that is not the head serves to the stage before it.
+
+hello    certificates, both ways
+forward  admission (net.services), the payload and id checks, the replay window, then the
+         runner's forward, the downstream call, the runner's backward
+eval     the same without gradients
+done     the end of the run, passed on by the node
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+from pmnode.core.codecs import Packet
+from pmnode.net.auth import Cert, Guard
+from pmnode.net.checks import check_eval_batch, check_micro_batch
+from pmnode.net.control import Ack, Done, Hello
+from pmnode.net.envelope import MicroBatch, MicroBatchId, activation_shape, samples_of
+from pmnode.net.rpcs import DONE, EVAL, FORWARD, HELLO
+from pmnode.net.wire import MessageHeader, WireError
+from pmnode.swarm.context import NodeContext
+from pmnode.swarm.downstream import Downstream
+from pmnode.swarm.replay import ReplayWindow
+
+RPCS = (HELLO, FORWARD, EVAL, DONE)
+UPSTREAM_SEEN = 30.0  # seconds a caller counts as upstream on the panel after its last micro-batch
+
+
+class StageHandler:
+    def __init__(self, ctx: NodeContext, downstream: Downstream, guard: Guard, cert: Callable[[], Cert]):
+        self.ctx, self.downstream, self.guard, self.cert = ctx, downstream, guard, cert
+        self.replay = ReplayWindow(ctx.cfg.swarm.max_inflight)
+        self.upstream: dict[str, float] = {}  # caller -> when it last sent us a micro-batch
+        self.last_loss: float | None = None  # the tail's loss of its last micro-batch
+        self.done = asyncio.Event()
+
+    def recent_upstream(self) -> list[str]:
+        now = time.monotonic()
+        return sorted(p for p, t in self.upstream.items() if now - t < UPSTREAM_SEEN)
+
+    async def rpc_hello(self, req: Hello, caller: str) -> Hello:
+        self.guard.hello(req.cert, caller)  # AuthError -> an error reply, counted, a strike
+        return Hello(cert=self.cert())
+
+    async def rpc_done(self, req: Done, caller: str) -> Ack:
+        self.done.set()
+        return Ack()
+
+    def _admit(self, header: MessageHeader) -> MicroBatchId:
+        """The id of a micro-batch this stage may take now (window, replay, schedule); WireError if not."""
+        ctx, runner, t = self.ctx, self.ctx.runner, self.ctx.cfg.train
+        n_micro = t.batch_size // t.micro
+        ref = ctx.schedule.ref_step(runner.step, runner.frontier)
+        step = check_micro_batch(
+            header,
+            run=ctx.cfg.name,
+            from_stage=ctx.stage - 1,
+            n_micro=n_micro,
+            step=ref,
+            # Async replicas count only their own steps and learn the head's between micro-batches
+            # (and from its record every heartbeat), so ids may run ahead of what they know.
+            window=ctx.schedule.window(ctx.cfg.swarm.max_inflight, n_micro),
+            seen=self.replay.seen,
+        )
+        runner.frontier = max(runner.frontier, step)
+        if not ctx.schedule.takes(step, runner.step):
+            raise WireError(
+                "unknown micro-batch", f"{header.micro_batch!r} while this replica is at step {runner.step}"
+            )
+        mb = MicroBatchId.parse(header)
+        self.replay.remember(mb, ctx.schedule.ref_step(runner.step, runner.frontier))
+        return mb
+
+    async def rpc_forward(
+        self, header: MessageHeader, packet: Packet, caller: str
+    ) -> tuple[MessageHeader, Packet]:
+        ctx, runner = self.ctx, self.ctx.runner
+        samples = samples_of(header)
+        await runner.check_activation(packet, ctx.cfg.train.micro, samples)  # the layout: needs no state
+        mb = self._admit(header)
+        batch = MicroBatch.read(header, packet)
+        self.upstream[caller] = time.monotonic()
+        if runner.worker.is_last:
+            loss, grad = await runner.tail(mb.key, batch.packet, batch.labels(), samples)
+            self.last_loss = loss
+            return ctx.header("gradient", mb.wire, loss=loss), grad
+        out = await runner.forward(mb.key, batch.packet, None, samples)
+        try:
+            reply, grad = await self.downstream.send(
+                FORWARD,
+                ctx.header("activation", mb.wire, **header.meta),
+                batch.passed_on(out).wire_packet(),
+                shape=activation_shape(out),
+            )
+        except BaseException:
+            await runner.abandon(mb.key)
+            raise
+        up = await runner.backward(mb.key, grad, samples)
+        assert up is not None  # only the head has no upstream
+        return ctx.header("gradient", mb.wire, **reply.meta), up
+
+    async def rpc_eval(
+        self, header: MessageHeader, packet: Packet, caller: str
+    ) -> tuple[MessageHeader, Packet]:
+        ctx, runner = self.ctx, self.ctx.runner
+        check_eval_batch(
+            header, run=ctx.cfg.name, from_stage=ctx.stage - 1, n_batches=ctx.cfg.train.eval_batches
+        )
+        await runner.check_activation(packet, ctx.cfg.train.batch_size, None)  # evaluation: whole batches
+        batch = MicroBatch.read(header, packet)
+        if runner.worker.is_last:
+            loss = await runner.evaluate(batch.packet, None, batch.labels())
+            return ctx.header("ack", batch.name, loss=loss), Packet({})
+        out = await runner.evaluate(batch.packet)
+        reply, _ = await self.downstream.send(
+            EVAL, ctx.header("activation", batch.name), batch.passed_on(out).wire_packet()
+        )
+        return ctx.header("ack", batch.name, **reply.meta), Packet({})

@@ -1,0 +1,215 @@
+"""The head driver: stage 0 owns the data and drives the run.
+
+It keeps swarm.max_inflight micro-batches in flight, waits out pauses, and under a schedule that
+commits (sync) flushes every step and commits it with every stage's replicas. It keeps the losses
+and evaluations and prints one StepLine per step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import Awaitable, Callable
+
+from torch import Tensor
+
+from pmnode.data.dataset import TokenDataset
+from pmnode.errors import PmnodeError
+from pmnode.net.envelope import MicroBatch, MicroBatchId, activation_shape, eval_id
+from pmnode.net.rpcs import EVAL, FORWARD
+from pmnode.swarm.commit import StepCommit
+from pmnode.swarm.context import NodeContext
+from pmnode.swarm.downstream import Downstream
+from pmnode.swarm.membership import SwarmView
+from pmnode.swarm.panel import LogFormat
+from pmnode.swarm.pauses import Pauses
+from pmnode.swarm.report import Progress
+
+
+class Window:
+    """The micro-batches in flight: at most `size`, their losses, and the first failure (never dropped:
+    a lost micro-batch would skew the step)."""
+
+    def __init__(self, size: int):
+        self.slots = asyncio.Semaphore(size)
+        self.tasks: set[asyncio.Task] = set()
+        self.losses: list[float] = []
+        self.failures: list[BaseException] = []
+
+    def check(self) -> None:
+        if self.failures:
+            raise PmnodeError(f"training stopped: {self.failures[0]}") from self.failures[0]
+
+    async def acquire(self) -> None:
+        await self.slots.acquire()  # async: the window, not the step, bounds staleness
+        self.check()
+
+    def start(self, work: Callable[[], Awaitable[float]]) -> None:
+        """Run `work` in a slot taken with `acquire`."""
+
+        async def one() -> None:
+            try:
+                self.losses.append(await work())
+            except Exception as e:
+                self.failures.append(e)
+            finally:
+                self.slots.release()
+
+        task = asyncio.create_task(one())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def drain(self) -> None:
+        if self.tasks:
+            await asyncio.gather(*self.tasks)
+        self.check()
+
+    def take_loss(self) -> float | None:
+        if not self.losses:
+            return None
+        loss = sum(self.losses) / len(self.losses)
+        self.losses.clear()
+        return loss
+
+
+class HeadDriver:
+    def __init__(
+        self,
+        ctx: NodeContext,
+        downstream: Downstream,
+        view: SwarmView,
+        pauses: Pauses,
+        log_format: LogFormat,
+        rejoined: Callable[[], bool],
+    ):
+        self.ctx, self.downstream, self.view, self.pauses = ctx, downstream, view, pauses
+        self.log_format, self.rejoined = log_format, rejoined
+        self.progress = Progress()
+        self.batch: dict[str, tuple[MicroBatchId, Tensor, Tensor]] = {}  # the step being committed
+        self.commit = StepCommit(ctx, view, downstream, pauses.wait_whole, self._resend)
+        self.window = Window(ctx.cfg.swarm.max_inflight)
+
+    def cancel(self) -> None:
+        """Stopped: the micro-batches in flight are dropped (their compute jobs finish first)."""
+        for task in list(self.window.tasks):
+            task.cancel()
+
+    async def _train(self, mb: MicroBatchId, x: Tensor, y: Tensor, retry: bool = False) -> float:
+        ctx, runner, codec = self.ctx, self.ctx.runner, self.ctx.runner.worker.codec
+        if retry:  # the stages that already hold its gradient only pass it through
+            mb = mb.retried(self.downstream.new_try())
+        meta: dict[str, float | int | str] = {"samples": x.shape[0]}
+        if mb.attempt:
+            meta["try"] = mb.attempt
+        pkt = await runner.forward(mb.key, None, x, x.shape[0])
+        batch = MicroBatch.first(mb.wire, pkt, y, codec.sends_tokens, codec.token_dtype, **meta)
+        try:
+            reply, grad = await self.downstream.send(
+                FORWARD, ctx.header("activation", mb.wire, **meta), batch.wire_packet(), activation_shape(pkt)
+            )
+        except BaseException:
+            await runner.abandon(mb.key)
+            raise
+        # In sync the head steps with the commit; in async as soon as its batch is complete.
+        await runner.backward(mb.key, grad, x.shape[0])
+        return float(reply.meta.get("loss", float("nan")))
+
+    async def train_through_pauses(
+        self, mb: MicroBatchId, x: Tensor, y: Tensor, retry: bool = False
+    ) -> float:
+        """One micro-batch; if it fails because a stage lost its last node, wait for one and send again."""
+        while True:
+            try:
+                return await self._train(mb, x, y, retry=retry)
+            except Exception:
+                if not await self.pauses.stage_went_empty():
+                    raise
+            await self.pauses.wait_whole()
+            retry = True  # stages that hold it already only pass it through
+
+    async def _resend(self, ids: list[str]) -> None:
+        await asyncio.gather(*(self.train_through_pauses(*self.batch[i], retry=True) for i in ids))
+
+    async def evaluate(self, batches: list[tuple[Tensor, Tensor]]) -> float:
+        ctx, runner, codec = self.ctx, self.ctx.runner, self.ctx.runner.worker.codec
+        total = 0.0
+        for i, (x, y) in enumerate(batches):
+            pkt = await runner.evaluate(None, x)
+            batch = MicroBatch.first(eval_id(i), pkt, y, codec.sends_tokens, codec.token_dtype)
+            reply, _ = await self.downstream.send(
+                EVAL, ctx.header("activation", batch.name), batch.wire_packet()
+            )
+            total += float(reply.meta["loss"])
+        return total / len(batches)
+
+    async def _wait_for_downstream(self) -> None:
+        waited = 0
+        while not self.downstream.records:
+            if waited % 30 == 0:  # once, then every half minute: the panel shows the empty downstream too
+                self.ctx.console.print(f"waiting for stage {self.ctx.stage + 1} to come online...")
+            await asyncio.sleep(1.0)
+            waited += 1
+            await self.downstream.refresh()
+
+    async def drive(self) -> None:
+        ctx, runner, t = self.ctx, self.ctx.runner, self.ctx.cfg.train
+        # Tokenizing the corpus is the compute thread's work, not the event loop's.
+        train_set, heldout = await runner.run(
+            TokenDataset.from_config, ctx.cfg.data, ctx.cfg.model.vocab_size
+        )
+        eval_batches = await runner.run(heldout.eval_batches, t.eval_batches, t.batch_size, t.seq_len)
+        await self._wait_for_downstream()
+        await self.view.refresh()
+        if runner.step >= t.steps:
+            raise PmnodeError(
+                f"nothing to train: stage 0 is at step {runner.step} and train.steps is "
+                f"{t.steps}; pass a larger --steps to continue"
+            )
+        window, first = self.window, runner.step
+        start = time.perf_counter()
+        for step in range(first, t.steps):
+            x, y = await runner.run(train_set.batch, step, t.batch_size, t.seq_len, t.seed)
+            # A head that took over mid-step: the stages may hold some of this step from its predecessor.
+            await self._send_step(window, step, x, y, retry=self.rejoined() and step == first)
+            last = step + 1 == t.steps
+            if last:
+                await window.drain()
+            window.check()
+            self.progress.tokens += t.batch_size * t.seq_len
+            await self._record(step + 1, window.take_loss(), eval_batches, last, start)
+        self.progress.elapsed = time.perf_counter() - start
+
+    async def _send_step(self, window: Window, step: int, x: Tensor, y: Tensor, retry: bool) -> None:
+        t = self.ctx.cfg.train
+        self.batch = {}
+        for j in range(t.batch_size // t.micro):
+            mb, sl = MicroBatchId(step, j), slice(j * t.micro, (j + 1) * t.micro)
+            self.batch[mb.wire] = (mb, x[sl], y[sl])
+            await window.acquire()
+            await self.pauses.wait_whole()
+            window.start(lambda mb=mb, sl=sl: self.train_through_pauses(mb, x[sl], y[sl], retry))
+        if self.ctx.schedule.commits:
+            await window.drain()
+            await self.commit.commit(step, list(self.batch))
+
+    async def _record(
+        self,
+        step: int,
+        loss: float | None,
+        eval_batches: list[tuple[Tensor, Tensor]],
+        last: bool,
+        start: float,
+    ) -> None:
+        p, t = self.progress, self.ctx.cfg.train
+        if loss is not None:
+            p.last_loss = loss
+        p.losses.append(p.last_loss if p.last_loss is not None else float("nan"))
+        held = None
+        if step % t.eval_every == 0 or last:
+            held = await self.evaluate(eval_batches)
+            p.evals.append((step, p.tokens, held))
+        p.elapsed = time.perf_counter() - start
+        line = p.line(step, held, self.downstream.stats)
+        if self.log_format == "json" or not sys.stdout.isatty():  # a terminal gets the panel instead
+            print(line.json_line(), flush=True)

@@ -1,0 +1,108 @@
+"""The sync step commit, participant side: every replica of a stage applies the same summed gradient.
+
+prepare  the head asks: catch up if behind, collect the other replicas' gradient sums (grads),
+         add them in peer order, hold the total
+apply    the head says go: step with the held total
+reset    a step's micro-batches are coming again: drop its sums
+grads    another replica of this stage asks for this replica's sums of a step
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import torch
+from torch import Tensor
+
+from pmnode.core.codecs import Packet
+from pmnode.errors import PmnodeError
+from pmnode.net.control import Ack, Applied, Apply, Prepare, Prepared, Reset
+from pmnode.net.rpcs import APPLY, GRADS, PREPARE, RESET
+from pmnode.net.wire import MessageHeader, WireError
+from pmnode.swarm.context import NodeContext
+from pmnode.swarm.downstream import Downstream
+from pmnode.swarm.replicas import Replicas
+
+RPCS = (PREPARE, APPLY, RESET, GRADS)
+GRADS_TIMEOUT = 15.0
+
+
+def total_in_order(parts: dict[str, Tensor]) -> Tensor:
+    """The same sum in the same order on every replica: their weights stay bit-identical."""
+    return torch.stack([parts[p] for p in sorted(parts)]).sum(0)
+
+
+class CommitParticipant:
+    def __init__(self, ctx: NodeContext, downstream: Downstream, replicas: Replicas):
+        self.ctx, self.downstream, self.replicas = ctx, downstream, replicas
+        self.prepared: tuple[int, Tensor, int] | None = None  # (step, summed gradients, samples)
+        self.stepped = asyncio.Condition()  # notified when this replica's step moves
+
+    def _at(self, step: int) -> None:
+        if step != self.ctx.runner.step:
+            raise PmnodeError(f"this replica is at step {self.ctx.runner.step}, not {step}")
+
+    async def _moved(self) -> None:
+        async with self.stepped:
+            self.stepped.notify_all()
+
+    def own(self, step: int) -> list[str]:
+        """The micro-batches whose gradients this replica accumulated for `step`."""
+        return sorted(k for k, v in self.ctx.runner.worker.accumulated.items() if v == step)
+
+    async def rpc_prepare(self, req: Prepare, caller: str) -> Prepared:
+        ctx = self.ctx
+        self.prepared = None
+        if req.step > ctx.runner.step:  # it joined late or missed a commit: catch up first
+            await self.replicas.catch_up(req.step, [p for p in sorted(req.peers) if p != ctx.peer_id])
+            await self._moved()
+        self._at(req.step)
+        flat, samples = await ctx.runner.grad_sums()
+        parts = {ctx.peer_id: flat}
+        own, unreachable = self.own(req.step), []
+        for peer in sorted(set(req.peers) - {ctx.peer_id}):
+            try:
+                header = ctx.header("ack", f"{req.step}:grads", step=req.step)
+                reply, pkt = await self.downstream.ask_replica(GRADS, peer, header, timeout=GRADS_TIMEOUT)
+                parts[peer] = pkt.tensors["g"]
+                samples += int(reply.meta["samples"])
+            except Exception as e:
+                ctx.say(f"no gradients from {peer[-8:]}: {e}")
+                unreachable.append(peer)
+        if unreachable:
+            return Prepared(ok=False, own=own, unreachable=unreachable)
+        self.prepared = (req.step, total_in_order(parts), samples)
+        return Prepared(ok=True, own=own, samples=samples)
+
+    async def rpc_apply(self, req: Apply, caller: str) -> Applied:
+        if self.prepared is None or self.prepared[0] != req.step:
+            raise PmnodeError(f"step {req.step} was not prepared here")
+        _, total, samples = self.prepared
+        self.prepared = None
+        step = await self.ctx.runner.apply_sum(total, samples)
+        await self._moved()
+        return Applied(step=step, samples=samples)
+
+    async def rpc_reset(self, req: Reset, caller: str) -> Ack:
+        self._at(req.step)
+        self.prepared = None
+        await self.ctx.runner.run(self.ctx.runner.worker.forget, req.step)
+        return Ack()
+
+    async def rpc_grads(
+        self, header: MessageHeader, packet: Packet, caller: str
+    ) -> tuple[MessageHeader, Packet]:
+        """A replica of our stage asks for our gradient sums of one step."""
+        step = header.meta.get("step")
+        if not isinstance(step, int):
+            raise WireError("bad payload", "no step")
+        runner = self.ctx.runner
+        if step > runner.step:  # behind: our own prepare of this step is catching us up
+            with contextlib.suppress(TimeoutError):
+                async with self.stepped:
+                    limit = self.ctx.cfg.swarm.request_timeout / 2
+                    await asyncio.wait_for(self.stepped.wait_for(lambda: runner.step >= step), limit)
+        self._at(step)
+        flat, samples = await runner.grad_sums()
+        return self.ctx.header("ack", header.micro_batch, samples=samples), Packet({"g": flat})

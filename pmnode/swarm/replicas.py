@@ -1,0 +1,165 @@
+"""Replica state: a stage's weights travel between its replicas, and an empty stage is taken over.
+
+state        serve this replica's weights, optimizer state and step to another replica
+catch_up     sync: a replica behind the head's commit loads a live replica's state
+copy         async: a joiner starts from a live replica before serving
+adopt        nobody serves the stage: take it over from its checkpoint at the swarm's step
+adopt_lowest async, at the end: every replica takes the lowest peer's final weights
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import torch
+
+from pmnode.core import checkpoint
+from pmnode.core.codecs import Packet
+from pmnode.errors import PmnodeError
+from pmnode.net.rpcs import STATE
+from pmnode.net.wire import MessageHeader
+from pmnode.swarm.context import NodeContext
+from pmnode.swarm.downstream import Downstream
+from pmnode.swarm.membership import SwarmView
+from pmnode.swarm.options import NodeOptions
+
+FINAL_WAIT = 60.0  # seconds a state request waits for this replica's last averaging round
+
+
+class Replicas:
+    def __init__(self, ctx: NodeContext, opts: NodeOptions, view: SwarmView, downstream: Downstream):
+        self.ctx, self.opts, self.view, self.downstream = ctx, opts, view, downstream
+        self.origin: str | None = None  # where this stage's weights came from, when not random init
+        self.rejoined = False  # took over an empty stage mid-run: its first step re-sends everything
+        self.steps_lost = 0  # swarm steps whose updates this stage's weights never saw (empty stage)
+        self.finishing = False  # async: in the last averaging round
+        self.final_done = asyncio.Event()  # async: the last round is over
+
+    async def rpc_state(
+        self, header: MessageHeader, packet: Packet, caller: str
+    ) -> tuple[MessageHeader, Packet]:
+        """A replica of our stage that is behind downloads our weights and optimizer state."""
+        if self.finishing:  # async, at the end: what the others take is the result of our last round
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.final_done.wait(), FINAL_WAIT)
+        data = await self.ctx.runner.run(self.ctx.runner.worker.state_bytes)
+        blob = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        step = self.ctx.runner.step
+        return self.ctx.header("ack", header.micro_batch, step=step), Packet({"state": blob})
+
+    async def state_of(self, peer: str, step: int) -> tuple[int | None, bytes]:
+        """A replica's weights, optimizer state and step: its step and the bytes."""
+        header = self.ctx.header("ack", f"{step}:state", step=step)
+        reply, pkt = await self.downstream.ask_replica(STATE, peer, header)
+        theirs = reply.meta.get("step")
+        return theirs if isinstance(theirs, int) else None, pkt.tensors["state"].numpy().tobytes()
+
+    async def catch_up(self, step: int, peers: list[str]) -> None:
+        """Load a live replica's state (weights, optimizer, step): never serve from a stale or random one."""
+        ctx = self.ctx
+        for peer in peers:
+            try:
+                theirs, data = await self.state_of(peer, step)
+            except Exception as e:
+                ctx.say(f"no state from {peer[-8:]}: {e}")
+                continue
+            if theirs != step:
+                continue
+            await ctx.runner.load_state(data)
+            ctx.runner.samples_applied = step * ctx.cfg.train.batch_size
+            ctx.console.print(f"stage {ctx.stage}: caught up to step {step} from {peer[-8:]}")
+            return
+        if not peers:  # no other replica: this node is the stage now, from its checkpoint
+            await self.adopt(step)
+            return
+        raise PmnodeError(f"stage {ctx.stage}: no replica at step {step} to catch up from")
+
+    async def copy(self, peers: list[str]) -> None:
+        """async: start from a live replica's weights, optimizer state and step, before serving."""
+        ctx, runner = self.ctx, self.ctx.runner
+        for peer in peers:
+            try:
+                _, data = await self.state_of(peer, runner.step)
+            except Exception as e:
+                ctx.say(f"no state from {peer[-8:]}: {e}")
+                continue
+            await runner.load_state(data)
+            step = runner.step
+            runner.samples_applied, runner.frontier, runner.replicated = 0, step, True
+            self.origin = f"replica {peer[-8:]} at step {step}"
+            ctx.console.print(f"stage {ctx.stage}: copied replica {peer[-8:]} at step {step}")
+            return
+        raise PmnodeError(
+            f"stage {ctx.stage}: no replica answered with its state; this node will not serve "
+            "from random weights: try again"
+        )
+
+    async def take_over_if_empty(self) -> None:
+        """Joining a stage that no node serves while the swarm is past step 0: never from random init."""
+        others = await self.view.my_replicas()
+        if others and self.ctx.schedule.averages:
+            await self.copy(others)
+        if others:
+            return  # sync: the head's next commit brings it up to date from them
+        step = await self.view.swarm_step()
+        if step > self.ctx.runner.step:
+            await self.adopt(step)
+
+    async def resume(self) -> None:
+        """--resume: this stage's own checkpoint, or one clear line."""
+        o, stage = self.opts, self.ctx.stage
+        if not (o.checkpoint_dir and checkpoint.load_manifest(o.checkpoint_dir, stage)):
+            raise PmnodeError(
+                f"--resume: no checkpoint of stage {stage} under {o.checkpoint_dir}; "
+                "drop --resume to start this stage fresh"
+            )
+        man = await self.ctx.runner.load(o.checkpoint_dir)
+        self.origin = f"its checkpoint of step {man.step} in {o.checkpoint_dir}"
+        self.ctx.console.print(f"resumed stage {stage} from step {man.step}")
+
+    async def adopt(self, step: int) -> None:
+        """Serve an empty stage from its latest checkpoint, then move to the swarm's step.
+
+        The updates the stage made after that checkpoint died with its last node; the other stages
+        keep theirs, so the swarm goes on at `step` and this stage counts the steps it lost.
+        """
+        o, s, runner = self.opts, self.ctx.stage, self.ctx.runner
+        if self.origin is None:
+            man = checkpoint.load_manifest(o.checkpoint_dir, s) if o.checkpoint_dir else None
+            if o.checkpoint_dir and man is not None and man.run == self.ctx.cfg.name and man.step <= step:
+                man = await runner.load(o.checkpoint_dir)
+                self.origin = f"its checkpoint of step {man.step} in {o.checkpoint_dir}"
+            elif o.fresh_weights:
+                self.origin = "random weights (--fresh-weights)"
+            else:
+                found = f" (the one there is of step {man.step} or another run)" if man else ""
+                raise PmnodeError(
+                    f"stage {s} has no node and the swarm is at step {step}: pass --checkpoint-dir DIR "
+                    f"holding this run's stage-{s}/ checkpoint{found}, or --fresh-weights to start the stage "
+                    "from random weights"
+                )
+        lost = step - runner.step
+        await runner.move_to(step)
+        self.steps_lost += lost
+        self.rejoined = True
+        self.ctx.console.print(
+            f"stage {s} had no node: serving from {self.origin}; the swarm is at step {step}, so this "
+            f"stage skips the updates of {lost} step(s)",
+            highlight=False,
+            markup=False,
+        )
+
+    async def adopt_lowest(self) -> None:
+        """After the last round, every replica takes the weights of the one with the lowest peer id:
+        a round whose all-reduce was partial (hivemind then keeps local parts) cannot leave two sets."""
+        ctx = self.ctx
+        lowest = min([*await self.view.my_replicas(), ctx.peer_id])
+        if lowest == ctx.peer_id:
+            return
+        try:
+            _, data = await self.state_of(lowest, ctx.runner.step)
+        except Exception as e:
+            ctx.say(f"could not take {lowest[-8:]}'s final weights: {e}")
+            return
+        await ctx.runner.load_state(data, keep_step=True)

@@ -1,0 +1,234 @@
+"""The stage runner: the stage's worker, the one compute thread and the step policy.
+
+Every torch call of a node goes through here (forward, backward, step, payload checks that touch
+tensors, gradient sums, state copies, checkpoint save and load), as one job on one thread. The
+event loop only schedules: nothing touches the weights from it, and since jobs run one at a time,
+a checkpoint is never written while a step is half applied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from torch import Tensor
+
+from pmnode.config import MachineConfig, RunConfig
+from pmnode.core import checkpoint
+from pmnode.core.codecs import Packet
+from pmnode.core.worker import StageWorker
+from pmnode.net.checks import GradScale, check_activation, check_gradient
+from pmnode.swarm.schedule import Schedule
+
+T = TypeVar("T")
+
+
+def needs_step(samples_ready: int, batch_size: int, force: bool = False) -> bool:
+    """Step when the samples whose backward finished make a batch (or when told to: a commit)."""
+    return force or samples_ready >= batch_size
+
+
+@dataclass
+class Checkpoints:
+    root: Path
+    every: int  # steps between checkpoints; 0: only on exit
+
+
+class StageRunner:
+    def __init__(
+        self,
+        worker: StageWorker,
+        cfg: RunConfig,
+        schedule: Schedule,
+        checkpoints: Checkpoints | None,
+        pool: ThreadPoolExecutor,
+    ):
+        self.worker, self.cfg, self.schedule, self.checkpoints = worker, cfg, schedule, checkpoints
+        self.pool = pool
+        self.busy = 0.0  # seconds the compute thread worked
+        self.samples_applied = 0
+        self.samples_served = 0  # samples whose backward finished here: with `busy`, the service rate
+        self.since_average = 0  # samples applied since this replica's last averaging round
+        self.samples_off = 0  # summed |samples applied - batch_size| over the steps: 0 when exact
+        self.frontier = 0  # async: the furthest step of a micro-batch taken here (or the head's)
+        self.replicated = False  # async: has shared this stage with another node
+
+    @classmethod
+    async def start(
+        cls,
+        cfg: RunConfig,
+        schedule: Schedule,
+        checkpoints: Checkpoints | None,
+        stage: int,
+        machine: MachineConfig,
+    ) -> StageRunner:
+        """Build the stage (weights, subspace, optimizer) on the compute thread it will live on."""
+        pool = ThreadPoolExecutor(1, thread_name_prefix="pmnode-compute")
+
+        def build() -> StageWorker:
+            return StageWorker(
+                cfg,
+                stage,
+                cfg.codec_spec,
+                machine.device,
+                stash_weights=schedule.stash_weights,
+                autocast_bf16=machine.autocast_bf16,
+            )
+
+        worker = await asyncio.get_running_loop().run_in_executor(pool, build)
+        return cls(worker, cfg, schedule, checkpoints, pool)
+
+    # ---- the one thread ------------------------------------------------------------------------------
+    async def run(self, fn: Callable[..., T], *args: object) -> T:
+        def timed() -> T:
+            t0 = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                self.busy += time.perf_counter() - t0  # one compute thread: the only writer
+
+        return await asyncio.get_running_loop().run_in_executor(self.pool, timed)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def step(self) -> int:
+        return self.worker.step_count
+
+    def throughput(self) -> float:
+        """Samples/s this node can serve: per second of compute, not of wall time, so a replica that
+        got little traffic is not mistaken for a slow one (0 until it has measured itself)."""
+        return round(self.samples_served / self.busy, 3) if self.busy > 0.2 and self.samples_served else 0.0
+
+    # ---- the step policy (compute thread) ------------------------------------------------------------
+    def _step_if_ready(self, force: bool = False) -> tuple[int, float] | None:
+        batch = self.cfg.train.batch_size
+        if not needs_step(self.worker.samples_ready, batch, force):
+            return None
+        # An async replica makes only its share of the stage's steps: the schedule follows the head.
+        lr_step = max(self.frontier, self.worker.step_count) if self.replicated else None
+        applied, lr = self.worker.step(self.cfg.train.steps, lr_step)
+        self.samples_applied += applied
+        self.since_average += applied
+        # A step of anything but batch_size samples lost or double-counted micro-batches on the way.
+        self.samples_off += abs(applied - batch)
+        c = self.checkpoints
+        if c is not None and c.every and self.worker.step_count % c.every == 0:
+            self._save()
+        return applied, lr
+
+    def _after_backward(self, samples: int) -> None:
+        self.samples_served += samples
+        if self.schedule.steps_after_backward:  # in the backward's job: every step has batch_size samples
+            self._step_if_ready()
+
+    def _save(self) -> None:
+        c = self.checkpoints
+        if c is not None:
+            checkpoint.save(self.worker, c.root, self.cfg.name, self.samples_applied)
+            checkpoint.save_run_config(self.cfg, c.root)
+
+    # ---- data path -----------------------------------------------------------------------------------
+    async def forward(self, key: str, packet: Packet | None, tokens: Tensor | None, samples: int) -> Packet:
+        return await self.run(self.worker.forward, key, packet, tokens, samples)
+
+    async def tail(self, key: str, packet: Packet, targets: Tensor, samples: int) -> tuple[float, Packet]:
+        def job() -> tuple[float, Packet]:
+            loss, grad = self.worker.forward_backward(key, packet, targets)
+            self._after_backward(samples)
+            assert grad is not None  # a tail of two or more stages always has an upstream
+            return loss, grad
+
+        return await self.run(job)
+
+    async def backward(self, key: str, grad: Packet, samples: int) -> Packet | None:
+        def job() -> Packet | None:
+            up = self.worker.backward(key, grad)
+            self._after_backward(samples)
+            return up
+
+        return await self.run(job)
+
+    async def abandon(self, key: str) -> None:
+        await self.run(self.worker.abandon, key)
+
+    async def evaluate(
+        self, packet: Packet | None, tokens: Tensor | None = None, targets: Tensor | None = None
+    ):
+        return await self.run(self.worker.evaluate, packet, tokens, targets)
+
+    async def check_activation(self, packet: Packet, max_batch: int, samples: int | None) -> None:
+        cfg = self.cfg
+        await self.run(
+            lambda: check_activation(
+                packet,
+                self.worker.codec,
+                vocab_size=cfg.model.vocab_size,
+                max_batch=max_batch,
+                max_len=cfg.train.seq_len,
+                samples=samples,
+            )
+        )
+
+    async def check_gradient(self, grad: Packet, shape: tuple[int, int], scale: GradScale) -> None:
+        await self.run(check_gradient, grad, self.worker.codec, shape, scale)
+
+    # ---- commits and replica state -------------------------------------------------------------------
+    async def grad_sums(self) -> tuple[Tensor, int]:
+        return await self.run(lambda: (self.worker.grad_vector(), self.worker.samples_ready))
+
+    async def apply_sum(self, total: Tensor, samples: int) -> int:
+        def job() -> int:
+            self.worker.set_grads(total, samples)
+            self._step_if_ready(force=True)
+            return self.worker.step_count
+
+        return await self.run(job)
+
+    async def step_if_ready(self) -> None:
+        await self.run(self._step_if_ready)
+
+    async def load_state(self, data: bytes, keep_step: bool = False) -> None:
+        """Become a replica whose state_bytes these are; `keep_step`: this replica's own step count stays."""
+
+        def job() -> None:
+            step = self.worker.step_count
+            self.worker.load_state_bytes(data)
+            if keep_step:
+                self.worker.step_count = step
+
+        await self.run(job)
+
+    async def move_to(self, step: int) -> None:
+        def job() -> None:
+            self.worker.step_count = step
+
+        await self.run(job)
+
+    async def flush_partial(self) -> None:
+        """async, at the end: a replica's last, partial batch is applied, not lost."""
+
+        def job() -> None:
+            if self.worker.samples_ready:
+                at = max(self.frontier, self.worker.step_count)
+                applied, _ = self.worker.step(self.cfg.train.steps, at)
+                self.samples_applied += applied
+                self.since_average += applied
+
+        await self.run(job)
+
+    # ---- checkpoints ---------------------------------------------------------------------------------
+    async def save(self) -> None:
+        """Write the stage's checkpoint after whatever job is running: never a torn one."""
+        await self.run(self._save)
+
+    async def load(self, root: Path) -> checkpoint.Manifest:
+        man = await self.run(checkpoint.load, self.worker, root)
+        self.samples_applied = man.samples
+        return man

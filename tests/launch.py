@@ -1,0 +1,140 @@
+"""What the multi-process tests share: the real CLIs, started on 127.0.0.1 and always cleaned up.
+
+Every process a test starts carries PMNODE_TEST_TAG in its environment (so do its children: DHT
+processes, p2pd), so whatever is left behind can be found and killed by tag.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import yaml
+
+ROOT = Path(__file__).parent.parent
+BIN = Path(sys.executable).parent
+TINY = str(ROOT / "configs" / "tiny.yaml")
+STEPS = 30
+
+
+def tagged_env(tag: str) -> dict[str, str]:
+    """Every descendant (nodes, DHT children, p2pd) inherits the tag, so leftovers can be found."""
+    return {**os.environ, "PMNODE_TEST_TAG": tag}
+
+
+def leftovers(tag: str) -> list[str]:
+    found = []
+    for p in psutil.process_iter(["pid", "name"]):
+        try:
+            if p.environ().get("PMNODE_TEST_TAG") == tag:
+                found.append(f"{p.pid} {p.info['name']}")
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def kill_tagged(tag: str) -> None:
+    """After a failure: kill whatever the test started, so one failure cannot load the next tests."""
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get("PMNODE_TEST_TAG") == tag:
+                p.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+
+
+def start_async_swarm(
+    cfg: Path, work: Path, tag: str, *extra: str, schedule: str = "async", own_group: bool = False
+) -> subprocess.Popen:
+    """`pmnode local-swarm` of 3 stages in the background; its stderr goes to WORK.err, since an
+    unread pipe would fill up with progress lines and block it. `own_group`: in a process group of
+    its own, which the test can signal whole, as a terminal's Ctrl-C does."""
+    work.parent.mkdir(parents=True, exist_ok=True)
+    args = ["--config", str(cfg), "--stages", "3", "--schedule", schedule, "--workdir", str(work), *extra]
+    return subprocess.Popen(
+        [str(BIN / "pmnode"), "local-swarm", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=work.with_suffix(".err").open("w"),
+        env=tagged_env(tag),
+        process_group=0 if own_group else None,
+    )
+
+
+def head_steps(work: Path) -> int:
+    """The last step the head of a local swarm in WORK reported (0 before the first)."""
+    from pmnode.swarm.report import StepLine
+
+    log = work / "logs" / "node-0.log"
+    if not log.exists():
+        return 0
+    done = log.read_text().rpartition("\n")[0]  # whole lines only: the node may be mid-write
+    steps = [line.step for raw in done.splitlines() if (line := StepLine.parse(raw)) is not None]
+    return max(steps, default=0)
+
+
+def assert_no_leftovers(tag: str, within: float = 10.0) -> None:
+    """Everything the test started is gone within `within` s; whatever is not is killed before failing."""
+    deadline = time.monotonic() + within
+    while leftovers(tag) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    left = leftovers(tag)
+    kill_tagged(tag)
+    assert left == []
+
+
+def swarm_config(tmp: Path, toy_corpus: Path, **overrides: dict) -> Path:
+    cfg = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+    cfg["n_stages"] = 3
+    cfg["data"] = {"source": str(toy_corpus)}
+    cfg["train"].update(steps=STEPS, eval_every=10)
+    for section, values in overrides.items():
+        cfg.setdefault(section, {}).update(values)
+    path = tmp / "swarm.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def start_coordinator(state: Path) -> tuple[subprocess.Popen, str]:
+    info = state / "coordinator.json"
+    info.unlink(missing_ok=True)  # a restart must not be mistaken for up by the last run's file
+    p = subprocess.Popen(
+        [
+            str(BIN / "coordinator"),
+            "serve",
+            "--config",
+            str(ROOT / "configs" / "tiny.yaml"),
+            "--state-dir",
+            str(state),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while not info.exists():
+        assert p.poll() is None, p.stderr.read() if p.stderr else ""
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    return p, json.loads(info.read_text())["maddrs"][0]
+
+
+def stop_coordinator(p: subprocess.Popen) -> str:
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 0, err
+    return out + err
+
+
+def one_line_error(r: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert lines[0].startswith("error:"), r.stderr
+    for n in needles:
+        assert n in r.stderr, r.stderr
