@@ -74,9 +74,20 @@ def serve(
 def inspect(
     config: Annotated[Path, typer.Option("--config", "-c", help="Run config YAML.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    bandwidth: Annotated[
+        str | None, typer.Option(help="A volunteer's link per direction, e.g. 80mbit: which k it carries.")
+    ] = None,
+    tokens_per_s: Annotated[
+        float | None, typer.Option(help="A stage's training rate in tokens/s (with --bandwidth).", min=0)
+    ] = None,
 ) -> None:
-    """Validate a run config and show its stage split, compression rank and subspace fingerprint."""
+    """Validate a run config; show its stage split, subspace fingerprint and what each k costs."""
+    from pmnode.bench.advice import advise, recommended
+    from pmnode.net.shaping import parse_bandwidth
+
     cfg = load_config(config)
+    advice = advise(cfg, parse_bandwidth(bandwidth) if bandwidth else None, tokens_per_s)
+    best = recommended(advice)
     sub = build_subspace(cfg)
     ranges = split_layers(cfg.model.n_layers, cfg.n_stages, cfg.stage_layers)
     free = free_layers(cfg) if sub is not None else range(0)
@@ -87,6 +98,8 @@ def inspect(
         "fingerprint": sub.fingerprint if sub is not None else None,
         "stages": [{"stage": i, "layers": [r.start, r.stop]} for i, r in enumerate(ranges)],
         "uncompressed_layers": list(free),
+        "compression": [a.model_dump() for a in advice],
+        "recommended_rank": best.rank if best else None,
     }
     if as_json:
         print(json.dumps(info, indent=2))
@@ -100,6 +113,39 @@ def inspect(
     for i, r in enumerate(ranges):
         role = "head" if i == 0 else "tail" if i == len(ranges) - 1 else "body"
         table.add_row(str(i), f"{r.start}..{r.stop - 1}", role)
+    console.print(table)
+    print_advice(console, advice, best)
+
+
+def print_advice(console: Console, advice: list, best: object) -> None:
+    """Bytes per token per k and the long-run cost measured at the same d/k (docs/benchmarks/fidelity)."""
+    table = Table(
+        "k",
+        "d/k",
+        "B/token",
+        "B/token int8",
+        "link carries tok/s",
+        "measured cost at this d/k",
+        title="compression",
+    )
+    for a in advice:
+        cost = "; ".join(
+            f"{100 * m.gap:+.1f}% ({m.variant}; {m.corpus}, d={m.d_model}, {m.tokens / 1e6:.1f}M tokens"
+            + ("" if m.complete else ", cut short")
+            + ")"
+            for m in a.measured
+            if m.gap is not None
+        )
+        carried = f"{a.link_tokens_per_s:,.0f}" if a.link_tokens_per_s is not None else "-"
+        mark = " (recommended)" if a is best else ""
+        table.add_row(
+            f"{a.rank}{mark}",
+            f"{a.d_over_k:g}",
+            str(a.bytes_per_token),
+            str(a.bytes_per_token_int8),
+            carried,
+            cost or "not measured",
+        )
     console.print(table)
 
 
