@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
-from pmnode.bench.fidelity import Row, RunResult, compare, load_runs
+from pmnode.bench.fidelity import Row, RunResult, compare, load_runs, loss_at
 
 
 def _pct(x: float | None) -> str:
@@ -50,7 +51,8 @@ def markdown(rows: list[Row], runs: list[RunResult], target: float | None, title
             f"| {_pct(r.gap_end)} | {_pct(r.gap_mid)} | {_pct(r.gap_plain)} | {_pct(r.gap_dense)} | {steps} "
             f"| {r.steps_ratio if r.steps_ratio is not None else '-'} |"
         )
-    lines += ["", "Diagnostics at the end of each run (held-out batches; see pmnode/diagnostics.py):", ""]
+    lines += ["", *token_matched(rows, runs)]
+    lines += ["", "Diagnostics at the end of each run (held-out batches; see pmnode/bench/diagnostics.py):", ""]
     lines += [
         "| variant | dims for 90% of the stream, per layer | kept by a boundary (in span U) "
         "| write stable rank (attn, mlp) | grad norm per layer |",
@@ -69,6 +71,35 @@ def markdown(rows: list[Row], runs: list[RunResult], target: float | None, title
         )
     lines += ["", "Commands:", "", *[f"    {c}" for c in commands], ""]
     return "\n".join(lines)
+
+
+MARKS = (500_000, 1_000_000, 2_000_000, 3_000_000, 5_000_000)
+
+
+def token_matched(rows: list[Row], runs: list[RunResult]) -> list[str]:
+    """Held-out loss at fixed token counts, and the gap against each run's baseline there."""
+    by_name = {r.variant: r for r in runs}
+    lines = [
+        "Token-matched: held-out loss at each token count (interpolated between evaluations), and in "
+        "brackets the gap against the run's baseline at the same tokens (blank past a run's end).",
+        "",
+        "| variant | " + " | ".join(f"{m / 1e6:g}M" for m in MARKS) + " |",
+        "|---|" + "---|" * len(MARKS),
+    ]
+    for row in rows:
+        run, base = by_name[row.variant], by_name.get(row.baseline or "")
+        cells = []
+        for mark in MARKS:
+            mine = loss_at([(0, 0, math.inf), *run.curve], mark) if run.curve else None
+            theirs = loss_at(base.curve, mark) if base is not None else None
+            if mine is None or math.isinf(mine):
+                cells.append("")
+            elif theirs is None or base is run:
+                cells.append(f"{mine:.4f}")
+            else:
+                cells.append(f"{mine:.4f} ({100 * (mine / theirs - 1):+.1f}%)")
+        lines.append(f"| `{row.variant}` | " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot(runs: list[RunResult], out: Path, title: str) -> None:
@@ -96,6 +127,33 @@ def plot(runs: list[RunResult], out: Path, title: str) -> None:
     plt.close(fig)
 
 
+def plot_gaps(rows: list[Row], runs: list[RunResult], out: Path, title: str) -> None:
+    """The gap against each run's baseline as the tokens grow: whether it closes or keeps opening."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_name = {r.variant: r for r in runs}
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    for row in rows:
+        run, base = by_name[row.variant], by_name.get(row.baseline or "")
+        if base is None or base is run:
+            continue
+        pts = [(t, loss / ref - 1) for _, t, loss in run.curve if (ref := loss_at(base.curve, t))]
+        if pts:
+            ax.plot([t / 1e6 for t, _ in pts], [100 * g for _, g in pts], marker=".", ms=3, label=row.variant)
+    ax.axhline(2, color="grey", ls="--", lw=0.8)
+    ax.set_xlabel("training tokens (millions)")
+    ax.set_ylabel("held-out loss over the unconstrained model's (%)")
+    ax.set_title(f"{title}: the cost of compression, token-matched")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "gap.png", dpi=110)
+    plt.close(fig)
+
+
 def write_report(out: Path, target: float | None, title: str) -> list[Row]:
     runs = load_runs(out)
     rows = compare(runs, target)
@@ -112,4 +170,5 @@ def write_report(out: Path, target: float | None, title: str) -> list[Row]:
     (out / "results.md").write_text(markdown(rows, runs, target, title))
     if runs:
         plot(runs, out, title)
+        plot_gaps(rows, runs, out, title)
     return rows
