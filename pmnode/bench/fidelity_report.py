@@ -52,7 +52,7 @@ def markdown(rows: list[Row], runs: list[RunResult], target: float | None, title
             f"| {r.steps_ratio if r.steps_ratio is not None else '-'} |"
         )
     lines += ["", *token_matched(rows, runs)]
-    lines += ["", "Diagnostics at the end of each run (held-out batches; see pmnode/bench/diagnostics.py):", ""]
+    lines += ["", "Diagnostics at the end of each run (held-out batches; pmnode/bench/diagnostics.py):", ""]
     lines += [
         "| variant | dims for 90% of the stream, per layer | kept by a boundary (in span U) "
         "| write stable rank (attn, mlp) | grad norm per layer |",
