@@ -148,7 +148,8 @@ def plot_gaps(rows: list[Row], runs: list[RunResult], out: Path, title: str) -> 
     ax.set_ylabel("held-out loss over the unconstrained model's (%)")
     ax.set_title(f"{title}: the cost of compression, token-matched")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "gap.png", dpi=110)
     plt.close(fig)
