@@ -130,11 +130,12 @@ def print_advice(console: Console, advice: list, best: object) -> None:
     )
     for a in advice:
         cost = "; ".join(
-            f"{100 * m.gap:+.1f}% ({m.variant}; {m.corpus}, d={m.d_model}, {m.tokens / 1e6:.1f}M tokens"
+            (f"{100 * m.gap:+.1f}%" if m.gap is not None else f"{100 * (m.gap_plain or 0):+.1f}% vs plain")
+            + f" ({m.variant}; {m.corpus}, d={m.d_model}, {m.tokens / 1e6:.2f}M tokens"
             + ("" if m.complete else ", cut short")
             + ")"
             for m in a.measured
-            if m.gap is not None
+            if m.gap is not None or m.gap_plain is not None
         )
         carried = f"{a.link_tokens_per_s:,.0f}" if a.link_tokens_per_s is not None else "-"
         mark = " (recommended)" if a is best else ""
