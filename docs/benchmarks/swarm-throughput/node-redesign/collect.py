@@ -24,7 +24,8 @@ def main(runs: Path) -> None:
         rows.append({**r, "side": side, "config": config, "round": int(rnd)})
     (HERE / "results.json").write_text(json.dumps({"runs": rows}, indent=2) + "\n")
     md = [
-        "| config | round | side | single tok/s | sync tok/s | async tok/s | sync held-out | async held-out |",
+        "| config | round | side | single tok/s | sync tok/s | async tok/s | sync held-out "
+        "| async held-out |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: (r["config"] != "tiny", r["round"], r["side"] != "before")):
@@ -33,7 +34,8 @@ def main(runs: Path) -> None:
             f"{r['sync_tokens_per_s']:,.0f} | {r['async_tokens_per_s']:,.0f} | "
             f"{r['sync_heldout_loss']:.4f} | {r['async_heldout_loss']:.4f} |"
         )
-    md += ["", "| config | schedule | before (median) | after (median) | after / before |", "|---|---|---|---|---|"]
+    md += ["", "| config | schedule | before (median) | after (median) | after / before |"]
+    md += ["|---|---|---|---|---|"]
     for config in ("tiny", "small"):
         for sched in ("sync", "async"):
             b = [r[f"{sched}_tokens_per_s"] for r in rows if r["config"] == config and r["side"] == "before"]
