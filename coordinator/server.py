@@ -210,7 +210,7 @@ class Coordinator:
                 print(f"  pmnode join --coordinator {m}", flush=True)
             self._show_token()
             if self.http is not None:
-                self.console.print(f"status page: {info['http']}  (JSON at /status, Prometheus at /metrics)")
+                self.console.print(f"status page: {info.http}  (JSON at /status, Prometheus at /metrics)")
             published = 0.0
             while not stop.is_set():
                 if time.monotonic() - published > CONFIG_TTL / 3:

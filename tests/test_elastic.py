@@ -68,7 +68,7 @@ def test_training_survives_a_coordinator_restart(tmp_path: Path, toy_corpus: Pat
         logs = [tmp_path / f"node-{s}.log" for s in range(3)]
         for s in (2, 1, 0):
             args = [str(BIN / "pmnode"), "join", "--coordinator-file", str(state / "coordinator.json")]
-            args += ["--stage", str(s), "--device", "cpu", "--log-format", "json"]
+            args += ["--stage", str(s), "--device", "cpu", "--threads", "1", "--log-format", "json"]
             procs.append(_start(args, logs[s], tag))
         _wait(lambda: _head_step(logs[0]) >= 20, 120, "the head's 20th step")
 
@@ -124,6 +124,7 @@ class _Processes:
 
     def join(self, name: str, *extra: str) -> subprocess.Popen:
         args = [str(BIN / "pmnode"), "join", "--coordinator-file", str(self.info), "--device", "cpu"]
+        args += ["--threads", "1"]  # as local-swarm's own nodes: one process per stage shares the cores
         args += ["--log-format", "json", "--summary-json", str(self.base / f"{name}.json"), *extra]
         p = _start(args, self.base / f"{name}.log", self.tag)
         self.procs.append(p)
@@ -154,7 +155,16 @@ def _run_with_a_joiner(cfg: Path, work: Path, tag: str, after_steps: int) -> Pat
             "--coordinator-file",
             str(work / "coordinator" / "coordinator.json"),
         ]
-        args += ["--stage", "1", "--device", "cpu", "--checkpoint-dir", str(base / "joiner-ckpt")]
+        args += [
+            "--stage",
+            "1",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--checkpoint-dir",
+            str(base / "joiner-ckpt"),
+        ]
         args += ["--summary-json", str(base / "joiner.json")]
         joiner = _start(args, joiner_log, tag)
         assert swarm.wait(300) == 0, (base / "swarm.err").read_text()[-3000:]

@@ -136,10 +136,11 @@ def run_local_swarm(
     (workdir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     _interrupt_on_signals()
     launcher = Launcher()
+    # One process per stage shares this machine's cores: more torch threads only oversubscribe them.
+    threads = max(1, (os.cpu_count() or 1) // (stages * replicas))
+    args = ["--threads", str(threads), *(["--resume"] if resume else []), *(node_args or [])]
     try:
-        swarm = LocalSwarm(
-            cfg, workdir, ckpt, launcher, [*(["--resume"] if resume else []), *(node_args or [])]
-        )
+        swarm = LocalSwarm(cfg, workdir, ckpt, launcher, args)
         coord = swarm.coordinator(http_port, startup_timeout, console)
         nodes: dict[int, Proc] = {}
         extra: list[Proc] = []  # replicas beyond the first of stages 1..; the head is never replicated
