@@ -273,7 +273,11 @@ class RunConfig(_Strict):
     def _check(self) -> RunConfig:
         sub = self.subspace  # also validates the layer split:
         free_layer_range(
-            self.model.n_layers, self.n_stages, self.stage_layers, sub.uncompressed_tail_layers, sub.enabled
+            self.model.n_layers,
+            self.n_stages,
+            self.stage_layers,
+            sub.uncompressed_tail_layers,
+            sub.enabled and sub.constrain == "layers",
         )
         if self.train.seq_len > self.model.max_seq_len:
             raise ValueError(f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len")
