@@ -206,7 +206,7 @@ def test_micro_batch_ids() -> None:
         check_eval_batch(_h("eval:4"), run=RUN, from_stage=0, n_batches=4)
 
 
-@pytest.mark.parametrize("spec", ["dense", "int8", "topk:4", "subspace", "subspace:int8"])
+@pytest.mark.parametrize("spec", ["dense", "int8", "topk:4", "subspace", "subspace:int8", "subspace:int4"])
 def test_gradient_checks(spec: str) -> None:
     from pmnode.core.subspace import Subspace
 

@@ -37,6 +37,7 @@ CASES = {
     "subspace:fp16": (2 * K + 1, 2 * K, 1e-3),
     "subspace:bf16": (2 * K + 1, 2 * K, 8e-3),
     "subspace:int8": (K + 2 + 1, K + 2, 2e-2),
+    "subspace:int4": (K // 2 + 2 + 1, K // 2 + 2, 0.2),
 }
 
 
@@ -101,3 +102,15 @@ def test_bad_specs(sub: Subspace) -> None:
         make_codec("dense", d_model=D, vocab_size=V, subspace=sub)
     with pytest.raises(ConfigError, match="topk count"):
         make_codec("topk:999", d_model=D, vocab_size=V)
+
+
+def test_int4_packs_two_levels_per_byte_exactly() -> None:
+    from pmnode.core.codecs import Int4Q
+
+    q = Int4Q(5)  # odd: the last byte carries one level and a pad
+    z = torch.tensor([[7.0, -7.0, 0.0, 3.0, -1.0], [0.0] * 5])
+    p = q.pack(z)
+    assert p["q"].dtype == torch.uint8 and p["q"].shape == (2, 3) and q.bytes_per_token() == 3 + 2
+    # levels + 8, low nibble first: (15, 1) (8, 11) (7, pad 8)
+    assert p["q"][0].tolist() == [15 | 1 << 4, 8 | 11 << 4, 7 | 8 << 4]
+    assert torch.equal(q.unpack(p), z)  # scale 1: every value is a level

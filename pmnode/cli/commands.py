@@ -66,7 +66,7 @@ def load_with_overrides(
 def train(
     config: ConfigOpt,
     codec: Annotated[
-        str, typer.Option(help="Boundary codec: subspace[:int8][@k], dense[:bf16], int8, topk:N.")
+        str, typer.Option(help="Boundary codec: subspace[:int8|int4][@k], dense[:bf16], int8, topk:N.")
     ] = "",
     steps: Annotated[int | None, typer.Option(help="Override train.steps.")] = None,
     data: DataOpt = None,
