@@ -230,3 +230,21 @@ def test_each_variant_is_compared_with_the_unconstrained_model_of_its_architectu
     assert rows[k4.variant].baseline == rich.variant
     assert rows[k4.variant].gap_end == pytest.approx(0.1)
     assert rows[k4.variant].gap_plain == pytest.approx(-0.01)
+
+
+def test_sweeps_take_plain_compressed_runs_at_fixed_tokens() -> None:
+    from pmnode.bench.fidelity_sweeps import END, MID, points
+
+    mark = [(1, 1_000_000, 2.0), (2, MID, 1.5), (4, END, 1.0)]
+    base = _run("subspace@d", "subspace", 128, mark)
+    k4 = _run("subspace@4", "subspace", 4, [(1, 1_000_000, 2.2), (2, MID, 1.8), (4, END, 1.1)])
+    int8 = _run("subspace:int8@16", "subspace:int8", 16, [(1, 1_000_000, 2.0), (2, MID, 1.65)])
+    int8.complete = False  # cut at 2.5M: no end gap, no steps ratio
+    remedy = _run("subspace@4+subspace.stage_embeddings=true", "subspace", 4, mark)  # not plain
+    pts = {p.variant: p for p in points(compare([base, k4, int8, remedy], None), [base, k4, int8, remedy])}
+    assert set(pts) == {"subspace@4", "subspace:int8@16"}
+    assert pts["subspace@4"].gaps == {1_000_000: 0.1, MID: 0.2, END: 0.1}
+    assert pts["subspace@4"].steps_ratio is None  # ended at 1.1, above the baseline's 1.0
+    assert pts["subspace:int8@16"].precision == "int8"
+    assert pts["subspace:int8@16"].gaps == {1_000_000: 0.0, MID: 0.1, END: None}
+    assert pts["subspace:int8@16"].steps_ratio is None

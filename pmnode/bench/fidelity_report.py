@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+from pmnode.bench import fidelity_sweeps
 from pmnode.bench.fidelity import Row, RunResult, compare, load_runs, loss_at
 
 
@@ -52,6 +53,7 @@ def markdown(rows: list[Row], runs: list[RunResult], target: float | None, title
             f"| {r.steps_ratio if r.steps_ratio is not None else '-'} |"
         )
     lines += ["", *token_matched(rows, runs)]
+    lines += ["", *fidelity_sweeps.markdown(fidelity_sweeps.points(rows, runs))]
     lines += ["", "Diagnostics at the end of each run (held-out batches; pmnode/bench/diagnostics.py):", ""]
     lines += [
         "| variant | dims for 90% of the stream, per layer | kept by a boundary (in span U) "
@@ -158,11 +160,13 @@ def plot_gaps(rows: list[Row], runs: list[RunResult], out: Path, title: str) -> 
 def write_report(out: Path, target: float | None, title: str) -> list[Row]:
     runs = load_runs(out)
     rows = compare(runs, target)
+    sweeps = fidelity_sweeps.points(rows, runs)
     (out / "results.json").write_text(
         json.dumps(
             {
                 "target": target,
                 "rows": [r.model_dump() for r in rows],
+                "sweeps": [p.model_dump() for p in sweeps],
                 "runs": [r.model_dump() for r in runs],
             },
             indent=1,
@@ -172,4 +176,5 @@ def write_report(out: Path, target: float | None, title: str) -> list[Row]:
     if runs:
         plot(runs, out, title)
         plot_gaps(rows, runs, out, title)
+        fidelity_sweeps.plot(sweeps, out, title)
     return rows
