@@ -46,7 +46,7 @@ RUNS = [
     RunSpec(name="tiny-4-async-80mbit-50ms-if4", config=T, stages=4, bandwidth="80mbit", latency="50ms"),
     RunSpec(name="tiny-3-async-2rep-if32", config=T, stages=3, inflight=32, replicas=2),
     RunSpec(name="small-2-sync", config=S, stages=2, schedule="sync", steps=40),
-    RunSpec(name="small-4-async-if32", config=S, stages=4, inflight=32, steps=40),
+    RunSpec(name="small-4-async-if32", config=S, stages=4, inflight=32, steps=80),
     RunSpec(
         name="small-2-dense-5mbit-50ms",
         config=S,

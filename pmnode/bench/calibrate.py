@@ -32,7 +32,7 @@ class RunSpec(BaseModel):
     inflight: int = 4
     replicas: int = 1
     steps: int = 60
-    warmup: int = 10  # steps left out of the measured rate
+    warmup: int = 10  # steps left out of the measured rate (at least the in-flight window's)
 
 
 class NodeTimes(BaseModel):
@@ -46,6 +46,8 @@ class Measured(BaseModel):
     spec: RunSpec
     tokens_per_s: float
     steps_measured: int
+    elapsed: list[float]  # the head's seconds at each step's line
+    tokens: list[int]  # and the tokens it had launched
     tokens_per_micro_batch: int
     micro_batches_per_step: int
     fwd_bytes_per_token: float
@@ -63,6 +65,12 @@ def run_config(spec: RunSpec) -> RunConfig:
         swarm={"schedule": spec.schedule, "max_inflight": spec.inflight},
         train={"steps": spec.steps, "eval_every": spec.steps},  # one evaluation, at the end
     )
+
+
+def warmup_steps(spec: RunSpec, micro_batches_per_step: int) -> int:
+    """Async counts a step's tokens when its micro-batches are sent: the first window's worth of steps
+    go out at once and must be left out, or the rate is overstated."""
+    return max(spec.warmup, -(-spec.inflight // micro_batches_per_step) + 4)
 
 
 def steady_tokens_per_s(lines: list[StepLine], warmup: int) -> tuple[float, int]:
@@ -102,12 +110,14 @@ def measure(spec: RunSpec, console: Console) -> Measured:
         )
         lines = head_lines(work / "logs" / "node-0.log")
         nodes = _node_times(work)
-    rate, n = steady_tokens_per_s(lines, spec.warmup)
     t = cfg.train
+    rate, n = steady_tokens_per_s(lines, warmup_steps(spec, t.batch_size // t.micro))
     return Measured(
         spec=spec,
         tokens_per_s=round(rate, 1),
         steps_measured=n,
+        elapsed=[x.elapsed for x in lines],
+        tokens=[x.tokens for x in lines],
         tokens_per_micro_batch=t.micro * t.seq_len,
         micro_batches_per_step=t.batch_size // t.micro,
         fwd_bytes_per_token=lines[-1].fwd_bytes_per_token,

@@ -1,0 +1,56 @@
+"""A finished simulation summarised: tokens/s at steady state, utilisation, and what binds."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pmnode.sim.model import SimResult, StageResult
+
+if TYPE_CHECKING:
+    from pmnode.sim.swarm import SwarmSim
+
+BUSY = 0.85  # a resource this busy is the one that binds
+
+
+def summarise(sim: SwarmSim, steps: int, warmup: float = 0.1) -> SimResult:
+    """Rates over the steps after the first `warmup` share (the pipeline filling up)."""
+    s, ends = sim.spec, sim.step_ends
+    k = min(max(1, int(len(ends) * warmup)), len(ends) - 1) if len(ends) > 1 else 0
+    t0 = ends[k - 1] if k else 0.0
+    span = max(ends[-1] - t0, 1e-12) if ends else 1e-12
+    tokens = (len(ends) - k) * s.micro_batches_per_step * s.tokens_per_micro_batch
+    total = max(sim.eng.now, 1e-12)
+    stages, worst = [], ("", 0.0)
+    for i, nodes in enumerate(sim.nodes):
+        alive = [n for n in nodes if n.compute.up]
+        busy = sum(n.compute.busy_s for n in nodes)
+        util = busy / (max(len(alive), 1) * total)
+        stages.append(
+            StageResult(
+                stage=i,
+                nodes=len(alive),
+                utilisation=round(util, 4),
+                micro_batches=sum(n.served for n in nodes),
+            )
+        )
+        if util > worst[1]:
+            worst = (f"compute, stage {i}", util)
+    for nodes in sim.nodes:
+        for n in nodes:
+            for (to, _), busy in n.link_busy.items():
+                if busy / total > worst[1]:
+                    worst = (f"link {n.stage}->{to}", busy / total)
+    if worst[1] < BUSY:
+        worst = (
+            "latency and the in-flight window" if s.schedule == "async" else "pipeline drain and commit",
+            0,
+        )
+    return SimResult(
+        tokens_per_s=round(tokens / span, 2),
+        steps=len(ends),
+        seconds=round(sim.eng.now, 4),
+        step_s=round(span / max(len(ends) - k, 1), 6),
+        stages=stages,
+        retried=sim.retried,
+        binding=worst[0],
+    )
