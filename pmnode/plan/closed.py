@@ -86,8 +86,8 @@ def stage_rates(p: PlanInputs) -> list[StageRate]:
 def round_trip(p: PlanInputs) -> float:
     m = p.tokens_per_micro_batch
     rtt = m * sum(f + b for f, b in zip(p.fwd_s_per_token, p.bwd_s_per_token, strict=True))
-    for c in p.costs[:-1]:  # one boundary after every stage but the tail
-        ser = m * (c.bytes_fwd_per_token + c.bytes_bwd_per_token) / p.bandwidth if p.bandwidth else 0.0
+    for a, b in zip(p.costs, p.costs[1:], strict=False):  # the boundary a -> b: forward, then back
+        ser = m * (a.bytes_fwd_per_token + b.bytes_bwd_per_token) / p.bandwidth if p.bandwidth else 0.0
         rtt += 2 * p.latency + ser
     return rtt
 

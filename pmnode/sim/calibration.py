@@ -26,7 +26,7 @@ def _step_s(n: NodeTimes, steps: int) -> float:
     return max(c.busy_s - c.forward_s - c.backward_s, 0.0) / max(steps, 1)
 
 
-def spec_from_measured(m: Measured, msg_cpu: float, hop_s: float = 0.0) -> SwarmSpec:
+def spec_from_measured(m: Measured, msg_cpu: float, hop_s: float = 0.0, shared: bool = False) -> SwarmSpec:
     s = m.spec
     bw, lat = parse_bandwidth(s.bandwidth), parse_latency(s.latency)
     # The head's other work is mostly loading the data once; its step costs what the others' do.
@@ -61,16 +61,20 @@ def spec_from_measured(m: Measured, msg_cpu: float, hop_s: float = 0.0) -> Swarm
         fwd_bytes_per_token=m.fwd_bytes_per_token,
         bwd_bytes_per_token=m.bwd_bytes_per_token,
         hop_s=hop_s,
+        commit_latency=False,  # the local swarm shapes data calls only: its commits are not delayed
+        loop_shares_compute=shared,
     )
 
 
-def predict(m: Measured, msg_cpu: float, hop_s: float = 0.0, steps: int = 200) -> SimResult:
-    return SwarmSim(spec_from_measured(m, msg_cpu, hop_s)).run(steps)
+def predict(
+    m: Measured, msg_cpu: float, hop_s: float = 0.0, shared: bool = False, steps: int = 200
+) -> SimResult:
+    return SwarmSim(spec_from_measured(m, msg_cpu, hop_s, shared)).run(steps)
 
 
-def errors(runs: list[Measured], msg_cpu: float, hop_s: float = 0.0) -> list[float]:
+def errors(runs: list[Measured], msg_cpu: float, hop_s: float = 0.0, shared: bool = False) -> list[float]:
     """Relative error of each run's predicted tokens/s against the measured."""
-    return [predict(m, msg_cpu, hop_s).tokens_per_s / m.tokens_per_s - 1 for m in runs]
+    return [predict(m, msg_cpu, hop_s, shared).tokens_per_s / m.tokens_per_s - 1 for m in runs]
 
 
 def fit(runs: list[Measured], grid: list[float]) -> tuple[float, list[float]]:

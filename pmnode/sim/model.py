@@ -47,6 +47,12 @@ class SwarmSpec(_Spec):
     )
     hop_s: float = Field(0.0, ge=0, description="Fixed delay per message on top of the link (RPC stack).")
     commit_round_trips: int = Field(2, ge=0, description="sync: prepare and apply, head to every stage.")
+    commit_latency: bool = Field(
+        True, description="Commits pay the links' latency (in-process emulation shapes only data calls)."
+    )
+    loop_shares_compute: bool = Field(
+        False, description="A node's event loop and compute thread take turns (one interpreter lock)."
+    )
     retry_s: float = Field(1.0, ge=0, description="Time for an upstream node to notice a dead replica.")
     seed: int = 0
 

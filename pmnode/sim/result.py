@@ -12,13 +12,16 @@ if TYPE_CHECKING:
 BUSY = 0.85  # a resource this busy is the one that binds
 
 
-def summarise(sim: SwarmSim, steps: int, warmup: float = 0.1) -> SimResult:
-    """Rates over the steps after the first `warmup` share (the pipeline filling up)."""
+def summarise(sim: SwarmSim, steps: int, edge: float = 0.1) -> SimResult:
+    """Rates over the steps between the first and last `edge` shares: the pipeline filling up at the
+    start, and at the end a head that sends nothing new and so returns the last ones faster."""
     s, ends = sim.spec, sim.step_ends
-    k = min(max(1, int(len(ends) * warmup)), len(ends) - 1) if len(ends) > 1 else 0
-    t0 = ends[k - 1] if k else 0.0
-    span = max(ends[-1] - t0, 1e-12) if ends else 1e-12
-    tokens = (len(ends) - k) * s.micro_batches_per_step * s.tokens_per_micro_batch
+    n = len(ends)
+    a = min(max(1, int(n * edge)), n - 1) if n > 1 else 0
+    b = max(n - int(n * edge), a + 1) if n > 1 else n
+    t0 = ends[a - 1] if a else 0.0
+    span = max(ends[b - 1] - t0, 1e-12) if ends else 1e-12
+    tokens = (b - a) * s.micro_batches_per_step * s.tokens_per_micro_batch
     total = max(sim.eng.now, 1e-12)
     stages, worst = [], ("", 0.0)
     for i, nodes in enumerate(sim.nodes):
@@ -49,7 +52,7 @@ def summarise(sim: SwarmSim, steps: int, warmup: float = 0.1) -> SimResult:
         tokens_per_s=round(tokens / span, 2),
         steps=len(ends),
         seconds=round(sim.eng.now, 4),
-        step_s=round(span / max(len(ends) - k, 1), 6),
+        step_s=round(span / max(b - a, 1), 6),
         stages=stages,
         retried=sim.retried,
         binding=worst[0],

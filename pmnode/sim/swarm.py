@@ -29,9 +29,10 @@ class Mb:
 
 
 class SimNode:
-    def __init__(self, eng: Engine, stage: int, index: int, spec: NodeSpec):
+    def __init__(self, eng: Engine, stage: int, index: int, spec: NodeSpec, shared_loop: bool = False):
         self.stage, self.spec, self.name = stage, spec, f"s{stage}n{index}"
-        self.compute, self.loop = Server(eng), Server(eng)
+        self.compute = Server(eng)
+        self.loop = self.compute if shared_loop else Server(eng)
         self.shaper = LinkShaper(spec.bandwidth, spec.latency, clock=eng.clock)
         self.backoff = Backoff()
         self.online = spec.join_at == 0
@@ -57,7 +58,8 @@ class SwarmSim:
         self.spec, self.eng = spec, Engine()
         self.rng = random.Random(spec.seed)
         self.nodes = [
-            [SimNode(self.eng, s, i, n) for i, n in enumerate(st.nodes)] for s, st in enumerate(spec.stages)
+            [SimNode(self.eng, s, i, n, spec.loop_shares_compute) for i, n in enumerate(st.nodes)]
+            for s, st in enumerate(spec.stages)
         ]
         self.head = self.nodes[0][0]
         self.records: list[list[StageRecord]] = []
@@ -202,7 +204,8 @@ class SwarmSim:
     def _commit(self) -> None:
         """sync: round trips from the head to the farthest stage, then the optimizer steps together."""
         s = self.spec
-        far = max((n.spec.latency for stage in self.nodes for n in stage if n.alive), default=0.0)
+        lat = [n.spec.latency for stage in self.nodes for n in stage if n.alive]
+        far = max(lat, default=0.0) if s.commit_latency else 0.0
         trip = 2 * (far + s.hop_s + 2 * s.msg_s) * s.commit_round_trips
         step = max(st.step_s for st in s.stages)
 
