@@ -72,3 +72,4 @@ class SimResult(_Spec):
     stages: list[StageResult]
     retried: int  # micro-batches sent again after a replica died
     binding: str  # what bounds the rate: compute stage N, link N->N+1, latency/window, commit
+    stalled: bool = False  # ended early: nothing finished for a long while

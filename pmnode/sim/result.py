@@ -56,4 +56,5 @@ def summarise(sim: SwarmSim, steps: int, edge: float = 0.1) -> SimResult:
         stages=stages,
         retried=sim.retried,
         binding=worst[0],
+        stalled=sim.stalled,
     )

@@ -20,6 +20,8 @@ from pmnode.net.shaping import LinkShaper
 from pmnode.sim.events import Engine, Server
 from pmnode.sim.model import NodeSpec, SwarmSpec
 
+STALL_S = 600.0  # simulated seconds without a finished micro-batch that end a run (the swarm is stuck)
+
 
 @dataclass
 class Mb:
@@ -70,10 +72,15 @@ class SwarmSim:
         self._inflight = 0
         self._step_left = 0
         self._steps_target = 0
+        self._done_seen, self._idle, self.stalled = 0, 0, False
 
     # ---- membership ------------------------------------------------------------------------------
     def _announce(self) -> None:
         self.records = [[n.record() for n in stage] for stage in self.nodes]
+        # Nothing finished for STALL_S: the swarm cannot go on (a stage with no node left, say).
+        self._idle = self._idle + 1 if len(self.done_at) == self._done_seen else 0
+        self._done_seen = len(self.done_at)
+        self.stalled = self._idle * HEARTBEAT_PERIOD >= STALL_S
         self.eng.after(HEARTBEAT_PERIOD, self._announce)
 
     def _schedule_churn(self) -> None:
@@ -89,16 +96,16 @@ class SwarmSim:
         node.loop.stop()
         for key, attempt in list(node.held.items()):
             mb = self._live.get(key)
-            if mb is None or mb.attempt != attempt:
-                continue
-            up = mb.path[node.stage - 1]
-            mb.attempt += 1
-            self.retried += 1
-            up.backoff.fail(node.name, self.eng.now)
-            self.eng.after(
-                self.spec.retry_s, lambda mb=mb, up=up, a=mb.attempt: self._send_forward(up, mb, a)
-            )
+            if mb is not None and mb.attempt == attempt:
+                self._resend(mb, mb.path[node.stage - 1], node)
         node.held.clear()
+
+    def _resend(self, mb: Mb, up: SimNode, dead: SimNode) -> None:
+        """The upstream node notices after retry_s that `dead` will not answer, and tries another."""
+        mb.attempt += 1
+        self.retried += 1
+        up.backoff.fail(dead.name, self.eng.now)
+        self.eng.after(self.spec.retry_s, lambda a=mb.attempt: self._send_forward(up, mb, a))
 
     def _route(self, src: SimNode) -> SimNode | None:
         stage = src.stage + 1
@@ -109,13 +116,27 @@ class SwarmSim:
         return by_name[pick.peer_id] if pick is not None else None
 
     # ---- the data path ---------------------------------------------------------------------------
-    def _transmit(self, src: SimNode, dst: SimNode, nbytes: float, then) -> None:
+    def _transmit(self, src: SimNode, dst: SimNode, nbytes: float, then, forward: Mb | None = None) -> None:
+        """Send over src's link to dst; a forward micro-batch is dst's to answer from its arrival on,
+        and one that arrives at a dead node is sent elsewhere once the sender notices."""
+        attempt = forward.attempt if forward is not None else 0
+
+        def arrive() -> None:
+            if forward is not None:
+                if forward.attempt != attempt:
+                    return
+                if not dst.compute.up:
+                    self._resend(forward, src, dst)
+                    return
+                dst.held[forward.key] = attempt
+            dst.loop.submit(self._msg_s(dst), then)
+
         def send() -> None:
-            arrive = src.shaper.arrival(dst.name, int(nbytes)) + self.spec.hop_s
+            at = src.shaper.arrival(dst.name, int(nbytes)) + self.spec.hop_s
             if src.shaper.bandwidth:
                 key = (dst.stage, dst.name)
                 src.link_busy[key] = src.link_busy.get(key, 0.0) + nbytes / src.shaper.bandwidth
-            self.eng.at(arrive, lambda: dst.loop.submit(self._msg_s(dst), then))
+            self.eng.at(at, arrive)
 
         src.loop.submit(self._msg_s(src), send)
 
@@ -131,13 +152,12 @@ class SwarmSim:
             return
         mb.path[dst.stage] = dst
         nbytes = self.spec.fwd_bytes_per_token * self.spec.tokens_per_micro_batch
-        self._transmit(src, dst, nbytes, lambda: self._forward_at(dst, mb, attempt))
+        self._transmit(src, dst, nbytes, lambda: self._forward_at(dst, mb, attempt), forward=mb)
 
     def _forward_at(self, node: SimNode, mb: Mb, attempt: int) -> None:
         if mb.attempt != attempt:
             return
         st = self.spec.stages[node.stage]
-        node.held[mb.key] = attempt
         if node.stage == len(self.nodes) - 1:  # the tail: forward and backward in one job
             node.compute.submit(self._bwd_s(node), lambda: self._backward_done(node, mb, attempt))
         else:
@@ -224,5 +244,5 @@ class SwarmSim:
         self._announce()
         self._schedule_churn()
         self._fill()
-        self.eng.run(stop=lambda: len(self.step_ends) >= steps)
+        self.eng.run(stop=lambda: len(self.step_ends) >= steps or self.stalled)
         return summarise(self, steps)
