@@ -47,6 +47,7 @@ RUNS = [
     RunSpec(name="tiny-3-async-2rep-if32", config=T, stages=3, inflight=32, replicas=2),
     RunSpec(name="small-2-sync", config=S, stages=2, schedule="sync", steps=40),
     RunSpec(name="small-4-async-if32", config=S, stages=4, inflight=32, steps=80),
+    # small has one micro-batch per step: a window of 8 leaves most of the run to measure
     RunSpec(
         name="small-2-dense-5mbit-50ms",
         config=S,
@@ -54,9 +55,8 @@ RUNS = [
         codec="dense",
         bandwidth="5mbit",
         latency="50ms",
-        inflight=32,
-        steps=30,
-        warmup=5,
+        inflight=8,
+        steps=36,
     ),
     RunSpec(
         name="small-3-dense-20mbit",
@@ -64,8 +64,18 @@ RUNS = [
         stages=3,
         codec="dense",
         bandwidth="20mbit",
-        inflight=32,
+        inflight=8,
         steps=40,
+    ),
+    RunSpec(
+        name="small-4-sync-dense-80mbit-50ms",
+        config=S,
+        stages=4,
+        schedule="sync",
+        codec="dense",
+        bandwidth="80mbit",
+        latency="50ms",
+        steps=30,
     ),
 ]
 

@@ -55,10 +55,16 @@ def homogeneous(cfg_path: Path) -> list[dict]:
     return rows
 
 
-def swarm_spec(cfg_path: Path, codec: str, rng: random.Random, churn: bool) -> SwarmSpec:
+LIGHT_HEAD = [1, 5, 5, 5, 5, 5, 5, 1]  # the unreplicated head (and the LM-head tail) hold one layer
+
+
+def swarm_spec(
+    cfg_path: Path, codec: str, rng: random.Random, churn: bool, layers: list[int] | None
+) -> SwarmSpec:
     """8 stages x 16 replicas (the head: one node), uplinks log-normal around 80 Mbit/s (sigma 0.6),
     50 ms; with churn, a quarter of the replicas leave at random times and as many new ones join."""
-    cfg = load_config(cfg_path)
+    over = {"subspace": {"uncompressed_tail_layers": 1}} if layers else {}
+    cfg = load_config(cfg_path).with_overrides(stage_layers=layers, **over)
     fwd, bwd = device_times(stage_costs(cfg, codec), gpu_named(GPU).bf16_tflops * 1e12 * MFU)
     costs = stage_costs(cfg, codec)
     t = cfg.train
@@ -102,14 +108,19 @@ def swarm_spec(cfg_path: Path, codec: str, rng: random.Random, churn: bool) -> S
 
 def heterogeneous(cfg_path: Path) -> list[dict]:
     rows = []
-    for codec in CODECS:
+    for codec, layers in [
+        *((c, None) for c in CODECS),
+        ("subspace@40", LIGHT_HEAD),
+        ("dense:bf16", LIGHT_HEAD),
+    ]:
         for churn in (False, True):
-            spec = swarm_spec(cfg_path, codec, random.Random(7), churn)
+            spec = swarm_spec(cfg_path, codec, random.Random(7), churn, layers)
             r = SwarmSim(spec).run(40)
             rows.append(
                 {
                     "codec": codec,
                     "churn": churn,
+                    "stage_layers": layers or [4] * 8,
                     "sim_tokens_per_s": r.tokens_per_s,
                     "utilisation": [s.utilisation for s in r.stages],
                     "binding": r.binding,
@@ -150,14 +161,15 @@ def write(out: Path, homo: list[dict], het: list[dict], command: str) -> None:
         "80 Mbit/s (sigma 0.6 in log space), 50 ms, 128 micro-batches in flight; with churn, a quarter "
         "of the replicas leave at random times in the first 30 minutes and about as many new ones join.",
         "",
-        "| codec | churn | tokens/s (sim) | utilisation head, stages 1-7 (mean) | binds "
+        "| codec | layers per stage | churn | tokens/s (sim) | utilisation head, stages 1-7 (mean) | binds "
         "| micro-batches re-sent |",
-        "|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in het:
         u = r["utilisation"]
         lines.append(
-            f"| {r['codec']} | {'yes' if r['churn'] else 'no'} | {r['sim_tokens_per_s']:,.0f} "
+            f"| {r['codec']} | {'-'.join(map(str, r['stage_layers']))} | {'yes' if r['churn'] else 'no'} "
+            f"| {r['sim_tokens_per_s']:,.0f} "
             f"| {u[0]:.2f}, {sum(u[1:]) / len(u[1:]):.2f} | {r['binding']} | {r['retried']} |"
         )
     (out / "paper-scale.md").write_text("\n".join(lines) + "\n")

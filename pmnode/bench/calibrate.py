@@ -15,6 +15,7 @@ from rich.console import Console
 
 from pmnode.bench.swarm import head_lines
 from pmnode.config import RunConfig, load_config
+from pmnode.core.split import split_layers
 from pmnode.core.train import config_for
 from pmnode.net.shaping import parse_bandwidth
 from pmnode.swarm.local_swarm import run_local_swarm
@@ -59,9 +60,11 @@ class Measured(BaseModel):
 def run_config(spec: RunSpec) -> RunConfig:
     cfg = load_config(Path(spec.config))
     cfg, _ = config_for(cfg, spec.codec)
+    tail = len(split_layers(cfg.model.n_layers, spec.stages)[-1])  # free tail layers must fit the tail
     return cfg.with_overrides(
         n_stages=spec.stages,
         stage_layers=None,
+        subspace={"uncompressed_tail_layers": min(cfg.subspace.uncompressed_tail_layers, tail)},
         swarm={"schedule": spec.schedule, "max_inflight": spec.inflight},
         train={"steps": spec.steps, "eval_every": spec.steps},  # one evaluation, at the end
     )

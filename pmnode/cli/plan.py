@@ -70,6 +70,7 @@ def plan(
     cfg = load_with_overrides(config, **sections)
     spec = codec or cfg.codec_spec
     codec_bytes(cfg, spec)  # a bad codec fails here, in one line
+    memory = gpu_named(gpu).memory_gb if gpu is not None else None
     if measured is not None:
         times, device = measured_times(measured, cfg), f"measured ({measured})"
     else:
@@ -86,6 +87,7 @@ def plan(
         latency=lat,
         replicas=replicas,
         max_inflight=cfg.swarm.max_inflight,
+        gpu_memory_gb=memory,
     )
     if as_json:
         print(result.model_dump_json(indent=2))

@@ -35,6 +35,13 @@ class Plan(BaseModel):
     closed: ClosedForm
     simulated: SimResult
     max_k_compute_bound: int | None  # the largest subspace k whose links keep up with compute
+    gpu_memory_gb: float | None = None  # the device's, to set the stages' state against
+
+    @property
+    def state_gb(self) -> list[float]:
+        """Each stage's weights, gradients and Adam state in mixed precision: 16 B per parameter
+        (bf16 weights and gradients, fp32 master weights and two moments); activations not counted."""
+        return [16 * c.params / 1e9 for c in self.costs]
 
 
 def device_times(costs: list[StageCost], flops_per_s: float) -> tuple[list[float], list[float]]:
@@ -117,6 +124,7 @@ def make_plan(
     latency: float,
     replicas: int,
     max_inflight: int,
+    gpu_memory_gb: float | None = None,
 ) -> Plan:
     costs = stage_costs(cfg, codec)
     t = cfg.train
@@ -150,5 +158,6 @@ def make_plan(
         bwd_s_per_token=fwd_bwd[1],
         closed=closed,
         simulated=simulate(inputs, cfg),
+        gpu_memory_gb=gpu_memory_gb,
         max_k_compute_bound=max_k(cfg, codec, bandwidth, compute if math.isfinite(compute) else 0.0),
     )

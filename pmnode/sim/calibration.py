@@ -62,6 +62,7 @@ def spec_from_measured(m: Measured, msg_cpu: float, hop_s: float = 0.0, shared: 
         bwd_bytes_per_token=m.bwd_bytes_per_token,
         hop_s=hop_s,
         commit_latency=False,  # the local swarm shapes data calls only: its commits are not delayed
+        link_per_peer=True,  # and it shapes each peer's link on its own
         loop_shares_compute=shared,
     )
 

@@ -50,6 +50,11 @@ class SwarmSpec(_Spec):
     commit_latency: bool = Field(
         True, description="Commits pay the links' latency (in-process emulation shapes only data calls)."
     )
+    link_per_peer: bool = Field(
+        False,
+        description="Each peer gets its own link at the full bandwidth, as the in-process emulation does; "
+        "by default a node's uplink is one, shared by all its peers.",
+    )
     loop_shares_compute: bool = Field(
         False, description="A node's event loop and compute thread take turns (one interpreter lock)."
     )

@@ -132,9 +132,10 @@ class SwarmSim:
             dst.loop.submit(self._msg_s(dst), then)
 
         def send() -> None:
-            at = src.shaper.arrival(dst.name, int(nbytes)) + self.spec.hop_s
+            link = dst.name if self.spec.link_per_peer else "uplink"
+            at = src.shaper.arrival(link, int(nbytes)) + self.spec.hop_s
             if src.shaper.bandwidth:
-                key = (dst.stage, dst.name)
+                key = (dst.stage, link)
                 src.link_busy[key] = src.link_busy.get(key, 0.0) + nbytes / src.shaper.bandwidth
             self.eng.at(at, arrive)
 

@@ -1,0 +1,34 @@
+"""Write the calibration and regime reports of docs/benchmarks/plan/ from the measured JSON files.
+
+python scripts/plan_report.py --dir docs/benchmarks/plan
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pmnode.bench.calibrate import Measured
+from pmnode.bench.calibrate_report import write_calibration
+from pmnode.bench.regime import Regime, write_regime
+from pmnode.errors import run_cli
+
+
+def main(
+    d: Annotated[Path, typer.Option("--dir", help="The benchmark directory.")] = Path("docs/benchmarks/plan"),
+) -> None:
+    command = f"python scripts/plan_report.py --dir {d}"
+    runs = [Measured.model_validate(r) for r in json.loads((d / "measured.json").read_text())]
+    v = write_calibration(d, runs, command)
+    print((d / "calibration.md").read_text())
+    if (d / "regime.json").exists():
+        regime = Regime.model_validate_json((d / "regime.json").read_text())
+        write_regime(d, regime, v.msg_cpu, v.shared, command)
+        print((d / "regime.md").read_text())
+
+
+if __name__ == "__main__":
+    run_cli(lambda: typer.run(main))
