@@ -26,7 +26,7 @@ def main(
     print((d / "calibration.md").read_text())
     if (d / "regime.json").exists():
         regime = Regime.model_validate_json((d / "regime.json").read_text())
-        write_regime(d, regime, v.msg_cpu, v.shared, command)
+        write_regime(d, regime, v.fitted, command)
         print((d / "regime.md").read_text())
 
 

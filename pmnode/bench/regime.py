@@ -21,6 +21,7 @@ from pmnode.bench.calibrate import Measured, RunSpec, measure
 from pmnode.config import load_config
 from pmnode.plan.costs import codec_bytes, stage_costs
 from pmnode.plan.gpus import gpu_named
+from pmnode.sim.calibration import Fitted
 
 ROOT = Path(__file__).resolve().parents[2]
 TARGET = ROOT / "docs" / "benchmarks" / "plan" / "llama8b.yaml"
@@ -97,13 +98,13 @@ def run_regime(out: Path, console: Console) -> None:
         out.write_text(regime.model_dump_json(indent=1))
 
 
-def write_regime(out: Path, regime: Regime, msg_cpu: float, shared: bool, command: str) -> list[dict]:
+def write_regime(out: Path, regime: Regime, fitted: Fitted, command: str) -> list[dict]:
     """The runs beside the simulator's figures (fitted constant from the calibration)."""
     from pmnode.sim.calibration import predict
 
     rows = []
     for m in regime.runs:
-        sim = predict(m, msg_cpu, shared=shared)
+        sim = predict(m, fitted)
         rows.append({"name": m.spec.name, "codec": m.spec.codec, "measured": m.tokens_per_s,
                      "simulated": sim.tokens_per_s, "binding": sim.binding,
                      "shaped": m.spec.bandwidth != "unlimited"})  # fmt: skip

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import statistics
 
+from pydantic import BaseModel
+
 from pmnode.bench.calibrate import Measured, NodeTimes
 from pmnode.net.shaping import parse_bandwidth, parse_latency
 from pmnode.sim.model import NodeSpec, SimResult, StageSpec, SwarmSpec
@@ -26,7 +28,9 @@ def _step_s(n: NodeTimes, steps: int) -> float:
     return max(c.busy_s - c.forward_s - c.backward_s, 0.0) / max(steps, 1)
 
 
-def spec_from_measured(m: Measured, msg_cpu: float, hop_s: float = 0.0, shared: bool = False) -> SwarmSpec:
+def spec_from_measured(
+    m: Measured, msg_cpu: float, hop_s: float = 0.0, shared: bool = False, late_s: float = 0.0
+) -> SwarmSpec:
     s = m.spec
     bw, lat = parse_bandwidth(s.bandwidth), parse_latency(s.latency)
     # The head's other work is mostly loading the data once; its step costs what the others' do.
@@ -64,27 +68,22 @@ def spec_from_measured(m: Measured, msg_cpu: float, hop_s: float = 0.0, shared: 
         commit_latency=False,  # the local swarm shapes data calls only: its commits are not delayed
         link_per_peer=True,  # and it shapes each peer's link on its own
         loop_shares_compute=shared,
+        shaped_late_s=late_s,
     )
 
 
-def predict(
-    m: Measured, msg_cpu: float, hop_s: float = 0.0, shared: bool = False, steps: int = 200
-) -> SimResult:
-    return SwarmSim(spec_from_measured(m, msg_cpu, hop_s, shared)).run(steps)
+class Fitted(BaseModel):
+    """The constants fitted across all calibration runs."""
+
+    msg_cpu: float  # CPU seconds of event-loop work per message end
+    shared: bool  # the event loop takes turns with the compute thread (one interpreter lock)
+    late_s: float = 0.0  # how late a message that waited on an emulated link is woken
 
 
-def errors(runs: list[Measured], msg_cpu: float, hop_s: float = 0.0, shared: bool = False) -> list[float]:
+def predict(m: Measured, f: Fitted, steps: int = 200) -> SimResult:
+    return SwarmSim(spec_from_measured(m, f.msg_cpu, 0.0, f.shared, f.late_s)).run(steps)
+
+
+def errors(runs: list[Measured], f: Fitted) -> list[float]:
     """Relative error of each run's predicted tokens/s against the measured."""
-    return [predict(m, msg_cpu, hop_s, shared).tokens_per_s / m.tokens_per_s - 1 for m in runs]
-
-
-def fit(runs: list[Measured], grid: list[float]) -> tuple[float, list[float]]:
-    """The msg_cpu of `grid` with the smallest median absolute error (ties: the smaller worst case)."""
-    best: tuple[tuple[float, float], float, list[float]] | None = None
-    for g in grid:
-        e = errors(runs, g)
-        key = (statistics.median(abs(x) for x in e), max(abs(x) for x in e))
-        if best is None or key < best[0]:
-            best = (key, g, e)
-    assert best is not None
-    return best[1], best[2]
+    return [predict(m, f).tokens_per_s / m.tokens_per_s - 1 for m in runs]

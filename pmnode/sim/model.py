@@ -46,6 +46,12 @@ class SwarmSpec(_Spec):
         0.0, ge=0, description="Event-loop time per message at each end (encode, decode, checks); serial."
     )
     hop_s: float = Field(0.0, ge=0, description="Fixed delay per message on top of the link (RPC stack).")
+    shaped_late_s: float = Field(
+        0.0,
+        ge=0,
+        description="Emulation only: how late a message that waited on an emulated link is woken (timer and "
+        "scheduling delay on a loaded machine).",
+    )
     commit_round_trips: int = Field(2, ge=0, description="sync: prepare and apply, head to every stage.")
     commit_latency: bool = Field(
         True, description="Commits pay the links' latency (in-process emulation shapes only data calls)."

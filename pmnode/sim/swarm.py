@@ -134,6 +134,8 @@ class SwarmSim:
         def send() -> None:
             link = dst.name if self.spec.link_per_peer else "uplink"
             at = src.shaper.arrival(link, int(nbytes)) + self.spec.hop_s
+            if src.shaper.active:
+                at += self.spec.shaped_late_s
             if src.shaper.bandwidth:
                 key = (dst.stage, link)
                 src.link_busy[key] = src.link_busy.get(key, 0.0) + nbytes / src.shaper.bandwidth
