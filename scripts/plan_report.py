@@ -12,18 +12,22 @@ from typing import Annotated
 import typer
 
 from pmnode.bench.calibrate import Measured
-from pmnode.bench.calibrate_report import write_calibration
+from pmnode.bench.calibrate_report import Variant, write_calibration
 from pmnode.bench.regime import Regime, write_regime
 from pmnode.errors import run_cli
 
 
 def main(
     d: Annotated[Path, typer.Option("--dir", help="The benchmark directory.")] = Path("docs/benchmarks/plan"),
+    refit: Annotated[bool, typer.Option(help="Fit again; --no-refit takes calibration.json's fit.")] = True,
 ) -> None:
     command = f"python scripts/plan_report.py --dir {d}"
-    runs = [Measured.model_validate(r) for r in json.loads((d / "measured.json").read_text())]
-    v = write_calibration(d, runs, command)
-    print((d / "calibration.md").read_text())
+    if refit:
+        runs = [Measured.model_validate(r) for r in json.loads((d / "measured.json").read_text())]
+        v = write_calibration(d, runs, command)
+        print((d / "calibration.md").read_text())
+    else:
+        v = Variant.model_validate(json.loads((d / "calibration.json").read_text())["chosen"])
     if (d / "regime.json").exists():
         regime = Regime.model_validate_json((d / "regime.json").read_text())
         write_regime(d, regime, v.fitted, command)

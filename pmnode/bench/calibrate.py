@@ -34,6 +34,7 @@ class RunSpec(BaseModel):
     replicas: int = 1
     steps: int = 60
     warmup: int = 10  # steps left out of the measured rate (at least the in-flight window's)
+    request_timeout: float = 60.0  # a slow emulated link queues micro-batches for longer than the default
 
 
 class NodeTimes(BaseModel):
@@ -65,7 +66,11 @@ def run_config(spec: RunSpec) -> RunConfig:
         n_stages=spec.stages,
         stage_layers=None,
         subspace={"uncompressed_tail_layers": min(cfg.subspace.uncompressed_tail_layers, tail)},
-        swarm={"schedule": spec.schedule, "max_inflight": spec.inflight},
+        swarm={
+            "schedule": spec.schedule,
+            "max_inflight": spec.inflight,
+            "request_timeout": spec.request_timeout,
+        },
         train={"steps": spec.steps, "eval_every": spec.steps},  # one evaluation, at the end
     )
 
