@@ -67,7 +67,7 @@ def print_plan(plan: Plan, console: Console) -> None:
         + (str(k) if k is not None else "none (even k = 1 is link-bound)"),
     ]
     worst = max(plan.state_gb)
-    mem = f"stage state (weights, gradients, Adam; 16 B/parameter, no activations): up to {worst:.1f} GB"
+    mem = f"stage state (weights, gradients, Adam; 16 B/parameter, no activations): up to {worst:.3g} GB"
     if plan.gpu_memory_gb is not None:
         fits = worst < plan.gpu_memory_gb
         mem += f" of the GPU's {plan.gpu_memory_gb:g} GB" + (
