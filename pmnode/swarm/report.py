@@ -52,6 +52,19 @@ class Averaging(BaseModel):
     alone: int = 0
 
 
+class ComputeTimes(BaseModel):
+    """Wall seconds the compute thread spent in forward and backward jobs (the tail's forward+backward
+    counts as a backward), all its jobs together, and its CPU seconds: what `pmnode plan --measured`
+    and the simulator's calibration read."""
+
+    forward_s: float = 0.0
+    forwards: int = 0
+    backward_s: float = 0.0
+    backwards: int = 0
+    busy_s: float = 0.0
+    cpu_s: float = 0.0
+
+
 class NodeSummary(BaseModel):
     model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
 
@@ -70,6 +83,7 @@ class NodeSummary(BaseModel):
     steps_lost: int
     paused_s: float
     averaging: Averaging
+    compute: ComputeTimes = Field(default_factory=ComputeTimes)
     # the head only
     final_train_loss: float | None = None
     heldout_loss: float | None = None

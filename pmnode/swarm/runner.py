@@ -23,6 +23,7 @@ from pmnode.core import checkpoint
 from pmnode.core.codecs import Packet
 from pmnode.core.worker import StageWorker
 from pmnode.net.checks import GradScale, check_activation, check_gradient
+from pmnode.swarm.report import ComputeTimes
 from pmnode.swarm.schedule import Schedule
 
 T = TypeVar("T")
@@ -51,6 +52,7 @@ class StageRunner:
         self.worker, self.cfg, self.schedule, self.checkpoints = worker, cfg, schedule, checkpoints
         self.pool = pool
         self.busy = 0.0  # seconds the compute thread worked
+        self.times = ComputeTimes()  # forward/backward job times, for plan --measured and calibration
         self.samples_applied = 0
         self.samples_served = 0  # samples whose backward finished here: with `busy`, the service rate
         self.since_average = 0  # samples applied since this replica's last averaging round
@@ -86,11 +88,12 @@ class StageRunner:
     # ---- the one thread ------------------------------------------------------------------------------
     async def run(self, fn: Callable[..., T], *args: object) -> T:
         def timed() -> T:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             try:
                 return fn(*args)
             finally:
                 self.busy += time.perf_counter() - t0  # one compute thread: the only writer
+                self.times.cpu_s += time.thread_time() - c0
 
         return await asyncio.get_running_loop().run_in_executor(self.pool, timed)
 
@@ -136,11 +139,24 @@ class StageRunner:
 
     # ---- data path -----------------------------------------------------------------------------------
     async def forward(self, key: str, packet: Packet | None, tokens: Tensor | None, samples: int) -> Packet:
-        return await self.run(self.worker.forward, key, packet, tokens, samples)
+        def job() -> Packet:
+            t0 = time.perf_counter()
+            out = self.worker.forward(key, packet, tokens, samples)
+            self.times.forward_s += time.perf_counter() - t0
+            self.times.forwards += 1
+            return out
+
+        return await self.run(job)
+
+    def _backward_done(self, t0: float) -> None:
+        self.times.backward_s += time.perf_counter() - t0
+        self.times.backwards += 1
 
     async def tail(self, key: str, packet: Packet, targets: Tensor, samples: int) -> tuple[float, Packet]:
         def job() -> tuple[float, Packet]:
+            t0 = time.perf_counter()
             loss, grad = self.worker.forward_backward(key, packet, targets)
+            self._backward_done(t0)
             self._after_backward(samples)
             assert grad is not None  # a tail of two or more stages always has an upstream
             return loss, grad
@@ -149,7 +165,9 @@ class StageRunner:
 
     async def backward(self, key: str, grad: Packet, samples: int) -> Packet | None:
         def job() -> Packet | None:
+            t0 = time.perf_counter()
             up = self.worker.backward(key, grad)
+            self._backward_done(t0)
             self._after_backward(samples)
             return up
 

@@ -114,5 +114,6 @@ class Telemetry:
             steps_lost=p.replicas.steps_lost,
             paused_s=round(p.pauses.paused_s, 2),
             averaging=p.averaging.counts,
+            compute=runner.times.model_copy(update={"busy_s": round(runner.busy, 4)}),
             **extra,  # type: ignore[arg-type]
         )

@@ -1,0 +1,163 @@
+"""A run's plan: its stage costs on a device (or measured times), the closed form, the simulator's
+figure, and the largest k that keeps every stage compute-bound."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from pmnode.config import RunConfig
+from pmnode.core.train import parse_spec
+from pmnode.errors import ConfigError
+from pmnode.plan.closed import ClosedForm, PlanInputs, closed_form
+from pmnode.plan.costs import StageCost, codec_bytes, stage_costs
+from pmnode.sim.model import NodeSpec, SimResult, StageSpec, SwarmSpec
+from pmnode.sim.swarm import SwarmSim
+from pmnode.swarm.report import NodeSummary
+
+
+class Plan(BaseModel):
+    config: str
+    codec: str
+    device: str  # what the compute times came from
+    stages_n: int
+    replicas: int
+    bandwidth: float | None
+    latency: float
+    schedule: str
+    max_inflight: int
+    tokens_per_step: int
+    costs: list[StageCost]
+    fwd_s_per_token: list[float]
+    bwd_s_per_token: list[float]
+    closed: ClosedForm
+    simulated: SimResult
+    max_k_compute_bound: int | None  # the largest subspace k whose links keep up with compute
+    gpu_memory_gb: float | None = None  # the device's, to set the stages' state against
+
+    @property
+    def state_gb(self) -> list[float]:
+        """Each stage's weights, gradients and Adam state in mixed precision: 16 B per parameter
+        (bf16 weights and gradients, fp32 master weights and two moments); activations not counted."""
+        return [16 * c.params / 1e9 for c in self.costs]
+
+
+def device_times(costs: list[StageCost], flops_per_s: float) -> tuple[list[float], list[float]]:
+    return [c.flops_fwd_per_token / flops_per_s for c in costs], [
+        c.flops_bwd_per_token / flops_per_s for c in costs
+    ]
+
+
+def measured_times(path: Path, cfg: RunConfig) -> tuple[list[float], list[float]]:
+    """Per-token times of every stage from a run's node summaries (`--summary-json` of `pmnode join`,
+    or the node-*.json a local swarm leaves in its workdir): a directory of them or one file per stage."""
+    files = sorted(path.glob("node-*.json")) if path.is_dir() else [path]
+    by_stage: dict[int, NodeSummary] = {}
+    for f in files:
+        try:
+            s = NodeSummary.model_validate_json(f.read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"--measured {f}: not a node summary ({type(e).__name__})") from None
+        by_stage.setdefault(s.stage, s)
+    if sorted(by_stage) != list(range(cfg.n_stages)):
+        raise ConfigError(
+            f"--measured {path}: has stages {sorted(by_stage)}, the plan has {cfg.n_stages}; pass --stages"
+        )
+    tok = cfg.train.micro * cfg.train.seq_len
+    fwd, bwd = [], []
+    for i in range(cfg.n_stages):
+        c = by_stage[i].compute
+        if not c.backwards:
+            raise ConfigError(f"--measured: stage {i} ran no backward; measure a run that trained")
+        fwd.append(c.forward_s / c.forwards / tok if c.forwards else 0.0)
+        bwd.append(c.backward_s / c.backwards / tok)
+    return fwd, bwd
+
+
+def simulate(p: PlanInputs, cfg: RunConfig, steps: int = 60) -> SimResult:
+    m = p.tokens_per_micro_batch
+    last = len(p.costs) - 1
+    stages = [
+        StageSpec(
+            fwd_s=0.0 if i == last else m * p.fwd_s_per_token[i],
+            bwd_s=m * (p.bwd_s_per_token[i] + (p.fwd_s_per_token[i] if i == last else 0.0)),
+            nodes=[NodeSpec(bandwidth=p.bandwidth, latency=p.latency)] * (1 if i == 0 else p.replicas),
+        )
+        for i in range(len(p.costs))
+    ]
+    spec = SwarmSpec(
+        stages=stages,
+        schedule=p.schedule,  # type: ignore[arg-type]
+        max_inflight=p.max_inflight,
+        micro_batches_per_step=p.micro_batches_per_step,
+        tokens_per_micro_batch=m,
+        fwd_bytes_per_token=p.costs[0].bytes_fwd_per_token,
+        bwd_bytes_per_token=p.costs[-1].bytes_bwd_per_token,
+        commit_round_trips=p.commit_round_trips,
+    )
+    return SwarmSim(spec).run(steps)
+
+
+def max_k(cfg: RunConfig, codec: str, bandwidth: float | None, compute_rate: float) -> int | None:
+    """The largest k whose boundary bytes the slowest uplink carries at the swarm's compute rate."""
+    kind = parse_spec(codec)[0]
+    spec = kind if kind.startswith("subspace") else "subspace"
+    d = cfg.model.d_model
+    if bandwidth is None:
+        return d
+    for k in range(d, 0, -1):
+        fwd, bwd, _ = codec_bytes(cfg, f"{spec}@{k}")
+        if bandwidth / max(fwd, bwd) >= compute_rate:  # the head's single uplink is the narrowest
+            return k
+    return None
+
+
+def make_plan(
+    cfg: RunConfig,
+    codec: str,
+    *,
+    fwd_bwd: tuple[list[float], list[float]],
+    device: str,
+    bandwidth: float | None,
+    latency: float,
+    replicas: int,
+    max_inflight: int,
+    gpu_memory_gb: float | None = None,
+) -> Plan:
+    costs = stage_costs(cfg, codec)
+    t = cfg.train
+    inputs = PlanInputs(
+        costs=costs,
+        fwd_s_per_token=fwd_bwd[0],
+        bwd_s_per_token=fwd_bwd[1],
+        bandwidth=bandwidth,
+        latency=latency,
+        replicas=replicas,
+        max_inflight=max_inflight,
+        schedule=cfg.swarm.schedule,
+        tokens_per_micro_batch=t.micro * t.seq_len,
+        micro_batches_per_step=max(1, t.batch_size // t.micro),
+    )
+    closed = closed_form(inputs)
+    compute = min(r.compute_tokens_per_s for r in closed.stages)
+    return Plan(
+        config=cfg.name,
+        codec=codec,
+        device=device,
+        stages_n=cfg.n_stages,
+        replicas=replicas,
+        bandwidth=bandwidth,
+        latency=latency,
+        schedule=cfg.swarm.schedule,
+        max_inflight=max_inflight,
+        tokens_per_step=t.batch_size * t.seq_len,
+        costs=costs,
+        fwd_s_per_token=fwd_bwd[0],
+        bwd_s_per_token=fwd_bwd[1],
+        closed=closed,
+        simulated=simulate(inputs, cfg),
+        gpu_memory_gb=gpu_memory_gb,
+        max_k_compute_bound=max_k(cfg, codec, bandwidth, compute if math.isfinite(compute) else 0.0),
+    )

@@ -1,0 +1,107 @@
+"""The swarm simulator against cases whose answer is known by hand."""
+
+from __future__ import annotations
+
+import pytest
+
+from pmnode.sim.events import Engine, Server
+from pmnode.sim.model import NodeSpec, StageSpec, SwarmSpec
+from pmnode.sim.swarm import SwarmSim
+
+
+def spec(stages: list[StageSpec], **kw: object) -> SwarmSpec:
+    base: dict = {"tokens_per_micro_batch": 100, "fwd_bytes_per_token": 0, "bwd_bytes_per_token": 0}
+    return SwarmSpec(stages=stages, **{**base, **kw})
+
+
+def test_server_is_fifo_and_serial() -> None:
+    eng, done = Engine(), []
+    srv = Server(eng)
+    for name, secs in (("a", 2.0), ("b", 1.0), ("c", 0.5)):
+        srv.submit(secs, lambda name=name: done.append((name, eng.now)))
+    eng.run()
+    assert done == [("a", 2.0), ("b", 3.0), ("c", 3.5)]
+    assert srv.busy_s == 3.5
+
+
+def test_compute_bound_pipeline() -> None:
+    # Two stages; the tail's 30 ms job is the slowest: 100 tokens / 0.03 s.
+    s = spec([StageSpec(fwd_s=0.01, bwd_s=0.02), StageSpec(fwd_s=0, bwd_s=0.03)], max_inflight=8)
+    r = SwarmSim(s).run(200)
+    assert r.tokens_per_s == pytest.approx(100 / 0.03, rel=1e-4)
+    assert r.binding == "compute, stage 1"
+    assert r.stages[1].utilisation == pytest.approx(1.0, abs=0.01)
+
+
+def test_one_micro_batch_in_flight_is_the_round_trip() -> None:
+    # Window 1: every micro-batch waits for the last; round trip 10 + 30 + 20 ms + 2 x 50 ms latency.
+    far = [NodeSpec(latency=0.05)]
+    s = spec(
+        [StageSpec(fwd_s=0.01, bwd_s=0.02, nodes=far), StageSpec(fwd_s=0, bwd_s=0.03, nodes=far)],
+        max_inflight=1,
+    )
+    r = SwarmSim(s).run(50)
+    assert r.tokens_per_s == pytest.approx(100 / 0.16, rel=1e-4)
+    assert r.binding == "latency and the in-flight window"
+
+
+def test_link_bound() -> None:
+    # 1,000 B/token forward at 1 MB/s: 0.1 s per micro-batch of 100 tokens on the link.
+    nodes = [NodeSpec(bandwidth=1e6, latency=0.05)]
+    s = spec(
+        [StageSpec(fwd_s=0.01, bwd_s=0.02, nodes=nodes), StageSpec(fwd_s=0, bwd_s=0.03, nodes=nodes)],
+        max_inflight=8,
+        fwd_bytes_per_token=1000,
+        bwd_bytes_per_token=100,
+    )
+    r = SwarmSim(s).run(100)
+    assert r.tokens_per_s == pytest.approx(1000.0, rel=1e-4)
+    assert r.binding == "link 0->1"
+
+
+def test_sync_drains_every_step() -> None:
+    # Two micro-batches per step: head fwd 0-10, 10-20 ms; tail 10-40, 40-70; head bwd 40-60, 70-90.
+    s = spec(
+        [StageSpec(fwd_s=0.01, bwd_s=0.02, step_s=0.005), StageSpec(fwd_s=0, bwd_s=0.03, step_s=0.005)],
+        schedule="sync",
+        max_inflight=8,
+        micro_batches_per_step=2,
+    )
+    r = SwarmSim(s).run(50)
+    assert r.step_s == pytest.approx(0.095, rel=1e-4)  # 90 ms and the 5 ms step
+    assert r.tokens_per_s == pytest.approx(200 / 0.095, rel=1e-4)
+
+
+def test_replicas_share_by_the_routing_policy() -> None:
+    # The tail has two replicas, one twice as fast. The real policy routes on records refreshed every
+    # heartbeat: within one, every micro-batch goes to the replica that looked emptiest, and the next
+    # heartbeat shows it full, so the load swings between them. Both serve, in the ratio of their
+    # speeds, but the pair does no better than the fast one alone (100 tokens / 30 ms).
+    tail = StageSpec(fwd_s=0, bwd_s=0.06, nodes=[NodeSpec(speed=1.0), NodeSpec(speed=2.0)])
+    sim = SwarmSim(spec([StageSpec(fwd_s=0.001, bwd_s=0.001), tail], max_inflight=16))
+    r = sim.run(1000)
+    slow, fast = (n.served for n in sim.nodes[1])
+    assert 1.5 < fast / slow < 2.1
+    assert 100 / 0.06 < r.tokens_per_s < 1.05 * 100 / 0.03
+
+
+def test_a_replica_dies_and_its_micro_batches_go_elsewhere() -> None:
+    tail = StageSpec(fwd_s=0, bwd_s=0.02, nodes=[NodeSpec(), NodeSpec(leave_at=1.0)])
+    s = spec([StageSpec(fwd_s=0.001, bwd_s=0.001), tail], max_inflight=8, retry_s=0.5)
+    sim = SwarmSim(s)
+    r = sim.run(400)
+    assert r.retried > 0
+    assert r.steps == 400  # nothing lost: every micro-batch finished
+    assert r.stages[1].nodes == 1
+    # After the death the one replica left bounds the rate: 100 tokens per 20 ms.
+    late = [t for t in sim.done_at if t > 3.0]
+    assert (len(late) - 1) / (late[-1] - late[0]) == pytest.approx(50.0, rel=0.02)
+
+
+def test_a_joiner_takes_load() -> None:
+    tail = StageSpec(fwd_s=0, bwd_s=0.02, nodes=[NodeSpec(), NodeSpec(join_at=2.0)])
+    sim = SwarmSim(spec([StageSpec(fwd_s=0.001, bwd_s=0.001), tail], max_inflight=8))
+    sim.run(600)
+    assert sim.nodes[1][1].served > 100
+    late = [t for t in sim.done_at if t > 5.0]
+    assert (len(late) - 1) / (late[-1] - late[0]) > 0.95 * 50  # at least one replica's 50/s (see above)
