@@ -15,7 +15,6 @@ libp2p, so both train identically.
 
 from __future__ import annotations
 
-import io
 import math
 from dataclasses import dataclass
 
@@ -284,23 +283,6 @@ class StageWorker:
         self.optimizer.zero_grad(set_to_none=True)
         self.samples_ready = 0
         self.accumulated = {k: v for k, v in self.accumulated.items() if v != step}
-
-    def state_bytes(self) -> bytes:
-        """Weights, optimizer state and step count: what a new replica of this stage starts from."""
-        buf = io.BytesIO()
-        model = {k: v.detach().cpu() for k, v in self.stage.state_dict().items()}
-        torch.save({"model": model, "optim": self.optimizer.state_dict(), "step": self.step_count}, buf)
-        return buf.getvalue()
-
-    def load_state_bytes(self, data: bytes) -> None:
-        """Become the replica whose `state_bytes` these are; gradients accumulated here are void."""
-        state = torch.load(io.BytesIO(data), map_location=self.device, weights_only=True)
-        self.stage.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optim"])
-        self.step_count = int(state["step"])
-        self.optimizer.zero_grad(set_to_none=True)
-        self.samples_ready = 0
-        self.accumulated = {}
 
     def step(self, total_steps: int | None = None, lr_step: int | None = None) -> tuple[int, float]:
         """Mean gradient over the finished samples, clip, AdamW at the scheduled lr, re-project.

@@ -21,7 +21,9 @@ from torch import Tensor
 from pmnode.config import MachineConfig, RunConfig
 from pmnode.core import checkpoint
 from pmnode.core.codecs import Packet
+from pmnode.core.replica_state import load_state_tensors
 from pmnode.core.worker import StageWorker
+from pmnode.net.bulk import Received, unpack
 from pmnode.net.checks import GradScale, check_activation, check_gradient
 from pmnode.swarm.schedule import Schedule
 
@@ -194,12 +196,12 @@ class StageRunner:
     async def step_if_ready(self) -> None:
         await self.run(self._step_if_ready)
 
-    async def load_state(self, data: bytes, keep_step: bool = False) -> None:
-        """Become a replica whose state_bytes these are; `keep_step`: this replica's own step count stays."""
+    async def load_state(self, got: Received, keep_step: bool = False) -> None:
+        """Become the replica this state was copied from; `keep_step`: this replica's own step count stays."""
 
         def job() -> None:
             step = self.worker.step_count
-            self.worker.load_state_bytes(data)
+            load_state_tensors(self.worker, unpack(got.manifest, got.buffer), got.manifest.meta)
             if keep_step:
                 self.worker.step_count = step
 
