@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pmnode.config import OptimConfig, RunConfig
+from pmnode.core.adam8 import AdamW8bit
 from pmnode.core.codecs import Codec, Packet, make_codec
 from pmnode.core.stages import Stage, build_subspace
 from pmnode.core.subspace import Subspace
@@ -39,8 +40,11 @@ def lr_at(step: int, optim: OptimConfig, total_steps: int) -> float:
     return optim.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def build_optimizer(stage: Stage, optim: OptimConfig) -> torch.optim.AdamW:
-    """AdamW groups: matrices with weight decay, the reparametrised writes Z apart (their own lr
+def build_optimizer(
+    stage: Stage, optim: OptimConfig, state: str = "fp32", fused: bool = False
+) -> torch.optim.Optimizer:
+    """AdamW (`state` int8: with 8-bit moments; `fused`: torch's fused kernel) in groups: matrices
+    with weight decay, the reparametrised writes Z apart (their own lr
     scale), vectors without decay. Each group's `lr_scale` multiplies the scheduled lr."""
     scaled = (
         {id(w.weight) for w in stage.writes() if w.mode == "reparam"} if optim.write_lr_scale != 1 else set()
@@ -56,7 +60,9 @@ def build_optimizer(stage: Stage, optim: OptimConfig) -> torch.optim.AdamW:
         )
     if rest:
         groups.append({"params": rest, "weight_decay": 0.0, "lr_scale": 1.0})
-    return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps)
+    if state == "int8":
+        return AdamW8bit(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps)
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, fused=fused or None)
 
 
 @dataclass
@@ -91,6 +97,9 @@ class StageWorker:
         subspace: Subspace | None = None,
         stash_weights: bool = False,
         autocast_bf16: bool = False,
+        checkpoint_layers: bool = False,
+        optimizer_state: str = "fp32",
+        fused_adam: bool = False,
     ):
         self.cfg, self.index, self.device = cfg, index, torch.device(device)
         self.autocast_bf16 = autocast_bf16  # this machine's choice (MachineConfig), not the run's
@@ -101,7 +110,8 @@ class StageWorker:
         self.codec: Codec = make_codec(
             codec, d_model=m.d_model, vocab_size=m.vocab_size, subspace=self.stage.subspace
         )
-        self.optimizer = build_optimizer(self.stage, cfg.optim)
+        self.stage.checkpoint_layers = checkpoint_layers
+        self.optimizer = build_optimizer(self.stage, cfg.optim, optimizer_state, fused_adam)
         self.stash_weights = stash_weights
         self.step_count = 0
         self.samples_ready = 0  # backward finished, not yet applied

@@ -80,6 +80,9 @@ class StageRunner:
                 machine.device,
                 stash_weights=schedule.stash_weights,
                 autocast_bf16=machine.autocast_bf16,
+                checkpoint_layers=machine.checkpoint_layers,
+                optimizer_state=machine.optimizer_state,
+                fused_adam=machine.fused_adam if machine.fused_adam is not None else "cuda" in machine.device,
             )
 
         worker = await asyncio.get_running_loop().run_in_executor(pool, build)
