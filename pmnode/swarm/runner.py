@@ -141,14 +141,14 @@ class StageRunner:
 
     # ---- data path -----------------------------------------------------------------------------------
     async def forward(self, key: str, packet: Packet | None, tokens: Tensor | None, samples: int) -> Packet:
-        return await self.run(self.worker.forward, key, packet, tokens, samples)
+        return await self.run(lambda: self.worker.forward(key, packet, tokens, samples).on_host())
 
     async def tail(self, key: str, packet: Packet, targets: Tensor, samples: int) -> tuple[float, Packet]:
         def job() -> tuple[float, Packet]:
             loss, grad = self.worker.forward_backward(key, packet, targets)
             self._after_backward(samples)
             assert grad is not None  # a tail of two or more stages always has an upstream
-            return loss, grad
+            return loss, grad.on_host()
 
         return await self.run(job)
 
@@ -156,7 +156,7 @@ class StageRunner:
         def job() -> Packet | None:
             up = self.worker.backward(key, grad)
             self._after_backward(samples)
-            return up
+            return up.on_host() if up is not None else None
 
         return await self.run(job)
 
@@ -166,7 +166,11 @@ class StageRunner:
     async def evaluate(
         self, packet: Packet | None, tokens: Tensor | None = None, targets: Tensor | None = None
     ):
-        return await self.run(self.worker.evaluate, packet, tokens, targets)
+        def job():
+            out = self.worker.evaluate(packet, tokens, targets)
+            return out.on_host() if isinstance(out, Packet) else out
+
+        return await self.run(job)
 
     async def check_activation(self, packet: Packet, max_batch: int, samples: int | None) -> None:
         cfg = self.cfg
