@@ -41,7 +41,7 @@ SHAPE = {
     },
     "n_stages": 3,
     "subspace": {"compression_rank": 16, "uncompressed_tail_layers": 1},
-    "train": {"batch_size": 2, "micro_batch_size": 2, "seq_len": 256},
+    "train": {"batch_size": 4, "micro_batch_size": 4, "seq_len": 256},
 }
 OPTIONS = {  # name -> (autocast_bf16, optimizer_state, checkpoint_layers, fused_adam)
     "fp32": (False, "fp32", False, False),
