@@ -123,8 +123,10 @@ def _layer_activation_elems(cfg: RunConfig) -> int:
     return 11 * m.d_model + 3 * kv + 4 * m.hidden + m.n_heads
 
 
-def stage_sizes(cfg: RunConfig) -> list[StageSize]:
-    """One StageSize per stage of `cfg` (see the module's docstring)."""
+def stage_sizes(cfg: RunConfig, codec: str | None = None) -> list[StageSize]:
+    """One StageSize per stage of `cfg` (see the module's docstring); `codec` replaces cfg's."""
+    if codec is not None:
+        cfg = cfg.with_overrides(codec=codec)
     m, sub = cfg.model, cfg.subspace
     d, h, v = m.d_model, m.hidden, m.vocab_size
     kv = m.kv_heads * (d // m.n_heads)
