@@ -80,24 +80,42 @@ def inspect(
     tokens_per_s: Annotated[
         float | None, typer.Option(help="A stage's training rate in tokens/s (with --bandwidth).", min=0)
     ] = None,
+    gpu_memory: Annotated[
+        str | None, typer.Option(help="A volunteer's device memory, e.g. 24GB: which stages fit it.")
+    ] = None,
+    fingerprint: Annotated[
+        bool | None,
+        typer.Option(
+            "--fingerprint/--no-fingerprint",
+            help="Build U and F to print their fingerprint; default: only when F is under 64M entries "
+            "(a 128k vocabulary at d = 4096 takes minutes and 8 GB).",
+        ),
+    ] = None,
 ) -> None:
-    """Validate a run config; show its stage split, subspace fingerprint and what each k costs."""
+    """Validate a run config; show its stage split, fingerprint, per-stage sizes and what each k costs."""
+    from coordinator.sizes import print_sizes, sizes_json
     from pmnode.bench.advice import advise, recommended
+    from pmnode.core.sizing import parse_size, stage_sizes
     from pmnode.net.shaping import parse_bandwidth
 
     cfg = load_config(config)
     advice = advise(cfg, parse_bandwidth(bandwidth) if bandwidth else None, tokens_per_s)
     best = recommended(advice)
-    sub = build_subspace(cfg)
+    memory = parse_size(gpu_memory) if gpu_memory else None
+    sizes = stage_sizes(cfg)
+    if fingerprint is None:
+        fingerprint = cfg.model.vocab_size * cfg.model.d_model <= 2**26
+    sub = build_subspace(cfg) if fingerprint else None
     ranges = split_layers(cfg.model.n_layers, cfg.n_stages, cfg.stage_layers)
-    free = free_layers(cfg) if sub is not None else range(0)
+    free = free_layers(cfg) if cfg.subspace.enabled else range(0)
     info = {
         "name": cfg.name,
         "d_model": cfg.model.d_model,
-        "compression_rank": cfg.rank if sub is not None else None,
+        "compression_rank": cfg.rank if cfg.subspace.enabled else None,
         "fingerprint": sub.fingerprint if sub is not None else None,
         "stages": [{"stage": i, "layers": [r.start, r.stop]} for i, r in enumerate(ranges)],
         "uncompressed_layers": list(free),
+        "sizes": sizes_json(sizes, memory),
         "compression": [a.model_dump() for a in advice],
         "recommended_rank": best.rank if best else None,
     }
@@ -107,13 +125,14 @@ def inspect(
     console = Console()
     console.print(
         f"run [bold]{cfg.name}[/]: d={cfg.model.d_model}, k={info['compression_rank']}, "
-        f"fingerprint {info['fingerprint']}"
+        f"fingerprint {info['fingerprint'] or 'not computed (--fingerprint)'}"
     )
     table = Table("stage", "layers", "role")
     for i, r in enumerate(ranges):
         role = "head" if i == 0 else "tail" if i == len(ranges) - 1 else "body"
         table.add_row(str(i), f"{r.start}..{r.stop - 1}", role)
     console.print(table)
+    print_sizes(console, sizes, memory)
     print_advice(console, advice, best)
 
 

@@ -78,6 +78,11 @@ def test_stage_out_of_range(coordinator: dict) -> None:
     one_line_error(r, "stage 9 is out of range: this run has stages 0..3")
 
 
+def test_a_stage_too_large_for_this_machine_is_refused(coordinator: dict) -> None:
+    r = join("--coordinator", coordinator["maddr"], "--memory-limit", "100KB", token=coordinator["token"])
+    one_line_error(r, "stage 0 needs about 2.2 MiB", "--memory-limit is 97.7 KiB", "smaller stages")
+
+
 def test_unreachable_coordinator() -> None:
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))

@@ -21,9 +21,11 @@ def test_shipped_configs_load(path: Path) -> None:
 
 def test_required_configs_exist() -> None:
     names = {p.stem for p in CONFIGS}
-    assert {"tiny", "small", "gpu-1b"} <= names
-    big = load_config(Path(__file__).parent.parent / "configs" / "gpu-1b.yaml")
-    assert big.model.d_model == 4096 and 36 <= big.rank <= 46  # k ~ d/100, as in the paper
+    assert {"tiny", "small", "llama-1b", "llama-8b"} <= names
+    big = load_config(Path(__file__).parent.parent / "configs" / "llama-8b.yaml")
+    m = big.model  # the paper's and node0's Llama-3-8B shape, k ~ d/100
+    assert (m.d_model, m.n_layers, m.n_heads, m.kv_heads, m.hidden) == (4096, 32, 32, 8, 14336)
+    assert (m.max_seq_len, m.vocab_size, big.rank, big.n_stages) == (4096, 128256, 40, 8)
 
 
 @pytest.mark.parametrize(
@@ -107,7 +109,7 @@ def test_shipped_configs_by_name_from_any_directory(tmp_path: Path, monkeypatch:
     monkeypatch.chdir(tmp_path)
     assert load_config("tiny").name == "tiny"
     assert load_config("configs/small.yaml").model.d_model == 256  # the README's path, outside the repo
-    with pytest.raises(ConfigError, match="shipped configs: deep, gpu-1b, small, tiny"):
+    with pytest.raises(ConfigError, match=r"shipped configs: deep, .*small, tiny"):
         load_config("configs/nope.yaml")
     with pytest.raises(ConfigError, match="not found: elsewhere/tiny"):
         load_config("elsewhere/tiny")

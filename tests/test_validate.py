@@ -36,7 +36,9 @@ def check(p: Packet, w: StageWorker, samples: int | None = B, vocab: int = VOCAB
     check_activation(p, w.codec, vocab_size=vocab, max_batch=B, max_len=T, samples=samples)
 
 
-@pytest.mark.parametrize("spec", ["dense", "dense:bf16", "int8", "topk:4", "subspace", "subspace:int8", "subspace:int4"])
+@pytest.mark.parametrize(
+    "spec", ["dense", "dense:bf16", "int8", "topk:4", "subspace", "subspace:int8", "subspace:int4"]
+)
 def test_real_packets_pass(spec: str) -> None:
     p, w = real_packet(spec)
     check(p, w)

@@ -169,3 +169,11 @@ def test_encode_refuses_unknown_dtypes() -> None:
         with pytest.raises(WireError) as info:
             encode(_header(), Packet({"v": torch.zeros(2, dtype=dtype)}))
         assert info.value.reason == "unknown dtype"
+
+
+def test_encode_takes_only_host_tensors() -> None:
+    """A device tensor would make encode wait for the GPU on the event loop: refused, with the fix."""
+    header = {"kind": "activation", "run": "r", "micro_batch": "0", "stage": 0, "step": 0}
+    with pytest.raises(WireError, match="on_host"):
+        encode(header, Packet({"v": torch.empty(2, device="meta")}))
+    assert Packet({"v": torch.ones(2)}).on_host().tensors["v"].device.type == "cpu"

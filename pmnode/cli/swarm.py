@@ -57,6 +57,20 @@ def join(
     threads: Annotated[
         int | None, typer.Option(help="torch threads for this node (default: torch's choice).", min=1)
     ] = None,
+    optimizer_state: Annotated[
+        str, typer.Option(help="AdamW's moments: fp32 (8 B/parameter) or int8 (2 B, 8-bit blocks).")
+    ] = "fp32",
+    checkpoint_layers: Annotated[
+        bool, typer.Option("--checkpoint-layers", help="Recompute each layer in the backward: less memory.")
+    ] = False,
+    fused_adam: Annotated[
+        bool | None,
+        typer.Option("--fused-adam/--no-fused-adam", help="torch's fused AdamW; default: on for CUDA."),
+    ] = None,
+    memory_limit: Annotated[
+        str | None,
+        typer.Option(help="Memory this node may use, e.g. 24GB; default: the GPU's, or the free RAM."),
+    ] = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue this stage from its checkpoint in --checkpoint-dir.")
     ] = False,
@@ -84,6 +98,7 @@ def join(
 ) -> None:
     """Join a swarm: get a stage from the coordinator, build it, serve and train."""
 
+    from pmnode.core.sizing import parse_size
     from pmnode.net.control import coordinator_from_file
     from pmnode.net.dht import run_until_signal
     from pmnode.net.shaping import parse_bandwidth, parse_latency
@@ -102,6 +117,8 @@ def join(
     from pmnode.net.auth import JOIN_TOKEN_ENV, TOKEN_FILE, resolve_token
 
     device = resolve_device(device)
+    if optimizer_state not in ("fp32", "int8"):
+        raise PmnodeError(f"--optimizer-state must be fp32 or int8, not {optimizer_state!r}")
     if data is not None:
         corpus_files(data)  # a wrong path fails here, not after joining the swarm
 
@@ -119,7 +136,16 @@ def join(
         token=token,
         coordinator=coordinator,
         stage=stage,
-        machine=MachineConfig(device=device, threads=threads, autocast_bf16=bf16, data=data),
+        machine=MachineConfig(
+            device=device,
+            threads=threads,
+            autocast_bf16=bf16,
+            data=data,
+            optimizer_state=optimizer_state,  # type: ignore[arg-type]
+            checkpoint_layers=checkpoint_layers,
+            fused_adam=fused_adam,
+            memory_limit=parse_size(memory_limit) if memory_limit else None,
+        ),
         host=host,
         port=port,
         announce=announce or [],

@@ -49,6 +49,11 @@ class Packet:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
+    def on_host(self) -> Packet:
+        """On the compute thread, before the packet leaves it: the copy from a GPU waits for the
+        device there, never on the event loop (pmnode.net.wire only takes host tensors)."""
+        return Packet({k: v.detach().cpu() for k, v in self.tensors.items()})
+
 
 class Quantizer(Protocol):
     def pack(self, z: Tensor) -> dict[str, Tensor]: ...

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from pmnode.config import RunConfig
 from pmnode.core.model import (
@@ -99,6 +101,7 @@ class Stage(nn.Module):
         cos, sin = rope_tables(m.d_model // m.n_heads, m.max_seq_len, m.rope_theta)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
+        self.checkpoint_layers = False  # a machine's choice: recompute each block in the backward
         self.reset()
 
     def reset(self) -> None:
@@ -154,7 +157,10 @@ class Stage(nn.Module):
             raise ValueError(f"stage {self.index} needs the residual stream from upstream")
         x = self.add_token_features(x, tokens)
         for block in self.layers.values():
-            x = block(x, self.cos, self.sin)
+            if self.checkpoint_layers and torch.is_grad_enabled():
+                x = checkpoint(block, x, self.cos, self.sin, use_reentrant=False)
+            else:
+                x = block(x, self.cos, self.sin)
         if self.is_last:
             return self.lm_head(self.norm(x))  # (B, T, V)
         return x

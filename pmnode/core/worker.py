@@ -15,7 +15,6 @@ libp2p, so both train identically.
 
 from __future__ import annotations
 
-import io
 import math
 from dataclasses import dataclass
 
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pmnode.config import OptimConfig, RunConfig
+from pmnode.core.adam8 import AdamW8bit
 from pmnode.core.codecs import Codec, Packet, make_codec
 from pmnode.core.stages import Stage, build_subspace
 from pmnode.core.subspace import Subspace
@@ -40,8 +40,11 @@ def lr_at(step: int, optim: OptimConfig, total_steps: int) -> float:
     return optim.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def build_optimizer(stage: Stage, optim: OptimConfig) -> torch.optim.AdamW:
-    """AdamW groups: matrices with weight decay, the reparametrised writes Z apart (their own lr
+def build_optimizer(
+    stage: Stage, optim: OptimConfig, state: str = "fp32", fused: bool = False
+) -> torch.optim.Optimizer:
+    """AdamW (`state` int8: with 8-bit moments; `fused`: torch's fused kernel) in groups: matrices
+    with weight decay, the reparametrised writes Z apart (their own lr
     scale), vectors without decay. Each group's `lr_scale` multiplies the scheduled lr."""
     scaled = (
         {id(w.weight) for w in stage.writes() if w.mode == "reparam"} if optim.write_lr_scale != 1 else set()
@@ -57,7 +60,9 @@ def build_optimizer(stage: Stage, optim: OptimConfig) -> torch.optim.AdamW:
         )
     if rest:
         groups.append({"params": rest, "weight_decay": 0.0, "lr_scale": 1.0})
-    return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps)
+    if state == "int8":
+        return AdamW8bit(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps)
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, fused=fused or None)
 
 
 @dataclass
@@ -92,6 +97,9 @@ class StageWorker:
         subspace: Subspace | None = None,
         stash_weights: bool = False,
         autocast_bf16: bool = False,
+        checkpoint_layers: bool = False,
+        optimizer_state: str = "fp32",
+        fused_adam: bool = False,
     ):
         self.cfg, self.index, self.device = cfg, index, torch.device(device)
         self.autocast_bf16 = autocast_bf16  # this machine's choice (MachineConfig), not the run's
@@ -102,7 +110,8 @@ class StageWorker:
         self.codec: Codec = make_codec(
             codec, d_model=m.d_model, vocab_size=m.vocab_size, subspace=self.stage.subspace
         )
-        self.optimizer = build_optimizer(self.stage, cfg.optim)
+        self.stage.checkpoint_layers = checkpoint_layers
+        self.optimizer = build_optimizer(self.stage, cfg.optim, optimizer_state, fused_adam)
         self.stash_weights = stash_weights
         self.step_count = 0
         self.samples_ready = 0  # backward finished, not yet applied
@@ -284,23 +293,6 @@ class StageWorker:
         self.optimizer.zero_grad(set_to_none=True)
         self.samples_ready = 0
         self.accumulated = {k: v for k, v in self.accumulated.items() if v != step}
-
-    def state_bytes(self) -> bytes:
-        """Weights, optimizer state and step count: what a new replica of this stage starts from."""
-        buf = io.BytesIO()
-        model = {k: v.detach().cpu() for k, v in self.stage.state_dict().items()}
-        torch.save({"model": model, "optim": self.optimizer.state_dict(), "step": self.step_count}, buf)
-        return buf.getvalue()
-
-    def load_state_bytes(self, data: bytes) -> None:
-        """Become the replica whose `state_bytes` these are; gradients accumulated here are void."""
-        state = torch.load(io.BytesIO(data), map_location=self.device, weights_only=True)
-        self.stage.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optim"])
-        self.step_count = int(state["step"])
-        self.optimizer.zero_grad(set_to_none=True)
-        self.samples_ready = 0
-        self.accumulated = {}
 
     def step(self, total_steps: int | None = None, lr_step: int | None = None) -> tuple[int, float]:
         """Mean gradient over the finished samples, clip, AdamW at the scheduled lr, re-project.

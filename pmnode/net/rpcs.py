@@ -7,8 +7,9 @@
     prepare  JSON  the head            Prepare -> Prepared: sum a sync step's gradients with the replicas
     apply    JSON  the head            Apply -> Applied: step with the prepared sum
     reset    JSON  the head            Reset -> Ack: drop a step's sums; its micro-batches come again
-    grads    data  the same stage      {step} -> this replica's gradient sums of that step
-    state    data  the same stage      {step} -> weights, optimizer state and step (catch-up, copy)
+    grads    data  the same stage      {step} -> this replica's gradient sums of that step, in chunks
+    state    data  the same stage      -> weights, optimizer state and step (catch-up, copy), in chunks
+             (grads and state speak pmnode.net.bulk: open, then checksummed chunks, then close)
 
 The coordinator's own RPCs (join, status) have fixed names: see net.control.JOIN_RPC and
 net.status.STATUS_RPC.

@@ -97,9 +97,11 @@ def encode(header: MessageHeader | Mapping[str, Any], packet: Packet) -> bytes:
     """One message. `header` is a MessageHeader or a dict of its fields; tensor specs come from the packet."""
     head = _header_json(_header_with_specs(header, packet))
     blobs = [_LEN.pack(len(head)), head]
-    for t in packet.tensors.values():
+    for name, t in packet.tensors.items():
+        if t.device.type != "cpu":  # a copy from the GPU here would wait for the device on the event loop
+            raise WireError("not on the host", f"tensor {name!r} is on {t.device}: Packet.on_host() first")
         # a flat uint8 view gives raw bytes for every dtype (bfloat16 and uint16 too) with no numpy dtype
-        blobs.append(memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+        blobs.append(memoryview(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()))
     return b"".join(blobs)  # the one copy of the tensor bytes
 
 

@@ -44,6 +44,7 @@ from pmnode.swarm import participant as participant_mod
 from pmnode.swarm.average_loop import AveragingLoop
 from pmnode.swarm.context import NodeContext
 from pmnode.swarm.downstream import Downstream
+from pmnode.swarm.fit import check_fits
 from pmnode.swarm.handler import StageHandler
 from pmnode.swarm.head import HeadDriver
 from pmnode.swarm.membership import Membership, SwarmView, heartbeat
@@ -200,6 +201,7 @@ class Node:
             torch.set_num_threads(o.machine.threads)
         schedule = schedule_named(cfg.swarm.schedule)
         ckpt = Checkpoints(o.checkpoint_dir, o.checkpoint_every) if o.checkpoint_dir else None
+        check_fits(cfg, reply.stage, o.machine)  # one line now, not an out-of-memory kill later
         runner = await StageRunner.start(cfg, schedule, ckpt, reply.stage, o.machine)
         sub = runner.worker.stage.subspace
         mine = sub.fingerprint if sub is not None else None

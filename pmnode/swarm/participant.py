@@ -12,11 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-import torch
 from torch import Tensor
 
 from pmnode.core.codecs import Packet
 from pmnode.errors import PmnodeError
+from pmnode.net.bulk import Ask, BulkServer, Received, Snapshot, TransferError, fetch, pack, unpack
 from pmnode.net.control import Ack, Applied, Apply, Prepare, Prepared, Reset
 from pmnode.net.rpcs import APPLY, GRADS, PREPARE, RESET
 from pmnode.net.wire import MessageHeader, WireError
@@ -28,9 +28,12 @@ RPCS = (PREPARE, APPLY, RESET, GRADS)
 GRADS_TIMEOUT = 15.0
 
 
-def total_in_order(parts: dict[str, Tensor]) -> Tensor:
-    """The same sum in the same order on every replica: their weights stay bit-identical."""
-    return torch.stack([parts[p] for p in sorted(parts)]).sum(0)
+def add_part(total: Tensor | None, part: Tensor | Received) -> Tensor:
+    """Compute thread: every replica adds the parts in sorted peer order, so their sums (and then
+    their weights) stay bit-identical; one part at a time, so memory holds two sums, not all."""
+    if isinstance(part, Received):
+        part = unpack(part.manifest, part.buffer)["g"]
+    return part.clone() if total is None else total.add_(part)
 
 
 class CommitParticipant:
@@ -38,6 +41,7 @@ class CommitParticipant:
         self.ctx, self.downstream, self.replicas = ctx, downstream, replicas
         self.prepared: tuple[int, Tensor, int] | None = None  # (step, summed gradients, samples)
         self.stepped = asyncio.Condition()  # notified when this replica's step moves
+        self.bulk = BulkServer(ctx.runner.run)  # our gradient sums, for the other replicas
 
     def _at(self, step: int) -> None:
         if step != self.ctx.runner.step:
@@ -59,27 +63,38 @@ class CommitParticipant:
             await self._moved()
         self._at(req.step)
         flat, samples = await ctx.runner.grad_sums()
-        parts = {ctx.peer_id: flat}
-        own, unreachable = self.own(req.step), []
-        for peer in sorted(set(req.peers) - {ctx.peer_id}):
-            try:
-                header = ctx.header("ack", f"{req.step}:grads", step=req.step)
-                reply, pkt = await self.downstream.ask_replica(GRADS, peer, header, timeout=GRADS_TIMEOUT)
-                parts[peer] = pkt.tensors["g"]
-                samples += int(reply.meta["samples"])
-            except Exception as e:
-                ctx.say(f"no gradients from {peer[-8:]}: {e}")
-                unreachable.append(peer)
-        if unreachable:
+        own, unreachable, total = self.own(req.step), [], None
+        for peer in sorted(set(req.peers) | {ctx.peer_id}):
+            part: Tensor | Received = flat
+            if peer != ctx.peer_id:
+                try:
+                    got = await fetch(self._asker(req.step), [peer], {"step": req.step}, say=ctx.say)
+                    samples += int(got.manifest.meta["samples"])
+                    part = got
+                except (TransferError, KeyError, ValueError) as e:
+                    ctx.say(f"no gradients from {peer[-8:]}: {e}")
+                    unreachable.append(peer)
+                    continue
+            if not unreachable:
+                total = await ctx.runner.run(add_part, total, part)
+        if unreachable or total is None:
             return Prepared(ok=False, own=own, unreachable=unreachable)
-        self.prepared = (req.step, total_in_order(parts), samples)
+        self.prepared = (req.step, total, samples)
         return Prepared(ok=True, own=own, samples=samples)
+
+    def _asker(self, step: int) -> Ask:
+        async def ask(peer: str, meta: dict[str, int | str]) -> Packet:
+            header = self.ctx.header("ack", f"{step}:grads", **meta)
+            return (await self.downstream.ask_replica(GRADS, peer, header, timeout=GRADS_TIMEOUT))[1]
+
+        return ask
 
     async def rpc_apply(self, req: Apply, caller: str) -> Applied:
         if self.prepared is None or self.prepared[0] != req.step:
             raise PmnodeError(f"step {req.step} was not prepared here")
         _, total, samples = self.prepared
         self.prepared = None
+        self.bulk.drop()
         step = await self.ctx.runner.apply_sum(total, samples)
         await self._moved()
         return Applied(step=step, samples=samples)
@@ -87,22 +102,28 @@ class CommitParticipant:
     async def rpc_reset(self, req: Reset, caller: str) -> Ack:
         self._at(req.step)
         self.prepared = None
+        self.bulk.drop()
         await self.ctx.runner.run(self.ctx.runner.worker.forget, req.step)
         return Ack()
 
     async def rpc_grads(
         self, header: MessageHeader, packet: Packet, caller: str
     ) -> tuple[MessageHeader, Packet]:
-        """A replica of our stage asks for our gradient sums of one step."""
-        step = header.meta.get("step")
-        if not isinstance(step, int):
-            raise WireError("bad payload", "no step")
-        runner = self.ctx.runner
-        if step > runner.step:  # behind: our own prepare of this step is catching us up
-            with contextlib.suppress(TimeoutError):
-                async with self.stepped:
-                    limit = self.ctx.cfg.swarm.request_timeout / 2
-                    await asyncio.wait_for(self.stepped.wait_for(lambda: runner.step >= step), limit)
-        self._at(step)
-        flat, samples = await runner.grad_sums()
-        return self.ctx.header("ack", header.micro_batch, samples=samples), Packet({"g": flat})
+        """A replica of our stage asks for our gradient sums of one step (open, then chunks)."""
+        step, runner = header.meta.get("step"), self.ctx.runner
+        if header.meta.get("op", "open") == "open":
+            if not isinstance(step, int):
+                raise WireError("bad payload", "no step")
+            if step > runner.step:  # behind: our own prepare of this step is catching us up
+                with contextlib.suppress(TimeoutError):
+                    async with self.stepped:
+                        limit = self.ctx.cfg.swarm.request_timeout / 2
+                        await asyncio.wait_for(self.stepped.wait_for(lambda: runner.step >= step), limit)
+            self._at(step)
+
+        def snapshot() -> Snapshot:
+            w = runner.worker
+            return pack({"g": w.grad_vector()}, {"samples": w.samples_ready, "step": runner.step})
+
+        pkt = await self.bulk.answer(header.meta, snapshot, key=f"grads:{step}")
+        return self.ctx.header("ack", header.micro_batch), pkt

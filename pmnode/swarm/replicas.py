@@ -1,6 +1,7 @@
 """Replica state: a stage's weights travel between its replicas, and an empty stage is taken over.
 
-state        serve this replica's weights, optimizer state and step to another replica
+state        serve this replica's weights, optimizer state and step to another replica, in chunks
+             (pmnode.net.bulk: any size, checksummed; a copy resumes with another replica if one dies)
 catch_up     sync: a replica behind the head's commit loads a live replica's state
 copy         async: a joiner starts from a live replica before serving
 adopt        nobody serves the stage: take it over from its checkpoint at the swarm's step
@@ -12,11 +13,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-import torch
-
 from pmnode.core import checkpoint
 from pmnode.core.codecs import Packet
+from pmnode.core.replica_state import state_tensors
 from pmnode.errors import PmnodeError
+from pmnode.net.bulk import BulkServer, Received, TransferError, fetch, pack
 from pmnode.net.rpcs import STATE
 from pmnode.net.wire import MessageHeader
 from pmnode.swarm.context import NodeContext
@@ -35,65 +36,74 @@ class Replicas:
         self.steps_lost = 0  # swarm steps whose updates this stage's weights never saw (empty stage)
         self.finishing = False  # async: in the last averaging round
         self.final_done = asyncio.Event()  # async: the last round is over
+        self.bulk = BulkServer(ctx.runner.run)
 
     async def rpc_state(
         self, header: MessageHeader, packet: Packet, caller: str
     ) -> tuple[MessageHeader, Packet]:
-        """A replica of our stage that is behind downloads our weights and optimizer state."""
-        if self.finishing:  # async, at the end: what the others take is the result of our last round
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.final_done.wait(), FINAL_WAIT)
-        data = await self.ctx.runner.run(self.ctx.runner.worker.state_bytes)
-        blob = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        step = self.ctx.runner.step
-        return self.ctx.header("ack", header.micro_batch, step=step), Packet({"state": blob})
+        """A replica of our stage downloads our weights and optimizer state (open, then chunks)."""
+        meta, runner = header.meta, self.ctx.runner
+        if meta.get("op", "open") == "open":
+            if self.finishing:  # async, at the end: what the others take is the result of our last round
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.final_done.wait(), FINAL_WAIT)
+            want = meta.get("at_step")
+            if isinstance(want, int) and want != runner.step:
+                raise TransferError(f"this replica is at step {runner.step}, not {want}")
+        pkt = await self.bulk.answer(meta, lambda: pack(*state_tensors(runner.worker)))
+        return self.ctx.header("ack", header.micro_batch), pkt
 
-    async def state_of(self, peer: str, step: int) -> tuple[int | None, bytes]:
-        """A replica's weights, optimizer state and step: its step and the bytes."""
-        header = self.ctx.header("ack", f"{step}:state", step=step)
-        reply, pkt = await self.downstream.ask_replica(STATE, peer, header)
-        theirs = reply.meta.get("step")
-        return theirs if isinstance(theirs, int) else None, pkt.tensors["state"].numpy().tobytes()
+    async def fetch_state(self, peers: list[str], at_step: int | None = None) -> tuple[Received, str]:
+        """A live replica's state from the first of `peers` that completes it (at `at_step` if given)."""
+        done: list[str] = []
+
+        async def ask(peer: str, meta: dict[str, int | str]) -> Packet:
+            done[:] = [peer]
+            header = self.ctx.header("ack", "state", **meta)
+            return (await self.downstream.ask_replica(STATE, peer, header))[1]
+
+        request: dict[str, int | str] = {} if at_step is None else {"at_step": at_step}
+        got = await fetch(ask, peers, request, say=self.ctx.say)
+        return got, done[0]
 
     async def catch_up(self, step: int, peers: list[str]) -> None:
         """Load a live replica's state (weights, optimizer, step): never serve from a stale or random one."""
         ctx = self.ctx
-        for peer in peers:
-            try:
-                theirs, data = await self.state_of(peer, step)
-            except Exception as e:
-                ctx.say(f"no state from {peer[-8:]}: {e}")
-                continue
-            if theirs != step:
-                continue
-            await ctx.runner.load_state(data)
-            ctx.runner.samples_applied = step * ctx.cfg.train.batch_size
-            ctx.console.print(f"stage {ctx.stage}: caught up to step {step} from {peer[-8:]}")
-            return
         if not peers:  # no other replica: this node is the stage now, from its checkpoint
             await self.adopt(step)
             return
-        raise PmnodeError(f"stage {ctx.stage}: no replica at step {step} to catch up from")
+        try:
+            got, peer = await self.fetch_state(peers, at_step=step)
+        except TransferError as e:
+            raise PmnodeError(f"stage {ctx.stage}: no replica at step {step} to catch up from ({e})") from e
+        await ctx.runner.load_state(got)
+        ctx.runner.samples_applied = step * ctx.cfg.train.batch_size
+        ctx.console.print(f"stage {ctx.stage}: caught up to step {step} from {peer[-8:]}")
 
     async def copy(self, peers: list[str]) -> None:
-        """async: start from a live replica's weights, optimizer state and step, before serving."""
-        ctx, runner = self.ctx, self.ctx.runner
-        for peer in peers:
-            try:
-                _, data = await self.state_of(peer, runner.step)
-            except Exception as e:
-                ctx.say(f"no state from {peer[-8:]}: {e}")
-                continue
-            await runner.load_state(data)
-            step = runner.step
-            runner.samples_applied, runner.frontier, runner.replicated = 0, step, True
-            self.origin = f"replica {peer[-8:]} at step {step}"
-            ctx.console.print(f"stage {ctx.stage}: copied replica {peer[-8:]} at step {step}")
+        """async: start from a live replica's weights, optimizer state and step, before serving; if
+        every replica fails mid-copy, from this stage's checkpoint."""
+        ctx, runner, o = self.ctx, self.ctx.runner, self.opts
+        try:
+            got, peer = await self.fetch_state(peers)
+        except TransferError as e:
+            man = checkpoint.load_manifest(o.checkpoint_dir, ctx.stage) if o.checkpoint_dir else None
+            if o.checkpoint_dir is None or man is None or man.run != ctx.cfg.name:
+                raise PmnodeError(
+                    f"stage {ctx.stage}: no replica completed a copy of its state ({e}); this node will "
+                    "not serve from random weights: try again, or pass --checkpoint-dir with this stage's"
+                ) from e
+            man = await runner.load(o.checkpoint_dir)
+            self.origin = f"its checkpoint of step {man.step} in {o.checkpoint_dir}"
+            runner.samples_applied, runner.frontier, runner.replicated = 0, man.step, True
+            ctx.console.print(f"stage {ctx.stage}: no replica completed a copy; serving from {self.origin}")
             return
-        raise PmnodeError(
-            f"stage {ctx.stage}: no replica answered with its state; this node will not serve "
-            "from random weights: try again"
-        )
+        await runner.load_state(got)
+        step = runner.step
+        runner.samples_applied, runner.frontier, runner.replicated = 0, step, True
+        self.origin = f"replica {peer[-8:]} at step {step}"
+        extra = f" (resumed {got.resumed}x after a sender failed)" if got.resumed else ""
+        ctx.console.print(f"stage {ctx.stage}: copied replica {peer[-8:]} at step {step}{extra}")
 
     async def take_over_if_empty(self) -> None:
         """Joining a stage that no node serves while the swarm is past step 0: never from random init."""
@@ -158,8 +168,8 @@ class Replicas:
         if lowest == ctx.peer_id:
             return
         try:
-            _, data = await self.state_of(lowest, ctx.runner.step)
-        except Exception as e:
+            got, _ = await self.fetch_state([lowest])
+        except TransferError as e:
             ctx.say(f"could not take {lowest[-8:]}'s final weights: {e}")
             return
-        await ctx.runner.load_state(data, keep_step=True)
+        await ctx.runner.load_state(got, keep_step=True)

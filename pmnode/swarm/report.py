@@ -84,6 +84,9 @@ class NodeSummary(BaseModel):
     paused_s: float
     averaging: Averaging
     compute: ComputeTimes = Field(default_factory=ComputeTimes)
+    busy_s: float = 0.0  # seconds the compute thread worked
+    samples_served: int = 0  # samples whose backward finished here
+    peak_memory_bytes: int | None = None  # CUDA: torch's peak allocation; CPU: the process's peak RSS
     # the head only
     final_train_loss: float | None = None
     heldout_loss: float | None = None

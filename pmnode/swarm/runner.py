@@ -21,7 +21,9 @@ from torch import Tensor
 from pmnode.config import MachineConfig, RunConfig
 from pmnode.core import checkpoint
 from pmnode.core.codecs import Packet
+from pmnode.core.replica_state import load_state_tensors
 from pmnode.core.worker import StageWorker
+from pmnode.net.bulk import Received, unpack
 from pmnode.net.checks import GradScale, check_activation, check_gradient
 from pmnode.swarm.report import ComputeTimes
 from pmnode.swarm.schedule import Schedule
@@ -80,6 +82,9 @@ class StageRunner:
                 machine.device,
                 stash_weights=schedule.stash_weights,
                 autocast_bf16=machine.autocast_bf16,
+                checkpoint_layers=machine.checkpoint_layers,
+                optimizer_state=machine.optimizer_state,
+                fused_adam=machine.fused_adam if machine.fused_adam is not None else "cuda" in machine.device,
             )
 
         worker = await asyncio.get_running_loop().run_in_executor(pool, build)
@@ -141,7 +146,7 @@ class StageRunner:
     async def forward(self, key: str, packet: Packet | None, tokens: Tensor | None, samples: int) -> Packet:
         def job() -> Packet:
             t0 = time.perf_counter()
-            out = self.worker.forward(key, packet, tokens, samples)
+            out = self.worker.forward(key, packet, tokens, samples).on_host()
             self.times.forward_s += time.perf_counter() - t0
             self.times.forwards += 1
             return out
@@ -159,7 +164,7 @@ class StageRunner:
             self._backward_done(t0)
             self._after_backward(samples)
             assert grad is not None  # a tail of two or more stages always has an upstream
-            return loss, grad
+            return loss, grad.on_host()
 
         return await self.run(job)
 
@@ -169,7 +174,7 @@ class StageRunner:
             up = self.worker.backward(key, grad)
             self._backward_done(t0)
             self._after_backward(samples)
-            return up
+            return up.on_host() if up is not None else None
 
         return await self.run(job)
 
@@ -179,7 +184,11 @@ class StageRunner:
     async def evaluate(
         self, packet: Packet | None, tokens: Tensor | None = None, targets: Tensor | None = None
     ):
-        return await self.run(self.worker.evaluate, packet, tokens, targets)
+        def job():
+            out = self.worker.evaluate(packet, tokens, targets)
+            return out.on_host() if isinstance(out, Packet) else out
+
+        return await self.run(job)
 
     async def check_activation(self, packet: Packet, max_batch: int, samples: int | None) -> None:
         cfg = self.cfg
@@ -212,12 +221,12 @@ class StageRunner:
     async def step_if_ready(self) -> None:
         await self.run(self._step_if_ready)
 
-    async def load_state(self, data: bytes, keep_step: bool = False) -> None:
-        """Become a replica whose state_bytes these are; `keep_step`: this replica's own step count stays."""
+    async def load_state(self, got: Received, keep_step: bool = False) -> None:
+        """Become the replica this state was copied from; `keep_step`: this replica's own step count stays."""
 
         def job() -> None:
             step = self.worker.step_count
-            self.worker.load_state_bytes(data)
+            load_state_tensors(self.worker, unpack(got.manifest, got.buffer), got.manifest.meta)
             if keep_step:
                 self.worker.step_count = step
 

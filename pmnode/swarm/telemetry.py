@@ -3,8 +3,11 @@ snapshot and the summary at exit, all read from the parts that own the numbers."
 
 from __future__ import annotations
 
+import resource
 import time
 from typing import TYPE_CHECKING
+
+import torch
 
 from pmnode.net.routing import StageRecord
 from pmnode.net.transport import TransportStats
@@ -115,5 +118,15 @@ class Telemetry:
             paused_s=round(p.pauses.paused_s, 2),
             averaging=p.averaging.counts,
             compute=runner.times.model_copy(update={"busy_s": round(runner.busy, 4)}),
+            busy_s=round(runner.busy, 3),
+            samples_served=runner.samples_served,
+            peak_memory_bytes=peak_memory(runner.worker.device),
             **extra,  # type: ignore[arg-type]
         )
+
+
+def peak_memory(device: torch.device) -> int:
+    """The allocator's counter (no device sync) on CUDA; the process's peak RSS on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

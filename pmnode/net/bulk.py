@@ -1,0 +1,218 @@
+"""Bulk transfers of any size: a snapshot of named tensors, pulled in checksummed chunks.
+
+A replica's state (GBs at real model sizes) or a step's gradient sums do not fit one wire message
+(WireLimits, 256 MiB) and should not be copied five times on the way. Instead the sender packs the
+tensors once, on its compute thread, into one host buffer (`Snapshot`), and the receiver pulls it
+chunk by chunk over an ordinary data RPC; each request's header meta says what it wants:
+
+    {"op": "open", ...}                    -> {"manifest": BulkManifest as JSON bytes}
+    {"op": "chunk", "ticket", "index"}     -> {"data": CHUNK bytes of the snapshot}
+    {"op": "close", "ticket"}              -> {} (the sender drops the snapshot)
+
+Memory: the sender holds one snapshot (dropped on close or after TTL seconds unused, at most
+MAX_SNAPSHOTS at once); the receiver one buffer of the snapshot's size; the wire one chunk. Every
+chunk has a sha256 in the manifest, and the manifest's `digest` covers them all and the layout, so
+the receiver can resume with another sender whose snapshot has the same digest (sync replicas
+are bit-identical) where the first one died, and must start over otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import math
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import torch
+from pydantic import BaseModel
+from torch import Tensor
+
+from pmnode.core.codecs import Packet
+from pmnode.errors import PmnodeError
+from pmnode.net.wire import DTYPES, DTypeName, WireError
+
+CHUNK = 16 * 2**20
+ALIGN = 64  # every tensor starts on a 64-byte boundary, so each is a plain view of the buffer
+MAX_SNAPSHOTS = 2
+TTL = 120.0  # seconds a snapshot nobody asks for is kept
+_NAMES = {v: k for k, v in DTYPES.items()}
+
+Ask = Callable[[str, dict[str, int | str]], Awaitable[Packet]]  # (peer, request meta) -> reply packet
+
+
+class TransferError(PmnodeError):
+    """No sender completed a transfer, or a chunk failed its checksum."""
+
+
+class BulkTensor(BaseModel):
+    name: str
+    dtype: DTypeName
+    shape: list[int]
+    offset: int
+
+
+class BulkManifest(BaseModel):
+    """What a sender tells a receiver about one snapshot."""
+
+    ticket: str
+    size: int
+    chunk: int
+    chunks: list[str]  # sha256 of each chunk, hex
+    tensors: list[BulkTensor]
+    meta: dict[str, int | str]
+
+    @property
+    def digest(self) -> str:
+        """The content's identity: layout, meta and every chunk's hash (not the ticket)."""
+        body = self.model_dump(exclude={"ticket"})
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass
+class Snapshot:
+    manifest: BulkManifest
+    buffer: bytearray
+    used: float = field(default_factory=time.monotonic)
+    key: str | None = None  # snapshots of the same content (a step's gradient sums) are shared
+    readers: int = 1
+
+    def chunk(self, index: int) -> memoryview:
+        c = self.manifest.chunk
+        return memoryview(self.buffer)[index * c : (index + 1) * c]
+
+
+def pack(tensors: dict[str, Tensor], meta: dict[str, int | str], chunk: int = CHUNK) -> Snapshot:
+    """Compute thread: copy `tensors` (any device) into one aligned host buffer and hash its chunks."""
+    specs, offset = [], 0
+    for name, t in tensors.items():
+        specs.append(BulkTensor(name=name, dtype=_NAMES[t.dtype], shape=list(t.shape), offset=offset))
+        offset += math.ceil(t.numel() * t.element_size() / ALIGN) * ALIGN
+    buffer = bytearray(offset)
+    flat = torch.frombuffer(buffer, dtype=torch.uint8) if offset else torch.empty(0, dtype=torch.uint8)
+    for spec, t in zip(specs, tensors.values(), strict=True):
+        n = t.numel() * t.element_size()
+        if n:  # one copy, device to host included: a uint8 view gives raw bytes for every dtype
+            flat[spec.offset : spec.offset + n].copy_(t.detach().contiguous().reshape(-1).view(torch.uint8))
+    view = memoryview(buffer)
+    digests = [hashlib.sha256(view[i : i + chunk]).hexdigest() for i in range(0, offset, chunk)]
+    man = BulkManifest(
+        ticket=secrets.token_hex(8), size=offset, chunk=chunk, chunks=digests, tensors=specs, meta=meta
+    )
+    return Snapshot(man, buffer)
+
+
+def unpack(manifest: BulkManifest, buffer: bytearray) -> dict[str, Tensor]:
+    """Compute thread: the tensors, as views of `buffer` (no copy)."""
+    flat = torch.frombuffer(buffer, dtype=torch.uint8) if buffer else torch.empty(0, dtype=torch.uint8)
+    out = {}
+    for s in manifest.tensors:
+        dtype = DTYPES[s.dtype]
+        n = math.prod(s.shape) * torch.empty((), dtype=dtype).element_size()
+        out[s.name] = flat[s.offset : s.offset + n].view(dtype).reshape(s.shape)
+    return out
+
+
+def _bytes_packet(name: str, data: bytes) -> Packet:
+    return Packet({name: torch.frombuffer(bytearray(data), dtype=torch.uint8)})
+
+
+def _sha256(data: object) -> str:
+    return hashlib.sha256(data).hexdigest()  # type: ignore[arg-type]
+
+
+class BulkServer:
+    """The sender's side: snapshots by ticket, answering open, chunk and close."""
+
+    def drop(self) -> None:
+        """Forget every snapshot (their content changed: a step's sums were reset or applied)."""
+        self.snapshots.clear()
+
+    def __init__(self, make_in_compute: Callable[[Callable[[], Snapshot]], Awaitable[Snapshot]]):
+        self.run = make_in_compute  # runs a job on the stage's compute thread
+        self.snapshots: dict[str, Snapshot] = {}
+
+    async def answer(
+        self, meta: dict[str, float | int | str], make: Callable[[], Snapshot], key: str | None = None
+    ) -> Packet:
+        """One request; `make` builds the snapshot an open asks for, unless one of the same `key` lives."""
+        now = time.monotonic()
+        for t in [t for t, s in self.snapshots.items() if now - s.used > TTL]:
+            del self.snapshots[t]
+        op, ticket = meta.get("op", "open"), str(meta.get("ticket", ""))
+        if op == "open":
+            snap = next((s for s in self.snapshots.values() if key is not None and s.key == key), None)
+            if snap is not None:
+                snap.readers += 1
+            elif len(self.snapshots) >= MAX_SNAPSHOTS:
+                raise TransferError(f"busy: {len(self.snapshots)} transfers in progress here")
+            else:
+                snap = await self.run(make)
+                snap.key = key
+                self.snapshots[snap.manifest.ticket] = snap
+            return _bytes_packet("manifest", snap.manifest.model_dump_json().encode())
+        snap = self.snapshots.get(ticket)
+        if op == "close":
+            if snap is not None:
+                snap.readers -= 1
+                if snap.readers <= 0:
+                    del self.snapshots[ticket]
+            return Packet({})
+        index = meta.get("index")
+        if op != "chunk" or not isinstance(index, int) or snap is None:
+            raise WireError("bad payload", f"unknown bulk request {op!r} or expired ticket")
+        if not 0 <= index < len(snap.manifest.chunks):
+            raise WireError("bad payload", f"chunk {index} out of range")
+        snap.used = now
+        return Packet({"data": torch.frombuffer(snap.chunk(index), dtype=torch.uint8)})
+
+
+@dataclass
+class Received:
+    manifest: BulkManifest
+    buffer: bytearray
+    resumed: int = 0  # times a transfer went on with another sender where one had stopped
+
+
+async def fetch(
+    ask: Ask,
+    peers: list[str],
+    request: dict[str, int | str],
+    say: Callable[[str], None] = lambda _: None,
+    progress: Callable[[int, int], None] = lambda done, total: None,
+) -> Received:
+    """Pull one snapshot from the first of `peers` that completes it; a sender that fails mid-way is
+    left for the next, which continues at the same chunk if its snapshot's digest is the same."""
+    got: Received | None = None
+    done = 0
+    for peer in peers:
+        try:
+            reply = await ask(peer, {**request, "op": "open"})
+            man = BulkManifest.model_validate_json(reply.tensors["manifest"].numpy().tobytes())
+            if got is not None and man.digest == got.manifest.digest:
+                got.manifest, got.resumed = man, got.resumed + 1  # same content, this sender's ticket
+                say(f"resuming at chunk {done}/{len(man.chunks)} from {peer[-8:]}")
+            else:
+                got, done = Received(man, bytearray(man.size)), 0
+            while done < len(man.chunks):
+                meta: dict[str, int | str] = {"op": "chunk", "ticket": man.ticket, "index": done}
+                data = (await ask(peer, meta)).tensors["data"].numpy()
+                start = done * man.chunk
+                expect = min(man.chunk, man.size - start)
+                digest = await asyncio.to_thread(_sha256, data)  # off the event loop
+                if len(data) != expect or digest != man.chunks[done]:
+                    raise TransferError(f"chunk {done} from {peer[-8:]} failed its checksum")
+                memoryview(got.buffer)[start : start + expect] = memoryview(data).cast("B")
+                done += 1
+                progress(done, len(man.chunks))
+            try:
+                await ask(peer, {"op": "close", "ticket": man.ticket})
+            except Exception as e:  # the snapshot expires on its own
+                say(f"could not close the transfer at {peer[-8:]}: {e}")
+            return got
+        except (PmnodeError, KeyError, ValueError) as e:  # TransportError, WireError, bad manifest
+            say(f"transfer from {peer[-8:]} stopped at chunk {done}: {e}")
+    raise TransferError(f"no sender completed the transfer (tried {len(peers)})")

@@ -1,0 +1,81 @@
+"""A stage of over 600 MB (weights and Adam state) copied between real processes over libp2p, its
+sender SIGKILLed midway: the joiner resumes with the other replica where the first stopped and ends
+bit-identical to the source."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+from launch import ROOT, assert_no_leftovers, kill_tagged, tagged_env
+
+PEER = str(ROOT / "tests" / "state_peer.py")
+
+# d = 2048, one wide layer and the embedding in stage 0: 50.9M parameters, 611 MB with Adam's state.
+BIG = {
+    "name": "big",
+    "model": {"vocab_size": 256, "d_model": 2048, "n_layers": 2, "n_heads": 16, "ffn_hidden": 6144},
+    "n_stages": 2,
+    "subspace": {"enabled": False},
+    "train": {"seq_len": 16, "batch_size": 1},
+}
+
+
+def _wait(path: Path, procs: list[subprocess.Popen], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        dead = [p.args for p in procs if p.poll() is not None]
+        assert not dead, f"exited early: {dead}"
+        assert time.monotonic() < deadline, f"timed out waiting for {path.name}"
+        time.sleep(0.1)
+
+
+@pytest.mark.timeout(240)
+def test_a_600mb_stage_copy_survives_its_sender_killed_midway(tmp_path: Path) -> None:
+    cfg = tmp_path / "big.yaml"
+    cfg.write_text(yaml.safe_dump(BIG))
+    tag, env = uuid.uuid4().hex, None
+    env = tagged_env(tag)
+    a, b, joiner = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "joiner.json"
+    go = tmp_path / "go"
+    procs: list[subprocess.Popen] = []
+    try:
+        for info in (a, b):
+            cmd = [sys.executable, PEER, "serve", str(cfg), str(info)]
+            procs.append(subprocess.Popen(cmd, env=env, stderr=(tmp_path / f"{info.stem}.err").open("w")))
+        for info in (a, b):
+            _wait(info, procs, 150)
+        sender = json.loads(a.read_text())
+        assert sender["bytes"] >= 600e6
+        assert json.loads(b.read_text())["digest"] == sender["digest"]  # sync replicas: the same bits
+        cmd = [sys.executable, PEER, "fetch", str(cfg), str(joiner), str(a), str(b), "--pause-at", "15"]
+        log = (tmp_path / "joiner.err").open("w")
+        procs.append(subprocess.Popen([*cmd, "--go", str(go)], env=env, stdout=log, stderr=log))
+        _wait(tmp_path / "paused", procs, 120)  # 15 of 37 chunks copied from the first replica
+        procs[0].kill()  # SIGKILL, mid-transfer
+        procs[0].wait(10)
+        go.write_text("")
+        deadline = time.monotonic() + 120
+        while procs[2].poll() is None:
+            assert time.monotonic() < deadline, "the joiner did not finish"
+            time.sleep(0.2)
+        assert procs[2].returncode == 0, (tmp_path / "joiner.err").read_text()[-2000:]
+        got = json.loads(joiner.read_text())
+        assert got["before"] != sender["digest"]
+        assert got["after"] == sender["digest"]  # every byte of weights, Adam moments, groups and step
+        assert got["resumed"] == 1
+        assert got["chunks_from"] == [15, got["chunks"] - 15]  # went on where it stopped, not over
+        assert "resuming at chunk 15" in (tmp_path / "joiner.err").read_text()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+        kill_tagged(tag)
+    assert_no_leftovers(tag)
