@@ -327,7 +327,7 @@ def bench_time_to_loss(
 
 
 def main() -> None:
-    from pmnode.cli import swarm  # noqa: F401  (its commands register on `app`)
+    from pmnode.cli import data, swarm  # noqa: F401  (their commands register on `app`)
 
     run_cli(app)
 
