@@ -180,6 +180,7 @@ def prepare(
         raise DataError(f"--heldout must be between 0 and 1, got {heldout}")
     if shard_tokens < 1024:
         raise DataError(f"--shard-tokens must be at least 1024, got {shard_tokens}")
+    parse_bpe(tokenizer)  # a bad bpe:N fails before any reading
     files = sources.all_files(source_list)
     _clear(out, force)
     total = sum(f.path.stat().st_size for f in files)

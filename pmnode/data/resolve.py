@@ -55,7 +55,7 @@ def prepared_dir(data: DataConfig, console: Console | None = None) -> Path:
         f"{FORMAT}|{content_key([data.source])}|{_tokenizer_key(data.tokenizer)}|{data.heldout_fraction}".encode(),
         digest_size=12,
     ).hexdigest()
-    name = "stdlib" if data.source == "stdlib" else src.name
+    name = "stdlib" if data.source == "stdlib" else "text"  # not the path: a copy elsewhere is the same data
     root = cache_dir() / "prepared" / f"{name}-{key}"
     if is_prepared(root):
         return root
