@@ -123,7 +123,7 @@ def _reference_weights(cfg_path: Path, steps: int) -> list[list[dict[str, torch.
     try:
         pipe = Pipeline(cfg, cfg.codec_spec)
         snap = [[{k: v.clone() for k, v in w.stage.state_dict().items()} for w in pipe.workers]]
-        for step in range(steps):
+        for _ in range(steps):
             x, y, pos = data.train.batch(pos, t.batch_size, t.seed)
             pipe.train_step(x, y, t.steps)
             snap.append([{k: v.clone() for k, v in w.stage.state_dict().items()} for w in pipe.workers])

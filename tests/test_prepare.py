@@ -130,7 +130,7 @@ def test_a_given_tokenizer_json_is_copied(tmp_path: Path) -> None:
 
 def test_parquet_without_the_field(tmp_path: Path) -> None:
     source, _ = parquet(tmp_path)
-    with pytest.raises(DataError, match="no column 'body'.*--text-field"):
+    with pytest.raises(DataError, match=r"no column 'body'.*--text-field"):
         prepare([source], tmp_path / "out", "byte", text_field="body")
 
 
