@@ -352,8 +352,9 @@ def resolve_config_path(path: str | Path) -> Path:
     raise ConfigError(f"config file not found: {p} (shipped configs: {shipped})")
 
 
-def load_config(path: str | Path) -> RunConfig:
-    """Load and validate a YAML run config; raises ConfigError with one line per bad field."""
+def load_config(path: str | Path, data: dict[str, Any] | None = None) -> RunConfig:
+    """Load and validate a YAML run config; raises ConfigError with one line per bad field. `data`
+    overrides the data section before validation, so an unset vocab_size is that data's tokenizer's."""
     p = resolve_config_path(path)
     try:
         raw = yaml.safe_load(p.read_text()) or {}
@@ -361,6 +362,8 @@ def load_config(path: str | Path) -> RunConfig:
         raise ConfigError(f"{p} is not valid YAML: {e}") from e
     if not isinstance(raw, dict):
         raise ConfigError(f"{p} must hold a mapping of config sections")
+    if data:
+        raw["data"] = {**(raw.get("data") or {}), **data}
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as e:

@@ -54,11 +54,9 @@ def resolve_device(device: str) -> str:
 def load_with_overrides(
     config: Path, *, steps: int | None = None, data: str | None = None, **sections: dict
 ) -> RunConfig:
-    cfg = load_config(config)
+    cfg = load_config(config, data={"source": data} if data is not None else None)
     if steps is not None:
         sections.setdefault("train", {})["steps"] = steps
-    if data is not None:
-        sections.setdefault("data", {})["source"] = data
     return cfg.with_overrides(**sections) if sections else cfg
 
 
