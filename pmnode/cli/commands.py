@@ -26,7 +26,8 @@ console = Console(stderr=True)
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Run config YAML (see configs/).")]
 DataOpt = Annotated[
-    str | None, typer.Option("--data", help="Corpus file/dir, or 'stdlib'; overrides data.source.")
+    str | None,
+    typer.Option("--data", help="Prepared data dir, corpus file/dir or 'stdlib'; overrides data.source."),
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda or auto.")]
 BandwidthOpt = Annotated[
