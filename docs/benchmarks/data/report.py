@@ -19,6 +19,7 @@ from pmnode.core.train import TrainSummary
 from pmnode.data.manifest import read_manifest
 
 HERE = Path(__file__).parent
+NOTES = HERE / "notes.md"  # what the numbers mean, written by hand
 PREPARES = {
     "byte": "byte",
     "bpe-4096": "bpe:4096 (trained here)",
@@ -29,9 +30,11 @@ RUNS = [("bpe-4096", "dense"), ("bpe-4096", "subspace"), ("byte", "dense"), ("by
 
 class PrepareRow(BaseModel):
     tokenizer: str
-    seconds: float
+    seconds: float  # wall clock
+    cpu_seconds: float  # user + system, its worker processes included
     text_mb: float
     mb_per_s: float
+    mb_per_cpu_s: float
     tokens: int
     bytes_per_token: float
     data_sha256: str
@@ -58,7 +61,7 @@ def collect(out: Path) -> Results:
     prep = []
     for name, label in PREPARES.items():
         man = read_manifest(out / f"stdlib-{name}")
-        secs = float((out / f"prepare-{name}.secs").read_text())
+        secs, user, system = (float(v) for v in (out / f"prepare-{name}.time").read_text().split())
         mb = (man.train.text_bytes + man.heldout.text_bytes) / 1e6
         tokens = man.train.tokens + man.heldout.tokens
         prep.append(
@@ -67,6 +70,8 @@ def collect(out: Path) -> Results:
                 seconds=secs,
                 text_mb=round(mb, 2),
                 mb_per_s=round(mb / secs, 3),
+                cpu_seconds=round(user + system, 2),
+                mb_per_cpu_s=round(mb / (user + system), 3),
                 tokens=tokens,
                 bytes_per_token=round(mb * 1e6 / tokens, 3),
                 data_sha256=man.data_sha256()[:12],
@@ -100,17 +105,21 @@ def markdown(r: Results) -> str:
     lines = [
         "# Data: `pmnode data prepare` throughput and configs/bpe-small.yaml on prepared stdlib",
         "",
-        "Exact commands: `run.sh` in this directory. Machine: 2 CPU cores shared with other work "
-        "(load average about 10 while these ran), so the times are upper bounds.",
+        "Exact commands: `run.sh` in this directory; this file, results.json and the plots come from "
+        "`report.py`. Machine: 2 CPU cores shared with other work (load average 7-16 while these ran), so "
+        "wall times are upper bounds; CPU seconds (the processes' user + system time) say more.",
+        "",
+        *(NOTES.read_text().splitlines() if NOTES.exists() else []),
         "",
         "## Prepare stdlib (31.5 MB of Python source, held-out 5 % of files)",
         "",
-        "| tokenizer | seconds | MB of text/s | tokens | bytes/token | data sha256 |",
-        "|---|---|---|---|---|---|",
+        "| tokenizer | wall s | CPU s | MB/s (wall) | MB per CPU s | tokens | bytes/token | data sha256 |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for p in r.prepare:
         lines.append(
-            f"| {p.tokenizer} | {p.seconds:.1f} | {p.mb_per_s:.2f} | {p.tokens:,} "
+            f"| {p.tokenizer} | {p.seconds:.1f} | {p.cpu_seconds:.1f} | {p.mb_per_s:.2f} | {p.mb_per_cpu_s:.2f} "
+            f"| {p.tokens:,} "
             f"| {p.bytes_per_token:.2f} | `{p.data_sha256}` |"
         )
     lines += [
@@ -158,8 +167,10 @@ def plot(r: Results) -> None:
     fig.tight_layout()
     fig.savefig(HERE / "bpb.png", dpi=120)
     fig, ax = plt.subplots(figsize=(6, 3))
-    ax.barh([p.tokenizer for p in r.prepare], [p.mb_per_s for p in r.prepare])
-    ax.set_xlabel("MB of text per second (2 shared cores)")
+    names = [p.tokenizer for p in r.prepare]
+    ax.barh([f"{n} (wall)" for n in names], [p.mb_per_s for p in r.prepare])
+    ax.barh([f"{n} (CPU)" for n in names], [p.mb_per_cpu_s for p in r.prepare])
+    ax.set_xlabel("MB of text per second of wall clock / of CPU (2 shared cores)")
     ax.set_xscale("log")
     ax.set_title("pmnode data prepare stdlib")
     fig.tight_layout()

@@ -8,7 +8,7 @@ OUT=${OUT:-/tmp/pmnode-data-bench}
 mkdir -p "$OUT"
 
 prep() {  # NAME TOKENIZER
-  /usr/bin/time -f %e -o "$OUT/prepare-$1.secs" nice -n 5 pmnode data prepare stdlib --out "$OUT/stdlib-$1" \
+  /usr/bin/time -f "%e %U %S" -o "$OUT/prepare-$1.time" nice -n 5 pmnode data prepare stdlib --out "$OUT/stdlib-$1" \
     --tokenizer "$2" --heldout 0.05 --force 2> "$OUT/prepare-$1.err"
 }
 prep byte byte
