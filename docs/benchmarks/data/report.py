@@ -118,9 +118,8 @@ def markdown(r: Results) -> str:
     ]
     for p in r.prepare:
         lines.append(
-            f"| {p.tokenizer} | {p.seconds:.1f} | {p.cpu_seconds:.1f} | {p.mb_per_s:.2f} | {p.mb_per_cpu_s:.2f} "
-            f"| {p.tokens:,} "
-            f"| {p.bytes_per_token:.2f} | `{p.data_sha256}` |"
+            f"| {p.tokenizer} | {p.seconds:.1f} | {p.cpu_seconds:.1f} | {p.mb_per_s:.2f} "
+            f"| {p.mb_per_cpu_s:.2f} | {p.tokens:,} | {p.bytes_per_token:.2f} | `{p.data_sha256}` |"
         )
     lines += [
         "",
