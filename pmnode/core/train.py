@@ -121,10 +121,10 @@ def train(
     from pmnode.data.resolve import open_data
     from pmnode.data.shards import DataPosition
 
+    pipe = Pipeline(cfg, codec, device, autocast_bf16)  # a bad codec fails before any data is prepared
     data = open_data(cfg.data, t.seq_len, cfg.model.vocab_size)
     eval_batches = data.heldout.eval_batches(t.eval_batches, t.batch_size)
     pos = DataPosition()
-    pipe = Pipeline(cfg, codec, device, autocast_bf16)
     losses: list[float] = []
     evals: list[tuple[int, int, float]] = []
     tokens_per_step = t.batch_size * t.seq_len
