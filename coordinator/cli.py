@@ -55,9 +55,13 @@ def serve(
 ) -> None:
     """Start the DHT bootstrap peer, hand out the run config and assign stages."""
     from coordinator.server import serve as run_server
+    from pmnode.data.manifest import is_prepared
+    from pmnode.data.resolve import pin
     from pmnode.net.auth import resolve_token
 
     cfg = load_config(config)
+    if is_prepared(Path(cfg.data.source)):  # hand out the data's hashes: a head with other data is refused
+        cfg, _ = pin(cfg)
     token = resolve_token(token_file)
     run_server(
         cfg,

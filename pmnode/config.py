@@ -25,7 +25,11 @@ class _Strict(BaseModel):
 class ModelConfig(_Strict):
     """LLaMA-style decoder: RMSNorm, RoPE, SwiGLU, optional grouped-query attention."""
 
-    vocab_size: int = Field(256, ge=2, description="Vocabulary size; must cover the tokenizer.")
+    vocab_size: int = Field(
+        256,
+        ge=2,
+        description="Vocabulary size; must cover the tokenizer. Unset: the tokenizer's (bytes: 256).",
+    )
     d_model: int = Field(128, ge=8, description="Residual stream width d.")
     n_layers: int = Field(4, ge=1, description="Number of transformer blocks.")
     n_heads: int = Field(4, ge=1, description="Attention query heads.")
@@ -150,13 +154,27 @@ class DataConfig(_Strict):
 
     source: str = Field(
         "stdlib",
-        description="'stdlib' (the Python standard library's source, no download) or a file/directory path.",
+        description="A directory made by `pmnode data prepare`; or 'stdlib' (the Python standard library's "
+        "source, no download) or a file/directory of text, prepared into the cache on first use.",
     )
-    tokenizer: str = Field("byte", description="'byte' or a path to a tokenizers tokenizer.json.")
-    heldout_fraction: float = Field(0.05, gt=0, lt=1, description="Fraction of files held out.")
+    tokenizer: str = Field(
+        "byte",
+        description="How a source that is not prepared yet is tokenized: 'byte', 'bpe:N' (a byte-level BPE "
+        "of N tokens trained on it) or a path to a tokenizers tokenizer.json.",
+    )
+    heldout_fraction: float = Field(
+        0.05, gt=0, lt=1, description="Fraction of documents held out when a source is prepared on first use."
+    )
     max_bytes: int | None = Field(
-        None, ge=1, description="Read at most this many bytes of corpus (per split), for quick runs."
+        None,
+        ge=1,
+        description="Read only the first this many tokens of each split (bytes, with the byte tokenizer), "
+        "for quick runs.",
     )
+    manifest_sha256: str | None = Field(
+        None, description="The prepared data's hash (its manifest's data_sha256); None: not pinned."
+    )
+    tokenizer_sha256: str | None = Field(None, description="The tokenizer's sha256; None: not pinned.")
 
 
 class TrainConfig(_Strict):
@@ -277,6 +295,11 @@ class RunConfig(_Strict):
         for (section, key), flag in MOVED.items():
             if isinstance(data, dict) and isinstance(data.get(section), dict) and key in data[section]:
                 raise ConfigError(f"{section}.{key} is this machine's choice now, not the run's: pass {flag}")
+        if isinstance(data, dict) and "vocab_size" not in (data.get("model") or {}):
+            from pmnode.data.tokenizer import tokenizer_vocab_size
+
+            vocab = tokenizer_vocab_size(data.get("data") or {})
+            data = {**data, "model": {**(data.get("model") or {}), "vocab_size": vocab}}
         return data
 
     @model_validator(mode="after")
@@ -339,8 +362,9 @@ def resolve_config_path(path: str | Path) -> Path:
     raise ConfigError(f"config file not found: {p} (shipped configs: {shipped})")
 
 
-def load_config(path: str | Path) -> RunConfig:
-    """Load and validate a YAML run config; raises ConfigError with one line per bad field."""
+def load_config(path: str | Path, data: dict[str, Any] | None = None) -> RunConfig:
+    """Load and validate a YAML run config; raises ConfigError with one line per bad field. `data`
+    overrides the data section before validation, so an unset vocab_size is that data's tokenizer's."""
     p = resolve_config_path(path)
     try:
         raw = yaml.safe_load(p.read_text()) or {}
@@ -348,6 +372,8 @@ def load_config(path: str | Path) -> RunConfig:
         raise ConfigError(f"{p} is not valid YAML: {e}") from e
     if not isinstance(raw, dict):
         raise ConfigError(f"{p} must hold a mapping of config sections")
+    if data:
+        raw["data"] = {**(raw.get("data") or {}), **data}
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as e:

@@ -13,6 +13,10 @@ class DataError(PmnodeError):
     """Missing or unusable training data."""
 
 
+class DataMismatchError(DataError):
+    """This machine's prepared data or tokenizer is not the run's (a refusal at the join)."""
+
+
 def run_cli(app) -> None:
     """Run a typer app: a PmnodeError prints one red line and exits 1; --verbose re-raises it."""
     import sys

@@ -109,7 +109,7 @@ def test_shipped_configs_by_name_from_any_directory(tmp_path: Path, monkeypatch:
     monkeypatch.chdir(tmp_path)
     assert load_config("tiny").name == "tiny"
     assert load_config("configs/small.yaml").model.d_model == 256  # the README's path, outside the repo
-    with pytest.raises(ConfigError, match=r"shipped configs: deep, .*small, tiny"):
+    with pytest.raises(ConfigError, match=r"shipped configs: bpe-small, deep, .*small, tiny"):
         load_config("configs/nope.yaml")
     with pytest.raises(ConfigError, match="not found: elsewhere/tiny"):
         load_config("elsewhere/tiny")

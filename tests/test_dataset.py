@@ -1,16 +1,35 @@
-"""Tokenizers, corpus discovery, the by-file split and seeded batches."""
+"""Sources, tokenizers, and reading prepared shards: the seeded order, positions, the run's checks."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from pmnode.config import DataConfig
-from pmnode.data.dataset import ByteTokenizer, TokenDataset, corpus_files, is_heldout, load_tokenizer
-from pmnode.errors import DataError
+from pmnode.data import resolve
+from pmnode.data.manifest import read_manifest
+from pmnode.data.prepare import prepare
+from pmnode.data.shards import DataPosition, PreparedData
+from pmnode.data.sources import is_heldout, source_files
+from pmnode.data.tokenizer import ByteTokenizer, load_tokenizer
+from pmnode.errors import DataError, DataMismatchError
+from pmnode.net.checks import check_data
+
+
+@pytest.fixture()
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv(resolve.CACHE_ENV, str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture(scope="module")
+def toy_prepared(tmp_path_factory: pytest.TempPathFactory, toy_corpus: Path) -> Path:
+    out = tmp_path_factory.mktemp("prepared") / "toy"
+    prepare([str(toy_corpus)], out, "byte", heldout=0.1, shard_tokens=100_000)
+    return out
 
 
 def test_byte_tokenizer_roundtrip() -> None:
@@ -19,80 +38,95 @@ def test_byte_tokenizer_roundtrip() -> None:
     ids = tok.encode(text)
     assert len(ids) == len(text.encode()) and max(ids) < 256
     assert tok.decode(ids) == text
-    assert tok.encode_tensor(text).tolist() == ids
+    assert tok.encode_array([text])[0].tolist() == ids
+    assert tok.decode([*ids, tok.separator]) == text  # the separator decodes to nothing
 
 
-def test_stdlib_corpus_split_is_deterministic_and_disjoint() -> None:
-    root, files = corpus_files("stdlib")
-    assert len(files) > 500 and all(f.suffix == ".py" for f in files)
-    assert not any("site-packages" in f.parts for f in files)
-    rel = [f.relative_to(root).as_posix() for f in files]
+def test_stdlib_sources_and_split_are_deterministic() -> None:
+    files = source_files("stdlib")
+    assert len(files) > 500 and all(f.path.suffix == ".py" for f in files)
+    assert not any("site-packages" in f.path.parts for f in files)
+    rel = [f.relative for f in files]
+    assert rel == sorted(rel)
     held = [r for r in rel if is_heldout(r, 0.05)]
     assert 0.025 * len(rel) < len(held) < 0.1 * len(rel)
-    assert held == [r for r in rel if is_heldout(r, 0.05)]  # pure function of the path
 
 
-def test_stdlib_dataset_sizes() -> None:
-    train, held = TokenDataset.from_config(DataConfig(max_bytes=2_000_000), 256)
-    assert len(train) == 2_000_000 and 0 < len(held) <= 2_000_000
-    assert train.tokens.dtype == torch.uint8
-
-
-def test_batches_are_seeded(toy_corpus: Path) -> None:
-    train, _ = TokenDataset.from_config(DataConfig(source=str(toy_corpus)), 256)
-    x, y = train.batch(3, 4, 32, seed=1)
-    assert x.shape == y.shape == (4, 32) and x.dtype == torch.int64
-    assert torch.equal(x[:, 1:], y[:, :-1])
-    assert torch.equal(x, train.batch(3, 4, 32, seed=1)[0])
-    assert not torch.equal(x, train.batch(4, 4, 32, seed=1)[0])
-
-
-def test_directory_corpus_kinds(tmp_path: Path) -> None:
-    (tmp_path / "a.txt").write_text("alpha")
-    (tmp_path / "sub").mkdir()
-    (tmp_path / "sub" / "b.md").write_text("beta")
-    (tmp_path / "c.jsonl").write_text(
-        json.dumps({"text": "gamma", "id": 1}) + "\nnot json\n" + json.dumps({"x": 1})
-    )
-    (tmp_path / "d.bin").write_bytes(b"\x00\x01")
-    root, files = corpus_files(str(tmp_path))
-    assert [f.relative_to(root).as_posix() for f in files] == ["a.txt", "c.jsonl", "sub/b.md"]
-    train, held = TokenDataset.from_config(DataConfig(source=str(tmp_path), heldout_fraction=0.5), 256)
-    text = ByteTokenizer().decode(torch.cat([train.tokens, held.tokens]).tolist())
-    for word in ("alpha", "beta", "gamma"):
-        assert word in text
-    assert '"id"' not in text and "not json" not in text
-
-
-def test_single_file_is_split_by_tokens(tmp_path: Path) -> None:
-    f = tmp_path / "one.txt"
-    f.write_text("x" * 1000)
-    train, held = TokenDataset.from_config(DataConfig(source=str(f), heldout_fraction=0.1), 256)
-    assert (len(train), len(held)) == (901, 101)  # 1000 bytes + the 2-byte separator
-
-
-def test_missing_and_empty_sources(tmp_path: Path) -> None:
+def test_missing_sources_and_tokenizers(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="data path not found"):
-        corpus_files(str(tmp_path / "nope"))
+        source_files(str(tmp_path / "nope"))
     with pytest.raises(DataError, match=r"no \.txt"):
-        corpus_files(str(tmp_path))
+        source_files(str(tmp_path))
     with pytest.raises(DataError, match="tokenizer file not found"):
         load_tokenizer(str(tmp_path / "tok.json"))
+    with pytest.raises(DataError, match="bpe:N with N from 257"):
+        prepare([str(tmp_path)], tmp_path / "out", "bpe:12")
 
 
-def test_hf_tokenizer_and_vocab_check(tmp_path: Path) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
+def test_order_is_a_permutation_per_epoch_the_same_everywhere(toy_prepared: Path) -> None:
+    data = PreparedData(toy_prepared, read_manifest(toy_prepared), seq_len=64)
+    n = data.train.windows
+    assert n == sum((s.tokens - 1) // 64 for s in data.manifest.train.shards) and n > 1000
+    seen, pos = [], DataPosition()
+    while pos.epoch == 0:
+        idx, pos = data.train.take(pos, 7, seed=3)
+        seen.extend(idx.tolist())
+    first_epoch = seen[:n]
+    assert sorted(first_epoch) == list(range(n))  # every window once: no repeat within an epoch
+    assert pos == DataPosition(epoch=1, offset=len(seen) - n)
+    assert seen[n:] == data.train.order(3, 1)[: len(seen) - n].tolist()  # the next epoch goes on
+    assert data.train.order(3, 1).tolist() != first_epoch  # in another order
+    fresh = PreparedData(toy_prepared, read_manifest(toy_prepared), seq_len=64)  # as another process
+    assert fresh.train.take(DataPosition(), n, seed=3)[0].tolist() == first_epoch
+    assert fresh.train.take(DataPosition(), 50, seed=4)[0].tolist() != first_epoch[:50]
 
-    vocab = {"[UNK]": 0, "hello": 1, "world": 2}
-    t = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    t.pre_tokenizer = pre_tokenizers.Whitespace()
-    path = tmp_path / "tokenizer.json"
-    t.save(str(path))
-    tok = load_tokenizer(str(path))
-    assert tok.vocab_size == 3 and tok.encode("hello world") == [1, 2]
-    corpus = tmp_path / "c.txt"
-    corpus.write_text("hello world " * 50)
-    train, _ = TokenDataset.from_config(DataConfig(source=str(corpus), tokenizer=str(path)), 8)
-    assert set(train.tokens.tolist()) <= {0, 1, 2}
+
+def test_batches_are_the_windows_at_the_position(toy_prepared: Path) -> None:
+    data = PreparedData(toy_prepared, read_manifest(toy_prepared), seq_len=32)
+    x, y, after = data.train.batch(DataPosition(epoch=2, offset=5), 4, seed=1)
+    assert x.shape == y.shape == (4, 32) and x.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1]) and after == DataPosition(epoch=2, offset=9)
+    flat = np.fromfile(toy_prepared / "train-00000.bin", dtype="<u2")
+    for row, w in zip(x, data.train.order(1, 2)[5:9], strict=True):
+        if w < data.train.first[1]:  # windows of the first shard start at w * seq_len
+            assert row.tolist() == flat[w * 32 : w * 32 + 32].tolist()
+    assert DataPosition.after(9 + 2 * data.train.windows, data.train.windows) == after
+    assert after.windows_before(data.train.windows) == 2 * data.train.windows + 9
+    ev = data.heldout.eval_batches(3, 2)
+    again = data.heldout.eval_batches(3, 2)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(ev, again, strict=True))
+
+
+def test_max_bytes_reads_the_first_tokens(toy_prepared: Path) -> None:
+    data = PreparedData(toy_prepared, read_manifest(toy_prepared), seq_len=64, limit=6400)
+    assert len(data.train) == 6400 and data.train.windows == 99
+
+
+def test_raw_source_is_prepared_once_into_the_cache(cache: Path, toy_corpus: Path, tmp_path: Path) -> None:
+    cfg = DataConfig(source=str(toy_corpus), heldout_fraction=0.1)
+    data = resolve.open_data(cfg, 64, 256)
+    [made] = (cache / "prepared").iterdir()
+    assert data.root == made and data.manifest.train.documents + data.manifest.heldout.documents == 40
+    stamp = (made / "manifest.json").stat().st_mtime_ns
+    copy = tmp_path / "copy"  # the same files elsewhere: the same prepared copy
+    copy.mkdir()
+    for f in toy_corpus.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    again = resolve.open_data(DataConfig(source=str(copy), heldout_fraction=0.1), 64, 256)
+    assert again.root == made and (made / "manifest.json").stat().st_mtime_ns == stamp
+    assert resolve.open_data(DataConfig(source=str(made)), 64, 256).root == made  # a prepared dir: itself
+
+
+def test_vocabulary_and_pins_are_checked(toy_prepared: Path) -> None:
+    man = read_manifest(toy_prepared)
     with pytest.raises(DataError, match=r"raise model\.vocab_size"):
-        TokenDataset.from_config(DataConfig(source=str(corpus), tokenizer=str(path), max_bytes=77), 2)
+        resolve.open_data(DataConfig(source=str(toy_prepared)), 64, 200)
+    pinned = DataConfig(source=str(toy_prepared), tokenizer_sha256="ab" * 32)
+    with pytest.raises(DataMismatchError, match="tokenizer mismatch") as e:
+        check_data(pinned, man, toy_prepared)
+    line = str(e.value)
+    assert "\n" not in line and "abababababab" in line and man.tokenizer_sha256[:12] in line
+    with pytest.raises(DataMismatchError, match="data mismatch"):
+        check_data(DataConfig(manifest_sha256="cd" * 32), man, toy_prepared)
+    ok = DataConfig(manifest_sha256=man.data_sha256(), tokenizer_sha256=man.tokenizer_sha256)
+    check_data(ok, man, toy_prepared)

@@ -15,7 +15,8 @@ from pmnode.core import checkpoint
 from pmnode.core.generate import CheckpointModel, generate, load_checkpoint, sample
 from pmnode.core.stages import Stage
 from pmnode.core.train import Pipeline
-from pmnode.data.dataset import TokenDataset
+from pmnode.data.resolve import open_data
+from pmnode.data.shards import DataPosition
 from pmnode.errors import PmnodeError
 
 ROOT = Path(__file__).parent.parent
@@ -28,11 +29,12 @@ def trained(tmp_path_factory: pytest.TempPathFactory, toy_corpus: Path) -> tuple
     cfg = load_config(ROOT / "configs" / "tiny.yaml").with_overrides(
         train={"steps": 30, "batch_size": 4, "micro_batch_size": None}, data={"source": str(toy_corpus)}
     )
-    train_set, _ = TokenDataset.from_config(cfg.data, cfg.model.vocab_size)
-    pipe = Pipeline(cfg, cfg.codec_spec)
     t = cfg.train
-    for step in range(t.steps):
-        pipe.train_step(*train_set.batch(step, t.batch_size, t.seq_len, t.seed))
+    data, pos = open_data(cfg.data, t.seq_len, cfg.model.vocab_size), DataPosition()
+    pipe = Pipeline(cfg, cfg.codec_spec)
+    for _ in range(t.steps):
+        x, y, pos = data.train.batch(pos, t.batch_size, t.seed)
+        pipe.train_step(x, y)
     root = tmp_path_factory.mktemp("ckpt")
     for w in pipe.workers:
         checkpoint.save(w, root, cfg.name)

@@ -18,7 +18,8 @@ from pmnode.config import load_config
 from pmnode.core import checkpoint
 from pmnode.core.train import Pipeline
 from pmnode.core.worker import StageWorker
-from pmnode.data.dataset import TokenDataset
+from pmnode.data.resolve import open_data
+from pmnode.data.shards import DataPosition
 
 pytestmark = pytest.mark.slow
 Moment = Callable[[Path, float], bool]  # (workdir, seconds since start) -> interrupt now?
@@ -116,14 +117,14 @@ def _reference_weights(cfg_path: Path, steps: int) -> list[list[dict[str, torch.
     """Each stage's weights after 0..steps steps of the single-process trainer (what sync equals)."""
     cfg = load_config(cfg_path)
     t = cfg.train
-    train_set, _ = TokenDataset.from_config(cfg.data, cfg.model.vocab_size)
+    data, pos = open_data(cfg.data, t.seq_len, cfg.model.vocab_size), DataPosition()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each node of a 3-stage local swarm on this machine
     try:
         pipe = Pipeline(cfg, cfg.codec_spec)
         snap = [[{k: v.clone() for k, v in w.stage.state_dict().items()} for w in pipe.workers]]
-        for step in range(steps):
-            x, y = train_set.batch(step, t.batch_size, t.seq_len, t.seed)
+        for _ in range(steps):
+            x, y, pos = data.train.batch(pos, t.batch_size, t.seed)
             pipe.train_step(x, y, t.steps)
             snap.append([{k: v.clone() for k, v in w.stage.state_dict().items()} for w in pipe.workers])
     finally:

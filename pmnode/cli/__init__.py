@@ -7,7 +7,7 @@ from typing import Any
 
 def __getattr__(name: str) -> Any:  # `pmnode.cli.app`, without importing the commands up front
     if name in ("app", "main"):
-        from pmnode.cli import commands, plan, swarm  # noqa: F401  (their commands register on the app)
+        from pmnode.cli import commands, data, plan, swarm  # noqa: F401  (their commands register on the app)
 
         return getattr(commands, name)
     raise AttributeError(name)

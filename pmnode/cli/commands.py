@@ -26,7 +26,8 @@ console = Console(stderr=True)
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Run config YAML (see configs/).")]
 DataOpt = Annotated[
-    str | None, typer.Option("--data", help="Corpus file/dir, or 'stdlib'; overrides data.source.")
+    str | None,
+    typer.Option("--data", help="Prepared data dir, corpus file/dir or 'stdlib'; overrides data.source."),
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda or auto.")]
 BandwidthOpt = Annotated[
@@ -54,11 +55,9 @@ def resolve_device(device: str) -> str:
 def load_with_overrides(
     config: Path, *, steps: int | None = None, data: str | None = None, **sections: dict
 ) -> RunConfig:
-    cfg = load_config(config)
+    cfg = load_config(config, data={"source": data} if data is not None else None)
     if steps is not None:
         sections.setdefault("train", {})["steps"] = steps
-    if data is not None:
-        sections.setdefault("data", {})["source"] = data
     return cfg.with_overrides(**sections) if sections else cfg
 
 
@@ -73,21 +72,41 @@ def train(
     device: DeviceOpt = "cpu",
     bf16: Annotated[bool, typer.Option("--bf16", help="bf16 autocast for the layers (for GPUs).")] = False,
     summary_json: Annotated[Path | None, typer.Option(help="Write the run summary here.")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch threads for this process.", min=1)] = None,
+    checkpoint_dir: Annotated[
+        Path | None, typer.Option(help="Save every stage here at the end, for `pmnode generate`.")
+    ] = None,
 ) -> None:
     """Train every stage in one process with the codec at each boundary (the swarm's reference)."""
+    import torch
+
     from pmnode.cli.progress import train_with_progress
-    from pmnode.core.train import config_for
+    from pmnode.core import checkpoint
+    from pmnode.core.train import Pipeline, config_for
+
+    if threads is not None:
+        torch.set_num_threads(threads)
 
     cfg = load_with_overrides(config, steps=steps, data=data)
     if codec:  # the codec decides the model: constrained for subspace, plain otherwise
         cfg, codec = config_for(cfg, codec)
     else:
         codec = cfg.codec_spec
-    summary = train_with_progress(cfg, codec, resolve_device(device), console, autocast_bf16=bf16)
+
+    def save(pipe: Pipeline, _batches: list) -> None:
+        if checkpoint_dir is not None:
+            for w in pipe.workers:
+                checkpoint.save(w, checkpoint_dir, cfg.name)
+            checkpoint.save_run_config(cfg, checkpoint_dir)
+
+    summary = train_with_progress(
+        cfg, codec, resolve_device(device), console, autocast_bf16=bf16, on_end=save
+    )
     out = summary.model_dump(include={"steps", "final_train_loss", "heldout_loss", "tokens_per_s", "codec"})
     console.print(
         f"[bold]done[/]: {summary.steps} steps, train loss {summary.final_train_loss:.4f}, "
-        f"held-out loss {summary.heldout_loss:.4f}, {summary.tokens_per_s:,.0f} tokens/s"
+        f"held-out loss {summary.heldout_loss:.4f} ({summary.heldout_bits_per_byte:.4f} bits/byte), "
+        f"{summary.tokens_per_s:,.0f} tokens/s"
     )
     if summary_json:
         summary_json.parent.mkdir(parents=True, exist_ok=True)
@@ -327,7 +346,7 @@ def bench_time_to_loss(
 
 
 def main() -> None:
-    from pmnode.cli import plan, swarm  # noqa: F401  (their commands register on `app`)
+    from pmnode.cli import data, plan, swarm  # noqa: F401  (their commands register on `app`)
 
     run_cli(app)
 

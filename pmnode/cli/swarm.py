@@ -113,14 +113,15 @@ def join(
         raise PmnodeError("--checkpoint-every needs --checkpoint-dir DIR")
     if resume and checkpoint_dir is None:
         raise PmnodeError("--resume needs --checkpoint-dir DIR, the directory the checkpoint is in")
-    from pmnode.data.dataset import corpus_files
     from pmnode.net.auth import JOIN_TOKEN_ENV, TOKEN_FILE, resolve_token
 
     device = resolve_device(device)
     if optimizer_state not in ("fp32", "int8"):
         raise PmnodeError(f"--optimizer-state must be fp32 or int8, not {optimizer_state!r}")
-    if data is not None:
-        corpus_files(data)  # a wrong path fails here, not after joining the swarm
+    if data is not None and data != "stdlib" and not Path(data).exists():  # here, not after joining
+        raise PmnodeError(
+            f"data path not found: {data} (give a prepared directory, a corpus path or 'stdlib')"
+        )
 
     token = resolve_token(
         token_file, fallback=coordinator_file.parent / TOKEN_FILE if coordinator_file is not None else None

@@ -5,7 +5,8 @@ Layout:
     DIR/stage-{i}/
         model.safetensors   the stage's weights (U and F are never saved: they come from the seed)
         optimizer.pt        AdamW state
-        manifest.json       step, stage, layer range, subspace fingerprint, run name, samples
+        manifest.json       step, stage, layer range, subspace fingerprint, run name, samples,
+                            and for the head the data position of the next step
 A stage is written whole into a new directory (manifest last), which then takes the old one's
 place by two renames; a crash between them is settled at the next read or write (`_settle`). So a
 crash at any moment leaves the previous complete checkpoint or the new one, never a mix of files.
@@ -25,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from pmnode.config import RunConfig, format_validation_error
 from pmnode.core.worker import StageWorker
+from pmnode.data.shards import DataPosition
 from pmnode.errors import ConfigError, PmnodeError
 
 
@@ -36,6 +38,7 @@ class Manifest(BaseModel):
     samples: int = 0
     fingerprint: str | None
     codec: str
+    data: DataPosition | None = None  # the head's: where the next step's windows start
 
 
 RUN_CONFIG = "run.json"
@@ -83,7 +86,9 @@ def _settle(root: Path, stage: int) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def save(worker: StageWorker, root: Path, run: str, samples: int = 0) -> Path:
+def save(
+    worker: StageWorker, root: Path, run: str, samples: int = 0, data: DataPosition | None = None
+) -> Path:
     """Write the stage whole into a new directory, then swap it in (see the module's docstring)."""
     d = stage_dir(root, worker.index)
     root.mkdir(parents=True, exist_ok=True)
@@ -102,6 +107,7 @@ def save(worker: StageWorker, root: Path, run: str, samples: int = 0) -> Path:
         samples=samples,
         fingerprint=sub.fingerprint if sub is not None else None,
         codec=worker.codec.name,
+        data=data,
     )
     (new / "manifest.json").write_text(man.model_dump_json(indent=2))
     with contextlib.suppress(FileNotFoundError):  # another replica of the stage may be swapping too

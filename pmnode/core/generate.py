@@ -18,7 +18,8 @@ from torch import Tensor
 from pmnode.config import RunConfig
 from pmnode.core import checkpoint
 from pmnode.core.train import Pipeline
-from pmnode.data.dataset import ByteTokenizer, HFTokenizer, load_tokenizer
+from pmnode.data.resolve import run_tokenizer
+from pmnode.data.tokenizer import Tokenizer
 from pmnode.errors import PmnodeError
 
 LogitsFn = Callable[[Tensor], Tensor]  # (B, T) token ids -> (B, T, V) logits
@@ -31,7 +32,7 @@ class CheckpointModel:
     root: Path
     cfg: RunConfig
     pipe: Pipeline
-    tokenizer: ByteTokenizer | HFTokenizer
+    tokenizer: Tokenizer
     codec: str
     steps: list[int]  # per stage; they differ only if the swarm stopped mid-step
 
@@ -69,9 +70,7 @@ def load_checkpoint(root: Path, device: str = "cpu") -> CheckpointModel:
     pipe = Pipeline(cfg, codecs[0], device)
     for w in pipe.workers:
         checkpoint.load(w, root)
-    return CheckpointModel(
-        root, cfg, pipe, load_tokenizer(cfg.data.tokenizer), codecs[0], [m.step for m in manifests]
-    )
+    return CheckpointModel(root, cfg, pipe, run_tokenizer(cfg.data), codecs[0], [m.step for m in manifests])
 
 
 def next_token(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator) -> int:

@@ -38,6 +38,7 @@ class TrainSummary(BaseModel):
     steps: int
     final_train_loss: float
     heldout_loss: float
+    heldout_bits_per_byte: float  # comparable across tokenizers
     tokens_per_s: float
     codec: str
     bytes_per_token_forward: int
@@ -117,17 +118,19 @@ def train(
 
     `on_end(pipeline, heldout_batches)` sees the trained model, e.g. for diagnostics."""
     t = cfg.train
-    from pmnode.data.dataset import TokenDataset
+    from pmnode.data.resolve import open_data
+    from pmnode.data.shards import DataPosition
 
-    train_set, heldout = TokenDataset.from_config(cfg.data, cfg.model.vocab_size)
-    eval_batches = heldout.eval_batches(t.eval_batches, t.batch_size, t.seq_len)
-    pipe = Pipeline(cfg, codec, device, autocast_bf16)
+    pipe = Pipeline(cfg, codec, device, autocast_bf16)  # a bad codec fails before any data is prepared
+    data = open_data(cfg.data, t.seq_len, cfg.model.vocab_size)
+    eval_batches = data.heldout.eval_batches(t.eval_batches, t.batch_size)
+    pos = DataPosition()
     losses: list[float] = []
     evals: list[tuple[int, int, float]] = []
     tokens_per_step = t.batch_size * t.seq_len
     elapsed = 0.0
     for step in range(t.steps):
-        x, y = train_set.batch(step, t.batch_size, t.seq_len, t.seed)
+        x, y, pos = data.train.batch(pos, t.batch_size, t.seed)
         start = time.perf_counter()
         loss = pipe.train_step(x.to(device), y.to(device), t.steps)
         elapsed += time.perf_counter() - start
@@ -144,6 +147,7 @@ def train(
         steps=t.steps,
         final_train_loss=losses[-1],
         heldout_loss=evals[-1][2],
+        heldout_bits_per_byte=data.bits_per_byte(evals[-1][2]),
         tokens_per_s=t.steps * tokens_per_step / max(elapsed, 1e-9),
         codec=codec,
         bytes_per_token_forward=pipe.codec.bytes_per_token_forward(),

@@ -14,7 +14,8 @@ from collections.abc import Awaitable, Callable
 
 from torch import Tensor
 
-from pmnode.data.dataset import TokenDataset
+from pmnode.data.resolve import open_data
+from pmnode.data.shards import DataPosition, PreparedData
 from pmnode.errors import PmnodeError
 from pmnode.net.envelope import MicroBatch, MicroBatchId, activation_shape, eval_id
 from pmnode.net.rpcs import EVAL, FORWARD
@@ -154,11 +155,9 @@ class HeadDriver:
 
     async def drive(self) -> None:
         ctx, runner, t = self.ctx, self.ctx.runner, self.ctx.cfg.train
-        # Tokenizing the corpus is the compute thread's work, not the event loop's.
-        train_set, heldout = await runner.run(
-            TokenDataset.from_config, ctx.cfg.data, ctx.cfg.model.vocab_size
-        )
-        eval_batches = await runner.run(heldout.eval_batches, t.eval_batches, t.batch_size, t.seq_len)
+        # Reading (or first preparing) the data is the compute thread's work, not the event loop's.
+        data = await runner.run(open_data, ctx.cfg.data, t.seq_len, ctx.cfg.model.vocab_size)
+        eval_batches = await runner.run(data.heldout.eval_batches, t.eval_batches, t.batch_size)
         await self._wait_for_downstream()
         await self.view.refresh()
         if runner.step >= t.steps:
@@ -167,9 +166,10 @@ class HeadDriver:
                 f"{t.steps}; pass a larger --steps to continue"
             )
         window, first = self.window, runner.step
+        pos = await runner.run(self._start_position, data, first)
         start = time.perf_counter()
         for step in range(first, t.steps):
-            x, y = await runner.run(train_set.batch, step, t.batch_size, t.seq_len, t.seed)
+            x, y, pos = await runner.run(self._draw, data, step, pos)
             # A head that took over mid-step: the stages may hold some of this step from its predecessor.
             await self._send_step(window, step, x, y, retry=self.rejoined() and step == first)
             last = step + 1 == t.steps
@@ -177,8 +177,29 @@ class HeadDriver:
                 await window.drain()
             window.check()
             self.progress.tokens += t.batch_size * t.seq_len
-            await self._record(step + 1, window.take_loss(), eval_batches, last, start)
+            await self._record(step + 1, window.take_loss(), eval_batches, last, start, pos)
         self.progress.elapsed = time.perf_counter() - start
+
+    def _start_position(self, data: PreparedData, first: int) -> DataPosition:
+        """(compute thread) Where step `first` reads: the position its checkpoint saved, else the one
+        `first` full batches from the start reach (a head that took over from a replica)."""
+        loaded = self.ctx.runner.loaded_data
+        if loaded is not None and loaded[0] == first and loaded[1] is not None:
+            pos = loaded[1]
+            self.ctx.console.print(
+                f"data resumes at epoch {pos.epoch}, window {pos.offset} of {data.train.windows}"
+            )
+        else:
+            pos = DataPosition.after(first * self.ctx.cfg.train.batch_size, data.train.windows)
+        self.ctx.runner.data_positions[first] = pos
+        return pos
+
+    def _draw(self, data: PreparedData, step: int, pos: DataPosition) -> tuple[Tensor, Tensor, DataPosition]:
+        """(compute thread) Step `step`'s batch from `pos`; the position after it goes with the
+        checkpoint of step + 1."""
+        x, y, after = data.train.batch(pos, self.ctx.cfg.train.batch_size, self.ctx.cfg.train.seed)
+        self.ctx.runner.data_positions[step + 1] = after
+        return x, y, after
 
     async def _send_step(self, window: Window, step: int, x: Tensor, y: Tensor, retry: bool) -> None:
         t = self.ctx.cfg.train
@@ -200,6 +221,7 @@ class HeadDriver:
         eval_batches: list[tuple[Tensor, Tensor]],
         last: bool,
         start: float,
+        pos: DataPosition,
     ) -> None:
         p, t = self.progress, self.ctx.cfg.train
         if loss is not None:
@@ -211,5 +233,6 @@ class HeadDriver:
             p.evals.append((step, p.tokens, held))
         p.elapsed = time.perf_counter() - start
         line = p.line(step, held, self.downstream.stats)
+        line.epoch, line.offset = pos.epoch, pos.offset
         if self.log_format == "json" or not sys.stdout.isatty():  # a terminal gets the panel instead
             print(line.json_line(), flush=True)

@@ -23,6 +23,7 @@ from rich.live import Live
 from rich.table import Table
 
 from pmnode.config import RunConfig
+from pmnode.data.resolve import prepared_dir
 from pmnode.errors import PmnodeError
 from pmnode.net.auth import JOIN_TOKEN_ENV, TOKEN_FILE, new_token, read_token_file
 from pmnode.swarm.churn import Churn
@@ -133,6 +134,8 @@ def run_local_swarm(
     if not resume and workdir.exists():
         shutil.rmtree(workdir)
     (workdir / "logs").mkdir(parents=True, exist_ok=True)
+    # Prepared once, here (stdlib or a text path into the cache); the coordinator pins its hashes.
+    cfg = cfg.with_overrides(data={"source": str(prepared_dir(cfg.data, console))})
     (workdir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     _interrupt_on_signals()
     launcher = Launcher()

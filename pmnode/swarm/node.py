@@ -197,6 +197,10 @@ class Node:
             raise PmnodeError("this run has one stage: a swarm needs two or more; use `pmnode train`")
         if o.machine.data:  # this machine's copy of the agreed corpus
             cfg = cfg.with_overrides(data={"source": o.machine.data})
+        if reply.stage == 0:  # the head reads the data: refused here unless it is the run's (off the loop)
+            from pmnode.data.resolve import open_data
+
+            await asyncio.to_thread(open_data, cfg.data, cfg.train.seq_len, cfg.model.vocab_size)
         if o.machine.threads:
             torch.set_num_threads(o.machine.threads)
         schedule = schedule_named(cfg.swarm.schedule)

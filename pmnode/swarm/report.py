@@ -27,6 +27,8 @@ class StepLine(BaseModel):
     fwd_bytes_per_token: float = 0.0
     bwd_bytes_per_token: float = 0.0
     wire_bytes: int = 0
+    epoch: int | None = None  # the head's data position after this step
+    offset: int | None = None
 
     def json_line(self) -> str:
         return self.model_dump_json(exclude_none=True)

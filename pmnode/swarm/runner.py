@@ -23,6 +23,7 @@ from pmnode.core import checkpoint
 from pmnode.core.codecs import Packet
 from pmnode.core.replica_state import load_state_tensors
 from pmnode.core.worker import StageWorker
+from pmnode.data.shards import DataPosition
 from pmnode.net.bulk import Received, unpack
 from pmnode.net.checks import GradScale, check_activation, check_gradient
 from pmnode.swarm.report import ComputeTimes
@@ -61,6 +62,10 @@ class StageRunner:
         self.samples_off = 0  # summed |samples applied - batch_size| over the steps: 0 when exact
         self.frontier = 0  # async: the furthest step of a micro-batch taken here (or the head's)
         self.replicated = False  # async: has shared this stage with another node
+        # The head's data position after N steps, by N (saved with the checkpoint of step N), and the
+        # (step, position) of the checkpoint this stage was loaded from.
+        self.data_positions: dict[int, DataPosition] = {}
+        self.loaded_data: tuple[int, DataPosition | None] | None = None
 
     @classmethod
     async def start(
@@ -139,7 +144,11 @@ class StageRunner:
     def _save(self) -> None:
         c = self.checkpoints
         if c is not None:
-            checkpoint.save(self.worker, c.root, self.cfg.name, self.samples_applied)
+            step = self.worker.step_count
+            data = self.data_positions.get(step)
+            checkpoint.save(self.worker, c.root, self.cfg.name, self.samples_applied, data)
+            for done in [s for s in self.data_positions if s < step]:
+                del self.data_positions[done]
             checkpoint.save_run_config(self.cfg, c.root)
 
     # ---- data path -----------------------------------------------------------------------------------
@@ -258,4 +267,5 @@ class StageRunner:
     async def load(self, root: Path) -> checkpoint.Manifest:
         man = await self.run(checkpoint.load, self.worker, root)
         self.samples_applied = man.samples
+        self.loaded_data = (man.step, man.data)
         return man
