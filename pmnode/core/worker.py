@@ -26,6 +26,7 @@ from torch import Tensor
 from pmnode.config import OptimConfig, RunConfig
 from pmnode.core.codecs import Codec, Packet, make_codec
 from pmnode.core.stages import Stage, build_subspace
+from pmnode.core.staleness import Correction, StaleCorrection, make_optimizer
 from pmnode.core.subspace import Subspace
 from pmnode.errors import PmnodeError
 
@@ -40,9 +41,12 @@ def lr_at(step: int, optim: OptimConfig, total_steps: int) -> float:
     return optim.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def build_optimizer(stage: Stage, optim: OptimConfig) -> torch.optim.AdamW:
-    """AdamW groups: matrices with weight decay, the reparametrised writes Z apart (their own lr
-    scale), vectors without decay. Each group's `lr_scale` multiplies the scheduled lr."""
+def build_optimizer(
+    stage: Stage, optim: OptimConfig, correction: Correction = "none"
+) -> torch.optim.Optimizer:
+    """AdamW (NAdamW for the nesterov correction) groups: matrices with weight decay, the
+    reparametrised writes Z apart (their own lr scale), vectors without decay. Each group's
+    `lr_scale` multiplies the scheduled lr."""
     scaled = (
         {id(w.weight) for w in stage.writes() if w.mode == "reparam"} if optim.write_lr_scale != 1 else set()
     )
@@ -57,7 +61,7 @@ def build_optimizer(stage: Stage, optim: OptimConfig) -> torch.optim.AdamW:
         )
     if rest:
         groups.append({"params": rest, "weight_decay": 0.0, "lr_scale": 1.0})
-    return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps)
+    return make_optimizer(correction, groups, optim.lr, optim.betas, optim.eps)
 
 
 @dataclass
@@ -81,6 +85,8 @@ class StageWorker:
     the in-place optimizer step never invalidates them; their gradients join
     the next step. Without stashing (sync), stepping with micro-batches in
     flight is an error.
+
+    correction (async): what the stage does about those late gradients (pmnode.core.staleness).
     """
 
     def __init__(
@@ -92,6 +98,7 @@ class StageWorker:
         subspace: Subspace | None = None,
         stash_weights: bool = False,
         autocast_bf16: bool = False,
+        correction: Correction = "none",
     ):
         self.cfg, self.index, self.device = cfg, index, torch.device(device)
         self.autocast_bf16 = autocast_bf16  # this machine's choice (MachineConfig), not the run's
@@ -102,7 +109,10 @@ class StageWorker:
         self.codec: Codec = make_codec(
             codec, d_model=m.d_model, vocab_size=m.vocab_size, subspace=self.stage.subspace
         )
-        self.optimizer = build_optimizer(self.stage, cfg.optim)
+        # Stale-gradient correction (async only: without stashing no gradient is ever late).
+        kind: Correction = correction if stash_weights else "none"
+        self.correction = StaleCorrection(kind, cfg.n_stages, cfg.swarm.async_momentum)
+        self.optimizer = build_optimizer(self.stage, cfg.optim, kind)
         self.stash_weights = stash_weights
         self.step_count = 0
         self.samples_ready = 0  # backward finished, not yet applied
@@ -129,9 +139,7 @@ class StageWorker:
             else:
                 params = self._stashes.get(self.step_count)
                 if params is None:
-                    params = {
-                        n: p.detach().clone().requires_grad_() for n, p in self.stage.named_parameters()
-                    }
+                    params = self.correction.forward_weights(self.stage)
                     self._stashes[self.step_count] = params
                 out = torch.func.functional_call(self.stage, params, (x, tokens))
         return out.float()
@@ -222,6 +230,7 @@ class StageWorker:
     def _finish(self, mb: str) -> _InFlight:
         entry = self.inflight.pop(mb)
         self.samples_ready += entry.samples
+        self.correction.meter.finished(entry.version, entry.samples)
         return entry
 
     def abandon(self, mb: str) -> bool:
@@ -283,6 +292,7 @@ class StageWorker:
             raise PmnodeError(f"stage {self.index}: reset with {len(self.inflight)} micro-batches in flight")
         self.optimizer.zero_grad(set_to_none=True)
         self.samples_ready = 0
+        self.correction.meter.forget()
         self.accumulated = {k: v for k, v in self.accumulated.items() if v != step}
 
     def state_bytes(self) -> bytes:
@@ -300,6 +310,7 @@ class StageWorker:
         self.step_count = int(state["step"])
         self.optimizer.zero_grad(set_to_none=True)
         self.samples_ready = 0
+        self.correction.meter.forget()
         self.accumulated = {}
 
     def step(self, total_steps: int | None = None, lr_step: int | None = None) -> tuple[int, float]:
@@ -324,8 +335,10 @@ class StageWorker:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         if optim.grad_clip is not None and params:
             torch.nn.utils.clip_grad_norm_(params, optim.grad_clip)
+        self.correction.before_step(self.optimizer, self.stage, self.step_count)
         self.optimizer.step()
         self.stage.project_()
+        self.correction.after_step(self.stage)
         self.optimizer.zero_grad(set_to_none=True)
         self.step_count += 1
         self.samples_ready = 0

@@ -31,7 +31,7 @@ UPSTREAM_SEEN = 30.0  # seconds a caller counts as upstream on the panel after i
 class StageHandler:
     def __init__(self, ctx: NodeContext, downstream: Downstream, guard: Guard, cert: Callable[[], Cert]):
         self.ctx, self.downstream, self.guard, self.cert = ctx, downstream, guard, cert
-        self.replay = ReplayWindow(ctx.cfg.swarm.max_inflight)
+        self.replay = ReplayWindow(ctx.cfg.swarm.inflight_limit)
         self.upstream: dict[str, float] = {}  # caller -> when it last sent us a micro-batch
         self.last_loss: float | None = None  # the tail's loss of its last micro-batch
         self.done = asyncio.Event()
@@ -61,7 +61,7 @@ class StageHandler:
             step=ref,
             # Async replicas count only their own steps and learn the head's between micro-batches
             # (and from its record every heartbeat), so ids may run ahead of what they know.
-            window=ctx.schedule.window(ctx.cfg.swarm.max_inflight, n_micro),
+            window=ctx.schedule.window(ctx.cfg.swarm.inflight_limit, n_micro),
             seen=self.replay.seen,
         )
         runner.frontier = max(runner.frontier, step)

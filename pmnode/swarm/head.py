@@ -1,8 +1,9 @@
 """The head driver: stage 0 owns the data and drives the run.
 
-It keeps swarm.max_inflight micro-batches in flight, waits out pauses, and under a schedule that
-commits (sync) flushes every step and commits it with every stage's replicas. It keeps the losses
-and evaluations and prints one StepLine per step.
+It keeps swarm.max_inflight micro-batches in flight (auto: sized from the measured round trip,
+pmnode.swarm.window), waits out pauses, and under a schedule that commits (sync) flushes every step
+and commits it with every stage's replicas. It keeps the losses and evaluations and prints one
+StepLine per step.
 """
 
 from __future__ import annotations
@@ -10,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 from torch import Tensor
 
 from pmnode.data.dataset import TokenDataset
 from pmnode.errors import PmnodeError
 from pmnode.net.envelope import MicroBatch, MicroBatchId, activation_shape, eval_id
+from pmnode.net.routing import capacity
 from pmnode.net.rpcs import EVAL, FORWARD
 from pmnode.swarm.commit import StepCommit
 from pmnode.swarm.context import NodeContext
@@ -25,52 +27,9 @@ from pmnode.swarm.membership import SwarmView
 from pmnode.swarm.panel import LogFormat
 from pmnode.swarm.pauses import Pauses
 from pmnode.swarm.report import Progress
+from pmnode.swarm.window import InflightSizer, Window
 
-
-class Window:
-    """The micro-batches in flight: at most `size`, their losses, and the first failure (never dropped:
-    a lost micro-batch would skew the step)."""
-
-    def __init__(self, size: int):
-        self.slots = asyncio.Semaphore(size)
-        self.tasks: set[asyncio.Task] = set()
-        self.losses: list[float] = []
-        self.failures: list[BaseException] = []
-
-    def check(self) -> None:
-        if self.failures:
-            raise PmnodeError(f"training stopped: {self.failures[0]}") from self.failures[0]
-
-    async def acquire(self) -> None:
-        await self.slots.acquire()  # async: the window, not the step, bounds staleness
-        self.check()
-
-    def start(self, work: Callable[[], Awaitable[float]]) -> None:
-        """Run `work` in a slot taken with `acquire`."""
-
-        async def one() -> None:
-            try:
-                self.losses.append(await work())
-            except Exception as e:
-                self.failures.append(e)
-            finally:
-                self.slots.release()
-
-        task = asyncio.create_task(one())
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
-    async def drain(self) -> None:
-        if self.tasks:
-            await asyncio.gather(*self.tasks)
-        self.check()
-
-    def take_loss(self) -> float | None:
-        if not self.losses:
-            return None
-        loss = sum(self.losses) / len(self.losses)
-        self.losses.clear()
-        return loss
+RESIZE_EVERY = 2.0  # seconds between window sizings (stage records refresh about as often)
 
 
 class HeadDriver:
@@ -88,7 +47,13 @@ class HeadDriver:
         self.progress = Progress()
         self.batch: dict[str, tuple[MicroBatchId, Tensor, Tensor]] = {}  # the step being committed
         self.commit = StepCommit(ctx, view, downstream, pauses.wait_whole, self._resend)
-        self.window = Window(ctx.cfg.swarm.max_inflight)
+        sw, t = ctx.cfg.swarm, ctx.cfg.train
+        auto = sw.max_inflight == "auto"
+        # auto starts with one step's micro-batches (at least one per stage), then follows the link.
+        start = max(t.batch_size // t.micro, ctx.cfg.n_stages) if auto else sw.inflight_limit
+        self.sizer = InflightSizer(t.micro, sw.inflight_limit, start) if auto else None
+        self.window = Window(min(start, sw.inflight_limit))
+        self.resized_at = 0.0
 
     def cancel(self) -> None:
         """Stopped: the micro-batches in flight are dropped (their compute jobs finish first)."""
@@ -102,6 +67,7 @@ class HeadDriver:
         meta: dict[str, float | int | str] = {"samples": x.shape[0]}
         if mb.attempt:
             meta["try"] = mb.attempt
+        t0 = time.perf_counter()
         pkt = await runner.forward(mb.key, None, x, x.shape[0])
         batch = MicroBatch.first(mb.wire, pkt, y, codec.sends_tokens, codec.token_dtype, **meta)
         try:
@@ -113,6 +79,8 @@ class HeadDriver:
             raise
         # In sync the head steps with the commit; in async as soon as its batch is complete.
         await runner.backward(mb.key, grad, x.shape[0])
+        if self.sizer is not None:
+            self.sizer.observe(time.perf_counter() - t0)
         return float(reply.meta.get("loss", float("nan")))
 
     async def train_through_pauses(
@@ -172,6 +140,7 @@ class HeadDriver:
             x, y = await runner.run(train_set.batch, step, t.batch_size, t.seq_len, t.seed)
             # A head that took over mid-step: the stages may hold some of this step from its predecessor.
             await self._send_step(window, step, x, y, retry=self.rejoined() and step == first)
+            await self._resize()
             last = step + 1 == t.steps
             if last:
                 await window.drain()
@@ -179,6 +148,17 @@ class HeadDriver:
             self.progress.tokens += t.batch_size * t.seq_len
             await self._record(step + 1, window.take_loss(), eval_batches, last, start)
         self.progress.elapsed = time.perf_counter() - start
+
+    async def _resize(self) -> None:
+        """max_inflight auto: every few seconds, the window the round trip and stage rates call for."""
+        now = time.perf_counter()
+        if self.sizer is None or now - self.resized_at < RESIZE_EVERY:
+            return
+        self.resized_at = now
+        rates = [self.ctx.runner.throughput()]
+        for s in range(1, self.ctx.cfg.n_stages):
+            rates.append(capacity(r for r in await self.view.records(s) if r.throughput > 0))
+        await self.window.resize(self.sizer.update(rates))
 
     async def _send_step(self, window: Window, step: int, x: Tensor, y: Tensor, retry: bool) -> None:
         t = self.ctx.cfg.train
@@ -211,5 +191,6 @@ class HeadDriver:
             p.evals.append((step, p.tokens, held))
         p.elapsed = time.perf_counter() - start
         line = p.line(step, held, self.downstream.stats)
+        line.inflight = self.window.size
         if self.log_format == "json" or not sys.stdout.isatty():  # a terminal gets the panel instead
             print(line.json_line(), flush=True)

@@ -91,7 +91,7 @@ class Parts:
             ctx.verifier,
             ctx.stage,
             rate=sw.peer_rate,
-            burst=max(64, 2 * sw.max_inflight),
+            burst=max(64, 2 * sw.inflight_limit),
             ban_after=sw.ban_after,
             ban_seconds=sw.ban_seconds,
         )

@@ -27,6 +27,7 @@ class StepLine(BaseModel):
     fwd_bytes_per_token: float = 0.0
     bwd_bytes_per_token: float = 0.0
     wire_bytes: int = 0
+    inflight: int | None = Field(None, description="The head's in-flight window at this step.")
 
     def json_line(self) -> str:
         return self.model_dump_json(exclude_none=True)

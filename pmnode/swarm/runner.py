@@ -78,6 +78,7 @@ class StageRunner:
                 machine.device,
                 stash_weights=schedule.stash_weights,
                 autocast_bf16=machine.autocast_bf16,
+                correction=cfg.swarm.async_correction,
             )
 
         worker = await asyncio.get_running_loop().run_in_executor(pool, build)
