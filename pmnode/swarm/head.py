@@ -101,6 +101,7 @@ class HeadDriver:
 
     async def evaluate(self, batches: list[tuple[Tensor, Tensor]]) -> float:
         ctx, runner, codec = self.ctx, self.ctx.runner, self.ctx.runner.worker.codec
+        await self.commit.settle()  # sync: every stage has applied the step being evaluated
         total = 0.0
         for i, (x, y) in enumerate(batches):
             pkt = await runner.evaluate(None, x)

@@ -98,6 +98,7 @@ class Parts:
         self.replicas = Replicas(ctx, opts, self.view, self.downstream)
         self.handler = StageHandler(ctx, self.downstream, self.guard, membership.current)
         self.participant = CommitParticipant(ctx, self.downstream, self.replicas)
+        self.handler.reach = self.participant.reach
         self.pauses = Pauses(ctx, self.view, self._resumed)
         self.head = HeadDriver(ctx, self.downstream, self.view, self.pauses, opts.log_format, self._rejoined)
         self.averaging = AveragingLoop(ctx, self.replicas, membership.current, stop)
