@@ -6,8 +6,8 @@ r"""Async against sync over emulated slow links, with and without stale-gradient
 
 One local swarm per (link, variant), one at a time: the same model, seed, data and steps; only the
 schedule and `swarm.async_correction` change (`swarm.max_inflight: auto` for all). Every run's head
-lines give held-out loss against steps and wall time (seconds since the first micro-batch); the
-steady-state tokens/s is the median of windowed rates (pmnode.bench.swarm). Time to target = wall
+lines give held-out loss against steps and wall time (seconds since the first micro-batch); tokens/s
+is the whole run's (evaluations included). Time to target = wall
 time until the held-out loss first reaches the target (linear between evaluations). Runs already in
 OUT/results.json are kept, so an interrupted sweep resumes. Writes results.json, results.md,
 heldout_steps.png and heldout_time.png.
@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 from rich.console import Console
 
-from pmnode.bench.swarm import head_lines, steady_rate, window_rates
+from pmnode.bench.swarm import head_lines
 from pmnode.bench.time_to_loss import tokens_to_reach
 from pmnode.config import RunConfig
 from pmnode.swarm.local_swarm import run_local_swarm
@@ -53,13 +53,14 @@ def run_one(cfg: RunConfig, stages: int, link: str, console: Console) -> dict:
             node_args=["--link-bandwidth", bw, "--link-latency", lat or "0ms"],
         )
         lines = head_lines(Path(d) / "swarm" / "logs" / "node-0.log")
-    rate, steady, _ = steady_rate(window_rates(lines, 10))
+    # The whole run's rate (evaluations included, the same for every variant): async's head lines come
+    # in bursts as the window moves, so windowed rates at the head mislead.
+    rate = lines[-1].tokens / lines[-1].elapsed if lines else 0.0
     evals = [(ln.step, ln.elapsed, ln.heldout_loss) for ln in lines if ln.heldout_loss is not None]
     return {
         "heldout_loss": round(summary.heldout_loss or float("nan"), 4),
         "final_train_loss": round(summary.final_train_loss, 4),
         "tokens_per_s": round(rate, 1),
-        "steady": steady,
         "mean_inflight": round(sum(ln.inflight or 0 for ln in lines) / max(len(lines), 1), 1),
         "final_inflight": lines[-1].inflight if lines else None,
         "evals": [[s, round(t, 3), round(h, 4)] for s, t, h in evals],

@@ -10,7 +10,7 @@ import pytest
 
 from pmnode.config import RunConfig
 from pmnode.errors import PmnodeError
-from pmnode.swarm.window import GAIN, InflightSizer, Window, auto_window
+from pmnode.swarm.window import HEADROOM, InflightSizer, Window, auto_window
 
 
 def emulated_rtt(stages: int, latency: float, compute: float) -> float:
@@ -21,22 +21,47 @@ def emulated_rtt(stages: int, latency: float, compute: float) -> float:
 
 def test_auto_window_is_rate_times_round_trip() -> None:
     rtt = emulated_rtt(4, 0.050, 0.002)  # 50 ms links, 4 stages: 0.308 s
-    rates = [900.0, 400.0, 650.0, 700.0]  # samples/s per stage; the second is the bottleneck
-    # 400 samples/s in micro-batches of 2 = 200/s; x 0.308 s = 61.6 in flight; x gain 2 = 123.2
-    assert auto_window(rtt, rates, micro=2, bound=256) == math.ceil(GAIN * 200 * rtt) == 124
-    assert auto_window(rtt, rates, micro=2, bound=64) == 64  # the bound holds
-    assert auto_window(emulated_rtt(4, 0.100, 0.002), rates, micro=2, bound=512) == 244
-    assert auto_window(0.0, rates, micro=2, bound=64) == 1  # nothing measured: one at a time
-    assert auto_window(rtt, [0.0, 0.0], micro=2, bound=64) == 1
+    assert auto_window(rtt, rate=100.0, bound=256) == math.ceil(HEADROOM * 100 * rtt) == 39
+    assert auto_window(rtt, rate=100.0, bound=16) == 16  # the bound holds
+    assert auto_window(emulated_rtt(4, 0.100, 0.002), rate=100.0, bound=256) == 77
+    assert auto_window(math.inf, rate=100.0, bound=64) == 1  # nothing measured: one at a time
+    assert auto_window(rtt, rate=0.0, bound=64) == 1
 
 
-def test_sizer_uses_the_shortest_round_trip() -> None:
+def emulate(stage_rates: list[float], capacity: float, rtt: float, sizings: int) -> list[int]:
+    """The sizes an emulated pipeline gets: `rtt` s round trip, `capacity` micro-batches/s at most,
+    a sizing every 2 s on a fake clock, micro-batches of one sample."""
     sizer = InflightSizer(micro=1, bound=256, start=8)
-    assert sizer.update([100.0, 100.0]) == 8  # no round trip seen yet: the start size
+    sizes, now = [], 0.0
+    sizer.update(stage_rates, now)
+    for _ in range(sizings):
+        delivered = min(sizer.size / rtt, capacity)
+        for _ in range(round(delivered * 2.0)):
+            sizer.observe(rtt)
+        now += 2.0
+        sizes.append(sizer.update(stage_rates, now))
+    return sizes
+
+
+def test_auto_picks_the_formula_window_for_an_emulated_rtt() -> None:
+    rtt = emulated_rtt(4, 0.050, 0.002)
+    expect = auto_window(rtt, 100.0, 256)  # 39: 1.25 x 100/s x 0.308 s
+    # Stages that could each serve 400/s, but the pipeline delivers 100/s (a shared machine):
+    sizes = emulate([400.0, 800.0, 500.0, 600.0], capacity=100.0, rtt=rtt, sizings=11)
+    # The window is the limit: it grows while the rate does, overshoots, then settles on the formula
+    # (every 4th sizing probes 1.5x higher and comes back).
+    assert sizes == [12, 18, 27, 41, 62, expect, expect, 59, expect, expect, expect]
+    # The slowest stage's compute rate caps it: 50 samples/s -> 1.25 x 50 x 0.308 = 20.
+    capped = emulate([400.0, 50.0, 500.0, 600.0], capacity=100.0, rtt=rtt, sizings=12)
+    assert max(capped) == auto_window(rtt, 50.0, 256) == 20 and capped[-1] == 20
+
+
+def test_sizer_keeps_the_shortest_round_trip() -> None:
+    sizer = InflightSizer(micro=1, bound=256, start=8)
+    assert sizer.update([100.0, 100.0], 0.0) == 8  # nothing measured yet: the start size
     for rtt in (0.9, 0.3, 0.5):  # the queue the window builds only adds to the round trip
         sizer.observe(rtt)
-    assert sizer.update([100.0, 0.0]) == 8  # a stage that has not measured its rate: keep the size
-    assert sizer.update([100.0, 50.0]) == math.ceil(GAIN * 50 * 0.3) == 30
+    assert sizer.rtt_min == 0.3
 
 
 def test_window_resizes() -> None:

@@ -47,12 +47,14 @@ class HeadDriver:
         self.progress = Progress()
         self.batch: dict[str, tuple[MicroBatchId, Tensor, Tensor]] = {}  # the step being committed
         self.commit = StepCommit(ctx, view, downstream, pauses.wait_whole, self._resend)
-        sw, t = ctx.cfg.swarm, ctx.cfg.train
-        auto = sw.max_inflight == "auto"
-        # auto starts with one step's micro-batches (at least one per stage), then follows the link.
-        start = max(t.batch_size // t.micro, ctx.cfg.n_stages) if auto else sw.inflight_limit
-        self.sizer = InflightSizer(t.micro, sw.inflight_limit, start) if auto else None
-        self.window = Window(min(start, sw.inflight_limit))
+        sw, n_micro = ctx.cfg.swarm, ctx.cfg.train.batch_size // ctx.cfg.train.micro
+        # auto: sync keeps a whole step in flight; async starts so (at least one per stage), then
+        # follows the link (pmnode.swarm.window).
+        auto = sw.max_inflight == "auto" and not ctx.schedule.commits
+        start = max(n_micro, ctx.cfg.n_stages) if auto else n_micro
+        size = min(start, sw.inflight_limit) if sw.max_inflight == "auto" else sw.inflight_limit
+        self.sizer = InflightSizer(ctx.cfg.train.micro, sw.inflight_limit, size) if auto else None
+        self.window = Window(size)
         self.resized_at = 0.0
 
     def cancel(self) -> None:
@@ -159,7 +161,7 @@ class HeadDriver:
         rates = [self.ctx.runner.throughput()]
         for s in range(1, self.ctx.cfg.n_stages):
             rates.append(capacity(r for r in await self.view.records(s) if r.throughput > 0))
-        await self.window.resize(self.sizer.update(rates))
+        await self.window.resize(self.sizer.update(rates, now))
 
     async def _send_step(self, window: Window, step: int, x: Tensor, y: Tensor, retry: bool) -> None:
         t = self.ctx.cfg.train

@@ -1,21 +1,29 @@
 r"""The head's in-flight window, and `swarm.max_inflight: auto` sizing it from the link.
 
-To keep the slowest stage busy the pipeline must hold as many micro-batches as that stage serves
-during one round trip (Little's law, the bandwidth-delay product of the pipeline):
+To keep the pipeline busy it must hold as many micro-batches as it completes during one round trip
+(Little's law: the bandwidth-delay product of the pipeline); more only queue up and make gradients
+staler. So, like TCP BBR, the head sizes the window from two measurements:
 
-    window = ceil(GAIN * (min_s rate_s / micro) * rtt_min),   clamped to [1, inflight_bound]
+    window = ceil(HEADROOM * rate * rtt_min),   clamped to [1, inflight_bound]
+    rate   = min(min_s rate_s / micro, delivered)
 
+rtt_min     the shortest round trip of a micro-batch the head has seen (forward sent to gradient
+            back): the path's latency and compute without queueing. Not a recent average: the queue
+            the window itself builds would feed back into it and grow it without end.
 rate_s      samples per compute-second stage s serves, summed over its replicas (each node measures
-            its own and announces it in its stage record; the head's is its runner's own)
-micro       samples per micro-batch
-rtt_min     the shortest recent round trip of a micro-batch at the head (forward sent to its
-            gradient back): the path's latency and compute without queueing (like BBR's min RTT;
-            an average would include the queue the window itself builds, and feed back)
-GAIN        2, BBR's congestion-window gain: headroom for jitter and for rates measured on a busy
-            machine
+            its own and announces it in its stage record): the most the slowest stage can take.
+delivered   micro-batches per second actually coming back: the best of the last few intervals. On
+            machines shared by several stages (or other work) it is below the compute rates.
+HEADROOM    1.25: room for jitter.
 
-Staleness: a micro-batch is about window / (micro-batches per step) optimizer steps stale, so with
-more micro-batches per step the same window is fewer steps stale.
+While the delivered rate still grows from one sizing to the next, the window is limited by itself,
+not by the pipeline, and it grows by PROBE (x1.5) instead, up to the compute-rate window; every
+PROBE_EVERY sizings it probes so anyway, in case the pipeline can take more than it is given.
+
+sync flushes every step, so it never has more than one step's micro-batches in flight: auto keeps
+all of them in flight (GPipe). Staleness (async): a micro-batch is about window / (micro-batches
+per step) optimizer steps stale, so with more micro-batches per step the same window is fewer steps
+stale.
 """
 
 from __future__ import annotations
@@ -27,34 +35,55 @@ from collections.abc import Awaitable, Callable
 
 from pmnode.errors import PmnodeError
 
-GAIN = 2.0
-RTT_SAMPLES = 64  # recent round trips kept for the minimum
+HEADROOM = 1.25
+PROBE = 1.5
+GROWING = 1.1  # delivered rate up by this factor since the last sizing: the window was the limit
+INTERVALS = 5  # recent delivery-rate intervals whose best counts
+PROBE_EVERY = 4  # sizings between probes for more capacity (the pipeline's may have grown)
 
 
-def auto_window(rtt_min: float, stage_rates: list[float], micro: int, bound: int, gain: float = GAIN) -> int:
-    """The window that covers `rtt_min` seconds at the slowest stage's rate (samples/s), in micro-batches."""
-    rates = [r for r in stage_rates if r > 0]
-    if not rates or rtt_min <= 0:
-        return min(bound, 1)
-    per_s = min(rates) / max(micro, 1)
-    return max(1, min(bound, math.ceil(gain * per_s * rtt_min)))
+def auto_window(rtt_min: float, rate: float, bound: int, headroom: float = HEADROOM) -> int:
+    """The window that covers `rtt_min` seconds at `rate` micro-batches/s."""
+    if rate <= 0 or rtt_min <= 0 or not math.isfinite(rtt_min):
+        return 1
+    return max(1, min(bound, math.ceil(headroom * rate * rtt_min)))
 
 
 class InflightSizer:
-    """Round trips seen at the head, and the window they call for."""
+    """Round trips and completions seen at the head, and the window they call for."""
 
     def __init__(self, micro: int, bound: int, start: int):
         self.micro, self.bound = micro, bound
         self.size = max(1, min(start, bound))
-        self.rtts: deque[float] = deque(maxlen=RTT_SAMPLES)
+        self.rtt_min = math.inf
+        self.done = 0  # micro-batches back since the last sizing
+        self.rates: deque[float] = deque(maxlen=INTERVALS)
+        self.last_rate = 0.0
+        self.last_time: float | None = None
+        self.sizings = 0
 
     def observe(self, rtt: float) -> None:
-        self.rtts.append(rtt)
+        self.rtt_min = min(self.rtt_min, rtt)
+        self.done += 1
 
-    def update(self, stage_rates: list[float]) -> int:
-        """The new size, once every stage has measured its rate and a round trip was seen."""
-        if self.rtts and stage_rates and all(r > 0 for r in stage_rates):
-            self.size = auto_window(min(self.rtts), stage_rates, self.micro, self.bound)
+    def update(self, stage_rates: list[float], now: float) -> int:
+        """The new size; `stage_rates` in samples/s (0: a stage that has not measured itself)."""
+        if self.last_time is None or now <= self.last_time:
+            self.last_time, self.done = now, 0
+            return self.size
+        self.rates.append(self.done / (now - self.last_time))
+        self.last_time, self.done = now, 0
+        delivered = max(self.rates)
+        known = [r for r in stage_rates if r > 0]
+        compute = min(known) / max(self.micro, 1) if known and len(known) == len(stage_rates) else math.inf
+        ceiling = auto_window(self.rtt_min, compute, self.bound) if math.isfinite(compute) else self.bound
+        self.sizings += 1
+        if delivered > GROWING * self.last_rate or self.sizings % PROBE_EVERY == 0:
+            self.size = min(ceiling, math.ceil(self.size * PROBE))
+        else:
+            self.size = min(ceiling, auto_window(self.rtt_min, delivered, self.bound))
+        self.size = max(1, self.size)
+        self.last_rate = delivered
         return self.size
 
 
