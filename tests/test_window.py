@@ -21,9 +21,9 @@ def emulated_rtt(stages: int, latency: float, compute: float) -> float:
 
 def test_auto_window_is_rate_times_round_trip() -> None:
     rtt = emulated_rtt(4, 0.050, 0.002)  # 50 ms links, 4 stages: 0.308 s
-    assert auto_window(rtt, rate=100.0, bound=256) == math.ceil(HEADROOM * 100 * rtt) == 39
+    assert auto_window(rtt, rate=100.0, bound=256) == math.ceil(HEADROOM * 100 * rtt) == 62
     assert auto_window(rtt, rate=100.0, bound=16) == 16  # the bound holds
-    assert auto_window(emulated_rtt(4, 0.100, 0.002), rate=100.0, bound=256) == 77
+    assert auto_window(emulated_rtt(4, 0.100, 0.002), rate=100.0, bound=256) == 122
     assert auto_window(math.inf, rate=100.0, bound=64) == 1  # nothing measured: one at a time
     assert auto_window(rtt, rate=0.0, bound=64) == 1
 
@@ -45,15 +45,15 @@ def emulate(stage_rates: list[float], capacity: float, rtt: float, sizings: int)
 
 def test_auto_picks_the_formula_window_for_an_emulated_rtt() -> None:
     rtt = emulated_rtt(4, 0.050, 0.002)
-    expect = auto_window(rtt, 100.0, 256)  # 39: 1.25 x 100/s x 0.308 s
+    expect = auto_window(rtt, 100.0, 256)  # 62: 2 x 100/s x 0.308 s
     # Stages that could each serve 400/s, but the pipeline delivers 100/s (a shared machine):
     sizes = emulate([400.0, 800.0, 500.0, 600.0], capacity=100.0, rtt=rtt, sizings=11)
     # The window is the limit: it grows while the rate does, overshoots, then settles on the formula
     # (every 4th sizing probes 1.5x higher and comes back).
-    assert sizes == [12, 18, 27, 41, 62, expect, expect, 59, expect, expect, expect]
-    # The slowest stage's compute rate caps it: 50 samples/s -> 1.25 x 50 x 0.308 = 20.
+    assert sizes == [12, 18, 27, 41, expect, expect, expect, 93, expect, expect, expect]
+    # The slowest stage's compute rate caps it: 50 samples/s -> 2 x 50 x 0.308 = 31.
     capped = emulate([400.0, 50.0, 500.0, 600.0], capacity=100.0, rtt=rtt, sizings=12)
-    assert max(capped) == auto_window(rtt, 50.0, 256) == 20 and capped[-1] == 20
+    assert max(capped) == auto_window(rtt, 50.0, 256) == 31 and capped[-1] == 31
 
 
 def test_sizer_keeps_the_shortest_round_trip() -> None:

@@ -7,14 +7,14 @@ staler. So, like TCP BBR, the head sizes the window from two measurements:
     window = ceil(HEADROOM * rate * rtt_min),   clamped to [1, inflight_bound]
     rate   = min(min_s rate_s / micro, delivered)
 
-rtt_min     the shortest round trip of a micro-batch the head has seen (forward sent to gradient
-            back): the path's latency and compute without queueing. Not a recent average: the queue
-            the window itself builds would feed back into it and grow it without end.
+rtt_min     the shortest of the last RTT_SAMPLES round trips of a micro-batch at the head (forward
+            sent to gradient back): the path's latency and compute without queueing. Not an average:
+            the queue the window itself builds would feed back into it and grow it without end.
 rate_s      samples per compute-second stage s serves, summed over its replicas (each node measures
             its own and announces it in its stage record): the most the slowest stage can take.
 delivered   micro-batches per second actually coming back: the best of the last few intervals. On
             machines shared by several stages (or other work) it is below the compute rates.
-HEADROOM    1.25: room for jitter.
+HEADROOM    2, TCP BBR's window gain: room for jitter, and for hops that wait on a busy CPU.
 
 While the delivered rate still grows from one sizing to the next, the window is limited by itself,
 not by the pipeline, and it grows by PROBE (x1.5) instead, up to the compute-rate window; every
@@ -35,7 +35,8 @@ from collections.abc import Awaitable, Callable
 
 from pmnode.errors import PmnodeError
 
-HEADROOM = 1.25
+HEADROOM = 2.0  # BBR's congestion-window gain
+RTT_SAMPLES = 256  # recent round trips whose shortest counts
 PROBE = 1.5
 GROWING = 1.1  # delivered rate up by this factor since the last sizing: the window was the limit
 INTERVALS = 5  # recent delivery-rate intervals whose best counts
@@ -55,7 +56,7 @@ class InflightSizer:
     def __init__(self, micro: int, bound: int, start: int):
         self.micro, self.bound = micro, bound
         self.size = max(1, min(start, bound))
-        self.rtt_min = math.inf
+        self.rtts: deque[float] = deque(maxlen=RTT_SAMPLES)
         self.done = 0  # micro-batches back since the last sizing
         self.rates: deque[float] = deque(maxlen=INTERVALS)
         self.last_rate = 0.0
@@ -63,8 +64,12 @@ class InflightSizer:
         self.sizings = 0
 
     def observe(self, rtt: float) -> None:
-        self.rtt_min = min(self.rtt_min, rtt)
+        self.rtts.append(rtt)
         self.done += 1
+
+    @property
+    def rtt_min(self) -> float:
+        return min(self.rtts, default=math.inf)
 
     def update(self, stage_rates: list[float], now: float) -> int:
         """The new size; `stage_rates` in samples/s (0: a stage that has not measured itself)."""
