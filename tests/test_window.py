@@ -117,3 +117,18 @@ def test_config_accepts_auto() -> None:
         RunConfig.model_validate({"swarm": {"max_inflight": 0}})
     with pytest.raises(ValueError):
         RunConfig.model_validate({"swarm": {"max_inflight": "many"}})
+
+
+def test_auto_never_goes_below_one_step() -> None:
+    """An unshaped link on a busy machine: the shortest round trip is 20 ms, but the pipeline delivers
+    only 10/s; the formula (2 x 10 x 0.02 = 1) would starve it, the floor keeps the start size."""
+    sizer = InflightSizer(micro=1, bound=256, start=8)
+    now = 0.0
+    sizer.update([500.0], now)
+    for _ in range(6):
+        sizer.observe(0.02)
+        for _ in range(19):
+            sizer.observe(0.5)
+        now += 2.0
+        assert sizer.update([500.0], now) >= 8
+    assert sizer.size == 8

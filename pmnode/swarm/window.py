@@ -4,7 +4,7 @@ To keep the pipeline busy it must hold as many micro-batches as it completes dur
 (Little's law: the bandwidth-delay product of the pipeline); more only queue up and make gradients
 staler. So, like TCP BBR, the head sizes the window from two measurements:
 
-    window = ceil(HEADROOM * rate * rtt_min),   clamped to [1, inflight_bound]
+    window = ceil(HEADROOM * rate * rtt_min),   clamped to [floor, inflight_bound]
     rate   = min(min_s rate_s / micro, delivered)
 
 rtt_min     the shortest of the last RTT_SAMPLES round trips of a micro-batch at the head (forward
@@ -15,6 +15,9 @@ rate_s      samples per compute-second stage s serves, summed over its replicas 
 delivered   micro-batches per second actually coming back: the best of the last few intervals. On
             machines shared by several stages (or other work) it is below the compute rates.
 HEADROOM    2, TCP BBR's window gain: room for jitter, and for hops that wait on a busy CPU.
+floor       the start size: one step's micro-batches, at least one per stage. Async never keeps fewer
+            in flight than sync would; on a busy machine the round trip's compute swells far above
+            its minimum, and without a floor the window would shrink with the rate it starves.
 
 While the delivered rate still grows from one sizing to the next, the window is limited by itself,
 not by the pipeline, and it grows by PROBE (x1.5) instead, up to the compute-rate window; every
@@ -55,7 +58,7 @@ class InflightSizer:
 
     def __init__(self, micro: int, bound: int, start: int):
         self.micro, self.bound = micro, bound
-        self.size = max(1, min(start, bound))
+        self.size = self.floor = max(1, min(start, bound))
         self.rtts: deque[float] = deque(maxlen=RTT_SAMPLES)
         self.done = 0  # micro-batches back since the last sizing
         self.rates: deque[float] = deque(maxlen=INTERVALS)
@@ -87,7 +90,7 @@ class InflightSizer:
             self.size = min(ceiling, math.ceil(self.size * PROBE))
         else:
             self.size = min(ceiling, auto_window(self.rtt_min, delivered, self.bound))
-        self.size = max(1, self.size)
+        self.size = max(self.floor, self.size)
         self.last_rate = delivered
         return self.size
 
