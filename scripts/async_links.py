@@ -33,13 +33,15 @@ NEAR = 0.02  # 'near sync': within this fraction of sync's final held-out loss
 
 
 def run_config(base: dict, variant: str) -> RunConfig:
+    """sync, or an async correction; `correction@N` keeps N micro-batches in flight instead of auto."""
     raw = json.loads(json.dumps(base))
     sw = raw.setdefault("swarm", {})
-    sw["max_inflight"] = "auto"
-    if variant == "sync":
+    name, _, window = variant.partition("@")
+    sw["max_inflight"] = int(window) if window else "auto"
+    if name == "sync":
         sw["schedule"] = "sync"
     else:
-        sw.update(schedule="async", async_correction=variant)
+        sw.update(schedule="async", async_correction=name)
     return RunConfig.model_validate(raw)
 
 
