@@ -8,7 +8,7 @@ Precedence is: CLI flag > config file > default declared here.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -208,7 +208,27 @@ class SwarmConfig(_Strict):
         "sync",
         description="sync flushes the pipeline before every step (equals pmnode train); async overlaps.",
     )
-    max_inflight: int = Field(4, ge=1, description="Micro-batches a head keeps in flight at once.")
+    max_inflight: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        4,
+        description="Micro-batches a head keeps in flight at once, or auto: enough to cover the measured "
+        "round trip at the slowest stage's service rate (pmnode.swarm.window), at most inflight_bound.",
+    )
+    inflight_bound: int = Field(
+        256, ge=1, description="The most micro-batches max_inflight auto keeps in flight."
+    )
+    async_correction: Literal["none", "nesterov", "predict"] = Field(
+        "nesterov",
+        description="async: how a stage corrects for stale gradients (pmnode.core.staleness): nesterov is "
+        "the delay-aware NAdamW of arXiv 2505.01099, predict runs the forward at weights extrapolated by the "
+        "expected delay (PipeMare/SpecTrain), none is plain AdamW. sync ignores it.",
+    )
+    async_momentum: float = Field(
+        0.99,
+        gt=0,
+        lt=1,
+        description="nesterov: the momentum of a stage whose gradients are n_stages steps late (less "
+        "delay, nearer optim.betas[0]).",
+    )
     request_timeout: float = Field(
         60.0, gt=0, description="Seconds before a micro-batch's route is given up."
     )
@@ -241,6 +261,11 @@ class SwarmConfig(_Strict):
         gt=1,
         description="A boundary gradient whose norm exceeds this many times the running median is dropped.",
     )
+
+    @property
+    def inflight_limit(self) -> int:
+        """The most micro-batches that can be in flight: max_inflight, or the bound when it is auto."""
+        return self.inflight_bound if self.max_inflight == "auto" else self.max_inflight
 
 
 class MachineConfig(_Strict):

@@ -60,3 +60,4 @@ def load_state_tensors(worker: StageWorker, tensors: dict[str, Tensor], meta: di
     worker.optimizer.zero_grad(set_to_none=True)
     worker.samples_ready = 0
     worker.accumulated = {}
+    worker.correction.meter.forget()

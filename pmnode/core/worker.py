@@ -26,6 +26,7 @@ from pmnode.config import OptimConfig, RunConfig
 from pmnode.core.adam8 import AdamW8bit
 from pmnode.core.codecs import Codec, Packet, make_codec
 from pmnode.core.stages import Stage, build_subspace
+from pmnode.core.staleness import Correction, StaleCorrection, make_optimizer
 from pmnode.core.subspace import Subspace
 from pmnode.errors import PmnodeError
 
@@ -41,11 +42,15 @@ def lr_at(step: int, optim: OptimConfig, total_steps: int) -> float:
 
 
 def build_optimizer(
-    stage: Stage, optim: OptimConfig, state: str = "fp32", fused: bool = False
+    stage: Stage,
+    optim: OptimConfig,
+    state: str = "fp32",
+    fused: bool = False,
+    correction: Correction = "none",
 ) -> torch.optim.Optimizer:
-    """AdamW (`state` int8: with 8-bit moments; `fused`: torch's fused kernel) in groups: matrices
-    with weight decay, the reparametrised writes Z apart (their own lr
-    scale), vectors without decay. Each group's `lr_scale` multiplies the scheduled lr."""
+    """AdamW (`state` int8: with 8-bit moments; `fused`: torch's fused kernel; NAdamW for the
+    nesterov correction) in groups: matrices with weight decay, the reparametrised writes Z apart
+    (their own lr scale), vectors without decay. Each group's `lr_scale` multiplies the scheduled lr."""
     scaled = (
         {id(w.weight) for w in stage.writes() if w.mode == "reparam"} if optim.write_lr_scale != 1 else set()
     )
@@ -60,6 +65,8 @@ def build_optimizer(
         )
     if rest:
         groups.append({"params": rest, "weight_decay": 0.0, "lr_scale": 1.0})
+    if correction != "none":  # the correction's own optimizer keeps fp32 moments
+        return make_optimizer(correction, groups, optim.lr, optim.betas, optim.eps)
     if state == "int8":
         return AdamW8bit(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps)
     return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, fused=fused or None)
@@ -86,6 +93,8 @@ class StageWorker:
     the in-place optimizer step never invalidates them; their gradients join
     the next step. Without stashing (sync), stepping with micro-batches in
     flight is an error.
+
+    correction (async): what the stage does about those late gradients (pmnode.core.staleness).
     """
 
     def __init__(
@@ -100,6 +109,7 @@ class StageWorker:
         checkpoint_layers: bool = False,
         optimizer_state: str = "fp32",
         fused_adam: bool = False,
+        correction: Correction = "none",
     ):
         self.cfg, self.index, self.device = cfg, index, torch.device(device)
         self.autocast_bf16 = autocast_bf16  # this machine's choice (MachineConfig), not the run's
@@ -111,7 +121,10 @@ class StageWorker:
             codec, d_model=m.d_model, vocab_size=m.vocab_size, subspace=self.stage.subspace
         )
         self.stage.checkpoint_layers = checkpoint_layers
-        self.optimizer = build_optimizer(self.stage, cfg.optim, optimizer_state, fused_adam)
+        # Stale-gradient correction (async only: without stashing no gradient is ever late).
+        kind: Correction = correction if stash_weights else "none"
+        self.correction = StaleCorrection(kind, cfg.n_stages, cfg.swarm.async_momentum)
+        self.optimizer = build_optimizer(self.stage, cfg.optim, optimizer_state, fused_adam, kind)
         self.stash_weights = stash_weights
         self.step_count = 0
         self.samples_ready = 0  # backward finished, not yet applied
@@ -138,9 +151,7 @@ class StageWorker:
             else:
                 params = self._stashes.get(self.step_count)
                 if params is None:
-                    params = {
-                        n: p.detach().clone().requires_grad_() for n, p in self.stage.named_parameters()
-                    }
+                    params = self.correction.forward_weights(self.stage)
                     self._stashes[self.step_count] = params
                 out = torch.func.functional_call(self.stage, params, (x, tokens))
         return out.float()
@@ -231,6 +242,7 @@ class StageWorker:
     def _finish(self, mb: str) -> _InFlight:
         entry = self.inflight.pop(mb)
         self.samples_ready += entry.samples
+        self.correction.meter.finished(entry.version, entry.samples)
         return entry
 
     def abandon(self, mb: str) -> bool:
@@ -292,6 +304,7 @@ class StageWorker:
             raise PmnodeError(f"stage {self.index}: reset with {len(self.inflight)} micro-batches in flight")
         self.optimizer.zero_grad(set_to_none=True)
         self.samples_ready = 0
+        self.correction.meter.forget()
         self.accumulated = {k: v for k, v in self.accumulated.items() if v != step}
 
     def step(self, total_steps: int | None = None, lr_step: int | None = None) -> tuple[int, float]:
@@ -316,8 +329,10 @@ class StageWorker:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         if optim.grad_clip is not None and params:
             torch.nn.utils.clip_grad_norm_(params, optim.grad_clip)
+        self.correction.before_step(self.optimizer, self.stage, self.step_count)
         self.optimizer.step()
         self.stage.project_()
+        self.correction.after_step(self.stage)
         self.optimizer.zero_grad(set_to_none=True)
         self.step_count += 1
         self.samples_ready = 0

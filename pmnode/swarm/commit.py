@@ -5,6 +5,11 @@ A micro-batch that no live replica of some stage holds (its replica died after a
 again first; the stages that hold it already only pass it through, so every stage applies every
 sample of the step exactly once. Nothing is applied until every stage is prepared, so no re-sent
 micro-batch meets a stage that has already stepped. The accounting is pure (`tally`).
+
+Over slow links the apply's round trip is not waited for: the head steps and sends the next step's
+forwards while the replies come back; a stage holds a forward that beats its own apply until the apply
+lands (StageHandler), so every forward still meets the committed weights. The next commit and every
+evaluation first wait for the replies (`settle`).
 """
 
 from __future__ import annotations
@@ -73,9 +78,17 @@ class StepCommit:
         self.client = Client(ctx.p2p, ctx.cfg.name)
         self.failed_at: dict[str, float] = {}  # replica -> when a commit last failed with it
         self.reissued = 0  # micro-batches sent again after losing a replica
+        self.applying: asyncio.Future | None = None  # the last step's apply replies, still coming
+
+    async def settle(self) -> None:
+        """Wait for the last apply's replies: every stage has stepped (before an evaluation)."""
+        if self.applying is not None:
+            await self.applying
+            self.applying = None
 
     async def commit(self, step: int, batch: list[str]) -> None:
         """Commit `step`, whose micro-batch ids are `batch` (re-sending what a lost replica held)."""
+        await self.settle()
         stages = list(range(1, self.ctx.cfg.n_stages))
         deadline = time.monotonic() + self.ctx.cfg.swarm.request_timeout
         while True:
@@ -136,7 +149,7 @@ class StepCommit:
 
     async def _apply(self, step: int, everyone: list[str]) -> None:
         replies = [self.client.call(APPLY, p, Apply(step=step)) for p in everyone]
-        await asyncio.gather(
-            *replies, return_exceptions=True
-        )  # one that dies now is gone; the others stepped
+        # One that dies now is gone; the others step. The head steps at once and its next forwards go
+        # out while the replies come back: a stage holds one that beats its apply (StageHandler).
+        self.applying = asyncio.ensure_future(asyncio.gather(*replies, return_exceptions=True))
         await self.ctx.runner.step_if_ready()

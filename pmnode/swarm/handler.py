@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from pmnode.core.codecs import Packet
 from pmnode.net.auth import Cert, Guard
@@ -26,15 +26,18 @@ from pmnode.swarm.replay import ReplayWindow
 
 RPCS = (HELLO, FORWARD, EVAL, DONE)
 UPSTREAM_SEEN = 30.0  # seconds a caller counts as upstream on the panel after its last micro-batch
+APPLY_WAIT = 5.0  # sync: seconds a micro-batch of the next step waits for this stage's apply
 
 
 class StageHandler:
     def __init__(self, ctx: NodeContext, downstream: Downstream, guard: Guard, cert: Callable[[], Cert]):
         self.ctx, self.downstream, self.guard, self.cert = ctx, downstream, guard, cert
-        self.replay = ReplayWindow(ctx.cfg.swarm.max_inflight)
+        self.replay = ReplayWindow(ctx.cfg.swarm.inflight_limit)
         self.upstream: dict[str, float] = {}  # caller -> when it last sent us a micro-batch
         self.last_loss: float | None = None  # the tail's loss of its last micro-batch
         self.done = asyncio.Event()
+        # sync: the commit participant's wait for a step (set by the node); None: never wait
+        self.reach: Callable[[int, float], Awaitable[bool]] | None = None
 
     def recent_upstream(self) -> list[str]:
         now = time.monotonic()
@@ -61,7 +64,7 @@ class StageHandler:
             step=ref,
             # Async replicas count only their own steps and learn the head's between micro-batches
             # (and from its record every heartbeat), so ids may run ahead of what they know.
-            window=ctx.schedule.window(ctx.cfg.swarm.max_inflight, n_micro),
+            window=ctx.schedule.window(ctx.cfg.swarm.inflight_limit, n_micro),
             seen=self.replay.seen,
         )
         runner.frontier = max(runner.frontier, step)
@@ -73,13 +76,25 @@ class StageHandler:
         self.replay.remember(mb, ctx.schedule.ref_step(runner.step, runner.frontier))
         return mb
 
+    async def _admit_after_apply(self, header: MessageHeader) -> MicroBatchId:
+        """sync: the head sends the next step's forwards while its apply is still on the way here
+        (pmnode.swarm.commit), so one may come first: it waits for the apply, briefly, then is admitted."""
+        try:
+            return self._admit(header)
+        except WireError:
+            runner = self.ctx.runner
+            early = self.ctx.schedule.commits and runner.frontier == runner.step + 1
+            if not early or self.reach is None or not await self.reach(runner.step + 1, APPLY_WAIT):
+                raise
+            return self._admit(header)
+
     async def rpc_forward(
         self, header: MessageHeader, packet: Packet, caller: str
     ) -> tuple[MessageHeader, Packet]:
         ctx, runner = self.ctx, self.ctx.runner
         samples = samples_of(header)
         await runner.check_activation(packet, ctx.cfg.train.micro, samples)  # the layout: needs no state
-        mb = self._admit(header)
+        mb = await self._admit_after_apply(header)
         batch = MicroBatch.read(header, packet)
         self.upstream[caller] = time.monotonic()
         if runner.worker.is_last:

@@ -1,8 +1,9 @@
 """The head driver: stage 0 owns the data and drives the run.
 
-It keeps swarm.max_inflight micro-batches in flight, waits out pauses, and under a schedule that
-commits (sync) flushes every step and commits it with every stage's replicas. It keeps the losses
-and evaluations and prints one StepLine per step.
+It keeps swarm.max_inflight micro-batches in flight (auto: sized from the measured round trip,
+pmnode.swarm.window), waits out pauses, and under a schedule that commits (sync) flushes every step
+and commits it with every stage's replicas. It keeps the losses and evaluations and prints one
+StepLine per step.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 from torch import Tensor
 
@@ -18,6 +19,7 @@ from pmnode.data.resolve import open_data
 from pmnode.data.shards import DataPosition, PreparedData
 from pmnode.errors import PmnodeError
 from pmnode.net.envelope import MicroBatch, MicroBatchId, activation_shape, eval_id
+from pmnode.net.routing import capacity
 from pmnode.net.rpcs import EVAL, FORWARD
 from pmnode.swarm.commit import StepCommit
 from pmnode.swarm.context import NodeContext
@@ -26,52 +28,9 @@ from pmnode.swarm.membership import SwarmView
 from pmnode.swarm.panel import LogFormat
 from pmnode.swarm.pauses import Pauses
 from pmnode.swarm.report import Progress
+from pmnode.swarm.window import InflightSizer, Window
 
-
-class Window:
-    """The micro-batches in flight: at most `size`, their losses, and the first failure (never dropped:
-    a lost micro-batch would skew the step)."""
-
-    def __init__(self, size: int):
-        self.slots = asyncio.Semaphore(size)
-        self.tasks: set[asyncio.Task] = set()
-        self.losses: list[float] = []
-        self.failures: list[BaseException] = []
-
-    def check(self) -> None:
-        if self.failures:
-            raise PmnodeError(f"training stopped: {self.failures[0]}") from self.failures[0]
-
-    async def acquire(self) -> None:
-        await self.slots.acquire()  # async: the window, not the step, bounds staleness
-        self.check()
-
-    def start(self, work: Callable[[], Awaitable[float]]) -> None:
-        """Run `work` in a slot taken with `acquire`."""
-
-        async def one() -> None:
-            try:
-                self.losses.append(await work())
-            except Exception as e:
-                self.failures.append(e)
-            finally:
-                self.slots.release()
-
-        task = asyncio.create_task(one())
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
-    async def drain(self) -> None:
-        if self.tasks:
-            await asyncio.gather(*self.tasks)
-        self.check()
-
-    def take_loss(self) -> float | None:
-        if not self.losses:
-            return None
-        loss = sum(self.losses) / len(self.losses)
-        self.losses.clear()
-        return loss
+RESIZE_EVERY = 2.0  # seconds between window sizings (stage records refresh about as often)
 
 
 class HeadDriver:
@@ -89,7 +48,15 @@ class HeadDriver:
         self.progress = Progress()
         self.batch: dict[str, tuple[MicroBatchId, Tensor, Tensor]] = {}  # the step being committed
         self.commit = StepCommit(ctx, view, downstream, pauses.wait_whole, self._resend)
-        self.window = Window(ctx.cfg.swarm.max_inflight)
+        sw, n_micro = ctx.cfg.swarm, ctx.cfg.train.batch_size // ctx.cfg.train.micro
+        # auto: sync keeps a whole step in flight; async starts so (at least one per stage), then
+        # follows the link (pmnode.swarm.window).
+        auto = sw.max_inflight == "auto" and not ctx.schedule.commits
+        start = max(n_micro, ctx.cfg.n_stages) if auto else n_micro
+        size = min(start, sw.inflight_limit) if sw.max_inflight == "auto" else sw.inflight_limit
+        self.sizer = InflightSizer(ctx.cfg.train.micro, sw.inflight_limit, size) if auto else None
+        self.window = Window(size)
+        self.resized_at = 0.0
 
     def cancel(self) -> None:
         """Stopped: the micro-batches in flight are dropped (their compute jobs finish first)."""
@@ -103,6 +70,7 @@ class HeadDriver:
         meta: dict[str, float | int | str] = {"samples": x.shape[0]}
         if mb.attempt:
             meta["try"] = mb.attempt
+        t0 = time.perf_counter()
         pkt = await runner.forward(mb.key, None, x, x.shape[0])
         batch = MicroBatch.first(mb.wire, pkt, y, codec.sends_tokens, codec.token_dtype, **meta)
         try:
@@ -114,6 +82,8 @@ class HeadDriver:
             raise
         # In sync the head steps with the commit; in async as soon as its batch is complete.
         await runner.backward(mb.key, grad, x.shape[0])
+        if self.sizer is not None:
+            self.sizer.observe(time.perf_counter() - t0)
         return float(reply.meta.get("loss", float("nan")))
 
     async def train_through_pauses(
@@ -134,6 +104,7 @@ class HeadDriver:
 
     async def evaluate(self, batches: list[tuple[Tensor, Tensor]]) -> float:
         ctx, runner, codec = self.ctx, self.ctx.runner, self.ctx.runner.worker.codec
+        await self.commit.settle()  # sync: every stage has applied the step being evaluated
         total = 0.0
         for i, (x, y) in enumerate(batches):
             pkt = await runner.evaluate(None, x)
@@ -172,6 +143,7 @@ class HeadDriver:
             x, y, pos = await runner.run(self._draw, data, step, pos)
             # A head that took over mid-step: the stages may hold some of this step from its predecessor.
             await self._send_step(window, step, x, y, retry=self.rejoined() and step == first)
+            await self._resize()
             last = step + 1 == t.steps
             if last:
                 await window.drain()
@@ -200,6 +172,17 @@ class HeadDriver:
         x, y, after = data.train.batch(pos, self.ctx.cfg.train.batch_size, self.ctx.cfg.train.seed)
         self.ctx.runner.data_positions[step + 1] = after
         return x, y, after
+
+    async def _resize(self) -> None:
+        """max_inflight auto: every few seconds, the window the round trip and stage rates call for."""
+        now = time.perf_counter()
+        if self.sizer is None or now - self.resized_at < RESIZE_EVERY:
+            return
+        self.resized_at = now
+        rates = [self.ctx.runner.throughput()]
+        for s in range(1, self.ctx.cfg.n_stages):
+            rates.append(capacity(r for r in await self.view.records(s) if r.throughput > 0))
+        await self.window.resize(self.sizer.update(rates, now))
 
     async def _send_step(self, window: Window, step: int, x: Tensor, y: Tensor, retry: bool) -> None:
         t = self.ctx.cfg.train
@@ -234,5 +217,6 @@ class HeadDriver:
         p.elapsed = time.perf_counter() - start
         line = p.line(step, held, self.downstream.stats)
         line.epoch, line.offset = pos.epoch, pos.offset
+        line.inflight = self.window.size
         if self.log_format == "json" or not sys.stdout.isatty():  # a terminal gets the panel instead
             print(line.json_line(), flush=True)

@@ -92,13 +92,14 @@ class Parts:
             ctx.verifier,
             ctx.stage,
             rate=sw.peer_rate,
-            burst=max(64, 2 * sw.max_inflight),
+            burst=max(64, 2 * sw.inflight_limit),
             ban_after=sw.ban_after,
             ban_seconds=sw.ban_seconds,
         )
         self.replicas = Replicas(ctx, opts, self.view, self.downstream)
         self.handler = StageHandler(ctx, self.downstream, self.guard, membership.current)
         self.participant = CommitParticipant(ctx, self.downstream, self.replicas)
+        self.handler.reach = self.participant.reach
         self.pauses = Pauses(ctx, self.view, self._resumed)
         self.head = HeadDriver(ctx, self.downstream, self.view, self.pauses, opts.log_format, self._rejoined)
         self.averaging = AveragingLoop(ctx, self.replicas, membership.current, stop)

@@ -51,6 +51,14 @@ class CommitParticipant:
         async with self.stepped:
             self.stepped.notify_all()
 
+    async def reach(self, step: int, timeout: float) -> bool:
+        """Wait (at most `timeout` s) until this replica is at `step`; whether it got there."""
+        runner = self.ctx.runner
+        with contextlib.suppress(TimeoutError):
+            async with self.stepped:
+                await asyncio.wait_for(self.stepped.wait_for(lambda: runner.step >= step), timeout)
+        return runner.step >= step
+
     def own(self, step: int) -> list[str]:
         """The micro-batches whose gradients this replica accumulated for `step`."""
         return sorted(k for k, v in self.ctx.runner.worker.accumulated.items() if v == step)

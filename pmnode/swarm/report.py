@@ -29,6 +29,7 @@ class StepLine(BaseModel):
     wire_bytes: int = 0
     epoch: int | None = None  # the head's data position after this step
     offset: int | None = None
+    inflight: int | None = Field(None, description="The head's in-flight window at this step.")
 
     def json_line(self) -> str:
         return self.model_dump_json(exclude_none=True)

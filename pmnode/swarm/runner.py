@@ -90,6 +90,7 @@ class StageRunner:
                 checkpoint_layers=machine.checkpoint_layers,
                 optimizer_state=machine.optimizer_state,
                 fused_adam=machine.fused_adam if machine.fused_adam is not None else "cuda" in machine.device,
+                correction=cfg.swarm.async_correction,
             )
 
         worker = await asyncio.get_running_loop().run_in_executor(pool, build)

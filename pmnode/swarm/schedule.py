@@ -3,7 +3,8 @@
 sync   the head flushes every step: all micro-batches back, then the step commit (every replica
        applies the same summed gradient), so a swarm equals `pmnode train` step for step
 async  a stage steps as soon as a batch of samples finished backward; in-flight micro-batches
-       keep the weights they ran with (weight stashing); replicas average parameters
+       keep the weights they ran with (weight stashing) and each stage corrects for their measured
+       delay (swarm.async_correction, pmnode.core.staleness); replicas average parameters
 """
 
 from __future__ import annotations

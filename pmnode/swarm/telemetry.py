@@ -80,7 +80,7 @@ class Telemetry:
             role="head" if w.is_first else "tail" if w.is_last else "body",
             device=self.opts.machine.device,
             codec=cfg.codec_spec,
-            schedule=cfg.swarm.schedule,
+            schedule=cfg.swarm.schedule + (f" ({cfg.swarm.async_correction})" if w.stash_weights else ""),
             upstream=p.handler.recent_upstream(),
             downstream=[r.peer_id for r in p.downstream.records],
             step=w.step_count,
