@@ -222,7 +222,8 @@ def test_needs_step() -> None:
 def test_step_if_ready_counts_what_it_applied(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     saved: list[int] = []
     monkeypatch.setattr(
-        "pmnode.swarm.runner.checkpoint.save", lambda w, root, run, samples: saved.append(w.step_count)
+        "pmnode.swarm.runner.checkpoint.save",
+        lambda w, root, run, samples, data=None: saved.append(w.step_count),
     )
     monkeypatch.setattr("pmnode.swarm.runner.checkpoint.save_run_config", lambda cfg, root: None)
     worker = FakeWorker()
