@@ -300,7 +300,11 @@ def test_fuzz_and_outsiders_leave_the_weights_bit_identical(tmp_path: Path, toy_
     assert report["outsider"] == ["unauthorized"] * 3
     assert report["stage1_peers"] == [report["stage1_real"]]
     assert report["raw_subkeys"] == [report["stage1_real"]]  # refused by the DHT peers themselves
-    assert report["config"] == load_config(work / "config.yaml").model_dump(mode="json")  # the signed one
+    signed = load_config(work / "config.yaml").model_dump(mode="json")
+    served = report["config"]
+    # the coordinator adds the prepared data's hashes (checked at join) to the config it signs
+    signed["data"].update({k: served["data"][k] for k in ("manifest_sha256", "tokenizer_sha256")})
+    assert served == signed
     # the garbage: over 1,000 pieces, each refused, while the swarm went on training
     assert sum(report["sent"].values()) >= 1000
     assert report["reasons"]["replay"] >= 90  # ids it had just trained on (a few may leave the window)
