@@ -81,27 +81,8 @@ def run_regime(out: Path, console: Console) -> None:
     bw_flag, lat_flag = f"{bw * 8 / 1e3:.0f}kbit", f"{lat * 1e3:.1f}ms"
     console.print(f"CPU dense: {base.tokens_per_s:,.0f} tokens/s -> emulate {bw_flag}, {lat_flag}")
     runs = [base]
-    out.write_text(
-        Regime(
-            target=t,
-            cpu_tokens_per_s=base.tokens_per_s,
-            bandwidth_bytes_per_s=bw,
-            latency_s=lat,
-            cpu_dense_link_ratio=dense_b / bw / per_tok,
-            cpu_subspace_link_ratio=sub_b / bw / per_tok,
-            runs=runs,
-        ).model_dump_json(indent=1)
-    )
-    for s in (
-        # ~10 s per dense micro-batch on the link: a short window, and more than 60 s for its queue
-        spec("regime-dense-matched", DENSE, bw_flag, lat_flag, steps=20).model_copy(
-            update={"inflight": 3, "warmup": 6, "request_timeout": 300.0}
-        ),
-        spec("regime-subspace-unlimited", SUB),
-        spec("regime-subspace-matched", SUB, bw_flag, lat_flag),
-    ):
-        runs.append(measure(s, console))
-        console.print(f"  {s.name}: {runs[-1].tokens_per_s:,.0f} tokens/s")
+
+    def save() -> None:  # after every run, so a stopped sweep keeps what it measured
         regime = Regime(
             target=t,
             cpu_tokens_per_s=base.tokens_per_s,
@@ -112,6 +93,19 @@ def run_regime(out: Path, console: Console) -> None:
             runs=runs,
         )
         out.write_text(regime.model_dump_json(indent=1))
+
+    save()
+    for s in (
+        # ~10 s per dense micro-batch on the link: a short window, and more than 60 s for its queue
+        spec("regime-dense-matched", DENSE, bw_flag, lat_flag, steps=20).model_copy(
+            update={"inflight": 3, "warmup": 6, "request_timeout": 300.0}
+        ),
+        spec("regime-subspace-unlimited", SUB),
+        spec("regime-subspace-matched", SUB, bw_flag, lat_flag),
+    ):
+        runs.append(measure(s, console))
+        console.print(f"  {s.name}: {runs[-1].tokens_per_s:,.0f} tokens/s")
+        save()
 
 
 def write_regime(out: Path, regime: Regime, fitted: Fitted, command: str) -> list[dict]:
