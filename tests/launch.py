@@ -50,11 +50,18 @@ def kill_tagged(tag: str) -> None:
 
 
 def start_async_swarm(
-    cfg: Path, work: Path, tag: str, *extra: str, schedule: str = "async", own_group: bool = False
+    cfg: Path,
+    work: Path,
+    tag: str,
+    *extra: str,
+    schedule: str = "async",
+    own_group: bool = False,
+    sigint_ignored: bool = False,
 ) -> subprocess.Popen:
     """`pmnode local-swarm` of 3 stages in the background; its stderr goes to WORK.err, since an
     unread pipe would fill up with progress lines and block it. `own_group`: in a process group of
-    its own, which the test can signal whole, as a terminal's Ctrl-C does."""
+    its own, which the test can signal whole, as a terminal's Ctrl-C does. `sigint_ignored`: started
+    as a non-interactive shell starts a background job, with SIGINT ignored."""
     work.parent.mkdir(parents=True, exist_ok=True)
     args = ["--config", str(cfg), "--stages", "3", "--schedule", schedule, "--workdir", str(work), *extra]
     return subprocess.Popen(
@@ -63,6 +70,7 @@ def start_async_swarm(
         stderr=work.with_suffix(".err").open("w"),
         env=tagged_env(tag),
         process_group=0 if own_group else None,
+        preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None,
     )
 
 

@@ -173,3 +173,18 @@ def test_interrupted_start_is_one_line(tmp_path: Path, toy_corpus: Path) -> None
         kill_tagged(tag)
     err = (tmp_path / "work.err").read_text()
     assert "Traceback" not in err and "interrupted" in err, err[-2000:]
+
+
+def test_sigint_reaches_a_background_start(tmp_path: Path, toy_corpus: Path) -> None:
+    """A script's `pmnode local-swarm &` inherits SIGINT ignored; a `kill -INT` during its imports
+    still stops it (exit 130), and nothing is left behind."""
+    cfg = swarm_config(tmp_path, toy_corpus, train={"steps": 2000, "eval_every": 1000})
+    tag = uuid.uuid4().hex
+    proc = start_async_swarm(cfg, tmp_path / "work", tag, own_group=True, sigint_ignored=True)
+    try:
+        time.sleep(0.5)  # inside the imports: no command has set its handling yet
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=60) == 130
+    finally:
+        kill_tagged(tag)
+    assert_no_leftovers(tag, within=30.0)

@@ -1,7 +1,9 @@
 """The console script's first code: until a command sets its own handling, Ctrl-C exits quietly.
 
 Importing the commands (torch, hivemind) takes a second or more; a SIGINT in that time would
-otherwise end in a KeyboardInterrupt traceback from deep inside an import.
+otherwise end in a KeyboardInterrupt traceback from deep inside an import. An ignored SIGINT is
+taken back too: a script's background job (`pmnode local-swarm &`) inherits it ignored, and its
+`kill -INT` would then be lost until a command installed its own handler.
 """
 
 import signal
@@ -13,7 +15,7 @@ def _interrupted(signum: int, frame: object) -> None:
 
 
 def main() -> None:
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    if signal.getsignal(signal.SIGINT) in (signal.default_int_handler, signal.SIG_IGN):
         signal.signal(signal.SIGINT, _interrupted)
     from pmnode.cli.commands import main as run
 

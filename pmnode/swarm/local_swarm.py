@@ -126,6 +126,7 @@ def run_local_swarm(
     node_args: list[str] | None = None,
     churn: tuple[float, float] | None = None,
 ) -> SwarmSummary:
+    _interrupt_on_signals()  # first: preparing the data on first use can take a minute
     if churn and replicas < 2:
         raise PmnodeError("--churn needs --replicas 2 or more: a leave must never empty a stage")
     ckpt = checkpoint_dir or workdir / "checkpoint"
@@ -137,7 +138,6 @@ def run_local_swarm(
     # Prepared once, here (stdlib or a text path into the cache); the coordinator pins its hashes.
     cfg = cfg.with_overrides(data={"source": str(prepared_dir(cfg.data, console))})
     (workdir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    _interrupt_on_signals()
     launcher = Launcher()
     # One process per stage shares this machine's cores: more torch threads only oversubscribe them.
     threads = max(1, (os.cpu_count() or 1) // (stages * replicas))
