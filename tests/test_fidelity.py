@@ -14,9 +14,10 @@ from pmnode.bench.fidelity import RunResult, compare, loss_at, steps_to
 from pmnode.bench.variants import parse_variant, slug, variant_config
 from pmnode.cli import app
 from pmnode.config import RunConfig
+from pmnode.core.optim import build_optimizer
 from pmnode.core.stages import Stage, build_subspace
 from pmnode.core.train import Pipeline
-from pmnode.core.worker import StageWorker, build_optimizer
+from pmnode.core.worker import StageWorker
 from pmnode.errors import ConfigError
 
 D, K, V, T = 64, 8, 256, 16

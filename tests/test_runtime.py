@@ -7,7 +7,8 @@ import torch
 
 from pmnode.config import RunConfig
 from pmnode.core.codecs import Packet
-from pmnode.core.worker import StageWorker, lr_at
+from pmnode.core.optim import lr_at
+from pmnode.core.worker import StageWorker
 from pmnode.errors import PmnodeError
 
 CFG = RunConfig.model_validate(
