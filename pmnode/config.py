@@ -105,6 +105,14 @@ class SubspaceConfig(_Strict):
         "pair, hashed into this many rows (0: none). Every stage has the token ids, so local context "
         "costs no bytes on the wire.",
     )
+    stage_ngrams: int = Field(
+        2,
+        ge=2,
+        le=4,
+        description="With stage_bigrams: the longest run of tokens a stage embeds. 2: pairs only; 3 and 4 "
+        "add hashed tables (stage_bigrams rows each) of the last 3 and 4 tokens: more local context "
+        "computed from the ids every stage has, no bytes on the wire.",
+    )
     constrain: Literal["layers", "boundaries"] = Field(
         "layers",
         description="layers: every residual write of a constrained layer lies in span(U), so the stream "

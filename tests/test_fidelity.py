@@ -213,6 +213,32 @@ def test_stage_bigrams_hash_pairs_within_the_window() -> None:
     assert pipe.workers[3].stage.bigrams.weight.abs().max().item() > 0
 
 
+def test_stage_ngrams_hash_the_last_n_tokens() -> None:
+    from pmnode.core.model import ngram_ids
+    from pmnode.core.sizing import stage_sizes
+
+    tok = torch.tensor([[1, 2, 3, 4], [9, 2, 3, 4], [9, 7, 3, 4]])
+    tri = ngram_ids(tok, V, 4096, 3)
+    assert tri[0, 3] == tri[1, 3]  # the same (2, 3, 4)
+    assert tri[1, 3] != tri[2, 3]  # (7, 3, 4)
+    assert tri[0, 2] != tri[1, 2]  # (1, 2, 3) vs (9, 2, 3)
+    assert tri[0, 0] == ((V * 1_000_003 + V) % (2**31 - 1) * 1_000_003 + 1) % 4096  # two start markers
+    big = torch.tensor([[131_071, 131_070, 131_069, 131_068]])  # a 128K vocabulary: no int64 overflow
+    assert int(ngram_ids(big, 131_072, 1 << 20, 4).min()) >= 0
+    c = cfg(4, constrain="boundaries", stage_embeddings=True, stage_bigrams=256, stage_ngrams=4)
+    pipe = Pipeline(c)
+    tables = pipe.workers[2].stage.ngrams
+    assert [t.weight.shape for t in tables] == [(256, D), (256, D)]
+    tok, tgt = batch(3)
+    before = Pipeline(cfg(4, constrain="boundaries")).eval_loss([(tok, tgt)])
+    assert abs(pipe.eval_loss([(tok, tgt)]) - before) < 1e-6  # zero at init
+    pipe.train_step(tok, tgt, 10)
+    assert all(t.weight.abs().max().item() > 0 for t in pipe.workers[3].stage.ngrams)
+    pairs_only = cfg(4, constrain="boundaries", stage_embeddings=True, stage_bigrams=256)
+    extra = stage_sizes(c)[1].params_trainable - stage_sizes(pairs_only)[1].params_trainable
+    assert extra == 2 * 256 * D  # two more tables of the same rows, full width in boundaries mode
+
+
 def test_each_variant_is_compared_with_the_unconstrained_model_of_its_architecture() -> None:
     from pmnode.bench.fidelity import architecture
 

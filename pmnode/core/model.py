@@ -147,8 +147,22 @@ class SubspaceEmbedding(nn.Module):
 def bigram_ids(tokens: Tensor, vocab: int, buckets: int) -> Tensor:
     """(B, T) token ids -> (B, T) hashed ids of (previous, current) pairs; position 0 pairs with a
     start marker (id `vocab`), so the ids depend on the window alone."""
-    prev = torch.cat([torch.full_like(tokens[:, :1], vocab), tokens[:, :-1]], dim=1)
-    return (prev * 1_000_003 + tokens) % buckets
+    return ngram_ids(tokens, vocab, buckets, 2)
+
+
+_HASH_PRIME = 2**31 - 1
+
+
+def ngram_ids(tokens: Tensor, vocab: int, buckets: int, n: int) -> Tensor:
+    """(B, T) token ids -> (B, T) hashed ids of the n tokens ending at each position; positions
+    before the window's start are the start marker (id `vocab`)."""
+    pad = torch.full_like(tokens[:, : n - 1], vocab)
+    padded = torch.cat([pad, tokens], dim=1)
+    t = tokens.shape[1]
+    h = padded[:, :t]
+    for j in range(1, n):  # fold the next token in; reduced first so nothing overflows int64
+        h = (h % _HASH_PRIME) * 1_000_003 + padded[:, j : j + t]
+    return h % buckets
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[Tensor, Tensor]:

@@ -158,7 +158,7 @@ def stage_sizes(cfg: RunConfig, codec: str | None = None) -> list[StageSize]:
             writes += v * emb_cols
             flops += 2 * k * d if reparam else 0
         elif sub.enabled and sub.stage_embeddings:
-            extra = (v + sub.stage_bigrams) * emb_cols
+            extra = (v + sub.stage_bigrams * (sub.stage_ngrams - 1)) * emb_cols
             params, writes = params + extra, writes + extra
         if tail:
             params += d + v * d

@@ -14,6 +14,7 @@ from pmnode.core.model import (
     SubspaceEmbedding,
     WriteMode,
     bigram_ids,
+    ngram_ids,
     normal_,
     rope_tables,
     seeded_generator,
@@ -84,6 +85,11 @@ class Stage(nn.Module):
             if own_table and sub.stage_bigrams
             else None
         )
+        longer = range(3, sub.stage_ngrams + 1) if own_table and sub.stage_bigrams else range(0)
+        self.ngrams = nn.ModuleList(
+            SubspaceEmbedding(sub.stage_bigrams, m.d_model, constrained, subspace, with_table=False)
+            for _ in longer
+        )
         self.layers = nn.ModuleDict(
             {
                 str(i): Block(
@@ -113,6 +119,8 @@ class Stage(nn.Module):
             nn.init.zeros_(self.reembed.weight)  # the stage starts as the model without it
             if self.bigrams is not None:
                 nn.init.zeros_(self.bigrams.weight)
+            for table in self.ngrams:
+                nn.init.zeros_(table.weight)
         for i, block in self.layers.items():
             block.reset(m, seeded_generator(seed, f"layer{i}"))
         if self.is_last:
@@ -121,7 +129,7 @@ class Stage(nn.Module):
     def writes(self) -> list[ResidualWrite | SubspaceEmbedding]:
         """Every module that writes into the residual stream."""
         out: list[ResidualWrite | SubspaceEmbedding] = [self.embed] if self.is_first else []
-        out.extend(e for e in (self.reembed, self.bigrams) if e is not None)
+        out.extend(e for e in (self.reembed, self.bigrams, *self.ngrams) if e is not None)
         for block in self.layers.values():
             out.extend(block.writes())
         return out
@@ -137,7 +145,7 @@ class Stage(nn.Module):
             w.project_grad_()
 
     def add_token_features(self, x: Tensor, tokens: Tensor | None) -> Tensor:
-        """The stage's own token (and token-pair) embeddings, added to the stream it received."""
+        """The stage's own token (and token n-gram) embeddings, added to the stream it received."""
         if self.reembed is None:
             return x
         if tokens is None:
@@ -146,6 +154,8 @@ class Stage(nn.Module):
         if self.bigrams is not None:
             ids = bigram_ids(tokens, self.cfg.model.vocab_size, self.bigrams.weight.shape[0])
             x = x + self.bigrams(ids)
+        for n, table in enumerate(self.ngrams, start=3):
+            x = x + table(ngram_ids(tokens, self.cfg.model.vocab_size, table.weight.shape[0], n))
         return x
 
     def forward(self, x: Tensor | None, tokens: Tensor | None = None) -> Tensor:
