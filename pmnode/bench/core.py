@@ -12,8 +12,7 @@ from rich.table import Table
 
 from pmnode.cli.progress import train_with_progress
 from pmnode.config import RunConfig
-from pmnode.core.codecs import make_codec
-from pmnode.core.stages import build_subspace
+from pmnode.core.codecs import wire_bytes
 from pmnode.core.train import config_for
 from pmnode.core.worker import StageWorker
 
@@ -77,14 +76,13 @@ def codec_cost(cfg: RunConfig, codec: str, device: str, reps: int = 5) -> tuple[
 
 def codec_bytes(cfg: RunConfig, codec: str) -> dict:
     """Bytes per token from the codec's formulas alone: no model is built, so any size works on a laptop."""
-    c = make_codec(
-        codec, d_model=cfg.model.d_model, vocab_size=cfg.model.vocab_size, subspace=build_subspace(cfg)
-    )
+    rank = cfg.rank if cfg.subspace.enabled else None
+    fwd, bwd = wire_bytes(codec, d_model=cfg.model.d_model, vocab_size=cfg.model.vocab_size, rank=rank)
     return {
         "name": codec,
-        "bytes_per_token_forward": c.bytes_per_token_forward(),
-        "bytes_per_token_backward": c.bytes_per_token_backward(),
-        "ratio_vs_dense_fp32": round(4 * cfg.model.d_model / c.bytes_per_token_forward(), 2),
+        "bytes_per_token_forward": fwd,
+        "bytes_per_token_backward": bwd,
+        "ratio_vs_dense_fp32": round(4 * cfg.model.d_model / fwd, 2),
         "encode_decode_fraction_of_step": None,
     }
 

@@ -203,38 +203,51 @@ class Codec:
 _FLOATS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def make_codec(spec: str, *, d_model: int, vocab_size: int, subspace: Subspace | None = None) -> Codec:
-    """spec: dense[:fp32|bf16|fp16], int8, topk[:count], subspace[:fp32|fp16|bf16|int8|int4]."""
+def quantizer_for(spec: str, *, d_model: int, rank: int | None = None) -> Quantizer:
+    """The wire format of one token's vector for a codec spec: dense[:fp32|bf16|fp16], int8,
+    topk[:count], subspace[:fp32|fp16|bf16|int8|int4] (of `rank` coefficients)."""
     kind, _, arg = spec.partition(":")
-    if kind not in ("subspace", "dense", "int8", "topk"):
-        raise ConfigError(f"unknown codec {spec!r}: use dense[:bf16], int8, topk:N or subspace[:int8|int4]")
     if kind == "subspace":
-        if subspace is None:
+        if rank is None:
             raise ConfigError("codec 'subspace' needs subspace.enabled: true in the config")
-        k = subspace.rank
-        q: Quantizer
         if arg in ("", *_FLOATS):
-            q = FloatQ(k, _FLOATS[arg or "fp32"])
-        elif arg == "int8":
-            q = Int8Q(k)
-        elif arg == "int4":
-            q = Int4Q(k)
-        else:
-            raise ConfigError(f"unknown subspace precision {arg!r}: use fp32, fp16, bf16, int8 or int4")
-        return Codec(spec, q, q, vocab_size, subspace)
-    if subspace is not None:
-        raise ConfigError(f"codec {spec!r} sends the full residual; set subspace.enabled: false")
+            return FloatQ(rank, _FLOATS[arg or "fp32"])
+        if arg == "int8":
+            return Int8Q(rank)
+        if arg == "int4":
+            return Int4Q(rank)
+        raise ConfigError(f"unknown subspace precision {arg!r}: use fp32, fp16, bf16, int8 or int4")
     if kind == "dense":
         if arg not in ("", *_FLOATS):
             raise ConfigError(f"unknown dense precision {arg!r}: use fp32, fp16 or bf16")
-        q = FloatQ(d_model, _FLOATS[arg or "fp32"])
-    elif kind == "int8" and not arg:
-        q = Int8Q(d_model)
-    elif kind == "topk":
+        return FloatQ(d_model, _FLOATS[arg or "fp32"])
+    if kind == "int8" and not arg:
+        return Int8Q(d_model)
+    if kind == "topk":
         count = int(arg) if arg.isdigit() else max(1, d_model // 16)
         if not 1 <= count <= d_model:
             raise ConfigError(f"topk count must be in 1..{d_model}, got {arg}")
-        q = TopKQ(d_model, count)
-    else:
-        raise ConfigError(f"unknown codec {spec!r}: use dense[:bf16], int8, topk:N or subspace[:int8|int4]")
+        return TopKQ(d_model, count)
+    raise ConfigError(f"unknown codec {spec!r}: use dense[:bf16], int8, topk:N or subspace[:int8|int4]")
+
+
+def wire_bytes(spec: str, *, d_model: int, vocab_size: int, rank: int | None = None) -> tuple[int, int]:
+    """(forward, backward) bytes per token of one boundary, from the formats alone: no basis or
+    token table is built, so any model size is cheap to price. Forward adds the token ids the
+    subspace codec sends."""
+    q = quantizer_for(spec, d_model=d_model, rank=rank).bytes_per_token()
+    tok = torch.empty((), dtype=token_dtype(vocab_size)).element_size() if spec.startswith("subspace") else 0
+    return q + tok, q
+
+
+def make_codec(spec: str, *, d_model: int, vocab_size: int, subspace: Subspace | None = None) -> Codec:
+    """spec: dense[:fp32|bf16|fp16], int8, topk[:count], subspace[:fp32|fp16|bf16|int8|int4]."""
+    if spec.startswith("subspace"):
+        if subspace is None:
+            raise ConfigError("codec 'subspace' needs subspace.enabled: true in the config")
+        q = quantizer_for(spec, d_model=d_model, rank=subspace.rank)
+        return Codec(spec, q, q, vocab_size, subspace)
+    q = quantizer_for(spec, d_model=d_model)
+    if subspace is not None:
+        raise ConfigError(f"codec {spec!r} sends the full residual; set subspace.enabled: false")
     return Codec(spec, q, q, vocab_size)

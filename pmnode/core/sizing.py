@@ -18,11 +18,10 @@ import math
 import re
 from typing import Literal
 
-import torch
 from pydantic import BaseModel
 
 from pmnode.config import RunConfig
-from pmnode.core.codecs import Int8Q, make_codec, token_dtype
+from pmnode.core.codecs import wire_bytes
 from pmnode.core.split import split_layers
 from pmnode.errors import ConfigError
 
@@ -101,17 +100,10 @@ class StageSize(BaseModel):
 
 
 def boundary_bytes(cfg: RunConfig) -> tuple[int, int]:
-    """Bytes per token a boundary carries forward and backward, by the codec's own formulas."""
-    m, spec = cfg.model, cfg.codec_spec
-    kind, _, arg = spec.partition(":")
-    if kind != "subspace":
-        codec = make_codec(spec, d_model=m.d_model, vocab_size=m.vocab_size)
-        return codec.bytes_per_token_forward(), codec.bytes_per_token_backward()
-    if arg not in ("", "int8", *_DTYPE_BYTES):
-        raise ConfigError(f"unknown subspace precision {arg!r}: use fp32, fp16, bf16 or int8")
-    q = Int8Q(cfg.rank).bytes_per_token() if arg == "int8" else cfg.rank * _DTYPE_BYTES[arg or "fp32"]
-    tok = torch.empty((), dtype=token_dtype(m.vocab_size)).element_size()
-    return q + tok, q
+    """Bytes per token a boundary carries forward and backward, by the codec's own formats."""
+    m = cfg.model
+    rank = cfg.rank if cfg.subspace.enabled else None
+    return wire_bytes(cfg.codec_spec, d_model=m.d_model, vocab_size=m.vocab_size, rank=rank)
 
 
 def _layer_activation_elems(cfg: RunConfig) -> int:

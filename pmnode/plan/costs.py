@@ -1,102 +1,73 @@
-"""Per-stage costs of a run config: parameters, training FLOPs and boundary bytes per token.
+"""Per-stage costs of a run config for `pmnode plan` and the simulator: parameters, training FLOPs,
+boundary bytes per token and memory.
 
-The one place `pmnode plan` and the simulator get a stage's size from (`stage_costs`), kept narrow so
-that it can be pointed at another sizing module without touching its callers.
-
-FLOPs per token follow the usual count for a LLaMA block: 2 per weight forward, 4 backward, plus the
-causal attention matmuls (QKᵀ and AV, each 2·(T/2)·d forward, averaged over positions). The head's
-embedding is a lookup (no FLOPs); the tail adds the final norm's nothing and the LM head's d·V.
-The subspace reparametrisation (W = U·Z) changes a layer's matmul count by O(d·k) and is ignored.
-Bytes per token come from the codec's own quantizers, so they match what the wire carries.
+A thin view of pmnode.core.sizing, the one model of a stage's size (what `join` checks a machine
+against and `coordinator inspect` prints), so the plan counts what the node builds: reparametrised
+writes at k x n, the frozen basis and token table apart, the codec's lift and projection.
 """
 
 from __future__ import annotations
 
-import torch
 from pydantic import BaseModel
 
 from pmnode.config import RunConfig
-from pmnode.core.codecs import FloatQ, Int8Q, make_codec, token_dtype
-from pmnode.core.split import split_layers
-from pmnode.core.train import parse_spec
+from pmnode.core.codecs import wire_bytes
+from pmnode.core.sizing import stage_sizes
+from pmnode.core.train import config_for
 from pmnode.errors import ConfigError
 
-_FLOAT = {"": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PLAN_PRECISION = "bf16"  # what a GPU volunteer runs: bf16 autocast, fp32 weights and Adam moments
 
 
 class StageCost(BaseModel):
     stage: int
     layers: int
-    params: int
+    params: int  # trainable
     flops_fwd_per_token: float
     flops_bwd_per_token: float
     bytes_fwd_per_token: int  # sent to the next stage (0 at the tail)
     bytes_bwd_per_token: int  # sent back to the previous stage (0 at the head)
+    memory_bytes: int  # PLAN_PRECISION: weights, gradients, Adam, U and F, one micro-batch, headroom
 
     @property
     def flops_per_token(self) -> float:
         return self.flops_fwd_per_token + self.flops_bwd_per_token
 
 
-def layer_params(cfg: RunConfig) -> int:
-    m = cfg.model
-    kv = m.kv_heads * (m.d_model // m.n_heads)
-    return 2 * m.d_model * m.d_model + 2 * m.d_model * kv + 3 * m.d_model * m.hidden + 2 * m.d_model
-
-
 def codec_bytes(cfg: RunConfig, spec: str) -> tuple[int, int, int | None]:
     """(forward, backward) bytes per token of one boundary, and k for a subspace codec.
 
-    'subspace[:fp16|bf16|int8][@k]' (k defaults to the config's), 'dense[:bf16|fp16]', 'int8', 'topk:N'.
-    """
-    codec, rank = parse_spec(spec)
-    kind, _, arg = codec.partition(":")
-    m = cfg.model
-    if kind != "subspace":
-        if rank is not None:
-            raise ConfigError(f"codec {spec!r}: only subspace takes @k")
-        c = make_codec(codec, d_model=m.d_model, vocab_size=m.vocab_size)
-        return c.bytes_per_token_forward(), c.bytes_per_token_backward(), None
-    k = rank or cfg.subspace.rank(m.d_model)
-    if not 1 <= k <= m.d_model:
-        raise ConfigError(f"codec {spec!r}: k must be in 1..{m.d_model}")
-    if arg == "int8":
-        q: FloatQ | Int8Q = Int8Q(k)
-    elif arg in _FLOAT:
-        q = FloatQ(k, _FLOAT[arg])
-    else:
-        raise ConfigError(f"unknown subspace precision {arg!r}: use fp32, fp16, bf16 or int8")
-    tok = torch.empty((), dtype=token_dtype(m.vocab_size)).element_size()
-    return q.bytes_per_token() + tok, q.bytes_per_token(), k
+    'subspace[:fp16|bf16|int8|int4][@k]' (k defaults to the config's), 'dense[:bf16|fp16]', 'int8',
+    'topk:N'."""
+    run_cfg, codec = _with_codec(cfg, spec)
+    k = run_cfg.rank if codec.startswith("subspace") else None
+    m = run_cfg.model
+    fwd, bwd = wire_bytes(codec, d_model=m.d_model, vocab_size=m.vocab_size, rank=k)
+    return fwd, bwd, k
+
+
+def _with_codec(cfg: RunConfig, spec: str) -> tuple[RunConfig, str]:
+    codec, _, rank = spec.partition("@")
+    if rank and not codec.startswith("subspace"):
+        raise ConfigError(f"codec {spec!r}: only subspace takes @k")
+    if rank and not (rank.isdigit() and 1 <= int(rank) <= cfg.model.d_model):
+        raise ConfigError(f"codec {spec!r}: k must be in 1..{cfg.model.d_model}")
+    return config_for(cfg, spec)
 
 
 def stage_costs(cfg: RunConfig, codec: str) -> list[StageCost]:
-    m, t = cfg.model, cfg.train
-    fwd_b, bwd_b, _ = codec_bytes(cfg, codec)
-    ranges = split_layers(m.n_layers, cfg.n_stages, cfg.stage_layers)
-    per_layer = layer_params(cfg)
-    attn_fwd = 2 * t.seq_len * m.d_model  # QKᵀ and AV over T/2 keys on average, 2 FLOPs per MAC
-    out = []
-    for s, r in enumerate(ranges):
-        layers = len(r)
-        params = layers * per_layer
-        fwd = 2 * params + layers * attn_fwd
-        bwd = 4 * params + 2 * layers * attn_fwd
-        if s == 0:
-            params += m.vocab_size * m.d_model  # the embedding: a lookup forward, a scatter backward
-        if s == len(ranges) - 1:
-            params += m.vocab_size * m.d_model + m.d_model
-            fwd += 2 * m.d_model * m.vocab_size
-            bwd += 4 * m.d_model * m.vocab_size
-        out.append(
-            StageCost(
-                stage=s,
-                layers=layers,
-                params=params,
-                flops_fwd_per_token=float(fwd),
-                flops_bwd_per_token=float(bwd),
-                bytes_fwd_per_token=fwd_b if s < len(ranges) - 1 else 0,
-                bytes_bwd_per_token=bwd_b if s > 0 else 0,
-            )
+    run_cfg, _ = _with_codec(cfg, codec)
+    _, bwd, _ = codec_bytes(cfg, codec)  # what a stage sends back: sizing counts it at the boundary after
+    return [
+        StageCost(
+            stage=s.stage,
+            layers=s.layers[1] - s.layers[0],
+            params=s.params_trainable,
+            flops_fwd_per_token=float(s.flops_per_token_fwd),
+            flops_bwd_per_token=float(s.flops_per_token_bwd),
+            bytes_fwd_per_token=s.bytes_per_token_fwd,
+            bytes_bwd_per_token=bwd if s.stage > 0 else 0,
+            memory_bytes=s.required(PLAN_PRECISION),
         )
-    return out
+        for s in stage_sizes(run_cfg)
+    ]

@@ -38,10 +38,9 @@ class Plan(BaseModel):
     gpu_memory_gb: float | None = None  # the device's, to set the stages' state against
 
     @property
-    def state_gb(self) -> list[float]:
-        """Each stage's weights, gradients and Adam state in mixed precision: 16 B per parameter
-        (bf16 weights and gradients, fp32 master weights and two moments); activations not counted."""
-        return [16 * c.params / 1e9 for c in self.costs]
+    def memory_gb(self) -> list[float]:
+        """Each stage's training memory at the plan's precision (pmnode.core.sizing)."""
+        return [c.memory_bytes / 1e9 for c in self.costs]
 
 
 def device_times(costs: list[StageCost], flops_per_s: float) -> tuple[list[float], list[float]]:

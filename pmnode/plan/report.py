@@ -5,7 +5,9 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
+from pmnode.core.sizing import HEADROOM
 from pmnode.net.shaping import format_bandwidth
+from pmnode.plan.costs import PLAN_PRECISION
 from pmnode.plan.plan import Plan
 
 
@@ -66,8 +68,11 @@ def print_plan(plan: Plan, console: Console) -> None:
         "largest k that keeps every stage compute-bound: "
         + (str(k) if k is not None else "none (even k = 1 is link-bound)"),
     ]
-    worst = max(plan.state_gb)
-    mem = f"stage state (weights, gradients, Adam; 16 B/parameter, no activations): up to {worst:.3g} GB"
+    worst = max(plan.memory_gb)
+    mem = (
+        f"stage memory ({PLAN_PRECISION}: weights, gradients, Adam, basis and token table, one "
+        f"micro-batch, {HEADROOM:.0%} headroom): up to {worst:.3g} GB"
+    )
     if plan.gpu_memory_gb is not None:
         fits = worst < plan.gpu_memory_gb
         mem += f" of the GPU's {plan.gpu_memory_gb:g} GB" + (
