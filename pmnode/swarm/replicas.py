@@ -18,6 +18,7 @@ from pmnode.core.codecs import Packet
 from pmnode.core.replica_state import state_tensors
 from pmnode.errors import PmnodeError
 from pmnode.net.bulk import BulkServer, Received, TransferError, fetch, pack
+from pmnode.net.relay import connect_known
 from pmnode.net.rpcs import STATE
 from pmnode.net.wire import MessageHeader
 from pmnode.swarm.context import NodeContext
@@ -55,6 +56,7 @@ class Replicas:
 
     async def fetch_state(self, peers: list[str], at_step: int | None = None) -> tuple[Received, str]:
         """A live replica's state from the first of `peers` that completes it (at `at_step` if given)."""
+        await connect_known(self.ctx.p2p, await self.view.records(self.ctx.stage))  # relayed replicas
         done: list[str] = []
 
         async def ask(peer: str, meta: dict[str, int | str]) -> Packet:
