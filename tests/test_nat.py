@@ -70,7 +70,7 @@ def test_home_nodes_serve_through_the_relay(tmp_path: Path, toy_corpus: Path) ->
         r = homes[0].run(
             [str(BIN / "pmnode"), "join", "--coordinator", maddr, "--host", homes[0].addr, "--threads", "1"],
             timeout=120,
-            env={**os.environ, "PMNODE_JOIN_TOKEN": (tmp_path / "norelay" / "join_token").read_text().strip()},
+            env={**os.environ, "PMNODE_JOIN_TOKEN": (tmp_path / "norelay" / "join_token").read_text()},
         )
         assert r.returncode == 1, r.stderr
         lines = [line for line in r.stderr.splitlines() if line.strip()]
@@ -96,7 +96,8 @@ def test_home_nodes_serve_through_the_relay(tmp_path: Path, toy_corpus: Path) ->
         while nodes[-1].poll() is None:
             assert time.monotonic() < deadline, (out / "head.err").read_text()[-3000:]
             for st in _status(coord, maddr).stages:
-                seen.update({r.peer_id: r.reach for r in st.replicas if st.stage == 1})
+                online = [r for r in st.replicas if r.state == "online"]
+                seen.update({r.peer_id: r.reach for r in online if st.stage == 1})
             time.sleep(3)
         assert nodes[-1].returncode == 0, (out / "head.err").read_text()[-3000:]
         for n in nodes[:-1]:
