@@ -52,17 +52,28 @@ def serve(
             "kept in --state-dir; without any, a new token is made and shown once."
         ),
     ] = None,
+    relay: Annotated[
+        bool, typer.Option("--relay/--no-relay", help="Relay for volunteers that cannot be dialed back.")
+    ] = True,
+    relay_time_limit: Annotated[str, typer.Option(help="How long one relayed circuit may stay open.")] = (
+        "30m"
+    ),
+    relay_data_limit: Annotated[str, typer.Option(help="Bytes one relayed circuit may carry each way.")] = (
+        "4GB"
+    ),
 ) -> None:
     """Start the DHT bootstrap peer, hand out the run config and assign stages."""
     from coordinator.server import serve as run_server
     from pmnode.data.manifest import is_prepared
     from pmnode.data.resolve import pin
     from pmnode.net.auth import resolve_token
+    from pmnode.net.relay import relay_limits
 
     cfg = load_config(config)
     if is_prepared(Path(cfg.data.source)):  # hand out the data's hashes: a head with other data is refused
         cfg, _ = pin(cfg)
     token = resolve_token(token_file)
+    limits = relay_limits(relay, relay_time_limit, relay_data_limit)
     run_server(
         cfg,
         host=host,
@@ -71,6 +82,7 @@ def serve(
         console=Console(stderr=True),
         http_port=http_port,
         token=token,
+        relay=limits,
     )
 
 

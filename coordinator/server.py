@@ -42,6 +42,8 @@ from pmnode.net.auth import (
 )
 from pmnode.net.control import JOIN_RPC, CoordinatorInfo, JoinReply, JoinRequest, add_json_handler
 from pmnode.net.dht import run_until_signal, stage_records, start_dht
+from pmnode.net.reach import REACH_RPC, ReachReply, ReachRequest, dial_back
+from pmnode.net.relay import RelayLimits, configure_daemon
 from pmnode.net.routing import HEARTBEAT_PERIOD, StageRecord, choose_stage, config_key
 from pmnode.net.status import STATUS_RPC, HistoryPoint, Replica, StageStatus, StatusRequest, SwarmStatus, thin
 
@@ -60,7 +62,9 @@ class Coordinator:
         console: Console,
         http_port: int | None = None,
         token: str | None = None,
+        relay: RelayLimits | None = None,
     ):
+        self.relay = relay or RelayLimits(serve=True)
         self.cfg, self.host, self.port, self.state_dir, self.console = cfg, host, port, state_dir, console
         self.token = token
         self.http_port = http_port
@@ -175,6 +179,7 @@ class Coordinator:
         (self.state_dir / "coordinator.json").unlink(missing_ok=True)  # stale until this run writes it
         self._load_state()
         self._setup_secrets()
+        configure_daemon(self.relay)
         self.dht = start_dht(
             [],
             self.host,
@@ -192,6 +197,7 @@ class Coordinator:
             p2p: P2P = await dht.replicate_p2p()
             await add_json_handler(p2p, JOIN_RPC, JoinRequest, self._on_join)
             await add_json_handler(p2p, STATUS_RPC, StatusRequest, self._on_status)
+            await add_json_handler(p2p, REACH_RPC, ReachRequest, self._on_reach)
             maddrs = self.maddrs = [str(m) for m in dht.get_visible_maddrs()]
             if not self.port:
                 self.port = int(maddrs[0].split("/tcp/")[1].split("/")[0])
@@ -302,6 +308,18 @@ class Coordinator:
     async def _on_status(self, req: StatusRequest, caller: str) -> SwarmStatus:
         return self.status()
 
+    async def _on_reach(self, req: ReachRequest, caller: str) -> ReachReply:
+        """Dial a joining node back (members only: the token), and name the relays it may reserve on."""
+        if not token_matches(req.token, self.token):
+            self.metrics.refused.inc()
+            raise AuthError(WRONG_TOKEN)
+        reachable = await dial_back(req.maddrs)
+        relays = list(self.maddrs) if self.relay.serve else []
+        relays += [a for recs in self.members.values() for r in recs if r.relay for a in r.addrs[:1]]
+        seen = "reachable" if reachable else f"not reachable at {', '.join(req.maddrs)}"
+        self.console.print(f"peer {caller[-8:]}: {seen}", highlight=False)
+        return ReachReply(reachable=reachable, relays=relays)
+
 
 def serve(
     cfg: RunConfig,
@@ -312,11 +330,19 @@ def serve(
     console: Console,
     http_port: int | None = None,
     token: str | None = None,
+    relay: RelayLimits | None = None,
 ) -> None:
     """Run until SIGINT/SIGTERM."""
 
     coord = Coordinator(
-        cfg, host=host, port=port, state_dir=state_dir, console=console, http_port=http_port, token=token
+        cfg,
+        host=host,
+        port=port,
+        state_dir=state_dir,
+        console=console,
+        http_port=http_port,
+        token=token,
+        relay=relay,
     )
     coord.start()
     run_until_signal(coord.run)

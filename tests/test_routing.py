@@ -61,3 +61,22 @@ def test_backoff_doubles_and_a_success_forgets() -> None:
     assert b.skipped(3.9) == ["p"] and b.skipped(4.1) == []
     b.ok("p")
     assert b.fail("p", 10.0) == 1.0
+
+
+def test_measured_links_steer_the_choice() -> None:
+    from pmnode.net.links import LinkStats
+
+    recs = [rec("direct", 1, throughput=10), rec("relayed", 1, throughput=10, reach="relayed")]
+    links = LinkStats(alpha=0.5)
+    links.observe("direct", 0.1, 4)  # 40 samples/s of call time: compute-bound (10)
+    links.observe("relayed", 1.0, 4)  # 4 samples/s: the link is the bottleneck
+    assert links.rates() == {"direct": 40.0, "relayed": 4.0}
+    assert choose_peer(recs, links=links.rates()).peer_id == "direct"
+    picks = [choose_peer(recs, rng=random.Random(i), links=links.rates()).peer_id for i in range(50)]
+    assert set(picks) == {"direct"}  # 10 vs 4: not near-equal, the slow link gets nothing new
+    links.observe("relayed", 0.2, 4)  # the circuit got faster: (4 + 20) / 2 = 12 samples/s
+    assert links.links["relayed"].samples_per_s == pytest.approx(12.0)
+    picks = [choose_peer(recs, rng=random.Random(i), links=links.rates()).peer_id for i in range(50)]
+    assert set(picks) == {"direct", "relayed"}  # both compute-bound again: they share the load
+    links.forget("relayed")  # a failed route is measured afresh
+    assert "relayed" not in links.rates()

@@ -95,6 +95,10 @@ def join(
             "the token kept beside --coordinator-file."
         ),
     ] = None,
+    relay: Annotated[
+        bool,
+        typer.Option("--relay", help="Relay traffic for members behind NAT (when this node is reachable)."),
+    ] = False,
 ) -> None:
     """Join a swarm: get a stage from the coordinator, build it, serve and train."""
 
@@ -157,6 +161,7 @@ def join(
         link_latency=parse_latency(link_latency),
         checkpoint_every=checkpoint_every,
         fresh_weights=fresh_weights,
+        relay=relay,
     )
 
     node = Node(opts, console)

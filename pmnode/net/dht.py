@@ -41,6 +41,7 @@ def start_dht(
     identity_path: Path | None = None,
     what: str = "this node",
     record_validators: list[RecordValidatorBase] | None = None,
+    **p2p: object,
 ) -> hivemind.DHT:
     """Start a DHT peer (and its p2pd). Call it before any event loop installs signal handlers."""
     if port:
@@ -53,7 +54,7 @@ def start_dht(
             announce_maddrs=announce or None,
             identity_path=str(identity_path) if identity_path else None,
             record_validators=record_validators or (),
-            **p2p_options(host),
+            **{**p2p_options(host), **p2p},  # type: ignore[arg-type]
         )
     except Exception as e:
         why = re.sub(r"^.*\d\d:\d\d:\d\d ", "", str(e).strip().splitlines()[-1])  # p2pd's timestamp

@@ -45,6 +45,11 @@ class StageRecord(BaseModel):
     wire_bytes_per_s: float = 0.0
     device: str = "cpu"
     time: float = 0.0
+    reach: Literal["direct", "relayed", "outbound"] = Field(
+        "direct", description="How others reach it: directly, through a relay, or not at all (the head)."
+    )
+    addrs: list[str] = Field([], max_length=8, description="Where to dial it (relayed: circuit addresses).")
+    relay: bool = Field(False, description="It relays for others (`pmnode join --relay`).")
 
 
 def live(records: Iterable[StageRecord]) -> list[StageRecord]:
@@ -83,30 +88,36 @@ def choose_stage(
     return min(open_, key=lambda s: (capacity(by_stage.get(s, ())), s))
 
 
-def score(r: StageRecord, unmeasured: float = 1.0) -> float:
-    """Expected service rate for one more micro-batch: throughput shared with its queue."""
-    return (r.throughput or unmeasured) / (1 + r.queue)
+def score(r: StageRecord, unmeasured: float = 1.0, link: float | None = None) -> float:
+    """Expected service rate for one more micro-batch: the slower of its compute throughput and the
+    rate measured on our link to it (net.links; None: not measured yet), shared with its queue."""
+    rate = r.throughput or unmeasured
+    return (min(rate, link) if link else rate) / (1 + r.queue)
 
 
 def choose_peer(
     records: Iterable[StageRecord],
     exclude: Iterable[str] = (),
     rng: random.Random | None = None,
+    links: Mapping[str, float] | None = None,
 ) -> StageRecord | None:
     """Pick a downstream replica by score; random among near-equals to spread load.
 
     Candidates within 10% of the best score are equally good; without an rng the
     choice is the first of them by peer id (deterministic, for tests). A replica that
     has not measured itself yet (it just joined) is taken to be as fast as the fastest,
-    so it gets micro-batches to measure itself on instead of starving.
+    so it gets micro-batches to measure itself on instead of starving. `links`: samples/s measured
+    on our calls to each replica; a relayed or far replica measures slower and gets less work.
     """
     banned = set(exclude)
     cands = [r for r in live(records) if r.peer_id not in banned and r.state == "online"]
     if not cands:
         return None
     fresh = max((r.throughput for r in cands), default=0.0) or 1.0
-    best = max(score(r, fresh) for r in cands)
-    near = [r for r in cands if score(r, fresh) >= 0.9 * best]
+    link = links or {}
+    scores = {r.peer_id: score(r, fresh, link.get(r.peer_id)) for r in cands}
+    best = max(scores.values())
+    near = [r for r in cands if scores[r.peer_id] >= 0.9 * best]
     return rng.choice(near) if rng else near[0]
 
 

@@ -21,6 +21,8 @@ from pmnode.net.auth import Cert, Verifier
 from pmnode.net.checks import GradScale
 from pmnode.net.control import Hello
 from pmnode.net.dht import stage_records
+from pmnode.net.links import LinkStats
+from pmnode.net.relay import connect_known
 from pmnode.net.routing import Backoff, StageRecord, choose_peer
 from pmnode.net.rpcs import HELLO
 from pmnode.net.services import Client, DataRpc
@@ -56,6 +58,7 @@ class Downstream:
         self.stats = TransportStats()  # calls this node makes
         self.records: list[StageRecord] = []  # the next stage's replicas, from the DHT
         self.backoff = Backoff()  # replicas that failed us, skipped for a doubling while
+        self.links = LinkStats()  # measured per-replica call rates: they steer the choice of route
         self.greeted: dict[str, Cert] = {}  # peer -> its verified certificate
         self.rng = random.Random()
         self.grad_check, self.grad_scale = grad_check, grad_scale
@@ -96,7 +99,9 @@ class Downstream:
         deadline = time.monotonic() + self.request_timeout
         while True:
             now = time.monotonic()
-            peer = choose_peer(self.records, exclude=self.backoff.skipped(now), rng=self.rng)
+            peer = choose_peer(
+                self.records, exclude=self.backoff.skipped(now), rng=self.rng, links=self.links.rates()
+            )
             if peer is None:
                 if now > deadline:
                     raise PmnodeError(f"stage {self.stage + 1} has no reachable node")
@@ -117,6 +122,7 @@ class Downstream:
                 )
                 if shape is not None:
                     await self._check_gradient(rpc, answer[1], shape)
+                    self.links.observe(peer.peer_id, time.monotonic() - now, shape[0])
                 self.backoff.ok(peer.peer_id)
                 return answer
             except Exception as e:  # any failure of this route: mark the peer, try another
@@ -126,6 +132,8 @@ class Downstream:
                 # The dead route may have reached stages further down: a new try is not a replay there.
                 header = header.model_copy(update={"meta": {**header.meta, "try": self.new_try()}})
                 self.backoff.fail(peer.peer_id, time.monotonic())
+                self.links.forget(peer.peer_id)
+                await connect_known(self.p2p, [peer])  # a relay closed its circuit: dial it again
                 self.console.print(
                     f"stage {self.stage}: {rpc.name} to {peer.peer_id[-8:]} failed: {e}", markup=False
                 )

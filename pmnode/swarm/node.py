@@ -32,7 +32,9 @@ from pmnode.errors import PmnodeError
 from pmnode.net.auth import Guard, SwarmValidator, Verifier
 from pmnode.net.checks import GradScale
 from pmnode.net.control import Done, coordinator_peer
-from pmnode.net.dht import announce, start_dht
+from pmnode.net.dht import announce
+from pmnode.net.reach import Reachability
+from pmnode.net.relay import connect_known
 from pmnode.net.routing import StageRecord
 from pmnode.net.rpcs import DONE, STATE
 from pmnode.net.services import Client, ServeOptions, serve_all
@@ -52,6 +54,7 @@ from pmnode.swarm.options import NodeOptions
 from pmnode.swarm.panel import Display
 from pmnode.swarm.participant import CommitParticipant
 from pmnode.swarm.pauses import Pauses
+from pmnode.swarm.reachability import start_network
 from pmnode.swarm.replicas import Replicas
 from pmnode.swarm.report import NodeSummary
 from pmnode.swarm.runner import Checkpoints, StageRunner
@@ -127,6 +130,9 @@ class Parts:
         """After each heartbeat: fresh routes; async: the head's step; the head: every stage's replicas."""
         ctx = self.ctx
         await self.downstream.refresh()
+        await connect_known(ctx.p2p, self.downstream.records)  # relayed peers: their circuits, redialed
+        if ctx.schedule.averages and not ctx.runner.worker.is_first:  # averaging partners too
+            await connect_known(ctx.p2p, await self.view.records(ctx.stage))
         if ctx.schedule.averages and not ctx.runner.worker.is_first:
             head = await self.view.head_step()
             if head is not None:
@@ -155,12 +161,12 @@ class Node:
         self.shaper = LinkShaper(opts.link_bandwidth, opts.link_latency)
         self.server_stats = TransportStats()  # calls this node serves (from the previous stage)
         self.dht: DHT | None = None
+        self.reach = Reachability()
 
     def start(self) -> None:
         """Start the DHT outside any event loop (see start_dht)."""
-        o = self.opts
-        coordinator_peer(o.coordinator)  # validate the address before starting anything
-        self.dht = start_dht([o.coordinator], o.host, o.port, announce=o.announce)
+        coordinator_peer(self.opts.coordinator)  # validate the address before starting anything
+        self.dht, self.reach = start_network(self.opts, self.console)
 
     async def run(self, stop: asyncio.Event) -> NodeSummary:
         if self.dht is None:
@@ -174,7 +180,7 @@ class Node:
                 await parts.replicas.resume()
             await parts.replicas.take_over_if_empty()
             await parts.serve(self.server_stats, self.shaper)
-            telemetry = Telemetry(parts, self.opts, self.server_stats)
+            telemetry = Telemetry(parts, self.opts, self.server_stats, self.reach)
             self._say_serving(ctx)
             await self._serve_until_done(parts, telemetry, stop)
             return telemetry.summary()

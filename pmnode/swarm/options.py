@@ -28,3 +28,4 @@ class NodeOptions(BaseModel):
     link_latency: float = 0.0  # seconds, one way
     token: SecretStr | None = None  # the run's join token; never printed
     fresh_weights: bool = False  # may start an empty stage mid-run from random weights
+    relay: bool = False  # relay circuits for members behind NAT (needs this node to be reachable)

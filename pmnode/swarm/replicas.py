@@ -18,6 +18,7 @@ from pmnode.core.codecs import Packet
 from pmnode.core.replica_state import state_tensors
 from pmnode.errors import PmnodeError
 from pmnode.net.bulk import BulkServer, Received, TransferError, fetch, pack
+from pmnode.net.relay import connect_known
 from pmnode.net.rpcs import STATE
 from pmnode.net.wire import MessageHeader
 from pmnode.swarm.context import NodeContext
@@ -55,6 +56,7 @@ class Replicas:
 
     async def fetch_state(self, peers: list[str], at_step: int | None = None) -> tuple[Received, str]:
         """A live replica's state from the first of `peers` that completes it (at `at_step` if given)."""
+        await connect_known(self.ctx.p2p, await self.view.records(self.ctx.stage))  # relayed replicas
         done: list[str] = []
 
         async def ask(peer: str, meta: dict[str, int | str]) -> Packet:
@@ -85,7 +87,7 @@ class Replicas:
         every replica fails mid-copy, from this stage's checkpoint."""
         ctx, runner, o = self.ctx, self.ctx.runner, self.opts
         try:
-            got, peer = await self.fetch_state(peers)
+            got, peer = await self._fetch_patiently(peers)
         except TransferError as e:
             man = checkpoint.load_manifest(o.checkpoint_dir, ctx.stage) if o.checkpoint_dir else None
             if o.checkpoint_dir is None or man is None or man.run != ctx.cfg.name:
@@ -104,6 +106,18 @@ class Replicas:
         self.origin = f"replica {peer[-8:]} at step {step}"
         extra = f" (resumed {got.resumed}x after a sender failed)" if got.resumed else ""
         ctx.console.print(f"stage {ctx.stage}: copied replica {peer[-8:]} at step {step}{extra}")
+
+    async def _fetch_patiently(self, peers: list[str], tries: int = 3) -> tuple[Received, str]:
+        """fetch_state, tried again after a pause: a relayed replica's circuit may not be up yet, and
+        libp2p backs off dialing an address that just failed."""
+        for i in range(tries):
+            try:
+                return await self.fetch_state(peers)
+            except TransferError:
+                if i == tries - 1:
+                    raise
+                await asyncio.sleep(5.0)
+        raise AssertionError("unreachable")
 
     async def take_over_if_empty(self) -> None:
         """Joining a stage that no node serves while the swarm is past step 0: never from random init."""

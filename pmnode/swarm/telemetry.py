@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from pmnode.net.reach import Reachability
 from pmnode.net.routing import StageRecord
 from pmnode.net.transport import TransportStats
 from pmnode.swarm.options import NodeOptions
@@ -39,8 +40,11 @@ class IoRates:
 
 
 class Telemetry:
-    def __init__(self, parts: Parts, opts: NodeOptions, server_stats: TransportStats):
+    def __init__(
+        self, parts: Parts, opts: NodeOptions, server_stats: TransportStats, reach: Reachability | None = None
+    ):
         self.parts, self.opts, self.server_stats = parts, opts, server_stats
+        self.reach = reach or Reachability()
         self.io = IoRates(parts.downstream.stats, server_stats)
         self.started = time.monotonic()
 
@@ -64,6 +68,9 @@ class Telemetry:
             wire_bytes_per_s=round(sum(self.io.now()), 1),
             device=self.opts.machine.device,
             time=time.time(),
+            reach=self.reach.mode,
+            addrs=self.reach.addrs,
+            relay=self.opts.relay and self.reach.mode == "direct",
         )
 
     def snapshot(self) -> NodeSnapshot:

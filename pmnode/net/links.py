@@ -1,0 +1,45 @@
+"""Measured links: per downstream replica, how fast a call through it comes back.
+
+A replica's own announced throughput says how fast it computes; it says nothing of the link to it. A
+relayed replica, or one on a slow or far link, answers later for the same compute, so routing
+(net.routing.choose_peer) weighs each replica by the slower of the two: its compute rate and the
+samples/s this node measured on its calls to it. Round trips include everything downstream of that
+replica, which is the same for every replica of a stage, so they compare fairly.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+
+class Link(BaseModel):
+    rtt_s: float  # smoothed seconds per call
+    samples_per_s: float  # smoothed samples per second of call time
+    calls: int = 1
+
+
+class LinkStats:
+    """Exponentially smoothed round trips and rates, per peer; `alpha` weighs the newest call."""
+
+    def __init__(self, alpha: float = 0.3):
+        self.alpha = alpha
+        self.links: dict[str, Link] = {}
+
+    def observe(self, peer: str, seconds: float, samples: int) -> None:
+        seconds = max(seconds, 1e-6)
+        rate = samples / seconds
+        old = self.links.get(peer)
+        if old is None:
+            self.links[peer] = Link(rtt_s=seconds, samples_per_s=rate)
+            return
+        a = self.alpha
+        old.rtt_s = (1 - a) * old.rtt_s + a * seconds
+        old.samples_per_s = (1 - a) * old.samples_per_s + a * rate
+        old.calls += 1
+
+    def forget(self, peer: str) -> None:
+        """A failed route: its next calls measure it afresh (a new circuit, another path)."""
+        self.links.pop(peer, None)
+
+    def rates(self) -> dict[str, float]:
+        return {p: link.samples_per_s for p, link in self.links.items()}

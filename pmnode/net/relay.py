@@ -1,0 +1,112 @@
+"""Circuit relays (libp2p relay v2, in hivemind's p2pd): who serves them, their limits, reservations.
+
+hivemind's P2P.create passes no relay-service flags, yet its p2pd serves as a relay by default with
+4 GiB / 30 min per circuit. Here every p2pd this process starts gets explicit flags: relay service on
+only where asked (the coordinator unless --no-relay, members with `pmnode join --relay`) and the
+operator's per-circuit limits. A circuit that hits a limit is reset by the relay; the caller sees a
+failed route, re-sends the micro-batch (downstream.send), and the relayed node's p2pd reserves again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from collections.abc import Iterable
+
+import base58
+from hivemind.p2p import P2P, PeerID
+from hivemind.utils.multiaddr import Multiaddr
+from pydantic import BaseModel, ConfigDict, Field
+
+from pmnode.errors import PmnodeError
+from pmnode.net.routing import StageRecord
+
+_ORIGINAL = P2P._make_process_args
+_FLAGS: dict[str, object] = {}
+
+
+class RelayLimits(BaseModel):
+    """What one relayed connection (circuit) may use before the relay resets it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    serve: bool = Field(False, description="Take reservations and relay circuits for other peers.")
+    time_limit_s: float = Field(1800.0, gt=0, description="Seconds a circuit may stay open.")
+    data_limit: int = Field(4 * 2**30, gt=0, description="Bytes a circuit may carry each way.")
+    max_circuits: int = Field(16, gt=0, description="Open circuits per relayed peer.")
+
+
+def relay_limits(serve: bool, time_limit: str, data_limit: str) -> RelayLimits:
+    """From the command line: '30m', '90s', '1h' and '4GB', '512MB'; one clear line when unreadable."""
+    from pmnode.core.sizing import parse_size
+
+    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(s|m|h)\s*", time_limit.lower())
+    if not found:
+        raise PmnodeError(f"cannot read {time_limit!r} as a duration: write e.g. 90s, 30m or 1h")
+    seconds = float(found.group(1)) * {"s": 1, "m": 60, "h": 3600}[found.group(2)]
+    return RelayLimits(serve=serve, time_limit_s=max(seconds, 1.0), data_limit=parse_size(data_limit))
+
+
+def _with_flags(*args: object, **kwargs: object) -> list[str]:
+    return _ORIGINAL(*args, **{**kwargs, **_FLAGS})
+
+
+def configure_daemon(limits: RelayLimits) -> None:
+    """Flags for every p2pd started after this (the DHT's child process inherits them at fork)."""
+    _FLAGS.clear()
+    _FLAGS.update(
+        relayService=limits.serve,
+        relayTimeLimit=f"{int(limits.time_limit_s)}s",
+        relayDataLimit=limits.data_limit,
+        relayMaxCircuits=limits.max_circuits,
+    )
+    P2P._make_process_args = staticmethod(_with_flags)  # type: ignore[method-assign]
+
+
+def relayed_options(relays: list[str]) -> dict[str, object]:
+    """DHT/p2pd options of a node behind NAT: reserve a slot on these relays and announce the circuit."""
+    return {
+        "use_relay": True,
+        "use_auto_relay": True,
+        "force_reachability": "private",
+        "trusted_relays": relays,
+        "nat_port_map": False,
+        "auto_nat": False,
+    }
+
+
+def circuit_addrs(relays: list[str]) -> list[str]:
+    """The relayed addresses this node announces: one circuit per relay it may reserve a slot on.
+
+    p2pd's identify does not list circuit addresses, so they are built here; the reservation itself
+    is made by p2pd's autorelay within seconds, and a caller that dials before it is a failed route
+    that backs off and tries again."""
+    return [f"{r}/p2p-circuit" for r in relays][:8]
+
+
+def to_multiaddr(text: str) -> Multiaddr:
+    """A multiaddr p2pd can read: the installed `multiaddr` encodes /p2p/ ids as CIDs, which p2pd's
+    control protocol refuses ("length greater than remaining"), so they go as raw multihashes."""
+    out = b""
+    for i, part in enumerate(re.split(r"(/p2p/[^/]+)", text)):
+        if not part:
+            continue
+        if i % 2:
+            mh = base58.b58decode(part.removeprefix("/p2p/"))
+            out += b"\xa5\x03" + bytes([len(mh)]) + mh  # code 421 (p2p), varint length, multihash
+        else:
+            out += Multiaddr(part).to_bytes()
+    return Multiaddr(out)
+
+
+async def connect_known(p2p: P2P, records: Iterable[StageRecord], timeout: float = 5.0) -> None:
+    """Give the daemon the relayed peers' circuit addresses, so a call by peer id finds them (the
+    libp2p DHT may not have them yet) and a circuit the relay closed is dialed again."""
+
+    async def one(r: StageRecord) -> None:
+        with contextlib.suppress(Exception):
+            peer = PeerID.from_base58(r.peer_id)
+            await asyncio.wait_for(p2p._client.connect(peer, [to_multiaddr(a) for a in r.addrs]), timeout)
+
+    await asyncio.gather(*(one(r) for r in records if r.reach == "relayed" and r.addrs))

@@ -1,0 +1,115 @@
+"""Volunteers behind home routers, on real processes in network namespaces (tests/netns.py).
+
+A wan bridge; the coordinator, the head and the tail on public addresses; stage 1 served by two home
+nodes, each behind its own router that masquerades and drops every inbound connection. Without relays
+the first home node is refused with one line; with the coordinator relaying (circuits limited to a few
+seconds, so they close mid-run), the swarm trains to the end through the relay, no micro-batch lost,
+the status shows both home nodes relayed, and the two average with each other through the relay.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from pmnode.net.status import SwarmStatus
+from pmnode.swarm.report import NodeSummary
+from tests.launch import BIN, swarm_config
+from tests.netns import Host, Lab, can_run, sweep_stale
+
+pytestmark = pytest.mark.skipif(can_run() is not None, reason=str(can_run()))
+
+STEPS = 16
+CIRCUIT_S = 12  # the relay closes each circuit after this long: a run of a minute sees several closes
+
+
+def _coordinator(host: Host, cfg: Path, state: Path, *flags: str) -> tuple[subprocess.Popen, str]:
+    info = state / "coordinator.json"
+    args = ["serve", "--config", str(cfg), "--host", host.addr, "--state-dir", str(state), *flags]
+    p = host.popen([str(BIN / "coordinator"), *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not info.exists():
+        assert p.poll() is None, p.stderr.read().decode() if p.stderr else ""
+        assert time.monotonic() < deadline, "the coordinator did not come up"
+        time.sleep(0.2)
+    return p, json.loads(info.read_text())["maddrs"][0]
+
+
+def _join(host: Host, maddr: str, state: Path, stage: int, out: Path, *flags: str) -> subprocess.Popen:
+    args = ["join", "--coordinator", maddr, "--token-file", str(state / "join_token"), "--stage", str(stage)]
+    args += ["--host", host.addr, "--threads", "1", "--log-format", "json", "--summary-json", str(out)]
+    err = out.with_suffix(".err").open("w")
+    return host.popen([str(BIN / "pmnode"), *args, *flags], stdout=err, stderr=subprocess.STDOUT)
+
+
+def _status(host: Host, maddr: str) -> SwarmStatus:
+    r = host.run([str(BIN / "pmnode"), "status", "--coordinator", maddr, "--json"], timeout=60)
+    assert r.returncode == 0, r.stderr
+    return SwarmStatus.model_validate_json(r.stdout)
+
+
+def test_home_nodes_serve_through_the_relay(tmp_path: Path, toy_corpus: Path) -> None:
+    sweep_stale()
+    cfg = swarm_config(
+        tmp_path,
+        toy_corpus,
+        train={"steps": STEPS, "eval_every": STEPS},
+        swarm={"schedule": "async", "average_period": 3.0},
+    )
+    with Lab() as lab:
+        coord, head, tail = lab.public("coord"), lab.public("head"), lab.public("tail")
+        homes = [lab.home(f"home{i}", lab.router(f"router{i}")) for i in (1, 2)]
+
+        # Relays off: the home node cannot be dialed back, and says what to do in one line.
+        p, maddr = _coordinator(coord, cfg, tmp_path / "norelay", "--no-relay")
+        r = homes[0].run(
+            [str(BIN / "pmnode"), "join", "--coordinator", maddr, "--host", homes[0].addr, "--threads", "1"],
+            timeout=120,
+            env={**os.environ, "PMNODE_JOIN_TOKEN": (tmp_path / "norelay" / "join_token").read_text()},
+        )
+        assert r.returncode == 1, r.stderr
+        lines = [line for line in r.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+        assert "cannot be reached from outside" in lines[0] and "relay" in lines[0]
+        p.terminate()
+        p.wait(timeout=30)
+
+        # Relays on (the coordinator), circuits closed every CIRCUIT_S seconds.
+        state = tmp_path / "relay"
+        p, maddr = _coordinator(coord, cfg, state, "--relay-time-limit", f"{CIRCUIT_S}s")
+        out = tmp_path / "nodes"
+        out.mkdir()
+        nodes = [
+            _join(tail, maddr, state, 2, out / "tail.json"),
+            _join(homes[0], maddr, state, 1, out / "home1.json"),
+            _join(homes[1], maddr, state, 1, out / "home2.json"),
+        ]
+        time.sleep(5)
+        nodes.append(_join(head, maddr, state, 0, out / "head.json"))
+        seen: dict[str, str] = {}
+        deadline = time.monotonic() + 400
+        while nodes[-1].poll() is None:
+            assert time.monotonic() < deadline, (out / "head.err").read_text()[-3000:]
+            for st in _status(coord, maddr).stages:
+                online = [r for r in st.replicas if r.state == "online"]
+                seen.update({r.peer_id: r.reach for r in online if st.stage == 1})
+            time.sleep(3)
+        assert nodes[-1].returncode == 0, (out / "head.err").read_text()[-3000:]
+        for n in nodes[:-1]:
+            n.wait(timeout=60)
+        assert sorted(seen.values()) == ["relayed", "relayed"]
+
+        head_sum = NodeSummary.model_validate_json((out / "head.json").read_text())
+        assert head_sum.steps == STEPS
+        assert head_sum.steps_lost == 0 and head_sum.samples_off == 0
+        assert head_sum.samples_applied == STEPS * 8  # tiny: batch 8; every micro-batch came back
+        homes_sum = [NodeSummary.model_validate_json((out / f"home{i}.json").read_text()) for i in (1, 2)]
+        assert sum(s.samples_served for s in homes_sum) == STEPS * 8
+        assert all(s.averaging.rounds >= 1 for s in homes_sum), [s.averaging for s in homes_sum]
+        p.terminate()
+        p.wait(timeout=30)
