@@ -186,6 +186,10 @@ def local_swarm(
         int | None,
         typer.Option(help="Have the coordinator serve its status page on this port; 0 picks one.", min=0),
     ] = None,
+    http_token_file: Annotated[
+        Path | None,
+        typer.Option(help="The status page's bearer token, in this file (mode 0600); see coordinator serve."),
+    ] = None,
     link_bandwidth: BandwidthOpt = "unlimited",
     link_latency: LatencyOpt = "0ms",
     checkpoint_every: CheckpointEveryOpt = 0,
@@ -226,6 +230,7 @@ def local_swarm(
             checkpoint_dir=checkpoint_dir,
             resume=resume,
             http_port=http_port,
+            http_token_file=http_token_file,
             node_args=[
                 "--link-bandwidth",
                 link_bandwidth,
