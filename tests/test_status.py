@@ -143,7 +143,8 @@ def test_status_and_metrics_need_the_token(live_swarm: dict) -> None:
     base, token = live_swarm["base"], live_swarm["token"]
     refused = 0
     for path in ("status", "metrics"):
-        for given, scheme in ((None, "Bearer"), ("wrong", "Bearer"), (token + "x", "Bearer"), (token, "Basic")):
+        bad = ((None, "Bearer"), ("wrong", "Bearer"), (token + "x", "Bearer"), (token, "Basic"))
+        for given, scheme in bad:
             with pytest.raises(urllib.error.HTTPError) as e:
                 _get(base + path, given, scheme)
             assert e.value.code == 401 and e.value.headers["WWW-Authenticate"].startswith("Bearer")
