@@ -40,6 +40,12 @@ class Metrics:
             "pmnode_node_queue", "Micro-batches in flight.", ["stage", "peer"], registry=r
         )
         self.node_step = Gauge("pmnode_node_step", "A node's optimizer step.", ["stage", "peer"], registry=r)
+        self.node_refused = Gauge(
+            "pmnode_node_refused_calls",
+            "Calls a node's guard refused, by door (data; averaging.join/part/state/leader/group).",
+            ["stage", "peer", "door"],
+            registry=r,
+        )
         self.joins = Counter("pmnode_joins", "Join requests the coordinator answered.", registry=r)
         self.refused = Counter("pmnode_joins_refused", "Join requests refused.", registry=r)
         self.http_refused = Counter(
@@ -55,12 +61,15 @@ class Metrics:
         self.wire.set(s.wire_bytes_per_s)
         self.node_queue.clear()  # nodes that left must not linger as stale series
         self.node_step.clear()
+        self.node_refused.clear()
         for st in s.stages:
             self.replicas.labels(stage=str(st.stage)).set(len(st.replicas))
             self.stage_throughput.labels(stage=str(st.stage)).set(st.throughput)
             for r in st.replicas:
                 self.node_queue.labels(stage=str(st.stage), peer=r.peer_id).set(r.queue)
                 self.node_step.labels(stage=str(st.stage), peer=r.peer_id).set(r.step)
+                for door, n in r.refused.items():
+                    self.node_refused.labels(stage=str(st.stage), peer=r.peer_id, door=door).set(n)
 
 
 def bearer_ok(header: str | None, token: str) -> bool:

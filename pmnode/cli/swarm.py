@@ -123,6 +123,9 @@ def join(
             f"data path not found: {data} (give a prepared directory, a corpus path or 'stdlib')"
         )
 
+    if coordinator_file is not None:  # first: a node started beside its coordinator waits for it (compose),
+        # and the coordinator writes the join token beside the file before the file itself
+        coordinator = coordinator_from_file(coordinator_file, local=host.startswith("127."))
     token = resolve_token(
         token_file, fallback=coordinator_file.parent / TOKEN_FILE if coordinator_file is not None else None
     )
@@ -131,8 +134,6 @@ def join(
             f"this node needs the run's join token: set ${JOIN_TOKEN_ENV} or pass --token-file PATH "
             "(ask the operator; `coordinator serve` showed it once)"
         )
-    if coordinator_file is not None:
-        coordinator = coordinator_from_file(coordinator_file, local=host.startswith("127."))
     opts = NodeOptions(
         token=token,
         coordinator=coordinator,
