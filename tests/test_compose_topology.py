@@ -55,6 +55,7 @@ def _wait(cond: object, timeout: float, what: str, logs: dict[str, Path]) -> Non
         time.sleep(1.0)
 
 
+@pytest.mark.timeout(900)
 def test_compose_swarm_trains_across_namespaces(tmp_path: Path) -> None:
     sweep_stale()
     volume = tmp_path / "volume"
@@ -80,11 +81,9 @@ def test_compose_swarm_trains_across_namespaces(tmp_path: Path) -> None:
         coord_host = hosts["coordinator"].addr
         # The address file on the volume names the coordinator's own host, never a loopback address only
         assert any(f"/ip4/{coord_host}/" in m for m in info["maddrs"]), info
-        state = json.loads((volume / "coordinator" / "state.json").read_text())
         assert procs["coordinator"].poll() is None, logs["coordinator"].read_text()[-3000:]
-    assert state["global_step"] == steps
     for s, n in enumerate(nodes):
         man = checkpoint.load_manifest(volume / "checkpoint", s)
         assert man is not None and man.step == steps, (n, man)
         text = logs[n].read_text()  # (each namespace's 127.0.0.1 is its own: they met across the bridge)
-        assert f"serves stage {s}" in text, text[-2000:]
+        assert f"serves stage {s}" in text and f"stage {s} step {steps}/{steps}" in text, text[-2000:]
