@@ -45,6 +45,19 @@ def serve(
             max=65535,
         ),
     ] = None,
+    http_token_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="Require the bearer token in this file (mode 0600) for /status and /metrics, and serve "
+            "them on --host; without it they listen on 127.0.0.1 only."
+        ),
+    ] = None,
+    http_host: Annotated[
+        str | None,
+        typer.Option(
+            help="Interface for the status page; default: --host with --http-token-file, else 127.0.0.1."
+        ),
+    ] = None,
     token_file: Annotated[
         Path | None,
         typer.Option(
@@ -66,9 +79,13 @@ def serve(
     from coordinator.server import serve as run_server
     from pmnode.data.manifest import is_prepared
     from pmnode.data.resolve import pin
-    from pmnode.net.auth import resolve_token
+    from pmnode.errors import PmnodeError
+    from pmnode.net.auth import read_token_file, resolve_token
     from pmnode.net.relay import relay_limits
 
+    if http_token_file is not None and http_port is None:
+        raise PmnodeError("--http-token-file protects the status page: add --http-port PORT (0 picks one)")
+    http_token = read_token_file(http_token_file) if http_token_file is not None else None
     cfg = load_config(config)
     if is_prepared(Path(cfg.data.source)):  # hand out the data's hashes: a head with other data is refused
         cfg, _ = pin(cfg)
@@ -83,6 +100,8 @@ def serve(
         http_port=http_port,
         token=token,
         relay=limits,
+        http_host=http_host,
+        http_token=http_token,
     )
 
 

@@ -2,10 +2,15 @@
 
 It runs in a daemon thread beside the DHT loop and only reads the latest SwarmStatus
 the loop publishes, so a slow scraper never stalls the swarm.
+
+With a token (`coordinator serve --http-token-file`), /status and /metrics answer only requests
+carrying `Authorization: Bearer <token>` (what Prometheus sends with its `authorization` setting);
+the page itself holds no data and asks the browser's user for the token.
 """
 
 from __future__ import annotations
 
+import hmac
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -35,8 +40,17 @@ class Metrics:
             "pmnode_node_queue", "Micro-batches in flight.", ["stage", "peer"], registry=r
         )
         self.node_step = Gauge("pmnode_node_step", "A node's optimizer step.", ["stage", "peer"], registry=r)
+        self.node_refused = Gauge(
+            "pmnode_node_refused_calls",
+            "Calls a node's guard refused, by door (data; averaging.join/part/state/leader/group).",
+            ["stage", "peer", "door"],
+            registry=r,
+        )
         self.joins = Counter("pmnode_joins", "Join requests the coordinator answered.", registry=r)
         self.refused = Counter("pmnode_joins_refused", "Join requests refused.", registry=r)
+        self.http_refused = Counter(
+            "pmnode_http_refused", "HTTP requests for /status or /metrics without the token.", registry=r
+        )
 
     def update(self, s: SwarmStatus) -> None:
         self.step.set(s.global_step)
@@ -47,17 +61,44 @@ class Metrics:
         self.wire.set(s.wire_bytes_per_s)
         self.node_queue.clear()  # nodes that left must not linger as stale series
         self.node_step.clear()
+        self.node_refused.clear()
         for st in s.stages:
             self.replicas.labels(stage=str(st.stage)).set(len(st.replicas))
             self.stage_throughput.labels(stage=str(st.stage)).set(st.throughput)
             for r in st.replicas:
                 self.node_queue.labels(stage=str(st.stage), peer=r.peer_id).set(r.queue)
                 self.node_step.labels(stage=str(st.stage), peer=r.peer_id).set(r.step)
+                for door, n in r.refused.items():
+                    self.node_refused.labels(stage=str(st.stage), peer=r.peer_id, door=door).set(n)
+
+
+def bearer_ok(header: str | None, token: str) -> bool:
+    """True if an Authorization header carries `token` as a bearer token (constant-time compare)."""
+    scheme, _, given = (header or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+
+
+def reach_note(url: str, port: int, protected: bool, loopback: bool) -> str:
+    """The line the operator reads: who can open the page, and how to open it to others."""
+    if protected:
+        return (
+            f"status page: {url}  (/status and /metrics need `Authorization: Bearer <token>` with the token "
+            f"in --http-token-file; the page asks for it, or open {url}#token=<token>)"
+        )
+    if loopback:
+        return (
+            f"status page: {url}  (this machine only; to serve it to others, pass --http-token-file PATH "
+            f"(mode 0600) and it listens on --host; or tunnel: ssh -L {port}:127.0.0.1:{port} <this host>)"
+        )
+    return (
+        f"status page: {url}  (no token: anyone who reaches this port reads the swarm's status; "
+        "pass --http-token-file PATH to require one)"
+    )
 
 
 class StatusServer:
-    def __init__(self, host: str, port: int, metrics: Metrics) -> None:
-        self.metrics = metrics
+    def __init__(self, host: str, port: int, metrics: Metrics, token: str | None = None) -> None:
+        self.metrics, self.token = metrics, token
         self._status_json = b"{}"
         self._page = files("coordinator").joinpath("static/index.html").read_bytes()
         server = self
@@ -65,6 +106,8 @@ class StatusServer:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 path = self.path.split("?", 1)[0]
+                if path in ("/status", "/metrics") and not self._authorized():
+                    return
                 if path == "/status":
                     self._send(server._status_json, "application/json")
                 elif path == "/metrics":
@@ -74,8 +117,18 @@ class StatusServer:
                 else:
                     self.send_error(HTTPStatus.NOT_FOUND, "try /, /status or /metrics")
 
-            def _send(self, body: bytes, content_type: str) -> None:
-                self.send_response(HTTPStatus.OK)
+            def _authorized(self) -> bool:
+                if server.token is None or bearer_ok(self.headers.get("Authorization"), server.token):
+                    return True
+                server.metrics.http_refused.inc()
+                body = b'{"error": "this coordinator needs its HTTP token: Authorization: Bearer <token>"}'
+                self._send(body, "application/json", HTTPStatus.UNAUTHORIZED)
+                return False
+
+            def _send(self, body: bytes, content_type: str, code: HTTPStatus = HTTPStatus.OK) -> None:
+                self.send_response(code)
+                if code == HTTPStatus.UNAUTHORIZED:
+                    self.send_header("WWW-Authenticate", 'Bearer realm="pmnode coordinator"')
                 self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(body)))
                 self.send_header("Cache-Control", "no-store")

@@ -19,7 +19,7 @@ from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPublicKey
 from rich.console import Console
 
-from coordinator.http import Metrics, StatusServer
+from coordinator.http import Metrics, StatusServer, reach_note
 from pmnode.config import RunConfig
 from pmnode.core.stages import build_subspace, split_layers
 from pmnode.errors import PmnodeError
@@ -63,11 +63,15 @@ class Coordinator:
         http_port: int | None = None,
         token: str | None = None,
         relay: RelayLimits | None = None,
+        http_host: str | None = None,
+        http_token: str | None = None,
     ):
         self.relay = relay or RelayLimits(serve=True)
         self.cfg, self.host, self.port, self.state_dir, self.console = cfg, host, port, state_dir, console
         self.token = token
-        self.http_port = http_port
+        self.http_port, self.http_token = http_port, http_token
+        # Without a token the page is this machine's only, unless the operator says otherwise.
+        self.http_host = http_host or (host if http_token else "127.0.0.1")
         self.metrics = Metrics()
         self.http: StatusServer | None = None
         self.history: list[HistoryPoint] = []
@@ -204,10 +208,10 @@ class Coordinator:
             self._save_state(maddrs)
             info = CoordinatorInfo(maddrs=maddrs)
             if self.http_port is not None:
-                self.http = StatusServer(self.host, self.http_port, self.metrics)
+                self.http = StatusServer(self.http_host, self.http_port, self.metrics, self.http_token)
                 self.http.publish(self.status())
                 self.http.start()
-                info.http = f"http://{self.host}:{self.http.port}/"
+                info.http = f"http://{self.http_host}:{self.http.port}/"
             (self.state_dir / "coordinator.json").write_text(info.model_dump_json(exclude_none=True))
             self.console.print(
                 f"[bold]coordinator[/] for run [bold]{self.cfg.name}[/] is up. Volunteers join with:"
@@ -216,7 +220,9 @@ class Coordinator:
                 print(f"  pmnode join --coordinator {m}", flush=True)
             self._show_token()
             if self.http is not None:
-                self.console.print(f"status page: {info.http}  (JSON at /status, Prometheus at /metrics)")
+                loopback = self.http_host.startswith("127.") or self.http_host in ("localhost", "::1")
+                note = reach_note(info.http, self.http.port, self.http_token is not None, loopback)
+                self.console.print(note, highlight=False)
             published = 0.0
             while not stop.is_set():
                 if time.monotonic() - published > CONFIG_TTL / 3:
@@ -331,6 +337,8 @@ def serve(
     http_port: int | None = None,
     token: str | None = None,
     relay: RelayLimits | None = None,
+    http_host: str | None = None,
+    http_token: str | None = None,
 ) -> None:
     """Run until SIGINT/SIGTERM."""
 
@@ -343,6 +351,8 @@ def serve(
         http_port=http_port,
         token=token,
         relay=relay,
+        http_host=http_host,
+        http_token=http_token,
     )
     coord.start()
     run_until_signal(coord.run)

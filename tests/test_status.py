@@ -34,8 +34,10 @@ def test_thin_keeps_history_bounded_and_the_newest_points() -> None:
     assert thin(points[:10]) == points[:10]
 
 
-def _get(url: str) -> tuple[str, bytes]:
-    with urllib.request.urlopen(url, timeout=10) as r:
+def _get(url: str, token: str | None = None, scheme: str = "Bearer") -> tuple[str, bytes]:
+    """GET as Prometheus' `authorization: {type: Bearer, credentials_file: ...}` scrapes it."""
+    headers = {"Authorization": f"{scheme} {token}"} if token is not None else {}
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as r:
         return r.headers["Content-Type"], r.read()
 
 
@@ -65,13 +67,17 @@ def _chromium(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def live_swarm(tmp_path_factory: pytest.TempPathFactory, toy_corpus: Path) -> Iterator[dict]:
-    """An async 3-stage swarm with its status page, trained until every stage reports; SIGINT after."""
+    """An async 3-stage swarm with its status page behind a token, trained until every stage reports;
+    SIGTERM after."""
     tmp = tmp_path_factory.mktemp("status")
     cfg = swarm_config(tmp, toy_corpus, train={"steps": 100_000, "eval_every": 5})
-    tag = uuid.uuid4().hex
+    tag, token = uuid.uuid4().hex, uuid.uuid4().hex
+    token_file = tmp / "http_token"
+    token_file.write_text(token + "\n")
+    token_file.chmod(0o600)
     work = tmp / "work"
     err = work.with_suffix(".err")
-    proc = start_async_swarm(cfg, work, tag, "--http-port", "0")
+    proc = start_async_swarm(cfg, work, tag, "--http-port", "0", "--http-token-file", str(token_file))
     try:
         info_path = work / "coordinator" / "coordinator.json"
         deadline = time.monotonic() + 240
@@ -81,13 +87,13 @@ def live_swarm(tmp_path_factory: pytest.TempPathFactory, toy_corpus: Path) -> It
             if not info_path.exists() or "http" not in json.loads(info_path.read_text()):
                 continue
             base = json.loads(info_path.read_text())["http"]
-            status = SwarmStatus.model_validate_json(_get(base + "status")[1])
+            status = SwarmStatus.model_validate_json(_get(base + "status", token)[1])
             trained = [h for h in status.history if h.heldout_loss is not None]
             if all(s.replicas for s in status.stages) and len(status.history) >= 3 and trained:
                 break
         else:
             raise AssertionError(f"the swarm did not report within 240 s: {err.read_text()[-3000:]}")
-        yield {"base": base, "info": info_path, "tag": tag}
+        yield {"base": base, "info": info_path, "tag": tag, "token": token}
         proc.send_signal(signal.SIGTERM)  # `kill` must clean up as Ctrl-C does (tested in test_swarm)
         proc.wait(timeout=90)
     finally:
@@ -98,7 +104,7 @@ def live_swarm(tmp_path_factory: pytest.TempPathFactory, toy_corpus: Path) -> It
 
 
 def test_status_json(live_swarm: dict) -> None:
-    ctype, body = _get(live_swarm["base"] + "status")
+    ctype, body = _get(live_swarm["base"] + "status", live_swarm["token"])
     assert ctype == "application/json"
     status = SwarmStatus.model_validate_json(body)
     assert [s.stage for s in status.stages] == [0, 1, 2]
@@ -115,7 +121,7 @@ def test_status_json(live_swarm: dict) -> None:
 
 
 def test_metrics_scraped_by_a_real_client(live_swarm: dict) -> None:
-    ctype, body = _get(live_swarm["base"] + "metrics")
+    ctype, body = _get(live_swarm["base"] + "metrics", live_swarm["token"])
     assert ctype.startswith("text/plain")
     samples = {
         (s.name, tuple(sorted(s.labels.items()))): s.value
@@ -129,13 +135,31 @@ def test_metrics_scraped_by_a_real_client(live_swarm: dict) -> None:
     assert samples[("pmnode_train_loss", ())] > 0
     assert len([k for k in samples if k[0] == "pmnode_node_step"]) == 3
     with pytest.raises(urllib.error.HTTPError) as e:
-        _get(live_swarm["base"] + "nope")
+        _get(live_swarm["base"] + "nope", live_swarm["token"])
     assert e.value.code == 404
+
+
+def test_status_and_metrics_need_the_token(live_swarm: dict) -> None:
+    base, token = live_swarm["base"], live_swarm["token"]
+    refused = 0
+    for path in ("status", "metrics"):
+        bad = ((None, "Bearer"), ("wrong", "Bearer"), (token + "x", "Bearer"), (token, "Basic"))
+        for given, scheme in bad:
+            with pytest.raises(urllib.error.HTTPError) as e:
+                _get(base + path, given, scheme)
+            assert e.value.code == 401 and e.value.headers["WWW-Authenticate"].startswith("Bearer")
+            refused += 1
+        assert _get(base + path, token)[1]  # the right token: 200 with a body
+    ctype, page = _get(base)  # the page holds no data: it asks for the token itself
+    assert ctype.startswith("text/html") and b'id="auth"' in page
+    metrics = _get(base + "metrics", token)[1].decode()
+    counts = {s.name: s.value for f in text_string_to_metric_families(metrics) for s in f.samples}
+    assert counts["pmnode_http_refused_total"] >= refused
 
 
 def test_pmnode_status_command(live_swarm: dict) -> None:
     """The operator's and volunteer's view, through the coordinator's status RPC."""
-    _, body = _get(live_swarm["base"] + "status")
+    _, body = _get(live_swarm["base"] + "status", live_swarm["token"])
     status = SwarmStatus.model_validate_json(body)
     out = subprocess.run(
         [str(BIN / "pmnode"), "status", "--coordinator-file", str(live_swarm["info"]), "--json"],
@@ -162,14 +186,19 @@ def test_pmnode_status_command(live_swarm: dict) -> None:
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it)")
 def test_status_page_in_headless_chromium(live_swarm: dict, tmp_path: Path) -> None:
-    """The page in a real browser: its script fetched /status and drew the swarm and the loss curve."""
-    dom = _chromium("--dump-dom", live_swarm["base"])
+    """The page in a real browser: without the token it asks for it; given the token (#token=, taken
+    once into the tab's storage), its script fetched /status and drew the swarm and the loss curve."""
+    asks = _chromium("--dump-dom", live_swarm["base"])
+    assert '<form id="auth">' in asks.stdout and "enter the token" in asks.stdout, asks.stderr[-2000:]
+    assert 'data-ready="1"' not in asks.stdout
+    with_token = live_swarm["base"] + "#token=" + live_swarm["token"]
+    dom = _chromium("--dump-dom", with_token)
     assert 'data-ready="1"' in dom.stdout, dom.stderr[-2000:]
     assert dom.stdout.count('class="node online"') == 3
     assert dom.stdout.count('class="stage"') == 3  # no stage marked empty
     assert "<polyline" in dom.stdout and '<div id="error"></div>' in dom.stdout
     shot = tmp_path / "page.png"
-    r = _chromium(f"--screenshot={shot}", "--window-size=900,700", live_swarm["base"])
+    r = _chromium(f"--screenshot={shot}", "--window-size=900,700", with_token)
     assert shot.exists(), r.stderr[-2000:]
     img = Image.open(shot).convert("RGB")
     assert img.size == (900, 700)

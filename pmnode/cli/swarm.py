@@ -127,6 +127,9 @@ def join(
             f"data path not found: {data} (give a prepared directory, a corpus path or 'stdlib')"
         )
 
+    if coordinator_file is not None:  # first: a node started beside its coordinator waits for it (compose),
+        # and the coordinator writes the join token beside the file before the file itself
+        coordinator = coordinator_from_file(coordinator_file, local=host.startswith("127."))
     token = resolve_token(
         token_file, fallback=coordinator_file.parent / TOKEN_FILE if coordinator_file is not None else None
     )
@@ -135,8 +138,6 @@ def join(
             f"this node needs the run's join token: set ${JOIN_TOKEN_ENV} or pass --token-file PATH "
             "(ask the operator; `coordinator serve` showed it once)"
         )
-    if coordinator_file is not None:
-        coordinator = coordinator_from_file(coordinator_file, local=host.startswith("127."))
     opts = NodeOptions(
         token=token,
         coordinator=coordinator,
@@ -191,6 +192,10 @@ def local_swarm(
         int | None,
         typer.Option(help="Have the coordinator serve its status page on this port; 0 picks one.", min=0),
     ] = None,
+    http_token_file: Annotated[
+        Path | None,
+        typer.Option(help="The status page's bearer token, in this file (mode 0600); see coordinator serve."),
+    ] = None,
     link_bandwidth: BandwidthOpt = "unlimited",
     link_latency: LatencyOpt = "0ms",
     checkpoint_every: CheckpointEveryOpt = 0,
@@ -231,6 +236,7 @@ def local_swarm(
             checkpoint_dir=checkpoint_dir,
             resume=resume,
             http_port=http_port,
+            http_token_file=http_token_file,
             node_args=[
                 "--link-bandwidth",
                 link_bandwidth,

@@ -44,6 +44,11 @@ class StageRecord(BaseModel):
     tokens_per_s: float = 0.0
     wire_bytes_per_s: float = 0.0
     device: str = "cpu"
+    refused: dict[str, int] = Field(
+        default_factory=dict,
+        description="Calls this node's guard refused: 'data' (every data and control RPC) and "
+        "'averaging.<door>' (join, part, state; leader, group: outsiders it would not average with).",
+    )
     time: float = 0.0
     reach: Literal["direct", "relayed", "outbound"] = Field(
         "direct", description="How others reach it: directly, through a relay, or not at all (the head)."

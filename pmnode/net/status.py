@@ -97,12 +97,14 @@ def render(status: SwarmStatus, console: Console) -> None:
         f"held-out {_num(s.heldout_loss)}  {s.tokens_per_s:,.0f} tok/s",
         highlight=False,
     )
-    table = Table("stage", "layers", "peer", "state", "device", "samples/s", "queue", "step", "last seen")
+    table = Table(
+        "stage", "layers", "peer", "state", "device", "samples/s", "queue", "step", "refused", "last seen"
+    )
     now = time.time()
     for st in s.stages:
         layers = f"{st.layers[0]}..{st.layers[1] - 1} ({st.role})"
         if not st.replicas:
-            table.add_row(str(st.stage), layers, "[red]no replica[/]", "", "", "", "", "", "")
+            table.add_row(str(st.stage), layers, "[red]no replica[/]", "", "", "", "", "", "", "")
         for i, r in enumerate(st.replicas):
             table.add_row(
                 str(st.stage) if i == 0 else "",
@@ -113,6 +115,7 @@ def render(status: SwarmStatus, console: Console) -> None:
                 f"{r.throughput:.1f}",
                 str(r.queue),
                 str(r.step),
+                str(sum(r.refused.values())),
                 _age(max(now - r.time, 0.0) if r.time else r.last_seen_s),
             )
     console.print(table)

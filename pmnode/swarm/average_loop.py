@@ -16,9 +16,10 @@ from typing import Any, Literal
 
 from hivemind.utils import get_dht_time
 
-from pmnode.net.auth import AuthError, Cert, Verifier
+from pmnode.net.auth import AuthError, Cert, Guard, Verifier
 from pmnode.swarm.averaging import MATCHMAKING_TIME, StageAverager, next_round
 from pmnode.swarm.context import NodeContext
+from pmnode.swarm.guarded_averager import AveragingGate, Refusals
 from pmnode.swarm.replicas import Replicas
 from pmnode.swarm.report import Averaging
 
@@ -44,11 +45,22 @@ def all_final(group: dict) -> bool:
 
 
 class AveragingLoop:
-    def __init__(self, ctx: NodeContext, replicas: Replicas, cert: Callable[[], Cert], stop: asyncio.Event):
-        self.ctx, self.replicas, self.cert, self.stop = ctx, replicas, cert, stop
+    def __init__(
+        self,
+        ctx: NodeContext,
+        replicas: Replicas,
+        cert: Callable[[], Cert],
+        stop: asyncio.Event,
+        guard: Guard,
+    ):
+        self.ctx, self.replicas, self.cert, self.stop, self.guard = ctx, replicas, cert, stop, guard
         self.averager: StageAverager | None = None
         self.round: Any = None  # hivemind's StepControl of the round in progress
         self.counts = Averaging()
+        self.refusals = Refusals()  # averaging calls the guard refused (counted in the averager process)
+
+    def report(self) -> Averaging:
+        return self.counts.model_copy(update={"calls_refused": self.refusals.snapshot()})
 
     async def run(self, done: asyncio.Event) -> None:
         """Until the run is done, after the round in progress (never cut off: hivemind would run it
@@ -70,8 +82,9 @@ class AveragingLoop:
         """Started by the first round with a partner: one replica pays nothing."""
         ctx = self.ctx
         # In this (the main) thread: hivemind's averager process sets up signal handling as it starts.
+        gate = AveragingGate(self.guard, self.refusals)  # the node's guard, as of now, in hivemind's process
         avg = StageAverager(
-            ctx.runner.worker, ctx.dht, ctx.cfg.name, compression=ctx.cfg.swarm.average_compression
+            ctx.runner.worker, ctx.dht, ctx.cfg.name, gate, compression=ctx.cfg.swarm.average_compression
         )
         # hivemind ignores SIGINT in this process while it forks the averager, and leaves it so.
         asyncio.get_running_loop().add_signal_handler(signal.SIGINT, self.stop.set)
@@ -84,10 +97,11 @@ class AveragingLoop:
         if self.averager is None:
             self.averager = self._start_averager()
         avg = self.averager
+        leaders = await self.replicas.view.my_replicas()  # from signed records: certified replicas only
         await runner.run(avg.snapshot)
         weight, runner.since_average = runner.since_average, 0
         try:
-            control = self.round = avg.start_round(at, weight, self.cert(), final)
+            control = self.round = avg.start_round(at, weight, self.cert(), leaders, final)
             limit = at - get_dht_time() + avg.timeout + 5.0  # a thread must never wait for ever on it
             group = await asyncio.get_running_loop().run_in_executor(
                 None, lambda: control.result(timeout=limit)

@@ -7,10 +7,11 @@ apart; every `swarm.average_period` seconds they meet in a hivemind `Decentraliz
 each applied since the last round. Training goes on during a round, so the result is applied as a
 delta (p += average - snapshot) that keeps the steps taken meanwhile.
 
-hivemind's averager knows nothing of pmnode's certificates, so every participant all-gathers its
-own: a round that includes any peer that is not a certified member of this stage, or whose result
-is not finite, is thrown away (counted) and never touches the weights. A stage with one replica
-never starts an averager and pays nothing.
+hivemind's averager knows nothing of pmnode's certificates: pmnode.swarm.guarded_averager puts its
+RPCs behind the node's guard, so only certified replicas of this stage take part. Every participant
+also all-gathers its certificate: a round that still includes a peer without one for this stage, or
+whose result is not finite, is thrown away (counted) and never touches the weights. A stage with one
+replica never starts an averager and pays nothing.
 """
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ from typing import Any, Literal
 
 import torch
 from hivemind import DHT
-from hivemind.averaging import DecentralizedAverager
 from hivemind.compression import Float16Compression, NoCompression, SizeAdaptiveCompression
 from hivemind.utils import get_dht_time
 
 from pmnode.core.worker import StageWorker
 from pmnode.net.auth import AuthError, Cert, Verifier
+from pmnode.swarm.guarded_averager import AveragingGate, GuardedAverager
 
 MATCHMAKING_TIME = 1.0  # seconds before a round's start that replicas look for each other
 FP16_FROM = 2**14  # elements: smaller tensors (norms, biases) are sent exactly, they cost nothing
@@ -53,6 +54,7 @@ class StageAverager:
         worker: StageWorker,
         dht: DHT,
         run: str,
+        gate: AveragingGate,
         *,
         compression: Literal["none", "float16"] = "float16",
         timeout: float = 10.0,
@@ -66,7 +68,7 @@ class StageAverager:
             else NoCompression()
         )
         self.timeout = timeout
-        self.averager = DecentralizedAverager(
+        self.averager = GuardedAverager(
             [p.detach().clone() for p in self.params],
             dht,
             start=True,
@@ -76,6 +78,7 @@ class StageAverager:
             compression=comp,
             allreduce_timeout=timeout,
             allow_state_sharing=False,  # a joining replica copies state over pmnode's own {run}.state call
+            gate=gate,
         )
 
     def snapshot(self) -> None:
@@ -85,8 +88,12 @@ class StageAverager:
                 t.copy_(p.detach())
                 b.copy_(p.detach())
 
-    def start_round(self, at: float, weight: float, cert: Cert, final: bool = False) -> Any:
-        """Join the round that starts at `at`; returns hivemind's StepControl (a future)."""
+    def start_round(
+        self, at: float, weight: float, cert: Cert, leaders: list[str], final: bool = False
+    ) -> Any:
+        """Join the round that starts at `at`, following only one of `leaders` (certified replicas) if
+        anyone; returns hivemind's StepControl (a future)."""
+        self.averager.admit_leaders(leaders)
         return self.averager.step(
             gather={"cert": cert.model_dump(mode="json"), "final": final},
             scheduled_time=at,

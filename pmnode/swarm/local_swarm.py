@@ -76,7 +76,9 @@ class LocalSwarm:
         self.env = {**os.environ, JOIN_TOKEN_ENV: _local_token(workdir / "coordinator")}
         self.maddr = ""
 
-    def coordinator(self, http_port: int | None, timeout: float, console: Console) -> Proc:
+    def coordinator(
+        self, http_port: int | None, timeout: float, console: Console, http_token_file: Path | None = None
+    ) -> Proc:
         state = self.workdir / "coordinator"
         # A resumed run keeps WORKDIR: the last run's address file must not be read as this one's.
         (state / "coordinator.json").unlink(missing_ok=True)
@@ -85,6 +87,7 @@ class LocalSwarm:
             "--state-dir",
             str(state),
             *(["--http-port", str(http_port)] if http_port is not None else []),
+            *(["--http-token-file", str(http_token_file)] if http_token_file is not None else []),
         ]
         coord = self.launcher.start("coordinator", args, self.workdir / "logs" / "coordinator.log", self.env)
         info = wait_coordinator(state / "coordinator.json", coord, timeout)
@@ -123,6 +126,7 @@ def run_local_swarm(
     resume: bool = False,
     startup_timeout: float = 60.0,
     http_port: int | None = None,
+    http_token_file: Path | None = None,
     node_args: list[str] | None = None,
     churn: tuple[float, float] | None = None,
 ) -> SwarmSummary:
@@ -144,7 +148,7 @@ def run_local_swarm(
     args = ["--threads", str(threads), *(["--resume"] if resume else []), *(node_args or [])]
     try:
         swarm = LocalSwarm(cfg, workdir, ckpt, launcher, args)
-        coord = swarm.coordinator(http_port, startup_timeout, console)
+        coord = swarm.coordinator(http_port, startup_timeout, console, http_token_file)
         nodes: dict[int, Proc] = {}
         extra: list[Proc] = []  # replicas beyond the first of stages 1..; the head is never replicated
         for s, r in [(st, r) for st in reversed(range(stages)) for r in range(replicas if st else 1)]:

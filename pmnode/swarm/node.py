@@ -105,7 +105,7 @@ class Parts:
         self.handler.reach = self.participant.reach
         self.pauses = Pauses(ctx, self.view, self._resumed)
         self.head = HeadDriver(ctx, self.downstream, self.view, self.pauses, opts.log_format, self._rejoined)
-        self.averaging = AveragingLoop(ctx, self.replicas, membership.current, stop)
+        self.averaging = AveragingLoop(ctx, self.replicas, membership.current, stop, self.guard)
 
     def _rejoined(self) -> bool:
         return self.replicas.rejoined

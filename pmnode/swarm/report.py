@@ -53,6 +53,7 @@ class Averaging(BaseModel):
     failed: int = 0
     refused: int = 0
     alone: int = 0
+    calls_refused: dict[str, int] = {}  # by door: pmnode.swarm.guarded_averager.DOORS
 
 
 class ComputeTimes(BaseModel):

@@ -67,11 +67,17 @@ class Telemetry:
             tokens_per_s=p.head.progress.tokens_per_s,
             wire_bytes_per_s=round(sum(self.io.now()), 1),
             device=self.opts.machine.device,
+            refused=self.refused(),
             time=time.time(),
             reach=self.reach.mode,
             addrs=self.reach.addrs,
             relay=self.opts.relay and self.reach.mode == "direct",
         )
+
+    def refused(self) -> dict[str, int]:
+        p = self.parts
+        doors = {f"averaging.{k}": v for k, v in p.averaging.refusals.snapshot().items() if v}
+        return {"data": sum(p.guard.rejected.values()), **doors}
 
     def snapshot(self) -> NodeSnapshot:
         p, cfg = self.parts, self.parts.ctx.cfg
@@ -123,7 +129,7 @@ class Telemetry:
             samples_off=runner.samples_off,
             steps_lost=p.replicas.steps_lost,
             paused_s=round(p.pauses.paused_s, 2),
-            averaging=p.averaging.counts,
+            averaging=p.averaging.report(),
             compute=runner.times.model_copy(update={"busy_s": round(runner.busy, 4)}),
             busy_s=round(runner.busy, 3),
             samples_served=runner.samples_served,
