@@ -16,11 +16,11 @@ import time
 from pathlib import Path
 
 import pytest
+from launch import BIN, swarm_config
+from netns import Host, Lab, can_run, sweep_stale
 
 from pmnode.net.status import SwarmStatus
 from pmnode.swarm.report import NodeSummary
-from tests.launch import BIN, swarm_config
-from tests.netns import Host, Lab, can_run, sweep_stale
 
 pytestmark = pytest.mark.skipif(can_run() is not None, reason=str(can_run()))
 

@@ -7,8 +7,7 @@ import subprocess
 import sys
 
 import pytest
-
-from tests.netns import Host, Lab, can_run, sweep_stale
+from netns import Host, Lab, can_run, sweep_stale
 
 pytestmark = pytest.mark.skipif(can_run() is not None, reason=str(can_run()))
 
