@@ -153,6 +153,7 @@ def inspect(
         "sizes": sizes_json(sizes, memory),
         "compression": [a.model_dump() for a in advice],
         "recommended_rank": best.rank if best else None,
+        "recommended": best.model_dump() if best else None,
     }
     if as_json:
         print(json.dumps(info, indent=2))
@@ -172,36 +173,30 @@ def inspect(
 
 
 def print_advice(console: Console, advice: list, best: object) -> None:
-    """Bytes per token per k and the long-run cost measured at the same d/k (docs/benchmarks/fidelity)."""
-    table = Table(
-        "k",
-        "d/k",
-        "B/token",
-        "B/token int8",
-        "link carries tok/s",
-        "measured cost at this d/k",
-        title="compression",
-    )
+    """Each way to compress this config, cheapest on the wire first, with the long-run cost the
+    fidelity study measured at the same d/k (docs/benchmarks/fidelity)."""
+    table = Table("codec", "setting", "B/token", "link tok/s", "measured cost", title="compression")
     for a in advice:
-        cost = "; ".join(
-            (f"{100 * m.gap:+.1f}%" if m.gap is not None else f"{100 * (m.gap_plain or 0):+.1f}% vs plain")
-            + f" ({m.variant}; {m.corpus}, d={m.d_model}, {m.tokens / 1e6:.2f}M tokens"
-            + ("" if m.complete else ", cut short")
-            + ")"
-            for m in a.measured
-            if m.gap is not None or m.gap_plain is not None
-        )
+        m = a.measured
+        if m is None:
+            cost = "not measured"
+        else:
+            plain = f"{100 * (m.gap_plain or 0):+.1f}% vs plain"
+            vs = f"{100 * m.gap:+.1f}%" if m.gap is not None else plain
+            steps = f", {m.steps_ratio:.2f}x steps" if m.steps_ratio else ", target not reached"
+            cut = "" if m.complete else ", cut short"
+            cost = f"{vs} at {m.tokens / 1e6:.1f}M tokens{steps} (d={m.d_model}, {m.corpus}{cut})"
         carried = f"{a.link_tokens_per_s:,.0f}" if a.link_tokens_per_s is not None else "-"
-        mark = " (recommended)" if a is best else ""
-        table.add_row(
-            f"{a.rank}{mark}",
-            f"{a.d_over_k:g}",
-            str(a.bytes_per_token),
-            str(a.bytes_per_token_int8),
-            carried,
-            cost or "not measured",
-        )
+        style = "bold green" if a is best else ("dim" if a.fits is False else None)
+        table.add_row(f"{a.codec}@{a.rank}", a.setting, str(a.bytes_per_token), carried, cost, style=style)
     console.print(table)
+    console.print(
+        "cost: held-out loss against the same model unconstrained (k = d) at equal tokens; "
+        "steps: to that model's final loss",
+        style="dim",
+    )
+    if best is not None:
+        console.print(f"recommended for this link: [bold]{best.codec}@{best.rank}[/] ({best.setting})")
 
 
 def main() -> None:

@@ -16,29 +16,55 @@ from pmnode.config import load_config
 BIN = Path(sys.executable).parent
 
 
-def test_bytes_and_the_largest_k_the_link_carries(monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg = load_config("deep")  # d = 256, byte tokens, k = d/32 = 8
-    cost = MeasuredCost(
-        d_over_k=32,
+def _cost(d_over_k: int, gap: float, codec: str = "subspace", setting: str = "default") -> MeasuredCost:
+    return MeasuredCost(
+        d_over_k=d_over_k,
         d_model=128,
-        rank=4,
-        variant="subspace@4",
+        rank=128 // d_over_k,
+        variant=f"{codec}@{128 // d_over_k}",
+        codec=codec,
+        setting=setting,
         corpus="stdlib",
         tokens=5_000_000,
         complete=True,
-        gap=0.2,
-        gap_plain=0.2,
+        gap=gap,
+        gap_plain=gap,
         steps_ratio=None,
     )
+
+
+def test_bytes_and_the_largest_k_the_link_carries(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = load_config("deep")  # d = 256, byte tokens, k = d/32 = 8
+    cost = _cost(32, 0.2)
     monkeypatch.setattr(advice, "measured_costs", lambda: [cost])
     rows = {r.rank: r for r in advise(cfg, bandwidth=10e6, tokens_per_s=100_000)}
     assert sorted(rows) == [4, 8, 16, 32, 64]
-    assert rows[8].bytes_per_token == 4 * 8 + 1 and rows[8].bytes_per_token_int8 == 8 + 2 + 1
+    assert rows[8].bytes_per_token == 4 * 8 + 1
     # 10 MB/s (80 Mbit/s) over 33 B/token carries 303,030 tokens/s; at 129 B/token only 77,519.
     assert rows[8].link_tokens_per_s == pytest.approx(10e6 / 33, abs=0.1)
     assert rows[16].fits and not rows[32].fits
+    # Measured only where it is no better than a larger k: the largest fp32 k the link carries.
     assert recommended(list(rows.values())).rank == 16
-    assert rows[8].measured == [cost] and rows[16].measured == []  # matched by d/k, from d = 128
+    assert rows[8].measured == cost and rows[16].measured is None  # matched by d/k, from d = 128
+
+
+def test_the_lowest_measured_cost_the_link_carries_is_recommended(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = load_config("deep")
+    remedy = "constrain=boundaries, stage_bigrams=4096"
+    costs = [
+        _cost(32, 0.16),
+        _cost(8, 0.08, "subspace:int8"),
+        _cost(8, 0.02, "subspace:int8", remedy),
+        _cost(32, 0.01, setting="constrain=boundaries, n_stages=2"),  # fewer stages: shown only
+        _cost(2, 0.0, "subspace:int8"),  # 128 + 3 B/token: the link does not carry it
+    ]
+    monkeypatch.setattr(advice, "measured_costs", lambda: costs)
+    rows = advise(cfg, bandwidth=10e6, tokens_per_s=100_000)
+    assert [r.bytes_per_token for r in rows] == sorted(r.bytes_per_token for r in rows)
+    int8 = {r.setting: r for r in rows if r.codec == "subspace:int8" and r.rank == 32}
+    assert int8[remedy].bytes_per_token == 32 + 2 + 1 and int8[remedy].measured == costs[2]
+    best = recommended(rows)
+    assert (best.codec, best.rank, best.setting) == ("subspace:int8", 32, remedy)
 
 
 def test_inspect_prints_the_compression_table_as_json() -> None:
@@ -60,8 +86,20 @@ def test_inspect_prints_the_compression_table_as_json() -> None:
     )
     assert out.returncode == 0, out.stderr
     info = json.loads(out.stdout)
-    assert [c["rank"] for c in info["compression"]] == [4, 8, 16, 32, 64]
-    assert info["recommended_rank"] == 16
+    rows = info["compression"]
+    assert {c["rank"] for c in rows if c["codec"] == "subspace" and c["setting"] == "default"} >= {
+        4,
+        8,
+        16,
+        32,
+        64,
+    }
+    best = info["recommended"]
+    assert best is not None and best["fits"] and best["bytes_per_token"] <= 10e6 / 100_000
+    measured = [c for c in rows if c["fits"] and c["measured"] and c["measured"]["complete"]]
+    measured = [c for c in measured if c["measured"]["gap"] is not None and "n_stages" not in c["setting"]]
+    if measured:  # the shipped costs: the lowest measured gap among what fits
+        assert best["measured"]["gap"] == min(c["measured"]["gap"] for c in measured)
     bad = subprocess.run(
         [str(BIN / "coordinator"), "inspect", "--config", "deep", "--bandwidth", "fast"],
         capture_output=True,

@@ -1,21 +1,22 @@
-"""What a compression rank costs: bytes per token by the codec's formula, the learning cost the
-fidelity study measured (docs/benchmarks/fidelity/, shipped as fidelity_costs.json), and the largest
-k a link carries at a stage's token rate. `coordinator inspect` prints it."""
+"""What a compression choice costs: bytes per token by the codec's formula, the learning cost the
+fidelity study measured (docs/benchmarks/fidelity/, shipped as fidelity_costs.json), and what a link
+carries at a stage's token rate. `coordinator inspect` prints it; `recommended` picks from it."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import torch
 from pydantic import BaseModel
 
 from pmnode.bench.fidelity import compare, is_unconstrained, load_runs
+from pmnode.bench.variants import parse_variant
 from pmnode.config import RunConfig
-from pmnode.core.codecs import token_dtype
+from pmnode.core.codecs import wire_bytes
 
 COSTS_FILE = Path(__file__).with_name("fidelity_costs.json")
 RATIOS = (4, 8, 16, 32, 64)
+DEFAULT_SETTING = "default"
 
 
 class MeasuredCost(BaseModel):
@@ -25,6 +26,8 @@ class MeasuredCost(BaseModel):
     d_model: int
     rank: int
     variant: str
+    codec: str = "subspace"  # the spec without the rank: subspace, subspace:int8, ...
+    setting: str = DEFAULT_SETTING  # what the run changes beyond k and the model's shape
     corpus: str
     tokens: int
     complete: bool
@@ -34,17 +37,32 @@ class MeasuredCost(BaseModel):
 
 
 class RankAdvice(BaseModel):
+    """One way to compress this config's boundaries, and what it was measured to cost."""
+
     rank: int
     d_over_k: float
+    codec: str
+    setting: str
     bytes_per_token: int  # forward, per boundary; the backward is the same without the token ids
-    bytes_per_token_int8: int
-    link_tokens_per_s: float | None  # what the link carries at this k, fp32 coefficients
+    link_tokens_per_s: float | None  # what the link carries at these bytes
     fits: bool | None  # the link carries the stage's token rate
-    measured: list[MeasuredCost]
+    measured: MeasuredCost | None  # the longest run of this codec, d/k and setting
 
 
-def token_bytes(vocab_size: int) -> int:
-    return torch.empty(0, dtype=token_dtype(vocab_size)).element_size()
+def setting_of(variant: str) -> str:
+    """The variant's overrides beyond the model's shape, short: 'constrain=boundaries, stage_bigrams=4096'."""
+    _, overrides = parse_variant(variant)
+    flat: list[str] = []
+
+    def walk(node: dict, prefix: str) -> None:
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            elif not prefix.startswith("model."):
+                flat.append(f"{k}={str(v).lower() if isinstance(v, bool) else v}")
+
+    walk(overrides, "")
+    return ", ".join(flat) or DEFAULT_SETTING
 
 
 def costs_from_runs(out: Path, corpus: str) -> list[MeasuredCost]:
@@ -61,6 +79,8 @@ def costs_from_runs(out: Path, corpus: str) -> list[MeasuredCost]:
                 d_model=row.d_model,
                 rank=row.rank,
                 variant=row.variant,
+                codec=run.codec,
+                setting=setting_of(row.variant),
                 corpus=corpus,
                 tokens=row.tokens,
                 complete=run.complete,
@@ -78,32 +98,66 @@ def measured_costs() -> list[MeasuredCost]:
     return [MeasuredCost.model_validate(c) for c in json.loads(COSTS_FILE.read_text())]
 
 
+def _evidence(m: MeasuredCost) -> tuple[bool, bool, int, str]:
+    """Prefer complete runs, then runs with their own twin (a gap, not only vs plain), then length."""
+    return m.complete, m.gap is not None, m.tokens, m.corpus
+
+
 def advise(
     cfg: RunConfig, bandwidth: float | None = None, tokens_per_s: float | None = None
 ) -> list[RankAdvice]:
-    """One row per k in d/4 .. d/64 and the config's own k; `bandwidth` in bytes/s per direction."""
-    d, tb = cfg.model.d_model, token_bytes(cfg.model.vocab_size)
-    ranks = sorted({max(1, d // r) for r in RATIOS} | ({cfg.rank} if cfg.subspace.enabled else set()))
-    measured = measured_costs()
+    """The paper's constraint in fp32 at every k in d/4 .. d/64 and the config's own k, and every
+    other codec and setting the study measured, at its d/k; `bandwidth` in bytes/s per direction."""
+    d, vocab = cfg.model.d_model, cfg.model.vocab_size
+    options: dict[tuple[str, str, int], list[MeasuredCost]] = {}
+    for r in {max(1, d // r) for r in RATIOS} | ({cfg.rank} if cfg.subspace.enabled else set()):
+        options[("subspace", DEFAULT_SETTING, r)] = []
+    for m in measured_costs():
+        k = max(1, round(d / m.d_over_k))
+        options.setdefault((m.codec, m.setting, k), []).append(m)
     rows = []
-    for k in ranks:
-        fwd = 4 * k + tb
+    for (codec, setting, k), costs in options.items():
+        fwd, _ = wire_bytes(codec, d_model=d, vocab_size=vocab, rank=k)
         carried = bandwidth / fwd if bandwidth else None
         rows.append(
             RankAdvice(
                 rank=k,
                 d_over_k=round(d / k, 2),
+                codec=codec,
+                setting=setting,
                 bytes_per_token=fwd,
-                bytes_per_token_int8=k + 2 + tb,
                 link_tokens_per_s=round(carried, 1) if carried is not None else None,
                 fits=carried >= tokens_per_s if carried is not None and tokens_per_s else None,
-                measured=[m for m in measured if abs(m.d_over_k - d / k) < 0.5],
+                measured=max(costs, key=_evidence) if costs else None,
             )
         )
-    return rows
+    return sorted(rows, key=lambda a: (a.bytes_per_token, a.setting != DEFAULT_SETTING, a.setting))
+
+
+def _reshapes(setting: str) -> bool:
+    """Fewer stages is the operator's call (memory per volunteer): shown, never recommended."""
+    return "n_stages=" in setting or "stage_layers=" in setting
+
+
+def _bound(row: RankAdvice, rows: list[RankAdvice]) -> float | None:
+    """The row's measured gap, or the best one of the same codec and setting at a smaller k: a
+    larger k costs no more (every fidelity sweep agrees)."""
+    known = [
+        r.measured.gap
+        for r in rows
+        if r.codec == row.codec and r.setting == row.setting and r.rank <= row.rank
+        if r.measured and r.measured.complete and r.measured.gap is not None
+    ]
+    return min(known) if known else None
 
 
 def recommended(rows: list[RankAdvice]) -> RankAdvice | None:
-    """The largest k the link carries at the stage's rate: the measured cost falls as k grows."""
-    fitting = [r for r in rows if r.fits]
-    return max(fitting, key=lambda r: r.rank) if fitting else None
+    """Of what the link carries at the stage's rate with the config's stages, the lowest long-run
+    cost measured at that k or at a smaller one (ties: the larger k); with nothing measured, the
+    largest fp32 k, since the cost falls as k grows."""
+    fitting = [r for r in rows if r.fits and not _reshapes(r.setting)]
+    bounded = [(b, r) for r in fitting if (b := _bound(r, rows)) is not None]
+    if bounded:
+        return min(bounded, key=lambda br: (br[0], -br[1].rank))[1]
+    plain = [r for r in fitting if r.codec == "subspace" and r.setting == DEFAULT_SETTING]
+    return max(plain, key=lambda r: r.rank) if plain else None

@@ -181,7 +181,9 @@ def architecture(variant: str, plain: bool = False) -> str:
             walk(v, f"{prefix}{k}.") if isinstance(v, dict) else flat.__setitem__(prefix + k, v)
 
     walk(overrides, "")
-    keep = {k: v for k, v in flat.items() if k not in _COMPRESSION_KEYS}
+    # Stage tables come one per stage: with them, the stage count is part of the model.
+    per_stage = bool(flat.get("subspace.stage_embeddings") or flat.get("subspace.stage_bigrams"))
+    keep = {k: v for k, v in flat.items() if k not in _COMPRESSION_KEYS or (per_stage and "stage" in k)}
     if plain:
         keep = {k: v for k, v in keep.items() if k.startswith("model.")}
     return ",".join(f"{k}={keep[k]}" for k in sorted(keep))
