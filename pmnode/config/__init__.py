@@ -1,0 +1,36 @@
+"""Run configuration: what a swarm agrees on (RunConfig, loaded from YAML) and what one machine
+chooses for itself (MachineConfig)."""
+
+from pmnode.config.run import (
+    MOVED,
+    SHIPPED_CONFIGS,
+    RunConfig,
+    format_validation_error,
+    load_config,
+    resolve_config_path,
+)
+from pmnode.config.sections import (
+    DataConfig,
+    MachineConfig,
+    ModelConfig,
+    OptimConfig,
+    SubspaceConfig,
+    SwarmConfig,
+    TrainConfig,
+)
+
+__all__ = [
+    "MOVED",
+    "SHIPPED_CONFIGS",
+    "DataConfig",
+    "MachineConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "RunConfig",
+    "SubspaceConfig",
+    "SwarmConfig",
+    "TrainConfig",
+    "format_validation_error",
+    "load_config",
+    "resolve_config_path",
+]
