@@ -80,8 +80,8 @@ def serve(
     from pmnode.data.manifest import is_prepared
     from pmnode.data.resolve import pin
     from pmnode.errors import PmnodeError
-    from pmnode.net.auth import read_token_file, resolve_token
     from pmnode.net.relay import relay_limits
+    from pmnode.net.tokens import read_token_file, resolve_token
 
     if http_token_file is not None and http_port is None:
         raise PmnodeError("--http-token-file protects the status page: add --http-port PORT (0 picks one)")

@@ -23,29 +23,24 @@ from coordinator.http import Metrics, StatusServer, reach_note
 from pmnode.config import RunConfig
 from pmnode.core.stages import build_subspace, split_layers
 from pmnode.errors import PmnodeError
-from pmnode.net.auth import (
-    AUTHORITY_FILE,
-    JOIN_TOKEN_ENV,
-    TOKEN_FILE,
-    WRONG_TOKEN,
-    AuthError,
-    SwarmValidator,
-    Verifier,
-    issue_cert,
-    load_or_create_key,
-    new_token,
-    public_bytes,
-    read_token_file,
-    sign_config,
-    token_matches,
-    write_secret,
-)
+from pmnode.net.auth import WRONG_TOKEN, AuthError, Verifier, issue_cert, public_bytes
 from pmnode.net.control import JOIN_RPC, CoordinatorInfo, JoinReply, JoinRequest, add_json_handler
 from pmnode.net.dht import run_until_signal, stage_records, start_dht
 from pmnode.net.reach import REACH_RPC, ReachReply, ReachRequest, dial_back
+from pmnode.net.records import SwarmValidator, sign_config
 from pmnode.net.relay import RelayLimits, configure_daemon
 from pmnode.net.routing import HEARTBEAT_PERIOD, StageRecord, choose_stage, config_key
 from pmnode.net.status import STATUS_RPC, HistoryPoint, Replica, StageStatus, StatusRequest, SwarmStatus, thin
+from pmnode.net.tokens import (
+    AUTHORITY_FILE,
+    JOIN_TOKEN_ENV,
+    TOKEN_FILE,
+    load_or_create_key,
+    new_token,
+    read_token_file,
+    token_matches,
+    write_secret,
+)
 
 CONFIG_TTL = 60.0  # seconds a published config record lives; republished every third of it
 PENDING_TTL = 15.0  # an assigned node that has not announced yet still counts for its stage this long

@@ -27,8 +27,8 @@ from hivemind.utils.asyncio import aiter_with_timeout, as_aiter
 
 from pmnode.config import load_config
 from pmnode.core.worker import StageWorker
-from pmnode.net.auth import SignedRecord
 from pmnode.net.control import CoordinatorInfo
+from pmnode.net.records import SignedRecord
 from pmnode.net.routing import stage_key
 from pmnode.swarm.averaging import averaging_prefix, next_round
 

@@ -15,25 +15,11 @@ from hivemind.utils.serializer import MSGPackSerializer
 
 from pmnode.core.codecs import make_codec
 from pmnode.errors import PmnodeError
-from pmnode.net.auth import (
-    JOIN_TOKEN_ENV,
-    AuthError,
-    Guard,
-    SwarmValidator,
-    Verifier,
-    issue_cert,
-    load_or_create_key,
-    open_config,
-    open_record,
-    public_bytes,
-    read_token_file,
-    resolve_token,
-    sign_config,
-    sign_record,
-    write_secret,
-)
+from pmnode.net.auth import AuthError, Guard, Verifier, issue_cert, public_bytes
 from pmnode.net.checks import GradScale, check_eval_batch, check_gradient, check_micro_batch
+from pmnode.net.records import SwarmValidator, open_config, open_record, sign_config, sign_record
 from pmnode.net.routing import StageRecord, config_key, stage_key
+from pmnode.net.tokens import JOIN_TOKEN_ENV, load_or_create_key, read_token_file, resolve_token, write_secret
 from pmnode.net.wire import MessageHeader, WireError
 
 AUTHORITY, NODE, OTHER = RSAPrivateKey(), RSAPrivateKey(), RSAPrivateKey()

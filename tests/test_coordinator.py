@@ -13,9 +13,10 @@ from hivemind.utils.crypto import RSAPrivateKey
 from launch import start_coordinator as start
 from launch import stop_coordinator as stop
 
-from pmnode.net.auth import Verifier, load_or_create_key, public_bytes
+from pmnode.net.auth import Verifier, public_bytes
 from pmnode.net.control import JOIN_RPC, ControlError, JoinReply, JoinRequest, call_json
 from pmnode.net.dht import p2p_options
+from pmnode.net.tokens import load_or_create_key
 
 
 def test_assignment_and_restart(tmp_path: Path) -> None:

@@ -29,9 +29,10 @@ from safetensors.torch import load_file
 from pmnode.config import load_config
 from pmnode.core.codecs import Packet, make_codec
 from pmnode.core.stages import build_subspace
-from pmnode.net.auth import SwarmValidator, Verifier, issue_cert, public_bytes, sign_config, sign_record
+from pmnode.net.auth import Verifier, issue_cert, public_bytes
 from pmnode.net.control import JOIN_RPC, ControlError, Hello, JoinReply, JoinRequest, call_json
 from pmnode.net.dht import p2p_options, stage_records
+from pmnode.net.records import SwarmValidator, sign_config, sign_record
 from pmnode.net.routing import StageRecord, config_key, stage_key
 from pmnode.net.transport import TransportError, call
 from pmnode.net.wire import decode, encode

@@ -117,7 +117,7 @@ def join(
         raise PmnodeError("--checkpoint-every needs --checkpoint-dir DIR")
     if resume and checkpoint_dir is None:
         raise PmnodeError("--resume needs --checkpoint-dir DIR, the directory the checkpoint is in")
-    from pmnode.net.auth import JOIN_TOKEN_ENV, TOKEN_FILE, resolve_token
+    from pmnode.net.tokens import JOIN_TOKEN_ENV, TOKEN_FILE, resolve_token
 
     device = resolve_device(device)
     if optimizer_state not in ("fp32", "int8"):

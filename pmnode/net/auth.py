@@ -15,34 +15,23 @@ Trust chain:
 * DHT records that steer the swarm carry proof too: a stage record is signed by the node's key and
   carries the node's certificate; the run config record is signed by the authority. Every pmnode
   DHT peer runs `SwarmValidator`, so it refuses to store or return a record that fails the check,
-  and readers check again before they use a record.
+  and readers check again before they use a record (net/records.py).
+
+The token and the authority key on disk: net/tokens.py.
 """
 
 from __future__ import annotations
 
-import hmac
 import json
-import os
-import secrets
-import stat
 import time
 from collections import Counter, deque
-from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives import serialization
-from hivemind.dht.routing import DHTID
-from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
-from hivemind.utils.serializer import MSGPackSerializer
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from pmnode.errors import PmnodeError
-from pmnode.net.routing import RECORD_TTL, StageRecord, config_key, stage_key
 
-JOIN_TOKEN_ENV = "PMNODE_JOIN_TOKEN"
-TOKEN_FILE = "join_token"  # in the coordinator's state dir, mode 0600
-AUTHORITY_FILE = "authority.key"
 CERT_TTL = 3600.0  # seconds a membership certificate is valid; nodes renew at half-life
 
 
@@ -57,68 +46,12 @@ class AuthError(PmnodeError):
 WRONG_TOKEN = "wrong join token"  # the coordinator's reason for refusing a join
 
 
-# ---- the join token ------------------------------------------------------------------------------------
-def new_token() -> str:
-    return secrets.token_urlsafe(24)
-
-
-def token_matches(given: str, expected: str) -> bool:
-    return hmac.compare_digest(given.encode(), expected.encode())
-
-
-def write_secret(path: Path, data: bytes) -> None:
-    """Create `path` readable by its owner only, atomically, without a moment of wider access."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
-def read_token_file(path: Path) -> str:
-    if not path.is_file():
-        raise PmnodeError(f"token file {path} does not exist")
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & 0o077:
-        raise PmnodeError(f"token file {path} is readable by others (mode {mode:o}); run: chmod 600 {path}")
-    token = path.read_text().strip()
-    if not token:
-        raise PmnodeError(f"token file {path} is empty")
-    return token
-
-
-def resolve_token(token_file: Path | None, fallback: Path | None = None) -> str | None:
-    """The join token from --token-file, else $PMNODE_JOIN_TOKEN, else a readable `fallback` file.
-
-    Never from a command-line value: other users can read a process's arguments.
-    """
-    if token_file is not None:
-        return read_token_file(token_file)
-    if os.environ.get(JOIN_TOKEN_ENV):
-        return os.environ[JOIN_TOKEN_ENV].strip()
-    if fallback is not None and fallback.is_file():
-        return read_token_file(fallback)
-    return None
-
-
 # ---- keys and certificates -----------------------------------------------------------------------------
-def load_or_create_key(path: Path) -> RSAPrivateKey:
-    """The coordinator's authority key: created once (mode 0600), then reused across restarts."""
-    key = RSAPrivateKey.__new__(RSAPrivateKey)
-    if path.exists():
-        key._private_key = serialization.load_der_private_key(path.read_bytes(), password=None)
-    else:
-        key = RSAPrivateKey()
-        write_secret(path, key.to_bytes())
-    return key
-
-
 def public_bytes(key: RSAPrivateKey) -> str:
     return key.get_public_key().to_bytes().decode()
 
 
-def _canonical(obj: Any) -> bytes:
+def canonical(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
 
@@ -135,7 +68,7 @@ class Cert(BaseModel):
     sig: str = ""
 
     def body(self) -> bytes:
-        return _canonical(self.model_dump(exclude={"sig"}))
+        return canonical(self.model_dump(exclude={"sig"}))
 
 
 def issue_cert(
@@ -191,86 +124,6 @@ class Verifier:
             ok = False
         if not ok:
             raise AuthError("unauthorized", "certificate not signed by this run's coordinator")
-
-
-# ---- signed DHT records --------------------------------------------------------------------------------
-class SignedRecord(BaseModel):
-    """A stage record as stored in the DHT: the record, its author's certificate, the author's signature."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    record: dict[str, Any]
-    cert: Cert
-    sig: str
-
-
-def sign_record(rec: StageRecord, cert: Cert, key: RSAPrivateKey) -> dict[str, Any]:
-    body = rec.model_dump()
-    return SignedRecord(record=body, cert=cert, sig=key.sign(_canonical(body)).decode()).model_dump()
-
-
-def open_record(value: Any, verifier: Verifier, stage: int, subkey: str) -> StageRecord:
-    """The StageRecord inside a signed DHT value, or AuthError/ValidationError if it fails a check."""
-    signed = SignedRecord.model_validate(value)
-    verifier.check_cert(signed.cert, peer_id=subkey, stage=stage)
-    rec = StageRecord.model_validate(signed.record)
-    if rec.peer_id != subkey or rec.stage != stage:
-        raise AuthError("unauthorized", "record names another peer or stage than its key")
-    if not verifier.node_key(signed.cert).verify(_canonical(signed.record), signed.sig.encode()):
-        raise AuthError("unauthorized", "record signature does not verify")
-    return rec
-
-
-def sign_config(config: dict[str, Any], fingerprint: str | None, authority: RSAPrivateKey) -> dict[str, Any]:
-    body = {"config": config, "fingerprint": fingerprint}
-    return {**body, "sig": authority.sign(_canonical(body)).decode()}
-
-
-def open_config(value: Any, verifier: Verifier) -> dict[str, Any]:
-    if not isinstance(value, dict) or set(value) != {"config", "fingerprint", "sig"}:
-        raise AuthError("unauthorized", "malformed config record")
-    body = {"config": value["config"], "fingerprint": value["fingerprint"]}
-    if not verifier.authority.verify(_canonical(body), str(value["sig"]).encode()):
-        raise AuthError("unauthorized", "config record not signed by this run's coordinator")
-    return body
-
-
-class SwarmValidator(RecordValidatorBase):
-    """Installed in every pmnode DHT peer: refuses run-config and stage records that fail their proof.
-
-    Keys arrive hashed (DHTIDs), so the run's keys are hashed once up front; other keys pass untouched.
-    Checked when a peer asks us to store a record and when a peer returns one to us.
-    """
-
-    def __init__(self, run: str, n_stages: int, authority_public_key: str):
-        self.run, self.n_stages = run, n_stages
-        self.verifier = Verifier(run, authority_public_key)
-        self._config_id = DHTID.generate(source=config_key(run)).to_bytes()
-        self._stage_ids = {DHTID.generate(source=stage_key(run, s)).to_bytes(): s for s in range(n_stages)}
-
-    def validate(self, record: DHTRecord) -> bool:
-        try:
-            if record.key == self._config_id:
-                open_config(MSGPackSerializer.loads(record.value), self.verifier)
-            elif record.key in self._stage_ids:
-                subkey = MSGPackSerializer.loads(record.subkey)
-                if not isinstance(subkey, str):
-                    return False
-                rec = open_record(
-                    MSGPackSerializer.loads(record.value), self.verifier, self._stage_ids[record.key], subkey
-                )
-                # a captured record cannot be kept alive past its own announcement's lifetime
-                if record.expiration_time > rec.time + RECORD_TTL + 60:
-                    return False
-            return True
-        except (AuthError, ValidationError, ValueError, TypeError, KeyError):
-            return False
-        except Exception:  # a validator must answer, never raise into the DHT
-            return False
-
-    @property
-    def priority(self) -> int:
-        return 10
 
 
 # ---- admission of data-plane calls -------------------------------------------------------------------------

@@ -20,7 +20,8 @@ from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.multiaddr import Multiaddr
 
 from pmnode.errors import PmnodeError
-from pmnode.net.auth import Cert, Verifier, open_record, sign_record
+from pmnode.net.auth import Cert, Verifier
+from pmnode.net.records import open_record, sign_record
 from pmnode.net.routing import RECORD_TTL, StageRecord, live, stage_key
 
 T = TypeVar("T")

@@ -25,7 +25,7 @@ from rich.table import Table
 from pmnode.config import RunConfig
 from pmnode.data.resolve import prepared_dir
 from pmnode.errors import PmnodeError
-from pmnode.net.auth import JOIN_TOKEN_ENV, TOKEN_FILE, new_token, read_token_file
+from pmnode.net.tokens import JOIN_TOKEN_ENV, TOKEN_FILE, new_token, read_token_file
 from pmnode.swarm.churn import Churn
 from pmnode.swarm.procs import Launcher, Proc, wait_coordinator
 from pmnode.swarm.report import NodeSummary, StepLine

@@ -12,10 +12,11 @@ from hivemind.utils.crypto import RSAPrivateKey
 from rich.console import Console
 
 from pmnode.errors import PmnodeError
-from pmnode.net.auth import CERT_TTL, JOIN_TOKEN_ENV, WRONG_TOKEN, AuthError, Cert, Verifier, public_bytes
+from pmnode.net.auth import CERT_TTL, WRONG_TOKEN, AuthError, Cert, Verifier, public_bytes
 from pmnode.net.control import JOIN_RPC, ControlError, JoinReply, JoinRequest, call_json, coordinator_peer
 from pmnode.net.dht import announce, keep_in_touch, stage_records
 from pmnode.net.routing import HEARTBEAT_PERIOD, StageRecord
+from pmnode.net.tokens import JOIN_TOKEN_ENV
 from pmnode.swarm.options import NodeOptions
 
 

@@ -29,11 +29,12 @@ from rich.console import Console
 
 from pmnode.config import RunConfig
 from pmnode.errors import PmnodeError
-from pmnode.net.auth import Guard, SwarmValidator, Verifier
+from pmnode.net.auth import Guard, Verifier
 from pmnode.net.checks import GradScale
 from pmnode.net.control import Done, coordinator_peer
 from pmnode.net.dht import announce
 from pmnode.net.reach import Reachability
+from pmnode.net.records import SwarmValidator
 from pmnode.net.relay import connect_known
 from pmnode.net.routing import StageRecord
 from pmnode.net.rpcs import DONE, STATE
