@@ -91,6 +91,10 @@ def test_link_bound_and_largest_k(cfg_path: Path) -> None:
     assert p["simulated"]["tokens_per_s"] == pytest.approx(125_000 / 256, rel=0.03)
     # k keeps up while 125,000 / (4k + 1) >= 1,623.5 tokens/s: 4k + 1 <= 76.99, k = 18.
     assert p["max_k_compute_bound"] == 18
+    # The advice is one the link carries at the compute rate, with the lowest cost the study measured.
+    a = p["advice"]
+    assert a is not None and a["bytes_per_token"] * 1623.5 <= 125_000
+    assert a["measured"] is None or a["measured"]["gap"] is not None
 
 
 def test_measured_times(cfg_path: Path, tmp_path: Path) -> None:

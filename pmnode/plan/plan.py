@@ -8,6 +8,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from pmnode.bench.advice import RankAdvice, advise, recommended
 from pmnode.config import RunConfig
 from pmnode.core.train import parse_spec
 from pmnode.errors import ConfigError
@@ -35,6 +36,7 @@ class Plan(BaseModel):
     closed: ClosedForm
     simulated: SimResult
     max_k_compute_bound: int | None  # the largest subspace k whose links keep up with compute
+    advice: RankAdvice | None = None  # the lowest measured long-run cost the link carries at that rate
     gpu_memory_gb: float | None = None  # the device's, to set the stages' state against
 
     @property
@@ -159,4 +161,5 @@ def make_plan(
         simulated=simulate(inputs, cfg),
         gpu_memory_gb=gpu_memory_gb,
         max_k_compute_bound=max_k(cfg, codec, bandwidth, compute if math.isfinite(compute) else 0.0),
+        advice=recommended(advise(cfg, bandwidth, compute)) if bandwidth and math.isfinite(compute) else None,
     )

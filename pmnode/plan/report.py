@@ -68,6 +68,14 @@ def print_plan(plan: Plan, console: Console) -> None:
         "largest k that keeps every stage compute-bound: "
         + (str(k) if k is not None else "none (even k = 1 is link-bound)"),
     ]
+    if (a := plan.advice) is not None:
+        m = a.measured
+        cost = (
+            f"{100 * m.gap:+.1f}% held-out loss at {m.tokens / 1e6:.1f}M tokens (d={m.d_model} study)"
+            if m is not None and m.gap is not None
+            else "not measured; a larger k costs no more than a smaller one"
+        )
+        lines.append(f"lowest measured cost this link carries: {a.codec}@{a.rank} ({a.setting}): {cost}")
     worst = max(plan.memory_gb)
     mem = (
         f"stage memory ({PLAN_PRECISION}: weights, gradients, Adam, basis and token table, one "
