@@ -68,12 +68,18 @@ def serve(
     relay: Annotated[
         bool, typer.Option("--relay/--no-relay", help="Relay for volunteers that cannot be dialed back.")
     ] = True,
-    relay_time_limit: Annotated[str, typer.Option(help="How long one relayed circuit may stay open.")] = (
-        "30m"
-    ),
-    relay_data_limit: Annotated[str, typer.Option(help="Bytes one relayed circuit may carry each way.")] = (
-        "4GB"
-    ),
+    relay_time_limit: Annotated[
+        str,
+        typer.Option(
+            help="How long one relayed circuit may stay open (hivemind 1.1.12's p2pd ignores it: 2 minutes)."
+        ),
+    ] = "30m",
+    relay_data_limit: Annotated[
+        str,
+        typer.Option(
+            help="Bytes one relayed circuit may carry each way (hivemind 1.1.12's p2pd ignores it: 128 KiB)."
+        ),
+    ] = "4GB",
 ) -> None:
     """Start the DHT bootstrap peer, hand out the run config and assign stages."""
     from coordinator.server import serve as run_server

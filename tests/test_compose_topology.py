@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 from launch import BIN, ROOT, tagged_env
-from netns import Host, Lab, can_run, sweep_stale
 
+from pmnode.bench.netlab import Host, Lab, can_run, sweep_stale
 from pmnode.core import checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(can_run() is not None, reason=str(can_run()))]

@@ -7,7 +7,8 @@ import subprocess
 import sys
 
 import pytest
-from netns import Host, Lab, can_run, sweep_stale
+
+from pmnode.bench.netlab import Host, Lab, can_run, sweep_stale
 
 pytestmark = pytest.mark.skipif(can_run() is not None, reason=str(can_run()))
 

@@ -19,6 +19,7 @@ def test_decide() -> None:
     relayed = decide(ReachReply(reachable=[], relays=[RELAY]), 5, 1)
     assert (relayed.mode, relayed.relays) == ("relayed", [RELAY])
     assert decide(ReachReply(reachable=[], relays=[]), 5, 0).mode == "outbound"  # the head needs no inbound
+    assert decide(ReachReply(reachable=[], relays=[RELAY]), 5, 0).mode == "outbound"  # nor a relay slot
     with pytest.raises(PmnodeError, match=r"cannot be reached from outside .* forward TCP port 5 .* relay"):
         decide(ReachReply(reachable=[], relays=[]), 5, 1)
     with pytest.raises(PmnodeError, match="no relay"):

@@ -2,10 +2,10 @@
 
 Before starting its DHT, a node that listens on a non-loopback interface starts a bare libp2p peer on
 the very port its DHT will use and asks the coordinator (REACH_RPC) to open a TCP connection to each
-announced address, with a bounded wait. Reachable: it serves directly. Not: it serves through a relay
-slot (net.relay) on the coordinator or on a member that opted in with `--relay`. No relay either: one
-line says what to do, unless it asked for the head's stage, which only calls downstream and answers
-nothing, so it needs no inbound connection at all.
+announced address, with a bounded wait. Reachable: it serves directly. Not: the head, which only calls
+downstream and answers nothing, goes on outbound only (no relay slot); any other stage serves through a
+relay slot (net.relay) on the coordinator or on a member that opted in with `--relay`. No relay
+either: one line says what to do.
 
 hivemind 1.1.12's p2pd has no DCUtR (hole punching) protocol built in, so there is no hole-punching
 step between the two: an unreachable node goes straight to a relay.
@@ -129,13 +129,14 @@ def probe(coordinator: str, host: str, port: int, announce: list[str], token: st
 
 
 def decide(reply: ReachReply, port: int, stage: int | None) -> Reachability:
-    """Direct when dialed back; else relayed when a relay is offered; else outbound-only for the head."""
+    """Direct when dialed back; else outbound-only for the head (it only calls downstream, so it takes
+    no relay slot); else relayed when a relay is offered."""
     if reply.reachable:
         return Reachability(mode="direct")
-    if reply.relays:
-        return Reachability(mode="relayed", relays=reply.relays)
     if stage == 0:
         return Reachability(mode="outbound")
+    if reply.relays:
+        return Reachability(mode="relayed", relays=reply.relays)
     raise PmnodeError(
         f"this node cannot be reached from outside (the coordinator's dial-back to port {port} failed) and "
         f"the run has no relay: forward TCP port {port} to this machine and pass --port {port} --announce "

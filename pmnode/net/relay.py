@@ -1,10 +1,17 @@
 """Circuit relays (libp2p relay v2, in hivemind's p2pd): who serves them, their limits, reservations.
 
-hivemind's P2P.create passes no relay-service flags, yet its p2pd serves as a relay by default with
-4 GiB / 30 min per circuit. Here every p2pd this process starts gets explicit flags: relay service on
-only where asked (the coordinator unless --no-relay, members with `pmnode join --relay`) and the
-operator's per-circuit limits. A circuit that hits a limit is reset by the relay; the caller sees a
-failed route, re-sends the micro-batch (downstream.send), and the relayed node's p2pd reserves again.
+Every p2pd this process starts gets explicit relay flags: service on where asked (the coordinator
+unless --no-relay, members with `pmnode join --relay`), the operator's per-circuit limits, and
+reservations on the trusted relays at once (no relay discovery).
+
+Measured with hivemind 1.1.12's p2pd (scripts/nat_bench.py, pmnode/bench/circuit_probe.py): the relay
+service and limit flags have no effect. Every p2pd with relay transport on also serves as a relay, and
+every circuit gets go-libp2p's default limits, about 128 KiB each way and 2 minutes, then the relay
+resets it. So a relayed node is reached through the relay for small calls (hello, state of a tiny
+stage, a DHT lookup), and for training traffic over connections it opens itself (`reach_out`): to a
+directly reachable stage before it and to reachable averaging partners. Two nodes that are both behind
+NAT cannot exchange a training stream through the relay: a circuit that hits the cap is a failed
+route, like any other (downstream.send re-sends the micro-batch elsewhere or backs off).
 """
 
 from __future__ import annotations
@@ -60,6 +67,9 @@ def configure_daemon(limits: RelayLimits) -> None:
         relayTimeLimit=f"{int(limits.time_limit_s)}s",
         relayDataLimit=limits.data_limit,
         relayMaxCircuits=limits.max_circuits,
+        # Reserve on the trusted relays at once: with discovery on, p2pd's autorelay waits for four
+        # candidates or three minutes before it reserves, and two relayed peers cannot meet until then.
+        relayDiscovery=False,
     )
     P2P._make_process_args = staticmethod(_with_flags)  # type: ignore[method-assign]
 
@@ -109,4 +119,19 @@ async def connect_known(p2p: P2P, records: Iterable[StageRecord], timeout: float
             peer = PeerID.from_base58(r.peer_id)
             await asyncio.wait_for(p2p._client.connect(peer, [to_multiaddr(a) for a in r.addrs]), timeout)
 
-    await asyncio.gather(*(one(r) for r in records if r.reach == "relayed" and r.addrs))
+    me = p2p.peer_id.to_base58()
+    await asyncio.gather(*(one(r) for r in records if r.reach == "relayed" and r.addrs and r.peer_id != me))
+
+
+async def reach_out(p2p: P2P, records: Iterable[StageRecord], timeout: float = 5.0) -> None:
+    """Behind NAT: open a connection to each directly reachable peer that calls us (the stage before,
+    averaging partners). libp2p answers their calls over it, so they never need the relay, whose
+    circuits hivemind's p2pd caps at 128 KiB each way (see the module docstring)."""
+    me = p2p.peer_id.to_base58()
+
+    async def one(r: StageRecord) -> None:
+        with contextlib.suppress(Exception):
+            peer = PeerID.from_base58(r.peer_id)
+            await asyncio.wait_for(p2p._client.connect(peer, [to_multiaddr(a) for a in r.addrs]), timeout)
+
+    await asyncio.gather(*(one(r) for r in records if r.reach == "direct" and r.addrs and r.peer_id != me))

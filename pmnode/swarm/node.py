@@ -35,7 +35,7 @@ from pmnode.net.control import Done, coordinator_peer
 from pmnode.net.dht import announce
 from pmnode.net.reach import Reachability
 from pmnode.net.records import SwarmValidator
-from pmnode.net.relay import connect_known
+from pmnode.net.relay import connect_known, reach_out
 from pmnode.net.routing import StageRecord
 from pmnode.net.rpcs import DONE, STATE
 from pmnode.net.services import Client, ServeOptions, serve_all
@@ -107,6 +107,7 @@ class Parts:
         self.pauses = Pauses(ctx, self.view, self._resumed)
         self.head = HeadDriver(ctx, self.downstream, self.view, self.pauses, opts.log_format, self._rejoined)
         self.averaging = AveragingLoop(ctx, self.replicas, membership.current, stop, self.guard)
+        self.behind_nat = False  # set once serving: a relayed node opens its own connections (reach_out)
 
     def _rejoined(self) -> bool:
         return self.replicas.rejoined
@@ -127,10 +128,20 @@ class Parts:
         await serve_all(self.ctx.p2p, cfg.name, self.participant, participant_mod.RPCS, opts)
         await serve_all(self.ctx.p2p, cfg.name, self.replicas, (STATE,), opts)
 
+    async def reach_out(self) -> None:
+        """Behind NAT: connect to the reachable peers that call this node, so they need no relay."""
+        ctx = self.ctx
+        if not self.behind_nat or ctx.runner.worker.is_first:
+            return
+        await reach_out(ctx.p2p, await self.view.records(ctx.stage - 1))
+        if ctx.schedule.averages:
+            await reach_out(ctx.p2p, await self.view.records(ctx.stage))
+
     async def every_beat(self) -> None:
         """After each heartbeat: fresh routes; async: the head's step; the head: every stage's replicas."""
         ctx = self.ctx
         await self.downstream.refresh()
+        await self.reach_out()
         await connect_known(ctx.p2p, self.downstream.records)  # relayed peers: their circuits, redialed
         if ctx.schedule.averages and not ctx.runner.worker.is_first:  # averaging partners too
             await connect_known(ctx.p2p, await self.view.records(ctx.stage))
@@ -181,6 +192,8 @@ class Node:
                 await parts.replicas.resume()
             await parts.replicas.take_over_if_empty()
             await parts.serve(self.server_stats, self.shaper)
+            parts.behind_nat = self.reach.mode == "relayed"
+            await parts.reach_out()
             telemetry = Telemetry(parts, self.opts, self.server_stats, self.reach)
             self._say_serving(ctx)
             await self._serve_until_done(parts, telemetry, stop)

@@ -1,5 +1,5 @@
-"""Network namespaces for tests that need real separate hosts: a "wan" bridge, public hosts on it, and
-home hosts behind NAT routers that masquerade and accept no inbound connections.
+"""Network namespaces for tests and benchmarks that need real separate hosts: a "wan" bridge, public
+hosts on it, and home hosts behind NAT routers that masquerade and accept no inbound connections.
 
 Everything lives inside namespaces the lab creates, the bridge included (in the lab's own "wan"
 namespace), so the host's own network is never touched and two labs running at once cannot collide:

@@ -1,0 +1,283 @@
+r"""Direct links, a volunteer behind NAT, and a relayed link: tokens/s and what the relay carries.
+
+    sudo .venv/bin/python scripts/nat_bench.py --steps 60 --out docs/benchmarks/nat
+
+Real processes in network namespaces (pmnode.bench.netlab): a wan bridge, the coordinator (also the
+relay) on a public address, and a two-stage swarm of `configs/small.yaml`, in three layouts:
+
+- direct: the head and stage 1 on public addresses;
+- home: stage 1 behind a NAT router that drops every inbound connection, the head public. Stage 1
+  reserves a relay slot and announces its circuit address; the head may reach it through the relay
+  or over a connection stage 1 opened to it (libp2p uses whichever connection exists);
+- relayed: the head and stage 1 each behind its own NAT router. The head goes outbound only; nothing
+  but the relay can reach stage 1, so every activation and gradient must cross a relay circuit.
+
+For each codec (dense, subspace) and layout: the head's tokens/s (or the error that stopped it), the
+bytes through the coordinator's interface per token (less the direct layout's, halved: what the relay
+carried), and the CPU seconds of the coordinator's p2pd (the relay) per million tokens. A separate
+probe (pmnode.bench.circuit_probe) measures how many bytes one relay circuit carries before the relay
+resets it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Annotated
+
+import psutil
+import typer
+import yaml
+from pydantic import BaseModel
+from rich.console import Console
+
+from pmnode.bench.circuit_probe import CircuitProbe
+from pmnode.bench.netlab import Host, Lab, can_run, sweep_stale
+from pmnode.swarm.report import NodeSummary
+
+BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parent.parent
+console = Console()
+
+
+class Run(BaseModel):
+    codec: str
+    mode: str  # direct | home | relayed
+    steps: int
+    tokens: int
+    tokens_per_s: float | None
+    error: str | None = None  # why the head stopped, when it failed
+    coordinator_bytes: int  # rx + tx on the coordinator's wan interface during the run
+    relay_cpu_s: float  # the coordinator's p2pd, user + system, during the run
+    wall_s: float
+    wire_bytes_per_token: float  # the head's own count, per token per boundary (both directions)
+
+
+def write_config(tmp: Path, codec: str, steps: int) -> Path:
+    raw = yaml.safe_load((ROOT / "configs" / "small.yaml").read_text())
+    raw["codec"] = codec
+    raw["subspace"]["enabled"] = codec != "dense"
+    raw["train"].update(steps=steps, eval_every=10**9)
+    raw.setdefault("swarm", {}).update(schedule="async")
+    path = tmp / f"small-{codec}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def wan_bytes(host: Host) -> int:
+    out = subprocess.run(
+        ["ip", "-n", host.ns, "-s", "-j", "link", "show", "eth0"], capture_output=True, text=True, check=True
+    )
+    stats = json.loads(out.stdout)[0]["stats64"]
+    return int(stats["rx"]["bytes"]) + int(stats["tx"]["bytes"])
+
+
+def p2pd_cpu(pid: int) -> float:
+    """User + system seconds of the p2pd daemons under `pid`."""
+    total = 0.0
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            if child.name() == "p2pd":
+                t = child.cpu_times()
+                total += t.user + t.system
+        except psutil.NoSuchProcess:
+            continue
+    return total
+
+
+def one(cfg: Path, codec: str, mode: str, tmp: Path, timeout: float) -> Run:
+    state, out = tmp / f"{codec}-{mode}", tmp / f"{codec}-{mode}-nodes"
+    out.mkdir(parents=True)
+    with Lab() as lab:
+        coord = lab.public("coord")
+        head = lab.public("head") if mode != "relayed" else lab.home("head", lab.router("rhead"))
+        body = lab.public("body") if mode == "direct" else lab.home("body", lab.router("rbody"))
+        args = ["serve", "--config", str(cfg), "--host", coord.addr, "--state-dir", str(state)]
+        p = coord.popen(
+            [str(BIN / "coordinator"), *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        info = state / "coordinator.json"
+        deadline = time.monotonic() + 60
+        while not info.exists():
+            if p.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("the coordinator did not come up")
+            time.sleep(0.2)
+        maddr = json.loads(info.read_text())["maddrs"][0]
+
+        def join(host: Host, stage: int) -> subprocess.Popen:
+            a = [
+                "join",
+                "--coordinator",
+                maddr,
+                "--token-file",
+                str(state / "join_token"),
+                "--stage",
+                str(stage),
+            ]
+            a += ["--host", host.addr, "--threads", "1", "--summary-json", str(out / f"{stage}.json")]
+            log = (out / f"{stage}.log").open("w")
+            return host.popen([str(BIN / "pmnode"), *a], stdout=log, stderr=subprocess.STDOUT)
+
+        join(body, 1)
+        time.sleep(3)
+        bytes0, cpu0, t0 = wan_bytes(coord), p2pd_cpu(p.pid), time.monotonic()
+        h = join(head, 0)
+        try:
+            h.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            h.kill()
+            h.wait()
+        error = None
+        if h.returncode != 0:
+            lines = [x for x in (out / "0.log").read_text().splitlines() if x.startswith("error:")]
+            error = lines[-1].removeprefix("error: ") if lines else f"exit code {h.returncode}"
+        wall = time.monotonic() - t0
+        moved, cpu = wan_bytes(coord) - bytes0, p2pd_cpu(p.pid) - cpu0
+    t = yaml.safe_load(cfg.read_text())["train"]
+    summary = out / "0.json"
+    s = NodeSummary.model_validate_json(summary.read_text()) if summary.exists() else None
+    per_boundary = (s.wire_bytes_per_token_per_boundary if s else None) or {}
+    steps = s.steps if s else 0
+    return Run(
+        codec=codec,
+        mode=mode,
+        steps=steps,
+        tokens=steps * t["batch_size"] * t["seq_len"],
+        tokens_per_s=s.tokens_per_s if s and error is None else None,
+        error=error,
+        coordinator_bytes=moved,
+        relay_cpu_s=cpu,
+        wall_s=wall,
+        wire_bytes_per_token=per_boundary.get("forward", 0.0) + per_boundary.get("backward", 0.0),
+    )
+
+
+def probe() -> CircuitProbe:
+    """How many bytes one circuit through the coordinator-style relay carries before it is reset."""
+    py = [sys.executable, "-m", "pmnode.bench.circuit_probe"]
+    with Lab() as lab:
+        coord, home = lab.public("relay"), lab.home("served", lab.router("rserved"))
+        dialer = lab.home("dialer", lab.router("rdialer"))
+        r = coord.popen([*py, "relay", coord.addr], stdout=subprocess.PIPE, text=True)
+        relay = r.stdout.readline().split()[1]  # type: ignore[union-attr]
+        s = home.popen([*py, "serve", home.addr, relay], stdout=subprocess.PIPE, text=True)
+        peer = s.stdout.readline().split()[1]  # type: ignore[union-attr]
+        d = dialer.run([*py, "dial", dialer.addr, relay, peer], timeout=300)
+        return CircuitProbe.model_validate_json(d.stdout.strip().splitlines()[-1])
+
+
+def _cell(r: Run | None) -> str:
+    if r is None:
+        return "-"
+    if r.tokens_per_s is None:
+        return f"failed at step {r.steps}"
+    return f"{r.tokens_per_s:,.0f}"
+
+
+def table(runs: list[Run], circuit: CircuitProbe, command: str) -> str:
+    by = {(r.codec, r.mode): r for r in runs}
+    lines = [
+        "# Volunteers behind NAT: direct links, a home node, and a relayed link",
+        "",
+        f"Command: `{command}`",
+        "",
+        "`small` (d = 256, 4 layers, 2 stages, batch 16 × 64 tokens), async, one core per node, real",
+        "processes in network namespaces (pmnode/bench/netlab.py); no latency or bandwidth limit added.",
+        "*direct*: head and stage 1 public. *home*: stage 1 behind a NAT router that drops inbound",
+        "connections, the head public. *relayed*: both behind NAT routers; the head goes outbound only,",
+        "so every activation and gradient must cross the coordinator's relay.",
+        "",
+        "| codec | B/token (wire, both ways) | direct tokens/s | home tokens/s | relayed tokens/s "
+        "| relay bytes/token (home) | relay CPU s per 1M tokens (home) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for codec in dict.fromkeys(r.codec for r in runs):
+        d, h, rl = by.get((codec, "direct")), by.get((codec, "home")), by.get((codec, "relayed"))
+        wire = next((r.wire_bytes_per_token for r in (d, h) if r and r.wire_bytes_per_token), 0.0)
+        carried = cpu = "-"
+        if d and h and h.tokens:
+            carried = (
+                f"{max(h.coordinator_bytes / h.tokens - d.coordinator_bytes / max(d.tokens, 1), 0) / 2:,.1f}"
+            )
+            cpu = f"{h.relay_cpu_s / h.tokens * 1e6:.2f}"
+        lines.append(f"| {codec} | {wire:,.0f} | {_cell(d)} | {_cell(h)} | {_cell(rl)} | {carried} | {cpu} |")
+    errors = [f"- {r.codec}, {r.mode}: `{r.error}`" for r in runs if r.error]
+    if errors:
+        lines += ["", "Runs that stopped:", "", *errors]
+    lines += [
+        "",
+        f"**One relay circuit carried {circuit.bytes_each_way:,} bytes each way** ({circuit.calls} echoes of "
+        f"{circuit.chunk:,} bytes) before the relay reset it"
+        + (f" (`{circuit.error}`)." if circuit.error else "; no reset up to the probe's cap."),
+        "",
+        "*relay bytes/token*: bytes through the coordinator's interface per token in the home layout minus",
+        "the direct layout (DHT and status traffic), halved (each relayed byte goes in and out). *relay",
+        "CPU*: user + system seconds of the coordinator's p2pd from the head's start to its end.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot(runs: list[Run], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    codecs = list(dict.fromkeys(r.codec for r in runs))
+    modes = ("direct", "home", "relayed")
+    by = {(r.codec, r.mode): r.tokens_per_s or 0.0 for r in runs}
+    fig, ax = plt.subplots(figsize=(6.5, 3.5))
+    width = 0.27
+    for i, mode in enumerate(modes):
+        xs = [j + (i - 1) * width for j in range(len(codecs))]
+        ax.bar(xs, [by.get((c, mode), 0.0) for c in codecs], width, label=mode)
+    ax.set_xticks(range(len(codecs)), codecs)
+    ax.set_ylabel("tokens/s (head); 0 = failed")
+    ax.set_title("small, 2 stages: direct, stage 1 at home, both behind NAT (relayed)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(
+    steps: Annotated[int, typer.Option(help="Training steps per run.")] = 60,
+    codecs: Annotated[str, typer.Option(help="Comma-separated codecs.")] = "dense,subspace",
+    modes: Annotated[
+        str, typer.Option(help="Comma-separated: direct, home, relayed.")
+    ] = "direct,home,relayed",
+    out: Annotated[Path, typer.Option(help="Where results go.")] = Path("docs/benchmarks/nat"),
+    timeout: Annotated[float, typer.Option(help="Seconds one run may take.")] = 600.0,
+    workdir: Annotated[Path | None, typer.Option(help="Keep every run's logs here.")] = None,
+) -> None:
+    why = can_run()
+    if why is not None:
+        console.print(f"error: {why}")
+        raise typer.Exit(1)
+    sweep_stale()
+    circuit = probe()
+    console.print(f"one circuit: {circuit.bytes_each_way:,} bytes each way, then {circuit.error}")
+    runs: list[Run] = []
+    with tempfile.TemporaryDirectory(prefix="pmnat-") as d:
+        tmp = Path(workdir or d)
+        tmp.mkdir(parents=True, exist_ok=True)
+        for codec in codecs.split(","):
+            cfg = write_config(tmp, codec, steps)
+            for mode in modes.split(","):
+                run = one(cfg, codec, mode, tmp, timeout)
+                console.print(f"{codec:9s} {mode:8s} {_cell(run):>22s} tokens/s  {run.error or ''}")
+                runs.append(run)
+    out.mkdir(parents=True, exist_ok=True)
+    command = "sudo .venv/bin/python scripts/nat_bench.py " + " ".join(sys.argv[1:])
+    result = {"circuit": circuit.model_dump(), "runs": [r.model_dump() for r in runs]}
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "results.md").write_text(table(runs, circuit, command.strip()))
+    plot(runs, out / "tokens.png")
+    console.print(f"wrote {out}/results.json, results.md, tokens.png")
+
+
+if __name__ == "__main__":
+    typer.run(main)
