@@ -2,11 +2,12 @@
 
 A wan bridge; the coordinator, the head and the tail on public addresses; stage 1 served by two home
 nodes, each behind its own router that masquerades and drops every inbound connection. Without relays
-the first home node is refused with one line. With the coordinator relaying, both home nodes reserve a
-slot at once and show as relayed in the status; the second copies the stage's state from the first
-through the relay; the head reaches them over connections they open to it (net.relay.reach_out), and
-the swarm trains to the end with no micro-batch lost; the two home nodes average with each other
-through relay circuits, which hivemind's p2pd caps at about 128 KiB each way (a tiny stage fits).
+the first home node is refused with one line, and a head behind NAT starts outbound only. With the
+coordinator relaying, both home nodes reserve a slot at once and show as relayed in the status; the
+second copies the stage's state from the first through the relay; the head reaches them over
+connections they open to it (net.relay.reach_out), and the swarm trains to the end with no
+micro-batch lost; the two home nodes average with each other through relay circuits, which
+hivemind's p2pd caps at about 128 KiB each way (a tiny stage fits).
 """
 
 from __future__ import annotations
@@ -77,6 +78,23 @@ def test_home_nodes_serve_through_the_relay(tmp_path: Path, toy_corpus: Path) ->
         lines = [line for line in r.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
         assert "cannot be reached from outside" in lines[0] and "relay" in lines[0]
+
+        # The head behind NAT needs no inbound connection: it goes on outbound only, relays or not.
+        nat_head = lab.home("nathead", lab.router("router3"))
+        log = tmp_path / "nathead.log"
+        h = nat_head.popen(
+            [str(BIN / "pmnode"), "join", "--coordinator", maddr, "--host", nat_head.addr, "--stage", "0"],
+            stdout=log.open("w"),
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PMNODE_JOIN_TOKEN": (tmp_path / "norelay" / "join_token").read_text()},
+        )
+        deadline = time.monotonic() + 120
+        while "waiting for stage 1" not in log.read_text():
+            assert h.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.5)
+        assert "the head needs no inbound connection; outbound only" in log.read_text()
+        h.terminate()
+        h.wait(timeout=30)
         p.terminate()
         p.wait(timeout=30)
 

@@ -17,7 +17,7 @@ from pmnode.swarm.panel import NodeSnapshot
 from pmnode.swarm.report import NodeSummary, counters
 
 if TYPE_CHECKING:
-    from pmnode.swarm.node import Parts
+    from pmnode.swarm.parts import Parts
 
 
 class IoRates:

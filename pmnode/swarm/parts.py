@@ -1,0 +1,130 @@
+"""The roles of one node, built once it knows its stage: routes, handlers, replicas, averaging, the
+head's driver, and what runs after every heartbeat. pmnode.swarm.node composes them into a Node."""
+
+from __future__ import annotations
+
+import asyncio
+
+from pmnode.errors import PmnodeError
+from pmnode.net.auth import Guard
+from pmnode.net.checks import GradScale
+from pmnode.net.control import Done
+from pmnode.net.relay import connect_known, reach_out
+from pmnode.net.rpcs import DONE, STATE
+from pmnode.net.services import Client, ServeOptions, serve_all
+from pmnode.net.shaping import LinkShaper
+from pmnode.net.transport import TransportStats
+from pmnode.net.wire import WireLimits
+from pmnode.swarm import handler as handler_mod
+from pmnode.swarm import participant as participant_mod
+from pmnode.swarm.average_loop import AveragingLoop
+from pmnode.swarm.context import NodeContext
+from pmnode.swarm.downstream import Downstream
+from pmnode.swarm.handler import StageHandler
+from pmnode.swarm.head import HeadDriver
+from pmnode.swarm.membership import Membership, SwarmView
+from pmnode.swarm.options import NodeOptions
+from pmnode.swarm.participant import CommitParticipant
+from pmnode.swarm.pauses import Pauses
+from pmnode.swarm.replicas import Replicas
+
+
+class Parts:
+    """The roles of one node, built once it knows its stage."""
+
+    def __init__(
+        self,
+        ctx: NodeContext,
+        opts: NodeOptions,
+        membership: Membership,
+        shaper: LinkShaper,
+        stop: asyncio.Event,
+    ):
+        cfg, sw = ctx.cfg, ctx.cfg.swarm
+        self.ctx, self.membership = ctx, membership
+        self.view = SwarmView(ctx.dht, cfg.name, cfg.n_stages, ctx.stage, ctx.peer_id, ctx.verifier)
+        self.downstream = Downstream(
+            p2p=ctx.p2p,
+            dht=ctx.dht,
+            run=cfg.name,
+            stage=ctx.stage,
+            n_stages=cfg.n_stages,
+            verifier=ctx.verifier,
+            cert=membership.current,
+            shaper=shaper,
+            request_timeout=sw.request_timeout,
+            console=ctx.console,
+            grad_check=ctx.runner.check_gradient,
+            grad_scale=GradScale(sw.max_grad_ratio),
+        )
+        membership.renewed.append(self.downstream.greeted.clear)
+        self.guard = Guard(
+            ctx.verifier,
+            ctx.stage,
+            rate=sw.peer_rate,
+            burst=max(64, 2 * sw.inflight_limit),
+            ban_after=sw.ban_after,
+            ban_seconds=sw.ban_seconds,
+        )
+        self.replicas = Replicas(ctx, opts, self.view, self.downstream)
+        self.handler = StageHandler(ctx, self.downstream, self.guard, membership.current)
+        self.participant = CommitParticipant(ctx, self.downstream, self.replicas)
+        self.handler.reach = self.participant.reach
+        self.pauses = Pauses(ctx, self.view, self._resumed)
+        self.head = HeadDriver(ctx, self.downstream, self.view, self.pauses, opts.log_format, self._rejoined)
+        self.averaging = AveragingLoop(ctx, self.replicas, membership.current, stop, self.guard)
+        self.behind_nat = False  # set once serving: a relayed node opens its own connections (reach_out)
+
+    def _rejoined(self) -> bool:
+        return self.replicas.rejoined
+
+    async def _resumed(self) -> None:
+        """The swarm changed: whom we gave up on before may be back, and new routes are untried."""
+        self.downstream.forget_failures()
+        self.head.commit.failed_at.clear()
+        await self.downstream.refresh()
+
+    async def serve(self, server_stats: TransportStats, shaper: LinkShaper) -> None:
+        cfg, t = self.ctx.cfg, self.ctx.cfg.train
+        # No honest message is larger than a whole batch of dense fp32 activations: refuse beyond that
+        # before buffering it.
+        limits = WireLimits(max_bytes=max(2**20, 2 * t.batch_size * t.seq_len * (4 * cfg.model.d_model + 16)))
+        opts = ServeOptions(self.guard, server_stats, limits, shaper)
+        await serve_all(self.ctx.p2p, cfg.name, self.handler, handler_mod.RPCS, opts)
+        await serve_all(self.ctx.p2p, cfg.name, self.participant, participant_mod.RPCS, opts)
+        await serve_all(self.ctx.p2p, cfg.name, self.replicas, (STATE,), opts)
+
+    async def reach_out(self) -> None:
+        """Behind NAT: connect to the reachable peers that call this node, so they need no relay."""
+        ctx = self.ctx
+        if not self.behind_nat or ctx.runner.worker.is_first:
+            return
+        await reach_out(ctx.p2p, await self.view.records(ctx.stage - 1))
+        if ctx.schedule.averages:
+            await reach_out(ctx.p2p, await self.view.records(ctx.stage))
+
+    async def every_beat(self) -> None:
+        """After each heartbeat: fresh routes; async: the head's step; the head: every stage's replicas."""
+        ctx = self.ctx
+        await self.downstream.refresh()
+        await self.reach_out()
+        await connect_known(ctx.p2p, self.downstream.records)  # relayed peers: their circuits, redialed
+        if ctx.schedule.averages and not ctx.runner.worker.is_first:  # averaging partners too
+            await connect_known(ctx.p2p, await self.view.records(ctx.stage))
+        if ctx.schedule.averages and not ctx.runner.worker.is_first:
+            head = await self.view.head_step()
+            if head is not None:
+                ctx.runner.frontier = max(ctx.runner.frontier, head)
+        if ctx.runner.worker.is_first:  # the head commits with every stage's replicas
+            await self.view.refresh()
+
+    async def finish_swarm(self) -> None:
+        """Tell the next stage's replicas that training is over (they pass it on)."""
+        client = Client(self.ctx.p2p, self.ctx.cfg.name)
+        await self.downstream.refresh()
+        for rec in self.downstream.records:
+            try:
+                await self.downstream.greet(rec.peer_id)  # a replica that never got a micro-batch from us
+                await client.call(DONE, rec.peer_id, Done(), timeout=10)
+            except PmnodeError as e:
+                self.ctx.console.print(f"could not tell {rec.peer_id[-8:]} to stop: {e}")
