@@ -9,9 +9,11 @@ service and limit flags have no effect. Every p2pd with relay transport on also 
 every circuit gets go-libp2p's default limits, about 128 KiB each way and 2 minutes, then the relay
 resets it. So a relayed node is reached through the relay for small calls (hello, state of a tiny
 stage, a DHT lookup), and for training traffic over connections it opens itself (`reach_out`): to a
-directly reachable stage before it and to reachable averaging partners. Two nodes that are both behind
-NAT cannot exchange a training stream through the relay: a circuit that hits the cap is a failed
-route, like any other (downstream.send re-sends the micro-batch elsewhere or backs off).
+directly reachable stage before it and to reachable averaging partners; two relayed replicas average
+over a fresh circuit each round (`fresh_circuits`), which carries a small stage's round. Two nodes
+that are both behind NAT cannot exchange a training stream through the relay: a circuit that hits the
+cap is a failed route, like any other (downstream.send re-sends the micro-batch elsewhere or backs
+off).
 """
 
 from __future__ import annotations
@@ -135,3 +137,18 @@ async def reach_out(p2p: P2P, records: Iterable[StageRecord], timeout: float = 5
             await asyncio.wait_for(p2p._client.connect(peer, [to_multiaddr(a) for a in r.addrs]), timeout)
 
     await asyncio.gather(*(one(r) for r in records if r.reach == "direct" and r.addrs and r.peer_id != me))
+
+
+async def fresh_circuits(p2p: P2P, records: Iterable[StageRecord], timeout: float = 5.0) -> None:
+    """Both behind NAT: close the circuit to each relayed peer whose id sorts after ours and dial a new
+    one, so the next exchange (an averaging round) starts with the whole per-circuit allowance. Only
+    the lower id of a pair redials: if both did, each could close the circuit the other just opened."""
+    me = p2p.peer_id.to_base58()
+    later = [r for r in records if r.reach == "relayed" and r.addrs and r.peer_id > me]
+
+    async def one(r: StageRecord) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(p2p._client.disconnect(PeerID.from_base58(r.peer_id)), timeout)
+
+    await asyncio.gather(*(one(r) for r in later))
+    await connect_known(p2p, later, timeout)

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from hivemind.utils import get_dht_time
 
 from pmnode.net.auth import AuthError, Cert, Guard, Verifier
+from pmnode.net.relay import fresh_circuits
 from pmnode.swarm.averaging import MATCHMAKING_TIME, StageAverager, next_round
 from pmnode.swarm.context import NodeContext
 from pmnode.swarm.guarded_averager import AveragingGate, Refusals
@@ -58,6 +59,7 @@ class AveragingLoop:
         self.round: Any = None  # hivemind's StepControl of the round in progress
         self.counts = Averaging()
         self.refusals = Refusals()  # averaging calls the guard refused (counted in the averager process)
+        self.behind_nat = False  # relayed: each round starts on fresh circuits to relayed partners
 
     def report(self) -> Averaging:
         return self.counts.model_copy(update={"calls_refused": self.refusals.snapshot()})
@@ -98,6 +100,8 @@ class AveragingLoop:
             self.averager = self._start_averager()
         avg = self.averager
         leaders = await self.replicas.view.my_replicas()  # from signed records: certified replicas only
+        if self.behind_nat:  # a round's parts must fit in one circuit's allowance (net.relay)
+            await fresh_circuits(ctx.p2p, await self.replicas.view.records(ctx.stage))
         await runner.run(avg.snapshot)
         weight, runner.since_average = runner.since_average, 0
         try:

@@ -118,13 +118,22 @@ class Parts:
         if ctx.runner.worker.is_first:  # the head commits with every stage's replicas
             await self.view.refresh()
 
-    async def finish_swarm(self) -> None:
-        """Tell the next stage's replicas that training is over (they pass it on)."""
+    async def finish_swarm(self, passes: int = 2, pause: float = 1.0) -> None:
+        """Tell the next stage's replicas that training is over (they pass it on). A few passes, since
+        a replica's record can be missing from one DHT read: a replica never told would wait for ever."""
         client = Client(self.ctx.p2p, self.ctx.cfg.name)
-        await self.downstream.refresh()
-        for rec in self.downstream.records:
-            try:
-                await self.downstream.greet(rec.peer_id)  # a replica that never got a micro-batch from us
-                await client.call(DONE, rec.peer_id, Done(), timeout=10)
-            except PmnodeError as e:
-                self.ctx.console.print(f"could not tell {rec.peer_id[-8:]} to stop: {e}")
+        told: set[str] = set()
+        for i in range(passes):
+            await self.downstream.refresh()
+            for rec in self.downstream.records:
+                if rec.peer_id in told:
+                    continue
+                try:
+                    await self.downstream.greet(rec.peer_id)  # a replica that never got a micro-batch from us
+                    await client.call(DONE, rec.peer_id, Done(), timeout=10)
+                    told.add(rec.peer_id)
+                except PmnodeError as e:
+                    if i == passes - 1:
+                        self.ctx.console.print(f"could not tell {rec.peer_id[-8:]} to stop: {e}")
+            if i < passes - 1:
+                await asyncio.sleep(pause)
