@@ -112,31 +112,29 @@ def to_multiaddr(text: str) -> Multiaddr:
     return Multiaddr(out)
 
 
-async def connect_known(p2p: P2P, records: Iterable[StageRecord], timeout: float = 5.0) -> None:
-    """Give the daemon the relayed peers' circuit addresses, so a call by peer id finds them (the
-    libp2p DHT may not have them yet) and a circuit the relay closed is dialed again."""
+async def _dial(p2p: P2P, records: Iterable[StageRecord], reach: str, timeout: float) -> None:
+    """Connect to every other peer of `records` announced as `reach`, at its announced addresses."""
+    me = p2p.peer_id.to_base58()
 
     async def one(r: StageRecord) -> None:
         with contextlib.suppress(Exception):
             peer = PeerID.from_base58(r.peer_id)
             await asyncio.wait_for(p2p._client.connect(peer, [to_multiaddr(a) for a in r.addrs]), timeout)
 
-    me = p2p.peer_id.to_base58()
-    await asyncio.gather(*(one(r) for r in records if r.reach == "relayed" and r.addrs and r.peer_id != me))
+    await asyncio.gather(*(one(r) for r in records if r.reach == reach and r.addrs and r.peer_id != me))
+
+
+async def connect_known(p2p: P2P, records: Iterable[StageRecord], timeout: float = 5.0) -> None:
+    """Give the daemon the relayed peers' circuit addresses, so a call by peer id finds them (the
+    libp2p DHT may not have them yet) and a circuit the relay closed is dialed again."""
+    await _dial(p2p, records, "relayed", timeout)
 
 
 async def reach_out(p2p: P2P, records: Iterable[StageRecord], timeout: float = 5.0) -> None:
     """Behind NAT: open a connection to each directly reachable peer that calls us (the stage before,
     averaging partners). libp2p answers their calls over it, so they never need the relay, whose
     circuits hivemind's p2pd caps at 128 KiB each way (see the module docstring)."""
-    me = p2p.peer_id.to_base58()
-
-    async def one(r: StageRecord) -> None:
-        with contextlib.suppress(Exception):
-            peer = PeerID.from_base58(r.peer_id)
-            await asyncio.wait_for(p2p._client.connect(peer, [to_multiaddr(a) for a in r.addrs]), timeout)
-
-    await asyncio.gather(*(one(r) for r in records if r.reach == "direct" and r.addrs and r.peer_id != me))
+    await _dial(p2p, records, "direct", timeout)
 
 
 async def fresh_circuits(p2p: P2P, records: Iterable[StageRecord], timeout: float = 5.0) -> None:
