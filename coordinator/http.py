@@ -18,6 +18,7 @@ from importlib.resources import files
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 
+from pmnode.net.forwarder import RelayCounters
 from pmnode.net.status import SwarmStatus
 
 
@@ -48,6 +49,20 @@ class Metrics:
         )
         self.joins = Counter("pmnode_joins", "Join requests the coordinator answered.", registry=r)
         self.refused = Counter("pmnode_joins_refused", "Join requests refused.", registry=r)
+        self.relay_calls = Gauge(
+            "pmnode_relay_calls",
+            "Calls the relay forwarded to members behind NAT.",
+            registry=r,
+        )
+        self.relay_bytes = Gauge(
+            "pmnode_relay_bytes",
+            "Bytes the relay forwarded, by direction (in: to NATed members).",
+            ["direction"],
+            registry=r,
+        )
+        self.relay_refused = Gauge(
+            "pmnode_relay_refused", "Calls the relay refused to forward, by reason.", ["reason"], registry=r
+        )
         self.http_refused = Counter(
             "pmnode_http_refused", "HTTP requests for /status or /metrics without the token.", registry=r
         )
@@ -70,6 +85,14 @@ class Metrics:
                 self.node_step.labels(stage=str(st.stage), peer=r.peer_id).set(r.step)
                 for door, n in r.refused.items():
                     self.node_refused.labels(stage=str(st.stage), peer=r.peer_id, door=door).set(n)
+
+    def update_relay(self, c: RelayCounters) -> None:
+        totals = c.total()
+        self.relay_calls.set(totals["calls"])
+        self.relay_bytes.labels(direction="in").set(totals["bytes_in"])
+        self.relay_bytes.labels(direction="out").set(totals["bytes_out"])
+        for reason, n in c.refused.items():
+            self.relay_refused.labels(reason=reason).set(n)
 
 
 def bearer_ok(header: str | None, token: str) -> bool:

@@ -26,6 +26,7 @@ from pmnode.errors import PmnodeError
 from pmnode.net.auth import WRONG_TOKEN, AuthError, Verifier, issue_cert, public_bytes
 from pmnode.net.control import JOIN_RPC, CoordinatorInfo, JoinReply, JoinRequest, add_json_handler
 from pmnode.net.dht import run_until_signal, stage_records, start_dht
+from pmnode.net.forwarder import Forwarder
 from pmnode.net.reach import REACH_RPC, ReachReply, ReachRequest, dial_back
 from pmnode.net.records import SwarmValidator, sign_config
 from pmnode.net.relay import RelayLimits, configure_daemon
@@ -70,6 +71,7 @@ class Coordinator:
         self.metrics = Metrics()
         self.http: StatusServer | None = None
         self.history: list[HistoryPoint] = []
+        self.forwarder: Forwarder | None = None
         self.maddrs: list[str] = []
         sub = build_subspace(cfg)
         self.fingerprint = sub.fingerprint if sub is not None else None
@@ -197,6 +199,9 @@ class Coordinator:
             await add_json_handler(p2p, JOIN_RPC, JoinRequest, self._on_join)
             await add_json_handler(p2p, STATUS_RPC, StatusRequest, self._on_status)
             await add_json_handler(p2p, REACH_RPC, ReachRequest, self._on_reach)
+            if self.relay.serve:  # members behind NAT are called through it (net.tunnel)
+                self.forwarder = Forwarder(p2p, self.verifier)
+                await self.forwarder.serve()
             maddrs = self.maddrs = [str(m) for m in dht.get_visible_maddrs()]
             if not self.port:
                 self.port = int(maddrs[0].split("/tcp/")[1].split("/")[0])
@@ -231,6 +236,8 @@ class Coordinator:
                 self.global_step = max([self.global_step, *steps])
                 self._record_history()
                 self._save_state(maddrs)
+                if self.forwarder is not None:
+                    self.metrics.update_relay(self.forwarder.counters)
                 if self.http is not None:
                     self.http.publish(self.status())
                 with contextlib.suppress(asyncio.TimeoutError):

@@ -19,6 +19,7 @@ from hivemind.proto import runtime_pb2
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pmnode.errors import PmnodeError
+from pmnode.net import tunnel
 from pmnode.net.auth import AuthError, Cert
 
 JOIN_RPC = "pmnode.coord.join"  # fixed name: a joining node does not know the run yet
@@ -103,7 +104,7 @@ async def add_json_handler(
             reply = Envelope(ok=False, error=f"internal error: {type(e).__name__}: {e}")
         return runtime_pb2.ExpertResponse(metadata=reply.model_dump_json().encode())
 
-    await p2p.add_protobuf_handler(name, _handle, runtime_pb2.ExpertRequest)
+    await tunnel.add_handler(p2p, name, _handle)
 
 
 async def call_json(
@@ -112,9 +113,7 @@ async def call_json(
     peer_id = PeerID.from_base58(peer) if isinstance(peer, str) else peer
     msg = runtime_pb2.ExpertRequest(metadata=request.model_dump_json().encode())
     try:
-        resp = await asyncio.wait_for(
-            p2p.call_protobuf_handler(peer_id, name, msg, runtime_pb2.ExpertResponse), timeout
-        )
+        resp = await asyncio.wait_for(tunnel.unary(p2p, peer_id, name, msg), timeout)
     except asyncio.TimeoutError as e:
         raise ControlError(f"{name}: no answer from {peer_id} within {timeout:.0f}s") from e
     except Exception as e:

@@ -38,6 +38,7 @@ from hivemind.proto import runtime_pb2
 
 from pmnode.core.codecs import Packet
 from pmnode.errors import PmnodeError
+from pmnode.net import tunnel
 from pmnode.net.shaping import LinkShaper
 from pmnode.net.wire import MessageHeader, WireError, WireLimits, decode, encode, framing_overhead
 
@@ -261,11 +262,9 @@ async def serve(
     peer's id as sender, so handlers need to give only what changes, e.g. {"kind": "gradient"}.
     """
     srv = _Server(p2p.peer_id.to_base58(), name, handler, stats, limits or WireLimits(), shaper, guard)
-    await p2p.add_protobuf_handler(name, srv.unary, runtime_pb2.ExpertRequest)
-    await p2p.add_protobuf_handler(
-        f"{name}.stream", srv.stream, runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
-    )
-    await p2p.add_protobuf_handler(f"{name}.fetch", srv.fetch, runtime_pb2.ExpertRequest, stream_output=True)
+    await tunnel.add_handler(p2p, name, srv.unary)
+    await tunnel.add_handler(p2p, f"{name}.stream", srv.stream, stream_input=True, stream_output=True)
+    await tunnel.add_handler(p2p, f"{name}.fetch", srv.fetch, stream_output=True)
 
 
 async def _pull(
@@ -277,7 +276,7 @@ async def _pull(
 ) -> bytes:
     key, parts = _key(name.rsplit(".", 1)[0]), []  # strip .stream / .fetch
     stats.streamed[key] += 1
-    async for resp in await p2p.iterate_protobuf_handler(peer, name, requests, runtime_pb2.ExpertResponse):
+    async for resp in await tunnel.stream(p2p, peer, name, requests):
         stats.proto_bytes_received[key] += resp.ByteSize()
         parts.append(resp.metadata)
     return b"".join(parts)
@@ -288,7 +287,7 @@ async def _exchange(p2p: P2P, peer: PeerID, name: str, data: bytes, stats: Trans
     if len(data) <= UNARY_LIMIT:
         req = runtime_pb2.ExpertRequest(metadata=data)
         stats.proto_bytes_sent[key] += req.ByteSize()
-        resp = await p2p.call_protobuf_handler(peer, name, req, runtime_pb2.ExpertResponse)
+        resp = await tunnel.unary(p2p, peer, name, req)
         stats.proto_bytes_received[key] += resp.ByteSize()
         if not (resp.tensors and resp.tensors[0].dtype == TICKET):
             return resp.metadata

@@ -78,8 +78,7 @@ class Node:
                 await parts.replicas.resume()
             await parts.replicas.take_over_if_empty()
             await parts.serve(self.server_stats, self.shaper)
-            parts.behind_nat = parts.averaging.behind_nat = self.reach.mode == "relayed"
-            await parts.reach_out()
+            await parts.use_reach(self.reach, self.opts.relay)
             telemetry = Telemetry(parts, self.opts, self.server_stats, self.reach)
             self._say_serving(ctx)
             await self._serve_until_done(parts, telemetry, stop)

@@ -9,7 +9,10 @@ from pmnode.errors import PmnodeError
 from pmnode.net.auth import Guard
 from pmnode.net.checks import GradScale
 from pmnode.net.control import Done
+from pmnode.net.forwarder import Forwarder
+from pmnode.net.reach import Reachability
 from pmnode.net.relay import connect_known, reach_out
+from pmnode.net.relay_routes import RelayRoutes
 from pmnode.net.rpcs import DONE, STATE
 from pmnode.net.services import Client, ServeOptions, serve_all
 from pmnode.net.shaping import LinkShaper
@@ -74,6 +77,8 @@ class Parts:
         self.head = HeadDriver(ctx, self.downstream, self.view, self.pauses, opts.log_format, self._rejoined)
         self.averaging = AveragingLoop(ctx, self.replicas, membership.current, stop, self.guard)
         self.behind_nat = False  # set once serving: a relayed node opens its own connections (reach_out)
+        self.routes = RelayRoutes(ctx.p2p, membership.current)
+        self.forwarder: Forwarder | None = None  # `--relay` on a reachable node: forwards for NATed members
 
     def _rejoined(self) -> bool:
         return self.replicas.rejoined
@@ -94,6 +99,28 @@ class Parts:
         await serve_all(self.ctx.p2p, cfg.name, self.participant, participant_mod.RPCS, opts)
         await serve_all(self.ctx.p2p, cfg.name, self.replicas, (STATE,), opts)
 
+    async def use_reach(self, reach: Reachability, relay: bool) -> None:
+        """Once serving: a relayed node trusts its relays to forward calls to it and opens its own
+        connections; a reachable `--relay` member forwards calls for members behind NAT."""
+        self.behind_nat = self.averaging.behind_nat = reach.mode == "relayed"
+        if self.behind_nat:
+            self.routes = RelayRoutes(self.ctx.p2p, self.membership.current, reach.relays)
+        if relay and reach.mode == "direct":
+            self.forwarder = Forwarder(self.ctx.p2p, self.ctx.verifier)
+            await self.forwarder.serve()
+        await self.downstream.refresh()
+        await self.reach_out()
+        await self.update_routes()
+
+    async def update_routes(self) -> None:
+        """Relayed peers this node calls (next stage, its replicas; the head: every stage) go through
+        their relay's forwarder unless a plain connection to them is open."""
+        ctx = self.ctx
+        records = list(self.downstream.records) + await self.view.records(ctx.stage)
+        if ctx.runner.worker.is_first:
+            records += [r for recs in self.view.members.values() for r in recs]
+        await self.routes.refresh(records)
+
     async def reach_out(self) -> None:
         """Behind NAT: connect to the reachable peers that call this node, so they need no relay."""
         ctx = self.ctx
@@ -108,6 +135,7 @@ class Parts:
         ctx = self.ctx
         await self.downstream.refresh()
         await self.reach_out()
+        await self.update_routes()
         await connect_known(ctx.p2p, self.downstream.records)  # relayed peers: their circuits, redialed
         if ctx.schedule.averages and not ctx.runner.worker.is_first:  # averaging partners too
             await connect_known(ctx.p2p, await self.view.records(ctx.stage))

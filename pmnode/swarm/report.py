@@ -91,6 +91,8 @@ class NodeSummary(BaseModel):
     busy_s: float = 0.0  # seconds the compute thread worked
     samples_served: int = 0  # samples whose backward finished here
     peak_memory_bytes: int | None = None  # CUDA: torch's peak allocation; CPU: the process's peak RSS
+    tunnelled_in: dict[str, int] = {}  # handler -> calls that reached this node through a relay (net.tunnel)
+    relay_forwarded: dict[str, int] | None = None  # a `--relay` member: what its forwarder carried
     # the head only
     final_train_loss: float | None = None
     heldout_loss: float | None = None

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from pmnode.net import tunnel
 from pmnode.net.reach import Reachability
 from pmnode.net.routing import StageRecord
 from pmnode.net.transport import TransportStats
@@ -134,6 +135,8 @@ class Telemetry:
             busy_s=round(runner.busy, 3),
             samples_served=runner.samples_served,
             peak_memory_bytes=peak_memory(runner.worker.device),
+            tunnelled_in=dict(tunnel.table(p.ctx.p2p).forwarded),
+            relay_forwarded=p.forwarder.counters.total() if p.forwarder is not None else None,
             **extra,  # type: ignore[arg-type]
         )
 

@@ -1,0 +1,176 @@
+"""Calls to a member behind NAT, forwarded by a relay over the connection that member opened to it.
+
+hivemind 1.1.12's p2pd resets every relayed circuit after ~128 KiB each way (net.relay), so two
+members that are both behind NAT cannot exchange training traffic through a circuit. Instead a
+reachable relay (the coordinator, or a member with `--relay`: net.forwarder) forwards pmnode's own
+RPCs at the application level:
+
+    caller --RELAY_CALL / RELAY_STREAM--> relay --VIA_CALL / VIA_STREAM--> member behind NAT
+
+The relay reaches the member over the plain (not relayed) connection the member keeps to it, so
+nothing is capped. A forwarded message names its target and handler in the wrapper's `uid`; the relay
+replaces the target with the (libp2p-authenticated) caller, and the member runs its own handler as if
+that caller had called it: the same guard, the same certificates. A member accepts forwarded calls
+only from the relays the coordinator named to it at join.
+
+Every pmnode handler registers here (`add_handler`) so a forwarded call finds it, and every pmnode
+call goes out through `unary`/`stream`, which take the route set by `set_routes`. hivemind's averager
+(its own process) still reaches relayed replicas over circuits (net.relay.fresh_circuits).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import Counter
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from hivemind.p2p import P2P, P2PContext, PeerID
+from hivemind.proto import runtime_pb2
+
+RELAY_HELLO = "pmnode.relay.hello"  # fixed names: the relay may be the coordinator, which has no run prefix
+RELAY_CALL = "pmnode.relay.call"
+RELAY_STREAM = "pmnode.relay.stream"
+VIA_CALL = "pmnode.via.call"
+VIA_STREAM = "pmnode.via.stream"
+
+Request = runtime_pb2.ExpertRequest
+Response = runtime_pb2.ExpertResponse
+Fn = Callable[[Any, P2PContext], Any]
+
+
+class TunnelError(Exception):
+    """A forwarded call that cannot be delivered: unknown handler, untrusted relay, malformed route."""
+
+
+@dataclass
+class _Local:
+    fn: Fn
+    stream_input: bool
+    stream_output: bool
+
+
+@dataclass
+class Table:
+    """One P2P's side of the tunnel: its handlers, whom it reaches through which relay, whom it trusts."""
+
+    handlers: dict[str, _Local] = field(default_factory=dict)
+    routes: dict[str, str] = field(default_factory=dict)  # target peer id -> relay peer id
+    relays: set[str] = field(default_factory=set)  # relays that may forward calls to us
+    forwarded: Counter[str] = field(default_factory=Counter)  # handler -> calls that came through a relay
+    refused: Counter[str] = field(default_factory=Counter)  # reason -> forwarded calls refused
+
+
+_TABLES: weakref.WeakKeyDictionary[P2P, Table] = weakref.WeakKeyDictionary()
+
+
+def table(p2p: P2P) -> Table:
+    if p2p not in _TABLES:
+        _TABLES[p2p] = Table()
+    return _TABLES[p2p]
+
+
+def route_uid(peer: str, name: str) -> str:
+    return f"{peer} {name}"
+
+
+def parse_uid(uid: str) -> tuple[PeerID, str]:
+    """(peer, handler name) of a forwarded call's uid; TunnelError if it is not one."""
+    peer, _, name = uid.partition(" ")
+    if not name or len(uid) > 512:
+        raise TunnelError("malformed route")
+    try:
+        return PeerID.from_base58(peer), name
+    except Exception as e:
+        raise TunnelError("malformed route") from e
+
+
+# ---- serving: every handler is reachable directly and through a relay ----------------------------------
+async def add_handler(
+    p2p: P2P, name: str, fn: Fn, *, stream_input: bool = False, stream_output: bool = False
+) -> None:
+    """p2p.add_protobuf_handler for an ExpertRequest handler, also reachable through VIA_*."""
+    await p2p.add_protobuf_handler(name, fn, Request, stream_input=stream_input, stream_output=stream_output)
+    t = table(p2p)
+    if not t.handlers:  # the first handler brings the doors forwarded calls come in by
+        await p2p.add_protobuf_handler(VIA_CALL, _via_call(p2p), Request)
+        await p2p.add_protobuf_handler(
+            VIA_STREAM, _via_stream(p2p), Request, stream_input=True, stream_output=True
+        )
+    t.handlers[name] = _Local(fn, stream_input, stream_output)
+
+
+def trust_relays(p2p: P2P, relays: Iterable[str]) -> None:
+    """Accept forwarded calls from these relays (multiaddrs ending in /p2p/ID, or bare peer ids)."""
+    table(p2p).relays = {r.rsplit("/p2p/", 1)[-1] for r in relays}
+
+
+def _arrival(p2p: P2P, uid: str, ctx: P2PContext) -> tuple[_Local, P2PContext]:
+    t = table(p2p)
+    if ctx.remote_id.to_base58() not in t.relays:
+        t.refused["not our relay"] += 1
+        raise TunnelError("forwarded by a peer that is not this node's relay")
+    caller, name = parse_uid(uid)
+    local = t.handlers.get(name)
+    if local is None:
+        t.refused["unknown handler"] += 1
+        raise TunnelError(f"no handler {name!r}")
+    t.forwarded[name] += 1
+    return local, P2PContext(handle_name=name, local_id=p2p.peer_id, remote_id=caller)
+
+
+def _via_call(p2p: P2P) -> Callable[[Request, P2PContext], Awaitable[Response]]:
+    async def handle(req: Request, ctx: P2PContext) -> Response:
+        local, inner = _arrival(p2p, req.uid, ctx)
+        if local.stream_input or local.stream_output:
+            raise TunnelError(f"{inner.handle_name} is a stream handler")
+        return await local.fn(Request.FromString(req.metadata), inner)
+
+    return handle
+
+
+def _via_stream(p2p: P2P) -> Callable[[AsyncIterator[Request], P2PContext], AsyncIterator[Response]]:
+    async def handle(requests: AsyncIterator[Request], ctx: P2PContext) -> AsyncIterator[Response]:
+        head = await anext(requests)
+        local, inner = _arrival(p2p, head.uid, ctx)
+        out = local.fn(requests if local.stream_input else await anext(requests), inner)
+        if isinstance(out, AsyncIterable):
+            async for item in out:
+                yield item
+        else:
+            yield await out
+
+    return handle
+
+
+# ---- calling: straight to the peer, or through the relay its route names --------------------------------
+def set_routes(p2p: P2P, routes: dict[str, str]) -> None:
+    """Reach each target peer id through the relay peer id given; every other peer directly."""
+    table(p2p).routes = dict(routes)
+
+
+async def unary(p2p: P2P, peer: PeerID, name: str, msg: Request) -> Response:
+    relay = table(p2p).routes.get(peer.to_base58())
+    if relay is None:
+        return await p2p.call_protobuf_handler(peer, name, msg, Response)
+    wrapped = Request(uid=route_uid(peer.to_base58(), name), metadata=msg.SerializeToString())
+    return await p2p.call_protobuf_handler(PeerID.from_base58(relay), RELAY_CALL, wrapped, Response)
+
+
+async def stream(
+    p2p: P2P, peer: PeerID, name: str, requests: Request | AsyncIterator[Request]
+) -> AsyncIterator[Response]:
+    relay = table(p2p).routes.get(peer.to_base58())
+    if relay is None:
+        return await p2p.iterate_protobuf_handler(peer, name, requests, Response)
+
+    async def framed() -> AsyncIterator[Request]:
+        yield Request(uid=route_uid(peer.to_base58(), name))
+        if isinstance(requests, Request):
+            yield requests
+        else:
+            async for r in requests:
+                yield r
+
+    return await p2p.iterate_protobuf_handler(PeerID.from_base58(relay), RELAY_STREAM, framed(), Response)

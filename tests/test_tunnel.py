@@ -1,0 +1,143 @@
+"""net.tunnel + net.forwarder on three real p2pd daemons on 127.0.0.1: a caller reaches a target
+through a relay's forwarder, unary and streamed, both ways large; the target sees the real caller;
+outsiders, untrusted relays and unknown targets are refused and counted."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from hivemind.p2p import P2P, P2PHandlerError
+from hivemind.utils.crypto import RSAPrivateKey
+
+from pmnode.core.codecs import Packet
+from pmnode.net import tunnel
+from pmnode.net.auth import Cert, Verifier, issue_cert, public_bytes
+from pmnode.net.control import Ack, ControlError, Hello, add_json_handler, call_json
+from pmnode.net.forwarder import Forwarder
+from pmnode.net.transport import UNARY_LIMIT, TransportError, TransportStats, request, serve
+from pmnode.net.wire import MessageHeader
+
+P2P_OPTS = {"host_maddrs": ["/ip4/127.0.0.1/tcp/0"], "nat_port_map": False, "auto_nat": False}
+RUN = "tun-run"
+AUTHORITY = RSAPrivateKey()
+
+
+def _cert(p2p: P2P, stage: int = 1) -> Cert:
+    return issue_cert(AUTHORITY, RUN, p2p.peer_id.to_base58(), stage, public_bytes(RSAPrivateKey()))
+
+
+def _header(mb: str = "0:0") -> MessageHeader:
+    return MessageHeader(kind="activation", run=RUN, micro_batch=mb, stage=0, step=0)
+
+
+async def _echo(header: MessageHeader, packet: Packet, caller: str) -> tuple[dict, Packet]:
+    """The tensors back, and as many again if asked (a reply too large for a unary answer)."""
+    out = dict(packet.tensors)
+    if header.meta.get("grow"):
+        out["big"] = torch.ones(UNARY_LIMIT // 2, dtype=torch.float32)
+    return {"kind": "gradient", "meta": {"caller": caller}}, Packet(out)
+
+
+async def _three() -> tuple[P2P, P2P, P2P, Forwarder]:
+    relay = await P2P.create(**P2P_OPTS)
+    target = await P2P.create(initial_peers=[str(m) for m in await relay.get_visible_maddrs()], **P2P_OPTS)
+    caller = await P2P.create(initial_peers=[str(m) for m in await relay.get_visible_maddrs()], **P2P_OPTS)
+    fwd = Forwarder(relay, Verifier(RUN, public_bytes(AUTHORITY)))
+    await fwd.serve()
+    return relay, target, caller, fwd
+
+
+def test_forwarded_calls_reach_the_target_as_the_caller() -> None:
+    async def scenario() -> None:
+        relay, target, caller, fwd = await _three()
+        try:
+            await serve(target, f"{RUN}.forward", _echo, TransportStats())
+
+            async def who(req: Hello, peer: str) -> Ack:
+                return Ack(ok=peer == caller.peer_id.to_base58())
+
+            await add_json_handler(target, f"{RUN}.who", Hello, who)
+            tunnel.trust_relays(target, [relay.peer_id.to_base58()])
+            for p in (target, caller):
+                await call_json(p, relay.peer_id, tunnel.RELAY_HELLO, Hello(cert=_cert(p)), Ack)
+            tunnel.set_routes(caller, {target.peer_id.to_base58(): relay.peer_id.to_base58()})
+
+            small = torch.arange(1000, dtype=torch.float32)
+            stats = TransportStats()
+            h, p = await request(
+                caller, target.peer_id, f"{RUN}.forward", _header(), Packet({"v": small}), stats, 20
+            )
+            assert h.meta["caller"] == caller.peer_id.to_base58()  # the target saw the caller, not the relay
+            assert torch.equal(p.tensors["v"], small)
+            large = torch.randn(UNARY_LIMIT // 4 + 1000)  # > UNARY_LIMIT bytes: streamed through the relay
+            h, p = await request(
+                caller, target.peer_id, f"{RUN}.forward", _header("0:1"), Packet({"v": large}), stats, 30
+            )
+            assert torch.equal(p.tensors["v"], large)
+            grow = _header("0:2").model_copy(update={"meta": {"grow": True}})  # a small call, a large reply
+            h, p = await request(
+                caller, target.peer_id, f"{RUN}.forward", grow, Packet({"v": small}), stats, 30
+            )
+            assert p.tensors["big"].numel() == UNARY_LIMIT // 2  # fetched by ticket, through the relay
+            assert stats.streamed["forward"] == 2
+            ack = await call_json(caller, target.peer_id, f"{RUN}.who", Hello(cert=_cert(caller)), Ack)
+            assert ack.ok  # a JSON call too, with the caller's identity
+            t = tunnel.table(target)
+            assert t.forwarded[f"{RUN}.forward"] == 2 and t.forwarded[f"{RUN}.forward.stream"] == 1
+            assert t.forwarded[f"{RUN}.forward.fetch"] == 1 and t.forwarded[f"{RUN}.who"] == 1
+            key = target.peer_id.to_base58()
+            assert fwd.counters.calls[key] == 5
+            assert fwd.counters.bytes_in[key] > 4 * UNARY_LIMIT // 4 * 0.99  # the large upload passed through
+            assert fwd.counters.bytes_out[key] > 3 * UNARY_LIMIT * 0.99  # and the large replies came back
+        finally:
+            for p in (caller, target, relay):
+                await p.shutdown()
+
+    asyncio.run(asyncio.wait_for(scenario(), 90))
+
+
+def test_refusals_are_counted() -> None:
+    async def scenario() -> None:
+        relay, target, caller, fwd = await _three()
+        try:
+            await serve(target, f"{RUN}.forward", _echo, TransportStats())
+            tunnel.set_routes(caller, {target.peer_id.to_base58(): relay.peer_id.to_base58()})
+            packet = Packet({"v": torch.ones(4)})
+
+            async def send() -> None:
+                await request(caller, target.peer_id, f"{RUN}.forward", _header(), packet, None, 10)
+
+            with pytest.raises(TransportError):  # the caller showed no certificate to the relay
+                await send()
+            assert fwd.counters.refused["caller not a member"] == 1
+            await call_json(caller, relay.peer_id, tunnel.RELAY_HELLO, Hello(cert=_cert(caller)), Ack)
+            with pytest.raises(TransportError):  # the target did not either
+                await send()
+            assert fwd.counters.refused["target not a member"] == 1
+            await call_json(target, relay.peer_id, tunnel.RELAY_HELLO, Hello(cert=_cert(target)), Ack)
+            with pytest.raises(TransportError):  # the target does not trust this relay
+                await send()
+            assert tunnel.table(target).refused["not our relay"] == 1
+            tunnel.trust_relays(target, [relay.peer_id.to_base58()])
+            await send()  # now it goes through
+            forged = issue_cert(
+                RSAPrivateKey(), RUN, caller.peer_id.to_base58(), 1, public_bytes(RSAPrivateKey())
+            )
+            with pytest.raises(ControlError):
+                await call_json(caller, relay.peer_id, tunnel.RELAY_HELLO, Hello(cert=forged), Ack)
+            stolen = _cert(target)  # another peer's certificate is no use either
+            with pytest.raises(ControlError):
+                await call_json(caller, relay.peer_id, tunnel.RELAY_HELLO, Hello(cert=stolen), Ack)
+            assert fwd.counters.refused["unauthorized"] == 2
+            # a peer that is not the target's relay cannot forward to it directly
+            fake = tunnel.Request(uid=tunnel.route_uid(caller.peer_id.to_base58(), f"{RUN}.forward"))
+            with pytest.raises(P2PHandlerError):
+                await caller.call_protobuf_handler(target.peer_id, tunnel.VIA_CALL, fake, tunnel.Response)
+            assert tunnel.table(target).refused["not our relay"] == 2
+        finally:
+            for p in (caller, target, relay):
+                await p.shutdown()
+
+    asyncio.run(asyncio.wait_for(scenario(), 90))
