@@ -10,13 +10,14 @@ relay) on a public address, and a two-stage swarm of `configs/small.yaml`, in th
   reserves a relay slot and announces its circuit address; the head may reach it through the relay
   or over a connection stage 1 opened to it (libp2p uses whichever connection exists);
 - relayed: the head and stage 1 each behind its own NAT router. The head goes outbound only; nothing
-  but the relay can reach stage 1, so every activation and gradient must cross a relay circuit.
+  but the relay can reach stage 1, so every activation and gradient crosses the coordinator: its
+  forwarder (pmnode.net.tunnel) passes each call to stage 1 over the connection stage 1 keeps to it.
 
 For each codec (dense, subspace) and layout: the head's tokens/s (or the error that stopped it), the
 bytes through the coordinator's interface per token (less the direct layout's, halved: what the relay
-carried), and the CPU seconds of the coordinator's p2pd (the relay) per million tokens. A separate
-probe (pmnode.bench.circuit_probe) measures how many bytes one relay circuit carries before the relay
-resets it.
+carried), and the CPU seconds of the coordinator (its Python process, where the forwarder runs, and
+its p2pd) per million tokens. A separate probe (pmnode.bench.circuit_probe) measures how many bytes
+one libp2p relay circuit carries before the relay resets it (why the forwarder exists).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class Run(BaseModel):
     error: str | None = None  # why the head stopped, when it failed
     coordinator_bytes: int  # rx + tx on the coordinator's wan interface during the run
     relay_cpu_s: float  # the coordinator's p2pd, user + system, during the run
+    coordinator_cpu_s: float = 0.0  # the coordinator's Python process and its p2pd, during the run
     wall_s: float
     wire_bytes_per_token: float  # the head's own count, per token per boundary (both directions)
 
@@ -84,6 +86,19 @@ def p2pd_cpu(pid: int) -> float:
             if child.name() == "p2pd":
                 t = child.cpu_times()
                 total += t.user + t.system
+        except psutil.NoSuchProcess:
+            continue
+    return total
+
+
+def tree_cpu(pid: int) -> float:
+    """User + system seconds of `pid` and every process under it."""
+    total = 0.0
+    root = psutil.Process(pid)
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            t = proc.cpu_times()
+            total += t.user + t.system
         except psutil.NoSuchProcess:
             continue
     return total
@@ -125,6 +140,7 @@ def one(cfg: Path, codec: str, mode: str, tmp: Path, timeout: float, rep: int = 
         join(body, 1)
         time.sleep(3)
         bytes0, cpu0, t0 = wan_bytes(coord), p2pd_cpu(p.pid), time.monotonic()
+        all0 = tree_cpu(p.pid)
         h = join(head, 0)
         try:
             h.wait(timeout=timeout)
@@ -137,6 +153,7 @@ def one(cfg: Path, codec: str, mode: str, tmp: Path, timeout: float, rep: int = 
             error = lines[-1].removeprefix("error: ") if lines else f"exit code {h.returncode}"
         wall = time.monotonic() - t0
         moved, cpu = wan_bytes(coord) - bytes0, p2pd_cpu(p.pid) - cpu0
+        all_cpu = tree_cpu(p.pid) - all0
     t = yaml.safe_load(cfg.read_text())["train"]
     summary = out / "0.json"
     s = NodeSummary.model_validate_json(summary.read_text()) if summary.exists() else None
@@ -151,6 +168,7 @@ def one(cfg: Path, codec: str, mode: str, tmp: Path, timeout: float, rep: int = 
         error=error,
         coordinator_bytes=moved,
         relay_cpu_s=cpu,
+        coordinator_cpu_s=all_cpu,
         wall_s=wall,
         wire_bytes_per_token=per_boundary.get("forward", 0.0) + per_boundary.get("backward", 0.0),
     )
@@ -188,58 +206,66 @@ def best(runs: list[Run]) -> dict[tuple[str, str], Run]:
     return out
 
 
+def _carried(r: Run | None, direct: Run | None) -> str:
+    """Bytes the relay carried per token: the coordinator's interface less the direct layout's, halved."""
+    if r is None or direct is None or not r.tokens or r.error:
+        return "-"
+    base = direct.coordinator_bytes / max(direct.tokens, 1)
+    return f"{max(r.coordinator_bytes / r.tokens - base, 0) / 2:,.1f}"
+
+
+def _cpu(r: Run | None) -> str:
+    if r is None or not r.tokens or r.error:
+        return "-"
+    return f"{r.coordinator_cpu_s / r.tokens * 1e6:.1f}"
+
+
 def table(runs: list[Run], circuit: CircuitProbe, command: str) -> str:
     by = best(runs)
     n = max(sum(1 for x in runs if (x.codec, x.mode) == k) for k in by)
     lines = [
-        "# Volunteers behind NAT: direct links, a home node, and a relayed link",
+        "# Volunteers behind NAT: direct links, a home node, and both neighbours behind NAT",
         "",
         f"Command: `{command}`",
         "",
         "`small` (d = 256, 4 layers, 2 stages, batch 16 × 64 tokens), async, one core per node, real",
-        "processes in network namespaces (pmnode/bench/netlab.py); no latency or bandwidth limit added;",
-        f"best of {n} runs per cell (each run starts its own coordinator and nodes).",
+        "processes in network namespaces (pmnode/bench/netlab.py) on a 2-core machine; no latency or",
+        f"bandwidth limit added; best of {n} runs per cell (each run starts its own coordinator and nodes).",
         "*direct*: head and stage 1 public. *home*: stage 1 behind a NAT router that drops inbound",
         "connections, the head public. *relayed*: both behind NAT routers; the head goes outbound only,",
-        "so every activation and gradient must cross the coordinator's relay.",
+        "so every activation and gradient crosses the coordinator, whose forwarder (`net.tunnel`) passes",
+        "each call to stage 1 over the connection stage 1 keeps to it.",
         "",
         "| codec | B/token (wire, both ways) | direct tokens/s | home tokens/s | relayed tokens/s "
-        "| relay bytes/token (home) | relay CPU s per 1M tokens (home) |",
+        "| relay bytes/token (home / relayed) | coordinator CPU s per 1M tokens (direct / home / relayed) |",
         "|---|---|---|---|---|---|---|",
     ]
     for codec in dict.fromkeys(r.codec for r in runs):
         d, h, rl = by.get((codec, "direct")), by.get((codec, "home")), by.get((codec, "relayed"))
-        wire = next((r.wire_bytes_per_token for r in (d, h) if r and r.wire_bytes_per_token), 0.0)
-        carried = cpu = "-"
-        if d and h and h.tokens:
-            carried = (
-                f"{max(h.coordinator_bytes / h.tokens - d.coordinator_bytes / max(d.tokens, 1), 0) / 2:,.1f}"
-            )
-            cpu = f"{h.relay_cpu_s / h.tokens * 1e6:.2f}"
-        lines.append(f"| {codec} | {wire:,.0f} | {_cell(d)} | {_cell(h)} | {_cell(rl)} | {carried} | {cpu} |")
+        wire = next((r.wire_bytes_per_token for r in (d, h, rl) if r and r.wire_bytes_per_token), 0.0)
+        lines.append(
+            f"| {codec} | {wire:,.0f} | {_cell(d)} | {_cell(h)} | {_cell(rl)} "
+            f"| {_carried(h, d)} / {_carried(rl, d)} | {_cpu(d)} / {_cpu(h)} / {_cpu(rl)} |"
+        )
     errors = [f"- {r.codec}, {r.mode}: `{r.error}`" for r in by.values() if r.error]
     if errors:
         lines += ["", "Runs that stopped:", "", *errors]
     lines += [
         "",
-        f"**One relay circuit carried {circuit.bytes_each_way:,} bytes each way** ({circuit.calls} echoes of "
-        f"{circuit.chunk:,} bytes) before the relay reset it"
+        f"**One libp2p relay circuit carried {circuit.bytes_each_way:,} bytes each way** ({circuit.calls} "
+        f"echoes of {circuit.chunk:,} bytes) before the relay reset it"
         + (f" (`{circuit.error}`)." if circuit.error else "; no reset up to the probe's cap."),
+        "hivemind 1.1.12's p2pd ignores its limit flags, so a circuit cannot carry a training stream",
+        "(one forward of `small` is 66 KiB with subspace, 1 MiB dense, and its gradient comes back the",
+        "same way); pmnode forwards its own calls instead, over plain connections, which have no cap.",
         "",
-        "Every run, with its coordinator bytes and relay CPU, is in `results.json`.",
+        "Every run, with its coordinator bytes and CPU, is in `results.json`.",
         "",
-        "Reading: a home node next to a public neighbour trains at the direct rate (the difference is",
-        "run-to-run noise) and the relay carries about a byte per token: the head's calls ride the",
-        "connection the home node opened to it (`net.relay.reach_out`). When both neighbours are behind",
-        "NAT the relay is the only path, and a circuit that is reset after the bytes above cannot carry",
-        "a training stream (one forward of `small` is 66 KiB with subspace, 1 MiB dense, and the",
-        "gradient comes back over the same circuit), so the head gives up on stage 1. The relay's CPU",
-        "under relayed training load could not be measured for that reason; what it spends in the home",
-        "layout is DHT and keep-alive traffic.",
-        "",
-        "*relay bytes/token*: bytes through the coordinator's interface per token in the home layout minus",
-        "the direct layout (DHT and status traffic), halved (each relayed byte goes in and out). *relay",
-        "CPU*: user + system seconds of the coordinator's p2pd from the head's start to its end.",
+        "*relay bytes/token*: bytes through the coordinator's interface per token, less the direct",
+        "layout's (DHT and status traffic), halved (each relayed byte goes in and out). *coordinator",
+        "CPU*: user + system seconds of the coordinator's Python process (where the forwarder runs) and",
+        "its p2pd, from the head's start to its end, per million training tokens; the direct column is",
+        "what the coordinator costs with nothing to relay.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -260,7 +286,7 @@ def plot(runs: list[Run], path: Path) -> None:
         ax.bar(xs, [by.get((c, mode), 0.0) for c in codecs], width, label=mode)
     ax.set_xticks(range(len(codecs)), codecs)
     ax.set_ylabel("tokens/s (head); 0 = failed")
-    ax.set_title("small, 2 stages: direct, stage 1 at home, both behind NAT (relayed)")
+    ax.set_title("small, 2 stages: direct, stage 1 at home, both behind NAT (relayed)", fontsize=10)
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

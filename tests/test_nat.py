@@ -64,8 +64,9 @@ def test_home_nodes_serve_through_the_relay(tmp_path: Path, toy_corpus: Path) ->
         swarm={"schedule": "async", "average_period": 3.0},
     )
     with Lab() as lab:
-        coord, head, tail = lab.public("coord"), lab.public("head"), lab.public("tail")
+        coord, head = lab.public("coord"), lab.public("head")
         homes = [lab.home(f"home{i}", lab.router(f"router{i}")) for i in (1, 2)]
+        tail = lab.home("tail", lab.router("router4"))  # stage 2 at home too: stage 1 -> 2 is NAT to NAT
 
         # Relays off: the home node cannot be dialed back, and says what to do in one line.
         p, maddr = _coordinator(coord, cfg, tmp_path / "norelay", "--no-relay")
@@ -137,5 +138,9 @@ def test_home_nodes_serve_through_the_relay(tmp_path: Path, toy_corpus: Path) ->
         homes_sum = [NodeSummary.model_validate_json((out / f"home{i}.json").read_text()) for i in (1, 2)]
         assert sum(s.samples_served for s in homes_sum) == STEPS * 8
         assert all(s.averaging.rounds >= 1 for s in homes_sum), [s.averaging for s in homes_sum]
+        # NAT to NAT: every micro-batch from stage 1 reached the tail through the coordinator's forwarder
+        tail_sum = NodeSummary.model_validate_json((out / "tail.json").read_text())
+        forwarded = sum(n for name, n in tail_sum.tunnelled_in.items() if name.endswith(".forward"))
+        assert forwarded == sum(tail_sum.server["messages_received"].get(k, 0) for k in ("forward",)) > 0
         p.terminate()
         p.wait(timeout=30)
