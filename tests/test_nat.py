@@ -1,11 +1,12 @@
 """Volunteers behind home routers, on real processes in network namespaces (pmnode/bench/netlab.py).
 
-A wan bridge; the coordinator, the head and the tail on public addresses; stage 1 served by two home
-nodes, each behind its own router that masquerades and drops every inbound connection. Without relays
-the first home node is refused with one line, and a head behind NAT starts outbound only. With the
-coordinator relaying, both home nodes reserve a slot at once and show as relayed in the status; the
-second copies the stage's state from the first through the relay; the head reaches them over
-connections they open to it (net.relay.reach_out), and the swarm trains to the end with no
+A wan bridge; the coordinator and the head on public addresses; stage 1 served by two home nodes,
+each behind its own router that masquerades and drops every inbound connection, and the tail behind a
+third. Without relays the first home node is refused with one line, and a head behind NAT starts
+outbound only. With the coordinator relaying, the home nodes reserve a slot at once and show as
+relayed in the status; the second copies the stage's state from the first through the relay; the
+head reaches them over connections they open to it (net.relay.reach_out); stage 1 reaches the tail,
+NAT to NAT, through the coordinator's forwarder (net.tunnel), and the swarm trains to the end with no
 micro-batch lost; the two home nodes average with each other through relay circuits, which
 hivemind's p2pd caps at about 128 KiB each way (a tiny stage fits).
 """

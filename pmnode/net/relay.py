@@ -7,13 +7,13 @@ reservations on the trusted relays at once (no relay discovery).
 Measured with hivemind 1.1.12's p2pd (scripts/nat_bench.py, pmnode/bench/circuit_probe.py): the relay
 service and limit flags have no effect. Every p2pd with relay transport on also serves as a relay, and
 every circuit gets go-libp2p's default limits, about 128 KiB each way and 2 minutes, then the relay
-resets it. So a relayed node is reached through the relay for small calls (hello, state of a tiny
-stage, a DHT lookup), and for training traffic over connections it opens itself (`reach_out`): to a
-directly reachable stage before it and to reachable averaging partners; two relayed replicas average
-over a fresh circuit each round (`fresh_circuits`), which carries a small stage's round. Two nodes
-that are both behind NAT cannot exchange a training stream through the relay: a circuit that hits the
-cap is a failed route, like any other (downstream.send re-sends the micro-batch elsewhere or backs
-off).
+resets it. So a relayed node is reached through circuits only for small calls (hello, a DHT lookup), and for
+training traffic over connections it opens itself (`reach_out`) to the reachable peers that call it.
+Two members that are both behind NAT exchange their training traffic through the relay's own
+plain connections instead: net.tunnel routes each pmnode RPC to the relay, and net.forwarder there
+re-issues it to the target over the connection the target keeps to the relay (no circuit, no cap).
+Two relayed replicas still average over a fresh circuit each round (`fresh_circuits`: hivemind's
+averager runs in its own process and is not tunnelled), which carries a small stage's round.
 """
 
 from __future__ import annotations
