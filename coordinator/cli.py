@@ -82,7 +82,7 @@ def serve(
     ] = "4GB",
 ) -> None:
     """Start the DHT bootstrap peer, hand out the run config and assign stages."""
-    from coordinator.server import serve as run_server
+    from coordinator.server import Coordinator
     from pmnode.data.manifest import is_prepared
     from pmnode.data.resolve import pin
     from pmnode.errors import PmnodeError
@@ -97,7 +97,7 @@ def serve(
         cfg, _ = pin(cfg)
     token = resolve_token(token_file)
     limits = relay_limits(relay, relay_time_limit, relay_data_limit)
-    run_server(
+    Coordinator(
         cfg,
         host=host,
         port=port,
@@ -108,7 +108,7 @@ def serve(
         relay=limits,
         http_host=http_host,
         http_token=http_token,
-    )
+    ).serve()
 
 
 @app.command()

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import os
 import time
 from pathlib import Path
 
@@ -20,8 +18,10 @@ from hivemind.utils.crypto import RSAPublicKey
 from rich.console import Console
 
 from coordinator.http import Metrics, StatusServer, reach_note
+from coordinator.state import SavedState, extend_history, head_of, load_state, save_state
+from coordinator.view import swarm_status
 from pmnode.config import RunConfig
-from pmnode.core.stages import build_subspace, split_layers
+from pmnode.core.stages import build_subspace
 from pmnode.errors import PmnodeError
 from pmnode.net.auth import WRONG_TOKEN, AuthError, Verifier, issue_cert, public_bytes
 from pmnode.net.control import JOIN_RPC, CoordinatorInfo, JoinReply, JoinRequest, add_json_handler
@@ -31,7 +31,7 @@ from pmnode.net.reach import REACH_RPC, ReachReply, ReachRequest, dial_back
 from pmnode.net.records import SwarmValidator, sign_config
 from pmnode.net.relay import RelayLimits, configure_daemon
 from pmnode.net.routing import HEARTBEAT_PERIOD, StageRecord, choose_stage, config_key
-from pmnode.net.status import STATUS_RPC, HistoryPoint, Replica, StageStatus, StatusRequest, SwarmStatus, thin
+from pmnode.net.status import STATUS_RPC, HistoryPoint, StatusRequest, SwarmStatus
 from pmnode.net.tokens import (
     AUTHORITY_FILE,
     JOIN_TOKEN_ENV,
@@ -81,33 +81,24 @@ class Coordinator:
         self.global_step = 0
 
     def _load_state(self) -> None:
-        if self.state_path.exists():
-            state = json.loads(self.state_path.read_text())
-            if state.get("fingerprint") != self.fingerprint or state.get("run") != self.cfg.name:
-                raise PmnodeError(
-                    f"{self.state_dir} holds state of another run ({state.get('run')}, fingerprint "
-                    f"{state.get('fingerprint')}); use another --state-dir"
-                )
-            self.global_step = state.get("global_step", 0)
-            self.history = [HistoryPoint.model_validate(h) for h in state.get("history", [])]
+        state = load_state(self.state_path, self.cfg.name, self.fingerprint)
+        if state is not None:
+            self.global_step, self.history = state.global_step, state.history
             if not self.port:  # come back on the same port, so nodes' bootstrap address still works
-                self.port = state.get("port", 0)
+                self.port = state.port
 
     def _save_state(self, maddrs: list[str]) -> None:
-        state = {
-            "run": self.cfg.name,
-            "fingerprint": self.fingerprint,
-            "config": self.cfg.model_dump(mode="json"),
-            "port": self.port,
-            "maddrs": maddrs,
-            "global_step": self.global_step,
-            "members": {s: [r.model_dump() for r in recs] for s, recs in self.members.items()},
-            "history": [h.model_dump() for h in self.history],
-            "time": time.time(),
-        }
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=2))
-        os.replace(tmp, self.state_path)  # atomic: a crash never leaves half a state file
+        state = SavedState(
+            run=self.cfg.name,
+            fingerprint=self.fingerprint,
+            config=self.cfg.model_dump(mode="json"),
+            port=self.port,
+            maddrs=maddrs,
+            global_step=self.global_step,
+            members=self.members,
+            history=self.history,
+        )
+        save_state(self.state_path, state)
 
     def _by_stage_with_pending(self) -> dict[int, list[StageRecord]]:
         now = time.monotonic()
@@ -192,6 +183,11 @@ class Coordinator:
             ],
         )
 
+    def serve(self) -> None:
+        """Run until SIGINT/SIGTERM."""
+        self.start()
+        run_until_signal(self.run)
+
     async def run(self, stop: asyncio.Event) -> None:
         dht = self.dht
         try:
@@ -234,7 +230,7 @@ class Coordinator:
                 }
                 steps = [r.step for recs in self.members.values() for r in recs]
                 self.global_step = max([self.global_step, *steps])
-                self._record_history()
+                self.history = extend_history(self.history, head_of(self.members))
                 self._save_state(maddrs)
                 if self.forwarder is not None:
                     self.metrics.update_relay(self.forwarder.counters)
@@ -255,62 +251,15 @@ class Coordinator:
                 config_key(self.cfg.name), value, get_dht_time() + CONFIG_TTL, return_future=True
             )
 
-    def _head(self) -> StageRecord | None:
-        """The head replica furthest along: it sees the loss (the tail's reply) and drives the data."""
-        heads = self.members.get(0, [])
-        return max(heads, key=lambda r: (r.step, r.peer_id)) if heads else None
-
-    def _record_history(self) -> None:
-        head = self._head()
-        if head is None or head.loss is None:
-            return
-        last = self.history[-1] if self.history else None
-        if last is None or head.step > last.step:
-            self.history.append(
-                HistoryPoint(step=head.step, loss=head.loss, heldout_loss=head.heldout_loss, time=time.time())
-            )
-            self.history = thin(self.history)
-
     def status(self) -> SwarmStatus:
-        cfg, now = self.cfg, time.time()
-        ranges = split_layers(cfg.model.n_layers, cfg.n_stages, cfg.stage_layers)
-        by_stage = self._by_stage_with_pending()
-        stages = []
-        for i, rng in enumerate(ranges):
-            recs = by_stage.get(i, [])
-            role = "head" if i == 0 else "tail" if i == cfg.n_stages - 1 else "body"
-            replicas = [
-                Replica(**r.model_dump(), last_seen_s=round(max(now - r.time, 0.0), 1) if r.time else 0.0)
-                for r in recs
-            ]
-            stages.append(
-                StageStatus(
-                    stage=i,
-                    role=role,
-                    layers=(rng.start, rng.stop),
-                    replicas=replicas,
-                    throughput=sum(r.throughput for r in recs if r.state == "online"),
-                )
-            )
-        head = self._head()
-        return SwarmStatus(
-            run=cfg.name,
-            fingerprint=self.fingerprint,
-            d_model=cfg.model.d_model,
-            compression_rank=cfg.rank if self.fingerprint else None,
-            codec=cfg.codec_spec,
-            schedule=cfg.swarm.schedule,
-            n_stages=cfg.n_stages,
-            target_steps=cfg.train.steps,
-            global_step=self.global_step,
-            loss=head.loss if head else (self.history[-1].loss if self.history else None),
-            heldout_loss=next((h.heldout_loss for h in reversed(self.history) if h.heldout_loss), None),
-            tokens_per_s=head.tokens_per_s if head else 0.0,
-            wire_bytes_per_s=sum(r.wire_bytes_per_s for recs in self.members.values() for r in recs),
-            stages=stages,
+        return swarm_status(
+            self.cfg,
+            self.fingerprint,
+            members=self.members,
+            shown=self._by_stage_with_pending(),
             history=self.history,
+            global_step=self.global_step,
             coordinator=self.maddrs,
-            time=now,
         )
 
     async def _on_status(self, req: StatusRequest, caller: str) -> SwarmStatus:
@@ -327,34 +276,3 @@ class Coordinator:
         seen = "reachable" if reachable else f"not reachable at {', '.join(req.maddrs)}"
         self.console.print(f"peer {caller[-8:]}: {seen}", highlight=False)
         return ReachReply(reachable=reachable, relays=relays)
-
-
-def serve(
-    cfg: RunConfig,
-    *,
-    host: str,
-    port: int,
-    state_dir: Path,
-    console: Console,
-    http_port: int | None = None,
-    token: str | None = None,
-    relay: RelayLimits | None = None,
-    http_host: str | None = None,
-    http_token: str | None = None,
-) -> None:
-    """Run until SIGINT/SIGTERM."""
-
-    coord = Coordinator(
-        cfg,
-        host=host,
-        port=port,
-        state_dir=state_dir,
-        console=console,
-        http_port=http_port,
-        token=token,
-        relay=relay,
-        http_host=http_host,
-        http_token=http_token,
-    )
-    coord.start()
-    run_until_signal(coord.run)

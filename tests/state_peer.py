@@ -23,7 +23,8 @@ from pmnode.core.codecs import Packet
 from pmnode.core.replica_state import load_state_tensors, state_tensors
 from pmnode.core.worker import StageWorker
 from pmnode.net.bulk import BulkServer, fetch, pack, unpack
-from pmnode.net.transport import TransportStats, request, serve
+from pmnode.net.serving import serve
+from pmnode.net.transport import TransportStats, request
 
 P2P_OPTS = {"host_maddrs": ["/ip4/127.0.0.1/tcp/0"], "nat_port_map": False, "auto_nat": False}
 RPC = "big.state"

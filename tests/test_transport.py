@@ -11,13 +11,13 @@ import torch
 from hivemind.p2p import P2P
 
 from pmnode.core.codecs import Packet
+from pmnode.net.serving import serve
 from pmnode.net.transport import (
     UNARY_LIMIT,
     TransportError,
     TransportStats,
     call,
     request,
-    serve,
 )
 from pmnode.net.wire import MessageHeader, WireLimits, decode, encode
 

@@ -16,7 +16,8 @@ from pmnode.net import tunnel
 from pmnode.net.auth import Cert, Verifier, issue_cert, public_bytes
 from pmnode.net.control import Ack, ControlError, Hello, add_json_handler, call_json
 from pmnode.net.forwarder import Forwarder
-from pmnode.net.transport import UNARY_LIMIT, TransportError, TransportStats, request, serve
+from pmnode.net.serving import serve
+from pmnode.net.transport import UNARY_LIMIT, TransportError, TransportStats, request
 from pmnode.net.wire import MessageHeader
 
 P2P_OPTS = {"host_maddrs": ["/ip4/127.0.0.1/tcp/0"], "nat_port_map": False, "auto_nat": False}

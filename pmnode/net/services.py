@@ -23,8 +23,9 @@ from pydantic import BaseModel
 
 from pmnode.net.auth import AuthError, Guard
 from pmnode.net.control import add_json_handler, call_json
+from pmnode.net.serving import serve
 from pmnode.net.shaping import LinkShaper
-from pmnode.net.transport import TransportStats, serve
+from pmnode.net.transport import TransportStats
 from pmnode.net.wire import WireLimits
 
 Req = TypeVar("Req", bound=BaseModel)
@@ -73,7 +74,7 @@ class DataRpc:
 
 
 class _Gate:
-    """transport.Gate for one data RPC: its admission on the node's guard."""
+    """serving.Gate for one data RPC: its admission on the node's guard."""
 
     def __init__(self, guard: Guard, admission: Admission):
         self.guard, self.admission = guard, admission

@@ -19,21 +19,20 @@ or chunk (counted exactly in `TransportStats.proto_*`); a hivemind stream adds 9
 (marker + 8-byte length) and a 9-byte end-of-stream marker per direction. libp2p (yamux, TLS) adds
 its own, below what this module can see.
 
-A request that fails to decode, or whose handler raises, gets a kind="error" reply with the
-reason in meta["reason"] and is counted in `TransportStats.errors`; the server keeps serving.
+This module is the client (`call`, `request`) and what both sides share; pmnode.net.serving registers
+the handlers. A request that fails to decode, or whose handler raises, gets a kind="error" reply with
+the reason in meta["reason"] and is counted in `TransportStats.errors`; the server keeps serving.
 """
 
 from __future__ import annotations
 
 import asyncio
-import secrets
-import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-from hivemind.p2p import P2P, P2PContext, P2PDaemonError, P2PHandlerError, PeerID
+from hivemind.p2p import P2P, P2PDaemonError, P2PHandlerError, PeerID
 from hivemind.proto import runtime_pb2
 
 from pmnode.core.codecs import Packet
@@ -46,16 +45,6 @@ UNARY_LIMIT = 1536 * 1024  # leaves headroom under the daemon's ~2 MiB unary cap
 CHUNK_SIZE = 2**20
 TICKET = "pmnode.ticket"
 TICKET_TTL = 60.0  # seconds a parked reply waits for its fetch before it is dropped
-
-Reply = tuple[MessageHeader | Mapping[str, Any], Packet]
-Handler = Callable[[MessageHeader, Packet, str], Awaitable[Reply]]
-
-
-class Gate(Protocol):
-    """Admission before a byte is decoded (see pmnode.auth.Guard)."""
-
-    def admit(self, caller: str) -> str | None: ...  # None, or why the caller is refused
-    def strike(self, caller: str) -> bool: ...  # the caller sent something bad
 
 
 class TransportError(PmnodeError):
@@ -70,7 +59,7 @@ class Refused(TransportError):
         self.reason = reason.split(":", 1)[0]
 
 
-def _key(name: str) -> str:
+def rpc_key(name: str) -> str:
     return name.rsplit(".", 1)[-1]  # stats are keyed by the short name: 'forward', 'backward'
 
 
@@ -126,145 +115,8 @@ def error_message(reason: str, request: MessageHeader | None = None, sender: str
     return encode({**fields, "kind": "error", "meta": {"reason": reason[:300]}}, Packet({}))
 
 
-def _chunks(data: bytes) -> list[bytes]:
+def chunks(data: bytes) -> list[bytes]:
     return [data[i : i + CHUNK_SIZE] for i in range(0, len(data), CHUNK_SIZE)] or [b""]
-
-
-class _Server:
-    """One RPC's three handlers (unary, .stream, .fetch) around one message handler; see `serve`."""
-
-    def __init__(
-        self,
-        me: str,
-        name: str,
-        handler: Handler,
-        stats: TransportStats,
-        limits: WireLimits,
-        shaper: LinkShaper | None,
-        guard: Gate | None,
-    ):
-        self.me, self.key, self.handler, self.stats = me, _key(name), handler, stats
-        self.limits, self.shaper, self.guard = limits, shaper, guard
-        self.parked: dict[str, tuple[float, bytes]] = {}  # ticket -> (deadline, reply too large for unary)
-
-    def refuse(self, caller: str) -> bytes | None:
-        reason = self.guard.admit(caller) if self.guard is not None else None
-        if reason is None:
-            return None
-        self.stats.error(self.key, reason)
-        return error_message(reason, sender=self.me)
-
-    async def _answer(self, data: bytes, caller: str) -> bytes:
-        header = None
-        try:
-            refused = self.refuse(caller)
-            if refused is not None:
-                return refused
-            header, packet = decode(data, self.limits)
-            reply_header, reply = await self.handler(header, packet, caller)
-            if not isinstance(reply_header, MessageHeader):
-                base = header.model_dump(include={"run", "micro_batch", "stage", "step"})
-                reply_header = {**base, "sender": self.me, **reply_header}
-            return encode(reply_header, reply)
-        except WireError as e:
-            self.stats.error(self.key, e.reason)
-            if self.guard is not None:
-                self.guard.strike(caller)
-            return error_message(str(e), header, self.me)
-        except Exception as e:  # the handler's bug or refusal must not take the server down
-            self.stats.error(self.key, f"handler: {type(e).__name__}")
-            return error_message(f"{type(e).__name__}: {e}", header, self.me)
-
-    async def process(self, data: bytes, caller: str) -> bytes:
-        self.stats.count(self.key, data, sent=False)
-        out = await self._answer(data, caller)
-        self.stats.count(self.key, out, sent=True)
-        if self.shaper is not None:
-            await self.shaper.transmit(caller, len(out))
-        return out
-
-    async def unary(self, req: runtime_pb2.ExpertRequest, ctx: P2PContext) -> runtime_pb2.ExpertResponse:
-        self.stats.proto_bytes_received[self.key] += req.ByteSize()
-        out = await self.process(req.metadata, ctx.remote_id.to_base58())
-        if len(out) <= UNARY_LIMIT:
-            resp = runtime_pb2.ExpertResponse(metadata=out)
-        else:
-            now = time.monotonic()
-            for t in [t for t, (deadline, _) in self.parked.items() if deadline < now]:
-                del self.parked[t]  # the client died or gave up before fetching
-            ticket = secrets.token_hex(16)
-            self.parked[ticket] = (now + TICKET_TTL, out)
-            resp = runtime_pb2.ExpertResponse(
-                tensors=[runtime_pb2.Tensor(buffer=ticket.encode(), dtype=TICKET)]
-            )
-        self.stats.proto_bytes_sent[self.key] += resp.ByteSize()
-        return resp
-
-    def replies(self, out: bytes) -> list[runtime_pb2.ExpertResponse]:
-        self.stats.streamed[self.key] += 1
-        resps = [runtime_pb2.ExpertResponse(metadata=part) for part in _chunks(out)]
-        self.stats.proto_bytes_sent[self.key] += sum(r.ByteSize() for r in resps)
-        return resps
-
-    async def stream(
-        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], ctx: P2PContext
-    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        caller = ctx.remote_id.to_base58()
-        out = self.refuse(caller)  # if refused, don't even read the upload
-        if out is None:
-            out = await self._upload(requests, caller)
-        for resp in self.replies(out):
-            yield resp
-
-    async def _upload(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], caller: str) -> bytes:
-        parts, size = [], 0
-        async for req in requests:
-            self.stats.proto_bytes_received[self.key] += req.ByteSize()
-            parts.append(req.metadata)
-            size += len(req.metadata)
-            if size > self.limits.max_bytes:  # stop buffering at once: the sender may be hostile
-                self.stats.error(self.key, "too large")
-                if self.guard is not None:
-                    self.guard.strike(caller)
-                return error_message(
-                    f"too large: stream exceeds {self.limits.max_bytes} bytes", sender=self.me
-                )
-        return await self.process(b"".join(parts), caller)
-
-    async def fetch(
-        self, req: runtime_pb2.ExpertRequest, ctx: P2PContext
-    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        _, out = self.parked.pop(req.uid, (0.0, b""))
-        if not out:
-            self.stats.error(self.key, "unknown ticket")
-            out = error_message("unknown ticket: the reply expired or was fetched already", sender=self.me)
-        for resp in self.replies(out):
-            yield resp
-
-
-async def serve(
-    p2p: P2P,
-    name: str,
-    handler: Handler,
-    stats: TransportStats,
-    limits: WireLimits | None = None,
-    shaper: LinkShaper | None = None,
-    guard: Gate | None = None,
-) -> None:
-    """Register one RPC `name` (unary, .stream, .fetch) answering with `handler`.
-
-    With a `guard`, a caller it refuses gets an error reply before anything is decoded, and every
-    message that fails decoding or the handler's checks (a WireError) is a strike against its sender.
-
-    With a `shaper`, each reply waits for its emulated trip over the link back to the caller.
-
-    A dict reply header is completed from the request (run, micro_batch, stage, step) and this
-    peer's id as sender, so handlers need to give only what changes, e.g. {"kind": "gradient"}.
-    """
-    srv = _Server(p2p.peer_id.to_base58(), name, handler, stats, limits or WireLimits(), shaper, guard)
-    await tunnel.add_handler(p2p, name, srv.unary)
-    await tunnel.add_handler(p2p, f"{name}.stream", srv.stream, stream_input=True, stream_output=True)
-    await tunnel.add_handler(p2p, f"{name}.fetch", srv.fetch, stream_output=True)
 
 
 async def _pull(
@@ -274,7 +126,7 @@ async def _pull(
     requests: runtime_pb2.ExpertRequest | AsyncIterator[runtime_pb2.ExpertRequest],
     stats: TransportStats,
 ) -> bytes:
-    key, parts = _key(name.rsplit(".", 1)[0]), []  # strip .stream / .fetch
+    key, parts = rpc_key(name.rsplit(".", 1)[0]), []  # strip .stream / .fetch
     stats.streamed[key] += 1
     async for resp in await tunnel.stream(p2p, peer, name, requests):
         stats.proto_bytes_received[key] += resp.ByteSize()
@@ -283,7 +135,7 @@ async def _pull(
 
 
 async def _exchange(p2p: P2P, peer: PeerID, name: str, data: bytes, stats: TransportStats) -> bytes:
-    key = _key(name)
+    key = rpc_key(name)
     if len(data) <= UNARY_LIMIT:
         req = runtime_pb2.ExpertRequest(metadata=data)
         stats.proto_bytes_sent[key] += req.ByteSize()
@@ -295,13 +147,13 @@ async def _exchange(p2p: P2P, peer: PeerID, name: str, data: bytes, stats: Trans
         stats.proto_bytes_sent[key] += ticket.ByteSize()
         return await _pull(p2p, peer, f"{name}.fetch", ticket, stats)
 
-    async def chunks() -> AsyncIterator[runtime_pb2.ExpertRequest]:
-        for part in _chunks(data):
+    async def upload() -> AsyncIterator[runtime_pb2.ExpertRequest]:
+        for part in chunks(data):
             req = runtime_pb2.ExpertRequest(metadata=part)
             stats.proto_bytes_sent[key] += req.ByteSize()
             yield req
 
-    return await _pull(p2p, peer, f"{name}.stream", chunks(), stats)
+    return await _pull(p2p, peer, f"{name}.stream", upload(), stats)
 
 
 async def call(
@@ -319,7 +171,7 @@ async def call(
     With a `shaper`, the request first waits for its emulated trip over the link to the peer.
     """
     stats = stats if stats is not None else TransportStats()
-    key = _key(rpc)
+    key = rpc_key(rpc)
     peer = peer_id if isinstance(peer_id, PeerID) else PeerID.from_base58(peer_id)
     stats.count(key, data, sent=True)
 
@@ -360,7 +212,7 @@ async def request(
     try:
         reply_header, reply = decode(data, limits)
     except WireError as e:
-        stats.error(_key(rpc), e.reason)
+        stats.error(rpc_key(rpc), e.reason)
         raise
     if reply_header.kind == "error":
         raise Refused(rpc, str(reply_header.meta.get("reason", "?")))
