@@ -7,8 +7,9 @@ outbound only. With the coordinator relaying, the home nodes reserve a slot at o
 relayed in the status; the second copies the stage's state from the first through the relay; the
 head reaches them over connections they open to it (net.relay.reach_out); stage 1 reaches the tail,
 NAT to NAT, through the coordinator's forwarder (net.tunnel), and the swarm trains to the end with no
-micro-batch lost; the two home nodes average with each other through relay circuits, which
-hivemind's p2pd caps at about 128 KiB each way (a tiny stage fits).
+micro-batch lost; the two home nodes average with each other through the forwarder too (hivemind's
+averager takes the node's routes), not through relay circuits, which hivemind's p2pd caps at about
+128 KiB each way.
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ def test_home_nodes_serve_through_the_relay(tmp_path: Path, toy_corpus: Path) ->
         toy_corpus,
         train={"steps": STEPS, "eval_every": STEPS},
         swarm={"schedule": "async", "average_period": 3.0},
+        # stage 1: 127k parameters, 254 KB at fp16: its state and rounds overrun a 114,688-byte circuit
+        model={"d_model": 128},
     )
     with Lab() as lab:
         coord, head = lab.public("coord"), lab.public("head")
@@ -139,6 +142,8 @@ def test_home_nodes_serve_through_the_relay(tmp_path: Path, toy_corpus: Path) ->
         homes_sum = [NodeSummary.model_validate_json((out / f"home{i}.json").read_text()) for i in (1, 2)]
         assert sum(s.samples_served for s in homes_sum) == STEPS * 8
         assert all(s.averaging.rounds >= 1 for s in homes_sum), [s.averaging for s in homes_sum]
+        # ... through the relay's forwarder: each one's averager answered the other's forwarded calls
+        assert all(s.averaging.calls_tunnelled > 0 for s in homes_sum), [s.averaging for s in homes_sum]
         # NAT to NAT: every micro-batch from stage 1 reached the tail through the coordinator's forwarder
         tail_sum = NodeSummary.model_validate_json((out / "tail.json").read_text())
         forwarded = sum(n for name, n in tail_sum.tunnelled_in.items() if name.endswith(".forward"))

@@ -1,14 +1,17 @@
 """net.tunnel + net.forwarder on three real p2pd daemons on 127.0.0.1: a caller reaches a target
 through a relay's forwarder, unary and streamed, both ways large; the target sees the real caller;
-outsiders, untrusted relays and unknown targets are refused and counted."""
+outsiders, untrusted relays and unknown targets are refused and counted; a hivemind servicer in a
+second client of the target's daemon (as the averager) is reached the same way."""
 
 from __future__ import annotations
 
 import asyncio
+from typing import AsyncIterator  # noqa: UP035  hivemind reads typing's AsyncIterator off the hints
 
 import pytest
 import torch
-from hivemind.p2p import P2P, P2PHandlerError
+from hivemind.p2p import P2P, P2PContext, P2PHandlerError, ServicerBase
+from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.utils.crypto import RSAPrivateKey
 
 from pmnode.core.codecs import Packet
@@ -139,6 +142,74 @@ def test_refusals_are_counted() -> None:
             assert tunnel.table(target).refused["not our relay"] == 2
         finally:
             for p in (caller, target, relay):
+                await p.shutdown()
+
+    asyncio.run(asyncio.wait_for(scenario(), 90))
+
+
+class _Echo(ServicerBase):
+    """A hivemind servicer with averaging's message types: unary in, stream out, and both ways."""
+
+    async def rpc_state(
+        self, request: averaging_pb2.DownloadRequest, context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.DownloadData]:
+        for i in range(3):  # 3 x 512 KiB: more than a relay circuit carries
+            yield averaging_pb2.DownloadData(metadata=bytes([i]) * 2**19)
+
+    async def rpc_parts(
+        self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.AveragingData]:
+        async for msg in stream:
+            sender = context.remote_id.to_bytes()
+            yield averaging_pb2.AveragingData(group_id=sender, tensor_part=msg.tensor_part)
+
+
+def test_a_hivemind_servicer_in_another_client_is_reached_through_the_relay() -> None:
+    """As hivemind's averager: its own P2P client on the node's daemon, its own namespace and doors;
+    its stubs take the routes (tunnel.Routed)."""
+
+    async def scenario() -> None:
+        relay, target, caller, _ = await _three()
+        side = await target.replicate(target.daemon_listen_maddr)  # the averager's client, same daemon
+        try:
+            svc = _Echo()
+            await svc.add_p2p_handlers(side, namespace="tun-run.avg")
+            for h in svc._rpc_handlers or ():
+                name = svc._get_handle_name("tun-run.avg", h.method_name)
+                fn = getattr(svc, h.method_name)
+                await tunnel.add_handler(
+                    side,
+                    name,
+                    fn,
+                    input_type=h.request_type,
+                    stream_input=h.stream_input,
+                    stream_output=h.stream_output,
+                    registered=True,
+                )
+            arrived: list[str] = []
+            tunnel.table(side).on_arrival = arrived.append
+            tunnel.trust_relays(side, [relay.peer_id.to_base58()])
+            await serve(target, f"{RUN}.forward", _echo, TransportStats())  # the node's own doors too
+            for p in (target, caller):
+                await call_json(p, relay.peer_id, tunnel.RELAY_HELLO, Hello(cert=_cert(p)), Ack)
+            tunnel.set_routes(caller, {target.peer_id.to_base58(): relay.peer_id.to_base58()})
+
+            stub = _Echo.get_stub(tunnel.Routed(caller), target.peer_id, namespace="tun-run.avg")  # type: ignore[arg-type]
+            got = [m.metadata async for m in await stub.rpc_state(averaging_pb2.DownloadRequest())]
+            assert [len(b) for b in got] == [2**19] * 3 and got[2][:1] == b"\x02"
+
+            async def parts() -> AsyncIterator[averaging_pb2.AveragingData]:
+                for i in range(4):
+                    part = runtime_pb2.Tensor(buffer=bytes([i]) * 2**18)
+                    yield averaging_pb2.AveragingData(tensor_part=part)
+
+            back = [m async for m in await stub.rpc_parts(parts())]
+            assert [m.tensor_part.buffer[:1] for m in back] == [b"\x00", b"\x01", b"\x02", b"\x03"]
+            assert all(m.group_id == caller.peer_id.to_bytes() for m in back)  # the caller, not the relay
+            assert sorted(arrived) == ["tun-run.avg::_Echo.rpc_parts", "tun-run.avg::_Echo.rpc_state"]
+            assert tunnel.table(target).forwarded == {}  # the node's own doors saw none of it
+        finally:
+            for p in (side, caller, target, relay):
                 await p.shutdown()
 
     asyncio.run(asyncio.wait_for(scenario(), 90))

@@ -25,13 +25,12 @@ from pmnode.net.tunnel import (
     RELAY_CALL,
     RELAY_HELLO,
     RELAY_STREAM,
-    VIA_CALL,
-    VIA_STREAM,
     Request,
     Response,
     TunnelError,
     parse_uid,
     route_uid,
+    via_names,
 )
 
 MAX_MEMBERS = 4096  # certificates held at once; the oldest-expiring go first beyond it
@@ -103,13 +102,13 @@ class Forwarder:
         return target, name, route_uid(caller, name)
 
     async def call(self, req: Request, ctx: P2PContext) -> Response:
-        target, _, onward = self._route(req.uid, ctx)
+        target, name, onward = self._route(req.uid, ctx)
         key, c = target.to_base58(), self.counters
         c.calls[key] += 1
         c.bytes_in[key] += len(req.metadata)
         try:
             resp = await self.p2p.call_protobuf_handler(
-                target, VIA_CALL, Request(uid=onward, metadata=req.metadata), Response
+                target, via_names(name)[0], Request(uid=onward, metadata=req.metadata), Response
             )
         except Exception:
             c.failed[key] += 1
@@ -119,7 +118,7 @@ class Forwarder:
 
     async def stream(self, requests: AsyncIterator[Request], ctx: P2PContext) -> AsyncIterator[Response]:
         head = await anext(requests)
-        target, _, onward = self._route(head.uid, ctx)
+        target, name, onward = self._route(head.uid, ctx)
         key, c = target.to_base58(), self.counters
         c.calls[key] += 1
 
@@ -131,7 +130,7 @@ class Forwarder:
 
         try:
             async for resp in await self.p2p.iterate_protobuf_handler(
-                target, VIA_STREAM, passed_on(), Response
+                target, via_names(name)[1], passed_on(), Response
             ):
                 c.bytes_out[key] += resp.ByteSize()
                 yield resp

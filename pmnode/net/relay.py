@@ -12,8 +12,9 @@ training traffic over connections it opens itself (`reach_out`) to the reachable
 Two members that are both behind NAT exchange their training traffic through the relay's own
 plain connections instead: net.tunnel routes each pmnode RPC to the relay, and net.forwarder there
 re-issues it to the target over the connection the target keeps to the relay (no circuit, no cap).
-Two relayed replicas still average over a fresh circuit each round (`fresh_circuits`: hivemind's
-averager runs in its own process and is not tunnelled), which carries a small stage's round.
+hivemind's averager, in its own process, takes the same routes (swarm.guarded_averager); a partner
+with no route yet is reached over a fresh circuit each round (`fresh_circuits`), which carries a
+small stage's round only.
 """
 
 from __future__ import annotations

@@ -14,8 +14,11 @@ that caller had called it: the same guard, the same certificates. A member accep
 only from the relays the coordinator named to it at join.
 
 Every pmnode handler registers here (`add_handler`) so a forwarded call finds it, and every pmnode
-call goes out through `unary`/`stream`, which take the route set by `set_routes`. hivemind's averager
-(its own process) still reaches relayed replicas over circuits (net.relay.fresh_circuits).
+call goes out through `unary`/`stream`, which take the route set by `set_routes`. Any protobuf
+service can use it: a forwarded message carries the caller's message serialized in an ExpertRequest
+(and the reply likewise), and a handler named `NAMESPACE::...` (hivemind's servicers) is reached
+through doors of its own namespace, so a servicer in another process on the same daemon (hivemind's
+averager) keeps its own. `Routed` gives hivemind's stubs the same routes.
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ import weakref
 from collections import Counter
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
+from google.protobuf.message import Message
 from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto import runtime_pb2
 
@@ -38,6 +42,7 @@ VIA_STREAM = "pmnode.via.stream"
 Request = runtime_pb2.ExpertRequest
 Response = runtime_pb2.ExpertResponse
 Fn = Callable[[Any, P2PContext], Any]
+M = TypeVar("M", bound=Message)
 
 
 class TunnelError(Exception):
@@ -47,6 +52,7 @@ class TunnelError(Exception):
 @dataclass
 class _Local:
     fn: Fn
+    input_type: type[Message]
     stream_input: bool
     stream_output: bool
 
@@ -60,6 +66,8 @@ class Table:
     relays: set[str] = field(default_factory=set)  # relays that may forward calls to us
     forwarded: Counter[str] = field(default_factory=Counter)  # handler -> calls that came through a relay
     refused: Counter[str] = field(default_factory=Counter)  # reason -> forwarded calls refused
+    doors: set[str] = field(default_factory=set)  # namespaces whose VIA_* handlers are registered
+    on_arrival: Callable[[str], None] | None = None  # told each forwarded call's handler name
 
 
 _TABLES: weakref.WeakKeyDictionary[P2P, Table] = weakref.WeakKeyDictionary()
@@ -69,6 +77,12 @@ def table(p2p: P2P) -> Table:
     if p2p not in _TABLES:
         _TABLES[p2p] = Table()
     return _TABLES[p2p]
+
+
+def via_names(name: str) -> tuple[str, str]:
+    """The (unary, stream) doors through which handler `name` is reached when forwarded."""
+    space, sep, _ = name.rpartition("::")
+    return (VIA_CALL, VIA_STREAM) if not sep else (f"{space}::{VIA_CALL}", f"{space}::{VIA_STREAM}")
 
 
 def route_uid(peer: str, name: str) -> str:
@@ -88,17 +102,29 @@ def parse_uid(uid: str) -> tuple[PeerID, str]:
 
 # ---- serving: every handler is reachable directly and through a relay ----------------------------------
 async def add_handler(
-    p2p: P2P, name: str, fn: Fn, *, stream_input: bool = False, stream_output: bool = False
+    p2p: P2P,
+    name: str,
+    fn: Fn,
+    *,
+    input_type: type[Message] = Request,
+    stream_input: bool = False,
+    stream_output: bool = False,
+    registered: bool = False,
 ) -> None:
-    """p2p.add_protobuf_handler for an ExpertRequest handler, also reachable through VIA_*."""
-    await p2p.add_protobuf_handler(name, fn, Request, stream_input=stream_input, stream_output=stream_output)
-    t = table(p2p)
-    if not t.handlers:  # the first handler brings the doors forwarded calls come in by
-        await p2p.add_protobuf_handler(VIA_CALL, _via_call(p2p), Request)
+    """p2p.add_protobuf_handler (unless `registered` already), also reachable through the VIA doors."""
+    if not registered:
         await p2p.add_protobuf_handler(
-            VIA_STREAM, _via_stream(p2p), Request, stream_input=True, stream_output=True
+            name, fn, input_type, stream_input=stream_input, stream_output=stream_output
         )
-    t.handlers[name] = _Local(fn, stream_input, stream_output)
+    t = table(p2p)
+    call_door, stream_door = via_names(name)
+    if call_door not in t.doors:  # the first handler of a namespace brings its doors
+        t.doors.add(call_door)
+        await p2p.add_protobuf_handler(call_door, _via_call(p2p), Request)
+        await p2p.add_protobuf_handler(
+            stream_door, _via_stream(p2p), Request, stream_input=True, stream_output=True
+        )
+    t.handlers[name] = _Local(fn, input_type, stream_input, stream_output)
 
 
 def trust_relays(p2p: P2P, relays: Iterable[str]) -> None:
@@ -117,7 +143,13 @@ def _arrival(p2p: P2P, uid: str, ctx: P2PContext) -> tuple[_Local, P2PContext]:
         t.refused["unknown handler"] += 1
         raise TunnelError(f"no handler {name!r}")
     t.forwarded[name] += 1
+    if t.on_arrival is not None:
+        t.on_arrival(name)
     return local, P2PContext(handle_name=name, local_id=p2p.peer_id, remote_id=caller)
+
+
+def _wrap(msg: Message) -> Response:
+    return Response(metadata=msg.SerializeToString())
 
 
 def _via_call(p2p: P2P) -> Callable[[Request, P2PContext], Awaitable[Response]]:
@@ -125,7 +157,7 @@ def _via_call(p2p: P2P) -> Callable[[Request, P2PContext], Awaitable[Response]]:
         local, inner = _arrival(p2p, req.uid, ctx)
         if local.stream_input or local.stream_output:
             raise TunnelError(f"{inner.handle_name} is a stream handler")
-        return await local.fn(Request.FromString(req.metadata), inner)
+        return _wrap(await local.fn(local.input_type.FromString(req.metadata), inner))
 
     return handle
 
@@ -134,12 +166,18 @@ def _via_stream(p2p: P2P) -> Callable[[AsyncIterator[Request], P2PContext], Asyn
     async def handle(requests: AsyncIterator[Request], ctx: P2PContext) -> AsyncIterator[Response]:
         head = await anext(requests)
         local, inner = _arrival(p2p, head.uid, ctx)
-        out = local.fn(requests if local.stream_input else await anext(requests), inner)
+
+        async def unwrapped() -> AsyncIterator[Message]:
+            async for r in requests:
+                yield local.input_type.FromString(r.metadata)
+
+        items = unwrapped()
+        out = local.fn(items if local.stream_input else await anext(items), inner)
         if isinstance(out, AsyncIterable):
             async for item in out:
-                yield item
+                yield _wrap(item)
         else:
-            yield await out
+            yield _wrap(await out)
 
     return handle
 
@@ -150,27 +188,56 @@ def set_routes(p2p: P2P, routes: dict[str, str]) -> None:
     table(p2p).routes = dict(routes)
 
 
-async def unary(p2p: P2P, peer: PeerID, name: str, msg: Request) -> Response:
+async def unary(p2p: P2P, peer: PeerID, name: str, msg: Message, output_type: type[M] = Response) -> M:
     relay = table(p2p).routes.get(peer.to_base58())
     if relay is None:
-        return await p2p.call_protobuf_handler(peer, name, msg, Response)
+        return await p2p.call_protobuf_handler(peer, name, msg, output_type)
     wrapped = Request(uid=route_uid(peer.to_base58(), name), metadata=msg.SerializeToString())
-    return await p2p.call_protobuf_handler(PeerID.from_base58(relay), RELAY_CALL, wrapped, Response)
+    resp = await p2p.call_protobuf_handler(PeerID.from_base58(relay), RELAY_CALL, wrapped, Response)
+    return output_type.FromString(resp.metadata)
 
 
 async def stream(
-    p2p: P2P, peer: PeerID, name: str, requests: Request | AsyncIterator[Request]
-) -> AsyncIterator[Response]:
+    p2p: P2P,
+    peer: PeerID,
+    name: str,
+    requests: Message | AsyncIterator[Message],
+    output_type: type[M] = Response,
+) -> AsyncIterator[M]:
     relay = table(p2p).routes.get(peer.to_base58())
     if relay is None:
-        return await p2p.iterate_protobuf_handler(peer, name, requests, Response)
+        return await p2p.iterate_protobuf_handler(peer, name, requests, output_type)
 
     async def framed() -> AsyncIterator[Request]:
         yield Request(uid=route_uid(peer.to_base58(), name))
-        if isinstance(requests, Request):
-            yield requests
+        if isinstance(requests, Message):
+            yield Request(metadata=requests.SerializeToString())
         else:
             async for r in requests:
-                yield r
+                yield Request(metadata=r.SerializeToString())
 
-    return await p2p.iterate_protobuf_handler(PeerID.from_base58(relay), RELAY_STREAM, framed(), Response)
+    replies = await p2p.iterate_protobuf_handler(PeerID.from_base58(relay), RELAY_STREAM, framed(), Response)
+
+    async def unwrapped() -> AsyncIterator[M]:
+        async for resp in replies:
+            yield output_type.FromString(resp.metadata)
+
+    return unwrapped()
+
+
+class Routed:
+    """A P2P for hivemind's stubs (ServicerBase.get_stub): their calls take this P2P's tunnel routes."""
+
+    def __init__(self, p2p: P2P):
+        self._p2p = p2p
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._p2p, attr)
+
+    async def call_protobuf_handler(self, peer: PeerID, name: str, msg: Message, output_type: type[M]) -> M:
+        return await unary(self._p2p, peer, name, msg, output_type)
+
+    async def iterate_protobuf_handler(
+        self, peer: PeerID, name: str, requests: Message | AsyncIterator[Message], output_type: type[M]
+    ) -> AsyncIterator[M]:
+        return await stream(self._p2p, peer, name, requests, output_type)

@@ -16,11 +16,12 @@ from typing import Any, Literal
 
 from hivemind.utils import get_dht_time
 
+from pmnode.net import tunnel
 from pmnode.net.auth import AuthError, Cert, Guard, Verifier
 from pmnode.net.relay import fresh_circuits
 from pmnode.swarm.averaging import MATCHMAKING_TIME, StageAverager, next_round
 from pmnode.swarm.context import NodeContext
-from pmnode.swarm.guarded_averager import AveragingGate, Refusals
+from pmnode.swarm.guarded_averager import AveragingGate, Refusals, Tunnelled
 from pmnode.swarm.replicas import Replicas
 from pmnode.swarm.report import Averaging
 
@@ -59,10 +60,12 @@ class AveragingLoop:
         self.round: Any = None  # hivemind's StepControl of the round in progress
         self.counts = Averaging()
         self.refusals = Refusals()  # averaging calls the guard refused (counted in the averager process)
+        self.tunnelled = Tunnelled()  # averaging calls that came in through a relay's forwarder
         self.behind_nat = False  # relayed: each round starts on fresh circuits to relayed partners
 
     def report(self) -> Averaging:
-        return self.counts.model_copy(update={"calls_refused": self.refusals.snapshot()})
+        update = {"calls_refused": self.refusals.snapshot(), "calls_tunnelled": self.tunnelled.value()}
+        return self.counts.model_copy(update=update)
 
     async def run(self, done: asyncio.Event) -> None:
         """Until the run is done, after the round in progress (never cut off: hivemind would run it
@@ -84,7 +87,8 @@ class AveragingLoop:
         """Started by the first round with a partner: one replica pays nothing."""
         ctx = self.ctx
         # In this (the main) thread: hivemind's averager process sets up signal handling as it starts.
-        gate = AveragingGate(self.guard, self.refusals)  # the node's guard, as of now, in hivemind's process
+        # the node's guard, as of now, in hivemind's process
+        gate = AveragingGate(self.guard, self.refusals, self.tunnelled)
         avg = StageAverager(
             ctx.runner.worker, ctx.dht, ctx.cfg.name, gate, compression=ctx.cfg.swarm.average_compression
         )
@@ -100,8 +104,11 @@ class AveragingLoop:
             self.averager = self._start_averager()
         avg = self.averager
         leaders = await self.replicas.view.my_replicas()  # from signed records: certified replicas only
-        if self.behind_nat:  # a round's parts must fit in one circuit's allowance (net.relay)
-            await fresh_circuits(ctx.p2p, await self.replicas.view.records(ctx.stage))
+        routes = tunnel.table(ctx.p2p)  # partners behind NAT: through their relay's forwarder
+        avg.averager.use_tunnel(routes.routes, routes.relays)
+        if self.behind_nat:  # a partner still reached over a circuit: start from a fresh one
+            partners = await self.replicas.view.records(ctx.stage)
+            await fresh_circuits(ctx.p2p, [r for r in partners if r.peer_id not in routes.routes])
         await runner.run(avg.snapshot)
         weight, runner.since_average = runner.since_average, 0
         try:

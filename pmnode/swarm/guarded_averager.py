@@ -17,24 +17,28 @@ passed over instead of breaking the round; and the group a leader announces must
 certificate for every member before a byte of our tensors leaves.
 
 The averager runs in a forked process of its own: refusals are counted in shared memory, so the
-node's heartbeat, summary and the coordinator's /status can show them.
+node's heartbeat, summary and the coordinator's /status can show them. Behind NAT its calls take the
+node's tunnel routes (sent before each round) and its handlers are reachable through the relay's
+forwarder (net.tunnel), so two home replicas average at any size, not only what fits in a circuit.
 """
 
 from __future__ import annotations
 
 import ctypes
 import multiprocessing as mp
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, AsyncIterator  # noqa: UP035  hivemind reads typing's AsyncIterator off the hints
 
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.group_info import GroupInfo
 from hivemind.averaging.matchmaking import Matchmaking, MatchmakingException
-from hivemind.p2p import P2PContext, PeerID
+from hivemind.p2p import P2P, P2PContext, PeerID
+from hivemind.p2p.servicer import StubBase
 from hivemind.proto import averaging_pb2
 from hivemind.utils.asyncio import achain, as_aiter
 from hivemind.utils.serializer import MSGPackSerializer
 
+from pmnode.net import tunnel
 from pmnode.net.auth import AuthError, Cert, Guard
 from pmnode.net.services import Admission
 
@@ -57,6 +61,20 @@ class Refusals:
         return {d: int(self.counts[i]) for i, d in enumerate(DOORS)}
 
 
+class Tunnelled:
+    """Averaging calls that reached this replica through a relay's forwarder (shared memory, as above)."""
+
+    def __init__(self) -> None:
+        self.count = mp.Value(ctypes.c_long, 0)
+
+    def add(self, _handler: str = "") -> None:
+        with self.count.get_lock():
+            self.count.value += 1
+
+    def value(self) -> int:
+        return int(self.count.value)
+
+
 def gathered_cert(blob: bytes) -> Cert:
     """The certificate a peer put in its averaging gather: hivemind packs [bandwidth, mode, user data]."""
     try:
@@ -69,8 +87,9 @@ def gathered_cert(blob: bytes) -> Cert:
 class AveragingGate:
     """The checks, on a (forked) copy of the node's guard; `leaders`: who may lead us this round."""
 
-    def __init__(self, guard: Guard, refusals: Refusals):
+    def __init__(self, guard: Guard, refusals: Refusals, tunnelled: Tunnelled | None = None):
         self.guard, self.refusals = guard, refusals
+        self.tunnelled = tunnelled or Tunnelled()
         self.leaders: set[str] = set()
 
     def hello(self, peer: str, blob: bytes) -> str | None:
@@ -138,6 +157,38 @@ class GuardedAverager(DecentralizedAverager):
         mm.__class__ = GuardedMatchmaking
         mm.gate = self.gate  # type: ignore[attr-defined]
         self.__dict__["_guarded_matchmaking"] = mm
+
+    async def add_p2p_handlers(
+        self, p2p: P2P, wrapper: Any = None, *, namespace: str | None = None, balanced: bool = False
+    ) -> None:
+        """hivemind's handlers, also reachable through a relay (averager process, at its start)."""
+        await super().add_p2p_handlers(p2p, wrapper, namespace=namespace, balanced=balanced)
+        tunnel.table(p2p).on_arrival = self.gate.tunnelled.add
+        for h in self._rpc_handlers or ():
+            await tunnel.add_handler(
+                p2p,
+                self._get_handle_name(namespace, h.method_name),
+                getattr(self if wrapper is None else wrapper, h.method_name),
+                input_type=h.request_type,
+                stream_input=h.stream_input,
+                stream_output=h.stream_output,
+                registered=True,
+            )
+
+    @classmethod
+    def get_stub(cls, p2p: P2P, peer: PeerID, *, namespace: str | None = None) -> StubBase:
+        """hivemind's stub, whose calls take the tunnel's routes (matchmaking, all-reduce)."""
+        stub = super().get_stub(p2p, peer, namespace=namespace)
+        stub._p2p = tunnel.Routed(p2p)  # type: ignore[assignment]
+        return stub
+
+    def use_tunnel(self, routes: dict[str, str], relays: Iterable[str]) -> None:
+        """Node side, before a round: the node's tunnel routes and trusted relays, for the averager."""
+        self._outer_pipe.send(("_use_tunnel", [dict(routes), sorted(relays)], {}))
+
+    async def _use_tunnel(self, routes: dict[str, str], relays: list[str]) -> None:
+        tunnel.set_routes(self._p2p, routes)
+        tunnel.trust_relays(self._p2p, relays)
 
     def admit_leaders(self, peers: Sequence[str]) -> None:
         """Node side, before a round: the replicas it may follow (sent to the averager's process)."""

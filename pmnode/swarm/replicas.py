@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 
 from pmnode.core import checkpoint
 from pmnode.core.codecs import Packet
@@ -38,6 +39,7 @@ class Replicas:
         self.finishing = False  # async: in the last averaging round
         self.final_done = asyncio.Event()  # async: the last round is over
         self.bulk = BulkServer(ctx.runner.run)
+        self.route: Callable[[], Awaitable[None]] | None = None  # fresh relay routes (Parts.update_routes)
 
     async def rpc_state(
         self, header: MessageHeader, packet: Packet, caller: str
@@ -56,6 +58,8 @@ class Replicas:
 
     async def fetch_state(self, peers: list[str], at_step: int | None = None) -> tuple[Received, str]:
         """A live replica's state from the first of `peers` that completes it (at `at_step` if given)."""
+        if self.route is not None:  # a relayed replica just announced: through its relay's forwarder
+            await self.route()
         await connect_known(self.ctx.p2p, await self.view.records(self.ctx.stage))  # relayed replicas
         done: list[str] = []
 

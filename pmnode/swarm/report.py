@@ -54,6 +54,7 @@ class Averaging(BaseModel):
     refused: int = 0
     alone: int = 0
     calls_refused: dict[str, int] = {}  # by door: pmnode.swarm.guarded_averager.DOORS
+    calls_tunnelled: int = 0  # averaging calls that reached this replica through a relay's forwarder
 
 
 class ComputeTimes(BaseModel):
