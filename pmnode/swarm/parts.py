@@ -78,7 +78,7 @@ class Parts:
         self.averaging = AveragingLoop(ctx, self.replicas, membership.current, stop, self.guard)
         self.behind_nat = False  # set once serving: a relayed node opens its own connections (reach_out)
         self.routes = RelayRoutes(ctx.p2p, membership.current)
-        self.replicas.route = self.update_routes
+        self.replicas.route = self.downstream.on_change = self.update_routes
         self.forwarder: Forwarder | None = None  # `--relay` on a reachable node: forwards for NATed members
 
     def _rejoined(self) -> bool:
