@@ -8,6 +8,11 @@ import torch
 
 torch.set_num_threads(2)
 
+# The suite runs on two workers (pytest-xdist, --dist loadgroup). Files marked xdist_group share a
+# worker: "netns" for the network-namespace labs (one at a time: each starts many processes), and a
+# file's own group where its module-scoped fixture is a whole swarm run (computed once, not per worker).
+
+
 _WORDS = [
     "the",
     "a",

@@ -16,7 +16,7 @@ from launch import BIN, TINY, one_line_error
 from launch import start_coordinator as start
 from launch import stop_coordinator as stop
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("cli_errors")]  # one coordinator for all
 
 
 def join(*args: str, token: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:

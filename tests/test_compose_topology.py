@@ -24,7 +24,11 @@ from launch import BIN, ROOT, tagged_env
 from pmnode.bench.netlab import Host, Lab, can_run, sweep_stale
 from pmnode.core import checkpoint
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(can_run() is not None, reason=str(can_run()))]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.xdist_group("netns"),
+    pytest.mark.skipif(can_run() is not None, reason=str(can_run())),
+]
 VOLUME = "/swarm"  # where docker-compose.yml mounts the shared `swarm` volume
 
 

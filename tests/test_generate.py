@@ -19,6 +19,8 @@ from pmnode.data.resolve import open_data
 from pmnode.data.shards import DataPosition
 from pmnode.errors import PmnodeError
 
+pytestmark = pytest.mark.xdist_group("generate")  # its module fixture runs once
+
 ROOT = Path(__file__).parent.parent
 PMNODE = str(Path(sys.executable).parent / "pmnode")
 

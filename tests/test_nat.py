@@ -27,7 +27,10 @@ from pmnode.bench.netlab import Host, Lab, can_run, sweep_stale
 from pmnode.net.status import SwarmStatus
 from pmnode.swarm.report import NodeSummary
 
-pytestmark = pytest.mark.skipif(can_run() is not None, reason=str(can_run()))
+pytestmark = [
+    pytest.mark.xdist_group("netns"),
+    pytest.mark.skipif(can_run() is not None, reason=str(can_run())),
+]
 
 STEPS = 48
 

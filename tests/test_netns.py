@@ -10,7 +10,10 @@ import pytest
 
 from pmnode.bench.netlab import Host, Lab, can_run, sweep_stale
 
-pytestmark = pytest.mark.skipif(can_run() is not None, reason=str(can_run()))
+pytestmark = [
+    pytest.mark.xdist_group("netns"),
+    pytest.mark.skipif(can_run() is not None, reason=str(can_run())),
+]
 
 # Listens on port 0, prints the port, and prints the peer address of the first connection it accepts.
 _SERVER = (

@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pmnode.net.status import HistoryPoint, SwarmStatus, thin
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("status")]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 

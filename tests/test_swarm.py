@@ -23,7 +23,7 @@ from launch import (
     tagged_env,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("swarm")]
 
 
 @pytest.fixture(scope="module")
