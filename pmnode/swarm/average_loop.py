@@ -19,7 +19,7 @@ from hivemind.utils import get_dht_time
 from pmnode.net import tunnel
 from pmnode.net.auth import AuthError, Cert, Guard, Verifier
 from pmnode.net.relay import fresh_circuits
-from pmnode.swarm.averaging import MATCHMAKING_TIME, StageAverager, next_round
+from pmnode.swarm.averaging import MATCHMAKING_TIME, AveragerStuck, StageAverager, next_round
 from pmnode.swarm.context import NodeContext
 from pmnode.swarm.guarded_averager import AveragingGate, Refusals, Tunnelled
 from pmnode.swarm.replicas import Replicas
@@ -109,7 +109,10 @@ class AveragingLoop:
         if self.behind_nat:  # a partner still reached over a circuit: start from a fresh one
             partners = await self.replicas.view.records(ctx.stage)
             await fresh_circuits(ctx.p2p, [r for r in partners if r.peer_id not in routes.routes])
-        await runner.run(avg.snapshot)
+        try:
+            await runner.run(avg.snapshot)
+        except AveragerStuck as e:
+            return self._replace_stuck(e)
         weight, runner.since_average = runner.since_average, 0
         try:
             control = self.round = avg.start_round(at, weight, self.cert(), leaders, final)
@@ -121,8 +124,12 @@ class AveragingLoop:
             group = None
             ctx.say(f"averaging round failed: {e}")
         verdict = judge_round(group, ctx.verifier, ctx.stage)
-        if verdict == "applied" and not await runner.run(avg.apply):
-            verdict = "refused"
+        try:
+            if verdict == "applied" and not await runner.run(avg.apply):
+                verdict = "refused"
+        except AveragerStuck as e:
+            runner.since_average += weight
+            return self._replace_stuck(e)
         if verdict == "failed":
             self.counts.failed += 1
             runner.since_average += weight  # those samples count toward the next round
@@ -162,6 +169,14 @@ class AveragingLoop:
             self.replicas.final_done.set()
         await self.replicas.adopt_lowest()
         await asyncio.sleep(LINGER)  # others may still be receiving parts we reduced, or our state
+
+    def _replace_stuck(self, e: AveragerStuck) -> bool:
+        """A round that cannot run: this averager is shut down, the next round starts a new one."""
+        self.ctx.say(f"averaging round failed: {e}; starting a new averager")
+        self.counts.failed += 1
+        self.shutdown()
+        self.averager = None
+        return False
 
     def shutdown(self) -> None:
         if self.averager is None:

@@ -16,7 +16,9 @@ replica never starts an averager and pays nothing.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -29,6 +31,7 @@ from pmnode.net.auth import AuthError, Cert, Verifier
 from pmnode.swarm.guarded_averager import AveragingGate, GuardedAverager
 
 MATCHMAKING_TIME = 1.0  # seconds before a round's start that replicas look for each other
+LOCK_WAIT = 30.0  # seconds past a round's timeout the node waits for the averager's tensors
 FP16_FROM = 2**14  # elements: smaller tensors (norms, biases) are sent exactly, they cost nothing
 
 
@@ -44,6 +47,11 @@ def next_round(period: float, now: float | None = None, lead: float = MATCHMAKIN
     while at - now <= lead:
         at += period
     return at
+
+
+class AveragerStuck(Exception):
+    """hivemind's averager process kept its tensors locked past any round's end (a cancelled
+    all-reduce can leave its lock taken): this averager cannot be used again."""
 
 
 class StageAverager:
@@ -81,9 +89,20 @@ class StageAverager:
             gate=gate,
         )
 
+    @contextlib.contextmanager
+    def _tensors(self) -> Iterator[Sequence[torch.Tensor]]:
+        """hivemind's get_tensors, with a bounded wait for its lock instead of a hang."""
+        lock = self.averager.lock_averaged_tensors
+        if not lock.acquire(timeout=self.timeout + LOCK_WAIT):
+            raise AveragerStuck("hivemind's averager kept its tensors locked")
+        try:
+            yield self.averager._averaged_tensors
+        finally:
+            lock.release()
+
     def snapshot(self) -> None:
         """Compute thread: what this replica brings to the round."""
-        with self.averager.get_tensors() as tensors:
+        with self._tensors() as tensors:
             for t, b, p in zip(tensors, self.before, self.params, strict=True):
                 t.copy_(p.detach())
                 b.copy_(p.detach())
@@ -119,7 +138,7 @@ class StageAverager:
 
     def apply(self) -> bool:
         """Compute thread: add (average - snapshot) to the live weights; False if the result is unusable."""
-        with self.averager.get_tensors() as tensors:
+        with self._tensors() as tensors:
             deltas = [t - b for t, b in zip(tensors, self.before, strict=True)]
         if not all(torch.isfinite(d).all() for d in deltas):
             return False
