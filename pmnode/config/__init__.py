@@ -1,6 +1,7 @@
 """Run configuration: what a swarm agrees on (RunConfig, loaded from YAML) and what one machine
 chooses for itself (MachineConfig)."""
 
+from pmnode.config.replica_sync import ReplicaSyncConfig
 from pmnode.config.run import (
     MOVED,
     SHIPPED_CONFIGS,
@@ -26,6 +27,7 @@ __all__ = [
     "MachineConfig",
     "ModelConfig",
     "OptimConfig",
+    "ReplicaSyncConfig",
     "RunConfig",
     "SubspaceConfig",
     "SwarmConfig",

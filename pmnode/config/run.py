@@ -13,6 +13,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 import pmnode.configs
+from pmnode.config.replica_sync import ReplicaSyncConfig
 from pmnode.config.sections import (
     DataConfig,
     ModelConfig,
@@ -51,6 +52,9 @@ class RunConfig(_Strict):
         default_factory=TrainConfig, description="Steps, batch shapes, seeds, evaluation."
     )
     swarm: SwarmConfig = Field(default_factory=SwarmConfig, description="Pipeline schedule of a swarm.")
+    replica_sync: ReplicaSyncConfig = Field(
+        default_factory=ReplicaSyncConfig, description="How the replicas of a stage stay one model."
+    )
 
     @model_validator(mode="before")
     @classmethod

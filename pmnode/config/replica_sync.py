@@ -1,0 +1,60 @@
+"""The run config's replica_sync section: how the replicas of one stage stay one model."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from pmnode.config.sections import _Strict
+
+
+class ReplicaSyncConfig(_Strict):
+    """How the replicas of one stage keep one set of weights (pmnode.core.outer, pmnode.core.compress).
+
+    step: today's paths, exact for small stages (sync: the summed gradient every step; async: every
+    parameter averaged in fp16 every average_period seconds). outer: an outer loop in the manner of
+    DiLoCo: inner_steps local steps on each replica's own micro-batches, then one outer step on the
+    averaged pseudo-gradient (anchor - weights), which travels compressed with error feedback."""
+
+    method: Literal["step", "outer"] = Field(
+        "step", description="step: exchange every step (exact, LAN-sized traffic); outer: DiLoCo rounds."
+    )
+    inner_steps: int = Field(50, ge=1, description="outer: local optimizer steps between two rounds (H).")
+    compressor: Literal["none", "topk", "powersgd"] = Field(
+        "topk",
+        description="outer: how a pseudo-gradient travels. none: fp32, exact; topk: the largest "
+        "topk_fraction of each chunk of topk_chunk values, quantised to topk_bits (SparseLoCo-like); "
+        "powersgd: a rank-powersgd_rank factorisation of each matrix (PowerSGD-like).",
+    )
+    topk_fraction: float = Field(0.01, gt=0, le=1, description="topk: fraction of each chunk sent.")
+    topk_chunk: int = Field(
+        4096, ge=16, le=65536, description="topk: values per chunk (a power of two; indices take log2 bits)."
+    )
+    topk_bits: int = Field(2, ge=2, le=8, description="topk: bits per value (one of them the sign).")
+    powersgd_rank: int = Field(16, ge=1, description="powersgd: rank of each matrix's factorisation.")
+    exact_below: int = Field(
+        16384, ge=0, description="Tensors with fewer elements travel exactly (fp32) under any compressor."
+    )
+    error_feedback: float = Field(
+        0.95,
+        ge=0,
+        le=1,
+        description="Decay of the residual a compressor leaves, added to the next round's pseudo-gradient "
+        "(0: no error feedback).",
+    )
+    outer_lr: float = Field(1.0, gt=0, description="Outer step size on the mean pseudo-gradient.")
+    outer_momentum: float = Field(
+        0.0, ge=0, lt=1, description="Nesterov momentum of the outer step (DiLoCo: 0.9 with outer_lr 0.7)."
+    )
+    overlap: bool = Field(
+        True,
+        description="Rounds overlap with compute: the next inner steps run while a round is in flight and "
+        "its result is applied as a delta when it lands (at the latest one round later).",
+    )
+
+    @model_validator(mode="after")
+    def _chunk(self) -> ReplicaSyncConfig:
+        if self.topk_chunk & (self.topk_chunk - 1):
+            raise ValueError(f"topk_chunk={self.topk_chunk} is not a power of two")
+        return self
