@@ -1,0 +1,127 @@
+"""The outer loop of a stage's replicas, in the manner of DiLoCo: one replica's side, no network.
+
+Every replica of a stage holds the stage's agreed weights of the last outer step (the anchor θ̄) and
+trains its own copy θ for `inner_steps` steps on its own micro-batches. A round then:
+
+1. `start()`: the pseudo-gradient Δ = θ̄ − θ, plus the error-feedback residual e (e ← β·e + Δ),
+   is compressed (pmnode.core.compress); what the compressor dropped stays in e. The share is sent
+   to the other replicas; the replica keeps training (rounds overlap with compute).
+2. `finish(shares)`: every replica takes the same shares (its own among them) in the same order, so
+   every replica computes the same new anchor θ̄' = θ̄ − lr · outer(mean of the shares, weighted by
+   samples), then moves its weights by θ̄' − θ_start: the inner steps it took while the round was in
+   flight are kept, as a delta on top of the new anchor.
+
+A replica that joins copies θ̄ (the stage's state as of the last outer step) as its θ. With
+`compressor: none`, inner_steps 1, outer_lr 1 and no overlap this is exact parameter averaging.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from pmnode.config.replica_sync import ReplicaSyncConfig
+from pmnode.core.compress import Compressed, Malformed, compress, decompress, initial_q, kind_for
+
+
+@dataclass
+class Share:
+    """What one replica sends in one round: a compressed tensor per parameter, and its sample count."""
+
+    round: int
+    samples: int
+    tensors: list[Compressed]
+
+    def nbytes(self) -> int:
+        return sum(c.nbytes() for c in self.tensors)
+
+
+class OuterSync:
+    """One replica's outer-loop state for a stage's trainable parameters (in a fixed order)."""
+
+    def __init__(self, params: list[nn.Parameter], cfg: ReplicaSyncConfig, seed: int = 0) -> None:
+        self.params, self.cfg = params, cfg
+        self.shapes = [tuple(p.shape) for p in params]
+        self.anchor = [p.detach().float().clone() for p in params]
+        self.residual = [torch.zeros_like(a) for a in self.anchor] if cfg.error_feedback > 0 else None
+        self.momentum = [torch.zeros_like(a) for a in self.anchor] if cfg.outer_momentum > 0 else None
+        self.q_prev: dict[int, Tensor] = {
+            i: initial_q(s, cfg.powersgd_rank, seed + i)
+            for i, s in enumerate(self.shapes)
+            if kind_for(s, cfg) == "lowrank"
+        }
+        self.start_weights: list[Tensor] | None = None
+        self._residual_before: list[Tensor] | None = None
+        self.round = 0
+        self.samples = 0  # trained since the last round started
+
+    def note_samples(self, n: int) -> None:
+        self.samples += n
+
+    @torch.no_grad()
+    def start(self) -> Share:
+        """Compress this replica's pseudo-gradient; remember the weights it was taken at."""
+        if self.start_weights is not None:
+            raise RuntimeError("a round is already in flight")
+        self.start_weights = [p.detach().float().clone() for p in self.params]
+        self._residual_before = [r.clone() for r in self.residual] if self.residual is not None else None
+        out: list[Compressed] = []
+        for i, (a, w) in enumerate(zip(self.anchor, self.start_weights, strict=True)):
+            delta = a - w
+            if self.residual is not None:
+                delta = self.residual[i].mul_(self.cfg.error_feedback).add_(delta)
+            c = compress(delta, self.cfg, self.q_prev.get(i))
+            if c.kind == "lowrank":
+                self.q_prev[i] = c.parts[1].float()
+            if self.residual is not None:
+                self.residual[i].sub_(decompress(c, self.shapes[i], self.cfg))
+            out.append(c)
+        share = Share(self.round, self.samples, out)
+        self.samples = 0
+        return share
+
+    def check(self, share: Share) -> list[Tensor]:
+        """A peer's share as tensors; Malformed if it is not one this round can have."""
+        if share.round != self.round:
+            raise Malformed(f"share of round {share.round} in round {self.round}")
+        if share.samples < 0:
+            raise Malformed(f"negative sample count {share.samples}")
+        if len(share.tensors) != len(self.shapes):
+            raise Malformed(f"{len(share.tensors)} tensors where {len(self.shapes)} were due")
+        return [decompress(c, s, self.cfg) for c, s in zip(share.tensors, self.shapes, strict=True)]
+
+    @torch.no_grad()
+    def finish(self, shares: list[Share]) -> None:
+        """Apply the round from every replica's share (the same list, in the same order, everywhere)."""
+        if self.start_weights is None:
+            raise RuntimeError("no round in flight")
+        decoded = [self.check(s) for s in shares]  # all checked before any weight moves
+        total = sum(s.samples for s in shares)
+        weights = [s.samples / total if total > 0 else 1 / len(shares) for s in shares]
+        lr, mu = self.cfg.outer_lr, self.cfg.outer_momentum
+        for i, (a, w0, p) in enumerate(zip(self.anchor, self.start_weights, self.params, strict=True)):
+            mean = sum(wt * d[i] for wt, d in zip(weights, decoded, strict=True))
+            assert isinstance(mean, Tensor)
+            if self.momentum is not None:  # Nesterov, as DiLoCo's outer optimizer
+                self.momentum[i].mul_(mu).add_(mean)
+                mean = mean + mu * self.momentum[i]
+            new_anchor = a - lr * mean
+            # keep the inner steps taken while in flight; with none, every replica holds the anchor exactly
+            p.copy_(new_anchor + (p.float() - w0))
+            a.copy_(new_anchor)
+        self.start_weights = None
+        self.round += 1
+
+    def abort(self) -> None:
+        """A round that failed (too few replicas answered): the weights stay where training took them
+        and the next round's pseudo-gradient still holds this one's progress."""
+        if self._residual_before is not None:  # what this round took out was never sent
+            self.residual = self._residual_before
+        self.start_weights = None
+        self.round += 1
+
+    def state(self) -> dict[str, Tensor]:
+        """What a joining replica copies: the anchor is the stage's state as of the last outer step."""
+        return {f"anchor.{i}": a for i, a in enumerate(self.anchor)}
