@@ -30,7 +30,7 @@ from pmnode.net.forwarder import Forwarder
 from pmnode.net.reach import REACH_RPC, ReachReply, ReachRequest, dial_back
 from pmnode.net.records import SwarmValidator, sign_config
 from pmnode.net.relay import RelayLimits, configure_daemon
-from pmnode.net.routing import HEARTBEAT_PERIOD, StageRecord, choose_stage, config_key
+from pmnode.net.routing import HEARTBEAT_PERIOD, StageRecord, choose_stage, config_key, head_slot
 from pmnode.net.status import STATUS_RPC, HistoryPoint, StatusRequest, SwarmStatus
 from pmnode.net.tokens import (
     AUTHORITY_FILE,
@@ -76,7 +76,7 @@ class Coordinator:
         sub = build_subspace(cfg)
         self.fingerprint = sub.fingerprint if sub is not None else None
         self.members: dict[int, list[StageRecord]] = {}
-        self.pending: dict[str, tuple[int, float]] = {}  # peer -> (stage, assigned at)
+        self.pending: dict[str, tuple[int, int, float]] = {}  # peer -> (stage, head slot, assigned at)
         self.state_path = state_dir / "state.json"
         self.global_step = 0
 
@@ -102,12 +102,12 @@ class Coordinator:
 
     def _by_stage_with_pending(self) -> dict[int, list[StageRecord]]:
         now = time.monotonic()
-        self.pending = {p: (s, t) for p, (s, t) in self.pending.items() if now - t < PENDING_TTL}
+        self.pending = {p: (s, h, t) for p, (s, h, t) in self.pending.items() if now - t < PENDING_TTL}
         by = {s: list(recs) for s, recs in self.members.items()}
         announced = {r.peer_id for recs in by.values() for r in recs}
-        for peer, (s, _) in self.pending.items():
+        for peer, (s, h, _) in self.pending.items():
             if peer not in announced:
-                by.setdefault(s, []).append(StageRecord(peer_id=peer, stage=s, state="joining"))
+                by.setdefault(s, []).append(StageRecord(peer_id=peer, stage=s, slot=h, state="joining"))
         return by
 
     async def _on_join(self, req: JoinRequest, caller: str) -> JoinReply:
@@ -119,20 +119,24 @@ class Coordinator:
                 RSAPublicKey.from_bytes(req.public_key.encode())
             except Exception as e:
                 raise PmnodeError("the join request carries no valid RSA public key") from e
-            stage = choose_stage(self._by_stage_with_pending(), self.cfg.n_stages, req.stage, caller)
+            by_stage, heads = self._by_stage_with_pending(), self.cfg.swarm.heads
+            stage = choose_stage(by_stage, self.cfg.n_stages, req.stage, caller, heads)
+            slot = (head_slot(by_stage.get(0, []), heads, caller) or 0) if stage == 0 else 0
         except PmnodeError:
             self.metrics.refused.inc()
             raise
         # `caller` is the peer id libp2p authenticated, so the certificate binds the key that made the call.
-        cert = issue_cert(self.authority, self.cfg.name, caller, stage, req.public_key)
+        cert = issue_cert(self.authority, self.cfg.name, caller, stage, req.public_key, slot=slot)
         if not req.renew:
             self.metrics.joins.inc()
-            self.pending[caller] = (stage, time.monotonic())
+            self.pending[caller] = (stage, slot, time.monotonic())
+            head = f" as head {slot} of {heads}" if stage == 0 and heads > 1 else ""
             self.console.print(
-                f"assigned peer {caller[-8:]} ({req.device}) to stage {stage}", highlight=False
+                f"assigned peer {caller[-8:]} ({req.device}) to stage {stage}{head}", highlight=False
             )
         return JoinReply(
             stage=stage,
+            slot=slot,
             config=self.cfg.model_dump(mode="json"),
             fingerprint=self.fingerprint,
             cert=cert,

@@ -81,6 +81,33 @@ def test_order_is_a_permutation_per_epoch_the_same_everywhere(toy_prepared: Path
     assert fresh.train.take(DataPosition(), 50, seed=4)[0].tolist() != first_epoch[:50]
 
 
+def test_head_slots_split_the_order_disjointly(toy_prepared: Path) -> None:
+    """Three heads of batch 7 each read their own blocks: over two epochs no window twice in an epoch,
+    none skipped, and in lockstep their step-t batches are a single process's batch of 21 at step t."""
+    from pmnode.data.shards import past_other_slots, slot_position
+
+    data = PreparedData(toy_prepared, read_manifest(toy_prepared), seq_len=64)
+    n, slots, batch = data.train.windows, 3, 7
+    steps = 2 * n // (slots * batch) + 1
+    per_slot: list[list[int]] = []
+    for h in range(slots):
+        pos, got = slot_position(h, slots, batch, n), []
+        for _ in range(steps):
+            idx, after = data.train.take(pos, batch, seed=3)
+            got.append(idx.tolist())
+            pos = past_other_slots(after, slots, batch, n)
+        assert pos == slot_position(h, slots, batch, n, batches_done=steps)  # the position is its count
+        per_slot.append(got)
+    single, pos = [], DataPosition()
+    for _ in range(steps):
+        idx, pos = data.train.take(pos, slots * batch, seed=3)
+        single.append(idx.tolist())
+    for t in range(steps):
+        assert sum((per_slot[h][t] for h in range(slots)), []) == single[t]
+    flat = [w for t in range(steps) for h in range(slots) for w in per_slot[h][t]]
+    assert sorted(flat[:n]) == list(range(n)) and sorted(flat[n : 2 * n]) == list(range(n))
+
+
 def test_batches_are_the_windows_at_the_position(toy_prepared: Path) -> None:
     data = PreparedData(toy_prepared, read_manifest(toy_prepared), seq_len=32)
     x, y, after = data.train.batch(DataPosition(epoch=2, offset=5), 4, seed=1)

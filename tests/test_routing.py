@@ -7,7 +7,7 @@ import random
 import pytest
 
 from pmnode.errors import ConfigError
-from pmnode.net.routing import StageRecord, capacity, choose_peer, choose_stage
+from pmnode.net.routing import StageRecord, capacity, choose_peer, choose_stage, head_slot
 
 
 def rec(peer: str, stage: int = 0, **kw) -> StageRecord:
@@ -20,7 +20,8 @@ def test_empty_stages_first_then_least_capacity() -> None:
     full = {0: [rec("a", throughput=5)], 1: [rec("b", 1, throughput=2)], 2: [rec("c", 2, throughput=9)]}
     assert choose_stage(full, 3) == 1
     full[1].append(rec("d", 1, throughput=4))
-    assert choose_stage(full, 3) == 1  # stage 0 is weaker, but its head is never replicated
+    assert choose_stage(full, 3) == 1  # stage 0 is weaker, but its one head slot is taken
+    assert choose_stage(full, 3, slots=2) == 0  # a second head slot is open: the weakest stage
     full[0] = [rec("a", state="offline")]
     assert choose_stage(full, 3) == 0  # the head is gone: its stage is empty, so it comes first
 
@@ -34,9 +35,24 @@ def test_requested_stage_is_checked() -> None:
     assert choose_stage({}, 4, requested=3) == 3
     with pytest.raises(ConfigError, match=r"stage 4 is out of range: this run has stages 0\.\.3"):
         choose_stage({}, 4, requested=4)
-    with pytest.raises(ConfigError, match=r"already has its head \(a\); the head is never replicated"):
+    with pytest.raises(ConfigError, match=r"already has its 1 head\(s\) \(a\); swarm.heads sets how many"):
         choose_stage({0: [rec("a")]}, 4, requested=0)
     assert choose_stage({0: [rec("a")]}, 4, requested=0, caller="a") == 0  # the head renewing its certificate
+
+
+def test_head_slots() -> None:
+    """Several heads: each gets the lowest free slot; a renewing head keeps its own; a full stage 0
+    refuses `--stage 0` in one line."""
+    assert head_slot([], 2) == 0
+    assert head_slot([rec("a")], 2) == 1
+    assert head_slot([rec("a"), rec("b", slot=1)], 2) is None
+    assert head_slot([rec("a"), rec("b", slot=1)], 2, caller="b") == 1  # renewing
+    assert head_slot([rec("a", state="offline"), rec("b", slot=1)], 2) == 0  # a dead head frees its slot
+    assert head_slot([rec("a", state="joining")], 2) == 1  # just assigned: another slot first
+    assert head_slot([rec("a", state="joining"), rec("b", slot=1)], 2) == 0  # ...unless none is left
+    assert choose_stage({0: [rec("a")]}, 4, requested=0, slots=2) == 0
+    with pytest.raises(ConfigError, match=r"already has its 2 head\(s\) \(a, b\)"):
+        choose_stage({0: [rec("a"), rec("b", slot=1)]}, 4, requested=0, slots=2)
 
 
 def test_peer_choice_by_throughput_and_queue() -> None:

@@ -209,6 +209,15 @@ class SwarmConfig(_Strict):
         "sync",
         description="sync flushes the pipeline before every step (equals pmnode train); async overlaps.",
     )
+    heads: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Head slots: stage-0 nodes that drive the pipeline at once, each reading its own "
+        "part of the data order (slot h takes the h-th block of train.batch_size windows of every "
+        "heads x batch_size). train.batch_size is per head: a sync step commits heads x batch_size "
+        "samples, so it equals pmnode train at that batch.",
+    )
     max_inflight: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         4,
         description="Micro-batches a head keeps in flight at once, or auto: enough to cover the measured "

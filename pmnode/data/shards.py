@@ -38,6 +38,22 @@ class DataPosition(BaseModel):
         return cls(epoch=windows // per_epoch, offset=windows % per_epoch)
 
 
+def slot_position(slot: int, slots: int, batch: int, per_epoch: int, batches_done: int = 0) -> DataPosition:
+    """Where head slot `slot` of `slots` reads its batch number `batches_done`.
+
+    The heads split the seeded window order into blocks of `batch` windows and deal them out in turn:
+    slot h takes blocks h, h + slots, h + 2 slots, ... So no window is read twice and none is skipped,
+    whatever pace each slot keeps, and in lockstep the heads' batches of step t together are exactly
+    the windows a single process at batch `slots x batch` reads at step t. One slot: the plain order.
+    """
+    return DataPosition.after((batches_done * slots + slot) * batch, per_epoch)
+
+
+def past_other_slots(after: DataPosition, slots: int, batch: int, per_epoch: int) -> DataPosition:
+    """The position after one of a slot's batches, moved past the other slots' blocks: its next batch."""
+    return DataPosition.after(after.windows_before(per_epoch) + (slots - 1) * batch, per_epoch)
+
+
 def hash_seed(*parts: int) -> int:
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1

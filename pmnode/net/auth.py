@@ -63,6 +63,7 @@ class Cert(BaseModel):
     run: str
     peer_id: str
     stage: int
+    slot: int = 0  # a head's slot (stage 0): which part of the data order it reads; 0 elsewhere
     public_key: str  # the node's record-signing key (OpenSSH format)
     expires: float  # unix time
     sig: str = ""
@@ -72,9 +73,17 @@ class Cert(BaseModel):
 
 
 def issue_cert(
-    authority: RSAPrivateKey, run: str, peer_id: str, stage: int, public_key: str, ttl: float = CERT_TTL
+    authority: RSAPrivateKey,
+    run: str,
+    peer_id: str,
+    stage: int,
+    public_key: str,
+    ttl: float = CERT_TTL,
+    slot: int = 0,
 ) -> Cert:
-    cert = Cert(run=run, peer_id=peer_id, stage=stage, public_key=public_key, expires=time.time() + ttl)
+    cert = Cert(
+        run=run, peer_id=peer_id, stage=stage, slot=slot, public_key=public_key, expires=time.time() + ttl
+    )
     cert.sig = authority.sign(cert.body()).decode()
     return cert
 

@@ -38,6 +38,8 @@ def open_record(value: Any, verifier: Verifier, stage: int, subkey: str) -> Stag
     rec = StageRecord.model_validate(signed.record)
     if rec.peer_id != subkey or rec.stage != stage:
         raise AuthError("unauthorized", "record names another peer or stage than its key")
+    if rec.slot != signed.cert.slot:  # a head's slot is the coordinator's word, not its own
+        raise AuthError("unauthorized", "record names another head slot than its certificate")
     if not verifier.node_key(signed.cert).verify(canonical(signed.record), signed.sig.encode()):
         raise AuthError("unauthorized", "record signature does not verify")
     return rec

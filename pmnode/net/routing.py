@@ -34,6 +34,7 @@ class StageRecord(BaseModel):
 
     peer_id: str
     stage: int = Field(ge=0)
+    slot: int = Field(0, ge=0, description="A head's slot (its part of the data order); 0 elsewhere.")
     state: Literal["joining", "online", "offline"] = "online"
     throughput: float = Field(0.0, ge=0, description="Samples/s this node measured on its own stage.")
     queue: int = Field(0, ge=0, description="Micro-batches in flight through this node.")
@@ -66,30 +67,49 @@ def capacity(records: Iterable[StageRecord]) -> float:
     return sum(r.throughput or 1.0 for r in live(records))
 
 
+def head_slot(heads_now: Iterable[StageRecord], slots: int, caller: str | None = None) -> int | None:
+    """The head slot a node joining stage 0 gets, or None when every slot has a live head.
+
+    A caller that already holds a slot (renewing its certificate) keeps it. Otherwise the lowest slot
+    no online head holds, preferring one no node was just assigned to (`joining`): that one may still
+    come up, but a joiner assigned a moment ago may also never do, so it cannot block the slot.
+    """
+    recs = live(heads_now)
+    for r in recs:
+        if r.peer_id == caller:
+            return r.slot
+    online = {r.slot for r in recs if r.state == "online"}
+    pending = {r.slot for r in recs if r.state == "joining"}
+    free = [s for s in range(slots) if s not in online]
+    return min(free, key=lambda s: (s in pending, s)) if free else None
+
+
 def choose_stage(
     by_stage: Mapping[int, Iterable[StageRecord]],
     n_stages: int,
     requested: int | None = None,
     caller: str | None = None,
+    slots: int = 1,
 ) -> int:
     """The stage a joining node serves: the requested one if valid, else the weakest.
 
     Empty stages come first (the swarm cannot train without them), then the least
-    capacity; ties go to the lowest index so every caller agrees. The head (stage 0)
-    drives the data and is never replicated: a node joins it only when it is empty.
+    capacity; ties go to the lowest index so every caller agrees. Stage 0 has `slots` head
+    slots (swarm.heads): a node joins it only while one of them has no live head.
     """
-    # Announced heads only: a node assigned stage 0 a moment ago may never come up.
-    heads = [r.peer_id for r in live(by_stage.get(0, ())) if r.state == "online" and r.peer_id != caller]
+    heads = list(by_stage.get(0, ()))
+    full = head_slot(heads, slots, caller) is None
     if requested is not None:
         if not 0 <= requested < n_stages:
             raise ConfigError(f"stage {requested} is out of range: this run has stages 0..{n_stages - 1}")
-        if requested == 0 and heads:
+        if requested == 0 and full:
+            online = [r.peer_id[-8:] for r in live(heads) if r.state == "online"]
             raise ConfigError(
-                f"stage 0 already has its head ({heads[0][-8:]}); the head is never replicated: "
-                "join another stage, or leave --stage out"
+                f"stage 0 already has its {slots} head(s) ({', '.join(online)}); swarm.heads sets how "
+                "many a run has: join another stage, or leave --stage out"
             )
         return requested
-    open_ = [s for s in range(n_stages) if s or not heads]
+    open_ = [s for s in range(n_stages) if s or not full]
     return min(open_, key=lambda s: (capacity(by_stage.get(s, ())), s))
 
 
