@@ -137,3 +137,23 @@ def test_error_feedback_sends_what_top_k_left_out() -> None:
         syncs[0].finish([syncs[0].start()])
     # the anchor walks to the weights the replica trained to
     assert torch.allclose(syncs[0].anchor[0], target, atol=0.05)
+
+
+def test_replicated_pipeline_keeps_its_replicas_together() -> None:
+    from pmnode.config import load_config
+    from pmnode.core.replica_train import ReplicatedPipeline
+
+    cfg = load_config("tiny").with_overrides(
+        replica_sync={"method": "outer", "compressor": "none", "inner_steps": 2, "overlap": False}
+    )
+    pipe = ReplicatedPipeline(cfg, cfg.codec_spec, "cpu", replicas=2)
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (cfg.train.batch_size, cfg.train.seq_len))
+    losses = [pipe.train_step(x, x.roll(-1, 1), 4) for _ in range(4)]
+    assert pipe.rounds == 2 and losses[-1] < losses[0]
+    for a, b in zip(pipe.lanes[0].workers, pipe.lanes[1].workers, strict=True):
+        for pa, pb in zip(a.stage.parameters(), b.stage.parameters(), strict=True):
+            assert torch.equal(pa, pb)  # the same anchor, bit for bit, after a blocking round
+    assert pipe.bytes_per_round == [
+        sum(4 * p.numel() for p in w.stage.parameters() if p.requires_grad) for w in pipe.workers
+    ]

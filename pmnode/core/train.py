@@ -45,6 +45,9 @@ class TrainSummary(BaseModel):
     bytes_per_token_backward: int
     train_losses: list[float]
     evals: list[tuple[int, int, float]]  # (step, tokens seen, held-out loss)
+    replicas: int = 1
+    sync_bytes_per_round: list[int] = []  # per stage, what one replica sends per outer round
+    outer_rounds: int = 0
 
 
 class Pipeline:
@@ -113,15 +116,25 @@ def train(
     on_step: Callable[[StepInfo], None] | None = None,
     on_end: Callable[[Pipeline, list[tuple[Tensor, Tensor]]], None] | None = None,
     autocast_bf16: bool = False,
+    replicas: int = 1,
 ) -> TrainSummary:
     """Train cfg.train.steps steps; evaluate held-out loss every eval_every steps and at the end.
 
-    `on_end(pipeline, heldout_batches)` sees the trained model, e.g. for diagnostics."""
+    `on_end(pipeline, heldout_batches)` sees the trained model, e.g. for diagnostics. `replicas` > 1
+    with `replica_sync.method: outer` trains R replicas of every stage joined by the outer loop
+    (pmnode.core.replica_train); with `step` the replicas' summed gradients are this pipeline's."""
     t = cfg.train
+    from pmnode.core.replica_train import ReplicatedPipeline
     from pmnode.data.resolve import open_data
     from pmnode.data.shards import DataPosition
 
-    pipe = Pipeline(cfg, codec, device, autocast_bf16)  # a bad codec fails before any data is prepared
+    # a bad codec fails before any data is prepared
+    outer = replicas > 1 and cfg.replica_sync.method == "outer"
+    pipe: Pipeline | ReplicatedPipeline = (
+        ReplicatedPipeline(cfg, codec, device, replicas, autocast_bf16)
+        if outer
+        else Pipeline(cfg, codec, device, autocast_bf16)
+    )
     data = open_data(cfg.data, t.seq_len, cfg.model.vocab_size)
     eval_batches = data.heldout.eval_batches(t.eval_batches, t.batch_size)
     pos = DataPosition()
@@ -154,4 +167,7 @@ def train(
         bytes_per_token_backward=pipe.codec.bytes_per_token_backward(),
         train_losses=losses,
         evals=evals,
+        replicas=replicas,
+        sync_bytes_per_round=pipe.bytes_per_round if isinstance(pipe, ReplicatedPipeline) else [],
+        outer_rounds=pipe.rounds if isinstance(pipe, ReplicatedPipeline) else 0,
     )
