@@ -41,6 +41,10 @@ class RunResult(BaseModel):
     config_hash: str
     command: str
     complete: bool = True  # False: the run was cut short; the curve holds what it reached
+    replicas: int = 1  # R replicas of every stage, joined by replica_sync (pmnode.core.replica_train)
+    sync_bytes_per_round: list[int] = []  # per stage, what one replica sends per outer round
+    outer_rounds: int = 0
+    sync_params_per_stage: list[int] = []
 
 
 def config_hash(cfg: RunConfig) -> str:
@@ -54,8 +58,12 @@ def with_tokens(cfg: RunConfig, tokens: int | None, eval_points: int) -> RunConf
     return cfg.with_overrides(train={"steps": steps, "eval_every": max(1, steps // eval_points)})
 
 
+def run_name(spec: str, replicas: int = 1) -> str:
+    return slug(spec) if replicas == 1 else f"{slug(spec)}+replicas_{replicas}"
+
+
 def run_variant(
-    cfg: RunConfig, spec: str, out: Path, device: str, console: Console, command: str
+    cfg: RunConfig, spec: str, out: Path, device: str, console: Console, command: str, replicas: int = 1
 ) -> RunResult:
     """Train one variant; its JSON is rewritten at every evaluation (complete=False until the end),
     so a run cut short by the end of a session still leaves its curve."""
@@ -82,8 +90,9 @@ def run_variant(
         config_hash=config_hash(run_cfg),
         command=command,
         complete=False,
+        replicas=replicas,
     )
-    path = out / "runs" / f"{slug(spec)}.json"
+    path = out / "runs" / f"{run_name(spec, replicas)}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
 
     def on_eval(info: StepInfo) -> None:
@@ -101,7 +110,10 @@ def run_variant(
         console,
         on_end=lambda pipe, batches: found.append(diagnose(pipe, batches)),
         on_eval=on_eval,
+        replicas=replicas,
     )
+    result.sync_bytes_per_round, result.outer_rounds = s.sync_bytes_per_round, s.outer_rounds
+    result.sync_params_per_stage = s.sync_params_per_stage
     result.tokens_per_s = round(s.tokens_per_s, 1)
     result.diagnostics = found[0] if found else None
     result.complete = True

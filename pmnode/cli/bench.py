@@ -78,6 +78,15 @@ def bench_convergence(
     ] = 20,
     threads: Annotated[int | None, typer.Option(help="torch threads for this process.", min=1)] = None,
     report_only: Annotated[bool, typer.Option(help="Only rebuild the report from OUT/runs/.")] = False,
+    replicas: Annotated[
+        int,
+        typer.Option(
+            help="Replicas of every stage, each on 1/R of the batch, joined by the variant's replica_sync "
+            "(e.g. +replica_sync.method=outer+replica_sync.compressor=topk); computed in one process. "
+            "Long-run mode only.",
+            min=1,
+        ),
+    ] = 1,
     data: DataOpt = None,
     device: DeviceOpt = "cpu",
 ) -> None:
@@ -90,10 +99,13 @@ def bench_convergence(
 
         torch.set_num_threads(threads)
     if tokens is None and target_loss is None and not report_only:
+        if replicas > 1:
+            raise PmnodeError("--replicas needs --tokens (the long-run mode, one JSON per run)")
         from pmnode.bench.core import convergence
 
         convergence(cfg, specs, out, resolve_device(device), console, command=command)
         return
+    from pmnode.bench import scale_report
     from pmnode.bench.fidelity import run_variant, with_tokens
     from pmnode.bench.fidelity_report import write_report
     from pmnode.bench.variants import variant_config
@@ -103,9 +115,15 @@ def bench_convergence(
     if not report_only:
         cfg = with_tokens(cfg, tokens, eval_points)
         for spec in specs:
-            r = run_variant(cfg, spec, out, resolve_device(device), console, command)
+            r = run_variant(cfg, spec, out, resolve_device(device), console, command, replicas)
             console.print(f"{spec}: held-out {r.heldout_loss:.4f} after {r.tokens:,} tokens")
-            write_report(out, target_loss, cfg.name)
+            if replicas == 1:
+                write_report(out, target_loss, cfg.name)
+    if scale_report.has_replicas(out):  # replica sync against exact sums, not compression against k = d
+        for s in scale_report.write_report(out, cfg.name):
+            gap = f"{100 * s.gap:+.2f}%" if s.gap is not None else "-"
+            console.print(f"{s.label}: held-out {s.heldout_loss:.4f}, gap {gap}, {s.bytes_per_round:,} B")
+        return
     for row in write_report(out, target_loss, cfg.name):
         gap = f"{100 * row.gap_end:+.1f}%" if row.gap_end is not None else "-"
         console.print(

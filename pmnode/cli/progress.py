@@ -19,6 +19,7 @@ def train_with_progress(
     autocast_bf16: bool = False,
     on_end: Callable | None = None,
     on_eval: Callable[[StepInfo], None] | None = None,
+    replicas: int = 1,
 ) -> TrainSummary:
     columns = (
         TextColumn("[bold]{task.description}"),
@@ -44,4 +45,4 @@ def train_with_progress(
             if on_eval is not None and info.heldout is not None:
                 on_eval(info)
 
-        return train(cfg, codec, device, on_step, on_end, autocast_bf16=autocast_bf16)
+        return train(cfg, codec, device, on_step, on_end, autocast_bf16=autocast_bf16, replicas=replicas)

@@ -54,6 +54,7 @@ class ReplicatedPipeline:
         ]
         # bytes one replica sends per round, for every stage it holds (a swarm node holds one)
         self.bytes_per_round = [round_bytes(o.shapes, self.sync) for o in self.outer[0]]
+        self.params_per_stage = [sum(p.numel() for p in o.params) for o in self.outer[0]]
         self.pending: list[list[Share]] | None = None  # per stage, the shares of the round in flight
         self.steps = 0
         self.rounds = 0

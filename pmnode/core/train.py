@@ -48,6 +48,7 @@ class TrainSummary(BaseModel):
     replicas: int = 1
     sync_bytes_per_round: list[int] = []  # per stage, what one replica sends per outer round
     outer_rounds: int = 0
+    sync_params_per_stage: list[int] = []  # the trainable parameters those bytes stand for
 
 
 class Pipeline:
@@ -170,4 +171,5 @@ def train(
         replicas=replicas,
         sync_bytes_per_round=pipe.bytes_per_round if isinstance(pipe, ReplicatedPipeline) else [],
         outer_rounds=pipe.rounds if isinstance(pipe, ReplicatedPipeline) else 0,
+        sync_params_per_stage=pipe.params_per_stage if isinstance(pipe, ReplicatedPipeline) else [],
     )
