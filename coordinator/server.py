@@ -21,6 +21,7 @@ from coordinator.http import Metrics, StatusServer, reach_note
 from coordinator.state import SavedState, extend_history, head_of, load_state, save_state
 from coordinator.view import swarm_status
 from pmnode.config import RunConfig
+from pmnode.core.durable import disk_problem
 from pmnode.core.stages import build_subspace
 from pmnode.errors import PmnodeError
 from pmnode.net.auth import WRONG_TOKEN, AuthError, Verifier, issue_cert, public_bytes
@@ -78,6 +79,7 @@ class Coordinator:
         self.members: dict[int, list[StageRecord]] = {}
         self.pending: dict[str, tuple[int, int, float]] = {}  # peer -> (stage, head slot, assigned at)
         self.state_path = state_dir / "state.json"
+        self.disk_problem: str | None = None  # why state.json was last not saved (a full disk)
         self.global_step = 0
 
     def _load_state(self) -> None:
@@ -98,7 +100,14 @@ class Coordinator:
             members=self.members,
             history=self.history,
         )
-        save_state(self.state_path, state)
+        try:
+            save_state(self.state_path, state)
+            self.disk_problem = None
+        except OSError as e:  # a full disk must not stop the coordinator: the last saved state stays
+            line = f"{disk_problem(e, self.state_dir)}; keeping the last saved state"
+            if line != self.disk_problem:
+                self.console.print(line, highlight=False)
+            self.disk_problem = line
 
     def _by_stage_with_pending(self) -> dict[int, list[StageRecord]]:
         now = time.monotonic()

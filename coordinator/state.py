@@ -6,13 +6,13 @@ so volunteers' bootstrap addresses stay valid, the global step and the loss hist
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field
 
+from pmnode.core.durable import atomic_write
 from pmnode.errors import PmnodeError
 from pmnode.net.routing import StageRecord
 from pmnode.net.status import HistoryPoint, thin
@@ -48,9 +48,8 @@ def load_state(path: Path, run: str, fingerprint: str | None) -> SavedState | No
 
 
 def save_state(path: Path, state: SavedState) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(state.model_dump_json(indent=2))
-    os.replace(tmp, path)  # atomic: a crash never leaves half a state file
+    # fsynced, then renamed: a crash or power cut never leaves half (or none) of a state file
+    atomic_write(path, lambda p: p.write_text(state.model_dump_json(indent=2)), path.with_suffix(".tmp"))
 
 
 def head_of(members: dict[int, list[StageRecord]]) -> StageRecord | None:

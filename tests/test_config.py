@@ -25,7 +25,23 @@ def test_required_configs_exist() -> None:
     big = load_config(Path(__file__).parent.parent / "configs" / "llama-8b.yaml")
     m = big.model  # the paper's and node0's Llama-3-8B shape, k ~ d/100
     assert (m.d_model, m.n_layers, m.n_heads, m.kv_heads, m.hidden) == (4096, 32, 32, 8, 14336)
-    assert (m.max_seq_len, m.vocab_size, big.rank, big.n_stages) == (4096, 128256, 40, 8)
+    assert (m.max_seq_len, m.vocab_size, big.rank, big.n_stages) == (4096, 128256, 160, 8)
+    # The remedy at the bytes of the paper's fp32 k = 40: int8 at 4x the rank, pair and triple
+    # tables without the 128K x d token table; the paper's constraint is one setting away.
+    assert (big.codec_spec, big.subspace.constrain, big.subspace.stage_embeddings) == (
+        "subspace:int8",
+        "boundaries",
+        False,
+    )
+    paper = big.with_overrides(subspace={"preset": "paper", "compression_rank": 40})
+    sub = paper.subspace
+    assert (paper.codec_spec, paper.rank, sub.constrain, sub.stage_embeddings, sub.stage_bigrams) == (
+        "subspace",
+        40,
+        "layers",
+        False,
+        0,
+    )
 
 
 @pytest.mark.parametrize(
@@ -58,14 +74,11 @@ def test_split_layers_rejects(n_layers: int, n_stages: int, explicit, match: str
 
 
 def test_free_tail_layers_must_fit_in_tail() -> None:
-    ok = RunConfig.model_validate(
-        {"model": {"n_layers": 4}, "n_stages": 2, "subspace": {"uncompressed_tail_layers": 2}}
-    )
+    paper = {"preset": "paper", "uncompressed_tail_layers": 2}  # only the paper's constrains layers
+    ok = RunConfig.model_validate({"model": {"n_layers": 4}, "n_stages": 2, "subspace": paper})
     assert list(free_layers(ok)) == [2, 3]
     with pytest.raises(ValueError, match="tail stage holds 1 layer"):
-        RunConfig.model_validate(
-            {"model": {"n_layers": 4}, "n_stages": 4, "subspace": {"uncompressed_tail_layers": 2}}
-        )
+        RunConfig.model_validate({"model": {"n_layers": 4}, "n_stages": 4, "subspace": paper})
 
 
 def test_unknown_keys_are_errors(tmp_path: Path) -> None:

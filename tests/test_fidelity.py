@@ -24,10 +24,11 @@ D, K, V, T = 64, 8, 256, 16
 
 
 def cfg(n_stages: int = 4, **sub) -> RunConfig:
+    """The paper's preset, so each test adds the one mechanism it studies to the paper's constraint."""
     return RunConfig.model_validate(
         {
             "model": {"d_model": D, "n_layers": 4, "n_heads": 4, "vocab_size": V, "max_seq_len": 32},
-            "subspace": {"compression_rank": K, "uncompressed_tail_layers": 1, **sub},
+            "subspace": {"preset": "paper", "compression_rank": K, "uncompressed_tail_layers": 1, **sub},
             "n_stages": n_stages,
             "train": {"seq_len": T, "batch_size": 4, "steps": 10},
             "optim": {"warmup_steps": 0},

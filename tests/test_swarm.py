@@ -78,22 +78,24 @@ def test_sync_swarm_matches_single_process(sync_run: dict) -> None:
 
 
 def test_bytes_on_the_wire(sync_run: dict) -> None:
-    """Per token, per boundary, per direction: k x 4 (fp32 coefficients) + 1 (uint8 token id) forward,
-    k x 4 backward, plus framing: a 4-byte length and a JSON header (<= 400 bytes) per message and one
-    uint8 target per sequence (the tail rebuilds the other targets from the token ids)."""
+    """Per token, per boundary, per direction: the codec's coefficients (tiny ships the remedy: int8,
+    k x 1 + a 2-byte fp16 scale) + 1 (uint8 token id) forward, the same less the token backward, plus
+    framing: a 4-byte length and a JSON header (<= 400 bytes) per message and one uint8 target per
+    sequence (the tail rebuilds the other targets from the token ids)."""
     cfg = yaml.safe_load((sync_run["work"] / "config.yaml").read_text())
     k, seq, micro = (
         cfg["subspace"]["compression_rank"],
         cfg["train"]["seq_len"],
         cfg["train"]["micro_batch_size"],
     )
+    q = k + 2  # int8 coefficients and their scale
     n_msgs = STEPS * cfg["train"]["batch_size"] // micro
     tokens = n_msgs * micro * seq
     for node in sync_run["nodes"][:-1]:  # the sender side of each of the two boundaries
         c = node["client"]
         assert c["messages_sent"]["forward"] == c["messages_received"]["forward"] == n_msgs
-        assert c["payload_sent"]["forward"] == tokens * (4 * k + 1) + n_msgs * micro
-        assert c["payload_received"]["forward"] == tokens * 4 * k
+        assert c["payload_sent"]["forward"] == tokens * (q + 1) + n_msgs * micro
+        assert c["payload_received"]["forward"] == tokens * q
         framing_fwd = c["bytes_sent"]["forward"] - c["payload_sent"]["forward"]
         framing_bwd = c["bytes_received"]["forward"] - c["payload_received"]["forward"]
         assert 0 < framing_fwd <= n_msgs * 404 and 0 < framing_bwd <= n_msgs * 404
@@ -102,8 +104,8 @@ def test_bytes_on_the_wire(sync_run: dict) -> None:
         assert up["client"]["bytes_sent"]["forward"] == down["server"]["bytes_received"]["forward"]
         assert up["client"]["bytes_received"]["forward"] == down["server"]["bytes_sent"]["forward"]
     per_token = sync_run["swarm"]["wire_bytes_per_token_per_boundary"]
-    assert per_token["forward_payload"] == pytest.approx(4 * k + 1 + 1 / seq)
-    assert per_token["backward_payload"] == pytest.approx(4 * k)
+    assert per_token["forward_payload"] == pytest.approx(q + 1 + 1 / seq)
+    assert per_token["backward_payload"] == pytest.approx(q)
 
 
 def test_sync_run_leaves_checkpoint_and_no_processes(sync_run: dict) -> None:

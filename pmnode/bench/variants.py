@@ -5,6 +5,8 @@
     subspace@8                              k = 8, every residual write in span(U) (the paper's)
     subspace@8+subspace.constrain=boundaries+n_stages=2
                                             k = 8, full width inside stages, projected where they end
+    default                                 the config exactly as shipped (its codec and precision)
+    default@d                               its same-architecture twin: k = d, fp32, nothing projected
 
 Each `+key=value` sets one config field by its dotted path; the value is read as YAML
 (`true`, `3e-3`, `[4, 4]`). Specs are separated by commas on the command line, so a value
@@ -19,6 +21,7 @@ from typing import Any
 import yaml
 
 from pmnode.config import RunConfig
+from pmnode.config.sections import switch_preset
 from pmnode.core.train import config_for
 from pmnode.errors import ConfigError
 
@@ -59,6 +62,11 @@ def variant_config(cfg: RunConfig, spec: str) -> tuple[RunConfig, str]:
             cfg = RunConfig.model_validate(data)
         except Exception as e:  # pydantic's message names the field
             raise ConfigError(f"variant {spec!r}: {e}") from e
+    if codec_spec in ("default", "default@d"):  # the config as shipped, or its twin at k = d
+        if codec_spec == "default@d" and not cfg.subspace.enabled:
+            raise ConfigError(f"variant {spec!r}: default@d needs subspace.enabled in the config")
+        # The twin is the study's baseline: the same architecture unconstrained, full precision.
+        codec_spec = cfg.codec_spec if codec_spec == "default" else "subspace@d"
     if codec_spec.endswith("@d"):  # k = d whatever d the overrides chose: the unconstrained model
         codec_spec = f"{codec_spec[:-2]}@{cfg.model.d_model}"
     return config_for(cfg, codec_spec)
@@ -66,7 +74,10 @@ def variant_config(cfg: RunConfig, spec: str) -> tuple[RunConfig, str]:
 
 def _merge(into: dict[str, Any], new: dict[str, Any]) -> None:
     for k, v in new.items():
-        if isinstance(v, dict) and isinstance(into.get(k), dict):
+        if k == "subspace" and isinstance(v, dict) and "preset" in v:  # refill from the new preset
+            into[k] = switch_preset(into[k], {"preset": v["preset"]})
+            _merge(into[k], v)
+        elif isinstance(v, dict) and isinstance(into.get(k), dict):
             _merge(into[k], v)
         else:
             into[k] = v

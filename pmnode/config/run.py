@@ -15,6 +15,7 @@ from pydantic import Field, ValidationError, model_validator
 import pmnode.configs
 from pmnode.config.replica_sync import ReplicaSyncConfig
 from pmnode.config.sections import (
+    PRESET_CODEC,
     DataConfig,
     ModelConfig,
     OptimConfig,
@@ -22,6 +23,7 @@ from pmnode.config.sections import (
     SwarmConfig,
     TrainConfig,
     _Strict,
+    switch_preset,
 )
 from pmnode.core.split import free_layer_range
 from pmnode.errors import ConfigError
@@ -42,7 +44,9 @@ class RunConfig(_Strict):
         None, description="Explicit layers per stage; None splits as evenly as possible."
     )
     codec: str | None = Field(
-        None, description="Boundary codec spec; None means subspace if enabled, else dense."
+        None,
+        description="Boundary codec spec; None means the subspace preset's (remedy: subspace:int8, "
+        "paper: subspace) if enabled, else dense.",
     )
     optim: OptimConfig = Field(
         default_factory=OptimConfig, description="Optimizer and learning-rate schedule."
@@ -85,7 +89,9 @@ class RunConfig(_Strict):
 
     @property
     def codec_spec(self) -> str:
-        return self.codec or ("subspace" if self.subspace.enabled else "dense")
+        if self.codec:
+            return self.codec
+        return PRESET_CODEC[self.subspace.preset] if self.subspace.enabled else "dense"
 
     @property
     def rank(self) -> int:
@@ -95,7 +101,9 @@ class RunConfig(_Strict):
         """A copy with some fields replaced, e.g. with_overrides(train={"steps": 5}); re-validated."""
         data = self.model_dump()
         for section, values in sections.items():
-            if isinstance(data.get(section), dict):
+            if section == "subspace":  # a new preset refills what held the old one's values
+                data[section] = switch_preset(data[section], values)
+            elif isinstance(data.get(section), dict):
                 data[section].update(values)
             else:
                 data[section] = values

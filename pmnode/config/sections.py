@@ -58,11 +58,41 @@ class ModelConfig(_Strict):
         return max(32, round(8 * self.d_model / 3 / 32) * 32)
 
 
+# What a preset sets when the config leaves it unset. remedy: the fidelity study's best boundary
+# (docs/benchmarks/fidelity: full width inside a stage, stage-local token/pair/triple tables, 8-bit
+# coefficients at 4x the rank); paper: arXiv 2506.01260's constraint, every write in span(U), fp32.
+PRESETS: dict[str, dict[str, object]] = {
+    "remedy": {"constrain": "boundaries", "stage_embeddings": True, "stage_bigrams": 4096, "stage_ngrams": 3},
+    "paper": {"constrain": "layers", "stage_embeddings": False, "stage_bigrams": 0, "stage_ngrams": 2},
+}
+PRESET_CODEC = {"remedy": "subspace:int8", "paper": "subspace"}  # the codec when `codec` is unset
+PRESET_RATIO = {"remedy": 8, "paper": 16}  # d / k when neither compression_rank nor _ratio is set
+
+
+def switch_preset(sub: dict, new: dict) -> dict:
+    """`sub` (a dumped subspace section, every field filled) updated with `new`. When `new` changes
+    the preset, the settings a preset governs are dropped unless `new` sets them, so the new preset
+    fills them: `+subspace.preset=paper` is the paper's constraint exactly, whatever tables the
+    loaded config had (a dump cannot tell a file's explicit choice from its preset's value)."""
+    out = dict(sub)
+    if new.get("preset", out.get("preset", "remedy")) != out.get("preset", "remedy"):
+        out = {k: v for k, v in out.items() if k not in PRESETS["paper"]}
+    out.update(new)
+    return out
+
+
 class SubspaceConfig(_Strict):
     """The Protocol Models subspace: basis U (d x k) and frozen token table F (vocab x d)."""
 
     enabled: bool = Field(
         True, description="Constrain residual writes to span(U); False trains a plain model."
+    )
+    preset: Literal["remedy", "paper"] = Field(
+        "remedy",
+        description="Defaults for constrain, the stage tables, the codec's precision and k when the "
+        "config leaves them unset. remedy (measured best, docs/benchmarks/fidelity): constrain "
+        "boundaries, stage_embeddings, stage_bigrams 4096, stage_ngrams 3, codec subspace:int8, k = d/8. "
+        "paper (arXiv 2506.01260): constrain layers, no tables, codec subspace (fp32), k = d/16.",
     )
     seed: int = Field(
         1234, ge=0, description="The one integer U and F are derived from; held by the coordinator."
@@ -87,32 +117,45 @@ class SubspaceConfig(_Strict):
     )
     stage_embeddings: bool = Field(
         False,
-        description="Every stage after the head adds a trainable token embedding (zero at init) to the "
-        "stream it receives: token features it would otherwise need from the k coefficients. Costs "
-        "vocab x k (layers) or vocab x d (boundaries) parameters per stage, no bytes on the wire.",
+        description="Unset: the preset's. Every stage after the head adds a trainable token embedding "
+        "(zero at init) to the stream it receives: token features it would otherwise need "
+        "from the k coefficients. Costs vocab x k (layers) or vocab x d (boundaries) "
+        "parameters per stage, no bytes on the wire.",
     )
     stage_bigrams: int = Field(
         0,
         ge=0,
-        description="With stage_embeddings: also a trainable embedding of each (previous, current) token "
-        "pair, hashed into this many rows (0: none). Every stage has the token ids, so local context "
-        "costs no bytes on the wire.",
+        description="Unset: the preset's. Every stage after the head adds a trainable embedding of each "
+        "(previous, current) token pair, hashed into this many rows (0: none), with or without "
+        "stage_embeddings (without it for large vocabularies, where vocab x d per stage would not fit). "
+        "Every stage has the token ids, so local context costs no bytes on the wire.",
     )
     stage_ngrams: int = Field(
         2,
         ge=2,
         le=4,
-        description="With stage_bigrams: the longest run of tokens a stage embeds. 2: pairs only; 3 and 4 "
-        "add hashed tables (stage_bigrams rows each) of the last 3 and 4 tokens: more local context "
-        "computed from the ids every stage has, no bytes on the wire.",
+        description="Unset: the preset's. With stage_bigrams: the longest run of tokens a stage embeds. "
+        "2: pairs only; 3 and 4 add hashed tables (stage_bigrams rows each) of the last 3 and"
+        " 4 tokens: more local context computed from the ids every stage has, no bytes on the"
+        " wire.",
     )
     constrain: Literal["layers", "boundaries"] = Field(
         "layers",
-        description="layers: every residual write of a constrained layer lies in span(U), so the stream "
-        "is F[tok] + span(U) between all layers (the paper's); boundaries: layers write at full width and "
-        "the stream is projected onto F[tok] + span(U) only where a stage ends (the codec's encode is that "
-        "projection), so the layers inside a stage keep their width. Both send k numbers per token.",
+        description="Unset: the preset's. layers: every residual write of a constrained layer lies in "
+        "span(U), so the stream is F[tok] + span(U) between all layers (the paper's); "
+        "boundaries: layers write at full width and the stream is projected onto F[tok] + "
+        "span(U) only where a stage ends (the codec's encode is that projection), so the "
+        "layers inside a stage keep their width. Both send k numbers per token.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, data: object) -> object:
+        """Fill what the config leaves unset from its preset (an unknown preset fails on the field)."""
+        if isinstance(data, dict):
+            preset = data.get("preset", "remedy")
+            data = {**PRESETS.get(preset, {}), **data}
+        return data
 
     @model_validator(mode="after")
     def _one_rank(self) -> SubspaceConfig:
@@ -126,7 +169,7 @@ class SubspaceConfig(_Strict):
         elif self.compression_ratio is not None:
             k = max(1, round(d_model / self.compression_ratio))
         else:
-            k = max(1, d_model // 16)
+            k = max(1, d_model // PRESET_RATIO[self.preset])
         if k > d_model:
             raise ConfigError(f"subspace.compression_rank={k} exceeds d_model={d_model}")
         return k

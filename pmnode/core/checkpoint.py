@@ -7,8 +7,8 @@ Layout:
         optimizer.pt        AdamW state
         manifest.json       step, stage, layer range, subspace fingerprint, run name, samples,
                             and for the head the data position of the next step
-A stage is written whole into a new directory (manifest last), which then takes the old one's
-place by two renames; a crash between them is settled at the next read or write (`_settle`). So a
+A stage is written whole into a new directory (manifest last) and fsynced, which then takes the
+old one's place by two renames; a crash between them is settled at the next read or write (`_settle`). So a
 crash at any moment leaves the previous complete checkpoint or the new one, never a mix of files.
 """
 
@@ -25,6 +25,7 @@ from pydantic import BaseModel, ValidationError
 from safetensors.torch import load_file, save_file
 
 from pmnode.config import RunConfig, format_validation_error
+from pmnode.core.durable import atomic_write, fsync_path, fsync_tree
 from pmnode.core.worker import StageWorker
 from pmnode.data.shards import DataPosition
 from pmnode.errors import ConfigError, PmnodeError
@@ -50,9 +51,7 @@ def stage_dir(root: Path, stage: int) -> Path:
 
 def _atomic(path: Path, write: Callable[[Path], object]) -> None:
     # The pid keeps concurrent writers (every node of a local swarm writes run.json) off each other's tmp.
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    atomic_write(path, write, path.with_name(f"{path.name}.{os.getpid()}.tmp"))
 
 
 def _writer_gone(path: Path) -> bool:
@@ -95,6 +94,31 @@ def save(
     _settle(root, worker.index)
     new, old = d.with_name(f"{d.name}.{os.getpid()}.new"), d.with_name(f"{d.name}.{os.getpid()}.old")
     new.mkdir()
+    try:  # a failed write (a full disk) leaves the last good checkpoint as it was, and no leftovers
+        _write(worker, new, run, samples, data)
+        fsync_tree(new)  # on disk before the rename makes it current
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    moved = False
+    with contextlib.suppress(FileNotFoundError):  # another replica of the stage may be swapping too
+        os.replace(d, old)
+        moved = True
+    try:
+        os.replace(new, d)
+    except OSError:
+        shutil.rmtree(new, ignore_errors=True)
+        if moved and not d.exists():  # our rename failed, not a racing replica's: put ours back
+            os.replace(old, d)
+            fsync_path(root)
+            raise
+        # else that replica's whole checkpoint is in place: the same weights, under sync
+    fsync_path(root)
+    shutil.rmtree(old, ignore_errors=True)
+    return d
+
+
+def _write(worker: StageWorker, new: Path, run: str, samples: int, data: DataPosition | None) -> None:
     state = {k: v.detach().cpu().contiguous() for k, v in worker.stage.state_dict().items()}
     save_file(state, str(new / "model.safetensors"))
     torch.save(worker.optimizer.state_dict(), new / "optimizer.pt")
@@ -110,14 +134,6 @@ def save(
         data=data,
     )
     (new / "manifest.json").write_text(man.model_dump_json(indent=2))
-    with contextlib.suppress(FileNotFoundError):  # another replica of the stage may be swapping too
-        os.replace(d, old)
-    try:
-        os.replace(new, d)
-    except OSError:  # that replica's whole checkpoint is in place: the same weights, under sync
-        shutil.rmtree(new, ignore_errors=True)
-    shutil.rmtree(old, ignore_errors=True)
-    return d
 
 
 def save_run_config(cfg: RunConfig, root: Path) -> Path:

@@ -149,8 +149,9 @@ def stage_sizes(cfg: RunConfig, codec: str | None = None) -> list[StageSize]:
             params += v * emb_cols
             writes += v * emb_cols
             flops += 2 * k * d if reparam else 0
-        elif sub.enabled and sub.stage_embeddings:
-            extra = (v + sub.stage_bigrams * (sub.stage_ngrams - 1)) * emb_cols
+        elif sub.enabled and (sub.stage_embeddings or sub.stage_bigrams):
+            ngrams = sub.stage_bigrams * (sub.stage_ngrams - 1)
+            extra = (v * sub.stage_embeddings + ngrams) * emb_cols
             params, writes = params + extra, writes + extra
         if tail:
             params += d + v * d

@@ -74,18 +74,20 @@ class Stage(nn.Module):
         self.subspace = subspace
         if self.is_first:
             self.embed = SubspaceEmbedding(m.vocab_size, m.d_model, constrained, subspace)
-        own_table = sub.enabled and sub.stage_embeddings and not self.is_first
+        local = sub.enabled and not self.is_first  # stages after the head may embed token ids
         self.reembed = (
             SubspaceEmbedding(m.vocab_size, m.d_model, constrained, subspace, with_table=False)
-            if own_table
+            if local and sub.stage_embeddings
             else None
         )
+        # Pair and triple tables stand without the token table: at a 128K vocabulary vocab x d per
+        # stage would not fit, hashed n-grams do.
         self.bigrams = (
             SubspaceEmbedding(sub.stage_bigrams, m.d_model, constrained, subspace, with_table=False)
-            if own_table and sub.stage_bigrams
+            if local and sub.stage_bigrams
             else None
         )
-        longer = range(3, sub.stage_ngrams + 1) if own_table and sub.stage_bigrams else range(0)
+        longer = range(3, sub.stage_ngrams + 1) if self.bigrams is not None else range(0)
         self.ngrams = nn.ModuleList(
             SubspaceEmbedding(sub.stage_bigrams, m.d_model, constrained, subspace, with_table=False)
             for _ in longer
@@ -115,12 +117,10 @@ class Stage(nn.Module):
         seed, m = self.cfg.train.seed, self.cfg.model
         if self.is_first:
             self.embed.reset(m.init_std, seeded_generator(seed, "embed"))
-        elif self.reembed is not None:
-            nn.init.zeros_(self.reembed.weight)  # the stage starts as the model without it
-            if self.bigrams is not None:
-                nn.init.zeros_(self.bigrams.weight)
-            for table in self.ngrams:
-                nn.init.zeros_(table.weight)
+        else:  # the stage's own tables start at zero: the stage starts as the model without them
+            for table in (self.reembed, self.bigrams, *self.ngrams):
+                if table is not None:
+                    nn.init.zeros_(table.weight)
         for i, block in self.layers.items():
             block.reset(m, seeded_generator(seed, f"layer{i}"))
         if self.is_last:
@@ -146,11 +146,12 @@ class Stage(nn.Module):
 
     def add_token_features(self, x: Tensor, tokens: Tensor | None) -> Tensor:
         """The stage's own token (and token n-gram) embeddings, added to the stream it received."""
-        if self.reembed is None:
+        if self.reembed is None and self.bigrams is None:
             return x
         if tokens is None:
             raise ValueError(f"stage {self.index} adds its token embedding: it needs token ids")
-        x = x + self.reembed(tokens)
+        if self.reembed is not None:
+            x = x + self.reembed(tokens)
         if self.bigrams is not None:
             ids = bigram_ids(tokens, self.cfg.model.vocab_size, self.bigrams.weight.shape[0])
             x = x + self.bigrams(ids)

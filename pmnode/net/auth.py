@@ -7,7 +7,7 @@ Trust chain:
 * A node proves it knows the token in its join request, over libp2p's encrypted channel to the
   coordinator's peer id, and sends the public half of a fresh RSA key. The coordinator answers with
   a **membership certificate**: run, peer id, stage, that public key and an expiry, signed by the
-  authority. The node renews it at half-life.
+  authority. The node renews it at half-life (RENEW_BEFORE): the swarm outlives a 3 h coordinator outage.
 * Data RPCs: libp2p authenticates the caller's peer id on every stream (Noise/TLS), so a caller
   needs to show its certificate once, in a `hello`; after that every forward/eval/done call is
   admitted by the `Guard` against the certificate bound to that authenticated peer id: right run,
@@ -32,7 +32,11 @@ from pydantic import BaseModel, ConfigDict
 
 from pmnode.errors import PmnodeError
 
-CERT_TTL = 3600.0  # seconds a membership certificate is valid; nodes renew at half-life
+CERT_TTL = 6 * 3600.0  # seconds a membership certificate is valid
+# A node asks for a new certificate once less than this is left, and again at every heartbeat until it
+# gets one. The data path never needs the coordinator, so the swarm trains through a coordinator outage
+# of up to RENEW_BEFORE (3 h; less one heartbeat at worst) with the certificates it holds.
+RENEW_BEFORE = CERT_TTL / 2
 
 
 class AuthError(PmnodeError):
@@ -72,6 +76,11 @@ class Cert(BaseModel):
         return canonical(self.model_dump(exclude={"sig"}))
 
 
+def renewal_due(cert: Cert, now: float) -> bool:
+    """Whether a node holding `cert` should ask the coordinator for a new one now."""
+    return cert.expires - now < RENEW_BEFORE
+
+
 def issue_cert(
     authority: RSAPrivateKey,
     run: str,
@@ -80,10 +89,10 @@ def issue_cert(
     public_key: str,
     ttl: float = CERT_TTL,
     slot: int = 0,
+    now: float | None = None,
 ) -> Cert:
-    cert = Cert(
-        run=run, peer_id=peer_id, stage=stage, slot=slot, public_key=public_key, expires=time.time() + ttl
-    )
+    expires = (time.time() if now is None else now) + ttl
+    cert = Cert(run=run, peer_id=peer_id, stage=stage, slot=slot, public_key=public_key, expires=expires)
     cert.sig = authority.sign(cert.body()).decode()
     return cert
 

@@ -12,7 +12,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 from rich.console import Console
 
 from pmnode.errors import PmnodeError
-from pmnode.net.auth import CERT_TTL, WRONG_TOKEN, AuthError, Cert, Verifier, public_bytes
+from pmnode.net.auth import WRONG_TOKEN, AuthError, Cert, Verifier, public_bytes, renewal_due
 from pmnode.net.control import JOIN_RPC, ControlError, JoinReply, JoinRequest, call_json, coordinator_peer
 from pmnode.net.dht import announce, keep_in_touch, stage_records
 from pmnode.net.routing import HEARTBEAT_PERIOD, StageRecord
@@ -69,7 +69,7 @@ class Membership:
 
     async def renew_if_due(self) -> None:
         """A fresh certificate before the old one runs out; peers see it at our next hello."""
-        if self.current().expires - time.time() >= CERT_TTL / 2:
+        if not renewal_due(self.current(), time.time()):
             return
         try:
             await self.join(renew=True)

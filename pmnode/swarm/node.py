@@ -161,6 +161,8 @@ class Node:
             self.display.close(telemetry.snapshot())
             if o.checkpoint_dir:  # on the compute thread, after the job in progress: never torn
                 await ctx.runner.save()
+                if ctx.runner.disk_problem:  # the run goes on elsewhere; this node says why it has none
+                    self.console.print(f"checkpoint not saved: {ctx.runner.disk_problem}", highlight=False)
             offline = StageRecord(peer_id=ctx.peer_id, stage=ctx.stage, state="offline", time=time.time())
             # Best effort: if the DHT process is gone (SIGTERM to the whole group), don't hang on it;
             # the record expires after RECORD_TTL anyway.

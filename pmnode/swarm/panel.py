@@ -44,6 +44,7 @@ class NodeSnapshot(BaseModel):
     inflight: int
     errors: int
     uptime_s: float
+    problem: str | None = None  # one line the operator must see, e.g. checkpoints failing on a full disk
 
 
 def _mb(x: float) -> str:
@@ -76,6 +77,8 @@ def render(s: NodeSnapshot) -> Panel:
     grid.add_row("tokens/s", f"{s.tokens_per_s:,.0f}", "in flight", str(s.inflight))
     grid.add_row("in", _mb(s.bytes_in_per_s), "out", _mb(s.bytes_out_per_s))
     grid.add_row("compression", f"{s.compression:.1f}x vs dense fp32", "codec", f"{s.codec}, {s.schedule}")
+    if s.problem:
+        grid.add_row("[red]problem[/]", f"[red]{s.problem}[/]", "", "")
     footer = f"peer {s.peer_id[-12:]}, up {s.uptime_s:.0f}s" + (f", {s.errors} errors" if s.errors else "")
     return Panel(Group(grid), title=f"pmnode · run {s.run}", subtitle=footer, expand=False)
 
@@ -85,7 +88,7 @@ def line(s: NodeSnapshot) -> str:
         f"stage {s.stage} step {s.step}/{s.target_steps} samples {s.samples} loss {_loss(s.loss)} "
         f"held-out {_loss(s.heldout_loss)} {s.tokens_per_s:,.0f} tok/s in {_mb(s.bytes_in_per_s)} "
         f"out {_mb(s.bytes_out_per_s)} inflight {s.inflight} up {_peers(s.upstream)} "
-        f"down {_peers(s.downstream)}"
+        f"down {_peers(s.downstream)}" + (f" PROBLEM: {s.problem}" if s.problem else "")
     )
 
 

@@ -21,6 +21,7 @@ from torch import Tensor
 from pmnode.config import MachineConfig, RunConfig
 from pmnode.core import checkpoint
 from pmnode.core.codecs import Packet
+from pmnode.core.durable import disk_problem
 from pmnode.core.replica_state import load_state_tensors
 from pmnode.core.worker import StageWorker
 from pmnode.data.shards import DataPosition
@@ -66,6 +67,7 @@ class StageRunner:
         # (step, position) of the checkpoint this stage was loaded from.
         self.data_positions: dict[int, DataPosition] = {}
         self.loaded_data: tuple[int, DataPosition | None] | None = None
+        self.disk_problem: str | None = None  # why the last checkpoint was not written (a full disk)
 
     @classmethod
     async def start(
@@ -144,13 +146,21 @@ class StageRunner:
 
     def _save(self) -> None:
         c = self.checkpoints
-        if c is not None:
-            step = self.worker.step_count
-            data = self.data_positions.get(step)
-            checkpoint.save(self.worker, c.root, self.cfg.name, self.samples_applied, data)
-            for done in [s for s in self.data_positions if s < step]:
-                del self.data_positions[done]
-            checkpoint.save_run_config(self.cfg, c.root)
+        if c is None:
+            return
+        try:
+            self._write_checkpoint(c)
+            self.disk_problem = None
+        except OSError as e:  # a full disk must not stop training: the last good checkpoint stays
+            self.disk_problem = f"{disk_problem(e, c.root)}; keeping the last good checkpoint"
+
+    def _write_checkpoint(self, c: Checkpoints) -> None:
+        step = self.worker.step_count
+        data = self.data_positions.get(step)
+        checkpoint.save(self.worker, c.root, self.cfg.name, self.samples_applied, data)
+        for done in [s for s in self.data_positions if s < step]:
+            del self.data_positions[done]
+        checkpoint.save_run_config(self.cfg, c.root)
 
     # ---- data path -----------------------------------------------------------------------------------
     async def forward(self, key: str, packet: Packet | None, tokens: Tensor | None, samples: int) -> Packet:

@@ -109,6 +109,7 @@ class Telemetry:
             inflight=len(w.inflight),
             errors=sum(p.downstream.stats.errors.values()) + sum(self.server_stats.errors.values()),
             uptime_s=time.monotonic() - self.started,
+            problem=p.ctx.runner.disk_problem,
         )
 
     def summary(self) -> NodeSummary:
