@@ -178,20 +178,22 @@ def test_bench_convergence_long_run_mode(tmp_path: Path, toy_corpus: Path) -> No
     out = tmp_path / "fid"
     common = ["bench", "convergence", "--config", "tiny", "--out", str(out), "--data", str(toy_corpus)]
     args = [*common, "--tokens", "3000", "--eval-points", "3", "--threads", "1"]
-    r = CliRunner().invoke(app, [*args, "--codecs", "subspace@d,subspace@2"])
+    r = CliRunner().invoke(app, [*args, "--codecs", "default,default@d"])  # tiny as shipped, its twin
     assert r.exit_code == 0, r.output
-    r = CliRunner().invoke(app, [*args, "--codecs", "subspace@2+subspace.constrain=boundaries"])
+    r = CliRunner().invoke(app, [*args, "--codecs", "subspace@2+subspace.preset=paper"])
     assert r.exit_code == 0, r.output
     assert len(list((out / "runs").glob("*.json"))) == 3
     res = json.loads((out / "results.json").read_text())
     rows = {row["variant"]: row for row in res["rows"]}
-    assert set(rows) == {"subspace@d", "subspace@2", "subspace@2+subspace.constrain=boundaries"}
-    assert rows["subspace@d"]["gap_end"] == 0.0
-    assert rows["subspace@2"]["tokens"] == 3072  # 6 steps of 8 x 64 tokens
+    assert set(rows) == {"default", "default@d", "subspace@2+subspace.preset=paper"}
+    assert rows["default"]["baseline"] == "default@d" and rows["default@d"]["gap_end"] == 0.0
+    assert rows["default"]["tokens"] == 3072  # 6 steps of 8 x 64 tokens
+    assert rows["default"]["bytes_per_token"] == 8 + 2 + 1  # int8 k = 8, its scale, the token id
     run = res["runs"][0]
     assert len(run["curve"]) == 3 and len(run["diagnostics"]["layers"]) == 4
     assert (out / "loss.png").stat().st_size > 0
-    assert "unconstrained (k = d)" in (out / "results.md").read_text()
+    report = (out / "results.md").read_text()
+    assert "(int8 k=d/8, remedy)" in report and "(fp32 k=d (twin), remedy)" in report
     bad = CliRunner().invoke(app, [*args, "--codecs", "subspace@2+nonsense.key=1"])
     assert bad.exit_code != 0 and "Traceback" not in bad.output
 
@@ -276,3 +278,26 @@ def test_sweeps_take_plain_compressed_runs_at_fixed_tokens() -> None:
     assert pts["subspace:int8@16"].precision == "int8"
     assert pts["subspace:int8@16"].gaps == {1_000_000: 0.0, MID: 0.1, END: None}
     assert pts["subspace:int8@16"].steps_ratio is None
+
+
+def test_default_variants_and_their_names() -> None:
+    from pmnode.bench.labels import label, preset_of, setting_of
+
+    remedy = {"preset": "remedy", "compression_ratio": 8, "compression_rank": None}
+    deep = cfg(4).with_overrides(subspace=remedy)
+    run_cfg, codec = variant_config(deep, "default")
+    assert (codec, run_cfg.rank, run_cfg.subspace.constrain) == ("subspace:int8", D // 8, "boundaries")
+    twin, codec = variant_config(deep, "default@d+model.d_model=32")
+    assert (codec, twin.rank, twin.subspace.stage_bigrams) == ("subspace", 32, 4096)  # fp32, k = d
+    paper, codec = variant_config(deep, "default+subspace.preset=paper")
+    assert (codec, paper.subspace.constrain, paper.subspace.stage_embeddings) == ("subspace", "layers", False)
+    t = "+subspace.constrain=boundaries+subspace.stage_embeddings=true+subspace.stage_bigrams=4096"
+    # Runs from before presets trained under the paper's; default* variants under the remedy.
+    assert preset_of("subspace@4" + t, None) == "paper" and preset_of("default@d", None) == "remedy"
+    assert setting_of("subspace:int8@16" + t + "+subspace.stage_ngrams=3", "paper") == "remedy"
+    assert setting_of("default+model.d_model=128", "remedy") == "remedy"
+    assert setting_of("subspace@4+n_stages=4" + t, "paper") == (
+        "paper, constrain=boundaries, stage_embeddings=true, stage_bigrams=4096, n_stages=4"
+    )
+    assert label("subspace@4" + t, "subspace", 4, 128, "paper") == "fp32 k=d/32, full width+tok+pairs"
+    assert label("default@d", "subspace", 128, 128, "remedy") == "fp32 k=d (twin), remedy"

@@ -41,6 +41,7 @@ class RunResult(BaseModel):
     config_hash: str
     command: str
     complete: bool = True  # False: the run was cut short; the curve holds what it reached
+    preset: str | None = None  # subspace.preset; None: before presets (bench.labels.preset_of)
     replicas: int = 1  # R replicas of every stage, joined by replica_sync (pmnode.core.replica_train)
     sync_bytes_per_round: list[int] = []  # per stage, what one replica sends per outer round
     outer_rounds: int = 0
@@ -78,6 +79,7 @@ def run_variant(
         d_model=run_cfg.model.d_model,
         rank=run_cfg.rank if sub.enabled else None,
         constrain=sub.constrain if sub.enabled else None,
+        preset=sub.preset,
         boundaries=run_cfg.n_stages - 1,
         bytes_per_token=wire["bytes_per_token_forward"],
         bytes_per_token_backward=wire["bytes_per_token_backward"],

@@ -8,18 +8,24 @@ from pathlib import Path
 
 from pmnode.bench import fidelity_sweeps
 from pmnode.bench.fidelity import Row, RunResult, compare, load_runs, loss_at
+from pmnode.bench.labels import label, preset_of
 
 
 def _pct(x: float | None) -> str:
     return f"{100 * x:+.1f}%" if x is not None else "-"
 
 
-def _name(r: Row) -> str:
-    if r.rank is None:
-        return "dense (plain)"
-    if r.rank == r.d_model:
-        return "unconstrained (k = d)"
-    return f"k = d/{r.d_model // r.rank}" if r.d_model % r.rank == 0 else f"k = {r.rank}"
+def labels(runs: list[RunResult]) -> dict[str, str]:
+    """Each run's short name for legends and tables ('int8 k=d/8, remedy'); the full variant string
+    stays in the tables. Widths are named when a directory mixes them; repeats get a number."""
+    widths = len({r.d_model for r in runs}) > 1
+    out: dict[str, str] = {}
+    for r in runs:
+        name = label(r.variant, r.codec, r.rank, r.d_model, preset_of(r.variant, r.preset))
+        name = f"d={r.d_model} {name}" if widths else name
+        n = sum(1 for v in out.values() if v == name or v.startswith(f"{name} #"))
+        out[r.variant] = f"{name} #{n + 1}" if n else name
+    return out
 
 
 def markdown(rows: list[Row], runs: list[RunResult], target: float | None, title: str) -> str:
@@ -38,17 +44,19 @@ def markdown(rows: list[Row], runs: list[RunResult], target: float | None, title
         + " over the unconstrained model's steps to the same loss (ProtocolNanoGPT's measure); "
         "'not reached' means the run ended above it.",
         "",
-        "| variant | d | k | constrain | boundaries | B/token | tokens | held-out | gap | gap at mid "
-        "| vs plain | vs dense | steps to target | steps ratio |",
+        "| variant (legend label) | d | k | constrain | boundaries | B/token | tokens | held-out | gap "
+        "| gap at mid | vs plain | vs dense | steps to target | steps ratio |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     complete = {run.variant: run.complete for run in runs}
+    names = labels(runs)
     for r in rows:
         steps = f"{r.steps_to_target:,.0f}" if r.steps_to_target is not None else "not reached"
         cut = "" if complete[r.variant] else " **(cut short: still running or stopped)**"
         lines.append(
-            f"| `{r.variant}` ({_name(r)}){cut} | {r.d_model} | {r.rank or '-'} | {r.constrain or '-'} "
-            f"| {r.boundaries} | {r.bytes_per_token} | {r.tokens / 1e6:.2f}M | {r.heldout_loss:.4f} "
+            f"| `{r.variant}` ({names[r.variant]}){cut} | {r.d_model} | {r.rank or '-'} "
+            f"| {r.constrain or '-'} | {r.boundaries} | {r.bytes_per_token} | {r.tokens / 1e6:.2f}M "
+            f"| {r.heldout_loss:.4f} "
             f"| {_pct(r.gap_end)} | {_pct(r.gap_mid)} | {_pct(r.gap_plain)} | {_pct(r.gap_dense)} | {steps} "
             f"| {r.steps_ratio if r.steps_ratio is not None else '-'} |"
         )
@@ -111,16 +119,17 @@ def plot(runs: list[RunResult], out: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     widths = sorted({r.d_model for r in runs})
-    fig, axes = plt.subplots(1, len(widths), figsize=(7 * len(widths), 4.8), squeeze=False)
+    names = labels(runs)
+    fig, axes = plt.subplots(1, len(widths), figsize=(9.5 * len(widths), 4.8), squeeze=False)
     for ax, d in zip(axes[0], widths, strict=True):
         for r in sorted((r for r in runs if r.d_model == d), key=lambda r: r.variant):
             toks = [t / 1e6 for _, t, _ in r.curve]
-            ax.plot(toks, [loss for _, _, loss in r.curve], marker=".", ms=3, label=r.variant)
+            ax.plot(toks, [loss for _, _, loss in r.curve], marker=".", ms=3, label=names[r.variant])
         ax.set_xlabel("training tokens (millions)")
         ax.set_ylabel("held-out loss")
         ax.set_title(f"{title}, d = {d}")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)  # beside the axes
         lows = [min(loss for _, _, loss in r.curve) for r in runs if r.d_model == d and r.curve]
         if lows:
             ax.set_ylim(min(lows) * 0.97, min(lows) * 1.6)
@@ -137,21 +146,23 @@ def plot_gaps(rows: list[Row], runs: list[RunResult], out: Path, title: str) -> 
     import matplotlib.pyplot as plt
 
     by_name = {r.variant: r for r in runs}
-    fig, ax = plt.subplots(figsize=(8, 4.8))
+    names = labels(runs)
+    fig, ax = plt.subplots(figsize=(10.5, 4.8))
     for row in rows:
         run, base = by_name[row.variant], by_name.get(row.baseline or "")
         if base is None or base is run:
             continue
         pts = [(t, loss / ref - 1) for _, t, loss in run.curve if (ref := loss_at(base.curve, t))]
         if pts:
-            ax.plot([t / 1e6 for t, _ in pts], [100 * g for _, g in pts], marker=".", ms=3, label=row.variant)
+            xs, ys = [t / 1e6 for t, _ in pts], [100 * g for _, g in pts]
+            ax.plot(xs, ys, marker=".", ms=3, label=names[row.variant])
     ax.axhline(2, color="grey", ls="--", lw=0.8)
     ax.set_xlabel("training tokens (millions)")
     ax.set_ylabel("held-out loss over the unconstrained model's (%)")
     ax.set_title(f"{title}: the cost of compression, token-matched")
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
     fig.tight_layout()
     fig.savefig(out / "gap.png", dpi=110)
     plt.close(fig)

@@ -13,6 +13,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from pmnode.bench.fidelity import Row, RunResult, architecture, loss_at, steps_to
+from pmnode.bench.labels import preset_of
 
 MID, END = 2_500_000, 5_000_000
 MARKS = (1_000_000, MID, END)
@@ -46,6 +47,8 @@ def points(rows: list[Row], runs: list[RunResult]) -> list[SweepPoint]:
     for row in rows:
         run, base = by_name[row.variant], by_name.get(row.baseline or "")
         if base is None or row.rank is None or row.rank >= row.d_model or not is_plain(row.variant):
+            continue
+        if preset_of(run.variant, run.preset) != "paper":  # the remedy's tables are extra parts
             continue
         gaps: dict[int, float | None] = {}
         for t in MARKS:
