@@ -27,6 +27,7 @@ from pmnode.swarm.handler import StageHandler
 from pmnode.swarm.head import HeadDriver
 from pmnode.swarm.membership import Membership, SwarmView
 from pmnode.swarm.options import NodeOptions
+from pmnode.swarm.outer_loop import OuterLoop, outer_rounds
 from pmnode.swarm.participant import CommitParticipant
 from pmnode.swarm.pauses import Pauses
 from pmnode.swarm.replicas import Replicas
@@ -76,6 +77,9 @@ class Parts:
         self.pauses = Pauses(ctx, self.view, self._resumed)
         self.head = HeadDriver(ctx, self.downstream, self.view, self.pauses, opts.log_format, self._rejoined)
         self.averaging = AveragingLoop(ctx, self.replicas, membership.current, stop, self.guard)
+        # replica_sync.method outer: the averaging task runs outer rounds instead of hivemind's
+        self.outer = OuterLoop(ctx, self.replicas, self.downstream, self.guard) if outer_rounds(ctx) else None
+        self.averaging.outer = self.outer
         self.behind_nat = False  # set once serving: a relayed node opens its own connections (reach_out)
         self.routes = RelayRoutes(ctx.p2p, membership.current)
         self.replicas.route = self.downstream.on_change = self.update_routes
@@ -99,6 +103,8 @@ class Parts:
         await serve_all(self.ctx.p2p, cfg.name, self.handler, handler_mod.RPCS, opts)
         await serve_all(self.ctx.p2p, cfg.name, self.participant, participant_mod.RPCS, opts)
         await serve_all(self.ctx.p2p, cfg.name, self.replicas, (STATE,), opts)
+        if self.outer is not None:
+            await self.outer.serve(opts)
 
     async def use_reach(self, reach: Reachability, relay: bool) -> None:
         """Once serving: a relayed node trusts its relays to forward calls to it and opens its own
