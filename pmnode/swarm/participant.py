@@ -16,7 +16,7 @@ from torch import Tensor
 
 from pmnode.core.codecs import Packet
 from pmnode.errors import PmnodeError
-from pmnode.net.bulk import Ask, BulkServer, Received, Snapshot, TransferError, fetch, pack, unpack
+from pmnode.net.bulk import ALIGN, Ask, BulkServer, Received, Snapshot, TransferError, fetch, pack, unpack
 from pmnode.net.control import Ack, Applied, Apply, Prepare, Prepared, Reset
 from pmnode.net.rpcs import APPLY, GRADS, PREPARE, RESET
 from pmnode.net.wire import MessageHeader, WireError
@@ -76,7 +76,9 @@ class CommitParticipant:
             part: Tensor | Received = flat
             if peer != ctx.peer_id:
                 try:
-                    got = await fetch(self._asker(req.step), [peer], {"step": req.step}, say=ctx.say)
+                    size = flat.numel() * flat.element_size() + ALIGN  # the same sums as ours, packed
+                    ask = self._asker(req.step)
+                    got = await fetch(ask, [peer], {"step": req.step}, say=ctx.say, max_size=size)
                     samples += int(got.manifest.meta["samples"])
                     part = got
                 except (TransferError, KeyError, ValueError) as e:

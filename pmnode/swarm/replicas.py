@@ -18,7 +18,7 @@ from torch import Tensor
 
 from pmnode.core import checkpoint
 from pmnode.core.codecs import Packet
-from pmnode.core.replica_state import state_tensors
+from pmnode.core.replica_state import max_state_bytes, state_tensors
 from pmnode.errors import PmnodeError
 from pmnode.net.bulk import BulkServer, Received, Snapshot, TransferError, fetch, pack, unpack
 from pmnode.net.relay import connect_known
@@ -83,7 +83,8 @@ class Replicas:
             return (await self.downstream.ask_replica(STATE, peer, header))[1]
 
         request: dict[str, int | str] = {} if at_step is None else {"at_step": at_step}
-        got = await fetch(ask, peers, request, say=self.ctx.say)
+        size = max_state_bytes(self.ctx.runner.worker)  # a sender may not make us allocate more
+        got = await fetch(ask, peers, request, say=self.ctx.say, max_size=size)
         return got, done[0]
 
     async def catch_up(self, step: int, peers: list[str]) -> None:
