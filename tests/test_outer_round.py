@@ -166,3 +166,25 @@ def test_a_vote_to_a_replica_that_is_not_the_lowest_is_turned_away() -> None:
     assert d.status == "not_leader"
     peer2, _ = _peer(TOPK, [(4, 4)], live=["c"])
     assert asyncio.run(peer2.rpc_outer_vote(_vote(2, "c"), "c")).status == "pending"
+
+
+def test_outer_rounds_show_in_metrics_and_the_status_page() -> None:
+    from prometheus_client import generate_latest
+
+    from coordinator.http import Metrics
+    from pmnode.net.outer_report import OuterReport
+    from pmnode.net.status import Replica, StageStatus, SwarmStatus
+
+    outer = OuterReport(rounds=7, bytes_per_round=11139, round_s=0.5, hidden=0.9, refused={"size": 2})
+    rep = Replica(peer_id="p1", stage=1, outer=outer, last_seen_s=0.0)
+    stage = StageStatus(stage=1, role="body", layers=(2, 3), replicas=[rep], throughput=1.0)
+    status = SwarmStatus(
+        run="t", fingerprint=None, d_model=64, compression_rank=None, codec="c", schedule="async", n_stages=2,
+        target_steps=10, global_step=1, stages=[stage], time=0.0,
+    )  # fmt: skip
+    m = Metrics()
+    m.update(SwarmStatus.model_validate_json(status.model_dump_json()))  # as the page and scrapers get it
+    text = generate_latest(m.registry).decode()
+    assert 'pmnode_outer_bytes_per_round{peer="p1",stage="1"} 11139.0' in text
+    assert 'pmnode_outer_hidden_fraction{peer="p1",stage="1"} 0.9' in text
+    assert 'pmnode_outer_refused{peer="p1",reason="size",stage="1"} 2.0' in text
