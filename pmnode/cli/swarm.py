@@ -177,7 +177,16 @@ def join(
 def local_swarm(
     config: ConfigOpt = Path("configs/tiny.yaml"),
     stages: Annotated[int, typer.Option(help="Pipeline stages, one process each.", min=2)] = 4,
-    replicas: Annotated[int, typer.Option(help="Nodes per stage.", min=1)] = 1,
+    replicas: Annotated[int, typer.Option(help="Nodes per stage after the heads.", min=1)] = 1,
+    heads: Annotated[
+        int | None,
+        typer.Option(
+            help="Stage-0 nodes driving the pipeline at once, each with its own part of the data "
+            "(overrides swarm.heads; train.batch_size is per head).",
+            min=1,
+            max=64,
+        ),
+    ] = None,
     steps: Annotated[int | None, typer.Option(help="Override train.steps.", min=1)] = None,
     schedule: Annotated[str | None, typer.Option(help="sync or async; overrides swarm.schedule.")] = None,
     codec: Annotated[str | None, typer.Option(help="Boundary codec; overrides the config.")] = None,
@@ -221,6 +230,8 @@ def local_swarm(
         if schedule not in ("sync", "async"):
             raise PmnodeError(f"--schedule must be sync or async, not {schedule!r}")
         sections["swarm"] = {"schedule": schedule}
+    if heads is not None:
+        sections.setdefault("swarm", {})["heads"] = heads
     cfg = load_with_overrides(config, steps=steps, data=data, **sections)
     if codec:
         from pmnode.core.train import config_for

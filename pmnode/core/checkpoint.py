@@ -40,6 +40,7 @@ class Manifest(BaseModel):
     fingerprint: str | None
     codec: str
     data: DataPosition | None = None  # the head's: where the next step's windows start
+    slots: dict[int, DataPosition] = {}  # several heads: every slot's committed position at `step`
 
 
 RUN_CONFIG = "run.json"
@@ -86,7 +87,12 @@ def _settle(root: Path, stage: int) -> None:
 
 
 def save(
-    worker: StageWorker, root: Path, run: str, samples: int = 0, data: DataPosition | None = None
+    worker: StageWorker,
+    root: Path,
+    run: str,
+    samples: int = 0,
+    data: DataPosition | None = None,
+    slots: dict[int, DataPosition] | None = None,
 ) -> Path:
     """Write the stage whole into a new directory, then swap it in (see the module's docstring)."""
     d = stage_dir(root, worker.index)
@@ -95,7 +101,7 @@ def save(
     new, old = d.with_name(f"{d.name}.{os.getpid()}.new"), d.with_name(f"{d.name}.{os.getpid()}.old")
     new.mkdir()
     try:  # a failed write (a full disk) leaves the last good checkpoint as it was, and no leftovers
-        _write(worker, new, run, samples, data)
+        _write(worker, new, run, samples, data, slots)
         fsync_tree(new)  # on disk before the rename makes it current
     except BaseException:
         shutil.rmtree(new, ignore_errors=True)
@@ -118,7 +124,14 @@ def save(
     return d
 
 
-def _write(worker: StageWorker, new: Path, run: str, samples: int, data: DataPosition | None) -> None:
+def _write(
+    worker: StageWorker,
+    new: Path,
+    run: str,
+    samples: int,
+    data: DataPosition | None,
+    slots: dict[int, DataPosition] | None,
+) -> None:
     state = {k: v.detach().cpu().contiguous() for k, v in worker.stage.state_dict().items()}
     save_file(state, str(new / "model.safetensors"))
     torch.save(worker.optimizer.state_dict(), new / "optimizer.pt")
@@ -132,6 +145,7 @@ def _write(worker: StageWorker, new: Path, run: str, samples: int, data: DataPos
         fingerprint=sub.fingerprint if sub is not None else None,
         codec=worker.codec.name,
         data=data,
+        slots=slots or {},
     )
     (new / "manifest.json").write_text(man.model_dump_json(indent=2))
 

@@ -18,6 +18,7 @@ from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto import runtime_pb2
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from pmnode.data.shards import DataPosition
 from pmnode.errors import PmnodeError
 from pmnode.net import tunnel
 from pmnode.net.auth import AuthError, Cert
@@ -52,6 +53,7 @@ class JoinReply(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     stage: int
+    slot: int = Field(0, description="The head slot assigned (stage 0): its part of the data order.")
     config: dict[str, Any]
     fingerprint: str | None
     cert: Cert
@@ -140,12 +142,28 @@ class Prepared(BaseModel):
     own: list[str] = Field(description="Micro-batches this replica accumulated for the step.")
     samples: int = 0
     unreachable: list[str] = []
+    position: DataPosition | None = Field(
+        None, description="A head: where its slot's next batch starts once the step is applied."
+    )
 
 
 class Apply(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     step: int
+    samples: int = Field(0, ge=0, description="The samples the step commits (every head's); 0: not said.")
+    positions: dict[int, DataPosition] = Field(
+        {}, description="Every head slot's committed data position after the step (heads keep them)."
+    )
+
+
+class Resend(BaseModel):
+    """The leading head -> another head: send these micro-batches of your batch again (sync)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    step: int
+    ids: list[str] = Field(max_length=4096)
 
 
 class Applied(BaseModel):

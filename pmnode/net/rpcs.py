@@ -7,6 +7,8 @@
     prepare  JSON  the head            Prepare -> Prepared: sum a sync step's gradients with the replicas
     apply    JSON  the head            Apply -> Applied: step with the prepared sum
     reset    JSON  the head            Reset -> Ack: drop a step's sums; its micro-batches come again
+    resend   JSON  a head (to a head)  Resend -> Ack: the leading head asks another to send again
+                                       micro-batches of its own batch (sync, several heads)
     grads    data  the same stage      {step} -> this replica's gradient sums of that step, in chunks
     state    data  the same stage      -> weights, optimizer state and step (catch-up, copy), in chunks
              (grads and state speak pmnode.net.bulk: open, then checksummed chunks, then close)
@@ -17,7 +19,7 @@ net.status.STATUS_RPC.
 
 from __future__ import annotations
 
-from pmnode.net.control import Ack, Applied, Apply, Done, Hello, Prepare, Prepared, Reset
+from pmnode.net.control import Ack, Applied, Apply, Done, Hello, Prepare, Prepared, Resend, Reset
 from pmnode.net.services import Admission, DataRpc, JsonRpc
 
 HELLO = JsonRpc("hello", Hello, Hello, Admission.ANYONE)
@@ -27,5 +29,6 @@ DONE = JsonRpc("done", Done, Ack, Admission.PREVIOUS_STAGE)
 PREPARE = JsonRpc("prepare", Prepare, Prepared, Admission.HEAD)
 APPLY = JsonRpc("apply", Apply, Applied, Admission.HEAD)
 RESET = JsonRpc("reset", Reset, Ack, Admission.HEAD)
+RESEND = JsonRpc("resend", Resend, Ack, Admission.HEAD)
 GRADS = DataRpc("grads", Admission.SAME_STAGE, run_limits=False)
 STATE = DataRpc("state", Admission.SAME_STAGE, shaped=False, run_limits=False)

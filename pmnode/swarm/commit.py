@@ -6,6 +6,11 @@ again first; the stages that hold it already only pass it through, so every stag
 sample of the step exactly once. Nothing is applied until every stage is prepared, so no re-sent
 micro-batch meets a stage that has already stepped. The accounting is pure (`tally`).
 
+Several heads (pmnode.swarm.heads): the leading head prepares stage 0 too, itself in process and the
+other heads over `prepare`; the step's batch is then every head's micro-batches that stage 0 holds. A
+stage that holds a micro-batch of none of them (a head died after sending it) starts the step over,
+and what a stage lacks is sent again by the head that owns it.
+
 Over slow links the apply's round trip is not waited for: the head steps and sends the next step's
 forwards while the replies come back; a stage holds a forward that beats its own apply until the apply
 lands (StageHandler), so every forward still meets the committed weights. The next commit and every
@@ -19,13 +24,17 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from pmnode.data.shards import DataPosition
 from pmnode.errors import PmnodeError
 from pmnode.net.control import Ack, Apply, Prepare, Prepared, Reset
+from pmnode.net.routing import StageRecord
 from pmnode.net.rpcs import APPLY, PREPARE, RESET
 from pmnode.net.services import Client
 from pmnode.swarm.context import NodeContext
 from pmnode.swarm.downstream import Downstream
+from pmnode.swarm.heads import HeadGroup
 from pmnode.swarm.membership import SwarmView
+from pmnode.swarm.participant import CommitParticipant
 
 FAILED_FOR = 10.0  # seconds a replica that failed a commit is left out of the next tries
 
@@ -71,10 +80,11 @@ class StepCommit:
         view: SwarmView,
         downstream: Downstream,
         wait_whole: Callable[[], Awaitable[None]],
-        resend: Callable[[list[str]], Awaitable[None]],
+        heads: HeadGroup,
+        local: CommitParticipant,
     ):
         self.ctx, self.view, self.downstream = ctx, view, downstream
-        self.wait_whole, self.resend = wait_whole, resend
+        self.wait_whole, self.heads, self.local = wait_whole, heads, local
         self.client = Client(ctx.p2p, ctx.cfg.name)
         self.failed_at: dict[str, float] = {}  # replica -> when a commit last failed with it
         self.reissued = 0  # micro-batches sent again after losing a replica
@@ -106,25 +116,33 @@ class StepCommit:
                 await asyncio.sleep(0.5)
                 await self.view.refresh(empty)
                 continue
+            heads = self.heads.others() if self.heads.many else []
+            expected, positions, failed = set(batch), self._positions(step), set[str]()
+            if heads:  # stage 0 is replicated: its heads sum their gradients like any stage
+                t0 = await self._prepare_heads(step, heads, positions)
+                expected, failed = t0.held, set(t0.failed)
+                heads = [r for r in heads if r.peer_id not in failed]
             tallies = await asyncio.gather(*(self._prepare(s, step, peers[s]) for s in stages))
-            failed = set().union(*(t.failed for t in tallies))
-            missing = set().union(*(set(batch) - t.held for t in tallies))
+            failed |= set().union(*(t.failed for t in tallies))
+            missing = set().union(*(expected - t.held for t in tallies))
             for s, t in zip(stages, tallies, strict=True):
-                if t.twice:
-                    failed |= await self._reset(s, step, peers[s], len(t.twice))
-                    missing |= set(batch)
+                if t.twice or t.held - expected:  # counted twice, or a micro-batch of a lost head
+                    failed |= await self._reset(s, step, peers[s], len(t.twice | (t.held - expected)))
+                    missing |= expected
             if not failed and not missing:
-                await self._apply(step, [p for s in stages for p in peers[s]])
+                everyone = [p for s in stages for p in peers[s]] + [r.peer_id for r in heads]
+                req = Apply(step=step, samples=len(expected) * self.ctx.cfg.train.micro, positions=positions)
+                await self._apply(req, everyone, local=bool(heads))
                 return
             for p in failed:
-                self.failed_at[p] = time.monotonic()
+                self.failed_at[p] = self.heads.failed_at[p] = time.monotonic()
             if missing:
                 self.ctx.console.print(
                     f"step {step}: {len(missing)} micro-batch(es) were held only by a lost replica; "
                     "sending them again"
                 )
                 self.reissued += len(missing)
-                await self.resend(sorted(missing))
+                await self.heads.resend(step, sorted(missing))
 
     async def _prepare(self, stage: int, step: int, peers: list[str]) -> StageTally:
         """Ask every replica of `stage` to sum the step's gradients."""
@@ -147,9 +165,47 @@ class StepCommit:
         outcome = await asyncio.gather(*resets, return_exceptions=True)
         return {p for p, r in zip(peers, outcome, strict=True) if not isinstance(r, Ack)}
 
-    async def _apply(self, step: int, everyone: list[str]) -> None:
-        replies = [self.client.call(APPLY, p, Apply(step=step)) for p in everyone]
+    def _positions(self, step: int) -> dict[int, DataPosition]:
+        """Every slot's data position after `step`: the last committed ones, this head's new one."""
+        runner = self.ctx.runner
+        positions = dict(runner.slot_positions)
+        mine = runner.data_positions.get(step + 1)
+        if mine is not None:
+            positions[self.ctx.slot] = mine
+        return positions
+
+    async def _prepare_heads(
+        self, step: int, heads: list[StageRecord], positions: dict[int, DataPosition]
+    ) -> StageTally:
+        """Every live head sums stage 0's gradients of the step (this one in process); the heads'
+        new data positions go into `positions`."""
+        me, timeout = self.ctx.peer_id, self.ctx.cfg.swarm.request_timeout
+        peers = sorted([me, *(r.peer_id for r in heads)])
+        req = Prepare(step=step, peers=peers)
+
+        async def prepare(peer: str) -> Prepared:
+            if peer == me:
+                return await self.local.rpc_prepare(req, me)
+            await self.downstream.greet(peer, 0)
+            return await self.client.call(PREPARE, peer, req, timeout)
+
+        replies = await asyncio.gather(*(prepare(p) for p in peers), return_exceptions=True)
+        mine = replies[peers.index(me)]
+        if isinstance(mine, BaseException):
+            raise PmnodeError(f"this head could not sum stage 0's gradients of step {step}: {mine}") from mine
+        slots = {r.peer_id: r.slot for r in heads}
+        for p, r in zip(peers, replies, strict=True):
+            if p != me and isinstance(r, Prepared) and r.ok and r.position is not None:
+                positions[slots[p]] = r.position  # by the slot its certificate names, not a field
+        return tally(peers, replies)
+
+    async def _apply(self, req: Apply, everyone: list[str], local: bool) -> None:
+        replies = [self.client.call(APPLY, p, req) for p in everyone]
         # One that dies now is gone; the others step. The head steps at once and its next forwards go
         # out while the replies come back: a stage holds one that beats its apply (StageHandler).
         self.applying = asyncio.ensure_future(asyncio.gather(*replies, return_exceptions=True))
-        await self.ctx.runner.step_if_ready()
+        if local:  # several heads: this one applies the heads' summed gradient, as they do
+            await self.local.rpc_apply(req, self.ctx.peer_id)
+        else:
+            self.ctx.runner.slot_positions = req.positions
+            await self.ctx.runner.step_if_ready()

@@ -25,6 +25,7 @@ class NodeContext:
     verifier: Verifier
     runner: StageRunner
     console: Console
+    slot: int = 0  # a head's slot (certified by the coordinator): its part of the data order
 
     @property
     def stage(self) -> int:

@@ -51,7 +51,7 @@ class StageHandler:
         self.done.set()
         return Ack()
 
-    def _admit(self, header: MessageHeader) -> MicroBatchId:
+    def _admit(self, header: MessageHeader, caller: str) -> MicroBatchId:
         """The id of a micro-batch this stage may take now (window, replay, schedule); WireError if not."""
         ctx, runner, t = self.ctx, self.ctx.runner, self.ctx.cfg.train
         n_micro = t.batch_size // t.micro
@@ -60,7 +60,7 @@ class StageHandler:
             header,
             run=ctx.cfg.name,
             from_stage=ctx.stage - 1,
-            n_micro=n_micro,
+            n_micro=n_micro * ctx.cfg.swarm.heads,  # every head's: slot h has h * n_micro + j
             step=ref,
             # Async replicas count only their own steps and learn the head's between micro-batches
             # (and from its record every heartbeat), so ids may run ahead of what they know.
@@ -73,20 +73,25 @@ class StageHandler:
                 "unknown micro-batch", f"{header.micro_batch!r} while this replica is at step {runner.step}"
             )
         mb = MicroBatchId.parse(header)
+        cert = self.guard.members.get(caller)
+        if ctx.stage == 1 and cert is not None and mb.index // n_micro != cert.slot:
+            # A head sends only its own slot's ids (its certificate names the slot): no head can spoil
+            # another's micro-batches by taking their ids first.
+            raise WireError("unknown micro-batch", f"{header.micro_batch!r} is not of head slot {cert.slot}")
         self.replay.remember(mb, ctx.schedule.ref_step(runner.step, runner.frontier))
         return mb
 
-    async def _admit_after_apply(self, header: MessageHeader) -> MicroBatchId:
+    async def _admit_after_apply(self, header: MessageHeader, caller: str) -> MicroBatchId:
         """sync: the head sends the next step's forwards while its apply is still on the way here
         (pmnode.swarm.commit), so one may come first: it waits for the apply, briefly, then is admitted."""
         try:
-            return self._admit(header)
+            return self._admit(header, caller)
         except WireError:
             runner = self.ctx.runner
             early = self.ctx.schedule.commits and runner.frontier == runner.step + 1
             if not early or self.reach is None or not await self.reach(runner.step + 1, APPLY_WAIT):
                 raise
-            return self._admit(header)
+            return self._admit(header, caller)
 
     async def rpc_forward(
         self, header: MessageHeader, packet: Packet, caller: str
@@ -94,7 +99,7 @@ class StageHandler:
         ctx, runner = self.ctx, self.ctx.runner
         samples = samples_of(header)
         await runner.check_activation(packet, ctx.cfg.train.micro, samples)  # the layout: needs no state
-        mb = await self._admit_after_apply(header)
+        mb = await self._admit_after_apply(header, caller)
         batch = MicroBatch.read(header, packet)
         self.upstream[caller] = time.monotonic()
         if runner.worker.is_last:
@@ -123,7 +128,8 @@ class StageHandler:
         check_eval_batch(
             header, run=ctx.cfg.name, from_stage=ctx.stage - 1, n_batches=ctx.cfg.train.eval_batches
         )
-        await runner.check_activation(packet, ctx.cfg.train.batch_size, None)  # evaluation: whole batches
+        # evaluation: whole batches of every head's batch together
+        await runner.check_activation(packet, ctx.cfg.train.batch_size * ctx.cfg.swarm.heads, None)
         batch = MicroBatch.read(header, packet)
         if runner.worker.is_last:
             loss = await runner.evaluate(batch.packet, None, batch.labels())

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from torch import Tensor
 
 from pmnode.data.resolve import open_data
-from pmnode.data.shards import DataPosition, PreparedData
+from pmnode.data.shards import DataPosition, PreparedData, past_other_slots, slot_position
 from pmnode.errors import PmnodeError
 from pmnode.net.envelope import MicroBatch, MicroBatchId, activation_shape, eval_id
 from pmnode.net.routing import capacity
@@ -24,8 +24,10 @@ from pmnode.net.rpcs import EVAL, FORWARD
 from pmnode.swarm.commit import StepCommit
 from pmnode.swarm.context import NodeContext
 from pmnode.swarm.downstream import Downstream
+from pmnode.swarm.heads import HeadGroup
 from pmnode.swarm.membership import SwarmView
 from pmnode.swarm.panel import LogFormat
+from pmnode.swarm.participant import CommitParticipant
 from pmnode.swarm.pauses import Pauses
 from pmnode.swarm.report import Progress
 from pmnode.swarm.window import InflightSizer, Window
@@ -42,12 +44,16 @@ class HeadDriver:
         pauses: Pauses,
         log_format: LogFormat,
         rejoined: Callable[[], bool],
+        participant: CommitParticipant,
     ):
         self.ctx, self.downstream, self.view, self.pauses = ctx, downstream, view, pauses
-        self.log_format, self.rejoined = log_format, rejoined
+        self.log_format, self.rejoined, self.participant = log_format, rejoined, participant
         self.progress = Progress()
         self.batch: dict[str, tuple[MicroBatchId, Tensor, Tensor]] = {}  # the step being committed
-        self.commit = StepCommit(ctx, view, downstream, pauses.wait_whole, self._resend)
+        self.group = HeadGroup(ctx, view)  # the other heads (swarm.heads > 1)
+        self.group.resend_own = self._resend
+        self.commit = StepCommit(ctx, view, downstream, pauses.wait_whole, self.group, participant)
+        self.samples_driven = 0  # samples of this head's own batches, in steps applied
         sw, n_micro = ctx.cfg.swarm, ctx.cfg.train.batch_size // ctx.cfg.train.micro
         # auto: sync keeps a whole step in flight; async starts so (at least one per stage), then
         # follows the link (pmnode.swarm.window).
@@ -128,9 +134,12 @@ class HeadDriver:
         ctx, runner, t = self.ctx, self.ctx.runner, self.ctx.cfg.train
         # Reading (or first preparing) the data is the compute thread's work, not the event loop's.
         data = await runner.run(open_data, ctx.cfg.data, t.seq_len, ctx.cfg.model.vocab_size)
-        eval_batches = await runner.run(data.heldout.eval_batches, t.eval_batches, t.batch_size)
+        # Held-out batches of every head's batch together: the size `pmnode train` evaluates at.
+        eval_size = t.batch_size * ctx.cfg.swarm.heads
+        eval_batches = await runner.run(data.heldout.eval_batches, t.eval_batches, eval_size)
         await self._wait_for_downstream()
         await self.view.refresh()
+        await self._wait_to_be_brought_in()
         if runner.step >= t.steps:
             raise PmnodeError(
                 f"nothing to train: stage 0 is at step {runner.step} and train.steps is "
@@ -148,28 +157,54 @@ class HeadDriver:
             if last:
                 await window.drain()
             window.check()
+            self.samples_driven += t.batch_size
             self.progress.tokens += t.batch_size * t.seq_len
             await self._record(step + 1, window.take_loss(), eval_batches, last, start, pos)
         self.progress.elapsed = time.perf_counter() - start
+        await self.group.set_driving(False)  # no batch of this head is coming any more
+
+    async def _wait_to_be_brought_in(self) -> None:
+        """sync, a head joining heads that are past step 0: the leader's next commit copies it the
+        stage's state and step (CommitParticipant.rpc_prepare catches up), then it drives."""
+        if not (self.group.many and self.ctx.schedule.commits):
+            return
+        if self.group.ahead() is None:
+            if self.ctx.runner.step == 0:
+                await self.group.wait_for_all()
+            return
+        at = self.ctx.runner.step
+        self.ctx.console.print("waiting for the leading head's next commit to bring this head up to date")
+        await self.group.set_driving(False)
+        while self.ctx.runner.step == at:
+            await self.participant.reach(at + 1, 1.0)
+            await self.view.refresh([0])
+        await self.group.set_driving(True)
 
     def _start_position(self, data: PreparedData, first: int) -> DataPosition:
-        """(compute thread) Where step `first` reads: the position its checkpoint saved, else the one
-        `first` full batches from the start reach (a head that took over from a replica)."""
-        loaded = self.ctx.runner.loaded_data
-        if loaded is not None and loaded[0] == first and loaded[1] is not None:
-            pos = loaded[1]
-            self.ctx.console.print(
-                f"data resumes at epoch {pos.epoch}, window {pos.offset} of {data.train.windows}"
-            )
+        """(compute thread) Where step `first` reads: its slot's committed position (its checkpoint's,
+        or a commit's), else where `first` lockstep batches of its slot reach (a head that took over
+        from a replica)."""
+        runner, t, heads = self.ctx.runner, self.ctx.cfg.train, self.ctx.cfg.swarm.heads
+        slot, per_epoch = self.ctx.slot, data.train.windows
+        loaded = runner.loaded_data
+        pos = runner.slot_positions.get(slot)
+        if pos is None and loaded is not None and loaded[0] == first and heads == 1:
+            pos = loaded[1]  # a checkpoint of one head: its own position
+        if pos is not None:
+            self.ctx.console.print(f"data resumes at epoch {pos.epoch}, window {pos.offset} of {per_epoch}")
+        elif runner.slot_positions:  # other slots have trained, this one not yet: its first batch
+            pos = slot_position(slot, heads, t.batch_size, per_epoch)
         else:
-            pos = DataPosition.after(first * self.ctx.cfg.train.batch_size, data.train.windows)
-        self.ctx.runner.data_positions[first] = pos
+            pos = slot_position(slot, heads, t.batch_size, per_epoch, batches_done=first)
+        runner.data_positions[first] = pos
         return pos
 
     def _draw(self, data: PreparedData, step: int, pos: DataPosition) -> tuple[Tensor, Tensor, DataPosition]:
-        """(compute thread) Step `step`'s batch from `pos`; the position after it goes with the
-        checkpoint of step + 1."""
-        x, y, after = data.train.batch(pos, self.ctx.cfg.train.batch_size, self.ctx.cfg.train.seed)
+        """(compute thread) Step `step`'s batch from `pos`; where this slot's next batch starts goes
+        with the checkpoint of step + 1."""
+        t, heads = self.ctx.cfg.train, self.ctx.cfg.swarm.heads
+        x, y, after = data.train.batch(pos, t.batch_size, t.seed)
+        after = past_other_slots(after, heads, t.batch_size, data.train.windows)
         self.ctx.runner.data_positions[step + 1] = after
         return x, y, after
 
@@ -186,16 +221,31 @@ class HeadDriver:
 
     async def _send_step(self, window: Window, step: int, x: Tensor, y: Tensor, retry: bool) -> None:
         t = self.ctx.cfg.train
+        n_micro = t.batch_size // t.micro
         self.batch = {}
-        for j in range(t.batch_size // t.micro):
-            mb, sl = MicroBatchId(step, j), slice(j * t.micro, (j + 1) * t.micro)
+        for j in range(n_micro):
+            # The slot is in the id: micro-batch j of slot h is index h * n_micro + j (pmnode.swarm.heads).
+            mb = MicroBatchId(step, self.ctx.slot * n_micro + j)
+            sl = slice(j * t.micro, (j + 1) * t.micro)
             self.batch[mb.wire] = (mb, x[sl], y[sl])
             await window.acquire()
             await self.pauses.wait_whole()
             window.start(lambda mb=mb, sl=sl: self.train_through_pauses(mb, x[sl], y[sl], retry))
         if self.ctx.schedule.commits:
             await window.drain()
-            await self.commit.commit(step, list(self.batch))
+            await self.group.drained(step)
+            await self._commit_or_follow(step)
+
+    async def _commit_or_follow(self, step: int) -> None:
+        """sync: the leading head commits the step; another waits for the leader's apply, and commits
+        itself if the leader's record goes (the next lowest slot leads)."""
+        while True:
+            if not self.group.many or self.group.leads():
+                await self.commit.commit(step, list(self.batch))
+                return
+            if await self.participant.reach(step + 1, 1.0):
+                return
+            await self.view.refresh([0])
 
     async def _record(
         self,
@@ -211,7 +261,7 @@ class HeadDriver:
             p.last_loss = loss
         p.losses.append(p.last_loss if p.last_loss is not None else float("nan"))
         held = None
-        if step % t.eval_every == 0 or last:
+        if (step % t.eval_every == 0 or last) and self.group.leads():  # one head evaluates: the leader
             held = await self.evaluate(eval_batches)
             p.evals.append((step, p.tokens, held))
         p.elapsed = time.perf_counter() - start

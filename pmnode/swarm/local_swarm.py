@@ -8,6 +8,7 @@ or, if it is killed, by the reaper: no orphans.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -43,7 +44,9 @@ class SwarmSummary(BaseModel):
     codec: str
     stages: int
     replicas: int
-    train_losses: list[float]
+    heads: int = 1
+    samples_per_head: list[int] = []  # samples of each head's own batches in applied steps, by slot
+    train_losses: list[float]  # every head's batch together: the mean of the heads' step losses
 
 
 def _local_token(state_dir: Path) -> str:
@@ -143,50 +146,67 @@ def run_local_swarm(
     cfg = cfg.with_overrides(data={"source": str(prepared_dir(cfg.data, console))})
     (workdir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     launcher = Launcher()
+    heads = cfg.swarm.heads
     # One process per stage shares this machine's cores: more torch threads only oversubscribe them.
-    threads = max(1, (os.cpu_count() or 1) // (stages * replicas))
+    threads = max(1, (os.cpu_count() or 1) // (heads + (stages - 1) * replicas))
     args = ["--threads", str(threads), *(["--resume"] if resume else []), *(node_args or [])]
     try:
         swarm = LocalSwarm(cfg, workdir, ckpt, launcher, args)
         coord = swarm.coordinator(http_port, startup_timeout, console, http_token_file)
         nodes: dict[int, Proc] = {}
-        extra: list[Proc] = []  # replicas beyond the first of stages 1..; the head is never replicated
-        for s, r in [(st, r) for st in reversed(range(stages)) for r in range(replicas if st else 1)]:
+        extra: list[Proc] = []  # replicas beyond the first of stages 1..
+        more_heads: list[Proc] = []  # heads beyond the first (swarm.heads); churn never touches them
+        for s, r in [(st, r) for st in reversed(range(stages)) for r in range(replicas if st else heads)]:
             node = swarm.spawn(s, r)  # tail first, so every stage finds its next one at once
-            (extra.append(node) if r else nodes.__setitem__(s, node))
+            if not r:
+                nodes[s] = node
+            else:
+                (extra if s else more_heads).append(node)
         head = nodes[0]
         others = [*(nodes[s] for s in range(1, stages)), *extra]
         chaos = Churn(churn, stages, replicas, swarm.spawn, others, console) if churn else None
         Follow(cfg, stages, console).run(head, coord, others, chaos)
-        if head.p.returncode != 0:
-            raise PmnodeError(f"the head node failed; see {head.log}:\n{head.log.read_text()[-2000:]}")
+        for node in [head, *more_heads]:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                node.p.wait(120)  # the heads finish together (sync) or each its own steps (async)
+            if node.p.returncode != 0:
+                raise PmnodeError(f"{node.name} failed; see {node.log}:\n{node.log.read_text()[-2000:]}")
         for node in others:  # they stop once "done" reaches them
             try:
                 node.p.wait(30)
             except subprocess.TimeoutExpired:
                 console.print(f"{node.name} did not stop in time; killing it")
-        summary = NodeSummary.model_validate_json((workdir / "node-0.json").read_text())
+        names = ["node-0", *(f"node-0-{r}" for r in range(1, heads))]
+        summaries = [NodeSummary.model_validate_json((workdir / f"{n}.json").read_text()) for n in names]
         if chaos is not None:
             chaos.report(workdir)
     finally:
         launcher.stop_all()
-    return _swarm_summary(summary, stages, replicas, workdir)
+    return _swarm_summary(summaries, stages, replicas, workdir)
 
 
-def _swarm_summary(summary: NodeSummary, stages: int, replicas: int, workdir: Path) -> SwarmSummary:
-    if summary.final_train_loss is None or summary.train_losses is None or summary.tokens_per_s is None:
-        raise PmnodeError(f"the head trained no step; see {workdir / 'logs' / 'node-0.log'}")
+def _swarm_summary(heads: list[NodeSummary], stages: int, replicas: int, workdir: Path) -> SwarmSummary:
+    """The run as its heads saw it: losses averaged over the heads (equal batches), tokens/s summed,
+    the held-out loss of the head that evaluated (the leader)."""
+    for h in heads:
+        if h.final_train_loss is None or h.train_losses is None or h.tokens_per_s is None:
+            raise PmnodeError(f"a head trained no step; see the node-0* logs in {workdir / 'logs'}")
+    heads = sorted(heads, key=lambda h: h.slot)
+    first, n = heads[0], min(len(h.train_losses or []) for h in heads)
+    losses = [sum((h.train_losses or [])[i] for h in heads) / len(heads) for i in range(n)]
     return SwarmSummary(
-        steps=summary.steps,
-        final_train_loss=summary.final_train_loss,
-        heldout_loss=summary.heldout_loss,
-        tokens_per_s=summary.tokens_per_s,
-        wire_bytes_per_token_per_boundary=summary.wire_bytes_per_token_per_boundary or {},
-        schedule=summary.schedule,
-        codec=summary.codec,
+        steps=first.steps,
+        final_train_loss=losses[-1],
+        heldout_loss=next((h.heldout_loss for h in heads if h.heldout_loss is not None), None),
+        tokens_per_s=sum(h.tokens_per_s or 0.0 for h in heads),
+        wire_bytes_per_token_per_boundary=first.wire_bytes_per_token_per_boundary or {},
+        schedule=first.schedule,
+        codec=first.codec,
         stages=stages,
         replicas=replicas,
-        train_losses=summary.train_losses,
+        heads=len(heads),
+        samples_per_head=[h.samples_driven or 0 for h in heads],
+        train_losses=losses,
     )
 
 

@@ -91,13 +91,13 @@ class SwarmView:
     def __init__(self, dht: object, run: str, n_stages: int, stage: int, peer_id: str, verifier: Verifier):
         self.dht, self.run, self.n_stages, self.stage = dht, run, n_stages, stage
         self.peer_id, self.verifier = peer_id, verifier
-        self.members: dict[int, list[StageRecord]] = {}  # the head's: stages 1.. and their replicas
+        self.members: dict[int, list[StageRecord]] = {}  # the head's: every stage's replicas (0: heads)
 
     async def records(self, stage: int) -> list[StageRecord]:
         return await stage_records(self.dht, self.run, stage, self.verifier)  # type: ignore[arg-type]
 
     async def refresh(self, stages: list[int] | None = None) -> None:
-        for s in stages if stages is not None else range(1, self.n_stages):
+        for s in stages if stages is not None else range(self.n_stages):  # stage 0: the heads
             self.members[s] = await self.records(s)
 
     def empty(self) -> list[int]:

@@ -120,7 +120,8 @@ class Node:
                 f"subspace fingerprint mismatch: coordinator has {reply.fingerprint}, this node "
                 f"built {mine}; upgrade pmnode to the coordinator's version"
             )
-        return NodeContext(cfg, schedule, dht, p2p, peer_id, verifier, runner, self.console), membership
+        ctx = NodeContext(cfg, schedule, dht, p2p, peer_id, verifier, runner, self.console, reply.slot)
+        return ctx, membership
 
     def _say_serving(self, ctx: NodeContext) -> None:
         r, cfg = ctx.runner.worker.stage.layer_range, ctx.cfg
@@ -140,13 +141,16 @@ class Node:
         )
         beat.add_done_callback(self._task_ended)
         ui = asyncio.create_task(self._show(telemetry))
-        averaging = None
-        if ctx.schedule.averages and not ctx.runner.worker.is_first:
-            averaging = asyncio.create_task(parts.averaging.run(parts.handler.done), name="averaging")
+        averaging, first = None, ctx.runner.worker.is_first
+        driven = asyncio.Event()  # a head: its drive is over (its averaging stops then)
+        # async: replicas of a stage average; the heads too when there are several
+        if ctx.schedule.averages and (not first or ctx.cfg.swarm.heads > 1):
+            done = driven if first else parts.handler.done
+            averaging = asyncio.create_task(parts.averaging.run(done), name="averaging")
             averaging.add_done_callback(self._task_ended)
         try:
-            if ctx.runner.worker.is_first:
-                await self._drive(parts, stop)
+            if first:
+                await self._drive(parts, stop, driven, averaging)
             else:
                 await _first(parts.handler.done.wait(), stop.wait())
                 if parts.handler.done.is_set():
@@ -170,11 +174,16 @@ class Node:
                 cert, key = parts.membership.current(), parts.membership.key
                 await asyncio.wait_for(announce(ctx.dht, ctx.cfg.name, offline, cert, key), 5.0)
 
-    async def _drive(self, parts: Parts, stop: asyncio.Event) -> None:
+    async def _drive(
+        self, parts: Parts, stop: asyncio.Event, driven: asyncio.Event, averaging: asyncio.Task | None
+    ) -> None:
         driver = asyncio.create_task(parts.head.drive())
         await _first(driver, stop.wait())
         if driver.done():
             driver.result()
+            driven.set()
+            if averaging is not None:  # several async heads: their last rounds, as replicas do
+                await parts.averaging.finish(averaging)
             await parts.finish_swarm()
         else:
             driver.cancel()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 
 from torch import Tensor
 
@@ -42,6 +43,8 @@ class CommitParticipant:
         self.prepared: tuple[int, Tensor, int] | None = None  # (step, summed gradients, samples)
         self.stepped = asyncio.Condition()  # notified when this replica's step moves
         self.bulk = BulkServer(ctx.runner.run)  # our gradient sums, for the other replicas
+        # A head among several: waits until its own micro-batches of a step are back (HeadGroup.ready)
+        self.ready: Callable[[int], Awaitable[None]] | None = None
 
     def _at(self, step: int) -> None:
         if step != self.ctx.runner.step:
@@ -66,6 +69,8 @@ class CommitParticipant:
     async def rpc_prepare(self, req: Prepare, caller: str) -> Prepared:
         ctx = self.ctx
         self.prepared = None
+        if self.ready is not None:  # a head's sum must hold its whole batch, not part of it
+            await self.ready(req.step)
         if req.step > ctx.runner.step:  # it joined late or missed a commit: catch up first
             await self.replicas.catch_up(req.step, [p for p in sorted(req.peers) if p != ctx.peer_id])
             await self._moved()
@@ -90,7 +95,9 @@ class CommitParticipant:
         if unreachable or total is None:
             return Prepared(ok=False, own=own, unreachable=unreachable)
         self.prepared = (req.step, total, samples)
-        return Prepared(ok=True, own=own, samples=samples)
+        # A head that sent a batch of this step: where its slot reads next once the step is applied.
+        position = ctx.runner.data_positions.get(req.step + 1) if ctx.stage == 0 and own else None
+        return Prepared(ok=True, own=own, samples=samples, position=position)
 
     def _asker(self, step: int) -> Ask:
         async def ask(peer: str, meta: dict[str, int | str]) -> Packet:
@@ -105,7 +112,9 @@ class CommitParticipant:
         _, total, samples = self.prepared
         self.prepared = None
         self.bulk.drop()
-        step = await self.ctx.runner.apply_sum(total, samples)
+        if self.ctx.stage == 0:  # the heads keep every slot's committed position (checkpoints)
+            self.ctx.runner.slot_positions = {**self.ctx.runner.slot_positions, **req.positions}
+        step = await self.ctx.runner.apply_sum(total, samples, req.samples or None)
         await self._moved()
         return Applied(step=step, samples=samples)
 
@@ -124,6 +133,8 @@ class CommitParticipant:
         if header.meta.get("op", "open") == "open":
             if not isinstance(step, int):
                 raise WireError("bad payload", "no step")
+            if self.ready is not None:  # a head: its whole batch of the step, not part of it
+                await self.ready(step)
             if step > runner.step:  # behind: our own prepare of this step is catching us up
                 with contextlib.suppress(TimeoutError):
                     async with self.stepped:

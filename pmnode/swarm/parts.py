@@ -19,6 +19,7 @@ from pmnode.net.shaping import LinkShaper
 from pmnode.net.transport import TransportStats
 from pmnode.net.wire import WireLimits
 from pmnode.swarm import handler as handler_mod
+from pmnode.swarm import heads as heads_mod
 from pmnode.swarm import participant as participant_mod
 from pmnode.swarm.average_loop import AveragingLoop
 from pmnode.swarm.context import NodeContext
@@ -27,7 +28,6 @@ from pmnode.swarm.handler import StageHandler
 from pmnode.swarm.head import HeadDriver
 from pmnode.swarm.membership import Membership, SwarmView
 from pmnode.swarm.options import NodeOptions
-from pmnode.swarm.outer_loop import OuterLoop, outer_rounds
 from pmnode.swarm.participant import CommitParticipant
 from pmnode.swarm.pauses import Pauses
 from pmnode.swarm.replicas import Replicas
@@ -75,11 +75,12 @@ class Parts:
         self.participant = CommitParticipant(ctx, self.downstream, self.replicas)
         self.handler.reach = self.participant.reach
         self.pauses = Pauses(ctx, self.view, self._resumed)
-        self.head = HeadDriver(ctx, self.downstream, self.view, self.pauses, opts.log_format, self._rejoined)
+        self.head = HeadDriver(
+            ctx, self.downstream, self.view, self.pauses, opts.log_format, self._rejoined, self.participant
+        )
+        if ctx.runner.worker.is_first and self.head.group.many:
+            self.participant.ready = self.head.group.ready  # a head's sum waits for its whole batch
         self.averaging = AveragingLoop(ctx, self.replicas, membership.current, stop, self.guard)
-        # replica_sync.method outer: the averaging task runs outer rounds instead of hivemind's
-        self.outer = OuterLoop(ctx, self.replicas, self.downstream, self.guard) if outer_rounds(ctx) else None
-        self.averaging.outer = self.outer
         self.behind_nat = False  # set once serving: a relayed node opens its own connections (reach_out)
         self.routes = RelayRoutes(ctx.p2p, membership.current)
         self.replicas.route = self.downstream.on_change = self.update_routes
@@ -103,8 +104,8 @@ class Parts:
         await serve_all(self.ctx.p2p, cfg.name, self.handler, handler_mod.RPCS, opts)
         await serve_all(self.ctx.p2p, cfg.name, self.participant, participant_mod.RPCS, opts)
         await serve_all(self.ctx.p2p, cfg.name, self.replicas, (STATE,), opts)
-        if self.outer is not None:
-            await self.outer.serve(opts)
+        if self.ctx.runner.worker.is_first:
+            await serve_all(self.ctx.p2p, cfg.name, self.head.group, heads_mod.RPCS, opts)
 
     async def use_reach(self, reach: Reachability, relay: bool) -> None:
         """Once serving: a relayed node trusts its relays to forward calls to it and opens its own
@@ -150,12 +151,15 @@ class Parts:
             head = await self.view.head_step()
             if head is not None:
                 ctx.runner.frontier = max(ctx.runner.frontier, head)
-        if ctx.runner.worker.is_first:  # the head commits with every stage's replicas
+        if ctx.runner.worker.is_first:  # the head commits with every stage's replicas and the other heads
             await self.view.refresh()
 
     async def finish_swarm(self, passes: int = 2, pause: float = 1.0) -> None:
         """Tell the next stage's replicas that training is over (they pass it on). A few passes, since
-        a replica's record can be missing from one DHT read: a replica never told would wait for ever."""
+        a replica's record can be missing from one DHT read: a replica never told would wait for ever.
+        Several heads: only the last one to lead tells, once every other head is done."""
+        if self.ctx.runner.worker.is_first and self.head.group.many and not await self._last_head():
+            return
         client = Client(self.ctx.p2p, self.ctx.cfg.name)
         told: set[str] = set()
         for i in range(passes):
@@ -172,3 +176,15 @@ class Parts:
                         self.ctx.console.print(f"could not tell {rec.peer_id[-8:]} to stop: {e}")
             if i < passes - 1:
                 await asyncio.sleep(pause)
+
+    async def _last_head(self) -> bool:
+        """Several heads at the end: whether this one tells the next stage. The lowest online slot does,
+        after every other online head has trained all its steps (or left); the others just leave."""
+        group, steps = self.head.group, self.ctx.cfg.train.steps
+        while True:
+            await self.view.refresh([0])
+            if not group.leads():
+                return False
+            if all(r.step >= steps for r in group.others()):
+                return True
+            await asyncio.sleep(1.0)

@@ -12,7 +12,7 @@ import time
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pmnode.net.outer_report import OuterReport
+from pmnode.data.shards import DataPosition
 from pmnode.net.transport import TransportStats
 
 
@@ -75,6 +75,7 @@ class NodeSummary(BaseModel):
     model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
 
     stage: int
+    slot: int = 0  # a head's slot (swarm.heads > 1)
     steps: int
     schedule: str
     codec: str
@@ -89,7 +90,6 @@ class NodeSummary(BaseModel):
     steps_lost: int
     paused_s: float
     averaging: Averaging
-    outer: OuterReport | None = None  # replica_sync.method outer: its rounds
     compute: ComputeTimes = Field(default_factory=ComputeTimes)
     busy_s: float = 0.0  # seconds the compute thread worked
     samples_served: int = 0  # samples whose backward finished here
@@ -97,6 +97,8 @@ class NodeSummary(BaseModel):
     tunnelled_in: dict[str, int] = {}  # handler -> calls that reached this node through a relay (net.tunnel)
     relay_forwarded: dict[str, int] | None = None  # a `--relay` member: what its forwarder carried
     # the head only
+    samples_driven: int | None = None  # samples of this head's own batches, in the steps it drove
+    data_position: DataPosition | None = None  # where its slot reads next
     final_train_loss: float | None = None
     heldout_loss: float | None = None
     tokens_per_s: float | None = None

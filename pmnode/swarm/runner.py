@@ -63,13 +63,15 @@ class StageRunner:
         self.samples_off = 0  # summed |samples applied - batch_size| over the steps: 0 when exact
         self.frontier = 0  # async: the furthest step of a micro-batch taken here (or the head's)
         self.replicated = False  # async: has shared this stage with another node
-        # Told each optimizer step's samples, on this thread (outer replica rounds count their steps).
-        self.on_step: Callable[[int], None] | None = None
         # The head's data position after N steps, by N (saved with the checkpoint of step N), and the
         # (step, position) of the checkpoint this stage was loaded from.
         self.data_positions: dict[int, DataPosition] = {}
         self.loaded_data: tuple[int, DataPosition | None] | None = None
         self.disk_problem: str | None = None  # why the last checkpoint was not written (a full disk)
+        # Several heads: every slot's committed data position at this step (a sync commit brings them),
+        # saved with stage 0's checkpoint so a resumed or replacement head goes on from its slot's.
+        self.slot_positions: dict[int, DataPosition] = {}
+        self.loaded_slots: dict[int, DataPosition] = {}
 
     @classmethod
     async def start(
@@ -125,8 +127,8 @@ class StageRunner:
         return round(self.samples_served / self.busy, 3) if self.busy > 0.2 and self.samples_served else 0.0
 
     # ---- the step policy (compute thread) ------------------------------------------------------------
-    def _step_if_ready(self, force: bool = False) -> tuple[int, float] | None:
-        batch = self.cfg.train.batch_size
+    def _step_if_ready(self, force: bool = False, expected: int | None = None) -> tuple[int, float] | None:
+        batch = expected or self.batch
         if not needs_step(self.worker.samples_ready, batch, force):
             return None
         # An async replica makes only its share of the stage's steps: the schedule follows the head.
@@ -136,12 +138,16 @@ class StageRunner:
         self.since_average += applied
         # A step of anything but batch_size samples lost or double-counted micro-batches on the way.
         self.samples_off += abs(applied - batch)
-        if self.on_step is not None:
-            self.on_step(applied)
         c = self.checkpoints
         if c is not None and c.every and self.worker.step_count % c.every == 0:
             self._save()
         return applied, lr
+
+    @property
+    def batch(self) -> int:
+        """Samples per step: a head steps on its own batch; the later stages on every head's."""
+        t = self.cfg.train
+        return t.batch_size if self.worker.is_first else t.batch_size * self.cfg.swarm.heads
 
     def _after_backward(self, samples: int) -> None:
         self.samples_served += samples
@@ -161,7 +167,8 @@ class StageRunner:
     def _write_checkpoint(self, c: Checkpoints) -> None:
         step = self.worker.step_count
         data = self.data_positions.get(step)
-        checkpoint.save(self.worker, c.root, self.cfg.name, self.samples_applied, data)
+        slots = self.slot_positions if self.worker.is_first else {}
+        checkpoint.save(self.worker, c.root, self.cfg.name, self.samples_applied, data, slots)
         for done in [s for s in self.data_positions if s < step]:
             del self.data_positions[done]
         checkpoint.save_run_config(self.cfg, c.root)
@@ -234,10 +241,13 @@ class StageRunner:
     async def grad_sums(self) -> tuple[Tensor, int]:
         return await self.run(lambda: (self.worker.grad_vector(), self.worker.samples_ready))
 
-    async def apply_sum(self, total: Tensor, samples: int) -> int:
+    async def apply_sum(self, total: Tensor, samples: int, expected: int | None = None) -> int:
+        """Step with the replicas' summed gradient; `expected`: the samples the commit meant (every
+        head's), against which a step's samples count as exact or not (samples_off)."""
+
         def job() -> int:
             self.worker.set_grads(total, samples)
-            self._step_if_ready(force=True)
+            self._step_if_ready(force=True, expected=expected)
             return self.worker.step_count
 
         return await self.run(job)
@@ -271,8 +281,6 @@ class StageRunner:
                 applied, _ = self.worker.step(self.cfg.train.steps, at)
                 self.samples_applied += applied
                 self.since_average += applied
-                if self.on_step is not None:
-                    self.on_step(applied)
 
         await self.run(job)
 
@@ -285,4 +293,5 @@ class StageRunner:
         man = await self.run(checkpoint.load, self.worker, root)
         self.samples_applied = man.samples
         self.loaded_data = (man.step, man.data)
+        self.loaded_slots = self.slot_positions = dict(man.slots)
         return man

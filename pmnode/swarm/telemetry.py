@@ -58,6 +58,7 @@ class Telemetry:
         return StageRecord(
             peer_id=p.ctx.peer_id,
             stage=p.ctx.stage,
+            slot=p.ctx.slot,
             state="online",
             throughput=runner.throughput(),
             queue=len(runner.worker.inflight),
@@ -73,7 +74,6 @@ class Telemetry:
             reach=self.reach.mode,
             addrs=self.reach.addrs,
             relay=self.opts.relay and self.reach.mode == "direct",
-            outer=p.outer.report() if p.outer is not None else None,
         )
 
     def refused(self) -> dict[str, int]:
@@ -117,8 +117,12 @@ class Telemetry:
         p, runner = self.parts, self.parts.ctx.runner
         head = p.head.progress
         extra = head.head_summary(p.downstream.stats) if runner.worker.is_first and head.losses else {}
+        if runner.worker.is_first:
+            extra["samples_driven"] = p.head.samples_driven
+            extra["data_position"] = runner.data_positions.get(runner.step)
         return NodeSummary(
             stage=p.ctx.stage,
+            slot=p.ctx.slot,
             steps=runner.step,
             schedule=p.ctx.schedule.name,
             codec=p.ctx.cfg.codec_spec,
@@ -133,7 +137,6 @@ class Telemetry:
             steps_lost=p.replicas.steps_lost,
             paused_s=round(p.pauses.paused_s, 2),
             averaging=p.averaging.report(),
-            outer=p.outer.report() if p.outer is not None else None,
             compute=runner.times.model_copy(update={"busy_s": round(runner.busy, 4)}),
             busy_s=round(runner.busy, 3),
             samples_served=runner.samples_served,
