@@ -179,8 +179,11 @@ def inspect(
 
 
 def print_advice(console: Console, advice: list, best: object) -> None:
-    """Each way to compress this config, cheapest on the wire first, with the long-run cost the
-    fidelity study measured at the same d/k (docs/benchmarks/fidelity)."""
+    """The config's own boundary first, then each other way to compress it, cheapest on the wire
+    first, with the long-run cost the fidelity study measured at the same d/k, on every corpus it
+    was measured on (docs/benchmarks/fidelity)."""
+    from pmnode.bench.advice import spread_text
+
     table = Table("codec", "setting", "B/token", "link tok/s", "measured cost", title="compression")
     for a in advice:
         m = a.measured
@@ -192,13 +195,17 @@ def print_advice(console: Console, advice: list, best: object) -> None:
             steps = f", {m.steps_ratio:.2f}x steps" if m.steps_ratio else ", target not reached"
             cut = "" if m.complete else ", cut short"
             cost = f"{vs} at {m.tokens / 1e6:.1f}M tokens{steps} (d={m.d_model}, {m.corpus}{cut})"
+            cost = spread_text(a) or cost
         carried = f"{a.link_tokens_per_s:,.0f}" if a.link_tokens_per_s is not None else "-"
         style = "bold green" if a is best else ("dim" if a.fits is False else None)
-        table.add_row(f"{a.codec}@{a.rank}", a.setting, str(a.bytes_per_token), carried, cost, style=style)
+        name = f"{a.codec}@{a.rank}" + (" (shipped)" if a.shipped else "")
+        table.add_row(name, a.setting, str(a.bytes_per_token), carried, cost, style=style)
     console.print(table)
     console.print(
-        "cost: held-out loss against the same model unconstrained (k = d) at equal tokens; "
-        "steps: to that model's final loss",
+        "cost: held-out loss against the same model unconstrained (k = d) at equal tokens (the study's "
+        "d and corpus in brackets; the range over corpora where measured on several); steps: to that "
+        "model's final loss. remedy: subspace.preset remedy (full width inside a stage, token/pair/"
+        "triple tables); paper: subspace.preset paper (every write in span(U))",
         style="dim",
     )
     if best is not None:

@@ -16,7 +16,7 @@ from pmnode.config import load_config
 BIN = Path(sys.executable).parent
 
 
-def _cost(d_over_k: int, gap: float, codec: str = "subspace", setting: str = "default") -> MeasuredCost:
+def _cost(d_over_k: int, gap: float, codec: str = "subspace", setting: str = "paper") -> MeasuredCost:
     return MeasuredCost(
         d_over_k=d_over_k,
         d_model=128,
@@ -60,7 +60,8 @@ def test_the_lowest_measured_cost_the_link_carries_is_recommended(monkeypatch: p
     ]
     monkeypatch.setattr(advice, "measured_costs", lambda: costs)
     rows = advise(cfg, bandwidth=10e6, tokens_per_s=100_000)
-    assert [r.bytes_per_token for r in rows] == sorted(r.bytes_per_token for r in rows)
+    assert rows[0].shipped  # the config's own boundary leads, then the cheapest on the wire
+    assert [r.bytes_per_token for r in rows[1:]] == sorted(r.bytes_per_token for r in rows[1:])
     int8 = {r.setting: r for r in rows if r.codec == "subspace:int8" and r.rank == 32}
     assert int8[remedy].bytes_per_token == 32 + 2 + 1 and int8[remedy].measured == costs[2]
     best = recommended(rows)
@@ -87,7 +88,7 @@ def test_inspect_prints_the_compression_table_as_json() -> None:
     assert out.returncode == 0, out.stderr
     info = json.loads(out.stdout)
     rows = info["compression"]
-    assert {c["rank"] for c in rows if c["codec"] == "subspace" and c["setting"] == "default"} >= {
+    assert {c["rank"] for c in rows if c["codec"] == "subspace" and c["setting"] == "paper"} >= {
         4,
         8,
         16,
@@ -107,3 +108,20 @@ def test_inspect_prints_the_compression_table_as_json() -> None:
         timeout=60,
     )
     assert bad.returncode != 0 and "bad bandwidth" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_the_shipped_boundary_leads_with_its_spread_over_corpora(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = load_config("deep")  # shipped: the remedy preset, int8 at k = d/8 = 32
+    stdlib = _cost(8, 0.009, "subspace:int8", "remedy")
+    prose = stdlib.model_copy(update={"corpus": "prose-v2", "gap": 0.03})
+    short = stdlib.model_copy(update={"corpus": "perldoc-v3", "gap": 0.02, "tokens": 2_000_000})
+    monkeypatch.setattr(advice, "measured_costs", lambda: [_cost(32, 0.16), stdlib, prose, short])
+    rows = advise(cfg, bandwidth=10e6, tokens_per_s=100_000)
+    first = rows[0]
+    assert first.shipped and (first.codec, first.rank, first.setting) == ("subspace:int8", 32, "remedy")
+    assert [m.corpus for m in first.spread] == ["stdlib", "perldoc-v3", "prose-v2"]  # lowest gap first
+    assert advice.spread_text(first) == "+0.9% (stdlib, 5.0M) to +3.0% (prose-v2, 5.0M), 3 corpora"
+    assert sum(r.shipped for r in rows) == 1
+    # llama-8b ships the remedy without the 128K x d token table: a setting of its own, not measured.
+    big = advise(load_config("llama-8b"))[0]
+    assert big.shipped and big.setting == "remedy, stage_embeddings=false, stage_bigrams=16384"

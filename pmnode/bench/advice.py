@@ -10,13 +10,14 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from pmnode.bench.fidelity import compare, is_unconstrained, load_runs
-from pmnode.bench.variants import parse_variant
+from pmnode.bench.labels import name_setting, preset_of, setting_of
 from pmnode.config import RunConfig
+from pmnode.config.sections import PRESETS
 from pmnode.core.codecs import wire_bytes
 
 COSTS_FILE = Path(__file__).with_name("fidelity_costs.json")
 RATIOS = (4, 8, 16, 32, 64)
-DEFAULT_SETTING = "default"
+PAPER = "paper"  # the paper's constraint, nothing else: what the fp32 rows at every d/k are
 
 
 class MeasuredCost(BaseModel):
@@ -27,7 +28,7 @@ class MeasuredCost(BaseModel):
     rank: int
     variant: str
     codec: str = "subspace"  # the spec without the rank: subspace, subspace:int8, ...
-    setting: str = DEFAULT_SETTING  # what the run changes beyond k and the model's shape
+    setting: str = PAPER  # what the run trained with beyond k and the model's shape (bench.labels)
     corpus: str
     tokens: int
     complete: bool
@@ -47,22 +48,16 @@ class RankAdvice(BaseModel):
     link_tokens_per_s: float | None  # what the link carries at these bytes
     fits: bool | None  # the link carries the stage's token rate
     measured: MeasuredCost | None  # the longest run of this codec, d/k and setting
+    spread: list[MeasuredCost] = []  # every complete run of it with a twin, one per corpus
+    shipped: bool = False  # the config's own codec, k and setting
 
 
-def setting_of(variant: str) -> str:
-    """The variant's overrides beyond the model's shape, short: 'constrain=boundaries, stage_bigrams=4096'."""
-    _, overrides = parse_variant(variant)
-    flat: list[str] = []
-
-    def walk(node: dict, prefix: str) -> None:
-        for k, v in node.items():
-            if isinstance(v, dict):
-                walk(v, f"{prefix}{k}.")
-            elif not prefix.startswith("model."):
-                flat.append(f"{k}={str(v).lower() if isinstance(v, bool) else v}")
-
-    walk(overrides, "")
-    return ", ".join(flat) or DEFAULT_SETTING
+def config_setting(cfg: RunConfig) -> str:
+    """The shipped config's own setting, named like a run's: 'remedy', 'paper' or one of them with
+    what differs ('remedy, stage_embeddings=false, stage_bigrams=16384')."""
+    sub = cfg.subspace
+    gov = {k: getattr(sub, k) for k in PRESETS["paper"]}
+    return name_setting(gov, sub.preset, [])
 
 
 def costs_from_runs(out: Path, corpus: str) -> list[MeasuredCost]:
@@ -80,7 +75,7 @@ def costs_from_runs(out: Path, corpus: str) -> list[MeasuredCost]:
                 rank=row.rank,
                 variant=row.variant,
                 codec=run.codec,
-                setting=setting_of(row.variant),
+                setting=setting_of(row.variant, preset_of(run.variant, run.preset)),
                 corpus=corpus,
                 tokens=row.tokens,
                 complete=run.complete,
@@ -98,9 +93,10 @@ def measured_costs() -> list[MeasuredCost]:
     return [MeasuredCost.model_validate(c) for c in json.loads(COSTS_FILE.read_text())]
 
 
-def _evidence(m: MeasuredCost) -> tuple[bool, bool, int, str]:
-    """Prefer complete runs, then runs with their own twin (a gap, not only vs plain), then length."""
-    return m.complete, m.gap is not None, m.tokens, m.corpus
+def _evidence(m: MeasuredCost) -> tuple[bool, bool, int, int, str]:
+    """Prefer complete runs, then runs with their own twin (a gap, not only vs plain), then length,
+    then the wider model (nearer real ones)."""
+    return m.complete, m.gap is not None, m.tokens, m.d_model, m.corpus
 
 
 def advise(
@@ -110,8 +106,12 @@ def advise(
     other codec and setting the study measured, at its d/k; `bandwidth` in bytes/s per direction."""
     d, vocab = cfg.model.d_model, cfg.model.vocab_size
     options: dict[tuple[str, str, int], list[MeasuredCost]] = {}
-    for r in {max(1, d // r) for r in RATIOS} | ({cfg.rank} if cfg.subspace.enabled else set()):
-        options[("subspace", DEFAULT_SETTING, r)] = []
+    for r in {max(1, d // r) for r in RATIOS}:
+        options[("subspace", PAPER, r)] = []
+    shipped = None
+    if cfg.subspace.enabled:  # the config as shipped leads
+        shipped = (cfg.codec_spec.partition("@")[0], config_setting(cfg), cfg.rank)
+        options[shipped] = []
     for m in measured_costs():
         k = max(1, round(d / m.d_over_k))
         options.setdefault((m.codec, m.setting, k), []).append(m)
@@ -129,9 +129,34 @@ def advise(
                 link_tokens_per_s=round(carried, 1) if carried is not None else None,
                 fits=carried >= tokens_per_s if carried is not None and tokens_per_s else None,
                 measured=max(costs, key=_evidence) if costs else None,
+                spread=_spread(costs),
+                shipped=(codec, setting, k) == shipped,
             )
         )
-    return sorted(rows, key=lambda a: (a.bytes_per_token, a.setting != DEFAULT_SETTING, a.setting))
+    return sorted(rows, key=lambda a: (not a.shipped, a.bytes_per_token, a.setting != PAPER, a.setting))
+
+
+def _spread(costs: list[MeasuredCost]) -> list[MeasuredCost]:
+    """The best-evidenced complete run with a twin per corpus, lowest gap first."""
+    best: dict[str, MeasuredCost] = {}
+    for m in costs:
+        if not m.complete or m.gap is None:
+            continue
+        if m.corpus not in best or _evidence(m) > _evidence(best[m.corpus]):
+            best[m.corpus] = m
+    return sorted(best.values(), key=lambda m: m.gap or 0.0)
+
+
+def spread_text(row: RankAdvice) -> str | None:
+    """'+0.9% (stdlib-v2, 5.0M) to +3.0% (prose-v2, 5.0M), 3 corpora', or None with under two."""
+    s = row.spread
+    if len(s) < 2:
+        return None
+    lo, hi = s[0], s[-1]
+    return (
+        f"{100 * (lo.gap or 0):+.1f}% ({lo.corpus}, {lo.tokens / 1e6:.1f}M) to "
+        f"{100 * (hi.gap or 0):+.1f}% ({hi.corpus}, {hi.tokens / 1e6:.1f}M), {len(s)} corpora"
+    )
 
 
 def _reshapes(setting: str) -> bool:
@@ -159,5 +184,5 @@ def recommended(rows: list[RankAdvice]) -> RankAdvice | None:
     bounded = [(b, r) for r in fitting if (b := _bound(r, rows)) is not None]
     if bounded:
         return min(bounded, key=lambda br: (br[0], -br[1].rank))[1]
-    plain = [r for r in fitting if r.codec == "subspace" and r.setting == DEFAULT_SETTING]
+    plain = [r for r in fitting if r.codec == "subspace" and r.setting == PAPER]
     return max(plain, key=lambda r: r.rank) if plain else None
