@@ -19,6 +19,7 @@ from importlib.resources import files
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 
 from pmnode.net.forwarder import RelayCounters
+from pmnode.net.outer_report import OuterReport
 from pmnode.net.status import SwarmStatus
 
 
@@ -45,6 +46,21 @@ class Metrics:
             "pmnode_node_refused_calls",
             "Calls a node's guard refused, by door (data; averaging.join/part/state/leader/group).",
             ["stage", "peer", "door"],
+            registry=r,
+        )
+        self.outer = {  # replica_sync.method outer: each replica's rounds (pmnode.net.outer_report)
+            name: Gauge(f"pmnode_outer_{name}", doc, ["stage", "peer"], registry=r)
+            for name, doc in (
+                ("rounds", "Outer rounds a replica applied as a member."),
+                ("bytes_per_round", "Bytes of a replica's compressed share in one outer round."),
+                ("round_seconds", "Mean wall seconds of a replica's outer rounds."),
+                ("hidden_fraction", "Fraction of the outer rounds' wall time training went on."),
+            )
+        }
+        self.outer_refused = Gauge(
+            "pmnode_outer_refused",
+            "Outer shares a replica refused, by reason.",
+            ["stage", "peer", "reason"],
             registry=r,
         )
         self.joins = Counter("pmnode_joins", "Join requests the coordinator answered.", registry=r)
@@ -77,6 +93,8 @@ class Metrics:
         self.node_queue.clear()  # nodes that left must not linger as stale series
         self.node_step.clear()
         self.node_refused.clear()
+        for g in [*self.outer.values(), self.outer_refused]:
+            g.clear()
         for st in s.stages:
             self.replicas.labels(stage=str(st.stage)).set(len(st.replicas))
             self.stage_throughput.labels(stage=str(st.stage)).set(st.throughput)
@@ -85,6 +103,20 @@ class Metrics:
                 self.node_step.labels(stage=str(st.stage), peer=r.peer_id).set(r.step)
                 for door, n in r.refused.items():
                     self.node_refused.labels(stage=str(st.stage), peer=r.peer_id, door=door).set(n)
+                if r.outer is not None:
+                    self._outer(str(st.stage), r.peer_id, r.outer)
+
+    def _outer(self, stage: str, peer: str, o: OuterReport) -> None:
+        values = {
+            "rounds": o.rounds,
+            "bytes_per_round": o.bytes_per_round,
+            "round_seconds": o.round_s,
+            "hidden_fraction": o.hidden,
+        }
+        for name, v in values.items():
+            self.outer[name].labels(stage=stage, peer=peer).set(v)
+        for reason, n in o.refused.items():
+            self.outer_refused.labels(stage=stage, peer=peer, reason=reason).set(n)
 
     def update_relay(self, c: RelayCounters) -> None:
         totals = c.total()

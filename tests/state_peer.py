@@ -20,7 +20,7 @@ from hivemind.p2p import P2P
 
 from pmnode.config import RunConfig, load_config
 from pmnode.core.codecs import Packet
-from pmnode.core.replica_state import load_state_tensors, state_tensors
+from pmnode.core.replica_state import load_state_tensors, max_state_bytes, state_tensors
 from pmnode.core.worker import StageWorker
 from pmnode.net.bulk import BulkServer, fetch, pack, unpack
 from pmnode.net.serving import serve
@@ -84,7 +84,8 @@ async def fetch_state(cfg: RunConfig, info: Path, senders: list[Path], pause_at:
         asked.append((peer, str(meta.get("op"))))  # answered
         return reply
 
-    got = await fetch(ask, [p["peer"] for p in peers], {}, say=lambda s: print(s, flush=True))
+    peer_ids = [p["peer"] for p in peers]
+    got = await fetch(ask, peer_ids, {}, say=lambda s: print(s, flush=True), max_size=max_state_bytes(worker))
     load_state_tensors(worker, unpack(got.manifest, got.buffer), got.manifest.meta)
     chunks = {p["peer"]: sum(1 for who, op in asked if who == p["peer"] and op == "chunk") for p in peers}
     body = {

@@ -103,7 +103,7 @@ def test_head_slots_split_the_order_disjointly(toy_prepared: Path) -> None:
         idx, pos = data.train.take(pos, slots * batch, seed=3)
         single.append(idx.tolist())
     for t in range(steps):
-        assert sum((per_slot[h][t] for h in range(slots)), []) == single[t]
+        assert [w for h in range(slots) for w in per_slot[h][t]] == single[t]
     flat = [w for t in range(steps) for h in range(slots) for w in per_slot[h][t]]
     assert sorted(flat[:n]) == list(range(n)) and sorted(flat[n : 2 * n]) == list(range(n))
 

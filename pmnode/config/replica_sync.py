@@ -47,6 +47,12 @@ class ReplicaSyncConfig(_Strict):
     outer_momentum: float = Field(
         0.0, ge=0, lt=1, description="Nesterov momentum of the outer step (DiLoCo: 0.9 with outer_lr 0.7)."
     )
+    round_timeout: float = Field(
+        30.0,
+        gt=0,
+        description="swarm: seconds the round's leader waits, after the first replica's vote, for the others "
+        "before it decides the round with the replicas it has (a late or dead one is left out).",
+    )
     overlap: bool = Field(
         True,
         description="Rounds overlap with compute: the next inner steps run while a round is in flight and "

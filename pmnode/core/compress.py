@@ -101,7 +101,7 @@ def compress(t: Tensor, cfg: ReplicaSyncConfig, q_prev: Tensor | None = None) ->
     if kind == "lowrank":
         assert q_prev is not None, "lowrank needs the previous round's Q"
         m = t.detach().float()
-        p = torch.linalg.qr(m @ q_prev.float()).Q  # (m, r), orthonormal columns
+        p = torch.linalg.qr(m @ q_prev.float().to(m.device)).Q  # (m, r), orthonormal columns
         q = m.T @ p  # (n, r): M ≈ P Qᵀ
         return Compressed("lowrank", [p.half(), q.half()])
     chunks, keep, bits = _topk_shape(t.numel(), cfg)
@@ -160,7 +160,7 @@ def decompress(c: Compressed, shape: tuple[int, ...], cfg: ReplicaSyncConfig) ->
     levels = (1 << (cfg.topk_bits - 1)) - 1
     mag = lo + (hi - lo) * (value >> 1).float() / levels
     vals = torch.where((value & 1).bool(), -mag, mag)
-    out = torch.zeros(chunks, cfg.topk_chunk)
+    out = torch.zeros(chunks, cfg.topk_chunk, device=packed.device)
     out.scatter_(1, idx, vals)  # repeated indices from a dishonest peer overwrite, never grow the tensor
     return out.reshape(-1)[:numel].reshape(shape)
 

@@ -56,6 +56,7 @@ class OuterSync:
         self._residual_before: list[Tensor] | None = None
         self.round = 0
         self.samples = 0  # trained since the last round started
+        self._samples_sent = 0  # the in-flight round's count: an aborted round gives it back
 
     def note_samples(self, n: int) -> None:
         self.samples += n
@@ -79,7 +80,7 @@ class OuterSync:
                 self.residual[i].sub_(decompress(c, self.shapes[i], self.cfg))
             out.append(c)
         share = Share(self.round, self.samples, out)
-        self.samples = 0
+        self._samples_sent, self.samples = self.samples, 0
         return share
 
     def check(self, share: Share) -> list[Tensor]:
@@ -97,31 +98,70 @@ class OuterSync:
         """Apply the round from every replica's share (the same list, in the same order, everywhere)."""
         if self.start_weights is None:
             raise RuntimeError("no round in flight")
-        decoded = [self.check(s) for s in shares]  # all checked before any weight moves
+        # keep the inner steps taken while in flight; with none, every replica holds the anchor exactly
+        self._outer_step(shares, self.start_weights)
+        self.start_weights = None
+        self.round += 1
+
+    @torch.no_grad()
+    def observe(self, shares: list[Share]) -> None:
+        """Apply a round this replica is not a member of (its share came too late, or it had not
+        started): the anchor moves exactly as every member's does, and all of this replica's progress
+        since the old anchor stays in its weights, for its next share."""
+        if self.start_weights is not None:
+            self._give_back()
+        self._outer_step(shares, None)
+        self.round += 1
+
+    def _outer_step(self, shares: list[Share], base: list[Tensor] | None) -> None:
+        """anchor <- anchor - lr * outer(sample-weighted mean); weights keep their progress past `base`
+        (None: past the old anchor)."""
+        # all checked before any weight moves; shares arrive on the host, the anchor may be on a GPU
+        decoded = [[t.to(a.device) for t, a in zip(self.check(s), self.anchor, strict=True)] for s in shares]
         total = sum(s.samples for s in shares)
         weights = [s.samples / total if total > 0 else 1 / len(shares) for s in shares]
         lr, mu = self.cfg.outer_lr, self.cfg.outer_momentum
-        for i, (a, w0, p) in enumerate(zip(self.anchor, self.start_weights, self.params, strict=True)):
+        for i, (a, p) in enumerate(zip(self.anchor, self.params, strict=True)):
             mean = sum(wt * d[i] for wt, d in zip(weights, decoded, strict=True))
             assert isinstance(mean, Tensor)
             if self.momentum is not None:  # Nesterov, as DiLoCo's outer optimizer
                 self.momentum[i].mul_(mu).add_(mean)
                 mean = mean + mu * self.momentum[i]
             new_anchor = a - lr * mean
-            # keep the inner steps taken while in flight; with none, every replica holds the anchor exactly
-            p.copy_(new_anchor + (p.float() - w0))
+            p.copy_(new_anchor + (p.float() - (a if base is None else base[i])))
             a.copy_(new_anchor)
+
+    def _give_back(self) -> None:
+        """The share in flight was never used: its residual and its samples count next round."""
+        if self._residual_before is not None:  # what this round took out was never sent
+            self.residual = self._residual_before
+        self.samples += self._samples_sent  # its samples count in the next share, with its progress
         self.start_weights = None
-        self.round += 1
 
     def abort(self) -> None:
         """A round that failed (too few replicas answered): the weights stay where training took them
         and the next round's pseudo-gradient still holds this one's progress."""
-        if self._residual_before is not None:  # what this round took out was never sent
-            self.residual = self._residual_before
-        self.start_weights = None
+        self._give_back()
         self.round += 1
 
     def state(self) -> dict[str, Tensor]:
-        """What a joining replica copies: the anchor is the stage's state as of the last outer step."""
-        return {f"anchor.{i}": a for i, a in enumerate(self.anchor)}
+        """What a joining replica copies: the anchor is the stage's state as of the last outer step
+        (with the outer momentum, which every replica must also hold alike)."""
+        out = {f"anchor.{i}": a for i, a in enumerate(self.anchor)}
+        if self.momentum is not None:
+            out.update({f"momentum.{i}": m for i, m in enumerate(self.momentum)})
+        return out
+
+    @torch.no_grad()
+    def adopt(self, state: dict[str, Tensor], round: int) -> None:
+        """Become a replica at the stage's last outer step: its anchor (and momentum) as weights and
+        anchor; no round in flight, no residual of its own yet."""
+        for i, (a, p) in enumerate(zip(self.anchor, self.params, strict=True)):
+            a.copy_(state[f"anchor.{i}"])
+            p.copy_(a)
+            if self.momentum is not None:
+                self.momentum[i].copy_(state[f"momentum.{i}"])
+        if self.residual is not None:
+            for r in self.residual:
+                r.zero_()
+        self.start_weights, self.round, self.samples = None, round, 0

@@ -38,6 +38,14 @@ def state_tensors(worker: StageWorker) -> tuple[dict[str, Tensor], dict[str, int
     return tensors, meta
 
 
+def max_state_bytes(worker: StageWorker) -> int:
+    """The most bytes a replica's state copy of this stage may announce: its weights, two optimizer
+    moments, what an outer loop adds (an anchor, error feedback) and room for alignment and scalars.
+    A sender's manifest above it is refused before the receiver allocates anything (net.bulk)."""
+    weights = sum(t.numel() * t.element_size() for t in worker.stage.state_dict().values())
+    return 8 * weights + 2**26  # fp32 moments of bf16 weights are 4x alone: leave room
+
+
 def load_state_tensors(worker: StageWorker, tensors: dict[str, Tensor], meta: dict[str, int | str]) -> None:
     """Compute thread: become the replica these are of; gradients accumulated here are void."""
     model = {k[len(_MODEL) :]: v for k, v in tensors.items() if k.startswith(_MODEL)}

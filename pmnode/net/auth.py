@@ -145,6 +145,16 @@ class Verifier:
 
 
 # ---- admission of data-plane calls -------------------------------------------------------------------------
+MAX_PEERS = 4096  # entries per table of the Guard (certificates, buckets, strikes, bans)
+
+
+def _room(table: dict[str, Any], key: str) -> None:
+    """Make room for `key` in a per-peer table: beyond MAX_PEERS the entry written longest ago goes, so
+    many peer ids (any token holder can make more) cannot grow a node's memory without end."""
+    while key not in table and len(table) >= MAX_PEERS:
+        del table[next(iter(table))]
+
+
 class Guard:
     """Decides, before a byte is decoded, whether a caller may use this node's data handlers.
 
@@ -183,6 +193,7 @@ class Guard:
             self.rejected[e.reason] += 1
             self.strike(caller)
             raise
+        _room(self.members, caller)
         self.members[caller] = cert
 
     def admit(self, caller: str, from_stage: int | None = None) -> str | None:
@@ -206,6 +217,7 @@ class Guard:
             return "unauthorized"
         tokens, last = self.buckets.get(caller, (float(self.burst), now))
         tokens = min(float(self.burst), tokens + (now - last) * self.rate)
+        _room(self.buckets, caller)
         if tokens < 1.0:
             self.buckets[caller] = (tokens, now)
             return "rate limited"
@@ -215,11 +227,15 @@ class Guard:
     def strike(self, caller: str) -> bool:
         """Count one bad message from `caller`; True if this one got it banned."""
         now = time.monotonic()
+        _room(self.strikes, caller)
         q = self.strikes.setdefault(caller, deque())
         q.append(now)
         while q and now - q[0] > 60.0:
             q.popleft()
         if len(q) >= self.ban_after and caller not in self.banned:
+            for gone in [p for p, until in self.banned.items() if until <= now]:
+                del self.banned[gone]
+            _room(self.banned, caller)
             self.banned[caller] = now + self.ban_seconds
             self.bans += 1
             q.clear()

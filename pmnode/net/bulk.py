@@ -170,6 +170,19 @@ class BulkServer:
         return Packet({"data": torch.frombuffer(snap.chunk(index), dtype=torch.uint8)})
 
 
+def check_manifest(man: BulkManifest, max_size: int) -> None:
+    """Refuse a manifest that would make the receiver allocate more than it expects, or whose layout
+    does not add up (chunks that do not cover the size, tensors outside the buffer)."""
+    if not 0 <= man.size <= max_size:
+        raise TransferError(f"the sender announces {man.size} bytes; this receiver takes at most {max_size}")
+    if not 0 < man.chunk <= CHUNK or len(man.chunks) != math.ceil(man.size / man.chunk):
+        raise TransferError(f"{len(man.chunks)} chunks of {man.chunk} bytes do not make {man.size}")
+    for t in man.tensors:
+        n = math.prod(t.shape) * torch.empty((), dtype=DTYPES[t.dtype]).element_size()
+        if t.offset < 0 or min(t.shape, default=0) < 0 or t.offset + n > man.size:
+            raise TransferError(f"tensor {t.name!r} lies outside the {man.size} bytes announced")
+
+
 @dataclass
 class Received:
     manifest: BulkManifest
@@ -183,15 +196,20 @@ async def fetch(
     request: dict[str, int | str],
     say: Callable[[str], None] = lambda _: None,
     progress: Callable[[int, int], None] = lambda done, total: None,
+    *,
+    max_size: int,
 ) -> Received:
     """Pull one snapshot from the first of `peers` that completes it; a sender that fails mid-way is
-    left for the next, which continues at the same chunk if its snapshot's digest is the same."""
+    left for the next, which continues at the same chunk if its snapshot's digest is the same.
+    `max_size`: the most bytes the receiver expects (what its own stage holds); a manifest that
+    announces more is refused before anything is allocated."""
     got: Received | None = None
     done = 0
     for peer in peers:
         try:
             reply = await ask(peer, {**request, "op": "open"})
             man = BulkManifest.model_validate_json(reply.tensors["manifest"].numpy().tobytes())
+            check_manifest(man, max_size)
             if got is not None and man.digest == got.manifest.digest:
                 got.manifest, got.resumed = man, got.resumed + 1  # same content, this sender's ticket
                 say(f"resuming at chunk {done}/{len(man.chunks)} from {peer[-8:]}")

@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from pmnode.errors import ConfigError
+from pmnode.net.outer_report import OuterReport
 
 HEARTBEAT_PERIOD = 2.0  # seconds between a node's announcements
 RECORD_TTL = 3 * HEARTBEAT_PERIOD  # a node missing three beats is gone
@@ -56,6 +57,7 @@ class StageRecord(BaseModel):
     )
     addrs: list[str] = Field([], max_length=8, description="Where to dial it (relayed: circuit addresses).")
     relay: bool = Field(False, description="It relays for others (`pmnode join --relay`).")
+    outer: OuterReport | None = Field(None, description="Its outer replica rounds (replica_sync outer).")
 
 
 def live(records: Iterable[StageRecord]) -> list[StageRecord]:

@@ -45,6 +45,11 @@ UNARY_LIMIT = 1536 * 1024  # leaves headroom under the daemon's ~2 MiB unary cap
 CHUNK_SIZE = 2**20
 TICKET = "pmnode.ticket"
 TICKET_TTL = 60.0  # seconds a parked reply waits for its fetch before it is dropped
+MAX_REPLY = WireLimits().max_bytes  # bytes a streamed reply may add up to; the peer chooses how many
+
+
+class ReplyTooLarge(EOFError):
+    """A streamed reply went past the caller's limit: the rest is not read (an EOFError, as a cut)."""
 
 
 class TransportError(PmnodeError):
@@ -125,16 +130,22 @@ async def _pull(
     name: str,
     requests: runtime_pb2.ExpertRequest | AsyncIterator[runtime_pb2.ExpertRequest],
     stats: TransportStats,
+    limit: int = MAX_REPLY,
 ) -> bytes:
-    key, parts = rpc_key(name.rsplit(".", 1)[0]), []  # strip .stream / .fetch
+    key, parts, size = rpc_key(name.rsplit(".", 1)[0]), [], 0  # strip .stream / .fetch
     stats.streamed[key] += 1
     async for resp in await tunnel.stream(p2p, peer, name, requests):
         stats.proto_bytes_received[key] += resp.ByteSize()
+        size += len(resp.metadata)
+        if size > limit:  # stop buffering at once: the peer may be hostile
+            raise ReplyTooLarge(f"the reply exceeds {limit} bytes")
         parts.append(resp.metadata)
     return b"".join(parts)
 
 
-async def _exchange(p2p: P2P, peer: PeerID, name: str, data: bytes, stats: TransportStats) -> bytes:
+async def _exchange(
+    p2p: P2P, peer: PeerID, name: str, data: bytes, stats: TransportStats, limit: int = MAX_REPLY
+) -> bytes:
     key = rpc_key(name)
     if len(data) <= UNARY_LIMIT:
         req = runtime_pb2.ExpertRequest(metadata=data)
@@ -145,7 +156,7 @@ async def _exchange(p2p: P2P, peer: PeerID, name: str, data: bytes, stats: Trans
             return resp.metadata
         ticket = runtime_pb2.ExpertRequest(uid=resp.tensors[0].buffer.decode())
         stats.proto_bytes_sent[key] += ticket.ByteSize()
-        return await _pull(p2p, peer, f"{name}.fetch", ticket, stats)
+        return await _pull(p2p, peer, f"{name}.fetch", ticket, stats, limit)
 
     async def upload() -> AsyncIterator[runtime_pb2.ExpertRequest]:
         for part in chunks(data):
@@ -153,7 +164,7 @@ async def _exchange(p2p: P2P, peer: PeerID, name: str, data: bytes, stats: Trans
             stats.proto_bytes_sent[key] += req.ByteSize()
             yield req
 
-    return await _pull(p2p, peer, f"{name}.stream", upload(), stats)
+    return await _pull(p2p, peer, f"{name}.stream", upload(), stats, limit)
 
 
 async def call(
@@ -164,10 +175,12 @@ async def call(
     timeout: float,
     stats: TransportStats | None = None,
     shaper: LinkShaper | None = None,
+    max_reply: int = MAX_REPLY,
 ) -> bytes:
     """Send one encoded message to `rpc` (a full handler name) at `peer_id`; return the reply's bytes.
 
-    Unary up to UNARY_LIMIT, streamed above. The reply is not decoded here (see `request`).
+    Unary up to UNARY_LIMIT, streamed above. The reply is not decoded here (see `request`); a streamed
+    one is read up to `max_reply` bytes, no further.
     With a `shaper`, the request first waits for its emulated trip over the link to the peer.
     """
     stats = stats if stats is not None else TransportStats()
@@ -178,7 +191,7 @@ async def call(
     async def shaped() -> bytes:
         if shaper is not None:
             await shaper.transmit(peer.to_base58(), len(data))
-        return await _exchange(p2p, peer, rpc, data, stats)
+        return await _exchange(p2p, peer, rpc, data, stats, max_reply)
 
     try:
         reply = await asyncio.wait_for(shaped(), timeout)
@@ -208,7 +221,8 @@ async def request(
 ) -> tuple[MessageHeader, Packet]:
     """encode + call + decode; an error reply raises TransportError carrying the peer's reason."""
     stats = stats if stats is not None else TransportStats()
-    data = await call(p2p, peer_id, rpc, encode(header, packet), timeout, stats, shaper)
+    max_reply = (limits or WireLimits()).max_bytes
+    data = await call(p2p, peer_id, rpc, encode(header, packet), timeout, stats, shaper, max_reply)
     try:
         reply_header, reply = decode(data, limits)
     except WireError as e:

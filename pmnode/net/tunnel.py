@@ -33,6 +33,12 @@ from google.protobuf.message import Message
 from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto import runtime_pb2
 
+from pmnode.net import bounded
+
+# Every pmnode process serves and calls through here: its streams read no message above
+# bounded.MAX_MESSAGE, whoever sends it (the doors below included), before any handler runs.
+bounded.install()
+
 RELAY_HELLO = "pmnode.relay.hello"  # fixed names: the relay may be the coordinator, which has no run prefix
 RELAY_CALL = "pmnode.relay.call"
 RELAY_STREAM = "pmnode.relay.stream"

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import signal
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from hivemind.utils import get_dht_time
 
@@ -24,6 +24,9 @@ from pmnode.swarm.context import NodeContext
 from pmnode.swarm.guarded_averager import AveragingGate, Refusals, Tunnelled
 from pmnode.swarm.replicas import Replicas
 from pmnode.swarm.report import Averaging
+
+if TYPE_CHECKING:
+    from pmnode.swarm.outer_loop import OuterLoop
 
 LINGER = 5.0  # seconds an async replica keeps its averager after the last round, for the others
 FINAL_TRIES = 4  # another replica may still be in a regular round, or finishing its flush
@@ -62,6 +65,7 @@ class AveragingLoop:
         self.refusals = Refusals()  # averaging calls the guard refused (counted in the averager process)
         self.tunnelled = Tunnelled()  # averaging calls that came in through a relay's forwarder
         self.behind_nat = False  # relayed: each round starts on fresh circuits to relayed partners
+        self.outer: OuterLoop | None = None  # replica_sync.method outer: its rounds replace hivemind's
 
     def report(self) -> Averaging:
         update = {"calls_refused": self.refusals.snapshot(), "calls_tunnelled": self.tunnelled.value()}
@@ -70,6 +74,8 @@ class AveragingLoop:
     async def run(self, done: asyncio.Event) -> None:
         """Until the run is done, after the round in progress (never cut off: hivemind would run it
         anyway and the replicas' last round could meet the wrong partner)."""
+        if self.outer is not None:
+            return await self.outer.run(done)
         period = self.ctx.cfg.swarm.average_period
         while not done.is_set():
             at = next_round(period)
@@ -151,6 +157,8 @@ class AveragingLoop:
 
     async def finish(self, loop_task: asyncio.Task | None) -> None:
         """At the end: the round in progress, the last partial batch, then final rounds."""
+        if self.outer is not None:
+            return await self.outer.finish(loop_task)
         period = self.ctx.cfg.swarm.average_period
         if loop_task is not None:
             with contextlib.suppress(Exception):

@@ -28,6 +28,7 @@ from pmnode.swarm.handler import StageHandler
 from pmnode.swarm.head import HeadDriver
 from pmnode.swarm.membership import Membership, SwarmView
 from pmnode.swarm.options import NodeOptions
+from pmnode.swarm.outer_loop import OuterLoop, outer_rounds
 from pmnode.swarm.participant import CommitParticipant
 from pmnode.swarm.pauses import Pauses
 from pmnode.swarm.replicas import Replicas
@@ -81,6 +82,9 @@ class Parts:
         if ctx.runner.worker.is_first and self.head.group.many:
             self.participant.ready = self.head.group.ready  # a head's sum waits for its whole batch
         self.averaging = AveragingLoop(ctx, self.replicas, membership.current, stop, self.guard)
+        # replica_sync.method outer: the averaging task runs outer rounds instead of hivemind's
+        self.outer = OuterLoop(ctx, self.replicas, self.downstream, self.guard) if outer_rounds(ctx) else None
+        self.averaging.outer = self.outer
         self.behind_nat = False  # set once serving: a relayed node opens its own connections (reach_out)
         self.routes = RelayRoutes(ctx.p2p, membership.current)
         self.replicas.route = self.downstream.on_change = self.update_routes
@@ -106,6 +110,8 @@ class Parts:
         await serve_all(self.ctx.p2p, cfg.name, self.replicas, (STATE,), opts)
         if self.ctx.runner.worker.is_first:
             await serve_all(self.ctx.p2p, cfg.name, self.head.group, heads_mod.RPCS, opts)
+        if self.outer is not None:
+            await self.outer.serve(opts)
 
     async def use_reach(self, reach: Reachability, relay: bool) -> None:
         """Once serving: a relayed node trusts its relays to forward calls to it and opens its own

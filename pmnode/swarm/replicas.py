@@ -14,11 +14,13 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 
+from torch import Tensor
+
 from pmnode.core import checkpoint
 from pmnode.core.codecs import Packet
-from pmnode.core.replica_state import state_tensors
+from pmnode.core.replica_state import max_state_bytes, state_tensors
 from pmnode.errors import PmnodeError
-from pmnode.net.bulk import BulkServer, Received, TransferError, fetch, pack
+from pmnode.net.bulk import BulkServer, Received, Snapshot, TransferError, fetch, pack, unpack
 from pmnode.net.relay import connect_known
 from pmnode.net.rpcs import STATE
 from pmnode.net.wire import MessageHeader
@@ -40,6 +42,10 @@ class Replicas:
         self.final_done = asyncio.Event()  # async: the last round is over
         self.bulk = BulkServer(ctx.runner.run)
         self.route: Callable[[], Awaitable[None]] | None = None  # fresh relay routes (Parts.update_routes)
+        # outer replica rounds (pmnode.swarm.outer_loop): what a state copy carries besides weights and
+        # optimizer (compute thread), and what a joiner does with it after loading (compute thread)
+        self.extra_state: Callable[[], tuple[dict[str, Tensor], dict[str, int | str]]] | None = None
+        self.adopted: Callable[[dict[str, Tensor], dict[str, int | str]], object] | None = None
 
     async def rpc_state(
         self, header: MessageHeader, packet: Packet, caller: str
@@ -53,8 +59,16 @@ class Replicas:
             want = meta.get("at_step")
             if isinstance(want, int) and want != runner.step:
                 raise TransferError(f"this replica is at step {runner.step}, not {want}")
-        pkt = await self.bulk.answer(meta, lambda: pack(*state_tensors(runner.worker)))
+        pkt = await self.bulk.answer(meta, self._snapshot)
         return self.ctx.header("ack", header.micro_batch), pkt
+
+    def _snapshot(self) -> Snapshot:
+        """Compute thread: this replica's state, packed for a copy."""
+        tensors, meta = state_tensors(self.ctx.runner.worker)
+        if self.extra_state is not None:
+            more, more_meta = self.extra_state()
+            tensors, meta = {**tensors, **more}, {**meta, **more_meta}
+        return pack(tensors, meta)
 
     async def fetch_state(self, peers: list[str], at_step: int | None = None) -> tuple[Received, str]:
         """A live replica's state from the first of `peers` that completes it (at `at_step` if given)."""
@@ -69,7 +83,8 @@ class Replicas:
             return (await self.downstream.ask_replica(STATE, peer, header))[1]
 
         request: dict[str, int | str] = {} if at_step is None else {"at_step": at_step}
-        got = await fetch(ask, peers, request, say=self.ctx.say)
+        size = max_state_bytes(self.ctx.runner.worker)  # a sender may not make us allocate more
+        got = await fetch(ask, peers, request, say=self.ctx.say, max_size=size)
         return got, done[0]
 
     async def catch_up(self, step: int, peers: list[str]) -> None:
@@ -105,6 +120,9 @@ class Replicas:
             ctx.console.print(f"stage {ctx.stage}: no replica completed a copy; serving from {self.origin}")
             return
         await runner.load_state(got)
+        if self.adopted is not None:
+            adopted = self.adopted
+            await runner.run(lambda: adopted(unpack(got.manifest, got.buffer), got.manifest.meta))
         step = runner.step
         runner.samples_applied, runner.frontier, runner.replicated = 0, step, True
         self.origin = f"replica {peer[-8:]} at step {step}"

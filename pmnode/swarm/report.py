@@ -13,6 +13,7 @@ import time
 from pydantic import BaseModel, ConfigDict, Field
 
 from pmnode.data.shards import DataPosition
+from pmnode.net.outer_report import OuterReport
 from pmnode.net.transport import TransportStats
 
 
@@ -90,6 +91,7 @@ class NodeSummary(BaseModel):
     steps_lost: int
     paused_s: float
     averaging: Averaging
+    outer: OuterReport | None = None  # replica_sync.method outer: its rounds
     compute: ComputeTimes = Field(default_factory=ComputeTimes)
     busy_s: float = 0.0  # seconds the compute thread worked
     samples_served: int = 0  # samples whose backward finished here

@@ -63,6 +63,8 @@ class StageRunner:
         self.samples_off = 0  # summed |samples applied - batch_size| over the steps: 0 when exact
         self.frontier = 0  # async: the furthest step of a micro-batch taken here (or the head's)
         self.replicated = False  # async: has shared this stage with another node
+        # Told each optimizer step's samples, on this thread (outer replica rounds count their steps).
+        self.on_step: Callable[[int], None] | None = None
         # The head's data position after N steps, by N (saved with the checkpoint of step N), and the
         # (step, position) of the checkpoint this stage was loaded from.
         self.data_positions: dict[int, DataPosition] = {}
@@ -138,6 +140,8 @@ class StageRunner:
         self.since_average += applied
         # A step of anything but batch_size samples lost or double-counted micro-batches on the way.
         self.samples_off += abs(applied - batch)
+        if self.on_step is not None:
+            self.on_step(applied)
         c = self.checkpoints
         if c is not None and c.every and self.worker.step_count % c.every == 0:
             self._save()
@@ -281,6 +285,8 @@ class StageRunner:
                 applied, _ = self.worker.step(self.cfg.train.steps, at)
                 self.samples_applied += applied
                 self.since_average += applied
+                if self.on_step is not None:
+                    self.on_step(applied)
 
         await self.run(job)
 

@@ -74,6 +74,7 @@ class Telemetry:
             reach=self.reach.mode,
             addrs=self.reach.addrs,
             relay=self.opts.relay and self.reach.mode == "direct",
+            outer=p.outer.report() if p.outer is not None else None,
         )
 
     def refused(self) -> dict[str, int]:
@@ -137,6 +138,7 @@ class Telemetry:
             steps_lost=p.replicas.steps_lost,
             paused_s=round(p.pauses.paused_s, 2),
             averaging=p.averaging.report(),
+            outer=p.outer.report() if p.outer is not None else None,
             compute=runner.times.model_copy(update={"busy_s": round(runner.busy, 4)}),
             busy_s=round(runner.busy, 3),
             samples_served=runner.samples_served,

@@ -1,0 +1,190 @@
+"""Outer rounds between a stage's replicas, without a network: the leader's policy (who leads, which
+members, a late or missing replica), shares as bytes, and a malformed share refused and counted."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from pmnode.config import ReplicaSyncConfig, RunConfig
+from pmnode.core.codecs import Packet
+from pmnode.core.compress import Malformed, decompress, round_bytes
+from pmnode.core.outer import OuterSync
+from pmnode.core.share_bytes import pack_share, unpack_share
+from pmnode.net.outer_rpcs import Vote
+from pmnode.net.wire import MessageHeader, WireError
+from pmnode.swarm.outer_peer import OuterPeer
+from pmnode.swarm.outer_round import Ledger, leader_of, members, sample_cap
+
+TOPK = ReplicaSyncConfig(method="outer", compressor="topk", exact_below=0, topk_chunk=64, topk_fraction=0.125)
+LOWRANK = ReplicaSyncConfig(method="outer", compressor="powersgd", powersgd_rank=2, exact_below=0)
+
+
+def _vote(r: int, *have: str, final: bool = False) -> Vote:
+    return Vote(round=r, have=list(have), final=final)
+
+
+def test_the_lowest_peer_id_leads() -> None:
+    assert leader_of("b", ["c", "a"]) == "a" and leader_of("a", []) == "a"
+
+
+def test_everyone_in_with_every_share_decides_at_once_in_sorted_order() -> None:
+    led = Ledger("a", timeout=30.0)
+    assert led.vote("a", _vote(0, "a", "b"), ["b"], now=0.0).status == "pending"  # b has not voted
+    d = led.vote("b", _vote(0, "b", "a"), ["b"], now=0.1)
+    assert d.status == "decided" and d.members == ["a", "b"] and d.next_round == 1
+    # a decision never changes, whoever asks again
+    assert led.vote("a", _vote(0, "a"), ["b"], now=99.0).members == ["a", "b"]
+
+
+def test_a_late_replica_is_left_out_at_the_deadline_and_told_where_to_go_on() -> None:
+    led = Ledger("a", timeout=10.0)
+    for t, voter in ((0.0, "a"), (1.0, "b")):
+        d = led.vote(voter, _vote(3, "a", "b"), ["b", "c"], now=t)
+        assert d.status == "pending"  # c is live and may still come
+    led.tick(["b", "c"], now=10.5)  # the deadline passes with nobody voting again
+    d = led.vote("c", _vote(3, "a", "b", "c"), ["b", "c"], now=11.0)
+    assert d.status == "decided" and d.members == ["a", "b"] and d.next_round == 4
+    # a replica asking about a round long forgotten moves on at once
+    for r in range(4, 40):
+        led.vote("a", _vote(r, "a"), [], now=100.0 + r)
+    old = led.vote("c", _vote(3, "c"), ["a"], now=200.0)
+    assert old.status == "gone" and old.next_round == 40  # it copies a member's state
+
+
+def test_a_share_that_did_not_arrive_leaves_a_member_out_and_the_rest_agree() -> None:
+    votes = {"a": _vote(0, "a", "b"), "b": _vote(0, "a", "b", "c"), "c": _vote(0, "b", "c")}
+    # c's share never reached a, and a's never reached c: one of them goes (the higher id on a tie)
+    assert members(votes) == ["a", "b"]
+    assert members({"a": _vote(0, "a")}) == ["a"]
+    assert members({"a": _vote(0, "b"), "b": _vote(0, "a")}) == []  # nobody holds its own share
+
+
+def test_final_only_when_every_member_is_final() -> None:
+    led = Ledger("a", timeout=1.0)
+    led.vote("a", _vote(0, "a", "b", final=True), ["b"], now=0.0)
+    assert led.vote("b", _vote(0, "a", "b", final=False), ["b"], now=0.1).final is False
+
+
+@pytest.mark.parametrize("cfg", [TOPK, LOWRANK, TOPK.model_copy(update={"compressor": "none"})])
+def test_a_share_travels_as_exactly_round_bytes(cfg: ReplicaSyncConfig) -> None:
+    torch.manual_seed(0)
+    mod = nn.Sequential(nn.Linear(40, 24), nn.LayerNorm(24))
+    sync = OuterSync(list(mod.parameters()), cfg)
+    with torch.no_grad():
+        for p in mod.parameters():
+            p.add_(torch.randn_like(p))
+    share = sync.start()
+    buf = pack_share(share.tensors)
+    shapes = sync.shapes
+    assert buf.dtype == torch.uint8 and buf.numel() == round_bytes(shapes, cfg) == share.nbytes()
+    back = unpack_share(buf, shapes, cfg)
+    for a, b, s in zip(share.tensors, back, shapes, strict=True):
+        assert torch.equal(decompress(a, s, cfg), decompress(b, s, cfg))
+    with pytest.raises(Malformed):
+        unpack_share(buf[:-1], shapes, cfg)
+
+
+class _Runner:
+    async def run(self, fn: Any, *args: Any) -> Any:
+        return fn(*args)
+
+
+def _peer(
+    cfg: ReplicaSyncConfig, shapes: list[tuple[int, ...]], live: list[str]
+) -> tuple[OuterPeer, list[str]]:
+    run = RunConfig.model_validate({"name": "t", "replica_sync": cfg.model_dump()})
+    said: list[str] = []
+
+    def header(kind: str, micro_batch: str, **meta: Any) -> MessageHeader:
+        return MessageHeader(kind=kind, run="t", micro_batch=micro_batch, stage=1, step=0, meta=meta)  # type: ignore[arg-type]
+
+    ctx = SimpleNamespace(cfg=run, peer_id="b", runner=_Runner(), header=header, say=said.append)
+
+    class View:
+        async def my_replicas(self) -> list[str]:
+            return live
+
+    strikes: list[str] = []
+
+    def strike(caller: str) -> bool:
+        strikes.append(caller)
+        return False
+
+    peer = OuterPeer(ctx, View(), shapes, sample_cap(run), lambda: 2, strike)  # type: ignore[arg-type]
+    return peer, strikes
+
+
+def _send(peer: OuterPeer, buf: torch.Tensor | None, **meta: Any) -> tuple[MessageHeader, Packet]:
+    header = MessageHeader(kind="ack", run="t", micro_batch="outer", stage=1, step=0, meta=meta)
+    packet = Packet({} if buf is None else {"share": buf})
+    return asyncio.run(peer.rpc_outer_share(header, packet, "c"))
+
+
+def test_malformed_shares_are_refused_counted_and_never_stored() -> None:
+    mod = nn.Linear(100, 1, bias=False)  # one (1, 100) tensor: 2 chunks of 64
+    sync = OuterSync(list(mod.parameters()), TOPK)
+    good = pack_share(sync.start().tensors)
+    peer, strikes = _peer(TOPK, sync.shapes, live=["c"])
+    cap = peer.cap
+    nan = good.clone()
+    nan[-4:] = torch.tensor([0, 0x7E, 0, 0x7E], dtype=torch.uint8)  # the last chunk's scales: fp16 NaN
+    cases = {
+        "size": (good[:-3], {"round": 2, "samples": 8}),
+        "non-finite": (nan, {"round": 2, "samples": 8}),
+        "samples": (good, {"round": 2, "samples": cap + 1}),
+        "round": (good, {"round": 9, "samples": 8}),
+        "meta": (good, {"round": 2, "samples": "8"}),
+    }
+    cases["negative"] = (good, {"round": 2, "samples": -1})
+    for reason, (buf, meta) in cases.items():
+        with pytest.raises(WireError):
+            _send(peer, buf, **meta)
+        assert peer.shares.holders(2) == [], reason
+    with pytest.raises(WireError):
+        _send(peer, None, round=2, samples=8)
+    counted = dict(peer.counts.refused)
+    assert counted["size"] == 1 and counted["non-finite"] == 1 and counted["samples"] == 2
+    assert counted["round"] == 1 and counted["meta"] == 1 and sum(counted.values()) == 7
+    assert strikes == ["c"] * 7
+    # a late share is no offence; a good one is kept as the caller's, whatever it claims
+    _, _ = _send(peer, good, round=1, samples=8)
+    _send(peer, good, round=2, samples=cap)
+    assert peer.shares.holders(2) == ["c"] and sum(peer.counts.refused.values()) == 7
+    assert dataclasses.asdict(peer.shares.take(2, ["c"])[0])["samples"] == cap
+
+
+def test_a_vote_to_a_replica_that_is_not_the_lowest_is_turned_away() -> None:
+    peer, _ = _peer(TOPK, [(4, 4)], live=["a", "c"])  # "a" is lower than this replica ("b")
+    d = asyncio.run(peer.rpc_outer_vote(_vote(2, "c"), "c"))
+    assert d.status == "not_leader"
+    peer2, _ = _peer(TOPK, [(4, 4)], live=["c"])
+    assert asyncio.run(peer2.rpc_outer_vote(_vote(2, "c"), "c")).status == "pending"
+
+
+def test_outer_rounds_show_in_metrics_and_the_status_page() -> None:
+    from prometheus_client import generate_latest
+
+    from coordinator.http import Metrics
+    from pmnode.net.outer_report import OuterReport
+    from pmnode.net.status import Replica, StageStatus, SwarmStatus
+
+    outer = OuterReport(rounds=7, bytes_per_round=11139, round_s=0.5, hidden=0.9, refused={"size": 2})
+    rep = Replica(peer_id="p1", stage=1, outer=outer, last_seen_s=0.0)
+    stage = StageStatus(stage=1, role="body", layers=(2, 3), replicas=[rep], throughput=1.0)
+    status = SwarmStatus(
+        run="t", fingerprint=None, d_model=64, compression_rank=None, codec="c", schedule="async", n_stages=2,
+        target_steps=10, global_step=1, stages=[stage], time=0.0,
+    )  # fmt: skip
+    m = Metrics()
+    m.update(SwarmStatus.model_validate_json(status.model_dump_json()))  # as the page and scrapers get it
+    text = generate_latest(m.registry).decode()
+    assert 'pmnode_outer_bytes_per_round{peer="p1",stage="1"} 11139.0' in text
+    assert 'pmnode_outer_hidden_fraction{peer="p1",stage="1"} 0.9' in text
+    assert 'pmnode_outer_refused{peer="p1",reason="size",stage="1"} 2.0' in text

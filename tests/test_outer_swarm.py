@@ -1,0 +1,76 @@
+"""Outer replica rounds in a real swarm (processes on 127.0.0.1): two replicas of each body stage
+train with `replica_sync.method: outer` and end with one set of weights."""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+from launch import BIN, assert_no_leftovers, kill_tagged, swarm_config, tagged_env
+
+from pmnode.config import RunConfig
+from pmnode.core.compress import round_bytes
+from pmnode.core.worker import StageWorker
+from pmnode.swarm.report import NodeSummary
+
+pytestmark = pytest.mark.slow
+
+STEPS = 150
+
+
+def _shapes(cfg: RunConfig, stage: int) -> list[tuple[int, ...]]:
+    worker = StageWorker(cfg, stage, cfg.codec_spec, "cpu")
+    return [tuple(p.shape) for p in worker.stage.parameters() if p.requires_grad]
+
+
+def test_outer_rounds_keep_async_replicas_one_model(tmp_path: Path, toy_corpus: Path) -> None:
+    sync = {
+        "method": "outer",
+        "inner_steps": 5,
+        "compressor": "topk",
+        "exact_below": 0,
+        "round_timeout": 10.0,
+    }
+    cfg_path = swarm_config(
+        tmp_path,
+        toy_corpus,
+        train={"steps": STEPS, "eval_every": 100_000},
+        swarm={"schedule": "async"},
+        replica_sync=sync,
+    )
+    work, tag = tmp_path / "work", uuid.uuid4().hex
+    args = ["--config", str(cfg_path), "--stages", "3", "--replicas", "2", "--schedule", "async"]
+    proc = subprocess.Popen(
+        [str(BIN / "pmnode"), "local-swarm", *args, "--workdir", str(work)],
+        stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / "swarm.err").open("w"),
+        env=tagged_env(tag),
+    )
+    try:
+        assert proc.wait(timeout=400) == 0, (tmp_path / "swarm.err").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        kill_tagged(tag)
+    cfg = RunConfig.model_validate(yaml.safe_load((work / "config.yaml").read_text()))
+    head = NodeSummary.model_validate_json((work / "node-0.json").read_text())
+    assert head.steps == STEPS
+    for stage in (1, 2):
+        pair = [
+            NodeSummary.model_validate_json((work / f"{n}.json").read_text())
+            for n in (f"node-{stage}", f"node-{stage}-1")
+        ]
+        want = round_bytes(_shapes(cfg, stage), cfg.replica_sync)
+        for s in pair:
+            assert s.outer is not None and s.averaging.rounds == 0  # no hivemind averaging
+            assert s.outer.rounds > 0 and s.outer.refused == {} and s.outer.bytes_per_round == want
+            assert 0.0 < s.outer.hidden <= 1.0 and s.outer.round_s > 0
+        a, b = (s.outer for s in pair if s.outer is not None)
+        # every round applied the same shares in the same order: the anchors agree, and the last
+        # round (nothing trained after it) left the weights at the anchor
+        assert a.anchor == b.anchor and a.weights == b.weights and a.round == b.round
+        assert sum(s.samples_applied for s in pair) == STEPS * cfg.train.batch_size  # each sample once
+    assert_no_leftovers(tag)
