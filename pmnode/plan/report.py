@@ -5,6 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
+from pmnode.bench.advice import spread_text
 from pmnode.core.sizing import HEADROOM
 from pmnode.net.shaping import format_bandwidth
 from pmnode.plan.costs import PLAN_PRECISION
@@ -75,7 +76,11 @@ def print_plan(plan: Plan, console: Console) -> None:
             if m is not None and m.gap is not None
             else "not measured; a larger k costs no more than a smaller one"
         )
-        lines.append(f"lowest measured cost this link carries: {a.codec}@{a.rank} ({a.setting}): {cost}")
+        cost = spread_text(a) or cost  # the range over corpora, where measured on several
+        shipped = ", the config's own boundary" if a.shipped else ""
+        lines.append(
+            f"lowest measured cost this link carries: {a.codec}@{a.rank} ({a.setting}{shipped}): {cost}"
+        )
     worst = max(plan.memory_gb)
     mem = (
         f"stage memory ({PLAN_PRECISION}: weights, gradients, Adam, basis and token table, one "
