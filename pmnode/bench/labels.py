@@ -60,18 +60,24 @@ def governed(variant: str, preset: str) -> dict[str, object]:
 def setting_of(variant: str, preset: str) -> str:
     """What the run changes beyond k, the codec and the model's shape: 'remedy', 'paper', or one of
     them with the settings that differ ('paper, constrain=boundaries, stage_bigrams=4096')."""
-    gov = governed(variant, preset)
-    base = next((name for name, values in PRESETS.items() if values == gov), None)
-    parts = [base or "paper"]
-    if base is None:
-        parts += [f"{k}={_text(v)}" for k, v in gov.items() if v != PRESETS["paper"][k]]
     skip = {"subspace.preset", "subspace.compression_rank", "subspace.compression_ratio"}
     skip |= {f"subspace.{k}" for k in PRESETS["paper"]}
-    for k, v in _flat(variant).items():
-        if k in skip or k.startswith("model."):
-            continue
-        parts.append(f"{k.split('.')[-1]}={_text(v)}")
-    return ", ".join(parts)
+    extras = [
+        f"{k.split('.')[-1]}={_text(v)}"
+        for k, v in _flat(variant).items()
+        if k not in skip and not k.startswith("model.")
+    ]
+    return name_setting(governed(variant, preset), preset, extras)
+
+
+def name_setting(gov: dict[str, object], preset: str, extras: list[str]) -> str:
+    """A preset's name when the governed settings are exactly one's, else the run's preset and what
+    differs from it; then the other settings (n_stages=4)."""
+    base = next((name for name, values in PRESETS.items() if values == gov), None)
+    parts = [base or preset]
+    if base is None:
+        parts += [f"{k}={_text(v)}" for k, v in gov.items() if v != PRESETS[preset][k]]
+    return ", ".join([*parts, *extras])
 
 
 def short_setting(setting: str) -> str:
@@ -87,7 +93,9 @@ def short_setting(setting: str) -> str:
             named.append(short)
         elif (key, value) not in (("stage_ngrams", 2), ("stage_embeddings", False)):
             extra.append(item)
-    body = "+".join(named) if head == "paper" and named else head
+    if head == "remedy":  # what it drops from the remedy
+        return ", ".join([head, *rest])
+    body = "+".join(named) if named else head
     return ", ".join([body, *extra])
 
 
