@@ -42,6 +42,15 @@ class Metrics:
             "pmnode_node_queue", "Micro-batches in flight.", ["stage", "peer"], registry=r
         )
         self.node_step = Gauge("pmnode_node_step", "A node's optimizer step.", ["stage", "peer"], registry=r)
+        self.heads = Gauge("pmnode_heads", "Online heads (stage-0 nodes driving the pipeline).", registry=r)
+        self.head = {  # every head (swarm.heads > 1: several), by its slot of the data order
+            name: Gauge(f"pmnode_head_{name}", doc, ["slot", "peer"], registry=r)
+            for name, doc in (
+                ("tokens_per_second", "Training tokens/s of one head's own batches."),
+                ("step", "A head's optimizer step."),
+                ("samples", "Samples a head has applied in optimizer steps."),
+            )
+        }
         self.node_refused = Gauge(
             "pmnode_node_refused_calls",
             "Calls a node's guard refused, by door (data; averaging.join/part/state/leader/group).",
@@ -93,8 +102,17 @@ class Metrics:
         self.node_queue.clear()  # nodes that left must not linger as stale series
         self.node_step.clear()
         self.node_refused.clear()
+        for g in self.head.values():
+            g.clear()
         for g in [*self.outer.values(), self.outer_refused]:
             g.clear()
+        heads = [r for r in s.stages[0].replicas if r.state == "online"] if s.stages else []
+        self.heads.set(len(heads))
+        for r in heads:
+            labels = {"slot": str(r.slot), "peer": r.peer_id}
+            self.head["tokens_per_second"].labels(**labels).set(r.tokens_per_s)
+            self.head["step"].labels(**labels).set(r.step)
+            self.head["samples"].labels(**labels).set(r.samples)
         for st in s.stages:
             self.replicas.labels(stage=str(st.stage)).set(len(st.replicas))
             self.stage_throughput.labels(stage=str(st.stage)).set(st.throughput)

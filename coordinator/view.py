@@ -54,7 +54,9 @@ def swarm_status(
         global_step=global_step,
         loss=head.loss if head else (history[-1].loss if history else None),
         heldout_loss=next((h.heldout_loss for h in reversed(history) if h.heldout_loss), None),
-        tokens_per_s=head.tokens_per_s if head else 0.0,
+        # Several heads: each reports its own tokens; the swarm trains all of them.
+        tokens_per_s=sum(r.tokens_per_s for r in members.get(0, []) if r.state == "online"),
+        heads=cfg.swarm.heads,
         wire_bytes_per_s=sum(r.wire_bytes_per_s for recs in members.values() for r in recs),
         stages=stages,
         history=history,

@@ -43,3 +43,30 @@ def test_history_follows_the_furthest_head() -> None:
     assert extend_history(history, _head("Qm1", 12, None)) is history  # no loss yet
     long = [HistoryPoint(step=i, loss=1.0, time=0.0) for i in range(5000)]
     assert len(extend_history(long, _head("Qm2", 6000, 1.0))) < len(long)  # thinned, bounded
+
+
+def test_status_and_metrics_show_every_head() -> None:
+    """Two heads: the status lists both with their slots, tokens/s is theirs together, /metrics has a
+    series per head."""
+    from prometheus_client import generate_latest
+
+    from coordinator.http import Metrics
+    from coordinator.view import swarm_status
+    from pmnode.config import load_config
+
+    cfg = load_config(Path(__file__).parent.parent / "configs" / "tiny.yaml").with_overrides(
+        n_stages=2, swarm={"heads": 2}
+    )
+    heads = [
+        StageRecord(peer_id="QmA", stage=0, slot=0, step=5, tokens_per_s=100.0, samples=80),
+        StageRecord(peer_id="QmB", stage=0, slot=1, step=5, tokens_per_s=120.0, samples=80),
+    ]
+    members = {0: heads, 1: [StageRecord(peer_id="QmC", stage=1, step=5)]}
+    s = swarm_status(cfg, None, members=members, shown=members, history=[], global_step=5, coordinator=[])
+    assert s.heads == 2 and s.tokens_per_s == 220.0
+    assert [(r.peer_id, r.slot) for r in s.stages[0].replicas] == [("QmA", 0), ("QmB", 1)]
+    m = Metrics()
+    m.update(s)
+    text = generate_latest(m.registry).decode()
+    assert "pmnode_heads 2.0" in text
+    assert 'pmnode_head_tokens_per_second{peer="QmB",slot="1"} 120.0' in text

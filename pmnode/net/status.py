@@ -55,6 +55,7 @@ class SwarmStatus(BaseModel):
     codec: str
     schedule: str
     n_stages: int
+    heads: int = Field(1, description="Head slots (swarm.heads): stage-0 nodes driving at once.")
     target_steps: int
     global_step: int
     loss: float | None = None
@@ -109,7 +110,7 @@ def render(status: SwarmStatus, console: Console) -> None:
             table.add_row(
                 str(st.stage) if i == 0 else "",
                 layers if i == 0 else "",
-                r.peer_id[-12:],
+                r.peer_id[-12:] + (f" (head {r.slot})" if st.stage == 0 and s.heads > 1 else ""),
                 r.state,
                 r.device,
                 f"{r.throughput:.1f}",

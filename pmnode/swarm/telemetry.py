@@ -93,7 +93,7 @@ class Telemetry:
             stage=w.index,
             n_stages=cfg.n_stages,
             layers=(w.stage.layer_range.start, w.stage.layer_range.stop),
-            role="head" if w.is_first else "tail" if w.is_last else "body",
+            role=self._role(),
             device=self.opts.machine.device,
             codec=cfg.codec_spec,
             schedule=cfg.swarm.schedule + (f" ({cfg.swarm.async_correction})" if w.stash_weights else ""),
@@ -113,6 +113,13 @@ class Telemetry:
             uptime_s=time.monotonic() - self.started,
             problem=p.ctx.runner.disk_problem,
         )
+
+    def _role(self) -> str:
+        ctx, w = self.parts.ctx, self.parts.ctx.runner.worker
+        if w.is_first:  # several heads: which part of the data this one drives
+            heads = ctx.cfg.swarm.heads
+            return f"head {ctx.slot} of {heads}" if heads > 1 else "head"
+        return "tail" if w.is_last else "body"
 
     def summary(self) -> NodeSummary:
         p, runner = self.parts, self.parts.ctx.runner
