@@ -130,7 +130,9 @@ def shipped_configs(directory: Path = CONFIGS) -> list[str]:
         note = next(
             (ln.lstrip("#").strip() for ln in path.read_text().splitlines() if ln.startswith("#")), ""
         )
-        k = f"{cfg.rank} ({cfg.subspace.mode})" if cfg.subspace.enabled else "-"
+        sub = cfg.subspace  # how the k is kept: the paper's write mode, or projected where stages end
+        kept = sub.mode if sub.constrain == "layers" else "boundaries"
+        k = f"{cfg.rank} ({sub.preset}: {kept})" if sub.enabled else "-"
         micro = f" (micro {t.micro})" if t.micro != t.batch_size else ""
         row = [
             f"`{path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else path.name}`",
