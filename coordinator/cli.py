@@ -80,6 +80,13 @@ def serve(
             help="Bytes one relayed circuit may carry each way (hivemind 1.1.12's p2pd ignores it: 128 KiB)."
         ),
     ] = "4GB",
+    relay_peer: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A member (peer id) that may relay for members behind NAT, if it joined with --relay; "
+            "repeat for several. Others' --relay is ignored: a relay sees and can delay what it carries."
+        ),
+    ] = None,
 ) -> None:
     """Start the DHT bootstrap peer, hand out the run config and assign stages."""
     from coordinator.server import Coordinator
@@ -108,6 +115,7 @@ def serve(
         relay=limits,
         http_host=http_host,
         http_token=http_token,
+        relay_peers=relay_peer or (),
     ).serve()
 
 

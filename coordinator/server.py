@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from hivemind.p2p import P2P
@@ -62,10 +63,12 @@ class Coordinator:
         relay: RelayLimits | None = None,
         http_host: str | None = None,
         http_token: str | None = None,
+        relay_peers: Iterable[str] = (),
     ):
         self.relay = relay or RelayLimits(serve=True)
         self.cfg, self.host, self.port, self.state_dir, self.console = cfg, host, port, state_dir, console
         self.token = token
+        self.relay_peers = set(relay_peers)  # members the operator lets relay (--relay-peer); no one else
         self.http_port, self.http_token = http_port, http_token
         # Without a token the page is this machine's only, unless the operator says otherwise.
         self.http_host = http_host or (host if http_token else "127.0.0.1")
@@ -285,7 +288,9 @@ class Coordinator:
             raise AuthError(WRONG_TOKEN)
         reachable = await dial_back(req.maddrs)
         relays = list(self.maddrs) if self.relay.serve else []
-        relays += [a for recs in self.members.values() for r in recs if r.relay for a in r.addrs[:1]]
+        members = [r for recs in self.members.values() for r in recs]
+        named = [r for r in members if r.relay and r.peer_id in self.relay_peers]  # not its own say-so
+        relays += [a for r in named for a in r.addrs[:1]]
         seen = "reachable" if reachable else f"not reachable at {', '.join(req.maddrs)}"
         self.console.print(f"peer {caller[-8:]}: {seen}", highlight=False)
         return ReachReply(reachable=reachable, relays=relays)

@@ -17,11 +17,12 @@ from hivemind.utils.crypto import RSAPrivateKey
 from pmnode.core.codecs import Packet
 from pmnode.net import tunnel
 from pmnode.net.auth import Cert, Verifier, issue_cert, public_bytes
+from pmnode.net.callproof import Identity, Signer
 from pmnode.net.control import Ack, ControlError, Hello, add_json_handler, call_json
 from pmnode.net.forwarder import Forwarder
 from pmnode.net.serving import serve
 from pmnode.net.transport import UNARY_LIMIT, TransportError, TransportStats, request
-from pmnode.net.wire import MessageHeader
+from pmnode.net.wire import MessageHeader, encode
 
 P2P_OPTS = {"host_maddrs": ["/ip4/127.0.0.1/tcp/0"], "nat_port_map": False, "auto_nat": False}
 RUN = "tun-run"
@@ -44,12 +45,23 @@ async def _echo(header: MessageHeader, packet: Packet, caller: str) -> tuple[dic
     return {"kind": "gradient", "meta": {"caller": caller}}, Packet(out)
 
 
+def _identify(p2p: P2P, stage: int = 1) -> Identity:
+    """What a node does at join: sign forwarded calls with its key, check those forwarded to it."""
+    key = RSAPrivateKey()
+    cert = issue_cert(AUTHORITY, RUN, p2p.peer_id.to_base58(), stage, public_bytes(key))
+    me = Identity(key, lambda: cert)
+    tunnel.set_identity(p2p, me, Verifier(RUN, public_bytes(AUTHORITY)))
+    return me
+
+
 async def _three() -> tuple[P2P, P2P, P2P, Forwarder]:
     relay = await P2P.create(**P2P_OPTS)
     target = await P2P.create(initial_peers=[str(m) for m in await relay.get_visible_maddrs()], **P2P_OPTS)
     caller = await P2P.create(initial_peers=[str(m) for m in await relay.get_visible_maddrs()], **P2P_OPTS)
     fwd = Forwarder(relay, Verifier(RUN, public_bytes(AUTHORITY)))
     await fwd.serve()
+    for p in (target, caller):
+        _identify(p)
     return relay, target, caller, fwd
 
 
@@ -188,6 +200,7 @@ def test_a_hivemind_servicer_in_another_client_is_reached_through_the_relay() ->
                 )
             arrived: list[str] = []
             tunnel.table(side).on_arrival = arrived.append
+            _identify(side)  # the averager's process gets the node's identity too (use_tunnel)
             tunnel.trust_relays(side, [relay.peer_id.to_base58()])
             await serve(target, f"{RUN}.forward", _echo, TransportStats())  # the node's own doors too
             for p in (target, caller):
@@ -210,6 +223,69 @@ def test_a_hivemind_servicer_in_another_client_is_reached_through_the_relay() ->
             assert tunnel.table(target).forwarded == {}  # the node's own doors saw none of it
         finally:
             for p in (side, caller, target, relay):
+                await p.shutdown()
+
+    asyncio.run(asyncio.wait_for(scenario(), 90))
+
+
+def test_a_relay_cannot_call_in_another_members_name() -> None:
+    """The target trusts the relay (the coordinator named it), yet every call the relay makes up, alters,
+    replays or cuts short is refused before the handler runs; the caller's own call goes through once."""
+
+    async def scenario() -> None:
+        relay, target, caller, _ = await _three()
+        try:
+            handled: list[str] = []
+
+            async def count(header: MessageHeader, packet: Packet, who: str) -> tuple[dict, Packet]:
+                handled.append(who)
+                return await _echo(header, packet, who)
+
+            name = f"{RUN}.forward"
+            await serve(target, name, count, TransportStats())
+            tunnel.trust_relays(target, [relay.peer_id.to_base58()])
+            me, them = caller.peer_id.to_base58(), target.peer_id
+            data = runtime_pb2.ExpertRequest(metadata=encode(_header(), Packet({}))).SerializeToString()
+            uid = tunnel.route_uid(me, name)
+
+            async def via(req: tunnel.Request) -> tunnel.Response:
+                return await relay.call_protobuf_handler(them, tunnel.VIA_CALL, req, tunnel.Response)
+
+            with pytest.raises(P2PHandlerError, match="proof"):  # the relay's word alone
+                await via(tunnel.Request(uid=uid, metadata=data))
+            liar = Signer(_identify(relay), me, them.to_base58(), name, "ab" * 16)
+            with pytest.raises(P2PHandlerError, match="another peer"):  # its own key, the caller's name
+                await via(tunnel.Request(uid=uid, metadata=data, tensors=[liar.sign(data, True)]))
+            honest = tunnel._signer(caller, them, name).sign(data, True)  # what the caller sent
+            with pytest.raises(P2PHandlerError, match="changed"):
+                await via(tunnel.Request(uid=uid, metadata=data + b"\x00", tensors=[honest]))
+            with pytest.raises(P2PHandlerError, match="another call"):  # in a third member's name
+                await via(
+                    tunnel.Request(uid=tunnel.route_uid(relay.peer_id.to_base58(), name), tensors=[honest])
+                )
+            assert handled == []
+            await via(tunnel.Request(uid=uid, metadata=data, tensors=[honest]))  # forwarded as it came
+            assert handled == [me]
+            with pytest.raises(P2PHandlerError, match="replayed"):
+                await via(tunnel.Request(uid=uid, metadata=data, tensors=[honest]))
+
+            cut = tunnel._signer(caller, them, f"{name}.stream")
+            head = tunnel.Request(uid=tunnel.route_uid(me, f"{name}.stream"), tensors=[cut.sign(b"", False)])
+            body = tunnel.Request(metadata=data, tensors=[cut.sign(data, False)])  # and no seal after it
+
+            async def cut_short() -> AsyncIterator[tunnel.Request]:
+                yield head
+                yield body
+
+            with pytest.raises(P2PHandlerError, match="last signature"):
+                async for _ in await relay.iterate_protobuf_handler(
+                    them, tunnel.VIA_STREAM, cut_short(), tunnel.Response
+                ):
+                    pass
+            assert handled == [me]  # nothing the relay made, changed, replayed or cut reached the handler
+            assert tunnel.table(target).refused == {"unproven caller": 5, "cut short": 1}
+        finally:
+            for p in (caller, target, relay):
                 await p.shutdown()
 
     asyncio.run(asyncio.wait_for(scenario(), 90))

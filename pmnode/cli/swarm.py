@@ -97,7 +97,11 @@ def join(
     ] = None,
     relay: Annotated[
         bool,
-        typer.Option("--relay", help="Relay traffic for members behind NAT (when this node is reachable)."),
+        typer.Option(
+            "--relay",
+            help="Relay traffic for members behind NAT (when this node is reachable and the operator named "
+            "it: coordinator serve --relay-peer ID).",
+        ),
     ] = False,
 ) -> None:
     """Join a swarm: get a stage from the coordinator, build it, serve and train."""

@@ -107,9 +107,8 @@ class Forwarder:
         c.calls[key] += 1
         c.bytes_in[key] += len(req.metadata)
         try:
-            resp = await self.p2p.call_protobuf_handler(
-                target, via_names(name)[0], Request(uid=onward, metadata=req.metadata), Response
-            )
+            onward_req = Request(uid=onward, metadata=req.metadata, tensors=req.tensors)  # proof included
+            resp = await self.p2p.call_protobuf_handler(target, via_names(name)[0], onward_req, Response)
         except Exception:
             c.failed[key] += 1
             raise
@@ -123,7 +122,7 @@ class Forwarder:
         c.calls[key] += 1
 
         async def passed_on() -> AsyncIterator[Request]:
-            yield Request(uid=onward)
+            yield Request(uid=onward, tensors=head.tensors)  # the caller's proof goes on untouched
             async for r in requests:
                 c.bytes_in[key] += r.ByteSize()
                 yield r

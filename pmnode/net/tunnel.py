@@ -9,9 +9,12 @@ RPCs at the application level:
 
 The relay reaches the member over the plain (not relayed) connection the member keeps to it, so
 nothing is capped. A forwarded message names its target and handler in the wrapper's `uid`; the relay
-replaces the target with the (libp2p-authenticated) caller, and the member runs its own handler as if
-that caller had called it: the same guard, the same certificates. A member accepts forwarded calls
-only from the relays the coordinator named to it at join.
+replaces the target with the (libp2p-authenticated) caller. The relay's word is not enough: the
+caller signs every message of the call with its own key and sends its certificate along
+(net.callproof), and the member checks both against the run's authority before it runs its own
+handler as if that caller had called it: the same guard, the same certificates. A member accepts
+forwarded calls only from the relays the coordinator named to it at join (the coordinator itself and
+the members its operator named, never a member's own say-so).
 
 Every pmnode handler registers here (`add_handler`) so a forwarded call finds it, and every pmnode
 call goes out through `unary`/`stream`, which take the route set by `set_routes`. Any protobuf
@@ -23,6 +26,7 @@ averager) keeps its own. `Routed` gives hivemind's stubs the same routes.
 
 from __future__ import annotations
 
+import secrets
 import weakref
 from collections import Counter
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
@@ -34,6 +38,8 @@ from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto import runtime_pb2
 
 from pmnode.net import bounded
+from pmnode.net.auth import AuthError, Verifier
+from pmnode.net.callproof import Checker, Identity, Session, Signer
 
 # Every pmnode process serves and calls through here: its streams read no message above
 # bounded.MAX_MESSAGE, whoever sends it (the doors below included), before any handler runs.
@@ -74,6 +80,8 @@ class Table:
     refused: Counter[str] = field(default_factory=Counter)  # reason -> forwarded calls refused
     doors: set[str] = field(default_factory=set)  # namespaces whose VIA_* handlers are registered
     on_arrival: Callable[[str], None] | None = None  # told each forwarded call's handler name
+    identity: Identity | None = None  # signs the calls this side sends through a relay
+    checker: Checker | None = None  # checks the callers' proofs on forwarded calls; none: refuse them
 
 
 _TABLES: weakref.WeakKeyDictionary[P2P, Table] = weakref.WeakKeyDictionary()
@@ -133,25 +141,39 @@ async def add_handler(
     t.handlers[name] = _Local(fn, input_type, stream_input, stream_output)
 
 
+def set_identity(p2p: P2P, identity: Identity, verifier: Verifier) -> None:
+    """Sign forwarded calls with `identity`; check the callers of calls forwarded to us with `verifier`."""
+    t = table(p2p)
+    t.identity, t.checker = identity, Checker(verifier, p2p.peer_id.to_base58())
+
+
 def trust_relays(p2p: P2P, relays: Iterable[str]) -> None:
     """Accept forwarded calls from these relays (multiaddrs ending in /p2p/ID, or bare peer ids)."""
     table(p2p).relays = {r.rsplit("/p2p/", 1)[-1] for r in relays}
 
 
-def _arrival(p2p: P2P, uid: str, ctx: P2PContext) -> tuple[_Local, P2PContext]:
+def _arrival(p2p: P2P, req: Request, ctx: P2PContext) -> tuple[_Local, P2PContext, Session]:
     t = table(p2p)
     if ctx.remote_id.to_base58() not in t.relays:
         t.refused["not our relay"] += 1
         raise TunnelError("forwarded by a peer that is not this node's relay")
-    caller, name = parse_uid(uid)
+    caller, name = parse_uid(req.uid)
     local = t.handlers.get(name)
     if local is None:
         t.refused["unknown handler"] += 1
         raise TunnelError(f"no handler {name!r}")
+    if t.checker is None:
+        t.refused["no authority"] += 1
+        raise TunnelError("this node cannot check callers yet")
+    try:  # the caller's own proof, not the relay's word
+        session = t.checker.first(list(req.tensors), req.metadata, caller.to_base58(), name)
+    except AuthError as e:
+        t.refused["unproven caller"] += 1
+        raise TunnelError(str(e)) from e
     t.forwarded[name] += 1
     if t.on_arrival is not None:
         t.on_arrival(name)
-    return local, P2PContext(handle_name=name, local_id=p2p.peer_id, remote_id=caller)
+    return local, P2PContext(handle_name=name, local_id=p2p.peer_id, remote_id=caller), session
 
 
 def _wrap(msg: Message) -> Response:
@@ -160,8 +182,8 @@ def _wrap(msg: Message) -> Response:
 
 def _via_call(p2p: P2P) -> Callable[[Request, P2PContext], Awaitable[Response]]:
     async def handle(req: Request, ctx: P2PContext) -> Response:
-        local, inner = _arrival(p2p, req.uid, ctx)
-        if local.stream_input or local.stream_output:
+        local, inner, session = _arrival(p2p, req, ctx)
+        if local.stream_input or local.stream_output or not session.ended:
             raise TunnelError(f"{inner.handle_name} is a stream handler")
         return _wrap(await local.fn(local.input_type.FromString(req.metadata), inner))
 
@@ -171,11 +193,21 @@ def _via_call(p2p: P2P) -> Callable[[Request, P2PContext], Awaitable[Response]]:
 def _via_stream(p2p: P2P) -> Callable[[AsyncIterator[Request], P2PContext], AsyncIterator[Response]]:
     async def handle(requests: AsyncIterator[Request], ctx: P2PContext) -> AsyncIterator[Response]:
         head = await anext(requests)
-        local, inner = _arrival(p2p, head.uid, ctx)
+        local, inner, session = _arrival(p2p, head, ctx)
+        t = table(p2p)
 
         async def unwrapped() -> AsyncIterator[Message]:
             async for r in requests:
+                try:  # each message the next one its caller signed, checked before the handler sees it
+                    session.next(list(r.tensors), r.metadata)
+                except AuthError as e:
+                    t.refused["unproven caller"] += 1
+                    raise TunnelError(str(e)) from e
+                if session.ended:  # the caller's seal: the call is whole
+                    return
                 yield local.input_type.FromString(r.metadata)
+            t.refused["cut short"] += 1
+            raise TunnelError("the call ended without its caller's last signature")
 
         items = unwrapped()
         out = local.fn(items if local.stream_input else await anext(items), inner)
@@ -189,6 +221,13 @@ def _via_stream(p2p: P2P) -> Callable[[AsyncIterator[Request], P2PContext], Asyn
 
 
 # ---- calling: straight to the peer, or through the relay its route names --------------------------------
+def _signer(p2p: P2P, peer: PeerID, name: str) -> Signer:
+    me = table(p2p).identity
+    if me is None:
+        raise TunnelError("this node has no identity to sign forwarded calls with yet")
+    return Signer(me, p2p.peer_id.to_base58(), peer.to_base58(), name, secrets.token_hex(16))
+
+
 def set_routes(p2p: P2P, routes: dict[str, str]) -> None:
     """Reach each target peer id through the relay peer id given; every other peer directly."""
     table(p2p).routes = dict(routes)
@@ -198,7 +237,8 @@ async def unary(p2p: P2P, peer: PeerID, name: str, msg: Message, output_type: ty
     relay = table(p2p).routes.get(peer.to_base58())
     if relay is None:
         return await p2p.call_protobuf_handler(peer, name, msg, output_type)
-    wrapped = Request(uid=route_uid(peer.to_base58(), name), metadata=msg.SerializeToString())
+    data, signer = msg.SerializeToString(), _signer(p2p, peer, name)
+    wrapped = Request(uid=route_uid(peer.to_base58(), name), metadata=data, tensors=[signer.sign(data, True)])
     resp = await p2p.call_protobuf_handler(PeerID.from_base58(relay), RELAY_CALL, wrapped, Response)
     return output_type.FromString(resp.metadata)
 
@@ -214,13 +254,21 @@ async def stream(
     if relay is None:
         return await p2p.iterate_protobuf_handler(peer, name, requests, output_type)
 
+    signer = _signer(p2p, peer, name)
+
+    def signed(data: bytes, end: bool = False) -> Request:
+        return Request(metadata=data, tensors=[signer.sign(data, end)])
+
     async def framed() -> AsyncIterator[Request]:
-        yield Request(uid=route_uid(peer.to_base58(), name))
+        head = signed(b"")
+        head.uid = route_uid(peer.to_base58(), name)
+        yield head
         if isinstance(requests, Message):
-            yield Request(metadata=requests.SerializeToString())
+            yield signed(requests.SerializeToString())
         else:
             async for r in requests:
-                yield Request(metadata=r.SerializeToString())
+                yield signed(r.SerializeToString())
+        yield signed(b"", end=True)  # the seal: a relay cannot cut the call short unnoticed
 
     replies = await p2p.iterate_protobuf_handler(PeerID.from_base58(relay), RELAY_STREAM, framed(), Response)
 

@@ -111,7 +111,7 @@ class AveragingLoop:
         avg = self.averager
         leaders = await self.replicas.view.my_replicas()  # from signed records: certified replicas only
         routes = tunnel.table(ctx.p2p)  # partners behind NAT: through their relay's forwarder
-        avg.averager.use_tunnel(routes.routes, routes.relays)
+        avg.averager.use_tunnel(routes.routes, routes.relays, routes.identity)
         if self.behind_nat:  # a partner still reached over a circuit: start from a fresh one
             partners = await self.replicas.view.records(ctx.stage)
             await fresh_circuits(ctx.p2p, [r for r in partners if r.peer_id not in routes.routes])

@@ -36,10 +36,12 @@ from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.p2p.servicer import StubBase
 from hivemind.proto import averaging_pb2
 from hivemind.utils.asyncio import achain, as_aiter
+from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.serializer import MSGPackSerializer
 
 from pmnode.net import tunnel
 from pmnode.net.auth import AuthError, Cert, Guard
+from pmnode.net.callproof import Identity
 from pmnode.net.services import Admission
 
 # join/part/state: calls refused at our door; leader: an uncertified peer we would not follow;
@@ -182,13 +184,20 @@ class GuardedAverager(DecentralizedAverager):
         stub._p2p = tunnel.Routed(p2p)  # type: ignore[assignment]
         return stub
 
-    def use_tunnel(self, routes: dict[str, str], relays: Iterable[str]) -> None:
-        """Node side, before a round: the node's tunnel routes and trusted relays, for the averager."""
-        self._outer_pipe.send(("_use_tunnel", [dict(routes), sorted(relays)], {}))
+    def use_tunnel(self, routes: dict[str, str], relays: Iterable[str], me: Identity | None = None) -> None:
+        """Node side, before a round: the node's tunnel routes, trusted relays and signing identity (its
+        key and current certificate: the averager signs its forwarded calls as the node), for the averager."""
+        signing = (me.key, me.cert()) if me is not None else None
+        self._outer_pipe.send(("_use_tunnel", [dict(routes), sorted(relays), signing], {}))
 
-    async def _use_tunnel(self, routes: dict[str, str], relays: list[str]) -> None:
+    async def _use_tunnel(
+        self, routes: dict[str, str], relays: list[str], signing: tuple[RSAPrivateKey, Cert] | None = None
+    ) -> None:
         tunnel.set_routes(self._p2p, routes)
         tunnel.trust_relays(self._p2p, relays)
+        if signing is not None:
+            key, cert = signing
+            tunnel.set_identity(self._p2p, Identity(key, lambda: cert), self.gate.guard.verifier)
 
     def admit_leaders(self, peers: Sequence[str]) -> None:
         """Node side, before a round: the replicas it may follow (sent to the averager's process)."""

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 
 from pmnode.errors import PmnodeError
+from pmnode.net import tunnel
 from pmnode.net.auth import Guard
+from pmnode.net.callproof import Identity
 from pmnode.net.checks import GradScale
 from pmnode.net.control import Done
 from pmnode.net.forwarder import Forwarder
@@ -87,6 +89,8 @@ class Parts:
         self.averaging.outer = self.outer
         self.behind_nat = False  # set once serving: a relayed node opens its own connections (reach_out)
         self.routes = RelayRoutes(ctx.p2p, membership.current)
+        # calls sent through a relay carry this node's own signature; calls forwarded to it must too
+        tunnel.set_identity(ctx.p2p, Identity(membership.key, membership.current), ctx.verifier)
         self.replicas.route = self.downstream.on_change = self.update_routes
         self.forwarder: Forwarder | None = None  # `--relay` on a reachable node: forwards for NATed members
 
