@@ -1,8 +1,10 @@
-"""`pmnode plan`: its figures against a hand computation for one small config, and its flag errors."""
+"""`pmnode plan`: its figures against a hand computation for one small config, heads and replica-sync
+traffic against hand cases (closed form and simulator), and its flag errors."""
 
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 from pathlib import Path
 
@@ -10,8 +12,16 @@ import pytest
 import yaml
 from launch import BIN, one_line_error
 
-from pmnode.config import RunConfig
-from pmnode.plan.costs import codec_bytes, stage_costs
+from pmnode.config import RunConfig, load_config
+from pmnode.core.compress import round_bytes
+from pmnode.core.sizing import stage_sizes
+from pmnode.core.stages import Stage
+from pmnode.core.train import config_for
+from pmnode.plan.closed import PlanInputs, closed_form
+from pmnode.plan.costs import StageCost, codec_bytes, stage_costs
+from pmnode.plan.plan import simulate
+from pmnode.plan.shapes import stage_shapes
+from pmnode.plan.sync import SyncLoad
 from pmnode.swarm.report import ComputeTimes, NodeSummary
 
 # d = 64, 4 layers over 2 stages, ffn 128, 4 heads of 16 (kv too), vocab 256, micro-batch 2 x 32 tokens.
@@ -127,6 +137,124 @@ def test_bad_flags_get_one_line(cfg_path: Path, tmp_path: Path) -> None:
     procs = [
         subprocess.Popen(
             [str(BIN / "pmnode"), "plan", "--config", str(cfg_path), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for args, _ in cases
+    ]
+    for p, (_, needle) in zip(procs, cases, strict=True):
+        out, err = p.communicate(timeout=180)
+        one_line_error(subprocess.CompletedProcess(p.args, p.returncode, out, err), needle)
+
+
+# ---- heads and replica sync ---------------------------------------------------------------------
+def _cost(stage: int, fwd_bytes: int, bwd_bytes: int) -> StageCost:
+    return StageCost(
+        stage=stage, layers=1, params=0, flops_fwd_per_token=0, flops_bwd_per_token=0,
+        bytes_fwd_per_token=fwd_bytes, bytes_bwd_per_token=bwd_bytes, memory_bytes=0,
+    )  # fmt: skip
+
+
+def _inputs(head_s: float, tail_s: float, **kw: object) -> PlanInputs:
+    """Two stages, 100-token micro-batches, one per head a step, 10 B/token each way, no latency."""
+    base: dict = {
+        "costs": [_cost(0, 10, 0), _cost(1, 0, 10)],
+        "fwd_s_per_token": [head_s / 2, 0.0],
+        "bwd_s_per_token": [head_s / 2, tail_s],
+        "bandwidth": 1e6,
+        "latency": 0.0,
+        "max_inflight": 8,
+        "tokens_per_micro_batch": 100,
+        "micro_batches_per_step": 1,
+    }
+    return PlanInputs(**{**base, **kw})
+
+
+def test_stage_shapes_are_the_built_stages() -> None:
+    for cfg in (RunConfig.model_validate(CFG), load_config("tiny"), load_config("small")):
+        shapes = stage_shapes(cfg)
+        for i, size in enumerate(stage_sizes(cfg)):
+            built = sorted(tuple(p.shape) for p in Stage(cfg, i).parameters() if p.requires_grad)
+            assert sorted(shapes[i]) == built
+            assert sum(math.prod(s) for s in shapes[i]) == size.params_trainable
+
+
+def test_heads_multiply_throughput_where_the_head_binds() -> None:
+    # The head's 200 µs per token binds (5,000 tokens/s); the tail does 50,000. Two heads: 10,000.
+    for heads in (1, 2):
+        p = _inputs(2e-4, 2e-5, heads=heads)
+        c = closed_form(p)
+        assert c.tokens_per_s == pytest.approx(5000 * heads)
+        assert c.binding == "compute, stage 0"
+        assert simulate(p).tokens_per_s == pytest.approx(5000 * heads, rel=0.03)
+
+
+def test_sync_that_does_not_fit_the_link_binds() -> None:
+    # Two tail replicas (10,000 tokens/s of compute) send 1 MB every 10 steps of 100 tokens on a
+    # 1 MB/s link that also carries 5 B/token of activations each way: 1e6 / (5 + 1000) tokens/s.
+    load = SyncLoad(share_bytes=10**6, up_bytes=10**6, down_bytes=10**6, every_steps=10, every_s=None,
+                    blocking=False)  # fmt: skip
+    p = _inputs(2e-5, 2e-4, replicas=2, sync=[None, load])
+    c = closed_form(p)
+    assert c.tokens_per_s == pytest.approx(1e6 / 1005)
+    assert c.binding == "replica sync, stage 1"
+    assert c.tokens_per_s_without_sync == pytest.approx(10_000)
+    (s,) = c.replica_sync
+    assert s.binds and s.hidden < 0.2 and s.bytes_per_round == 10**6
+    sim = simulate(p)
+    assert sim.tokens_per_s == pytest.approx(c.tokens_per_s, rel=0.05)
+    assert sim.binding == "replica sync, stage 1"
+    # The same bytes every 1,000 steps hide: the swarm is back at its compute rate, in both.
+    hidden = p.model_copy(update={"sync": [None, load.model_copy(update={"every_steps": 1000})]})
+    assert closed_form(hidden).tokens_per_s == pytest.approx(10_000)
+    assert closed_form(hidden).replica_sync[0].hidden == 1.0
+    assert simulate(hidden).tokens_per_s == pytest.approx(10_000, rel=0.05)
+
+
+def test_sync_step_waits_in_the_commit() -> None:
+    # sync schedule: the two tail replicas exchange 2 MB in every commit at 1 MB/s: 2 s a step.
+    load = SyncLoad(share_bytes=2 * 10**6, up_bytes=2 * 10**6, down_bytes=2 * 10**6, every_steps=1,
+                    every_s=None, blocking=True, in_commit=True)  # fmt: skip
+    p = _inputs(2e-5, 2e-4, replicas=2, schedule="sync", sync=[None, load])
+    c = closed_form(p)
+    drain = 100 * (2e-5 + 2e-4) + 100 * 20 / 1e6  # one micro-batch's round trip
+    assert c.step_s == pytest.approx(drain + 2.0)
+    assert c.binding.startswith("replica sync, stage 1")
+    assert simulate(p).step_s == pytest.approx(c.step_s, rel=0.03)
+
+
+def test_json_carries_each_stages_round_bytes(cfg_path: Path) -> None:
+    r = plan("--config", str(cfg_path), "--tflops", "0.001", "--mfu", "1", "--heads", "2", "--replicas", "3",
+             "--replica-sync", "outer", "--compressor", "topk", "--inner-steps", "5", "--json")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    p = json.loads(r.stdout)
+    cfg = RunConfig.model_validate(CFG).with_overrides(
+        replica_sync={"method": "outer", "compressor": "topk", "inner_steps": 5}
+    )
+    shapes = stage_shapes(config_for(cfg, cfg.codec_spec)[0])
+    rows = p["closed"]["replica_sync"]
+    assert [x["nodes"] for x in rows] == [2, 3]
+    assert [x["bytes_per_round"] for x in rows] == [round_bytes(s, cfg.replica_sync) for s in shapes]
+    assert [x["upload_bytes_per_round"] for x in rows] == [
+        1 * rows[0]["bytes_per_round"],
+        2 * rows[1]["bytes_per_round"],
+    ]
+    assert p["tokens_per_step"] == 2 * 4 * 32  # every head drives its own batch
+    assert p["sync_advice"]["method"] == "outer"
+
+
+def test_bad_sync_flags_get_one_line(cfg_path: Path) -> None:
+    cases = [
+        (["--heads", "0"], "--heads"),
+        (["--replica-sync", "gossip"], "--replica-sync"),
+        (["--compressor", "zip"], "--compressor"),
+        (["--inner-steps", "0"], "--inner-steps"),
+        (["--sync-topology", "ring"], "--sync-topology"),
+    ]
+    procs = [
+        subprocess.Popen(
+            [str(BIN / "pmnode"), "plan", "--config", str(cfg_path), "--tflops", "1", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

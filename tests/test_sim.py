@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pmnode.sim.events import Engine, Server
-from pmnode.sim.model import NodeSpec, StageSpec, SwarmSpec
+from pmnode.sim.model import NodeSpec, StageSpec, SwarmSpec, SyncSpec
 from pmnode.sim.swarm import SwarmSim
 
 
@@ -105,3 +105,46 @@ def test_a_joiner_takes_load() -> None:
     assert sim.nodes[1][1].served > 100
     late = [t for t in sim.done_at if t > 5.0]
     assert (len(late) - 1) / (late[-1] - late[0]) > 0.95 * 50  # at least one replica's 50/s (see above)
+
+
+def test_every_head_keeps_its_own_window() -> None:
+    # As the window test above, with two heads and two tail replicas: each head has its own one
+    # micro-batch in flight, so the swarm does twice one head's 100 tokens per 0.16 s.
+    far = [NodeSpec(latency=0.05)] * 2
+    s = spec(
+        [StageSpec(fwd_s=0.01, bwd_s=0.02, nodes=far), StageSpec(fwd_s=0, bwd_s=0.03, nodes=far)],
+        max_inflight=1,
+    )
+    sim = SwarmSim(s)
+    r = sim.run(100)
+    assert r.tokens_per_s == pytest.approx(2 * 100 / 0.16, rel=0.02)
+    assert all(h.served > 0.45 * 2 * 100 for h in sim.nodes[0])  # both heads drove their share
+
+
+def test_a_round_that_does_not_land_in_time_holds_its_replica() -> None:
+    # Two tail replicas at 50 micro-batches/s each (100/s together); each sends 0.5 MB every 10 steps
+    # on a 1 MB/s uplink: 0.5 s a round against 0.1 s of steps, so rounds set the pace: 10 steps
+    # (1,000 tokens) per 0.5 s.
+    tail = StageSpec(
+        fwd_s=0, bwd_s=0.02, nodes=[NodeSpec(bandwidth=1e6)] * 2, sync=SyncSpec(bytes_up=5e5, every_steps=10)
+    )
+    r = SwarmSim(spec([StageSpec(fwd_s=0.001, bwd_s=0.001), tail], max_inflight=8)).run(300)
+    assert r.tokens_per_s == pytest.approx(1000 / 0.5, rel=0.05)
+    assert r.binding == "replica sync, stage 1"
+    assert r.stages[1].sync_round_s == pytest.approx(0.5, rel=0.01)
+    assert r.stages[1].sync_waited > 0.5
+    # Every 100 steps the same round hides (1 s of steps or more): the swarm is as fast as without.
+    tail.sync = None
+    free = SwarmSim(spec([StageSpec(fwd_s=0.001, bwd_s=0.001), tail], max_inflight=8)).run(1000)
+    tail.sync = SyncSpec(bytes_up=5e5, every_steps=100)
+    r = SwarmSim(spec([StageSpec(fwd_s=0.001, bwd_s=0.001), tail], max_inflight=8)).run(1000)
+    assert r.tokens_per_s == pytest.approx(free.tokens_per_s, rel=0.02)
+    assert r.stages[1].sync_waited < 0.01
+
+
+def test_a_sync_commit_waits_for_the_exchange() -> None:
+    # sync, one micro-batch a step: 3 ms of compute, then the two tail replicas exchange 1 MB at 1 MB/s.
+    tail = StageSpec(fwd_s=0, bwd_s=0.001, nodes=[NodeSpec(bandwidth=1e6)] * 2,
+                     sync=SyncSpec(bytes_up=1e6, every_steps=1, mode="commit"))  # fmt: skip
+    s = spec([StageSpec(fwd_s=0.001, bwd_s=0.001), tail], schedule="sync")
+    assert SwarmSim(s).run(20).step_s == pytest.approx(1.003, rel=1e-3)

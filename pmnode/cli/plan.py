@@ -24,7 +24,24 @@ def plan(
     ] = "80mbit",
     latency: Annotated[str, typer.Option(help="One-way latency of every link, e.g. 50ms.")] = "50ms",
     stages: Annotated[int | None, typer.Option(help="Pipeline stages; default the config's.")] = None,
-    replicas: Annotated[int, typer.Option(help="Nodes per stage after the head (never replicated).")] = 1,
+    replicas: Annotated[int, typer.Option(help="Nodes per stage after the head.")] = 1,
+    heads: Annotated[
+        int | None,
+        typer.Option(help="Stage-0 nodes, each driving train.batch_size a step; default the config's."),
+    ] = None,
+    replica_sync: Annotated[
+        str | None, typer.Option(help="How replicas stay one model: outer or step; default the config's.")
+    ] = None,
+    inner_steps: Annotated[
+        int | None, typer.Option(help="outer: steps between two rounds (H); default the config's.")
+    ] = None,
+    compressor: Annotated[
+        str | None, typer.Option(help="outer: none, topk or powersgd; default the config's.")
+    ] = None,
+    sync_topology: Annotated[
+        str,
+        typer.Option(help="all-gather: a replica sends its share to every other; relay: once, to a relay."),
+    ] = "all-gather",
     codec: Annotated[
         str | None, typer.Option(help="Boundary codec, e.g. dense:bf16, subspace@40, subspace:int8@40.")
     ] = None,
@@ -38,7 +55,8 @@ def plan(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
 ) -> None:
-    """Per stage: FLOPs and bytes per token, compute and link rates, what binds; the swarm's tokens/s."""
+    """Per stage: FLOPs and bytes per token, compute and link rates, replica-sync traffic, what binds; the
+    swarm's tokens/s, and the replica sync that fits the link."""
     from rich.console import Console
 
     from pmnode.net.shaping import parse_bandwidth, parse_latency
@@ -60,6 +78,16 @@ def plan(
         raise PmnodeError(f"--tflops must be positive, not {tflops}")
     if max_inflight is not None and max_inflight < 1:
         raise PmnodeError("--max-inflight must be 1 or more")
+    if heads is not None and heads < 1:
+        raise PmnodeError("--heads must be 1 or more")
+    if replica_sync not in (None, "outer", "step"):
+        raise PmnodeError(f"--replica-sync must be outer or step, not {replica_sync!r}")
+    if inner_steps is not None and inner_steps < 1:
+        raise PmnodeError("--inner-steps must be 1 or more")
+    if compressor not in (None, "none", "topk", "powersgd"):
+        raise PmnodeError(f"--compressor must be none, topk or powersgd, not {compressor!r}")
+    if sync_topology not in ("all-gather", "relay"):
+        raise PmnodeError(f"--sync-topology must be all-gather or relay, not {sync_topology!r}")
     bw, lat = parse_bandwidth(bandwidth), parse_latency(latency)
     sections: dict = {}
     if stages is not None:
@@ -67,6 +95,9 @@ def plan(
     swarm = {k: v for k, v in (("schedule", schedule), ("max_inflight", max_inflight)) if v is not None}
     if swarm:
         sections["swarm"] = swarm
+    rs = (("method", replica_sync), ("inner_steps", inner_steps), ("compressor", compressor))
+    if any(v is not None for _, v in rs):
+        sections["replica_sync"] = {k: v for k, v in rs if v is not None}
     cfg = load_with_overrides(config, **sections)
     spec = codec or cfg.codec_spec
     codec_bytes(cfg, spec)  # a bad codec fails here, in one line
@@ -86,10 +117,12 @@ def plan(
         bandwidth=bw,
         latency=lat,
         replicas=replicas,
-        max_inflight=cfg.swarm.max_inflight,
+        heads=heads if heads is not None else cfg.swarm.heads,
+        topology=sync_topology,  # type: ignore[arg-type]
+        max_inflight=cfg.swarm.inflight_limit,
         gpu_memory_gb=memory,
     )
     if as_json:
         print(result.model_dump_json(indent=2))
     else:
-        print_plan(result, Console(width=max(Console().width, 120)))
+        print_plan(result, Console(width=max(Console().width, 150)))

@@ -1,5 +1,6 @@
 """A run's plan: its stage costs on a device (or measured times), the closed form, the simulator's
-figure, and the largest k that keeps every stage compute-bound."""
+figure, the replicas' sync traffic and which sync fits the link, and the largest k that keeps every
+stage compute-bound."""
 
 from __future__ import annotations
 
@@ -10,13 +11,18 @@ from pydantic import BaseModel
 
 from pmnode.bench.advice import RankAdvice, advise, recommended
 from pmnode.config import RunConfig
-from pmnode.core.train import parse_spec
+from pmnode.core.train import config_for, parse_spec
 from pmnode.errors import ConfigError
 from pmnode.plan.closed import ClosedForm, PlanInputs, closed_form
 from pmnode.plan.costs import StageCost, codec_bytes, stage_costs
-from pmnode.sim.model import NodeSpec, SimResult, StageSpec, SwarmSpec
+from pmnode.plan.shapes import stage_shapes
+from pmnode.plan.sync import SyncLoad, SyncSettings, Topology, stage_loads
+from pmnode.plan.sync_advice import SyncAdvice, advise_sync
+from pmnode.sim.model import NodeSpec, SimResult, StageSpec, SwarmSpec, SyncSpec
 from pmnode.sim.swarm import SwarmSim
 from pmnode.swarm.report import NodeSummary
+
+SIM_MICRO_BATCHES = 2400  # what the plan's simulation runs, about
 
 
 class Plan(BaseModel):
@@ -24,12 +30,15 @@ class Plan(BaseModel):
     codec: str
     device: str  # what the compute times came from
     stages_n: int
+    heads: int
     replicas: int
     bandwidth: float | None
     latency: float
     schedule: str
     max_inflight: int
-    tokens_per_step: int
+    tokens_per_step: int  # of the swarm: every head drives train.batch_size of a step
+    replica_sync: SyncSettings
+    replica_sync_summary: str
     costs: list[StageCost]
     fwd_s_per_token: list[float]
     bwd_s_per_token: list[float]
@@ -37,6 +46,7 @@ class Plan(BaseModel):
     simulated: SimResult
     max_k_compute_bound: int | None  # the largest subspace k whose links keep up with compute
     advice: RankAdvice | None = None  # the lowest measured long-run cost the link carries at that rate
+    sync_advice: SyncAdvice | None = None  # the replica sync that fits the link (more than one node)
     gpu_memory_gb: float | None = None  # the device's, to set the stages' state against
 
     @property
@@ -77,14 +87,33 @@ def measured_times(path: Path, cfg: RunConfig) -> tuple[list[float], list[float]
     return fwd, bwd
 
 
-def simulate(p: PlanInputs, cfg: RunConfig, steps: int = 60) -> SimResult:
+def sync_spec(load: SyncLoad | None, most_steps: int) -> SyncSpec | None:
+    """A stage's rounds for the simulator, every at most `most_steps` steps (see `simulate`)."""
+    if load is None:
+        return None
+    if load.every_s is not None:
+        return SyncSpec(bytes_up=load.up_bytes, every_s=load.every_s)
+    assert load.every_steps is not None
+    every = min(load.every_steps, most_steps)
+    mode = "commit" if load.in_commit else ("blocking" if load.blocking else "overlap")
+    return SyncSpec(bytes_up=load.up_bytes * every / load.every_steps, every_steps=every, mode=mode)
+
+
+def simulate(p: PlanInputs, micro_batches: int = SIM_MICRO_BATCHES) -> SimResult:
+    """The simulator's figure for the plan, over about `micro_batches` (4 to 60 steps: a sync step
+    repeats itself, and a plan must come back in seconds). Rounds every H steps are simulated every k
+    steps with k/H of their bytes, k small enough for a few rounds to run: the same share of the
+    link, and a round that does not land within k steps is one that would not within H."""
     m = p.tokens_per_micro_batch
+    steps = min(60, max(4, math.ceil(micro_batches / (p.heads * p.micro_batches_per_step))))
+    k = max(1, steps // 30)  # rounds every k steps: enough of them for a steady rate
     last = len(p.costs) - 1
     stages = [
         StageSpec(
             fwd_s=0.0 if i == last else m * p.fwd_s_per_token[i],
             bwd_s=m * (p.bwd_s_per_token[i] + (p.fwd_s_per_token[i] if i == last else 0.0)),
-            nodes=[NodeSpec(bandwidth=p.bandwidth, latency=p.latency)] * (1 if i == 0 else p.replicas),
+            nodes=[NodeSpec(bandwidth=p.bandwidth, latency=p.latency)] * p.nodes(i),
+            sync=sync_spec(p.load(i), k),
         )
         for i in range(len(p.costs))
     ]
@@ -125,21 +154,35 @@ def make_plan(
     latency: float,
     replicas: int,
     max_inflight: int,
+    heads: int = 1,
+    topology: Topology = "all-gather",
     gpu_memory_gb: float | None = None,
 ) -> Plan:
+    """The plan of `cfg` (its replica_sync section and swarm schedule as given: the CLI's flags are
+    overrides of the config)."""
     costs = stage_costs(cfg, codec)
-    t = cfg.train
+    t, sw = cfg.train, cfg.swarm
+    settings = SyncSettings(
+        replica_sync=cfg.replica_sync,
+        schedule=sw.schedule,
+        average_period=sw.average_period,
+        average_compression=sw.average_compression,
+        topology=topology,
+    )
+    shapes = stage_shapes(config_for(cfg, codec)[0])  # the model this codec trains
     inputs = PlanInputs(
         costs=costs,
         fwd_s_per_token=fwd_bwd[0],
         bwd_s_per_token=fwd_bwd[1],
         bandwidth=bandwidth,
         latency=latency,
+        heads=heads,
         replicas=replicas,
         max_inflight=max_inflight,
-        schedule=cfg.swarm.schedule,
+        schedule=sw.schedule,
         tokens_per_micro_batch=t.micro * t.seq_len,
         micro_batches_per_step=max(1, t.batch_size // t.micro),
+        sync=stage_loads(shapes, heads, replicas, settings),
     )
     closed = closed_form(inputs)
     compute = min(r.compute_tokens_per_s for r in closed.stages)
@@ -148,18 +191,22 @@ def make_plan(
         codec=codec,
         device=device,
         stages_n=cfg.n_stages,
+        heads=heads,
         replicas=replicas,
         bandwidth=bandwidth,
         latency=latency,
-        schedule=cfg.swarm.schedule,
+        schedule=sw.schedule,
         max_inflight=max_inflight,
-        tokens_per_step=t.batch_size * t.seq_len,
+        tokens_per_step=inputs.tokens_per_step,
+        replica_sync=settings,
+        replica_sync_summary=settings.describe(),
         costs=costs,
         fwd_s_per_token=fwd_bwd[0],
         bwd_s_per_token=fwd_bwd[1],
         closed=closed,
-        simulated=simulate(inputs, cfg),
+        simulated=simulate(inputs),
         gpu_memory_gb=gpu_memory_gb,
         max_k_compute_bound=max_k(cfg, codec, bandwidth, compute if math.isfinite(compute) else 0.0),
         advice=recommended(advise(cfg, bandwidth, compute)) if bandwidth and math.isfinite(compute) else None,
+        sync_advice=advise_sync(inputs, shapes, settings),
     )

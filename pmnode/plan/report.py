@@ -23,12 +23,18 @@ def _si(x: float | None, unit: str = "") -> str:
 
 def print_plan(plan: Plan, console: Console) -> None:
     c = plan.closed
+    heads = f"{plan.heads} heads, " if plan.heads > 1 else ""
     t = Table(
-        title=f"{plan.config}, {plan.codec}, {plan.stages_n} stages x {plan.replicas} replicas, "
+        title=f"{plan.config}, {plan.codec}, {heads}{plan.stages_n} stages x {plan.replicas} replicas, "
         f"{plan.device}, {format_bandwidth(plan.bandwidth)} / {plan.latency * 1e3:g} ms, {plan.schedule}, "
         f"max_inflight {plan.max_inflight}"
     )
-    t.caption = "rates in tokens/s; fwd: the link to the next stage, bwd: the link back"
+    t.caption = (
+        "rates in tokens/s; fwd: the link to the next stage, bwd: the link back; sync: one replica's share "
+        "of a replica-sync round, the round's time at the link the activations leave, the share of it "
+        "hidden behind compute"
+    )
+    syncs = {x.stage: x for x in c.replica_sync}
     for col in (
         "stage",
         "layers",
@@ -39,10 +45,14 @@ def print_plan(plan: Plan, console: Console) -> None:
         "compute",
         "fwd",
         "bwd",
+        "sync B/round",
+        "round",
+        "hidden",
         "binds",
     ):
         t.add_column(col, justify="right")
     for cost, r in zip(plan.costs, c.stages, strict=True):
+        x = syncs.get(r.stage)
         t.add_row(
             str(cost.stage),
             str(cost.layers),
@@ -53,7 +63,10 @@ def print_plan(plan: Plan, console: Console) -> None:
             _si(r.compute_tokens_per_s),
             _si(r.link_fwd_tokens_per_s),
             _si(r.link_bwd_tokens_per_s),
-            r.binds,
+            _si(x.bytes_per_round, "B") if x else "-",
+            f"{x.round_s:.3g} s" if x else "-",
+            f"{x.hidden:.0%}" if x else "-",
+            r.binds if x is None or not x.binds else "sync",
         )
     console.print(t)
     s = plan.simulated
@@ -65,10 +78,11 @@ def print_plan(plan: Plan, console: Console) -> None:
         f"{plan.tokens_per_step:,} tokens; bound by {c.binding}",
         f"simulated:   [bold]{_si(s.tokens_per_s)} tokens/s[/], {s.step_s:.3g} s per step; "
         f"bound by {s.binding}; stage utilisation " + ", ".join(f"{x.utilisation:.2f}" for x in s.stages),
-        f"suggested max_inflight: {c.suggested_max_inflight}",
+        f"suggested max_inflight: {c.suggested_max_inflight}" + (" per head" if plan.heads > 1 else ""),
         "largest k that keeps every stage compute-bound: "
         + (str(k) if k is not None else "none (even k = 1 is link-bound)"),
     ]
+    lines += _sync_lines(plan)
     if (a := plan.advice) is not None:
         m = a.measured
         cost = (
@@ -94,3 +108,26 @@ def print_plan(plan: Plan, console: Console) -> None:
     lines.append(mem)
     for line in lines:
         console.print(line, highlight=False)
+
+
+def _sync_lines(plan: Plan) -> list[str]:
+    c, a = plan.closed, plan.sync_advice
+    if not c.replica_sync:
+        return []
+    worst = max(c.replica_sync, key=lambda x: x.round_s)
+    n = worst.every_steps
+    every = f"every {n} steps" if n and n > 1 else ("every step" if n else f"every {worst.every_s:g} s")
+    free = c.tokens_per_s_without_sync or c.tokens_per_s
+    out = [
+        f"replica sync ({plan.replica_sync_summary}): up to {_si(worst.upload_bytes_per_round, 'B')} up "
+        f"and {_si(worst.download_bytes_per_round, 'B')} down per replica and round ({every}), "
+        f"{worst.round_s:.3g} s a round at stage {worst.stage}, {worst.hidden:.0%} hidden; "
+        f"{c.tokens_per_s / free:.0%} of the {_si(free)} tokens/s the swarm has with sync free"
+    ]
+    if a is not None:
+        out.append(
+            f"replica sync that fits: [bold]--replica-sync {a.method}"
+            + (f" --compressor {a.compressor} --inner-steps {a.inner_steps}" if a.method == "outer" else "")
+            + f"[/] ({_si(a.tokens_per_s)} tokens/s); {a.note}"
+        )
+    return out

@@ -27,18 +27,40 @@ class NodeSpec(_Spec):
     )
 
 
+class SyncSpec(_Spec):
+    """A stage's replica-sync rounds (pmnode.plan.sync): what each replica uploads, how often, and
+    whether it waits. The uplink is the one the node's activations take; downlinks are not modelled."""
+
+    bytes_up: float = Field(ge=0, description="Bytes each replica uploads per round.")
+    every_steps: int | None = Field(None, ge=1, description="A round every this many steps.")
+    every_s: float | None = Field(
+        None, gt=0, description="Or on a grid of this many seconds, after the last round ended."
+    )
+    mode: Literal["overlap", "blocking", "commit"] = Field(
+        "overlap",
+        description="overlap: beside compute, a replica waits only when the next round is due and the "
+        "last has not landed; blocking: the replica waits for each round; commit: in the sync commit.",
+    )
+
+
 class StageSpec(_Spec):
     fwd_s: float = Field(ge=0, description="Forward compute per micro-batch.")
     bwd_s: float = Field(ge=0, description="Backward compute per micro-batch (the tail: forward too).")
     step_s: float = Field(0.0, ge=0, description="Optimizer step, once per step.")
-    nodes: list[NodeSpec] = Field(default_factory=lambda: [NodeSpec()], min_length=1)
+    nodes: list[NodeSpec] = Field(
+        default_factory=lambda: [NodeSpec()],
+        min_length=1,
+        description="The stage's replicas; stage 0's are heads, each with its own window and its own "
+        "micro_batches_per_step micro-batches of every step.",
+    )
+    sync: SyncSpec | None = Field(None, description="Replica-sync rounds (with more than one node).")
 
 
 class SwarmSpec(_Spec):
     stages: list[StageSpec] = Field(min_length=1)
     schedule: Literal["sync", "async"] = "async"
-    max_inflight: int = Field(4, ge=1)
-    micro_batches_per_step: int = Field(1, ge=1)
+    max_inflight: int = Field(4, ge=1, description="Per head.")
+    micro_batches_per_step: int = Field(1, ge=1, description="Per head.")
     tokens_per_micro_batch: int = Field(ge=1)
     fwd_bytes_per_token: float = Field(ge=0)
     bwd_bytes_per_token: float = Field(ge=0)
@@ -73,6 +95,9 @@ class StageResult(_Spec):
     nodes: int
     utilisation: float  # compute busy / (nodes alive x time), over the measured part
     micro_batches: int
+    sync_rounds: int = 0  # replica-sync rounds started, all replicas together
+    sync_round_s: float = 0.0  # their mean duration, start to last byte
+    sync_waited: float = 0.0  # the share of the replicas' time spent waiting for a round to land
 
 
 class SimResult(_Spec):

@@ -21,28 +21,39 @@ def summarise(sim: SwarmSim, steps: int, edge: float = 0.1) -> SimResult:
     b = max(n - int(n * edge), a + 1) if n > 1 else n
     t0 = ends[a - 1] if a else 0.0
     span = max(ends[b - 1] - t0, 1e-12) if ends else 1e-12
-    tokens = (b - a) * s.micro_batches_per_step * s.tokens_per_micro_batch
+    tokens = (b - a) * sim.micro_batches_per_step * s.tokens_per_micro_batch
     total = max(sim.eng.now, 1e-12)
     stages, worst = [], ("", 0.0)
     for i, nodes in enumerate(sim.nodes):
         alive = [n for n in nodes if n.compute.up]
         busy = sum(n.compute.busy_s for n in nodes)
         util = busy / (max(len(alive), 1) * total)
+        rounds, round_s, waited = sim.rounds.stage_figures(i, total)
         stages.append(
             StageResult(
                 stage=i,
                 nodes=len(alive),
                 utilisation=round(util, 4),
                 micro_batches=sum(n.served for n in nodes),
+                sync_rounds=rounds,
+                sync_round_s=round(round_s, 4),
+                sync_waited=round(waited, 4),
             )
         )
         if util > worst[1]:
             worst = (f"compute, stage {i}", util)
+        if waited + util > worst[1] and waited > util:  # replicas mostly waiting for their rounds
+            worst = (f"replica sync, stage {i}", waited + util)
     for nodes in sim.nodes:
         for n in nodes:
             for (to, _), busy in n.link_busy.items():
                 if busy / total > worst[1]:
                     worst = (f"link {n.stage}->{to}", busy / total)
+            sync = sim.rounds.sync_s[n.name]
+            # one uplink: the rounds and the activations together, named by whichever carries more
+            up = (sync + sum(n.link_busy.values())) / total
+            if sync and up > worst[1] and sync / total >= 0.5 * up:
+                worst = (f"replica sync, stage {n.stage}", up)
     if worst[1] < BUSY:
         worst = (
             "latency and the in-flight window" if s.schedule == "async" else "pipeline drain and commit",

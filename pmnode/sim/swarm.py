@@ -5,9 +5,12 @@ back the same way. Every node has one compute thread (a FIFO server) and one eve
 for `msg_s` per message); each of its outgoing links is a `LinkShaper`, the one the real node uses
 to emulate links, on the simulated clock. A node picks the next stage's replica with the real
 routing policy (`choose_peer` over the records announced every HEARTBEAT_PERIOD, `Backoff` for the
-ones that failed it). The head keeps `max_inflight` micro-batches in flight; under sync it drains
+ones that failed it). Every node of stage 0 is a head: each keeps its own `max_inflight` micro-batches
+in flight and drives its own `micro_batches_per_step` of every step; under sync the swarm drains
 every step and commits it (round trips to the farthest stage, then every stage's optimizer step).
-A node that dies loses what it held; its upstream notices after `retry_s` and sends it elsewhere.
+Replicated stages run their replica-sync rounds on the same uplinks (pmnode.sim.rounds).
+A node that dies loses what it held; its upstream notices after `retry_s` and sends it elsewhere
+(heads do not die here).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pmnode.net.routing import HEARTBEAT_PERIOD, Backoff, StageRecord, choose_pe
 from pmnode.net.shaping import LinkShaper
 from pmnode.sim.events import Engine, Server
 from pmnode.sim.model import NodeSpec, SwarmSpec
+from pmnode.sim.rounds import Rounds
 
 STALL_S = 600.0  # simulated seconds without a finished micro-batch that end a run (the swarm is stuck)
 
@@ -63,22 +67,27 @@ class SwarmSim:
             [SimNode(self.eng, s, i, n, spec.loop_shares_compute) for i, n in enumerate(st.nodes)]
             for s, st in enumerate(spec.stages)
         ]
-        self.head = self.nodes[0][0]
+        self.heads = self.nodes[0]
         self.records: list[list[StageRecord]] = []
-        self.done_at: list[float] = []  # when each micro-batch's backward finished at the head
+        self.done_at: list[float] = []  # when each micro-batch's backward finished at its head
         self.step_ends: list[float] = []
         self.retried = 0
+        self.rounds = Rounds(self)
         self._next_key = 0
-        self._inflight = 0
+        self._inflight = {h.name: 0 for h in self.heads}
+        self._launched = {h.name: 0 for h in self.heads}  # micro-batches each head has started
         self._step_left = 0
         self._steps_target = 0
         self._done_seen, self._idle, self.stalled = 0, 0, False
+        self._committing = False
 
     # ---- membership ------------------------------------------------------------------------------
     def _announce(self) -> None:
         self.records = [[n.record() for n in stage] for stage in self.nodes]
-        # Nothing finished for STALL_S: the swarm cannot go on (a stage with no node left, say).
-        self._idle = self._idle + 1 if len(self.done_at) == self._done_seen else 0
+        # Nothing finished for STALL_S: the swarm cannot go on (a stage with no node left, say). A long
+        # commit or replica-sync round is slow, not stuck.
+        waiting = self._committing or self.rounds.in_flight()
+        self._idle = self._idle + 1 if len(self.done_at) == self._done_seen and not waiting else 0
         self._done_seen = len(self.done_at)
         self.stalled = self._idle * HEARTBEAT_PERIOD >= STALL_S
         self.eng.after(HEARTBEAT_PERIOD, self._announce)
@@ -139,6 +148,7 @@ class SwarmSim:
             if src.shaper.bandwidth:
                 key = (dst.stage, link)
                 src.link_busy[key] = src.link_busy.get(key, 0.0) + nbytes / src.shaper.bandwidth
+                self.rounds.on_uplink(src, nbytes)
             self.eng.at(at, arrive)
 
         src.loop.submit(self._msg_s(src), send)
@@ -189,24 +199,30 @@ class SwarmSim:
             return
         node.compute.submit(self._bwd_s(node), lambda: self._backward_done(node, mb, attempt))
 
-    # ---- the head --------------------------------------------------------------------------------
-    def _launch(self) -> None:
+    # ---- the heads -------------------------------------------------------------------------------
+    @property
+    def micro_batches_per_step(self) -> int:
+        """Of the whole swarm: every head drives its own share."""
+        return len(self.heads) * self.spec.micro_batches_per_step
+
+    def _launch(self, head: SimNode) -> None:
         mb = Mb(self._next_key)
         self._next_key += 1
         self._live[mb.key] = mb
-        self._inflight += 1
-        mb.path[0] = self.head
-        st = self.spec.stages[0]
-        self.head.held[mb.key] = 0
-        self.head.compute.submit(st.fwd_s, lambda: self._send_forward(self.head, mb, 0))
+        self._inflight[head.name] += 1
+        self._launched[head.name] += 1
+        mb.path[0] = head
+        head.held[mb.key] = 0
+        fwd = self.spec.stages[0].fwd_s / head.spec.speed
+        head.compute.submit(fwd, lambda: self._send_forward(head, mb, 0))
 
     def _finish(self, mb: Mb) -> None:
         del self._live[mb.key]
-        self._inflight -= 1
+        self._inflight[mb.path[0].name] -= 1
         self.done_at.append(self.eng.now)
         if self.spec.schedule == "async":
-            if len(self.done_at) % self.spec.micro_batches_per_step == 0:
-                self.step_ends.append(self.eng.now)
+            if len(self.done_at) % self.micro_batches_per_step == 0:
+                self._stepped()
             self._fill()
             return
         self._step_left -= 1
@@ -215,37 +231,48 @@ class SwarmSim:
         else:
             self._fill()
 
+    def _stepped(self) -> None:
+        self.step_ends.append(self.eng.now)
+        self.rounds.on_step(len(self.step_ends))
+
     def _fill(self) -> None:
-        """Keep the window full: async without pause, sync within the current step."""
+        """Keep every head's window full: async without pause, sync within the current step."""
         s, per = self.spec, self.spec.micro_batches_per_step
         total = self._steps_target * per
-        while self._inflight < s.max_inflight and self._next_key < total:
-            if s.schedule == "sync" and self._next_key >= (len(self.step_ends) + 1) * per:
-                return
-            self._launch()
+        for head in self.heads:
+            name = head.name
+            while self._inflight[name] < s.max_inflight and self._launched[name] < total:
+                if s.schedule == "sync" and self._launched[name] >= (len(self.step_ends) + 1) * per:
+                    break
+                self._launch(head)
 
     def _commit(self) -> None:
-        """sync: round trips from the head to the farthest stage, then the optimizer steps together."""
+        """sync: round trips from the head to the farthest stage, the replicas' exchange if it is in
+        the commit, then the optimizer steps together."""
         s = self.spec
         lat = [n.spec.latency for stage in self.nodes for n in stage if n.alive]
         far = max(lat, default=0.0) if s.commit_latency else 0.0
         trip = 2 * (far + s.hop_s + 2 * s.msg_s) * s.commit_round_trips
         step = max(st.step_s for st in s.stages)
+        exchange = self.rounds.commit_wait()
+        self._committing = True
 
         def stepped() -> None:
-            self.step_ends.append(self.eng.now)
-            self._step_left = s.micro_batches_per_step
+            self._committing = False
+            self._stepped()
+            self._step_left = self.micro_batches_per_step
             self._fill()
 
-        self.eng.after(trip + step, stepped)
+        self.eng.after(trip + exchange + step, stepped)
 
     def run(self, steps: int):
         from pmnode.sim.result import summarise
 
         self._live: dict[int, Mb] = {}
-        self._steps_target, self._step_left = steps, self.spec.micro_batches_per_step
+        self._steps_target, self._step_left = steps, self.micro_batches_per_step
         self._announce()
         self._schedule_churn()
+        self.rounds.start_timed()
         self._fill()
         self.eng.run(stop=lambda: len(self.step_ends) >= steps or self.stalled)
         return summarise(self, steps)
