@@ -3,13 +3,17 @@ train with `replica_sync.method: outer` and end with one set of weights."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import yaml
-from launch import BIN, assert_no_leftovers, kill_tagged, swarm_config, tagged_env
+from launch import BIN, assert_no_leftovers, head_steps, kill_tagged, swarm_config, tagged_env
 
 from pmnode.config import RunConfig
 from pmnode.core.compress import round_bytes
@@ -74,3 +78,63 @@ def test_outer_rounds_keep_async_replicas_one_model(tmp_path: Path, toy_corpus: 
         assert a.anchor == b.anchor and a.weights == b.weights and a.round == b.round
         assert sum(s.samples_applied for s in pair) == STEPS * cfg.train.batch_size  # each sample once
     assert_no_leftovers(tag)
+
+
+def test_a_joiner_takes_the_last_outer_step_and_its_death_leaves_the_round_to_the_other(
+    tmp_path: Path, toy_corpus: Path
+) -> None:
+    steps = 800  # the joiner needs a while to start: the run must outlast it by many rounds
+    sync = {"method": "outer", "inner_steps": 5, "compressor": "topk", "exact_below": 0, "round_timeout": 5.0}
+    cfg_path = swarm_config(
+        tmp_path,
+        toy_corpus,
+        train={"steps": steps, "eval_every": 100_000},
+        swarm={"schedule": "async"},
+        replica_sync=sync,
+    )
+    work, tag = tmp_path / "work", uuid.uuid4().hex
+    args = ["--config", str(cfg_path), "--stages", "3", "--schedule", "async", "--workdir", str(work)]
+    swarm = subprocess.Popen(
+        [str(BIN / "pmnode"), "local-swarm", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / "swarm.err").open("w"),
+        env=tagged_env(tag),
+    )
+    joiner_log = tmp_path / "joiner.log"
+    try:
+        _wait(lambda: head_steps(work) >= 30, 120, "30 steps")
+        info = work / "coordinator" / "coordinator.json"
+        join = [str(BIN / "pmnode"), "join", "--coordinator-file", str(info), "--stage", "1"]
+        join += ["--device", "cpu", "--threads", "1"]
+        joiner = subprocess.Popen(
+            join,
+            stdout=joiner_log.open("w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own group: the DHT child and p2pd die with it
+            env={**tagged_env(tag), "PYTHONUNBUFFERED": "1"},  # its log survives a SIGKILL
+        )
+        _wait(lambda: "copied replica" in joiner_log.read_text(), 120, "the joiner's copy")
+        at = head_steps(work)
+        _wait(lambda: head_steps(work) >= at + 150, 180, "150 steps with the joiner")
+        os.killpg(joiner.pid, signal.SIGKILL)  # dies mid-training, most likely mid-round
+        joiner.wait(10)
+        assert swarm.wait(300) == 0, (tmp_path / "swarm.err").read_text()[-3000:]
+    finally:
+        if swarm.poll() is None:
+            swarm.kill()
+        kill_tagged(tag)
+    log = joiner_log.read_text()
+    assert "copied replica" in log and "as of its last outer step" in log, log[-2000:]
+    head = NodeSummary.model_validate_json((work / "node-0.json").read_text())
+    survivor = NodeSummary.model_validate_json((work / "node-1.json").read_text())
+    assert head.steps == steps and survivor.outer is not None
+    assert survivor.outer.rounds >= 2 and survivor.outer.refused == {}
+    assert survivor.outer.bytes_received > 0  # the joiner's shares came while it lived
+    assert_no_leftovers(tag)
+
+
+def _wait(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.25)

@@ -109,6 +109,7 @@ class OuterJobs:
             return False  # a replica that never ran outer rounds: its weights are the stage's state
         self.outer.adopt(outer, round_)
         self.steps = 0
+        self.ctx.say(f"took the stage's state as of its last outer step (round {round_})")
         return True
 
     def apply(self, member: bool, shares: list[Share]) -> None:

@@ -186,6 +186,7 @@ class OuterLoop:
         lowest leads); None only if no leader decided for very long."""
         ctx = self.ctx
         deadline = time.monotonic() + 4 * self.cfg.round_timeout + 30.0
+        failed: set[str] = set()  # leaders that did not answer (said once)
         while time.monotonic() < deadline:
             live = await self.replicas.view.my_replicas()
             leader = leader_of(ctx.peer_id, live)
@@ -196,8 +197,10 @@ class OuterLoop:
                 try:
                     await self.downstream.greet(leader, ctx.stage)
                     d = await self.downstream.client.call(VOTE, leader, vote, timeout=5.0)
-                except PmnodeError as e:
-                    ctx.say(f"outer vote to {leader[-8:]} failed: {e}")
+                except PmnodeError as e:  # a dead leader: its record expires and the next one leads
+                    if leader not in failed:
+                        ctx.say(f"outer vote of round {r} to {leader[-8:]} failed: {e}")
+                    failed.add(leader)
                     d = None
             if d is not None and d.status in ("decided", "gone"):
                 return d
