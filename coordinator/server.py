@@ -279,6 +279,10 @@ class Coordinator:
         )
 
     async def _on_status(self, req: StatusRequest, caller: str) -> SwarmStatus:
+        """The page's status over libp2p: behind the page's token when the page has one."""
+        if self.http_token is not None and not token_matches(req.token, self.http_token):
+            self.metrics.refused.inc()
+            raise AuthError("unauthorized", "the status needs the coordinator's HTTP token")
         return self.status()
 
     async def _on_reach(self, req: ReachRequest, caller: str) -> ReachReply:

@@ -93,7 +93,7 @@ def live_swarm(tmp_path_factory: pytest.TempPathFactory, toy_corpus: Path) -> It
                 break
         else:
             raise AssertionError(f"the swarm did not report within 240 s: {err.read_text()[-3000:]}")
-        yield {"base": base, "info": info_path, "tag": tag, "token": token}
+        yield {"base": base, "info": info_path, "tag": tag, "token": token, "token_file": token_file}
         proc.send_signal(signal.SIGTERM)  # `kill` must clean up as Ctrl-C does (tested in test_swarm)
         proc.wait(timeout=90)
     finally:
@@ -158,22 +158,23 @@ def test_status_and_metrics_need_the_token(live_swarm: dict) -> None:
 
 
 def test_pmnode_status_command(live_swarm: dict) -> None:
-    """The operator's and volunteer's view, through the coordinator's status RPC."""
+    """The operator's and volunteer's view, through the coordinator's status RPC: behind the page's
+    token, as the page is."""
     _, body = _get(live_swarm["base"] + "status", live_swarm["token"])
     status = SwarmStatus.model_validate_json(body)
-    out = subprocess.run(
-        [str(BIN / "pmnode"), "status", "--coordinator-file", str(live_swarm["info"]), "--json"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    cmd = [str(BIN / "pmnode"), "status", "--coordinator-file", str(live_swarm["info"])]
+    refused = subprocess.run([*cmd, "--json"], capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and refused.stdout == ""
+    assert "needs its HTTP token" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    cmd += ["--http-token-file", str(live_swarm["token_file"])]
+    out = subprocess.run([*cmd, "--json"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     via_rpc = SwarmStatus.model_validate_json(out.stdout)
     assert via_rpc.run == status.run and via_rpc.global_step >= status.global_step
     peers = {r.peer_id for s in status.stages for r in s.replicas}
     assert {r.peer_id for s in via_rpc.stages for r in s.replicas} == peers
     table = subprocess.run(
-        [str(BIN / "pmnode"), "status", "--coordinator-file", str(live_swarm["info"])],
+        cmd,
         capture_output=True,
         text=True,
         timeout=60,

@@ -122,16 +122,22 @@ def status(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the coordinator.", min=1)] = 15.0,
+    http_token_file: Annotated[
+        Path | None,
+        typer.Option(help="The status page's token (mode 0600), for a coordinator started with one."),
+    ] = None,
 ) -> None:
     """Show the swarm: stages x replicas, throughput, queues, last seen, global step and loss."""
     from pmnode.net.control import coordinator_from_file
     from pmnode.net.status import fetch_status, render
+    from pmnode.net.tokens import read_token_file
 
     if (coordinator is None) == (coordinator_file is None):
         raise PmnodeError("give exactly one of --coordinator MULTIADDR or --coordinator-file PATH")
     if coordinator_file is not None:
         coordinator = coordinator_from_file(coordinator_file, local=True, timeout=0)
-    st = fetch_status(coordinator, timeout)  # type: ignore[arg-type]
+    token = read_token_file(http_token_file) if http_token_file is not None else ""
+    st = fetch_status(coordinator, timeout, token)  # type: ignore[arg-type]
     if as_json:
         print(st.model_dump_json(indent=2))
     else:

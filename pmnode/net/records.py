@@ -1,9 +1,15 @@
 """Signed DHT records: a stage record is signed by its node's key and carries the node's
 certificate; the run config record is signed by the authority. `SwarmValidator` runs in every pmnode
-DHT peer, so a record that fails its proof is neither stored nor returned."""
+DHT peer, so a record that fails its proof is neither stored nor returned.
+
+Replays: a signed record is public (anyone can read it in the DHT) and stays valid, so a captured one
+could be stored again. It may not outlive its announcement (time + RECORD_TTL, with RECORD_SLACK for
+clock differences), and each validator remembers the newest time it saw per signer and refuses an
+older record of the same signer: an old state cannot be brought back while a newer one is known."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any
 
 from hivemind.dht.routing import DHTID
@@ -14,6 +20,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pmnode.net.auth import AuthError, Cert, Verifier, canonical
 from pmnode.net.routing import RECORD_TTL, StageRecord, config_key, stage_key
+
+RECORD_SLACK = 2.0  # seconds a record's expiry may lie past its own time + RECORD_TTL (clock differences)
+MAX_SIGNERS = 4096  # signers whose newest record time a validator remembers; the least recent go first
 
 
 class SignedRecord(BaseModel):
@@ -71,6 +80,18 @@ class SwarmValidator(RecordValidatorBase):
         self.verifier = Verifier(run, authority_public_key)
         self._config_id = DHTID.generate(source=config_key(run)).to_bytes()
         self._stage_ids = {DHTID.generate(source=stage_key(run, s)).to_bytes(): s for s in range(n_stages)}
+        self.newest: OrderedDict[tuple[int, str], float] = OrderedDict()  # (stage, signer) -> record time
+
+    def _not_older(self, stage: int, signer: str, at: float) -> bool:
+        """False for a record older than one this validator already saw from the same signer."""
+        key = (stage, signer)
+        if at < self.newest.get(key, at):
+            return False
+        self.newest[key] = at
+        self.newest.move_to_end(key)
+        while len(self.newest) > MAX_SIGNERS:
+            self.newest.popitem(last=False)
+        return True
 
     def validate(self, record: DHTRecord) -> bool:
         try:
@@ -83,9 +104,11 @@ class SwarmValidator(RecordValidatorBase):
                 rec = open_record(
                     MSGPackSerializer.loads(record.value), self.verifier, self._stage_ids[record.key], subkey
                 )
-                # a captured record cannot be kept alive past its own announcement's lifetime
-                if record.expiration_time > rec.time + RECORD_TTL + 60:
+                # a captured record cannot be kept alive past its own announcement's lifetime...
+                if record.expiration_time > rec.time + RECORD_TTL + RECORD_SLACK:
                     return False
+                # ...nor bring back an older state of its signer than one already seen
+                return self._not_older(self._stage_ids[record.key], subkey, rec.time)
             return True
         except (AuthError, ValidationError, ValueError, TypeError, KeyError):
             return False

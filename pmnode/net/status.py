@@ -25,6 +25,10 @@ HISTORY_LIMIT = 2000  # points of loss history kept; older ones are thinned, nev
 class StatusRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    # the page's token, when the coordinator protects its page (--http-token-file): the status over
+    # libp2p tells no more than the page does
+    token: str = Field("", max_length=256, repr=False)
+
 
 class Replica(StageRecord):
     """One node as the coordinator last saw it."""
@@ -124,7 +128,7 @@ def render(status: SwarmStatus, console: Console) -> None:
         console.print(f"[red]stages {s.empty_stages} have no node: training waits for a volunteer[/]")
 
 
-async def _fetch(maddr: str, peer: str, timeout: float) -> SwarmStatus:
+async def _fetch(maddr: str, peer: str, timeout: float, token: str) -> SwarmStatus:
     from hivemind.p2p import P2P
 
     from pmnode.net.control import ControlError, call_json
@@ -133,20 +137,25 @@ async def _fetch(maddr: str, peer: str, timeout: float) -> SwarmStatus:
     # A bare libp2p client: no DHT, no listening port, gone when the call is answered.
     p2p = await P2P.create(initial_peers=[maddr], host_maddrs=[], **p2p_options(host))
     try:
-        return await call_json(p2p, peer, STATUS_RPC, StatusRequest(), SwarmStatus, timeout=timeout)
+        return await call_json(p2p, peer, STATUS_RPC, StatusRequest(token=token), SwarmStatus, timeout)
     except ControlError as e:
+        if e.reason == "unauthorized":
+            raise PmnodeError(
+                "the coordinator's status needs its HTTP token: pass --http-token-file PATH "
+                "(the file `coordinator serve --http-token-file` reads)"
+            ) from e
         raise PmnodeError(f"the coordinator did not give its status: {e}") from e
     finally:
         await p2p.shutdown()
 
 
-def fetch_status(maddr: str, timeout: float = 15.0) -> SwarmStatus:
-    """Ask a coordinator (by the multiaddr it printed) for the swarm's status."""
+def fetch_status(maddr: str, timeout: float = 15.0, token: str = "") -> SwarmStatus:
+    """Ask a coordinator (by the multiaddr it printed) for the swarm's status (`token`: its page's)."""
     from pmnode.net.control import coordinator_peer
 
     peer = coordinator_peer(maddr)
     try:
-        return asyncio.run(asyncio.wait_for(_fetch(maddr, peer, timeout), timeout + 5))
+        return asyncio.run(asyncio.wait_for(_fetch(maddr, peer, timeout, token), timeout + 5))
     except asyncio.TimeoutError:
         raise PmnodeError(f"no answer from the coordinator at {maddr} within {timeout:.0f}s") from None
     except PmnodeError:
