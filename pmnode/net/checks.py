@@ -28,6 +28,9 @@ if TYPE_CHECKING:
     from pmnode.data.manifest import DataManifest
 
 DATA_KEYS = TARGET_KEYS  # travel beside the codec's tensors, untouched, to the tail
+# No honest activation coefficient, scale or boundary gradient comes near this; 3e38 passes the
+# wire's finiteness check and would still wreck a stage, so a value beyond it is refused.
+MAX_ABS = 1e6
 
 
 def _layout(p: Packet) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
@@ -72,6 +75,32 @@ def check_activation(
             if lo < 0 or hi >= vocab_size:
                 raise WireError("bad payload", f"{k} span {lo}..{hi}, outside 0..{vocab_size - 1}")
     _check_indices(t, dim)
+    check_magnitude(t, "bad payload")
+
+
+def check_magnitude(t: Mapping[str, torch.Tensor], reason: str) -> None:
+    """Raise WireError(reason) if any floating-point value is beyond +-MAX_ABS."""
+    for k, v in t.items():
+        if v.is_floating_point() and v.numel():
+            top = max(float(v.max()), -float(v.min()))  # no copy of a GB-sized sum, as abs() makes
+            if not top <= MAX_ABS:  # NaN fails this too
+                raise WireError(reason, f"{k} reaches {top:.3g}, beyond {MAX_ABS:g}")
+
+
+def check_sum_part(part: torch.Tensor, like: torch.Tensor) -> None:
+    """A replica's gradient sum must be exactly as ours (a one-element tensor must not broadcast over
+    ours), finite and within MAX_ABS per entry; WireError('bad gradient') otherwise."""
+    if part.dtype != like.dtype or part.shape != like.shape:
+        got, ours = tuple(part.shape), tuple(like.shape)
+        raise WireError("bad gradient", f"a {part.dtype} sum of shape {got}, ours is {like.dtype} {ours}")
+    check_magnitude({"sum": part}, "bad gradient")
+
+
+def check_samples(samples: object, most: int) -> int:
+    """A sample count a replica reports with its sum: an int in 0..most (the step's whole batch)."""
+    if not isinstance(samples, int) or isinstance(samples, bool) or not 0 <= samples <= most:
+        raise WireError("bad payload", f"{samples!r} samples, outside 0..{most}")
+    return samples
 
 
 def _check_indices(t: dict[str, torch.Tensor], dim: int) -> None:
@@ -114,6 +143,7 @@ def check_gradient(packet: Packet, codec: Codec, shape: tuple[int, int], scale: 
     if got != want:
         raise WireError("bad gradient", f"tensors {got} where the codec sends {want}")
     _check_indices(packet.tensors, dim)
+    check_magnitude(packet.tensors, "bad gradient")  # also while the median below is warming up
     g = codec.unpack_gradient(packet)
     scale.check(float(torch.linalg.vector_norm(g)))
 
