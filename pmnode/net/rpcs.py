@@ -12,6 +12,9 @@
     grads    data  the same stage      {step} -> this replica's gradient sums of that step, in chunks
     state    data  the same stage      -> weights, optimizer state and step (catch-up, copy), in chunks
              (grads and state speak pmnode.net.bulk: open, then checksummed chunks, then close)
+    outer_share  data  the same stage  a replica's compressed share of an outer round -> ack
+    outer_vote   JSON  the same stage  Vote -> Decision: the round's leader says who its members are
+             (replica_sync.method outer; declared in pmnode.net.outer_rpcs, served by swarm.outer_peer)
 
 The coordinator's own RPCs (join, status) have fixed names: see net.control.JOIN_RPC and
 net.status.STATUS_RPC.

@@ -66,7 +66,7 @@ class OuterLoop:
         self.due = asyncio.Event()
         self.peer.on_share = self._share_came
         ctx.runner.on_step = self.jobs.on_step
-        replicas.extra_state, replicas.adopted = self.jobs.state, self.jobs.adopt
+        replicas.extra_state, replicas.adopted, replicas.quiet = self.jobs.state, self.jobs.adopt, self.quiet
 
     async def serve(self, opts: ServeOptions) -> None:
         """outer_share with a wire limit of one honest share; outer_vote as any JSON RPC."""
@@ -74,6 +74,12 @@ class OuterLoop:
         shares = dataclasses.replace(opts, limits=share_limits(self.share_bytes))
         await serve_all(ctx.p2p, ctx.cfg.name, self.peer, (SHARE,), shares)
         await serve_all(ctx.p2p, ctx.cfg.name, self.peer, (VOTE,), opts)
+
+    async def quiet(self) -> None:
+        """Until no round is in flight here (bounded): a state copy is of the stage's last outer step."""
+        deadline = time.monotonic() + 2 * self.cfg.round_timeout + 10.0
+        while self.jobs.in_flight() and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
 
     def report(self) -> OuterReport:
         return self.counts.report(self.jobs.round)

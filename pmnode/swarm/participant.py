@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import Counter
 from collections.abc import Awaitable, Callable
 
 from torch import Tensor
@@ -19,7 +18,6 @@ from torch import Tensor
 from pmnode.core.codecs import Packet
 from pmnode.errors import PmnodeError
 from pmnode.net.bulk import ALIGN, Ask, BulkServer, Received, Snapshot, TransferError, fetch, pack, unpack
-from pmnode.net.checks import check_samples, check_sum_part
 from pmnode.net.control import Ack, Applied, Apply, Prepare, Prepared, Reset
 from pmnode.net.rpcs import APPLY, GRADS, PREPARE, RESET
 from pmnode.net.wire import MessageHeader, WireError
@@ -31,14 +29,11 @@ RPCS = (PREPARE, APPLY, RESET, GRADS)
 GRADS_TIMEOUT = 15.0
 
 
-def add_part(total: Tensor | None, part: Tensor | Received, like: Tensor) -> Tensor:
+def add_part(total: Tensor | None, part: Tensor | Received) -> Tensor:
     """Compute thread: every replica adds the parts in sorted peer order, so their sums (and then
-    their weights) stay bit-identical; one part at a time, so memory holds two sums, not all.
-    A received part must be a sum like ours (`like`: shape, dtype, finite, bounded), or WireError:
-    bulk chunks skip the wire's checks, and a one-element tensor would broadcast over everything."""
+    their weights) stay bit-identical; one part at a time, so memory holds two sums, not all."""
     if isinstance(part, Received):
-        part = unpack(part.manifest, part.buffer).get("g", like.new_empty(0))
-        check_sum_part(part, like)
+        part = unpack(part.manifest, part.buffer)["g"]
     return part.clone() if total is None else total.add_(part)
 
 
@@ -48,8 +43,6 @@ class CommitParticipant:
         self.prepared: tuple[int, Tensor, int] | None = None  # (step, summed gradients, samples)
         self.stepped = asyncio.Condition()  # notified when this replica's step moves
         self.bulk = BulkServer(ctx.runner.run)  # our gradient sums, for the other replicas
-        self.refused: Counter[str] = Counter()  # reason -> replicas' sums refused
-        self.strike: Callable[[str], bool] | None = None  # the node's guard: a refused sum is a strike
         # A head among several: waits until its own micro-batches of a step are back (HeadGroup.ready)
         self.ready: Callable[[int], Awaitable[None]] | None = None
 
@@ -91,36 +84,20 @@ class CommitParticipant:
                     size = flat.numel() * flat.element_size() + ALIGN  # the same sums as ours, packed
                     ask = self._asker(req.step)
                     got = await fetch(ask, [peer], {"step": req.step}, say=ctx.say, max_size=size)
-                    # its count, not its word: within the step's whole batch (a negative one flips the sum)
-                    samples += check_samples(got.manifest.meta.get("samples"), ctx.runner.batch)
+                    samples += int(got.manifest.meta["samples"])
                     part = got
-                except WireError as e:
-                    self._refuse(peer, e)
-                    unreachable.append(peer)
-                    continue
                 except (TransferError, KeyError, ValueError) as e:
                     ctx.say(f"no gradients from {peer[-8:]}: {e}")
                     unreachable.append(peer)
                     continue
             if not unreachable:
-                try:
-                    total = await ctx.runner.run(add_part, total, part, flat)
-                except WireError as e:  # refused before it touched the sum
-                    self._refuse(peer, e)
-                    unreachable.append(peer)
+                total = await ctx.runner.run(add_part, total, part)
         if unreachable or total is None:
             return Prepared(ok=False, own=own, unreachable=unreachable)
         self.prepared = (req.step, total, samples)
         # A head that sent a batch of this step: where its slot reads next once the step is applied.
         position = ctx.runner.data_positions.get(req.step + 1) if ctx.stage == 0 and own else None
         return Prepared(ok=True, own=own, samples=samples, position=position)
-
-    def _refuse(self, peer: str, e: WireError) -> None:
-        """A replica's sum that fails its checks: never applied, and a strike against its sender."""
-        self.ctx.say(f"gradients from {peer[-8:]} refused: {e}")
-        self.refused[e.reason] += 1
-        if self.strike is not None:
-            self.strike(peer)
 
     def _asker(self, step: int) -> Ask:
         async def ask(peer: str, meta: dict[str, int | str]) -> Packet:

@@ -46,6 +46,7 @@ class Replicas:
         # optimizer (compute thread), and what a joiner does with it after loading (compute thread)
         self.extra_state: Callable[[], tuple[dict[str, Tensor], dict[str, int | str]]] | None = None
         self.adopted: Callable[[dict[str, Tensor], dict[str, int | str]], object] | None = None
+        self.quiet: Callable[[], Awaitable[None]] | None = None  # until no outer round is in flight
 
     async def rpc_state(
         self, header: MessageHeader, packet: Packet, caller: str
@@ -56,6 +57,8 @@ class Replicas:
             if self.finishing:  # async, at the end: what the others take is the result of our last round
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.final_done.wait(), FINAL_WAIT)
+            if self.quiet is not None:  # a copy is of the stage's last outer step, not one in flight
+                await self.quiet()
             want = meta.get("at_step")
             if isinstance(want, int) and want != runner.step:
                 raise TransferError(f"this replica is at step {runner.step}, not {want}")
