@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from pmnode.core.worker import StageWorker
@@ -47,7 +48,11 @@ def max_state_bytes(worker: StageWorker) -> int:
 
 
 def load_state_tensors(worker: StageWorker, tensors: dict[str, Tensor], meta: dict[str, int | str]) -> None:
-    """Compute thread: become the replica these are of; gradients accumulated here are void."""
+    """Compute thread: become the replica these are of; gradients accumulated here are void.
+    Nothing is loaded unless every float in the copy is finite (bulk chunks skip the wire's check)."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise PmnodeError(f"replica state refused: {name} holds NaN or infinite values")
     model = {k[len(_MODEL) :]: v for k, v in tensors.items() if k.startswith(_MODEL)}
     state: dict[int, dict[str, Any]] = {}
     for name, t in tensors.items():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import Counter
 from collections.abc import Awaitable, Callable
 
 from torch import Tensor
@@ -18,6 +19,7 @@ from torch import Tensor
 from pmnode.core.codecs import Packet
 from pmnode.errors import PmnodeError
 from pmnode.net.bulk import ALIGN, Ask, BulkServer, Received, Snapshot, TransferError, fetch, pack, unpack
+from pmnode.net.checks import check_samples, check_sum_part
 from pmnode.net.control import Ack, Applied, Apply, Prepare, Prepared, Reset
 from pmnode.net.rpcs import APPLY, GRADS, PREPARE, RESET
 from pmnode.net.wire import MessageHeader, WireError
@@ -29,11 +31,14 @@ RPCS = (PREPARE, APPLY, RESET, GRADS)
 GRADS_TIMEOUT = 15.0
 
 
-def add_part(total: Tensor | None, part: Tensor | Received) -> Tensor:
+def add_part(total: Tensor | None, part: Tensor | Received, like: Tensor) -> Tensor:
     """Compute thread: every replica adds the parts in sorted peer order, so their sums (and then
-    their weights) stay bit-identical; one part at a time, so memory holds two sums, not all."""
+    their weights) stay bit-identical; one part at a time, so memory holds two sums, not all.
+    A received part must be a sum like ours (`like`: shape, dtype, finite, bounded), or WireError:
+    bulk chunks skip the wire's checks, and a one-element tensor would broadcast over everything."""
     if isinstance(part, Received):
-        part = unpack(part.manifest, part.buffer)["g"]
+        part = unpack(part.manifest, part.buffer).get("g", like.new_empty(0))
+        check_sum_part(part, like)
     return part.clone() if total is None else total.add_(part)
 
 
@@ -43,6 +48,8 @@ class CommitParticipant:
         self.prepared: tuple[int, Tensor, int] | None = None  # (step, summed gradients, samples)
         self.stepped = asyncio.Condition()  # notified when this replica's step moves
         self.bulk = BulkServer(ctx.runner.run)  # our gradient sums, for the other replicas
+        self.refused: Counter[str] = Counter()  # reason -> replicas' sums refused
+        self.strike: Callable[[str], bool] | None = None  # the node's guard: a refused sum is a strike
         # A head among several: waits until its own micro-batches of a step are back (HeadGroup.ready)
         self.ready: Callable[[int], Awaitable[None]] | None = None
 
@@ -84,20 +91,36 @@ class CommitParticipant:
                     size = flat.numel() * flat.element_size() + ALIGN  # the same sums as ours, packed
                     ask = self._asker(req.step)
                     got = await fetch(ask, [peer], {"step": req.step}, say=ctx.say, max_size=size)
-                    samples += int(got.manifest.meta["samples"])
+                    # its count, not its word: within the step's whole batch (a negative one flips the sum)
+                    samples += check_samples(got.manifest.meta.get("samples"), ctx.runner.batch)
                     part = got
+                except WireError as e:
+                    self._refuse(peer, e)
+                    unreachable.append(peer)
+                    continue
                 except (TransferError, KeyError, ValueError) as e:
                     ctx.say(f"no gradients from {peer[-8:]}: {e}")
                     unreachable.append(peer)
                     continue
             if not unreachable:
-                total = await ctx.runner.run(add_part, total, part)
+                try:
+                    total = await ctx.runner.run(add_part, total, part, flat)
+                except WireError as e:  # refused before it touched the sum
+                    self._refuse(peer, e)
+                    unreachable.append(peer)
         if unreachable or total is None:
             return Prepared(ok=False, own=own, unreachable=unreachable)
         self.prepared = (req.step, total, samples)
         # A head that sent a batch of this step: where its slot reads next once the step is applied.
         position = ctx.runner.data_positions.get(req.step + 1) if ctx.stage == 0 and own else None
         return Prepared(ok=True, own=own, samples=samples, position=position)
+
+    def _refuse(self, peer: str, e: WireError) -> None:
+        """A replica's sum that fails its checks: never applied, and a strike against its sender."""
+        self.ctx.say(f"gradients from {peer[-8:]} refused: {e}")
+        self.refused[e.reason] += 1
+        if self.strike is not None:
+            self.strike(peer)
 
     def _asker(self, step: int) -> Ask:
         async def ask(peer: str, meta: dict[str, int | str]) -> Packet:

@@ -76,6 +76,7 @@ class Parts:
         self.replicas = Replicas(ctx, opts, self.view, self.downstream)
         self.handler = StageHandler(ctx, self.downstream, self.guard, membership.current)
         self.participant = CommitParticipant(ctx, self.downstream, self.replicas)
+        self.participant.strike = self.guard.strike  # a replica's refused gradient sum is a strike
         self.handler.reach = self.participant.reach
         self.pauses = Pauses(ctx, self.view, self._resumed)
         self.head = HeadDriver(
