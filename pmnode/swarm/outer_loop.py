@@ -23,7 +23,6 @@ from torch import Tensor
 from pmnode.core.codecs import Packet
 from pmnode.core.compress import round_bytes
 from pmnode.errors import PmnodeError
-from pmnode.net.auth import Guard
 from pmnode.net.bulk import TransferError, unpack
 from pmnode.net.outer_report import OuterReport
 from pmnode.net.outer_rpcs import SHARE, VOTE, Decision, ShareMeta, Vote, share_limits
@@ -54,11 +53,11 @@ def outer_rounds(ctx: NodeContext) -> bool:
 
 
 class OuterLoop:
-    def __init__(self, ctx: NodeContext, replicas: Replicas, downstream: Downstream, guard: Guard):
+    def __init__(self, ctx: NodeContext, replicas: Replicas, downstream: Downstream):
         self.ctx, self.replicas, self.downstream = ctx, replicas, downstream
         self.cfg = ctx.cfg.replica_sync
         cap = sample_cap(ctx.cfg)
-        self.peer = OuterPeer(ctx, replicas.view, [], cap, lambda: self.jobs.round, guard.strike)
+        self.peer = OuterPeer(ctx, replicas.view, [], cap, lambda: self.jobs.round)
         self.counts = self.peer.counts
         self.jobs = OuterJobs(ctx, cap, self.counts)
         self.peer.shapes = self.jobs.shapes

@@ -4,8 +4,9 @@ A share is admitted only from a certified replica of this stage (the RPC's admis
 connection's peer id: the share is that peer's), only at its expected size (the server's wire limit
 is the stage's round_bytes), and only if it decodes: the right kind and size for every tensor,
 finite values, indices inside their tensor, a round this replica can still use and a sample count
-the sender can have. Anything else is refused with a reason, counted, and is a strike against the
-sender; it never reaches OuterSync and so never touches the weights.
+the sender can have. Anything else is refused with a reason and counted, and (but for a round too
+far ahead, which is out of step rather than malformed) is a strike against the sender at the node's
+guard; it never reaches OuterSync and so never touches the weights.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pmnode.core.codecs import Packet
 from pmnode.core.compress import Malformed, decompress
 from pmnode.core.outer import Share
 from pmnode.core.share_bytes import unpack_share
+from pmnode.errors import PmnodeError
 from pmnode.net.outer_report import OuterReport
 from pmnode.net.outer_rpcs import Decision, ShareMeta, Vote
 from pmnode.net.wire import MessageHeader, WireError
@@ -114,21 +116,23 @@ class OuterPeer:
         shapes: list[tuple[int, ...]],
         cap: int,
         round_now: Callable[[], int],
-        strike: Callable[[str], bool],
     ):
         self.ctx, self.view, self.shapes, self.cap = ctx, view, shapes, cap
-        self.round_now, self.strike = round_now, strike
+        self.round_now = round_now
         self.on_share: Callable[[int], None] = lambda r: None  # a peer's share of round r arrived
         self.cfg = ctx.cfg.replica_sync
         self.shares = Shares()
         self.counts = Counts()
         self.ledger = Ledger(ctx.peer_id, self.cfg.round_timeout)
 
-    def refuse(self, caller: str, reason: str, detail: str) -> WireError:
+    def refuse(self, caller: str, reason: str, detail: str, strike: bool = True) -> PmnodeError:
+        """Count a refused share; a WireError is a strike against its sender (pmnode.net.serving),
+        other errors (a round too far ahead: out of step, not malformed) are not."""
         self.counts.refused[reason] += 1
-        self.strike(caller)
         self.ctx.say(f"refused an outer share from {caller[-8:]}: {detail}")
-        return WireError("bad payload", f"outer share refused: {detail}")
+        if strike:
+            return WireError("bad payload", f"outer share refused: {detail}")
+        return PmnodeError(f"outer share refused: {detail}")
 
     async def rpc_outer_share(
         self, header: MessageHeader, packet: Packet, caller: str
@@ -141,7 +145,7 @@ class OuterPeer:
         if meta.round < now:  # the round is over here: late, not malformed; nothing to count against it
             return self.ctx.header("ack", "outer", late=1), Packet({})
         if meta.round > now + AHEAD:
-            raise self.refuse(caller, "round", f"round {meta.round} while this replica is at {now}")
+            raise self.refuse(caller, "round", f"round {meta.round} while this replica is at {now}", False)
         if not 0 <= meta.samples <= self.cap:
             raise self.refuse(caller, "samples", f"{meta.samples} samples (0..{self.cap} possible)")
         buf = packet.tensors.get("share")

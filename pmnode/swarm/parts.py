@@ -86,7 +86,7 @@ class Parts:
             self.participant.ready = self.head.group.ready  # a head's sum waits for its whole batch
         self.averaging = AveragingLoop(ctx, self.replicas, membership.current, stop, self.guard)
         # replica_sync.method outer: the averaging task runs outer rounds instead of hivemind's
-        self.outer = OuterLoop(ctx, self.replicas, self.downstream, self.guard) if outer_rounds(ctx) else None
+        self.outer = OuterLoop(ctx, self.replicas, self.downstream) if outer_rounds(ctx) else None
         self.averaging.outer = self.outer
         self.behind_nat = False  # set once serving: a relayed node opens its own connections (reach_out)
         self.routes = RelayRoutes(ctx.p2p, membership.current)
