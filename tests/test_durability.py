@@ -131,3 +131,18 @@ def test_certificates_outlive_a_two_hour_coordinator_outage() -> None:
             now += HEARTBEAT_PERIOD
         verifier.check_cert(cert, peer_id="peer", now=now)
         assert renewals >= 2
+
+
+def test_a_full_disk_shows_in_the_status() -> None:
+    from rich.console import Console
+
+    from coordinator.view import swarm_status
+    from pmnode.net.routing import StageRecord
+    from pmnode.net.status import render
+
+    line = "disk full: cannot write under /ckpt; keeping the last good checkpoint"
+    recs = {1: [StageRecord(peer_id="p" * 40, stage=1, problem=line, time=0.0)]}
+    status = swarm_status(CFG, None, members=recs, shown=recs, history=[], global_step=3, coordinator=[])
+    console = Console(record=True, width=200)
+    render(status, console)
+    assert f"stage 1, peer {'p' * 12}: {line}" in console.export_text()

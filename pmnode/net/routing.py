@@ -58,6 +58,9 @@ class StageRecord(BaseModel):
     addrs: list[str] = Field([], max_length=8, description="Where to dial it (relayed: circuit addresses).")
     relay: bool = Field(False, description="It relays for others (`pmnode join --relay`).")
     outer: OuterReport | None = Field(None, description="Its outer replica rounds (replica_sync outer).")
+    problem: str | None = Field(
+        None, max_length=300, description="What its operator must fix, e.g. checkpoints failing: a full disk."
+    )
 
 
 def live(records: Iterable[StageRecord]) -> list[StageRecord]:

@@ -126,6 +126,11 @@ def render(status: SwarmStatus, console: Console) -> None:
     console.print(table)
     if s.empty_stages:
         console.print(f"[red]stages {s.empty_stages} have no node: training waits for a volunteer[/]")
+    for st in s.stages:  # one line per node whose operator must act (a full disk: no checkpoints)
+        for r in st.replicas:
+            if r.problem:
+                where = f"stage {st.stage}, peer {r.peer_id[-12:]}"
+                console.print(f"[red]{where}: {r.problem}[/]", highlight=False)
 
 
 async def _fetch(maddr: str, peer: str, timeout: float, token: str) -> SwarmStatus:

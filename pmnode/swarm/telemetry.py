@@ -75,6 +75,7 @@ class Telemetry:
             addrs=self.reach.addrs,
             relay=self.opts.relay and self.reach.mode == "direct",
             outer=p.outer.report() if p.outer is not None else None,
+            problem=runner.disk_problem[:300] if runner.disk_problem else None,
         )
 
     def refused(self) -> dict[str, int]:
