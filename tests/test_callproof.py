@@ -12,7 +12,7 @@ from rich.console import Console
 
 from pmnode.config import load_config
 from pmnode.net.auth import AuthError, Verifier, issue_cert, public_bytes
-from pmnode.net.callproof import FRESH, Checker, Identity, Signer
+from pmnode.net.callproof import FRESH, Checker, Identity, ReplyCheck, Signer
 from pmnode.net.reach import ReachRequest
 from pmnode.net.relay import RelayLimits
 from pmnode.net.routing import StageRecord
@@ -91,3 +91,20 @@ def test_only_the_members_the_operator_named_relay(tmp_path: Path, monkeypatch: 
     }
     reply = asyncio.run(coord._on_reach(ReachRequest(token="t", maddrs=[]), "joiner"))
     assert reply.relays == ["/ip4/10.0.0.1/tcp/1/p2p/named"]  # a member's own `relay=True` is not enough
+
+
+def test_an_answer_cannot_pass_for_a_call_nor_answer_another_call() -> None:
+    check = _checker([T0])
+    session = check.first([_signer().sign(b"x", True)], b"x", "caller", "run.forward")
+    target_key = RSAPrivateKey()
+    target_cert = issue_cert(AUTHORITY, "r", "target", 2, public_bytes(target_key))  # valid now
+    replier = session.replier(Identity(target_key, lambda: target_cert))
+    answer = replier.sign(b"y", True)
+    # the target's answer, relayed back to it as if the caller had called it again
+    back = Checker(Verifier("r", public_bytes(AUTHORITY)), "caller", clock=lambda: T0)
+    with pytest.raises(AuthError, match="another call"):
+        back.first([answer], b"y", "target", "run.forward")
+    verifier = Verifier("r", public_bytes(AUTHORITY))
+    assert ReplyCheck(verifier, "caller", "target", "run.forward", "n" * 16).answered([answer], b"y")
+    with pytest.raises(AuthError, match="another call"):  # the answer to an earlier call of the caller's
+        ReplyCheck(verifier, "caller", "target", "run.forward", "m" * 16).answered([answer], b"y")

@@ -256,7 +256,7 @@ def test_a_relay_cannot_call_in_another_members_name() -> None:
             liar = Signer(_identify(relay), me, them.to_base58(), name, "ab" * 16)
             with pytest.raises(P2PHandlerError, match="another peer"):  # its own key, the caller's name
                 await via(tunnel.Request(uid=uid, metadata=data, tensors=[liar.sign(data, True)]))
-            honest = tunnel._signer(caller, them, name).sign(data, True)  # what the caller sent
+            honest = tunnel._signer(caller, them, name)[0].sign(data, True)  # what the caller sent
             with pytest.raises(P2PHandlerError, match="changed"):
                 await via(tunnel.Request(uid=uid, metadata=data + b"\x00", tensors=[honest]))
             with pytest.raises(P2PHandlerError, match="another call"):  # in a third member's name
@@ -269,7 +269,7 @@ def test_a_relay_cannot_call_in_another_members_name() -> None:
             with pytest.raises(P2PHandlerError, match="replayed"):
                 await via(tunnel.Request(uid=uid, metadata=data, tensors=[honest]))
 
-            cut = tunnel._signer(caller, them, f"{name}.stream")
+            cut, _ = tunnel._signer(caller, them, f"{name}.stream")
             head = tunnel.Request(uid=tunnel.route_uid(me, f"{name}.stream"), tensors=[cut.sign(b"", False)])
             body = tunnel.Request(metadata=data, tensors=[cut.sign(data, False)])  # and no seal after it
 
@@ -286,6 +286,42 @@ def test_a_relay_cannot_call_in_another_members_name() -> None:
             assert tunnel.table(target).refused == {"unproven caller": 5, "cut short": 1}
         finally:
             for p in (caller, target, relay):
+                await p.shutdown()
+
+    asyncio.run(asyncio.wait_for(scenario(), 90))
+
+
+def test_a_relay_cannot_answer_in_the_targets_name() -> None:
+    """A relay that answers a forwarded call itself, unsigned or signed with its own key, or passes on
+    an answer to another call, is not believed: the caller gets an error, never the forged answer."""
+
+    async def scenario() -> None:
+        relay, target, caller, _ = await _three()
+        liar = await P2P.create(initial_peers=[str(m) for m in await relay.get_visible_maddrs()], **P2P_OPTS)
+        try:
+            me = _identify(liar)
+            forged = encode(
+                {"kind": "gradient", "run": RUN, "micro_batch": "0:0", "stage": 1, "step": 0}, Packet({})
+            )
+            answers: list[tunnel.Response] = []
+
+            async def answer(req: tunnel.Request, ctx: P2PContext) -> tunnel.Response:
+                return answers.pop(0)
+
+            await liar.add_protobuf_handler(tunnel.RELAY_CALL, answer, tunnel.Request)
+            tunnel.set_routes(caller, {target.peer_id.to_base58(): liar.peer_id.to_base58()})
+            own = Signer(me, liar.peer_id.to_base58(), caller.peer_id.to_base58(), f"{RUN}.forward", "c" * 32)
+            own.reply = True
+            answers += [
+                tunnel.Response(metadata=forged),  # no proof at all
+                tunnel.Response(metadata=forged, tensors=[own.sign(forged, True)]),  # its own key
+            ]
+            for why in ("proof", "another call"):
+                with pytest.raises(TransportError, match=why):
+                    await request(caller, target.peer_id, f"{RUN}.forward", _header(), Packet({}), None, 10)
+            assert answers == []
+        finally:
+            for p in (liar, caller, target, relay):
                 await p.shutdown()
 
     asyncio.run(asyncio.wait_for(scenario(), 90))

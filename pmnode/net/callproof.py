@@ -9,11 +9,15 @@ of it before the handler sees a byte: the certificate against the authority, eac
 time within FRESH seconds, the nonce never seen before, the messages in order and the call's last
 message signed as the last. So a relay can drop or delay a call, but not make one in another
 member's name, change one, splice one into another, cut one short unnoticed or replay one.
+
+Replies come back the same way, signed by the target (marked as replies, bound to the call's nonce),
+and the caller checks them likewise (`ReplyCheck`): the relay cannot answer in the target's name.
 """
 
 from __future__ import annotations
 
 import hashlib
+import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -40,6 +44,7 @@ class CallProof(BaseModel):
     time: float
     index: int = Field(ge=0)
     end: bool  # the call's last message: nothing after it belongs to the call
+    reply: bool = False  # signed by the target, answering the call of this nonce
     digest: str = Field(max_length=64)  # sha256 of the message's bytes, hex
     cert: Cert | None = None  # on the first message
     sig: str = ""
@@ -71,11 +76,13 @@ class Signer:
     nonce: str
     now: float = field(default_factory=time.time)
     index: int = 0
+    reply: bool = False  # `caller` is then the answering target, `target` the one who called
 
     def sign(self, data: bytes, end: bool) -> runtime_pb2.Tensor:
         proof = CallProof(
             caller=self.caller, target=self.target, name=self.name, nonce=self.nonce, time=self.now,
             index=self.index, end=end, digest=digest(data), cert=self.me.cert() if self.index == 0 else None,
+            reply=self.reply,
         )  # fmt: skip
         proof.sig = self.me.key.sign(proof.body()).decode()
         self.index += 1
@@ -101,7 +108,8 @@ class Checker:
     def first(self, tensors: list[runtime_pb2.Tensor], data: bytes, caller: str, name: str) -> Session:
         """Check a call's first message (the relay says it is from `caller` to handler `name`)."""
         proof, now = _proof(tensors), self.clock()
-        if (proof.caller, proof.target, proof.name, proof.index) != (caller, self.me, name, 0):
+        expect = (caller, self.me, name, 0, False)  # a call, never an answer replayed as one
+        if (proof.caller, proof.target, proof.name, proof.index, proof.reply) != expect:
             raise AuthError("unauthorized", "the caller's proof is for another call")
         if proof.cert is None:
             raise AuthError("unauthorized", "the caller's proof carries no certificate")
@@ -146,3 +154,48 @@ class Session:
 
     def next(self, tensors: list[runtime_pb2.Tensor], data: bytes) -> None:
         self.check(_proof(tensors), data)
+
+    def replier(self, me: Identity) -> Signer:
+        """The target's signer for its answer to this call."""
+        f = self.first
+        return Signer(me, f.target, f.caller, f.name, f.nonce, reply=True)
+
+
+@dataclass
+class ReplyCheck:
+    """The caller's side of a forwarded call's answer: signed by `peer`, for the call of `nonce`."""
+
+    verifier: Verifier
+    me: str
+    peer: str
+    name: str
+    nonce: str
+    session: Session | None = None
+
+    def next(self, tensors: list[runtime_pb2.Tensor], data: bytes) -> None:
+        if self.session is not None:
+            self.session.next(tensors, data)
+            return
+        proof = _proof(tensors)
+        expect = (self.peer, self.me, self.name, self.nonce, 0, True)
+        if (proof.caller, proof.target, proof.name, proof.nonce, proof.index, proof.reply) != expect:
+            raise AuthError("unauthorized", "an answer to another call")
+        if proof.cert is None:
+            raise AuthError("unauthorized", "an answer without its certificate")
+        self.verifier.check_cert(proof.cert, peer_id=self.peer)
+        session = Session(self.verifier, proof.cert, proof)
+        session.check(proof, data)
+        self.session = session
+
+    def answered(self, tensors: list[runtime_pb2.Tensor], data: bytes) -> bool:
+        """Check the answer's next message; whether it is the target's seal (the answer is whole)."""
+        self.next(tensors, data)
+        return self.session is not None and self.session.ended
+
+
+def open_call(
+    me: Identity, verifier: Verifier, caller: str, target: str, name: str
+) -> tuple[Signer, ReplyCheck]:
+    """The caller's signer for a new forwarded call, and the check of the answer it must get."""
+    nonce = secrets.token_hex(16)
+    return Signer(me, caller, target, name, nonce), ReplyCheck(verifier, caller, target, name, nonce)

@@ -198,7 +198,7 @@ async def call(
     except asyncio.TimeoutError:
         stats.error(key, "timeout")
         raise TransportError(f"{rpc} to {peer.to_base58()[-8:]} timed out after {timeout:g} s") from None
-    except (P2PDaemonError, P2PHandlerError, OSError, EOFError) as e:  # IncompleteReadError is an EOFError
+    except (P2PDaemonError, P2PHandlerError, OSError, EOFError, tunnel.TunnelError) as e:  # EOFError: cut off
         stats.error(key, f"transport: {type(e).__name__}")
         raise TransportError(f"{rpc} to {peer.to_base58()[-8:]} failed: {e}") from e
     if not reply:  # a stream the server closed without answering, e.g. after cutting off our upload

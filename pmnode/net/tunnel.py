@@ -3,16 +3,13 @@
 hivemind 1.1.12's p2pd resets every relayed circuit after ~128 KiB each way (net.relay), so two
 members that are both behind NAT cannot exchange training traffic through a circuit. Instead a
 reachable relay (the coordinator, or a member with `--relay`: net.forwarder) forwards pmnode's own
-RPCs at the application level:
-
-    caller --RELAY_CALL / RELAY_STREAM--> relay --VIA_CALL / VIA_STREAM--> member behind NAT
-
-The relay reaches the member over the plain (not relayed) connection the member keeps to it, so
-nothing is capped. A forwarded message names its target and handler in the wrapper's `uid`; the relay
-replaces the target with the (libp2p-authenticated) caller. The relay's word is not enough: the
-caller signs every message of the call with its own key and sends its certificate along
-(net.callproof), and the member checks both against the run's authority before it runs its own
-handler as if that caller had called it: the same guard, the same certificates. A member accepts
+RPCs at the application level (caller --RELAY_CALL / RELAY_STREAM--> relay --VIA_CALL / VIA_STREAM-->
+member behind NAT), over the plain connection the member keeps to it, so nothing is capped. A
+forwarded message names its target and handler in the wrapper's `uid`; the relay replaces the target
+with the (libp2p-authenticated) caller. The relay's word is not enough: the caller signs every
+message of the call with its own key and sends its certificate along (net.callproof), and the member
+checks both against the run's authority before it runs its own handler as if that caller had called
+it (the same guard, the same certificates); its answer comes back signed likewise. A member accepts
 forwarded calls only from the relays the coordinator named to it at join (the coordinator itself and
 the members its operator named, never a member's own say-so).
 
@@ -26,7 +23,6 @@ averager) keeps its own. `Routed` gives hivemind's stubs the same routes.
 
 from __future__ import annotations
 
-import secrets
 import weakref
 from collections import Counter
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
@@ -39,7 +35,7 @@ from hivemind.proto import runtime_pb2
 
 from pmnode.net import bounded
 from pmnode.net.auth import AuthError, Verifier
-from pmnode.net.callproof import Checker, Identity, Session, Signer
+from pmnode.net.callproof import Checker, Identity, ReplyCheck, Session, Signer, open_call
 
 # Every pmnode process serves and calls through here: its streams read no message above
 # bounded.MAX_MESSAGE, whoever sends it (the doors below included), before any handler runs.
@@ -176,8 +172,10 @@ def _arrival(p2p: P2P, req: Request, ctx: P2PContext) -> tuple[_Local, P2PContex
     return local, P2PContext(handle_name=name, local_id=p2p.peer_id, remote_id=caller), session
 
 
-def _wrap(msg: Message) -> Response:
-    return Response(metadata=msg.SerializeToString())
+def _wrap(msg: Message | None, replier: Signer, end: bool = False) -> Response:
+    """An answer to a forwarded call, signed by this node: the relay cannot answer in its name."""
+    data = b"" if msg is None else msg.SerializeToString()
+    return Response(metadata=data, tensors=[replier.sign(data, end)])
 
 
 def _via_call(p2p: P2P) -> Callable[[Request, P2PContext], Awaitable[Response]]:
@@ -185,7 +183,8 @@ def _via_call(p2p: P2P) -> Callable[[Request, P2PContext], Awaitable[Response]]:
         local, inner, session = _arrival(p2p, req, ctx)
         if local.stream_input or local.stream_output or not session.ended:
             raise TunnelError(f"{inner.handle_name} is a stream handler")
-        return _wrap(await local.fn(local.input_type.FromString(req.metadata), inner))
+        out = await local.fn(local.input_type.FromString(req.metadata), inner)
+        return _wrap(out, session.replier(table(p2p).identity), end=True)  # type: ignore[arg-type]
 
     return handle
 
@@ -209,23 +208,31 @@ def _via_stream(p2p: P2P) -> Callable[[AsyncIterator[Request], P2PContext], Asyn
             t.refused["cut short"] += 1
             raise TunnelError("the call ended without its caller's last signature")
 
-        items = unwrapped()
+        items, replier = unwrapped(), session.replier(t.identity)  # type: ignore[arg-type]
         out = local.fn(items if local.stream_input else await anext(items), inner)
         if isinstance(out, AsyncIterable):
             async for item in out:
-                yield _wrap(item)
+                yield _wrap(item, replier)
         else:
-            yield _wrap(await out)
+            yield _wrap(await out, replier)
+        yield _wrap(None, replier, end=True)  # the seal: the answer is whole
 
     return handle
 
 
 # ---- calling: straight to the peer, or through the relay its route names --------------------------------
-def _signer(p2p: P2P, peer: PeerID, name: str) -> Signer:
-    me = table(p2p).identity
-    if me is None:
+def _signer(p2p: P2P, peer: PeerID, name: str) -> tuple[Signer, ReplyCheck]:
+    t = table(p2p)
+    if t.identity is None or t.checker is None:
         raise TunnelError("this node has no identity to sign forwarded calls with yet")
-    return Signer(me, p2p.peer_id.to_base58(), peer.to_base58(), name, secrets.token_hex(16))
+    return open_call(t.identity, t.checker.verifier, p2p.peer_id.to_base58(), peer.to_base58(), name)
+
+
+def _answered(check: ReplyCheck, resp: Response) -> bool:
+    try:  # the target's own signature on every message of its answer, and a seal on the last
+        return check.answered(list(resp.tensors), resp.metadata)
+    except AuthError as e:
+        raise TunnelError(f"an answer not from {check.peer[-8:]}: {e}") from e
 
 
 def set_routes(p2p: P2P, routes: dict[str, str]) -> None:
@@ -237,9 +244,11 @@ async def unary(p2p: P2P, peer: PeerID, name: str, msg: Message, output_type: ty
     relay = table(p2p).routes.get(peer.to_base58())
     if relay is None:
         return await p2p.call_protobuf_handler(peer, name, msg, output_type)
-    data, signer = msg.SerializeToString(), _signer(p2p, peer, name)
+    (signer, check), data = _signer(p2p, peer, name), msg.SerializeToString()
     wrapped = Request(uid=route_uid(peer.to_base58(), name), metadata=data, tensors=[signer.sign(data, True)])
     resp = await p2p.call_protobuf_handler(PeerID.from_base58(relay), RELAY_CALL, wrapped, Response)
+    if not _answered(check, resp):
+        raise TunnelError("a unary answer without its target's seal")
     return output_type.FromString(resp.metadata)
 
 
@@ -254,7 +263,7 @@ async def stream(
     if relay is None:
         return await p2p.iterate_protobuf_handler(peer, name, requests, output_type)
 
-    signer = _signer(p2p, peer, name)
+    signer, check = _signer(p2p, peer, name)
 
     def signed(data: bytes, end: bool = False) -> Request:
         return Request(metadata=data, tensors=[signer.sign(data, end)])
@@ -274,7 +283,10 @@ async def stream(
 
     async def unwrapped() -> AsyncIterator[M]:
         async for resp in replies:
+            if _answered(check, resp):
+                return
             yield output_type.FromString(resp.metadata)
+        raise TunnelError(f"the answer of {peer.to_base58()[-8:]} ended without its last signature")
 
     return unwrapped()
 
