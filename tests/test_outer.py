@@ -83,7 +83,9 @@ def _replicas(cfg: ReplicaSyncConfig, n: int = 2) -> tuple[list[nn.Linear], list
 
 
 def test_uncompressed_outer_step_is_parameter_averaging() -> None:
-    cfg = ReplicaSyncConfig(method="outer", compressor="none", error_feedback=0, overlap=False)
+    cfg = ReplicaSyncConfig(
+        method="outer", compressor="none", error_feedback=0, overlap=False, outer_lr_scale="none"
+    )
     mods, syncs = _replicas(cfg)
     with torch.no_grad():
         mods[0].weight.add_(1.0)
@@ -98,7 +100,7 @@ def test_uncompressed_outer_step_is_parameter_averaging() -> None:
 
 
 def test_inner_steps_in_flight_are_kept_as_a_delta() -> None:
-    cfg = ReplicaSyncConfig(method="outer", compressor="none", error_feedback=0)
+    cfg = ReplicaSyncConfig(method="outer", compressor="none", error_feedback=0, outer_lr_scale="none")
     mods, syncs = _replicas(cfg)
     before = mods[0].weight.detach().clone()
     shares = [s.start() for s in syncs]  # nothing trained: the anchor stays
@@ -110,7 +112,9 @@ def test_inner_steps_in_flight_are_kept_as_a_delta() -> None:
 
 
 def test_samples_weight_the_mean_and_a_negative_count_is_refused() -> None:
-    cfg = ReplicaSyncConfig(method="outer", compressor="none", error_feedback=0, overlap=False)
+    cfg = ReplicaSyncConfig(
+        method="outer", compressor="none", error_feedback=0, overlap=False, outer_lr_scale="none"
+    )
     mods, syncs = _replicas(cfg)
     w = mods[0].weight.detach().clone()
     with torch.no_grad():
@@ -144,7 +148,13 @@ def test_replicated_pipeline_keeps_its_replicas_together() -> None:
     from pmnode.core.replica_train import ReplicatedPipeline
 
     cfg = load_config("tiny").with_overrides(
-        replica_sync={"method": "outer", "compressor": "none", "inner_steps": 2, "overlap": False}
+        replica_sync={
+            "method": "outer",
+            "compressor": "none",
+            "inner_steps": 2,
+            "overlap": False,
+            "outer_lr_scale": "none",
+        }
     )
     pipe = ReplicatedPipeline(cfg, cfg.codec_spec, "cpu", replicas=2)
     torch.manual_seed(0)
@@ -157,3 +167,15 @@ def test_replicated_pipeline_keeps_its_replicas_together() -> None:
     assert pipe.bytes_per_round == [
         sum(4 * p.numel() for p in w.stage.parameters() if p.requires_grad) for w in pipe.workers
     ]
+
+
+def test_the_outer_step_grows_with_the_square_root_of_the_replicas() -> None:
+    cfg = ReplicaSyncConfig(method="outer", compressor="none", error_feedback=0, overlap=False)
+    mods, syncs = _replicas(cfg, 4)
+    w = mods[0].weight.detach().clone()
+    with torch.no_grad():
+        for m in mods:
+            m.weight.add_(0.5)  # every replica took the same step
+    shares = [s.start() for s in syncs]
+    syncs[0].finish(shares)
+    assert torch.allclose(mods[0].weight, w + 0.5 * 2, atol=1e-6)  # sqrt(4) x the mean step

@@ -20,7 +20,11 @@ class ReplicaSyncConfig(_Strict):
     method: Literal["step", "outer"] = Field(
         "step", description="step: exchange every step (exact, LAN-sized traffic); outer: DiLoCo rounds."
     )
-    inner_steps: int = Field(50, ge=1, description="outer: local optimizer steps between two rounds (H).")
+    inner_steps: int = Field(
+        4,
+        ge=1,
+        description="outer: local optimizer steps between two rounds (H; `pmnode plan` recommends one).",
+    )
     compressor: Literal["none", "topk", "powersgd"] = Field(
         "topk",
         description="outer: how a pseudo-gradient travels. none: fp32, exact; topk: the largest "
@@ -44,6 +48,13 @@ class ReplicaSyncConfig(_Strict):
         "(0: no error feedback).",
     )
     outer_lr: float = Field(1.0, gt=0, description="Outer step size on the mean pseudo-gradient.")
+    outer_lr_scale: Literal["none", "sqrt_replicas"] = Field(
+        "sqrt_replicas",
+        description="sqrt_replicas: the outer step is outer_lr x sqrt(shares in the round). Each replica's "
+        "Adam normalises a gradient from 1/R of the batch, whose noise makes its steps up to sqrt(R) "
+        "shorter than one Adam on the whole batch; averaging R of them keeps that shrinkage "
+        "(docs/benchmarks/scale).",
+    )
     outer_momentum: float = Field(
         0.0, ge=0, lt=1, description="Nesterov momentum of the outer step (DiLoCo: 0.9 with outer_lr 0.7)."
     )

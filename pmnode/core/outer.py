@@ -12,7 +12,7 @@ trains its own copy θ for `inner_steps` steps on its own micro-batches. A round
    flight are kept, as a delta on top of the new anchor.
 
 A replica that joins copies θ̄ (the stage's state as of the last outer step) as its θ. With
-`compressor: none`, inner_steps 1, outer_lr 1 and no overlap this is exact parameter averaging.
+`compressor: none`, inner_steps 1, outer_lr 1 unscaled and no overlap this is parameter averaging.
 """
 
 from __future__ import annotations
@@ -121,6 +121,8 @@ class OuterSync:
         total = sum(s.samples for s in shares)
         weights = [s.samples / total if total > 0 else 1 / len(shares) for s in shares]
         lr, mu = self.cfg.outer_lr, self.cfg.outer_momentum
+        if self.cfg.outer_lr_scale == "sqrt_replicas":
+            lr *= len(shares) ** 0.5
         for i, (a, p) in enumerate(zip(self.anchor, self.params, strict=True)):
             mean = sum(wt * d[i] for wt, d in zip(weights, decoded, strict=True))
             assert isinstance(mean, Tensor)
