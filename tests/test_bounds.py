@@ -142,3 +142,23 @@ def test_per_peer_tables_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
         guard.admit(f"peer{i}")
     assert len(guard.strikes) <= 16 and len(guard.banned) <= 16 and len(guard.buckets) <= 16
     assert guard.bans == 100 and "peer99" in guard.banned
+
+
+def test_parked_replies_are_bounded() -> None:
+    from hivemind.p2p import P2PContext, PeerID
+    from hivemind.proto import runtime_pb2
+
+    from pmnode.net.serving import MAX_PARKED, _Server
+    from pmnode.net.transport import TICKET
+    from pmnode.net.wire import WireLimits
+
+    srv = _Server("me", f"{RUN}.forward", _echo, TransportStats(), WireLimits(), None, None)
+    peer = PeerID.from_base58("QmNnooDu7bfjPFoTZYxMNLWUQJyrVwtbZg5gBMjTezGAJN")
+    ctx = P2PContext(handle_name=f"{RUN}.forward", local_id=peer, remote_id=peer)
+    big = runtime_pb2.ExpertRequest(metadata=encode(_header(grow=2 * 2**20), Packet({})))
+    tickets = []
+    for _ in range(3 * MAX_PARKED):  # a caller that asks for large replies and never fetches them
+        resp = asyncio.run(srv.unary(big, ctx))
+        assert resp.tensors[0].dtype == TICKET
+        tickets.append(resp.tensors[0].buffer.decode())
+    assert len(srv.parked) == MAX_PARKED and list(srv.parked) == tickets[-MAX_PARKED:]

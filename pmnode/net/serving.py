@@ -29,6 +29,7 @@ from pmnode.net.transport import (
 )
 from pmnode.net.wire import MessageHeader, WireError, WireLimits, decode, encode
 
+MAX_PARKED = 32  # large replies waiting for their fetch at once, per RPC; the oldest goes beyond
 Reply = tuple[MessageHeader | Mapping[str, Any], Packet]
 Handler = Callable[[MessageHeader, Packet, str], Awaitable[Reply]]
 
@@ -102,6 +103,8 @@ class _Server:
             now = time.monotonic()
             for t in [t for t, (deadline, _) in self.parked.items() if deadline < now]:
                 del self.parked[t]  # the client died or gave up before fetching
+            while len(self.parked) >= MAX_PARKED:  # callers that never fetch cannot pile replies up
+                del self.parked[next(iter(self.parked))]
             ticket = secrets.token_hex(16)
             self.parked[ticket] = (now + TICKET_TTL, out)
             resp = runtime_pb2.ExpertResponse(
