@@ -8,13 +8,28 @@ every node of every stage applied steps x 2 x batch_size samples.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
-from launch import BIN, STEPS, assert_no_leftovers, kill_tagged, swarm_config, tagged_env
+from launch import (
+    BIN,
+    STEPS,
+    assert_no_leftovers,
+    head_steps,
+    kill_tagged,
+    start_async_swarm,
+    swarm_config,
+    tagged_env,
+)
+
+from pmnode.data.shards import DataPosition
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("heads")]
 
@@ -92,3 +107,85 @@ def test_every_sample_applied_once_counted_per_head(heads_run: dict) -> None:
     man = json.loads((heads_run["work"] / "checkpoint" / "stage-0" / "manifest.json").read_text())
     assert man["step"] == STEPS and sorted(man["slots"]) == [str(h) for h in range(HEADS)]
     assert_no_leftovers(heads_run["tag"])
+
+
+def _pid_of(tag: str, summary_name: str) -> int:
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            cmd = p.info["cmdline"] or []
+            if (
+                p.environ().get("PMNODE_TEST_TAG") == tag
+                and "join" in cmd
+                and any(c.endswith(summary_name) for c in cmd)
+            ):
+                return p.info["pid"]
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    raise AssertionError(f"no process writes {summary_name}")
+
+
+def test_a_head_killed_mid_run_loses_no_data(tmp_path: Path, toy_corpus: Path) -> None:
+    """SIGKILL one of two heads mid-run: the other goes on alone (leading, whichever it was), a new
+    `pmnode join --stage 0` takes the freed slot, is brought in by a commit and reads on from the slot's
+    last committed position. Every slot's blocks were trained exactly once: the batches the slots'
+    final positions count are the samples every stage applied."""
+    steps = 600  # long enough for a joiner to start on two busy cores (~7 steps/s with one head)
+    cfg = swarm_config(tmp_path, toy_corpus, train={"steps": steps, "batch_size": BATCH, "eval_every": 1000})
+    work, tag = tmp_path / "work", uuid.uuid4().hex
+    swarm = start_async_swarm(cfg, work, tag, "--heads", "2", schedule="sync")
+    try:
+        deadline = time.monotonic() + 180
+        while head_steps(work) < 15:
+            assert swarm.poll() is None and time.monotonic() < deadline, work.with_suffix(".err").read_text()[
+                -2000:
+            ]
+            time.sleep(0.5)
+        os.killpg(_pid_of(tag, "node-0-1.json"), signal.SIGKILL)  # the head, its DHT child and p2pd
+        killed_at = head_steps(work)
+        time.sleep(8)  # its record expires: until then its slot is taken and a join is refused
+        args = [
+            str(BIN / "pmnode"),
+            "join",
+            "--coordinator-file",
+            str(work / "coordinator" / "coordinator.json"),
+        ]
+        args += [
+            "--stage",
+            "0",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--summary-json",
+            str(tmp_path / "joiner.json"),
+        ]
+        args += ["--checkpoint-dir", str(tmp_path / "joiner-ckpt")]
+        log = tmp_path / "joiner.log"
+        joiner = subprocess.Popen(
+            args, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True, env=tagged_env(tag)
+        )
+        swarm.wait(400)
+        assert joiner.wait(60) == 0, log.read_text()[-3000:]
+    finally:
+        kill_tagged(tag)
+    head = json.loads((work / "node-0.json").read_text())
+    joiner_summary = json.loads((tmp_path / "joiner.json").read_text())
+    assert head["steps"] == joiner_summary["steps"] == steps
+    assert joiner_summary["slot"] != head["slot"]  # the dead head's slot
+    assert "caught up to step" in log.read_text()  # brought in by a commit, from the live head's state
+    assert 0 < joiner_summary["samples_driven"] < (steps - killed_at) * BATCH
+    # The slots' committed positions: slot h has read blocks h, h + 2, ..., so its batches are
+    # (windows read / BATCH - h) / 2. Their samples together are exactly what every stage applied.
+    man = json.loads((work / "checkpoint" / "stage-0" / "manifest.json").read_text())
+    assert man["step"] == steps and sorted(man["slots"]) == ["0", "1"]
+    windows = 10**9  # no epoch turns over in this run
+    batches = 0
+    for slot, pos in man["slots"].items():
+        done = DataPosition.model_validate(pos).windows_before(windows) // BATCH - int(slot)
+        assert done % 2 == 0
+        batches += done // 2
+    for name in ("node-1.json", "node-2.json"):
+        node = json.loads((work / name).read_text())
+        assert node["steps"] == steps and node["samples_off"] == 0, name
+        assert node["samples_applied"] == batches * BATCH, name
+    assert_no_leftovers(tag)

@@ -36,6 +36,9 @@ class StageRecord(BaseModel):
     peer_id: str
     stage: int = Field(ge=0)
     slot: int = Field(0, ge=0, description="A head's slot (its part of the data order); 0 elsewhere.")
+    driving_since: int | None = Field(
+        None, ge=0, description="A head: the step it began driving at (the earliest leads a sync commit)."
+    )
     state: Literal["joining", "online", "offline"] = "online"
     throughput: float = Field(0.0, ge=0, description="Samples/s this node measured on its own stage.")
     queue: int = Field(0, ge=0, description="Micro-batches in flight through this node.")

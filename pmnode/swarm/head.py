@@ -146,6 +146,7 @@ class HeadDriver:
                 f"{t.steps}; pass a larger --steps to continue"
             )
         window, first = self.window, runner.step
+        self.group.since = first  # announced: the earliest driver leads the sync commit
         pos = await runner.run(self._start_position, data, first)
         start = time.perf_counter()
         for step in range(first, t.steps):
@@ -166,18 +167,21 @@ class HeadDriver:
     async def _wait_to_be_brought_in(self) -> None:
         """sync, a head joining heads that are past step 0: the leader's next commit copies it the
         stage's state and step (CommitParticipant.rpc_prepare catches up), then it drives."""
-        if not (self.group.many and self.ctx.schedule.commits):
+        if not self.group.many:
             return
-        if self.group.ahead() is None:
-            if self.ctx.runner.step == 0:
-                await self.group.wait_for_all()
+        twin = [r.peer_id[-8:] for r in self.group.others() if r.slot == self.ctx.slot]
+        if twin:  # the coordinator saw a partial stage 0 in the DHT: two heads must never read one part
+            raise PmnodeError(f"head slot {self.ctx.slot} is already driven by {twin[0]}; join again later")
+        if not self.ctx.schedule.commits or self.group.ahead() is None:
+            # starting together (or resuming together): every slot's head, announced as driving
+            self.group.since = self.ctx.runner.step
+            await self.group.wait_for_all()
             return
-        at = self.ctx.runner.step
         self.ctx.console.print("waiting for the leading head's next commit to bring this head up to date")
         await self.group.set_driving(False)
-        while self.ctx.runner.step == at:
-            await self.participant.reach(at + 1, 1.0)
-            await self.view.refresh([0])
+        applied = self.participant.applies
+        while self.participant.applies == applied:  # caught up is not enough: a commit must apply here
+            await self.participant.reach(self.ctx.runner.step + 1, 1.0)
         await self.group.set_driving(True)
 
     def _start_position(self, data: PreparedData, first: int) -> DataPosition:
@@ -206,6 +210,8 @@ class HeadDriver:
         x, y, after = data.train.batch(pos, t.batch_size, t.seed)
         after = past_other_slots(after, heads, t.batch_size, data.train.windows)
         self.ctx.runner.data_positions[step + 1] = after
+        if heads > 1 and not self.ctx.schedule.commits:  # async: no commit brings positions; its own
+            self.ctx.runner.slot_positions[self.ctx.slot] = after
         return x, y, after
 
     async def _resize(self) -> None:

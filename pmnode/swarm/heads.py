@@ -5,10 +5,12 @@ Each head holds a slot (certified by the coordinator) and reads its slot's part 
 step t is `t:(h * n_micro + j)`, so ids never collide across heads and every replay window, pending
 map and accumulated set downstream keys them apart without knowing about heads.
 
-sync: the head with the lowest live slot leads each step's commit; the others send their batch,
-wait until it is back, and follow: the leader prepares stage 0 like any other stage (the heads sum
-their gradients in peer order, as replicas do), so every head applies the same summed gradient and
-their weights stay identical. If the leader's record goes, the next lowest slot commits instead.
+sync: the head that has driven longest (the earliest `driving_since` in its record, then the lowest
+slot) leads each step's commit; the others send their batch, wait until it is back, and follow: the
+leader prepares stage 0 like any other stage (the heads sum their gradients in peer order, as
+replicas do), so every head applies the same summed gradient and their weights stay identical. A head
+that joins mid-run takes no lead: it waits until a commit brings it in, then drives, and leads only
+once the older heads are gone. If the leader's record goes, the next in that order commits instead.
 `resend` is how the leader has another head send micro-batches of its own batch again.
 """
 
@@ -55,6 +57,7 @@ class HeadGroup:
         # the last step whose batch is all back: another head's commit waits for it (`ready`).
         self.driving = True
         self.drained_step = -1
+        self.since: int | None = None  # the step this head began driving at (announced: leadership)
         self.moved = asyncio.Condition()
         self.failed_at: dict[str, float] = {}
 
@@ -75,8 +78,13 @@ class HeadGroup:
         return sorted(recs, key=lambda r: r.slot)
 
     def leads(self) -> bool:
-        """The lowest live slot leads the commit (and evaluates)."""
-        return all(self.ctx.slot < r.slot for r in self.others())
+        """Whether this head leads the commit (and evaluates): of the heads that drive, the one that
+        began earliest, then the lowest slot. Every head computes the same from the records, and a
+        joiner never takes the lead from the heads it joins."""
+        never = 2**62
+        mine = (self.since if self.since is not None else never, self.ctx.slot)
+        theirs = [(r.driving_since, r.slot) for r in self.others() if r.driving_since is not None]
+        return all(mine < t for t in theirs)
 
     def ahead(self) -> int | None:
         """The step of the furthest other head, if it is past this one's (a head joining mid-run)."""
@@ -89,6 +97,10 @@ class HeadGroup:
         async with self.moved:
             self.driving = driving
             self.moved.notify_all()
+
+    def waiting(self) -> bool:
+        """A head that joined mid-run and waits for the commit that brings it in: it sends nothing."""
+        return not self.driving and self.since is None
 
     async def drained(self, step: int) -> None:
         async with self.moved:
@@ -104,10 +116,12 @@ class HeadGroup:
                 await asyncio.wait_for(self.moved.wait_for(done), self.ctx.cfg.swarm.request_timeout)
 
     async def wait_for_all(self) -> None:
-        """At the start of a run: every slot's head, for a while, so that step 0 has every batch."""
+        """At the start: every slot's head, announced as driving, for a while. Then step 0 has every
+        batch, and every head sees the same leader from the first commit on."""
         deadline = time.monotonic() + self.ctx.cfg.swarm.request_timeout
         said = False
-        while len(self.others()) + 1 < self.ctx.cfg.swarm.heads and time.monotonic() < deadline:
+        driving = lambda: [r for r in self.others() if r.driving_since is not None]  # noqa: E731
+        while len(driving()) + 1 < self.ctx.cfg.swarm.heads and time.monotonic() < deadline:
             if not said:
                 self.ctx.console.print(f"waiting for the run's {self.ctx.cfg.swarm.heads} heads...")
                 said = True

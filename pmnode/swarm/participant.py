@@ -14,6 +14,7 @@ import contextlib
 from collections import Counter
 from collections.abc import Awaitable, Callable
 
+import torch
 from torch import Tensor
 
 from pmnode.core.codecs import Packet
@@ -50,8 +51,11 @@ class CommitParticipant:
         self.bulk = BulkServer(ctx.runner.run)  # our gradient sums, for the other replicas
         self.refused: Counter[str] = Counter()  # reason -> replicas' sums refused
         self.strike: Callable[[str], bool] | None = None  # the node's guard: a refused sum is a strike
-        # A head among several: waits until its own micro-batches of a step are back (HeadGroup.ready)
+        # A head among several: waits until its own micro-batches of a step are back (HeadGroup.ready);
+        # `waiting` says it sends none (a joiner waiting for the commit that brings it in)
         self.ready: Callable[[int], Awaitable[None]] | None = None
+        self.waiting: Callable[[], bool] = lambda: False
+        self.applies = 0  # commits applied here
 
     def _at(self, step: int) -> None:
         if step != self.ctx.runner.step:
@@ -138,6 +142,7 @@ class CommitParticipant:
         if self.ctx.stage == 0:  # the heads keep every slot's committed position (checkpoints)
             self.ctx.runner.slot_positions = {**self.ctx.runner.slot_positions, **req.positions}
         step = await self.ctx.runner.apply_sum(total, samples, req.samples or None)
+        self.applies += 1
         await self._moved()
         return Applied(step=step, samples=samples)
 
@@ -158,6 +163,8 @@ class CommitParticipant:
                 raise WireError("bad payload", "no step")
             if self.ready is not None:  # a head: its whole batch of the step, not part of it
                 await self.ready(step)
+            if step > runner.step and self.waiting():  # a joining head adds nothing: zeros, at once
+                return self.ctx.header("ack", header.micro_batch), await self._zeros(header.meta, step)
             if step > runner.step:  # behind: our own prepare of this step is catching us up
                 with contextlib.suppress(TimeoutError):
                     async with self.stepped:
@@ -171,3 +178,14 @@ class CommitParticipant:
 
         pkt = await self.bulk.answer(header.meta, snapshot, key=f"grads:{step}")
         return self.ctx.header("ack", header.micro_batch), pkt
+
+    async def _zeros(self, meta: dict[str, float | int | str], step: int) -> Packet:
+        """A head still being brought in holds no gradients of `step`: the sum gets exact zeros from it
+        without waiting for its catch-up (adding zeros leaves every replica's sum bit-identical)."""
+        runner = self.ctx.runner
+
+        def snapshot() -> Snapshot:
+            n = sum(p.numel() for p in runner.worker.stage.parameters())
+            return pack({"g": torch.zeros(n)}, {"samples": 0, "step": step})
+
+        return await self.bulk.answer(meta, snapshot, key=f"grads:{step}")

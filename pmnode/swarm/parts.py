@@ -84,10 +84,12 @@ class Parts:
         )
         if ctx.runner.worker.is_first and self.head.group.many:
             self.participant.ready = self.head.group.ready  # a head's sum waits for its whole batch
+            self.participant.waiting = self.head.group.waiting
         self.averaging = AveragingLoop(ctx, self.replicas, membership.current, stop, self.guard)
         # replica_sync.method outer: the averaging task runs outer rounds instead of hivemind's
         self.outer = OuterLoop(ctx, self.replicas, self.downstream) if outer_rounds(ctx) else None
         self.averaging.outer = self.outer
+        self.participant.own_only = self.outer is not None and not ctx.schedule.averages
         self.behind_nat = False  # set once serving: a relayed node opens its own connections (reach_out)
         self.routes = RelayRoutes(ctx.p2p, membership.current)
         # calls sent through a relay carry this node's own signature; calls forwarded to it must too

@@ -59,6 +59,7 @@ class Telemetry:
             peer_id=p.ctx.peer_id,
             stage=p.ctx.stage,
             slot=p.ctx.slot,
+            driving_since=p.head.group.since,
             state="online",
             throughput=runner.throughput(),
             queue=len(runner.worker.inflight),
