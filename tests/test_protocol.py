@@ -20,6 +20,9 @@ D, K, V, T = 64, 8, 256, 16
 
 
 def cfg_for(n_stages: int, mode: str = "projection", **sub) -> RunConfig:
+    """The paper's constraint: every write in span(U), so a boundary's projection loses nothing and
+    the split model is the unsplit one (the remedy projects where a stage ends: a different model)."""
+    sub = {"preset": "paper", **sub}
     return RunConfig.model_validate(
         {
             "model": {
