@@ -56,8 +56,10 @@ def bench_convergence(
     codecs: Annotated[
         str,
         typer.Option(
-            help="Comma-separated variants: a codec spec (dense, subspace@8, subspace@d = unconstrained) "
-            "with optional +key=value config overrides, e.g. subspace@8+subspace.constrain=boundaries."
+            help="Comma-separated variants: default (the config as shipped, its codec included), "
+            "default@d (its twin: k = d, fp32), or a codec spec (dense, subspace@8, subspace@d = "
+            "unconstrained); each with optional +key=value config overrides, e.g. "
+            "default+model.d_model=128 or subspace@8+subspace.preset=paper."
         ),
     ] = "dense,subspace,int8,topk",
     steps: Annotated[int | None, typer.Option(help="Override train.steps.")] = None,
