@@ -20,7 +20,9 @@ from collections import Counter
 
 from hivemind.p2p import P2P
 
-MAX_MESSAGE = 8 * 2**20  # bytes one stream message may announce; twice hivemind's largest piece
+# Bytes one stream message may announce: hivemind's largest piece and its framing. hivemind reads up to
+# max_prefetch (5) messages ahead of a handler, so one stream holds ~24 MiB at most before it says no.
+MAX_MESSAGE = 4 * 2**20 + 2**16
 
 REFUSED: Counter[str] = Counter()  # reason -> stream messages refused in this process
 
