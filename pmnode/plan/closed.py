@@ -13,9 +13,11 @@ micro-batches of a step, with its own window of W):
   round trip   RTT = M·Σ(f_s + b_s) + Σ_boundaries (2·latency + M·bytes_fwd/bw + M·bytes_bwd/bw)
   window       N·W·M / RTT  (async: W micro-batches in flight per head)
 async: the minimum of them all. sync: every step drains; with N·n micro-batches per step,
-  step = max(RTT + (N·n − 1)·M/r, ⌈n/W⌉·RTT) + commit + sync, commit = 2 round trips of 2·latency,
-where r is the slowest compute, link or sync rate and sync the rounds the stages wait for (the
-fp32 gradient exchange of sync `step`, or outer rounds without overlap), spread over their steps.
+  step = max(max(RTT + (N·n − 1)·M/r, ⌈n/W⌉·RTT) + commit, T/s) + wait,
+  commit = 2 round trips of 2·latency,
+where r is the slowest compute or link rate, s the slowest replica-sync rate and wait the rounds the
+stages wait for (the fp32 gradient exchange of sync `step`, or outer rounds without overlap), spread
+over their steps.
 """
 
 from __future__ import annotations
@@ -183,11 +185,14 @@ def _rate(p: PlanInputs, with_sync: bool) -> tuple[list[StageRate], float, float
         rate, commit = pipe[slowest], p.commit_round_trips * 2 * p.latency
         drain = max(rtt + (p.heads * n - 1) * m / rate, math.ceil(n / p.max_inflight) * rtt)
         binding = slowest if (p.heads * n - 1) * m / rate > rtt + commit else "pipeline drain and commit"
+        step = drain + commit
+        # Rounds use the link through the whole step, the commit too: a step takes at least as long as
+        # its activations and its share of the rounds take on the busiest node's link.
         sync = {k: big_t / v for k, v in limits.items() if k.startswith("replica sync")}
-        if sync and max(sync.values()) > drain:
+        if sync and max(sync.values()) > step:
             binding = max(sync, key=lambda k: sync[k])
-            drain = sync[binding]
-        step = drain + commit + wait
+            step = sync[binding]
+        step += wait
     if wait > 0.5 * step:
         binding = f"replica sync, stage {waits.index(wait)} (the stage waits for its rounds)"
     return rows, big_t / step, step, binding

@@ -66,7 +66,8 @@ def advise_sync(p: PlanInputs, shapes: list[list[Shape]], s: SyncSettings) -> Sy
         return None
     step = _with(p, shapes, s, method="step")
     free = step.tokens_per_s_without_sync or step.tokens_per_s
-    step_binds = step.tokens_per_s < (1 - STEP_BINDS) * free
+    # Timed rounds cost no throughput: they bind when they cannot keep their period.
+    step_binds = step.tokens_per_s < (1 - STEP_BINDS) * free or any(x.binds for x in step.replica_sync)
     fits = [_fit(p, shapes, s, c) for c in PREFERENCE]
     hiding = [f for f in fits if f.inner_steps is not None]
     if hiding:
@@ -83,13 +84,14 @@ def advise_sync(p: PlanInputs, shapes: list[list[Shape]], s: SyncSettings) -> Sy
         if f is best:
             continue
         notes.append(f"{name} from H = {f.inner_steps}" if f.inner_steps else f"{name} never hides")
+    method = "outer" if step_binds or s.replica_sync.method == "outer" else "step"
     return SyncAdvice(
         step_tokens_per_s=step.tokens_per_s,
         step_binds=step_binds,
         fits=fits,
-        method="outer" if step_binds or s.replica_sync.method == "outer" else "step",
+        method=method,
         compressor=best.compressor,
         inner_steps=h,
-        tokens_per_s=best.tokens_per_s,
+        tokens_per_s=best.tokens_per_s if method == "outer" else step.tokens_per_s,
         note="; ".join(notes),
     )
