@@ -12,6 +12,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from hivemind.utils.crypto import RSAPrivateKey
 
+from pmnode.core.durable import fsync_path
 from pmnode.errors import PmnodeError
 
 JOIN_TOKEN_ENV = "PMNODE_JOIN_TOKEN"
@@ -34,7 +35,10 @@ def write_secret(path: Path, data: bytes) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
+        f.flush()
+        os.fsync(f.fileno())  # the authority key must not come back empty after a power cut
     os.replace(tmp, path)
+    fsync_path(path.parent)
 
 
 def read_token_file(path: Path) -> str:
