@@ -76,8 +76,12 @@ def advise_sync(p: PlanInputs, shapes: list[list[Shape]], s: SyncSettings) -> Sy
         best = max(fits, key=lambda f: f.tokens_per_s)
     h = best.inner_steps or H_CHOICES[-1]
     by = {f.compressor: f for f in fits}
+    slow = max(step.replica_sync, key=lambda x: x.round_s)
+    late = slow.every_s is not None and slow.hidden < 1  # timed rounds: they cost learning, not speed
     notes = [
-        f"step {'binds' if step_binds else 'fits'} ({step.tokens_per_s:,.0f} of {free:,.0f} tokens/s)",
+        f"step binds: a round takes {slow.round_s:.3g} s, one is due every {slow.every_s:g} s"
+        if late and slow.every_s is not None
+        else f"step {'binds' if step_binds else 'fits'} ({step.tokens_per_s:,.0f} of {free:,.0f} tokens/s)",
         f"outer {best.compressor} hides from H = {h}" if hiding else f"no compressor hides by H = {h}",
     ]
     for name, f in by.items():
