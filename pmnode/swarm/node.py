@@ -144,7 +144,8 @@ class Node:
         averaging, first = None, ctx.runner.worker.is_first
         driven = asyncio.Event()  # a head: its drive is over (its averaging stops then)
         # async: replicas of a stage average; the heads too when there are several
-        if ctx.schedule.averages and (not first or ctx.cfg.swarm.heads > 1):
+        # sync with replica_sync.method outer: the replicas' outer rounds run as averaging does
+        if (ctx.schedule.averages or parts.outer is not None) and (not first or ctx.cfg.swarm.heads > 1):
             done = driven if first else parts.handler.done
             averaging = asyncio.create_task(parts.averaging.run(done), name="averaging")
             averaging.add_done_callback(self._task_ended)

@@ -16,14 +16,17 @@ from typing import TypeVar
 import torch
 from torch import Tensor
 
+from pmnode.core.compress import Malformed
 from pmnode.core.outer import OuterSync, Share
 from pmnode.core.share_bytes import pack_share
-from pmnode.errors import PmnodeError
+from pmnode.net.outer_rpcs import ShareMeta
 from pmnode.swarm.context import NodeContext
-from pmnode.swarm.outer_peer import Counts
+from pmnode.swarm.outer_peer import Counts, check_share
+from pmnode.swarm.runner import StageRunner
 
 T = TypeVar("T")
 PREFIX = "outer/"  # the outer state's names in a state copy
+SHARE = PREFIX + "share/"  # + "{round}/{peer}": a held share in a state copy (its samples in the meta)
 
 
 class OuterJobs:
@@ -35,6 +38,12 @@ class OuterJobs:
         self.sync: OuterSync | None = None  # made once the stage's weights are set (after any copy)
         self.steps = 0  # own optimizer steps since the last round started
         self.due: Callable[[], None] = lambda: None  # tells the event loop a round is due (thread-safe)
+        # sync: no weights are stashed, so a round may move them only between a commit's step and the
+        # next micro-batch; it waits here and lands in the step's own job (`on_step`)
+        self.at_step = not ctx.schedule.averages
+        self.pending: tuple[bool, list[Share], Callable[[], None]] | None = None
+        self.copyable: dict[int, dict[str, Share]] = {}  # held shares a state copy carries (loop sets)
+        self.inherited: list[tuple[str, Share]] = []  # shares a copy brought (the loop takes them)
 
     @property
     def outer(self) -> OuterSync:
@@ -65,9 +74,11 @@ class OuterJobs:
         _ = self.outer
 
     def on_step(self, applied: int) -> None:
-        """After each optimizer step: count it; every inner_steps, a round is due."""
+        """After each optimizer step: land a round waiting for one (sync); count the step; every
+        inner_steps, a round is due."""
         if self.sync is None:
             return
+        self.land()
         self.sync.note_samples(applied)
         self.steps += 1
         if self.steps >= self.cfg.inner_steps:
@@ -92,24 +103,44 @@ class OuterJobs:
                 r.zero_()
 
     def state(self) -> tuple[dict[str, Tensor], dict[str, int | str]]:
-        """What a state copy carries besides weights and optimizer: the anchor, momentum and round."""
+        """What a state copy carries besides weights and optimizer: the anchor, momentum and round,
+        and the shares this replica holds of that round and later ones (`copyable`, taken on the
+        event loop): a copy mid-round lets the copier apply the round in flight like everyone."""
         if self.sync is None:  # no round yet: its weights are the stage's state
             return {}, {}
-        if self.sync.start_weights is not None:
-            raise PmnodeError("an outer round is in flight here; its anchor is about to change")
         outer = {PREFIX + k: v for k, v in self.sync.state().items()}
-        return outer, {"outer_round": self.sync.round}
+        meta: dict[str, int | str] = {"outer_round": self.sync.round}
+        for r, page in self.copyable.items():
+            for peer, share in page.items():
+                outer[f"{SHARE}{r}/{peer}"] = pack_share(share.tensors)
+                meta[f"{SHARE}{r}/{peer}"] = share.samples
+        return outer, meta
 
     def adopt(self, tensors: dict[str, Tensor], meta: dict[str, int | str]) -> bool:
         """A joiner, or a replica that lost track of the rounds: the copied replica's last outer step
-        becomes its weights and anchor, and its round this one's. False if the copy holds none."""
+        becomes its weights and anchor, its round this one's, and the shares it held this one's
+        (`inherited`, for the event loop). False if the copy holds no outer state."""
         round_ = meta.get("outer_round")
         outer = {k[len(PREFIX) :]: v for k, v in tensors.items() if k.startswith(PREFIX)}
         if not isinstance(round_, int) or not outer:
             return False  # a replica that never ran outer rounds: its weights are the stage's state
-        self.outer.adopt(outer, round_)
+        self.outer.adopt({k: v for k, v in outer.items() if not k.startswith("share/")}, round_)
         self.steps = 0
+        for name, buf in tensors.items():
+            if not name.startswith(SHARE):
+                continue
+            r, _, peer = name[len(SHARE) :].partition("/")
+            samples = meta.get(name)
+            try:
+                if not isinstance(samples, int) or not r.isdigit():
+                    raise Malformed(f"share {name} without its round or sample count")
+                share = check_share(buf, ShareMeta(round=int(r), samples=samples), self.shapes, self.cfg)
+            except Malformed as e:  # the copy's weights are trusted as a whole; a bad share just drops
+                self.ctx.say(f"a copied outer share was unusable: {e}")
+                continue
+            self.inherited.append((peer, share))
         self.ctx.say(f"took the stage's state as of its last outer step (round {round_})")
+        self.due()
         return True
 
     def apply(self, member: bool, shares: list[Share]) -> None:
@@ -118,6 +149,14 @@ class OuterJobs:
             self.outer.finish(shares)
         else:
             self.outer.observe(shares)
+
+    def land(self) -> None:
+        """The round waiting for a step (sync), applied now."""
+        if self.pending is None:
+            return
+        (member, shares, landed), self.pending = self.pending, None
+        self.timed(lambda: self.apply(member, shares))()
+        landed()
 
     def abort(self) -> None:
         self.outer.abort()
@@ -133,3 +172,16 @@ class OuterJobs:
 def thread_safe_setter(event: asyncio.Event) -> Callable[[], None]:
     loop = asyncio.get_running_loop()
     return lambda: loop.call_soon_threadsafe(event.set)
+
+
+def idle_step(runner: StageRunner) -> int:
+    """Compute thread, sync with outer rounds: a replica none of whose micro-batches made the step
+    makes no update (AdamW's moments alone would still move its weights), only the step count; a
+    round waiting for a step lands."""
+    w = runner.worker
+    w.optimizer.zero_grad(set_to_none=True)
+    w.samples_ready = 0
+    w.step_count += 1
+    if runner.on_step is not None:
+        runner.on_step(0)
+    return w.step_count

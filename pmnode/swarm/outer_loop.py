@@ -41,15 +41,12 @@ FINAL_TRIES = 4
 
 
 def outer_rounds(ctx: NodeContext) -> bool:
-    """Whether this node's replicas sync by outer rounds; one line if the run asks for what is not built."""
+    """Whether this node's replicas sync by outer rounds."""
     if ctx.cfg.replica_sync.method != "outer":
         return False
-    if not ctx.schedule.averages:
-        raise PmnodeError(
-            "replica_sync.method outer runs under swarm.schedule async; sync swarms sum every step's "
-            "gradients (method step)"
-        )
-    return True
+    # sync: each replica of a body stage steps on its own micro-batches at the commit; the heads
+    # still sum theirs (their commit is the step's)
+    return ctx.schedule.averages or ctx.stage > 0
 
 
 class OuterLoop:
@@ -63,9 +60,11 @@ class OuterLoop:
         self.peer.shapes = self.jobs.shapes
         self.share_bytes = round_bytes(self.jobs.shapes, self.cfg)
         self.due = asyncio.Event()
+        self.stopping = asyncio.Event()  # the run is over: a sync round lands without waiting for a step
         self.peer.on_share = self._share_came
         ctx.runner.on_step = self.jobs.on_step
-        replicas.extra_state, replicas.adopted, replicas.quiet = self.jobs.state, self.jobs.adopt, self.quiet
+        replicas.extra_state, replicas.adopted = self.jobs.state, self.jobs.adopt
+        replicas.before_copy = self.before_copy
 
     async def serve(self, opts: ServeOptions) -> None:
         """outer_share with a wire limit of one honest share; outer_vote as any JSON RPC."""
@@ -74,11 +73,16 @@ class OuterLoop:
         await serve_all(ctx.p2p, ctx.cfg.name, self.peer, (SHARE,), shares)
         await serve_all(ctx.p2p, ctx.cfg.name, self.peer, (VOTE,), opts)
 
-    async def quiet(self) -> None:
-        """Until no round is in flight here (bounded): a state copy is of the stage's last outer step."""
-        deadline = time.monotonic() + 2 * self.cfg.round_timeout + 10.0
-        while self.jobs.in_flight() and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
+    def before_copy(self) -> None:
+        """A state copy is about to be packed: it carries the shares held of this round and later."""
+        r = self.jobs.round
+        self.jobs.copyable = {x: dict(page) for x, page in self.peer.shares.rounds.items() if x >= r}
+
+    def _absorb(self) -> None:
+        """Shares a state copy brought (OuterJobs.adopt, on the compute thread) join the held ones."""
+        got, self.jobs.inherited = self.jobs.inherited, []
+        for peer, share in got:
+            self.peer.shares.put(peer, share)
 
     def report(self) -> OuterReport:
         return self.counts.report(self.jobs.round)
@@ -98,6 +102,7 @@ class OuterLoop:
         await self.ctx.runner.run(self.jobs.make)
         self.jobs.due = thread_safe_setter(self.due)
         while not done.is_set():
+            self._absorb()
             if self._due():  # checked after each round too: a peer's next share may have come meanwhile
                 await self.one_round()
                 continue
@@ -145,7 +150,16 @@ class OuterLoop:
             return
         member = ctx.peer_id in d.members
         shares = self.peer.shares.take(r, d.members)
-        await runner.run(jobs.timed(lambda: jobs.apply(member, shares)))
+        if jobs.at_step:  # sync: in the next commit's step job, when no micro-batch is in flight
+            landed = asyncio.Event()
+            jobs.pending = (member, shares, thread_safe_setter(landed))
+            waits = [asyncio.ensure_future(e.wait()) for e in (landed, self.stopping)]
+            await asyncio.wait(waits, return_when="FIRST_COMPLETED")
+            for w in waits:
+                w.cancel()
+            await runner.run(jobs.land)  # the run is over, no step will come: now (else a no-op)
+        else:
+            await runner.run(jobs.timed(lambda: jobs.apply(member, shares)))
         if member:
             self.counts.rounds += 1
         else:
@@ -164,6 +178,7 @@ class OuterLoop:
             return
         await runner.load_state(got, keep_step=True)
         await runner.run(lambda: self.jobs.adopt(unpack(got.manifest, got.buffer), got.manifest.meta))
+        self._absorb()
         self.counts.resynced += 1
         ctx.say(f"outer round {r}: lost track of the rounds; copied {peer[-8:]}'s last outer step")
 
@@ -195,6 +210,7 @@ class OuterLoop:
         while time.monotonic() < deadline:
             live = await self.replicas.view.my_replicas()
             leader = leader_of(ctx.peer_id, live)
+            self._absorb()
             vote = Vote(round=r, have=self.peer.shares.holders(r), final=final)
             if leader == ctx.peer_id:
                 d: Decision | None = self.peer.ledger.vote(ctx.peer_id, vote, live, time.monotonic())
@@ -215,6 +231,7 @@ class OuterLoop:
     async def finish(self, loop_task: asyncio.Task | None) -> None:
         """At the end: the round in flight, the last partial batch, final rounds until one holds every
         live replica, then every replica takes the lowest peer's weights: one set for the stage."""
+        self.stopping.set()
         if loop_task is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(loop_task, 4 * self.cfg.round_timeout + 40.0)

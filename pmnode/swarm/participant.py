@@ -26,6 +26,7 @@ from pmnode.net.rpcs import APPLY, GRADS, PREPARE, RESET
 from pmnode.net.wire import MessageHeader, WireError
 from pmnode.swarm.context import NodeContext
 from pmnode.swarm.downstream import Downstream
+from pmnode.swarm.outer_jobs import idle_step
 from pmnode.swarm.replicas import Replicas
 
 RPCS = (PREPARE, APPLY, RESET, GRADS)
@@ -54,6 +55,8 @@ class CommitParticipant:
         # A head among several: waits until its own micro-batches of a step are back (HeadGroup.ready);
         # `waiting` says it sends none (a joiner waiting for the commit that brings it in)
         self.ready: Callable[[int], Awaitable[None]] | None = None
+        # sync with outer replica rounds: each replica steps on its own gradients (no exchange)
+        self.own_only = False
         self.waiting: Callable[[], bool] = lambda: False
         self.applies = 0  # commits applied here
 
@@ -88,7 +91,7 @@ class CommitParticipant:
         self._at(req.step)
         flat, samples = await ctx.runner.grad_sums()
         own, unreachable, total = self.own(req.step), [], None
-        for peer in sorted(set(req.peers) | {ctx.peer_id}):
+        for peer in [ctx.peer_id] if self.own_only else sorted(set(req.peers) | {ctx.peer_id}):
             part: Tensor | Received = flat
             if peer != ctx.peer_id:
                 try:
@@ -141,7 +144,11 @@ class CommitParticipant:
         self.bulk.drop()
         if self.ctx.stage == 0:  # the heads keep every slot's committed position (checkpoints)
             self.ctx.runner.slot_positions = {**self.ctx.runner.slot_positions, **req.positions}
-        step = await self.ctx.runner.apply_sum(total, samples, req.samples or None)
+        if self.own_only and not samples:  # none of the step's micro-batches came here: no update
+            step = await self.ctx.runner.run(idle_step, self.ctx.runner)
+        else:
+            expected = samples if self.own_only else req.samples or None  # own_only: its own part
+            step = await self.ctx.runner.apply_sum(total, samples, expected)
         self.applies += 1
         await self._moved()
         return Applied(step=step, samples=samples)

@@ -46,7 +46,7 @@ class Replicas:
         # optimizer (compute thread), and what a joiner does with it after loading (compute thread)
         self.extra_state: Callable[[], tuple[dict[str, Tensor], dict[str, int | str]]] | None = None
         self.adopted: Callable[[dict[str, Tensor], dict[str, int | str]], object] | None = None
-        self.quiet: Callable[[], Awaitable[None]] | None = None  # until no outer round is in flight
+        self.before_copy: Callable[[], None] | None = None  # outer rounds: which shares go with a copy
 
     async def rpc_state(
         self, header: MessageHeader, packet: Packet, caller: str
@@ -57,8 +57,8 @@ class Replicas:
             if self.finishing:  # async, at the end: what the others take is the result of our last round
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.final_done.wait(), FINAL_WAIT)
-            if self.quiet is not None:  # a copy is of the stage's last outer step, not one in flight
-                await self.quiet()
+            if self.before_copy is not None:  # on this loop: the outer shares it holds, for the copy
+                self.before_copy()
             want = meta.get("at_step")
             if isinstance(want, int) and want != runner.step:
                 raise TransferError(f"this replica is at step {runner.step}, not {want}")
@@ -101,6 +101,9 @@ class Replicas:
         except TransferError as e:
             raise PmnodeError(f"stage {ctx.stage}: no replica at step {step} to catch up from ({e})") from e
         await ctx.runner.load_state(got)
+        if self.adopted is not None:  # sync with outer rounds: the copy's last outer step, too
+            adopted = self.adopted
+            await ctx.runner.run(lambda: adopted(unpack(got.manifest, got.buffer), got.manifest.meta))
         ctx.runner.samples_applied = step * ctx.runner.batch  # every head's batch, each step
         ctx.console.print(f"stage {ctx.stage}: caught up to step {step} from {peer[-8:]}")
 
