@@ -181,3 +181,45 @@ def test_outer_rounds_show_in_metrics_and_the_status_page() -> None:
     assert 'pmnode_outer_bytes_per_round{peer="p1",stage="1"} 11139.0' in text
     assert 'pmnode_outer_hidden_fraction{peer="p1",stage="1"} 0.9' in text
     assert 'pmnode_outer_refused{peer="p1",reason="size",stage="1"} 2.0' in text
+
+
+def _jobs(cfg: ReplicaSyncConfig, seed: int = 0) -> Any:
+    from pmnode.swarm.outer_jobs import OuterJobs
+    from pmnode.swarm.outer_peer import Counts
+
+    torch.manual_seed(seed)
+    stage = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
+    run = RunConfig.model_validate({"name": "t", "replica_sync": cfg.model_dump()})
+    worker = SimpleNamespace(stage=stage)
+    runner, schedule = SimpleNamespace(worker=worker), SimpleNamespace(averages=True)
+    ctx = SimpleNamespace(cfg=run, runner=runner, schedule=schedule, say=lambda text: None)
+    return OuterJobs(ctx, sample_cap(run), Counts())  # type: ignore[arg-type]
+
+
+def test_a_copy_mid_round_lets_the_copier_apply_that_round_like_everyone() -> None:
+    cfg = TOPK.model_copy(update={"outer_momentum": 0.9})
+    a, c = _jobs(cfg, 0), _jobs(cfg, 1)  # a: the sender; c: another member, same starting weights
+    for x, y in zip(a.params, c.params, strict=True):
+        y.data.copy_(x.data)
+    for j in (a, c):
+        j.make()
+        with torch.no_grad():
+            for p in j.params:
+                p.add_(torch.randn_like(p) * 0.1)
+    share_a, _ = a.start()
+    share_c, _ = c.start()  # round 0 in flight at both
+    a.copyable = {0: {"a": share_a, "c": share_c}}
+    tensors, meta = a.state()
+    joiner = _jobs(cfg, 2)
+    assert joiner.adopt(tensors, meta)
+    assert joiner.round == 0 and sorted(p for p, _ in joiner.inherited) == ["a", "c"]
+    for p, q in zip(joiner.params, a.outer.anchor, strict=True):
+        assert torch.equal(p.detach(), q)  # the joiner starts at the last outer step
+    got = dict(joiner.inherited)
+    joiner.start()  # it joins the round in flight, too late to be a member: it observes it
+    a.apply(True, [share_a, share_c])
+    c.apply(True, [share_a, share_c])
+    joiner.apply(False, [got["a"], got["c"]])
+    assert all(torch.equal(x, y) for x, y in zip(a.outer.anchor, joiner.outer.anchor, strict=True))
+    assert all(torch.equal(x, y) for x, y in zip(c.outer.anchor, joiner.outer.anchor, strict=True))
+    assert a.digest(anchor=True) == joiner.digest(anchor=True) == c.digest(anchor=True)
