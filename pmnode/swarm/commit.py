@@ -207,5 +207,5 @@ class StepCommit:
         if local:  # several heads: this one applies the heads' summed gradient, as they do
             await self.local.rpc_apply(req, self.ctx.peer_id)
         else:
-            self.ctx.runner.slot_positions = req.positions
+            self.ctx.runner.slot_positions, self.ctx.runner.positions_step = req.positions, req.step + 1
             await self.ctx.runner.step_if_ready()

@@ -190,13 +190,13 @@ class HeadDriver:
         from a replica)."""
         runner, t, heads = self.ctx.runner, self.ctx.cfg.train, self.ctx.cfg.swarm.heads
         slot, per_epoch = self.ctx.slot, data.train.windows
-        loaded = runner.loaded_data
-        pos = runner.slot_positions.get(slot)
+        loaded, known = runner.loaded_data, runner.positions_step == first  # positions of this very step
+        pos = runner.slot_positions.get(slot) if known else None
         if pos is None and loaded is not None and loaded[0] == first and heads == 1:
             pos = loaded[1]  # a checkpoint of one head: its own position
         if pos is not None:
             self.ctx.console.print(f"data resumes at epoch {pos.epoch}, window {pos.offset} of {per_epoch}")
-        elif runner.slot_positions:  # other slots have trained, this one not yet: its first batch
+        elif known and runner.slot_positions:  # other slots have trained, this one not yet: its first batch
             pos = slot_position(slot, heads, t.batch_size, per_epoch)
         else:
             pos = slot_position(slot, heads, t.batch_size, per_epoch, batches_done=first)

@@ -144,6 +144,7 @@ class CommitParticipant:
         self.bulk.drop()
         if self.ctx.stage == 0:  # the heads keep every slot's committed position (checkpoints)
             self.ctx.runner.slot_positions = {**self.ctx.runner.slot_positions, **req.positions}
+            self.ctx.runner.positions_step = req.step + 1
         if self.own_only and not samples:  # none of the step's micro-batches came here: no update
             step = await self.ctx.runner.run(idle_step, self.ctx.runner)
         else:

@@ -73,7 +73,7 @@ class StageRunner:
         # Several heads: every slot's committed data position at this step (a sync commit brings them),
         # saved with stage 0's checkpoint so a resumed or replacement head goes on from its slot's.
         self.slot_positions: dict[int, DataPosition] = {}
-        self.loaded_slots: dict[int, DataPosition] = {}
+        self.positions_step: int | None = None  # the step slot_positions are of (a stale one misleads)
 
     @classmethod
     async def start(
@@ -299,5 +299,5 @@ class StageRunner:
         man = await self.run(checkpoint.load, self.worker, root)
         self.samples_applied = man.samples
         self.loaded_data = (man.step, man.data)
-        self.loaded_slots = self.slot_positions = dict(man.slots)
+        self.slot_positions, self.positions_step = dict(man.slots), man.step
         return man
