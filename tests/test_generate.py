@@ -71,17 +71,31 @@ def test_prompt_plus_exactly_n_tokens_deterministic(model: CheckpointModel) -> N
     assert len(long.ids) == 68
 
 
-def test_logits_match_pipeline_and_unsplit_model(
+def test_logits_match_the_trained_pipeline(
     model: CheckpointModel, trained: tuple[Path, RunConfig, Pipeline]
 ) -> None:
-    _, cfg, pipe = trained
+    pipe = trained[2]
     x = torch.tensor([model.tokenizer.encode("import os\ndef main():\n    return ")])
     y = torch.roll(x, -1, dims=1)
     logits = model.logits(x)
     # The loaded chain computes what the trained pipeline computes ...
     loss = F.cross_entropy(logits.flatten(0, 1), y.flatten()).item()
     assert loss == pytest.approx(pipe.eval_loss([(x, y)]), rel=1e-5)
-    # ... and what one unsplit model with the same weights computes: the subspace codec is lossless.
+
+
+def test_the_papers_chain_is_the_unsplit_model(
+    trained: tuple[Path, RunConfig, Pipeline], tmp_path: Path
+) -> None:
+    """Under the paper's constraint the subspace codec is lossless: a checkpoint's chain computes what
+    one unsplit model with the same weights computes (the shipped remedy projects where a stage ends
+    and gives each stage its own tables: a different model, so this holds for the paper's only)."""
+    cfg = trained[1].with_overrides(subspace={"preset": "paper"})
+    for w in Pipeline(cfg, cfg.codec_spec).workers:  # the seeded initial weights
+        checkpoint.save(w, tmp_path, cfg.name)
+    checkpoint.save_run_config(cfg, tmp_path)
+    model = load_checkpoint(tmp_path)
+    x = torch.tensor([model.tokenizer.encode("import os\ndef main():\n    return ")])
+    logits = model.logits(x)
     whole = Stage(cfg.with_overrides(n_stages=1, stage_layers=None), 0)
     state = {k: v for w in model.pipe.workers for k, v in w.stage.state_dict().items()}
     whole.load_state_dict(state)
