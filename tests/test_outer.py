@@ -170,12 +170,17 @@ def test_replicated_pipeline_keeps_its_replicas_together() -> None:
 
 
 def test_the_outer_step_grows_with_the_square_root_of_the_replicas() -> None:
-    cfg = ReplicaSyncConfig(method="outer", compressor="none", error_feedback=0, overlap=False)
-    mods, syncs = _replicas(cfg, 4)
-    w = mods[0].weight.detach().clone()
-    with torch.no_grad():
-        for m in mods:
-            m.weight.add_(0.5)  # every replica took the same step
-    shares = [s.start() for s in syncs]
-    syncs[0].finish(shares)
-    assert torch.allclose(mods[0].weight, w + 0.5 * 2, atol=1e-6)  # sqrt(4) x the mean step
+    for scale, split, factor in [("sqrt_replicas", False, 2), ("auto", True, 2), ("auto", False, 1)]:
+        cfg = ReplicaSyncConfig(
+            method="outer", compressor="none", error_feedback=0, overlap=False, outer_lr_scale=scale
+        )
+        mods, _ = _replicas(cfg, 4)
+        syncs = [OuterSync(list(m.parameters()), cfg, split_batch=split) for m in mods]
+        w = mods[0].weight.detach().clone()
+        with torch.no_grad():
+            for m in mods:
+                m.weight.add_(0.5)  # every replica took the same step
+        shares = [s.start() for s in syncs]
+        syncs[0].finish(shares)
+        # sqrt(4) x the mean step where the replicas split each batch (auto), or when asked for
+        assert torch.allclose(mods[0].weight, w + 0.5 * factor, atol=1e-6), (scale, split)

@@ -48,12 +48,13 @@ class ReplicaSyncConfig(_Strict):
         "(0: no error feedback).",
     )
     outer_lr: float = Field(1.0, gt=0, description="Outer step size on the mean pseudo-gradient.")
-    outer_lr_scale: Literal["none", "sqrt_replicas"] = Field(
-        "sqrt_replicas",
-        description="sqrt_replicas: the outer step is outer_lr x sqrt(shares in the round). Each replica's "
-        "Adam normalises a gradient from 1/R of the batch, whose noise makes its steps up to sqrt(R) "
-        "shorter than one Adam on the whole batch; averaging R of them keeps that shrinkage "
-        "(docs/benchmarks/scale).",
+    outer_lr_scale: Literal["auto", "none", "sqrt_replicas"] = Field(
+        "auto",
+        description="sqrt_replicas: the outer step is outer_lr x sqrt(shares in the round). A replica whose "
+        "Adam steps on 1/R of a batch (sync, where the replicas split each step's micro-batches) takes up to "
+        "sqrt(R) shorter steps than one Adam on the whole batch, and the mean keeps that shrinkage "
+        "(docs/benchmarks/scale). auto: sqrt_replicas under sync, none under async (each replica steps on "
+        "whole batches there).",
     )
     outer_momentum: float = Field(
         0.0, ge=0, lt=1, description="Nesterov momentum of the outer step (DiLoCo: 0.9 with outer_lr 0.7)."

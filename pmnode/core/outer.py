@@ -41,8 +41,13 @@ class Share:
 class OuterSync:
     """One replica's outer-loop state for a stage's trainable parameters (in a fixed order)."""
 
-    def __init__(self, params: list[nn.Parameter], cfg: ReplicaSyncConfig, seed: int = 0) -> None:
+    def __init__(
+        self, params: list[nn.Parameter], cfg: ReplicaSyncConfig, seed: int = 0, split_batch: bool = False
+    ) -> None:
+        """`split_batch`: the replicas of a round step on shares of one batch (sync), not whole ones."""
         self.params, self.cfg = params, cfg
+        scale = cfg.outer_lr_scale
+        self.sqrt_scale = scale == "sqrt_replicas" or (scale == "auto" and split_batch)
         self.shapes = [tuple(p.shape) for p in params]
         self.anchor = [p.detach().float().clone() for p in params]
         self.residual = [torch.zeros_like(a) for a in self.anchor] if cfg.error_feedback > 0 else None
@@ -121,7 +126,7 @@ class OuterSync:
         total = sum(s.samples for s in shares)
         weights = [s.samples / total if total > 0 else 1 / len(shares) for s in shares]
         lr, mu = self.cfg.outer_lr, self.cfg.outer_momentum
-        if self.cfg.outer_lr_scale == "sqrt_replicas":
+        if self.sqrt_scale:
             lr *= len(shares) ** 0.5
         for i, (a, p) in enumerate(zip(self.anchor, self.params, strict=True)):
             mean = sum(wt * d[i] for wt, d in zip(weights, decoded, strict=True))

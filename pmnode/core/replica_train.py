@@ -47,7 +47,12 @@ class ReplicatedPipeline:
         self.workers, self.codec = self.lanes[0].workers, self.lanes[0].codec
         self.outer = [
             [
-                OuterSync([p for p in w.stage.parameters() if p.requires_grad], self.sync, seed=1000 * s)
+                OuterSync(
+                    [p for p in w.stage.parameters() if p.requires_grad],
+                    self.sync,
+                    seed=1000 * s,
+                    split_batch=True,  # each lane takes 1/R of every batch, as sync replicas do
+                )
                 for s, w in enumerate(lane.workers)
             ]
             for lane in self.lanes

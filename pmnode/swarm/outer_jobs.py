@@ -48,7 +48,9 @@ class OuterJobs:
     @property
     def outer(self) -> OuterSync:
         if self.sync is None:
-            self.sync = OuterSync(self.params, self.cfg, seed=self.ctx.cfg.subspace.seed)
+            # sync replicas step on their shares of one step's micro-batches; async ones on whole batches
+            split = not self.ctx.schedule.averages
+            self.sync = OuterSync(self.params, self.cfg, seed=self.ctx.cfg.subspace.seed, split_batch=split)
         return self.sync
 
     @property
