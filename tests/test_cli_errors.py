@@ -80,7 +80,8 @@ def test_stage_out_of_range(coordinator: dict) -> None:
 
 def test_a_stage_too_large_for_this_machine_is_refused(coordinator: dict) -> None:
     r = join("--coordinator", coordinator["maddr"], "--memory-limit", "100KB", token=coordinator["token"])
-    one_line_error(r, "stage 0 needs about 2.2 MiB", "--memory-limit is 97.7 KiB", "smaller stages")
+    # tiny as shipped (the remedy) writes at full width inside a stage: 2.6 MiB (2.2 under the paper's)
+    one_line_error(r, "stage 0 needs about 2.6 MiB", "--memory-limit is 97.7 KiB", "smaller stages")
 
 
 def test_unreachable_coordinator() -> None:
