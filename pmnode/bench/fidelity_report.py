@@ -122,6 +122,7 @@ def plot(runs: list[RunResult], out: Path, title: str) -> None:
     names = labels(runs)
     fig, axes = plt.subplots(1, len(widths), figsize=(9.5 * len(widths), 4.8), squeeze=False)
     for ax, d in zip(axes[0], widths, strict=True):
+        ax.set_prop_cycle(color=plt.cm.tab20.colors)  # up to 20 runs without a repeated colour
         for r in sorted((r for r in runs if r.d_model == d), key=lambda r: r.variant):
             toks = [t / 1e6 for _, t, _ in r.curve]
             ax.plot(toks, [loss for _, _, loss in r.curve], marker=".", ms=3, label=names[r.variant])
@@ -148,6 +149,7 @@ def plot_gaps(rows: list[Row], runs: list[RunResult], out: Path, title: str) -> 
     by_name = {r.variant: r for r in runs}
     names = labels(runs)
     fig, ax = plt.subplots(figsize=(10.5, 4.8))
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)
     for row in rows:
         run, base = by_name[row.variant], by_name.get(row.baseline or "")
         if base is None or base is run:
