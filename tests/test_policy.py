@@ -94,16 +94,17 @@ def _commit(members: dict[int, list[str]], owns: dict[str, list[list[str]]]):
     async def step_if_ready() -> None:
         stepped.append(True)
 
-    ctx = SimpleNamespace(
-        cfg=CFG, console=QUIET, p2p=None, runner=SimpleNamespace(step_if_ready=step_if_ready)
-    )
+    runner = SimpleNamespace(step_if_ready=step_if_ready, slot_positions={}, data_positions={})
+    ctx = SimpleNamespace(cfg=CFG, console=QUIET, p2p=None, runner=runner, slot=0, peer_id="head")
     downstream = SimpleNamespace(greet=lambda peer, stage: asyncio.sleep(0))
     resent: list[list[str]] = []
 
-    async def resend(ids: list[str]) -> None:
+    async def resend(step: int, ids: list[str]) -> None:
         resent.append(ids)
 
-    commit = StepCommit(ctx, view, downstream, wait_whole=lambda: asyncio.sleep(0), resend=resend)  # type: ignore[arg-type]
+    # One head: the head's micro-batches only (pmnode.swarm.heads; several heads: tests/test_heads*.py)
+    heads = SimpleNamespace(many=False, others=lambda: [], failed_at={}, resend=resend)
+    commit = StepCommit(ctx, view, downstream, lambda: asyncio.sleep(0), heads, None)  # type: ignore[arg-type]
     commit.client = FakeClient(owns)  # type: ignore[assignment]
     return commit, resent, stepped
 
@@ -206,6 +207,7 @@ def test_pause_stops_at_the_limit(monkeypatch: pytest.MonkeyPatch) -> None:
 class FakeWorker:
     def __init__(self) -> None:
         self.samples_ready, self.step_count, self.index = 0, 0, 1
+        self.is_first = False
         self.steps: list[int | None] = []
 
     def step(self, total: int | None = None, lr_step: int | None = None) -> tuple[int, float]:
@@ -223,7 +225,7 @@ def test_step_if_ready_counts_what_it_applied(monkeypatch: pytest.MonkeyPatch, t
     saved: list[int] = []
     monkeypatch.setattr(
         "pmnode.swarm.runner.checkpoint.save",
-        lambda w, root, run, samples, data=None: saved.append(w.step_count),
+        lambda w, root, run, samples, data=None, slots=None: saved.append(w.step_count),
     )
     monkeypatch.setattr("pmnode.swarm.runner.checkpoint.save_run_config", lambda cfg, root: None)
     worker = FakeWorker()
