@@ -31,7 +31,8 @@ from launch import (
 
 from pmnode.data.shards import DataPosition
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("heads")]
+# Many processes (and, below, a joiner) on 2 cores beside another worker: a swarm run can pass 300 s.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("heads"), pytest.mark.timeout(900)]
 
 HEADS, REPLICAS, BATCH = 2, 2, 8
 
