@@ -12,7 +12,7 @@ from pydantic import BaseModel
 from pmnode.bench.fidelity import compare, is_unconstrained, load_runs
 from pmnode.bench.labels import name_setting, preset_of, setting_of
 from pmnode.config import RunConfig
-from pmnode.config.sections import PRESETS
+from pmnode.config.presets import PRESETS
 from pmnode.core.codecs import wire_bytes
 
 COSTS_FILE = Path(__file__).with_name("fidelity_costs.json")

@@ -9,7 +9,7 @@ default then, unless the variant is `default`/`default@d`, which only exist sinc
 from __future__ import annotations
 
 from pmnode.bench.variants import parse_variant
-from pmnode.config.sections import PRESETS
+from pmnode.config.presets import PRESETS
 
 # Short names of the settings a preset governs, for legends: what each adds to the paper's.
 _SHORT = {

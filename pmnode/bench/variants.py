@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from pmnode.config import RunConfig
-from pmnode.config.sections import switch_preset
+from pmnode.config.presets import switch_preset
 from pmnode.core.train import config_for
 from pmnode.errors import ConfigError
 

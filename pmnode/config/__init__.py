@@ -1,6 +1,7 @@
 """Run configuration: what a swarm agrees on (RunConfig, loaded from YAML) and what one machine
 chooses for itself (MachineConfig)."""
 
+from pmnode.config.machine import MachineConfig
 from pmnode.config.replica_sync import ReplicaSyncConfig
 from pmnode.config.run import (
     MOVED,
@@ -12,7 +13,6 @@ from pmnode.config.run import (
 )
 from pmnode.config.sections import (
     DataConfig,
-    MachineConfig,
     ModelConfig,
     OptimConfig,
     SubspaceConfig,

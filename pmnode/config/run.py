@@ -13,9 +13,9 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 import pmnode.configs
+from pmnode.config.presets import PRESET_CODEC, switch_preset
 from pmnode.config.replica_sync import ReplicaSyncConfig
 from pmnode.config.sections import (
-    PRESET_CODEC,
     DataConfig,
     ModelConfig,
     OptimConfig,
@@ -23,7 +23,6 @@ from pmnode.config.sections import (
     SwarmConfig,
     TrainConfig,
     _Strict,
-    switch_preset,
 )
 from pmnode.core.split import free_layer_range
 from pmnode.errors import ConfigError

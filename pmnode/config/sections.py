@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from pmnode.config.presets import PRESET_RATIO, PRESETS
 from pmnode.errors import ConfigError
 
 
@@ -58,29 +59,6 @@ class ModelConfig(_Strict):
         return max(32, round(8 * self.d_model / 3 / 32) * 32)
 
 
-# What a preset sets when the config leaves it unset. remedy: the fidelity study's best boundary
-# (docs/benchmarks/fidelity: full width inside a stage, stage-local token/pair/triple tables, 8-bit
-# coefficients at 4x the rank); paper: arXiv 2506.01260's constraint, every write in span(U), fp32.
-PRESETS: dict[str, dict[str, object]] = {
-    "remedy": {"constrain": "boundaries", "stage_embeddings": True, "stage_bigrams": 4096, "stage_ngrams": 3},
-    "paper": {"constrain": "layers", "stage_embeddings": False, "stage_bigrams": 0, "stage_ngrams": 2},
-}
-PRESET_CODEC = {"remedy": "subspace:int8", "paper": "subspace"}  # the codec when `codec` is unset
-PRESET_RATIO = {"remedy": 8, "paper": 16}  # d / k when neither compression_rank nor _ratio is set
-
-
-def switch_preset(sub: dict, new: dict) -> dict:
-    """`sub` (a dumped subspace section, every field filled) updated with `new`. When `new` changes
-    the preset, the settings a preset governs are dropped unless `new` sets them, so the new preset
-    fills them: `+subspace.preset=paper` is the paper's constraint exactly, whatever tables the
-    loaded config had (a dump cannot tell a file's explicit choice from its preset's value)."""
-    out = dict(sub)
-    if new.get("preset", out.get("preset", "remedy")) != out.get("preset", "remedy"):
-        out = {k: v for k, v in out.items() if k not in PRESETS["paper"]}
-    out.update(new)
-    return out
-
-
 class SubspaceConfig(_Strict):
     """The Protocol Models subspace: basis U (d x k) and frozen token table F (vocab x d)."""
 
@@ -90,9 +68,9 @@ class SubspaceConfig(_Strict):
     preset: Literal["remedy", "paper"] = Field(
         "remedy",
         description="Defaults for constrain, the stage tables, the codec's precision and k when the "
-        "config leaves them unset. remedy (measured best, docs/benchmarks/fidelity): constrain "
-        "boundaries, stage_embeddings, stage_bigrams 4096, stage_ngrams 3, codec subspace:int8, k = d/8. "
-        "paper (arXiv 2506.01260): constrain layers, no tables, codec subspace (fp32), k = d/16.",
+        "config leaves them unset. remedy (measured best, docs/benchmarks/fidelity): constrain boundaries,"
+        " stage_embeddings, stage_bigrams 4096, stage_ngrams 3, codec subspace:int8, k = d/8. paper (arXiv"
+        " 2506.01260): constrain layers, no tables, codec subspace (fp32), k = d/16.",
     )
     seed: int = Field(
         1234, ge=0, description="The one integer U and F are derived from; held by the coordinator."
@@ -118,9 +96,9 @@ class SubspaceConfig(_Strict):
     stage_embeddings: bool = Field(
         False,
         description="Unset: the preset's. Every stage after the head adds a trainable token embedding "
-        "(zero at init) to the stream it receives: token features it would otherwise need "
-        "from the k coefficients. Costs vocab x k (layers) or vocab x d (boundaries) "
-        "parameters per stage, no bytes on the wire.",
+        "(zero at init) to the stream it receives: token features it would otherwise need from the k "
+        "coefficients. Costs vocab x k (layers) or vocab x d (boundaries) parameters per stage, no bytes "
+        "on the wire.",
     )
     stage_bigrams: int = Field(
         0,
@@ -135,17 +113,16 @@ class SubspaceConfig(_Strict):
         ge=2,
         le=4,
         description="Unset: the preset's. With stage_bigrams: the longest run of tokens a stage embeds. "
-        "2: pairs only; 3 and 4 add hashed tables (stage_bigrams rows each) of the last 3 and"
-        " 4 tokens: more local context computed from the ids every stage has, no bytes on the"
-        " wire.",
+        "2: pairs only; 3 and 4 add hashed tables (stage_bigrams rows each) of the last 3 and 4 tokens: "
+        "more local context computed from the ids every stage has, no bytes on the wire.",
     )
     constrain: Literal["layers", "boundaries"] = Field(
         "layers",
         description="Unset: the preset's. layers: every residual write of a constrained layer lies in "
-        "span(U), so the stream is F[tok] + span(U) between all layers (the paper's); "
-        "boundaries: layers write at full width and the stream is projected onto F[tok] + "
-        "span(U) only where a stage ends (the codec's encode is that projection), so the "
-        "layers inside a stage keep their width. Both send k numbers per token.",
+        "span(U), so the stream is F[tok] + span(U) between all layers (the paper's); boundaries: layers "
+        "write at full width and the stream is projected onto F[tok] + span(U) only where a stage ends "
+        "(the codec's encode is that projection), so the layers inside a stage keep their width. Both send"
+        " k numbers per token.",
     )
 
     @model_validator(mode="before")
@@ -319,22 +296,3 @@ class SwarmConfig(_Strict):
     def inflight_limit(self) -> int:
         """The most micro-batches that can be in flight: max_inflight, or the bound when it is auto."""
         return self.inflight_bound if self.max_inflight == "auto" else self.max_inflight
-
-
-class MachineConfig(_Strict):
-    """What one machine chooses for itself (command-line flags, never part of a RunConfig)."""
-
-    device: str = Field("cpu", description="torch device: cpu, cuda, cuda:N.")
-    threads: int | None = Field(None, ge=1, description="torch threads; None keeps torch's default.")
-    autocast_bf16: bool = Field(False, description="Run the layers under bf16 autocast (for GPUs).")
-    optimizer_state: Literal["fp32", "int8"] = Field(
-        "fp32", description="AdamW's moments in fp32 (8 B/parameter) or 8-bit blocks (2 B, core.adam8)."
-    )
-    checkpoint_layers: bool = Field(
-        False, description="Recompute each layer's activations in the backward instead of keeping them."
-    )
-    fused_adam: bool | None = Field(None, description="torch's fused AdamW kernel; None: on for CUDA.")
-    memory_limit: int | None = Field(
-        None, ge=1, description="Bytes this node may use for its stage; None: the device's memory."
-    )
-    data: str | None = Field(None, description="This machine's copy of the corpus; None: data.source.")
