@@ -99,14 +99,20 @@ def markdown(table: list[ScaleRow], runs: list[RunResult], title: str) -> str:
     ]
     for r in table:
         cut = "" if r.complete else " (cut short)"
-        ratio = f"1/{1 / r.fp16_ratio:,.0f}" if r.fp16_ratio else "-"
+        ratio = (
+            "-"
+            if not r.fp16_ratio
+            else (f"{r.fp16_ratio:.1f}x" if r.fp16_ratio >= 1 else f"1/{1 / r.fp16_ratio:,.0f}")
+        )
         lines.append(
             f"| {r.label}{cut} | `{r.variant}` | {r.replicas} | {r.tokens / 1e6:.2f}M | {r.heldout_loss:.4f} "
             f"| {_pct(r.gap)} | {r.bytes_per_round:,} | {ratio} |"
         )
     lines += ["", "Token-matched held-out loss (gap against exact sums in brackets):", ""]
     points = [
-        p for p in (250_000, 500_000, 1_000_000, 2_000_000, 5_000_000) if any(r.tokens >= p for r in runs)
+        p
+        for p in (100_000, 200_000, 300_000, 500_000, 1_000_000, 2_000_000, 5_000_000)
+        if any(r.tokens >= p for r in runs)
     ]
     lines += ["| run | " + " | ".join(f"{p / 1e6:g}M" for p in points) + " |", "|---|" + "---|" * len(points)]
     exact = {sync_settings(r.variant)[0]: r for r in runs if r.replicas == 1}
@@ -148,7 +154,7 @@ def has_replicas(out: Path) -> bool:
 
 
 def write_report(out: Path, title: str) -> list[ScaleRow]:
-    runs = load_runs(out)
+    runs = sorted(load_runs(out), key=lambda r: (r.replicas, r.variant))  # exact sums first
     table = rows(runs)
     (out / "results.json").write_text(
         json.dumps(
