@@ -14,6 +14,7 @@ from pydantic import BaseModel
 
 from pmnode.bench.fidelity import RunResult, load_runs, loss_at
 from pmnode.bench.variants import parse_variant
+from pmnode.config import ReplicaSyncConfig
 
 
 class ScaleRow(BaseModel):
@@ -41,13 +42,11 @@ def sync_settings(variant: str) -> tuple[str, dict]:
 
 def label(run: RunResult) -> str:
     _, sync = sync_settings(run.variant)
-    if run.replicas == 1 or sync.get("method", "step") == "step":
+    cfg = ReplicaSyncConfig.model_validate(sync)  # the shipped configs set no replica_sync: its defaults
+    if run.replicas == 1 or cfg.method == "step":
         return f"exact sums, R = {run.replicas}"
-    comp = sync.get("compressor", "topk")
     extra = [f"{k.removeprefix('topk_')}={v}" for k, v in sync.items() if k.startswith(("topk_", "outer_"))]
-    return f"R={run.replicas} {comp} H={sync.get('inner_steps', 50)}" + (
-        f" {' '.join(extra)}" if extra else ""
-    )
+    return " ".join([f"R={run.replicas} {cfg.compressor} H={cfg.inner_steps}", *extra])
 
 
 def rows(runs: list[RunResult]) -> list[ScaleRow]:
@@ -55,6 +54,8 @@ def rows(runs: list[RunResult]) -> list[ScaleRow]:
     out = []
     for r in runs:
         base_variant, sync = sync_settings(r.variant)
+        cfg = ReplicaSyncConfig.model_validate(sync)
+        outer = cfg.method == "outer"
         base = exact.get(base_variant)
         gap = None
         if base is not None and r is not base:
@@ -67,9 +68,9 @@ def rows(runs: list[RunResult]) -> list[ScaleRow]:
                 variant=r.variant,
                 label=label(r),
                 replicas=r.replicas,
-                method=sync.get("method", "step"),
-                compressor=sync.get("compressor", "topk") if sync.get("method") == "outer" else None,
-                inner_steps=sync.get("inner_steps", 50) if sync.get("method") == "outer" else None,
+                method=cfg.method,
+                compressor=cfg.compressor if outer else None,
+                inner_steps=cfg.inner_steps if outer else None,
                 tokens=r.tokens,
                 heldout_loss=r.heldout_loss,
                 gap=gap,
