@@ -17,7 +17,7 @@ A replica that joins copies θ̄ (the stage's state as of the last outer step) a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +33,11 @@ class Share:
     round: int
     samples: int
     tensors: list[Compressed]
+    # decoded tensors by parameter shapes: replicas in one process (the benchmark's lanes) decode a
+    # share once, not once each; the decoded tensors are read, never written
+    decoded: dict[tuple[tuple[int, ...], ...], list[Tensor]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     def nbytes(self) -> int:
         return sum(c.nbytes() for c in self.tensors)
@@ -96,7 +101,12 @@ class OuterSync:
             raise Malformed(f"negative sample count {share.samples}")
         if len(share.tensors) != len(self.shapes):
             raise Malformed(f"{len(share.tensors)} tensors where {len(self.shapes)} were due")
-        return [decompress(c, s, self.cfg) for c, s in zip(share.tensors, self.shapes, strict=True)]
+        key = tuple(self.shapes)
+        if key not in share.decoded:
+            share.decoded[key] = [
+                decompress(c, s, self.cfg) for c, s in zip(share.tensors, self.shapes, strict=True)
+            ]
+        return share.decoded[key]
 
     @torch.no_grad()
     def finish(self, shares: list[Share]) -> None:
