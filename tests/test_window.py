@@ -28,10 +28,12 @@ def test_auto_window_is_rate_times_round_trip() -> None:
     assert auto_window(rtt, rate=0.0, bound=64) == 1
 
 
-def emulate(stage_rates: list[float], capacity: float, rtt: float, sizings: int) -> list[int]:
+def emulate(
+    stage_rates: list[float], capacity: float, rtt: float, sizings: int, start: int = 8, bound: int = 256
+) -> list[int]:
     """The sizes an emulated pipeline gets: `rtt` s round trip, `capacity` micro-batches/s at most,
     a sizing every 2 s on a fake clock, micro-batches of one sample."""
-    sizer = InflightSizer(micro=1, bound=256, start=8)
+    sizer = InflightSizer(micro=1, bound=bound, start=start)
     sizes, now = [], 0.0
     sizer.update(stage_rates, now)
     for _ in range(sizings):
@@ -132,3 +134,41 @@ def test_auto_never_goes_below_one_step() -> None:
         now += 2.0
         assert sizer.update([500.0], now) >= 8
     assert sizer.size == 8
+
+
+def delivered(window: int, capacity: float, rtt: float) -> float:
+    """Micro-batches/s a fixed window gets through the emulated pipeline (Little's law, capped)."""
+    return min(window / rtt, capacity)
+
+
+def test_auto_is_the_default() -> None:
+    sw = RunConfig.model_validate({}).swarm
+    assert sw.max_inflight == "auto" and sw.inflight_limit == sw.inflight_bound == 256
+
+
+def test_auto_does_not_slow_an_unlimited_link() -> None:
+    """Unshaped links: the round trip is compute only (4 stages x 2 ms), far below one step's worth of
+    micro-batches at the pipeline's rate, so auto stays at its start (one step, at least one per
+    stage), never below the old fixed default of 4, and delivers what the pipeline can."""
+    rtt, capacity = emulated_rtt(4, 0.0, 0.002), 100.0  # 8 ms; the bandwidth-delay product is 0.8
+    sizes = emulate([400.0, 400.0, 400.0, 400.0], capacity, rtt, sizings=12, start=8)
+    assert sizes == [8] * 12  # never above what covers the round trip, never below the floor
+    assert delivered(min(sizes), capacity, rtt) == delivered(4, capacity, rtt) == capacity
+
+
+def test_auto_covers_a_slow_links_round_trip() -> None:
+    """80 Mbit/s + 50 ms links: the round trip (308 ms) needs 2 x 100/s x 0.308 = 62 in flight. The
+    ramp (x1.5 per sizing while the delivered rate grows) gets there in 5 sizings (10 s); from then
+    on the pipeline runs at its capacity, where the old fixed 4 got 13/s."""
+    rtt, capacity = emulated_rtt(4, 0.050, 0.002), 100.0
+    sizes = emulate([400.0, 400.0, 400.0, 400.0], capacity, rtt, sizings=12, start=8)
+    assert sizes[:5] == [12, 18, 27, 41, 62]
+    assert min(sizes[4:]) == auto_window(rtt, capacity, 256) == 62
+    assert delivered(sizes[-1], capacity, rtt) == capacity
+    assert delivered(4, capacity, rtt) == pytest.approx(4 / 0.308)  # 13/s: 0.13 of capacity
+
+
+def test_auto_never_exceeds_its_bound() -> None:
+    """A round trip that would call for 616 in flight (1 s links, 100/s): held at inflight_bound."""
+    sizes = emulate([400.0] * 4, 100.0, emulated_rtt(4, 0.5, 0.002), sizings=20, start=8, bound=96)
+    assert max(sizes) == sizes[-1] == 96

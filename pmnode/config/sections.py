@@ -239,9 +239,11 @@ class SwarmConfig(_Strict):
         "samples, so it equals pmnode train at that batch.",
     )
     max_inflight: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
-        4,
-        description="Micro-batches a head keeps in flight at once, or auto: enough to cover the measured "
-        "round trip at the slowest stage's service rate (pmnode.swarm.window), at most inflight_bound.",
+        "auto",
+        description="Micro-batches a head keeps in flight at once, or auto (the default): sync keeps a "
+        "whole step in flight; async starts at one step (at least one per stage) and grows to cover the "
+        "measured round trip at the slowest stage's service rate (pmnode.swarm.window), at most "
+        "inflight_bound.",
     )
     inflight_bound: int = Field(
         256, ge=1, description="The most micro-batches max_inflight auto keeps in flight."
