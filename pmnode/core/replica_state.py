@@ -47,12 +47,55 @@ def max_state_bytes(worker: StageWorker) -> int:
     return 8 * weights + 2**26  # fp32 moments of bf16 weights are 4x alone: leave room
 
 
-def load_state_tensors(worker: StageWorker, tensors: dict[str, Tensor], meta: dict[str, int | str]) -> None:
-    """Compute thread: become the replica these are of; gradients accumulated here are void.
-    Nothing is loaded unless every float in the copy is finite (bulk chunks skip the wire's check)."""
+_PER_WEIGHT = ("exp_avg", "exp_avg_sq")  # AdamW's moments: the weight's shape (8-bit ones pad blocks)
+_PADDING = 4096  # entries an 8-bit optimizer's blocks may add to a weight's
+
+
+def check_state(
+    worker: StageWorker, tensors: dict[str, Tensor], meta: dict[str, int | str], step: int | None = None
+) -> None:
+    """A copy must be of this stage as it is laid out here, finite, and (`step`) of the step asked for;
+    PmnodeError otherwise, before anything is loaded: a sender is a certified replica, not a trusted one
+    (torch's load_state_dict would copy the tensors that fit before it complains about one that does not)."""
     for name, t in tensors.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise PmnodeError(f"replica state refused: {name} holds NaN or infinite values")
+    ours = {_MODEL + k: v for k, v in worker.stage.state_dict().items()}
+    theirs = {k: v for k, v in tensors.items() if k.startswith(_MODEL)}
+    if theirs.keys() != ours.keys():
+        odd = sorted(theirs.keys() ^ ours.keys())[:3]
+        raise PmnodeError(f"replica state refused: its weights are not this stage's ({odd})")
+    for name, t in theirs.items():
+        if t.shape != ours[name].shape or t.dtype != ours[name].dtype:
+            raise PmnodeError(f"replica state refused: {name} is {t.dtype} {tuple(t.shape)}")
+    params = [p for g in worker.optimizer.param_groups for p in g["params"]]
+    own = worker.optimizer.state_dict()["state"]
+    for name, t in tensors.items():
+        if not name.startswith(_OPTIM):
+            continue
+        idx, key = name[len(_OPTIM) :].split("/", 1)
+        if not idx.isdigit() or int(idx) >= len(params):
+            raise PmnodeError(f"replica state refused: optimizer state {name} of no weight here")
+        mine = own.get(int(idx), {}).get(key)
+        p = params[int(idx)]
+        if isinstance(mine, Tensor):
+            bad = t.shape != mine.shape or t.dtype != mine.dtype
+        else:  # this replica has not stepped yet: what every optimizer here keeps per weight
+            bad = t.numel() > p.numel() + _PADDING or (key in _PER_WEIGHT and t.shape != p.shape)
+        if bad:
+            raise PmnodeError(f"replica state refused: optimizer state {name} is {t.dtype} {tuple(t.shape)}")
+    got = meta.get("step")
+    if not isinstance(got, int) or isinstance(got, bool) or got < 0 or (step is not None and got != step):
+        asked = f", not {step}" if step is not None else ""
+        raise PmnodeError(f"replica state refused: of step {got!r}{asked}")
+
+
+def load_state_tensors(
+    worker: StageWorker, tensors: dict[str, Tensor], meta: dict[str, int | str], step: int | None = None
+) -> None:
+    """Compute thread: become the replica these are of; gradients accumulated here are void.
+    Nothing is loaded unless the copy passes `check_state` (bulk chunks skip the wire's checks)."""
+    check_state(worker, tensors, meta, step)
     model = {k[len(_MODEL) :]: v for k, v in tensors.items() if k.startswith(_MODEL)}
     state: dict[int, dict[str, Any]] = {}
     for name, t in tensors.items():

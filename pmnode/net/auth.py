@@ -148,7 +148,7 @@ class Verifier:
 MAX_PEERS = 4096  # entries per table of the Guard (certificates, buckets, strikes, bans)
 
 
-def _room(table: dict[str, Any], key: str) -> None:
+def _room(table: dict[Any, Any], key: object) -> None:
     """Make room for `key` in a per-peer table: beyond MAX_PEERS the entry written longest ago goes, so
     many peer ids (any token holder can make more) cannot grow a node's memory without end."""
     while key not in table and len(table) >= MAX_PEERS:
@@ -181,6 +181,9 @@ class Guard:
         self.banned: dict[str, float] = {}  # caller -> until (monotonic)
         self.rejected: Counter[str] = Counter()  # reason -> count
         self.bans = 0
+        # slot -> the newest head certificate shown for it: the coordinator issues a slot to one head at
+        # a time, so an older certificate of that slot is a head it has since replaced (roles: HEAD)
+        self.heads: dict[int, Cert] = {}
 
     def hello(self, cert: Cert, caller: str) -> None:
         until = self.banned.get(caller)
@@ -195,6 +198,32 @@ class Guard:
             raise
         _room(self.members, caller)
         self.members[caller] = cert
+        self.saw_head(cert)
+
+    def saw_head(self, cert: Cert) -> None:
+        """Keep the newest head certificate of each slot (a later issue expires later: the TTL is fixed)."""
+        known = self.heads.get(cert.slot)
+        if cert.stage == 0 and (known is None or cert.expires > known.expires):
+            _room(self.heads, cert.slot)
+            self.heads[cert.slot] = cert
+
+    def admit_head(self, caller: str) -> str | None:
+        """None to admit `caller` as a current head (prepare, apply, reset, resend); else the reason.
+        A certified member of another stage, or a head whose slot the coordinator has since given to
+        another peer, is refused and struck: it holds a certificate, so the call is no honest mistake."""
+        reason = self._refuse(caller, 0, time.monotonic())
+        cert = self.members.get(caller)
+        if reason is None and cert is not None:
+            newest = self.heads.get(cert.slot, cert)
+            if newest.peer_id != caller and newest.expires > cert.expires:
+                reason = "not the head"  # its slot was given to another head since
+        elif reason == "unauthorized" and cert is not None and cert.expires >= time.time():
+            reason = "not the head"  # a certified member of another stage
+        if reason is not None:
+            self.rejected[reason] += 1
+            if reason == "not the head":
+                self.strike(caller)
+        return reason
 
     def admit(self, caller: str, from_stage: int | None = None) -> str | None:
         """None to admit; otherwise the reason to refuse. `from_stage`: the stage callers must serve."""

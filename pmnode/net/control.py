@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pmnode.data.shards import DataPosition
 from pmnode.errors import PmnodeError
 from pmnode.net import tunnel
-from pmnode.net.auth import AuthError, Cert
+from pmnode.net.auth import AuthError, Cert, canonical
 
 JOIN_RPC = "pmnode.coord.join"  # fixed name: a joining node does not know the run yet
 
@@ -181,12 +181,30 @@ class Reset(BaseModel):
     step: int
 
 
-class Done(BaseModel):
-    """Stage -> the next stage's replicas: training is over (each passes it on)."""
+class DoneSeal(BaseModel):
+    """The head's own word that the run is over, signed with the key its certificate names: a stage
+    passes it on unchanged, so no member of a stage before can stop the stages after it."""
 
     model_config = ConfigDict(extra="forbid")
 
-    reason: str = "finished"
+    run: str = Field(max_length=256)
+    head: str = Field(max_length=128)  # the head's peer id
+    step: int  # the step the head stopped at
+    time: float  # unix time the head sealed it
+    cert: Cert  # the head's certificate (stage 0)
+    sig: str = Field("", max_length=4096)
+
+    def body(self) -> bytes:
+        return canonical(self.model_dump(exclude={"sig", "cert"}))
+
+
+class Done(BaseModel):
+    """Stage -> the next stage's replicas: training is over (each passes it on with the head's seal)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field("finished", max_length=256)
+    seal: DoneSeal | None = None
 
 
 class Ack(BaseModel):

@@ -37,7 +37,7 @@ class Admission(Enum):
 
     ANYONE = "anyone"  # the handler checks what the caller shows (hello: its certificate)
     PREVIOUS_STAGE = "a certified member of the stage before this one"
-    HEAD = "the head"
+    HEAD = "the head"  # a current head: its slot not given to another since (Guard.admit_head)
     SAME_STAGE = "a certified replica of this node's stage"
 
     def refuse(self, guard: Guard, caller: str) -> str | None:
@@ -45,7 +45,7 @@ class Admission(Enum):
         if self is Admission.ANYONE:
             return None
         if self is Admission.HEAD:
-            return guard.admit(caller, from_stage=0)
+            return guard.admit_head(caller)
         if self is Admission.SAME_STAGE:
             return guard.admit(caller, from_stage=guard.stage)
         return guard.admit(caller)

@@ -23,6 +23,7 @@ from pmnode.net.wire import MessageHeader, WireError
 from pmnode.swarm.context import NodeContext
 from pmnode.swarm.downstream import Downstream
 from pmnode.swarm.replay import ReplayWindow
+from pmnode.swarm.roles import check_done
 
 RPCS = (HELLO, FORWARD, EVAL, DONE)
 UPSTREAM_SEEN = 30.0  # seconds a caller counts as upstream on the panel after its last micro-batch
@@ -36,6 +37,7 @@ class StageHandler:
         self.upstream: dict[str, float] = {}  # caller -> when it last sent us a micro-batch
         self.last_loss: float | None = None  # the tail's loss of its last micro-batch
         self.done = asyncio.Event()
+        self.ended: Done | None = None  # the head's sealed `done`, to pass on
         # sync: the commit participant's wait for a step (set by the node); None: never wait
         self.reach: Callable[[int, float], Awaitable[bool]] | None = None
 
@@ -48,6 +50,8 @@ class StageHandler:
         return Hello(cert=self.cert())
 
     async def rpc_done(self, req: Done, caller: str) -> Ack:
+        # only the head ends the run: its seal, checked here, passed on unchanged (swarm.roles)
+        self.ended = check_done(req, self.ctx.verifier, self.guard, caller)
         self.done.set()
         return Ack()
 

@@ -10,7 +10,6 @@ from pmnode.net import tunnel
 from pmnode.net.auth import Guard
 from pmnode.net.callproof import Identity
 from pmnode.net.checks import GradScale
-from pmnode.net.control import Done
 from pmnode.net.forwarder import Forwarder
 from pmnode.net.reach import Reachability
 from pmnode.net.relay import connect_known, reach_out
@@ -34,6 +33,7 @@ from pmnode.swarm.outer_loop import OuterLoop, outer_rounds
 from pmnode.swarm.participant import CommitParticipant
 from pmnode.swarm.pauses import Pauses
 from pmnode.swarm.replicas import Replicas
+from pmnode.swarm.roles import seal_done
 
 
 class Parts:
@@ -77,6 +77,7 @@ class Parts:
         self.handler = StageHandler(ctx, self.downstream, self.guard, membership.current)
         self.participant = CommitParticipant(ctx, self.downstream, self.replicas)
         self.participant.strike = self.guard.strike  # a replica's refused gradient sum is a strike
+        self.participant.refused = self.guard.rejected  # ...and counted with the node's other refusals
         self.handler.reach = self.participant.reach
         self.pauses = Pauses(ctx, self.view, self._resumed)
         self.head = HeadDriver(
@@ -174,6 +175,8 @@ class Parts:
         if self.ctx.runner.worker.is_first and self.head.group.many and not await self._last_head():
             return
         client = Client(self.ctx.p2p, self.ctx.cfg.name)
+        ctx, me = self.ctx, Identity(self.membership.key, self.membership.current)
+        done = self.handler.ended or seal_done(me, ctx.cfg.name, ctx.peer_id, ctx.runner.step)
         told: set[str] = set()
         for i in range(passes):
             await self.downstream.refresh()
@@ -182,7 +185,7 @@ class Parts:
                     continue
                 try:
                     await self.downstream.greet(rec.peer_id)  # a replica that never got a micro-batch from us
-                    await client.call(DONE, rec.peer_id, Done(), timeout=10)
+                    await client.call(DONE, rec.peer_id, done, timeout=10)
                     told.add(rec.peer_id)
                 except PmnodeError as e:
                     if i == passes - 1:

@@ -100,7 +100,7 @@ class Replicas:
             got, peer = await self.fetch_state(peers, at_step=step)
         except TransferError as e:
             raise PmnodeError(f"stage {ctx.stage}: no replica at step {step} to catch up from ({e})") from e
-        await ctx.runner.load_state(got)
+        await ctx.runner.load_state(got, at_step=step)  # a copy of another step is refused, not loaded
         if self.adopted is not None:  # sync with outer rounds: the copy's last outer step, too
             adopted = self.adopted
             await ctx.runner.run(lambda: adopted(unpack(got.manifest, got.buffer), got.manifest.meta))

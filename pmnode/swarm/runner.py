@@ -259,12 +259,13 @@ class StageRunner:
     async def step_if_ready(self) -> None:
         await self.run(self._step_if_ready)
 
-    async def load_state(self, got: Received, keep_step: bool = False) -> None:
-        """Become the replica this state was copied from; `keep_step`: this replica's own step count stays."""
+    async def load_state(self, got: Received, keep_step: bool = False, at_step: int | None = None) -> None:
+        """Become the replica this state was copied from (checked first; `at_step`: the step it must be
+        of); `keep_step`: this replica's own step count stays."""
 
         def job() -> None:
             step = self.worker.step_count
-            load_state_tensors(self.worker, unpack(got.manifest, got.buffer), got.manifest.meta)
+            load_state_tensors(self.worker, unpack(got.manifest, got.buffer), got.manifest.meta, at_step)
             if keep_step:
                 self.worker.step_count = step
 
