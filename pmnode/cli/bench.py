@@ -188,18 +188,48 @@ def bench_swarm_cmd(
 
 @bench_app.command("time-to-loss")
 def bench_time_to_loss(
-    convergence: Annotated[Path, typer.Option(help="A `pmnode bench convergence` output directory.")],
-    swarm: Annotated[Path, typer.Option(help="A `pmnode bench swarm` output directory, same config.")],
     out: Annotated[Path, typer.Option(help="Output directory for results.json, results.md and the plot.")],
-    codecs: Annotated[str, typer.Option(help="Codecs present in both, first one is the reference.")] = (
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="Train this config over --link and unlimited (the run mode)."),
+    ] = None,
+    link: Annotated[str, typer.Option(help="Run mode: BANDWIDTH+LATENCY, e.g. 80mbit+50ms.")] = (
+        "80mbit+50ms"
+    ),
+    variants: Annotated[
+        str, typer.Option(help="Run mode: sync, none, nesterov, predict; NAME@N keeps N in flight.")
+    ] = "sync,nesterov",
+    stages: Annotated[int, typer.Option(help="Run mode: pipeline stages, one process each.", min=2)] = 4,
+    steps: Annotated[int | None, typer.Option(help="Run mode: override train.steps.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Run mode: override train.batch_size.")] = None,
+    micro_batch_size: Annotated[int | None, typer.Option(help="Run mode: override micro_batch_size.")] = None,
+    eval_every: Annotated[int | None, typer.Option(help="Run mode: override train.eval_every.")] = None,
+    data: DataOpt = None,
+    convergence: Annotated[
+        Path | None, typer.Option(help="Join mode: a `pmnode bench convergence` output directory.")
+    ] = None,
+    swarm: Annotated[
+        Path | None, typer.Option(help="Join mode: a `pmnode bench swarm` output directory, same config.")
+    ] = None,
+    codecs: Annotated[str, typer.Option(help="Join mode: codecs in both, the first is the reference.")] = (
         "dense,subspace@16"
     ),
-    bandwidth: Annotated[str, typer.Option(help="Which link of the swarm results to use.")] = "80mbit",
+    bandwidth: Annotated[str, typer.Option(help="Join mode: which link of the swarm results.")] = "80mbit",
     target: Annotated[
-        float | None, typer.Option(help="Held-out loss to reach; default: the worst final loss.")
+        float | None,
+        typer.Option(help="Held-out loss to reach; default: sync's final unlimited (run), the worst (join)."),
     ] = None,
 ) -> None:
-    """Steps to a target loss (from convergence curves) x steady-state step time on a link."""
+    """Wall time to a target held-out loss over a link. Run mode (--config): sync and async variants
+    train over --link and over an unlimited link. Join mode (--convergence, --swarm): convergence
+    curves x steady-state tokens/s."""
+    command = " ".join(["pmnode", *sys.argv[1:]])
+    if config is not None:
+        _time_to_loss_runs(config, out, link, variants, stages, steps, batch_size, micro_batch_size,
+                           eval_every, data, target, command)  # fmt: skip
+        return
+    if convergence is None or swarm is None:
+        raise PmnodeError("time-to-loss: give --config (train over the link) or --convergence and --swarm")
     from pmnode.bench.time_to_loss import time_to_loss
     from pmnode.net.shaping import format_bandwidth, parse_bandwidth
 
@@ -210,12 +240,54 @@ def bench_time_to_loss(
         bandwidth=format_bandwidth(parse_bandwidth(bandwidth)),
         target=target,
         out=out,
-        command=" ".join(["pmnode", *sys.argv[1:]]),
+        command=command,
     )
     for r in result["runs"]:
         secs = r["seconds_to_target"]
         console.print(
             f"{r['codec']}: {'not reached' if secs is None else f'{secs:,.0f} s'} to held-out "
             f"{r['target_loss']:.4f} at {r['bandwidth']}",
+            highlight=False,
+        )
+
+
+def _time_to_loss_runs(
+    config: Path,
+    out: Path,
+    link: str,
+    variants: str,
+    stages: int,
+    steps: int | None,
+    batch_size: int | None,
+    micro_batch_size: int | None,
+    eval_every: int | None,
+    data: str | None,
+    target: float | None,
+    command: str,
+) -> None:
+    """The run mode: resumes from OUT/results.json (runs already there are kept)."""
+    from pmnode.bench import link_ttl
+
+    train = {k: v for k, v in (("batch_size", batch_size), ("micro_batch_size", micro_batch_size),
+                                ("eval_every", eval_every)) if v is not None}  # fmt: skip
+    base = load_config(config)
+    tail = min(base.subspace.uncompressed_tail_layers, base.model.n_layers // stages)
+    cfg = load_with_overrides(
+        config,
+        steps=steps,
+        data=data,
+        n_stages=stages,
+        stage_layers=None,
+        train=train,
+        subspace={"uncompressed_tail_layers": tail},
+    )
+    names = [v.strip() for v in variants.split(",") if v.strip()]
+    result = link_ttl.bench(cfg, out=out, link=link, variants=names, stages=stages, target=target,
+                            command=command, title=f"{config}", console=console)  # fmt: skip
+    for r in result.get("rows", []):
+        secs = r["seconds_to_target"]
+        console.print(
+            f"{r['variant']} over {r['link']}: held-out {r['heldout_loss']:.4f}, {r['tokens_per_s']:,.0f} "
+            f"tokens/s, {'not reached' if secs is None else f'{secs:,.0f} s'} to {result['target']:.4f}",
             highlight=False,
         )
