@@ -24,6 +24,7 @@ from pmnode.config.sections import (
     TrainConfig,
     _Strict,
 )
+from pmnode.config.trust import TrustConfig
 from pmnode.core.split import free_layer_range
 from pmnode.errors import ConfigError
 
@@ -57,6 +58,9 @@ class RunConfig(_Strict):
     swarm: SwarmConfig = Field(default_factory=SwarmConfig, description="Pipeline schedule of a swarm.")
     replica_sync: ReplicaSyncConfig = Field(
         default_factory=ReplicaSyncConfig, description="How the replicas of a stage stay one model."
+    )
+    trust: TrustConfig = Field(
+        default_factory=TrustConfig, description="Spot checks of the compute of stage 1's replicas."
     )
 
     @model_validator(mode="before")

@@ -35,8 +35,10 @@ from pmnode.swarm.downstream import Downstream
 from pmnode.swarm.heads import HeadGroup
 from pmnode.swarm.membership import SwarmView
 from pmnode.swarm.participant import CommitParticipant
+from pmnode.swarm.spot_checks import SpotChecker
 
 FAILED_FOR = 10.0  # seconds a replica that failed a commit is left out of the next tries
+MAX_REDOS = 5  # times one step is computed again for spot checks that found a lie
 
 
 @dataclass
@@ -89,6 +91,8 @@ class StepCommit:
         self.failed_at: dict[str, float] = {}  # replica -> when a commit last failed with it
         self.reissued = 0  # micro-batches sent again after losing a replica
         self.applying: asyncio.Future | None = None  # the last step's apply replies, still coming
+        self.spot: SpotChecker | None = None  # the head's spot checks: liars are left out, a step redone
+        self.redone: list[int] = []  # steps computed again after a spot check (a ban, or undecided)
 
     async def settle(self) -> None:
         """Wait for the last apply's replies: every stage has stepped (before an evaluation)."""
@@ -102,8 +106,13 @@ class StepCommit:
         stages = list(range(1, self.ctx.cfg.n_stages))
         deadline = time.monotonic() + self.ctx.cfg.swarm.request_timeout
         while True:
+            if self.spot is not None:  # every check of the step has its verdict before it counts
+                await self.spot.settle()
             now = time.monotonic()
-            members = {s: [r.peer_id for r in self.view.members.get(s, [])] for s in stages}
+            liars = set(self.spot.banned()) if self.spot is not None else set()
+            members = {
+                s: [r.peer_id for r in self.view.members.get(s, []) if r.peer_id not in liars] for s in stages
+            }
             peers = live_peers(members, self.failed_at, now)
             empty = [s for s in stages if not peers[s]]
             if empty and self.view.empty():
@@ -129,6 +138,12 @@ class StepCommit:
                 if t.twice or t.held - expected:  # counted twice, or a micro-batch of a lost head
                     failed |= await self._reset(s, step, peers[s], len(t.twice | (t.held - expected)))
                     missing |= expected
+            if self.spot is not None and self.spot.ledger.take_tainted(step):
+                if self.redone.count(step) < MAX_REDOS:
+                    failed |= await self._redo(step, stages, peers)
+                    missing |= expected
+                else:  # two replicas that keep disagreeing, and no third: training goes on
+                    self.ctx.console.print(f"step {step}: applied after {MAX_REDOS} disagreements undecided")
             if not failed and not missing:
                 everyone = [p for s in stages for p in peers[s]] + [r.peer_id for r in heads]
                 req = Apply(step=step, samples=len(expected) * self.ctx.cfg.train.micro, positions=positions)
@@ -164,6 +179,22 @@ class StepCommit:
         resets = [self.client.call(RESET, p, Reset(step=step)) for p in peers]
         outcome = await asyncio.gather(*resets, return_exceptions=True)
         return {p for p, r in zip(peers, outcome, strict=True) if not isinstance(r, Ack)}
+
+    async def _redo(self, step: int, stages: list[int], peers: dict[int, list[str]]) -> set[str]:
+        """A spot check banned a replica during `step`, or two disagreed with no third to decide: every
+        stage (this head too) drops the step's gradients, bent by the lie wherever it went, and the whole
+        batch goes again (the caller re-sends it), never through a banned replica. Steps applied before
+        are not undone."""
+        self.redone.append(step)
+        self.ctx.console.print(f"step {step}: a spot check found a lie; the step is computed again")
+        await self.downstream.refresh()  # a third replica may have come: it can decide the next check
+        failed: set[str] = set()
+        for s in stages:
+            resets = [self.client.call(RESET, p, Reset(step=step)) for p in peers[s]]
+            outcome = await asyncio.gather(*resets, return_exceptions=True)
+            failed |= {p for p, r in zip(peers[s], outcome, strict=True) if not isinstance(r, Ack)}
+        await self.ctx.runner.run(self.ctx.runner.worker.forget, step)
+        return failed
 
     def _positions(self, step: int) -> dict[int, DataPosition]:
         """Every slot's data position after `step`: the last committed ones, this head's new one."""

@@ -64,6 +64,7 @@ class Downstream:
         self.rng = random.Random()
         self.grad_check, self.grad_scale = grad_check, grad_scale
         self.dropped_gradients = 0
+        self.excluded: Callable[[], list[str]] = list  # replicas never to route to (spot checks' liars)
 
     def new_try(self) -> int:
         return self.rng.randrange(1, NEW_TRY)
@@ -94,8 +95,10 @@ class Downstream:
         header: MessageHeader,
         packet: Packet,
         shape: tuple[int, int] | None = None,
+        served: list[str] | None = None,
     ) -> tuple[MessageHeader, Packet]:
         """Send to a replica of the next stage; on failure try another until request_timeout runs out.
+        `served` gets the replica that answered (by the connection, not by what the reply says).
 
         With `shape` (batch, tokens), the reply must be the gradient of an activation of that shape;
         one that fails the check counts as a failure of that route: it is dropped, never applied,
@@ -103,9 +106,8 @@ class Downstream:
         deadline = time.monotonic() + self.request_timeout
         while True:
             now = time.monotonic()
-            peer = choose_peer(
-                self.records, exclude=self.backoff.skipped(now), rng=self.rng, links=self.links.rates()
-            )
+            skip = self.backoff.skipped(now) + self.excluded()
+            peer = choose_peer(self.records, exclude=skip, rng=self.rng, links=self.links.rates())
             if peer is None:
                 if now > deadline:
                     raise PmnodeError(f"stage {self.stage + 1} has no reachable node")
@@ -128,6 +130,8 @@ class Downstream:
                     await self._check_gradient(rpc, answer[1], shape)
                     self.links.observe(peer.peer_id, time.monotonic() - now, shape[0])
                 self.backoff.ok(peer.peer_id)
+                if served is not None:
+                    served.append(peer.peer_id)
                 return answer
             except Exception as e:  # any failure of this route: mark the peer, try another
                 forgot = isinstance(e, Refused) and e.reason == "unauthorized"

@@ -24,6 +24,7 @@ from pmnode.swarm.context import NodeContext
 from pmnode.swarm.downstream import Downstream
 from pmnode.swarm.replay import ReplayWindow
 from pmnode.swarm.roles import check_done
+from pmnode.swarm.spot_serve import SpotServer
 
 RPCS = (HELLO, FORWARD, EVAL, DONE)
 UPSTREAM_SEEN = 30.0  # seconds a caller counts as upstream on the panel after its last micro-batch
@@ -40,6 +41,7 @@ class StageHandler:
         self.ended: Done | None = None  # the head's sealed `done`, to pass on
         # sync: the commit participant's wait for a step (set by the node); None: never wait
         self.reach: Callable[[int, float], Awaitable[bool]] | None = None
+        self.spot = SpotServer(ctx)  # what it sent, for the head's spot checks (and the `check` RPC)
 
     def recent_upstream(self) -> list[str]:
         now = time.monotonic()
@@ -110,7 +112,7 @@ class StageHandler:
             loss, grad = await runner.tail(mb.key, batch.packet, batch.labels(), samples)
             self.last_loss = loss
             return ctx.header("gradient", mb.wire, loss=loss), grad
-        out = await runner.forward(mb.key, batch.packet, None, samples)
+        out = self.spot.sent(mb, await runner.forward(mb.key, batch.packet, None, samples))
         try:
             reply, grad = await self.downstream.send(
                 FORWARD,

@@ -18,6 +18,7 @@ from torch import Tensor
 from pmnode.data.resolve import open_data
 from pmnode.data.shards import DataPosition, PreparedData, past_other_slots, slot_position
 from pmnode.errors import PmnodeError
+from pmnode.net.auth import Guard
 from pmnode.net.envelope import MicroBatch, MicroBatchId, activation_shape, eval_id
 from pmnode.net.routing import capacity
 from pmnode.net.rpcs import EVAL, FORWARD
@@ -30,6 +31,7 @@ from pmnode.swarm.panel import LogFormat
 from pmnode.swarm.participant import CommitParticipant
 from pmnode.swarm.pauses import Pauses
 from pmnode.swarm.report import Progress
+from pmnode.swarm.spot_checks import SpotChecker
 from pmnode.swarm.window import InflightSizer, Window
 
 RESIZE_EVERY = 2.0  # seconds between window sizings (stage records refresh about as often)
@@ -45,6 +47,7 @@ class HeadDriver:
         log_format: LogFormat,
         rejoined: Callable[[], bool],
         participant: CommitParticipant,
+        guard: Guard,
     ):
         self.ctx, self.downstream, self.view, self.pauses = ctx, downstream, view, pauses
         self.log_format, self.rejoined, self.participant = log_format, rejoined, participant
@@ -53,6 +56,9 @@ class HeadDriver:
         self.group = HeadGroup(ctx, view)  # the other heads (swarm.heads > 1)
         self.group.resend_own = self._resend
         self.commit = StepCommit(ctx, view, downstream, pauses.wait_whole, self.group, participant)
+        self.spot = SpotChecker(ctx, downstream, guard)  # spot checks of stage 1's compute
+        self.commit.spot = self.spot
+        downstream.excluded = self.spot.banned
         self.samples_driven = 0  # samples of this head's own batches, in steps applied
         sw, n_micro = ctx.cfg.swarm, ctx.cfg.train.batch_size // ctx.cfg.train.micro
         # auto: sync keeps a whole step in flight; async starts so (at least one per stage), then
@@ -79,13 +85,19 @@ class HeadDriver:
         t0 = time.perf_counter()
         pkt = await runner.forward(mb.key, None, x, x.shape[0])
         batch = MicroBatch.first(mb.wire, pkt, y, codec.sends_tokens, codec.token_dtype, **meta)
+        served: list[str] = []
         try:
             reply, grad = await self.downstream.send(
-                FORWARD, ctx.header("activation", mb.wire, **meta), batch.wire_packet(), activation_shape(pkt)
+                FORWARD,
+                ctx.header("activation", mb.wire, **meta),
+                batch.wire_packet(),
+                activation_shape(pkt),
+                served=served,
             )
         except BaseException:
             await runner.abandon(mb.key)
             raise
+        self.spot.start(mb, batch.wire_packet(), served[0])  # maybe, in the background; the commit waits
         # In sync the head steps with the commit; in async as soon as its batch is complete.
         await runner.backward(mb.key, grad, x.shape[0])
         if self.sizer is not None:

@@ -34,6 +34,7 @@ from pmnode.swarm.participant import CommitParticipant
 from pmnode.swarm.pauses import Pauses
 from pmnode.swarm.replicas import Replicas
 from pmnode.swarm.roles import seal_done
+from pmnode.swarm.spot_serve import CHECK
 
 
 class Parts:
@@ -78,10 +79,17 @@ class Parts:
         self.participant = CommitParticipant(ctx, self.downstream, self.replicas)
         self.participant.strike = self.guard.strike  # a replica's refused gradient sum is a strike
         self.participant.refused = self.guard.rejected  # ...and counted with the node's other refusals
-        self.handler.reach = self.participant.reach
+        self.handler.reach = self.handler.spot.reach = self.participant.reach
         self.pauses = Pauses(ctx, self.view, self._resumed)
         self.head = HeadDriver(
-            ctx, self.downstream, self.view, self.pauses, opts.log_format, self._rejoined, self.participant
+            ctx,
+            self.downstream,
+            self.view,
+            self.pauses,
+            opts.log_format,
+            self._rejoined,
+            self.participant,
+            self.guard,
         )
         if ctx.runner.worker.is_first and self.head.group.many:
             self.participant.ready = self.head.group.ready  # a head's sum waits for its whole batch
@@ -116,6 +124,8 @@ class Parts:
         await serve_all(self.ctx.p2p, cfg.name, self.handler, handler_mod.RPCS, opts)
         await serve_all(self.ctx.p2p, cfg.name, self.participant, participant_mod.RPCS, opts)
         await serve_all(self.ctx.p2p, cfg.name, self.replicas, (STATE,), opts)
+        if not self.ctx.runner.worker.is_first:
+            await serve_all(self.ctx.p2p, cfg.name, self.handler.spot, (CHECK,), opts)
         if self.ctx.runner.worker.is_first:
             await serve_all(self.ctx.p2p, cfg.name, self.head.group, heads_mod.RPCS, opts)
         if self.outer is not None:

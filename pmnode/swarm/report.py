@@ -9,6 +9,7 @@ writes.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -98,6 +99,7 @@ class NodeSummary(BaseModel):
     peak_memory_bytes: int | None = None  # CUDA: torch's peak allocation; CPU: the process's peak RSS
     tunnelled_in: dict[str, int] = {}  # handler -> calls that reached this node through a relay (net.tunnel)
     relay_forwarded: dict[str, int] | None = None  # a `--relay` member: what its forwarder carried
+    spot_checks: dict[str, Any] | None = None  # head: checks, verdicts, bans; a replica: checks served
     # the head only
     samples_driven: int | None = None  # samples of this head's own batches, in the steps it drove
     data_position: DataPosition | None = None  # where its slot reads next

@@ -123,6 +123,14 @@ class Telemetry:
             return f"head {ctx.slot} of {heads}" if heads > 1 else "head"
         return "tail" if w.is_last else "body"
 
+    def _spot(self) -> dict[str, object]:
+        p = self.parts
+        if p.ctx.runner.worker.is_first:
+            return {**p.head.spot.report(), "steps_redone": p.head.commit.redone}
+        liar = p.handler.spot.liar
+        lies = liar.lies if liar is not None else 0
+        return {"peer_id": p.ctx.peer_id, "checks_served": p.handler.spot.checks, "lies": lies}
+
     def summary(self) -> NodeSummary:
         p, runner = self.parts, self.parts.ctx.runner
         head = p.head.progress
@@ -154,6 +162,7 @@ class Telemetry:
             peak_memory_bytes=peak_memory(runner.worker.device),
             tunnelled_in=dict(tunnel.table(p.ctx.p2p).forwarded),
             relay_forwarded=p.forwarder.counters.total() if p.forwarder is not None else None,
+            spot_checks=self._spot(),
             **extra,  # type: ignore[arg-type]
         )
 
