@@ -79,3 +79,15 @@ def test_a_state_copy_with_nan_is_not_loaded() -> None:
     with pytest.raises(PmnodeError, match="NaN"):
         load_state_tensors(dst, tensors, meta)
     assert all(torch.equal(v, before[k]) for k, v in dst.stage.state_dict().items())
+
+
+def test_a_replicas_sum_far_above_the_recent_median_is_refused() -> None:
+    ours, scale = torch.ones(1000), GradScale(ratio=100.0, warmup=8)
+    total = add_part(None, ours, ours)
+    for i in range(8):  # the median of the parts received lately: about sqrt(1000)
+        total = add_part(total, _received(torch.full((1000,), 1.0 + i / 8)), ours, scale)
+    kept = total.clone()
+    with pytest.raises(WireError, match="median") as e:
+        add_part(total, _received(torch.full((1000,), 500.0)), ours, scale)  # finite, within MAX_ABS
+    assert e.value.reason == "bad gradient" and torch.equal(total, kept)
+    add_part(total, _received(torch.full((1000,), 50.0)), ours, scale)  # 50x the median still passes

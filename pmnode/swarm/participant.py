@@ -20,7 +20,7 @@ from torch import Tensor
 from pmnode.core.codecs import Packet
 from pmnode.errors import PmnodeError
 from pmnode.net.bulk import ALIGN, Ask, BulkServer, Received, Snapshot, TransferError, fetch, pack, unpack
-from pmnode.net.checks import check_samples, check_sum_part
+from pmnode.net.checks import GradScale, check_samples, check_sum_part
 from pmnode.net.control import Ack, Applied, Apply, Prepare, Prepared, Reset
 from pmnode.net.rpcs import APPLY, GRADS, PREPARE, RESET
 from pmnode.net.wire import MessageHeader, WireError
@@ -33,14 +33,19 @@ RPCS = (PREPARE, APPLY, RESET, GRADS)
 GRADS_TIMEOUT = 15.0
 
 
-def add_part(total: Tensor | None, part: Tensor | Received, like: Tensor) -> Tensor:
+def add_part(
+    total: Tensor | None, part: Tensor | Received, like: Tensor, scale: GradScale | None = None
+) -> Tensor:
     """Compute thread: every replica adds the parts in sorted peer order, so their sums (and then
     their weights) stay bit-identical; one part at a time, so memory holds two sums, not all.
     A received part must be a sum like ours (`like`: shape, dtype, finite, bounded), or WireError:
-    bulk chunks skip the wire's checks, and a one-element tensor would broadcast over everything."""
+    bulk chunks skip the wire's checks, and a one-element tensor would broadcast over everything.
+    With `scale`, its norm must also be within the ratio of the recent median of the parts received."""
     if isinstance(part, Received):
         part = unpack(part.manifest, part.buffer).get("g", like.new_empty(0))
         check_sum_part(part, like)
+        if scale is not None:  # one pass over the sum, as cheap as adding it
+            scale.check(float(torch.linalg.vector_norm(part)))
     return part.clone() if total is None else total.add_(part)
 
 
@@ -59,6 +64,8 @@ class CommitParticipant:
         self.own_only = False
         self.waiting: Callable[[], bool] = lambda: False
         self.applies = 0  # commits applied here
+        # the norms of the sums other replicas sent lately: one far above their median is refused
+        self.scale = GradScale(ctx.cfg.swarm.max_grad_ratio)
 
     def _at(self, step: int) -> None:
         if step != self.ctx.runner.step:
@@ -111,7 +118,7 @@ class CommitParticipant:
                     continue
             if not unreachable:
                 try:
-                    total = await ctx.runner.run(add_part, total, part, flat)
+                    total = await ctx.runner.run(add_part, total, part, flat, self.scale)
                 except WireError as e:  # refused before it touched the sum
                     self._refuse(peer, e)
                     unreachable.append(peer)
@@ -148,6 +155,12 @@ class CommitParticipant:
         if self.own_only and not samples:  # none of the step's micro-batches came here: no update
             step = await self.ctx.runner.run(idle_step, self.ctx.runner)
         else:
+            if not self.own_only and req.samples and samples != req.samples:
+                # the count is the head's, who assigned the micro-batches: not what the replicas said
+                self.ctx.say(f"step {req.step}: the replicas count {samples} samples, the head {req.samples}")
+                self.refused["samples not the head's"] += 1
+                self.ctx.runner.samples_off += abs(samples - req.samples)
+                samples = req.samples
             expected = samples if self.own_only else req.samples or None  # own_only: its own part
             step = await self.ctx.runner.apply_sum(total, samples, expected)
         self.applies += 1
