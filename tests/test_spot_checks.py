@@ -136,6 +136,7 @@ def test_a_liar_that_served_is_banned_by_the_third_opinion() -> None:
     assert v == Verdict("liar", "A", ("A", "B"))
     assert c.asked == [("A", "sent"), ("B", "compute"), ("C", "compute")]
     assert banned == ["A"] and c.banned() == ["A"] and "A" in c.guard.banned  # the guard's own ban
+    assert c.guard.bans == 1 and c.guard.ban_after == 20 and c.guard.admit("A") == "banned"
     assert c.ledger.take_tainted(3)  # step 3 is computed again before it is applied
     # from now on A is neither a second nor a third opinion
     c.asked.clear()

@@ -36,10 +36,13 @@ CHECK_TIMEOUT = 30.0
 
 
 def ban_now(guard: Guard, peer: str) -> None:
-    """A proven liar is banned at once: as many strikes as the guard's ban takes."""
-    for _ in range(guard.ban_after + 1):
-        if guard.strike(peer) or peer in guard.banned:
-            return
+    """A proven liar is banned at once: one strike under a threshold of one, so the guard's own ban
+    (bounded tables, ban_seconds, its count) applies; the event loop runs nothing else meanwhile."""
+    limit, guard.ban_after = guard.ban_after, 1
+    try:
+        guard.strike(peer)
+    finally:
+        guard.ban_after = limit
 
 
 class SpotChecker:
