@@ -3,8 +3,8 @@
     hello    JSON  anyone              Hello -> Hello: certificates, both ways, before data calls
     forward  data  the previous stage  a training micro-batch -> its gradient (the tail: and loss)
     eval     data  the previous stage  an evaluation batch -> the held-out loss
-    done     JSON  the previous stage  Done -> Ack: training is over
-    prepare  JSON  the head            Prepare -> Prepared: sum a sync step's gradients with the replicas
+    done     JSON  the previous stage  Done -> Ack: training is over, sealed by the head (swarm.roles)
+    prepare  JSON  a current head      Prepare -> Prepared: sum a sync step's gradients with the replicas
     apply    JSON  the head            Apply -> Applied: step with the prepared sum
     reset    JSON  the head            Reset -> Ack: drop a step's sums; its micro-batches come again
     resend   JSON  a head (to a head)  Resend -> Ack: the leading head asks another to send again
