@@ -313,7 +313,7 @@ async def _attack(work: Path, cfg_path: Path, tag: str, swarm: subprocess.Popen)
         doors = [tunnel.VIA_CALL, tunnel.VIA_STREAM]
         for name in ("hello", "done", "prepare", "apply", "reset", "resend"):
             doors.append(f"{run}.{name}")
-        for name in ("forward", "eval", "grads", "state"):
+        for name in ("forward", "eval", "grads", "state", "check"):  # check: the head's spot checks
             doors += [f"{run}.{name}", f"{run}.{name}.stream", f"{run}.{name}.fetch"]
         pushed = {}
         for door in doors:
@@ -324,6 +324,15 @@ async def _attack(work: Path, cfg_path: Path, tag: str, swarm: subprocess.Popen)
                 report.setdefault("no_door", []).append(f"{door}: {type(e).__name__}")
         report["rss_growth"] = proc.memory_info().rss - rss
         report["pushed"] = pushed
+        # stream doors read through hivemind's reader in the node (net.bounded counts what it refuses);
+        # unary doors are read by the node's p2pd, which refuses a message over its 4 MiB itself
+        opened = sum(d == tunnel.VIA_STREAM or d.endswith((".stream", ".fetch")) for d in doors)
+        for _ in range(100):  # its record (every heartbeat) counts the stream messages it refused unread
+            rec = next(r for r in await stage_records(member, run, 1, verifier) if r.peer_id == node1.peer_id)
+            if rec.refused.get("streams", 0) >= opened:
+                break
+            await asyncio.sleep(0.2)
+        report["streams_refused"], report["stream_doors"] = rec.refused.get("streams", 0), opened
 
         # ---- a replayed record: stage 1's, stored again after a newer one, and past its lifetime ----
         raw = await member.get(stage_key(run, 1), latest=True, return_future=True)
@@ -424,7 +433,9 @@ def test_poisoned_sums_and_huge_activations_are_refused(runs: dict) -> None:
 
 def test_a_4gb_announcement_on_every_door_is_refused(runs: dict) -> None:
     r = runs["report"]
-    assert len(r["pushed"]) >= 20
+    assert len(r["pushed"]) == 23 and r["stream_doors"] == 11
+    assert r["streams_refused"] == r["stream_doors"]  # each refused unread, and counted
+    assert [d for d, v in r["pushed"].items() if v < 0] == ["tiny.resend"]  # served by heads only
     assert r["rss_growth"] < 64 * 2**20
     assert all(v < 96 * 2**20 for v in r["pushed"].values())  # hung up on before it all went
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pmnode.net import tunnel
+from pmnode.net import bounded, tunnel
 from pmnode.net.reach import Reachability
 from pmnode.net.routing import StageRecord
 from pmnode.net.transport import TransportStats
@@ -82,7 +82,9 @@ class Telemetry:
     def refused(self) -> dict[str, int]:
         p = self.parts
         doors = {f"averaging.{k}": v for k, v in p.averaging.refusals.snapshot().items() if v}
-        return {"data": sum(p.guard.rejected.values()), **doors}
+        # stream messages that announced more than any door takes, refused before they were read
+        streams = {"streams": n} if (n := sum(bounded.REFUSED.values())) else {}
+        return {"data": sum(p.guard.rejected.values()), **doors, **streams}
 
     def snapshot(self) -> NodeSnapshot:
         p, cfg = self.parts, self.parts.ctx.cfg
