@@ -143,6 +143,22 @@ def test_a_liar_that_served_is_banned_by_the_third_opinion() -> None:
     assert _check(c, "B").outcome == "agree" and ("A", "compute") not in c.asked
 
 
+def test_the_head_counts_what_a_liar_served_until_its_ban() -> None:
+    c = FakeChecker({"A"}, ["A", "B", "C"], rate=0.0)
+
+    async def serve() -> None:
+        for i in range(3):  # served, not checked
+            c.start(MicroBatchId(1, i), _activation(), "A")
+        c.start(MicroBatchId(1, 3), _activation(), "B")
+        c.sampler.rate = 1.0
+        c.start(MicroBatchId(1, 4), _activation(), "A")  # checked: caught
+        await c.settle()
+        c.start(MicroBatchId(1, 5), _activation(), "B")
+
+    asyncio.run(serve())
+    assert c.report()["served_until_ban"] == {"A": 4} and c.served == {"A": 4, "B": 2}
+
+
 def test_a_liar_asked_to_recompute_is_banned_too() -> None:
     c = FakeChecker({"B"}, ["A", "B", "C"])
     c.downstream.records.sort(key=lambda r: r.peer_id != "B")  # B is the second opinion
@@ -224,6 +240,7 @@ def test_a_replica_lying_on_every_micro_batch_is_banned_and_the_run_goes_on(
     caught = head["banned"][liar["peer_id"]]
     redone, undecided = head["steps_redone"], head["counts"].get("undecided", 0)
     assert caught in redone and len(redone) <= 1 + undecided
+    assert head["served_until_ban"][liar["peer_id"]] >= 1  # caught in the first step it served
     assert head["counts"]["agree"] >= STEPS_E2E  # the honest replicas kept being checked, and agreed
     assert head["agree_distance_max"] is not None and head["agree_distance_max"] < 1e-3
     # the run went on to the end, and every step applied was computed without the liar: the losses are

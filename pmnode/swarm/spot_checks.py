@@ -20,6 +20,7 @@ at step t may have bent steps before t), and, with several heads, the other head
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Callable
 
 from pmnode.core.codecs import Packet
@@ -29,7 +30,7 @@ from pmnode.net.routing import choose_peer
 from pmnode.net.transport import request
 from pmnode.swarm.context import NodeContext
 from pmnode.swarm.downstream import Downstream
-from pmnode.swarm.spot_policy import Ledger, Sampler, Verdict, decide, distance
+from pmnode.swarm.spot_policy import MAX_BANNED, Ledger, Sampler, Verdict, decide, distance
 from pmnode.swarm.spot_serve import CHECK
 
 CHECK_TIMEOUT = 30.0
@@ -64,6 +65,8 @@ class SpotChecker:
         self.pending: set[asyncio.Task] = set()
         self.distances: list[float] = []  # A against B, for the tolerance's margin (the last 256)
         self.on_ban: Callable[[str], None] | None = None
+        self.served: Counter[str] = Counter()  # micro-batches each replica served this head (bounded)
+        self.served_until_ban: dict[str, int] = {}  # a liar -> micro-batches it had served at its ban
 
     def banned(self) -> list[str]:
         return list(self.ledger.banned)
@@ -71,7 +74,11 @@ class SpotChecker:
     def start(self, mb: MicroBatchId, packet: Packet, served_by: str) -> None:
         """After micro-batch `mb` (whose wire packet was `packet`) came back from `served_by`: maybe
         check it, in the background; the step's commit waits for it (`settle`)."""
-        if not self.enabled or not self.sampler.pick():
+        if not self.enabled:
+            return
+        if served_by in self.served or len(self.served) < MAX_BANNED:
+            self.served[served_by] += 1
+        if not self.sampler.pick():
             return
         task = asyncio.ensure_future(self.check(mb, packet, served_by))
         self.pending.add(task)
@@ -141,6 +148,7 @@ class SpotChecker:
         if self.ledger.record(mb.step, v):
             assert v.liar is not None
             ban_now(self.guard, v.liar)
+            self.served_until_ban[v.liar] = self.served[v.liar]
             other = next(p for p in v.named if p != v.liar)
             self.ctx.console.print(
                 f"spot check of {mb.wire}: {v.liar[-8:]} and {other[-8:]} differ, a third replica sides with "
@@ -157,6 +165,7 @@ class SpotChecker:
             "rate": self.sampler.rate,
             "counts": dict(self.ledger.counts),
             "banned": {p: s for p, s in self.ledger.banned.items()},
+            "served_until_ban": {p: n for p, n in self.served_until_ban.items() if p in self.ledger.banned},
             "events": self.ledger.events,
             "agree_distance_max": max((x for x in d if x <= self.tolerance), default=None),
         }
