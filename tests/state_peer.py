@@ -1,10 +1,14 @@
-"""One process of tests/test_state_transfer.py: a replica serving its stage's state, or a joiner
-copying it, over real libp2p with pmnode's own transfer code (pmnode.net.bulk, core.replica_state).
+"""One process of tests/test_state_transfer.py: a replica serving its stage's state through the node's
+own guarded `state` RPC (swarm.replicas.Replicas.rpc_state behind net.services' SAME_STAGE admission,
+after a `hello`), or a joiner copying it, over real libp2p with pmnode's transfer code (net.bulk,
+core.replica_state). Certificates come from an authority key the test writes (the coordinator's part).
 
-    python tests/state_peer.py serve CONFIG INFO.json          # one step trained, then serve `state`
-    python tests/state_peer.py fetch CONFIG INFO.json A.json B.json --pause-at N --go FILE
-The joiner stops before chunk N until FILE exists (the test kills a sender meanwhile), then goes
-on; it writes what it got to INFO.json: the digest of its own state after loading, and how.
+    python tests/state_peer.py serve CONFIG INFO.json AUTHORITY [--pause-at N]
+    python tests/state_peer.py fetch CONFIG INFO.json AUTHORITY A.json B.json
+A sender given --pause-at stops in the middle of answering chunk N (it writes `mid-chunk` beside
+INFO.json and never answers: the test kills it there). The joiner first asks without a `hello` (it
+must be refused), then copies; it writes what it got to INFO.json: the digest of its own state after
+loading, and how.
 """
 
 from __future__ import annotations
@@ -14,20 +18,34 @@ import asyncio
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from hivemind.p2p import P2P
+from hivemind.utils.crypto import RSAPrivateKey
 
 from pmnode.config import RunConfig, load_config
 from pmnode.core.codecs import Packet
 from pmnode.core.replica_state import load_state_tensors, max_state_bytes, state_tensors
 from pmnode.core.worker import StageWorker
-from pmnode.net.bulk import BulkServer, fetch, pack, unpack
-from pmnode.net.serving import serve
-from pmnode.net.transport import TransportStats, request
+from pmnode.net.auth import Cert, Guard, Verifier, issue_cert, public_bytes
+from pmnode.net.bulk import fetch, pack, unpack
+from pmnode.net.control import Hello, call_json
+from pmnode.net.rpcs import HELLO, STATE
+from pmnode.net.services import ServeOptions, serve_all
+from pmnode.net.tokens import load_or_create_key
+from pmnode.net.transport import Refused, TransportStats, request
+from pmnode.net.wire import MessageHeader, WireError
 
 P2P_OPTS = {"host_maddrs": ["/ip4/127.0.0.1/tcp/0"], "nat_port_map": False, "auto_nat": False}
-RPC = "big.state"
+RUN = "big"
+
+
+def certified(p2p: P2P, authority: Path) -> tuple[Cert, Verifier]:
+    """This peer's stage-0 certificate, as the coordinator would issue it."""
+    key = load_or_create_key(authority)
+    cert = issue_cert(key, RUN, p2p.peer_id.to_base58(), 0, public_bytes(RSAPrivateKey()))
+    return cert, Verifier(RUN, public_bytes(key))
 
 
 def trained(cfg: RunConfig) -> StageWorker:
@@ -45,19 +63,38 @@ def digest(worker: StageWorker) -> str:
     return pack(*state_tensors(worker)).manifest.digest
 
 
-async def serve_state(cfg: RunConfig, info: Path) -> None:
+async def serve_state(cfg: RunConfig, info: Path, authority: Path, pause_at: int) -> None:
+    from pmnode.swarm.replicas import Replicas
+
     worker = trained(cfg)
     p2p = await P2P.create(**P2P_OPTS)
+    cert, verifier = certified(p2p, authority)
+    guard = Guard(verifier, 0, rate=1e6, burst=10**6, ban_after=20, ban_seconds=60)
 
     async def now(fn):  # this process has no other job: its "compute thread" is the caller
         return fn()
 
-    bulk = BulkServer(now)
+    def header(kind: str, mb: str, **meta: float | int | str) -> MessageHeader:
+        return MessageHeader(kind=kind, run=RUN, micro_batch=mb, stage=0, step=worker.step_count, meta=meta)
 
-    async def handler(header, packet, caller):
-        return {"kind": "ack"}, await bulk.answer(header.meta, lambda: pack(*state_tensors(worker)))
+    class Node:  # what a node serves besides: the hello that binds a certificate to the caller
+        async def rpc_hello(self, req: Hello, caller: str) -> Hello:
+            guard.hello(req.cert, caller)
+            return Hello(cert=cert)
 
-    await serve(p2p, RPC, handler, TransportStats())
+    class Stalling(Replicas):
+        async def rpc_state(self, header: MessageHeader, packet: Packet, caller: str):  # type: ignore[override]
+            if header.meta.get("op") == "chunk" and header.meta.get("index") == pause_at:
+                (info.parent / "mid-chunk").write_text("")
+                await asyncio.Event().wait()  # killed in the middle of this chunk's answer
+            return await super().rpc_state(header, packet, caller)
+
+    runner = SimpleNamespace(worker=worker, step=worker.step_count, run=now)
+    ctx = SimpleNamespace(runner=runner, header=header)
+    replicas = Stalling(ctx, None, None, None)  # type: ignore[arg-type]
+    opts = ServeOptions(guard, TransportStats(), None, None)  # type: ignore[arg-type]  # state: unshaped
+    await serve_all(p2p, RUN, Node(), (HELLO,), opts)
+    await serve_all(p2p, RUN, replicas, (STATE,), opts)
     maddrs = [str(m) for m in await p2p.get_visible_maddrs()]
     size = sum(t.numel() * t.element_size() for t in state_tensors(worker)[0].values())
     body = {"peer": p2p.peer_id.to_base58(), "maddrs": maddrs, "digest": digest(worker), "bytes": size}
@@ -67,28 +104,37 @@ async def serve_state(cfg: RunConfig, info: Path) -> None:
     await asyncio.Event().wait()  # until killed
 
 
-async def fetch_state(cfg: RunConfig, info: Path, senders: list[Path], pause_at: int, go: Path) -> None:
+async def fetch_state(cfg: RunConfig, info: Path, authority: Path, senders: list[Path]) -> None:
     worker = StageWorker(cfg.with_overrides(train={"seed": 99}), 0, cfg.codec_spec)  # other weights
     before = digest(worker)
     peers = [json.loads(p.read_text()) for p in senders]
     p2p = await P2P.create(initial_peers=[m for p in peers for m in p["maddrs"]], **P2P_OPTS)
+    cert, _ = certified(p2p, authority)
     asked: list[tuple[str, str]] = []
 
     async def ask(peer: str, meta: dict[str, int | str]) -> Packet:
-        if meta.get("op") == "chunk" and meta.get("index") == pause_at and not go.exists():
-            (info.parent / "paused").write_text("")
-            while not go.exists():
-                await asyncio.sleep(0.05)
-        header = {"kind": "ack", "run": "big", "micro_batch": "state", "stage": 0, "step": 0, "meta": meta}
-        reply = (await request(p2p, peer, RPC, header, Packet({}), None, timeout=30.0))[1]
+        header = {"kind": "ack", "run": RUN, "micro_batch": "state", "stage": 0, "step": 0, "meta": meta}
+        try:
+            reply = (await request(p2p, peer, STATE.path(RUN), header, Packet({}), None, timeout=30.0))[1]
+        except WireError:  # a reply stream cut short (hivemind ends a reset stream quietly), on a busy
+            print("a reply came cut short: asked again", flush=True)  # machine: once more, same peer
+            reply = (await request(p2p, peer, STATE.path(RUN), header, Packet({}), None, timeout=30.0))[1]
         asked.append((peer, str(meta.get("op"))))  # answered
         return reply
 
     peer_ids = [p["peer"] for p in peers]
+    try:  # the door is guarded: no state for a caller that has not shown a certificate of the stage
+        await ask(peer_ids[0], {"op": "open"})
+        refused = "served"
+    except Refused as e:
+        refused = e.reason
+    for peer in peer_ids:
+        await call_json(p2p, peer, HELLO.path(RUN), Hello(cert=cert), Hello)
     got = await fetch(ask, peer_ids, {}, say=lambda s: print(s, flush=True), max_size=max_state_bytes(worker))
     load_state_tensors(worker, unpack(got.manifest, got.buffer), got.manifest.meta)
     chunks = {p["peer"]: sum(1 for who, op in asked if who == p["peer"] and op == "chunk") for p in peers}
     body = {
+        "refused_without_hello": refused,
         "before": before,
         "after": digest(worker),
         "resumed": got.resumed,
@@ -104,16 +150,16 @@ def main() -> None:
     ap.add_argument("role", choices=["serve", "fetch"])
     ap.add_argument("config", type=Path)
     ap.add_argument("info", type=Path)
+    ap.add_argument("authority", type=Path)
     ap.add_argument("senders", type=Path, nargs="*")
     ap.add_argument("--pause-at", type=int, default=-1)
-    ap.add_argument("--go", type=Path, default=Path("/nonexistent"))
     a = ap.parse_args()
     torch.set_num_threads(1)
     cfg = load_config(a.config)
     if a.role == "serve":
-        asyncio.run(serve_state(cfg, a.info))
+        asyncio.run(serve_state(cfg, a.info, a.authority, a.pause_at))
     else:
-        asyncio.run(fetch_state(cfg, a.info, a.senders, a.pause_at, a.go))
+        asyncio.run(fetch_state(cfg, a.info, a.authority, a.senders))
 
 
 if __name__ == "__main__":

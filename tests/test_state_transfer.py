@@ -1,10 +1,12 @@
-"""A stage of over 600 MB (weights and Adam state) copied between real processes over libp2p, its
-sender SIGKILLed midway: the joiner resumes with the other replica where the first stopped and ends
-bit-identical to the source."""
+"""A stage of over 600 MB (weights and Adam state) copied between real processes over libp2p through
+the node's own guarded `state` RPC, its sender SIGKILLed in the middle of a chunk: the joiner resumes
+with the other replica where the first stopped and ends bit-identical to the source."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -14,6 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 from launch import ROOT, assert_no_leftovers, kill_tagged, tagged_env
+
+from pmnode.net.tokens import load_or_create_key
 
 PEER = str(ROOT / "tests" / "state_peer.py")
 
@@ -40,33 +44,35 @@ def _wait(path: Path, procs: list[subprocess.Popen], timeout: float) -> None:
 def test_a_600mb_stage_copy_survives_its_sender_killed_midway(tmp_path: Path) -> None:
     cfg = tmp_path / "big.yaml"
     cfg.write_text(yaml.safe_dump(BIG))
-    tag, env = uuid.uuid4().hex, None
+    tag = uuid.uuid4().hex
     env = tagged_env(tag)
     a, b, joiner = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "joiner.json"
-    go = tmp_path / "go"
+    authority = tmp_path / "authority.key"
+    load_or_create_key(authority)  # the coordinator's part: both replicas and the joiner are certified
     procs: list[subprocess.Popen] = []
     try:
-        for info in (a, b):
-            cmd = [sys.executable, PEER, "serve", str(cfg), str(info)]
-            procs.append(subprocess.Popen(cmd, env=env, stderr=(tmp_path / f"{info.stem}.err").open("w")))
+        for info, pause in ((a, "15"), (b, "-1")):  # the first replica stalls mid-chunk 15, to be killed
+            cmd = [sys.executable, PEER, "serve", str(cfg), str(info), str(authority), "--pause-at", pause]
+            err = (tmp_path / f"{info.stem}.err").open("w")
+            procs.append(subprocess.Popen(cmd, env=env, stderr=err, process_group=0))
         for info in (a, b):
             _wait(info, procs, 150)
         sender = json.loads(a.read_text())
         assert sender["bytes"] >= 600e6
         assert json.loads(b.read_text())["digest"] == sender["digest"]  # sync replicas: the same bits
-        cmd = [sys.executable, PEER, "fetch", str(cfg), str(joiner), str(a), str(b), "--pause-at", "15"]
+        cmd = [sys.executable, PEER, "fetch", str(cfg), str(joiner), str(authority), str(a), str(b)]
         log = (tmp_path / "joiner.err").open("w")
-        procs.append(subprocess.Popen([*cmd, "--go", str(go)], env=env, stdout=log, stderr=log))
-        _wait(tmp_path / "paused", procs, 120)  # 15 of 37 chunks copied from the first replica
-        procs[0].kill()  # SIGKILL, mid-transfer
+        procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=log))
+        _wait(tmp_path / "mid-chunk", procs, 120)  # 15 of 37 chunks copied, the 16th asked for
+        os.killpg(procs[0].pid, signal.SIGKILL)  # the sender and its daemon, mid-chunk
         procs[0].wait(10)
-        go.write_text("")
         deadline = time.monotonic() + 120
         while procs[2].poll() is None:
             assert time.monotonic() < deadline, "the joiner did not finish"
             time.sleep(0.2)
         assert procs[2].returncode == 0, (tmp_path / "joiner.err").read_text()[-2000:]
         got = json.loads(joiner.read_text())
+        assert got["refused_without_hello"] == "unauthorized"  # the door is the node's, guarded
         assert got["before"] != sender["digest"]
         assert got["after"] == sender["digest"]  # every byte of weights, Adam moments, groups and step
         assert got["resumed"] == 1
