@@ -95,6 +95,7 @@ class NodeSummary(BaseModel):
     outer: OuterReport | None = None  # replica_sync.method outer: its rounds
     compute: ComputeTimes = Field(default_factory=ComputeTimes)
     busy_s: float = 0.0  # seconds the compute thread worked
+    process_cpu_s: float = 0.0  # CPU seconds of the node's process, every thread (not p2pd's)
     samples_served: int = 0  # samples whose backward finished here
     peak_memory_bytes: int | None = None  # CUDA: torch's peak allocation; CPU: the process's peak RSS
     tunnelled_in: dict[str, int] = {}  # handler -> calls that reached this node through a relay (net.tunnel)

@@ -3,6 +3,7 @@ snapshot and the summary at exit, all read from the parts that own the numbers."
 
 from __future__ import annotations
 
+import os
 import resource
 import time
 from typing import TYPE_CHECKING
@@ -160,6 +161,7 @@ class Telemetry:
             outer=p.outer.report() if p.outer is not None else None,
             compute=runner.times.model_copy(update={"busy_s": round(runner.busy, 4)}),
             busy_s=round(runner.busy, 3),
+            process_cpu_s=round(sum(os.times()[:2]), 3),
             samples_served=runner.samples_served,
             peak_memory_bytes=peak_memory(runner.worker.device),
             tunnelled_in=dict(tunnel.table(p.ctx.p2p).forwarded),
