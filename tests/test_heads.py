@@ -30,6 +30,7 @@ from launch import (
 )
 
 from pmnode.data.shards import DataPosition
+from pmnode.net.status import fetch_status
 
 # Many processes (and, below, a joiner) on 2 cores beside another worker: a swarm run can pass 300 s.
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("heads"), pytest.mark.timeout(900)]
@@ -143,7 +144,12 @@ def test_a_head_killed_mid_run_loses_no_data(tmp_path: Path, toy_corpus: Path) -
             time.sleep(0.5)
         os.killpg(_pid_of(tag, "node-0-1.json"), signal.SIGKILL)  # the head, its DHT child and p2pd
         killed_at = head_steps(work)
-        time.sleep(8)  # its record expires: until then its slot is taken and a join is refused
+        # its record expires (until then its slot is taken and a join is refused): the coordinator says so
+        maddr = json.loads((work / "coordinator" / "coordinator.json").read_text())["maddrs"][0]
+        deadline = time.monotonic() + 60
+        while len(next(s for s in fetch_status(maddr).stages if s.stage == 0).replicas) > 1:
+            assert time.monotonic() < deadline, "the killed head's record never expired"
+            time.sleep(0.5)
         args = [
             str(BIN / "pmnode"),
             "join",
