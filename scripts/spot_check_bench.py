@@ -296,7 +296,9 @@ def _plot(res: dict, path: Path) -> None:
         rates = sorted(by)
         ax[1].boxplot([by[x] for x in rates], tick_labels=[f"{x:g}" for x in rates])
         ax[1].set(
-            xlabel="check rate", ylabel="head tokens/s", title="cost (tiny, 7 processes, 2 shared cores)"
+            xlabel="check rate",
+            ylabel="CPU s / 1k tokens, all nodes",
+            title="cost (tiny, 7 processes, 2 shared cores)",
         )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
