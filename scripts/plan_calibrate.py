@@ -45,6 +45,8 @@ RUNS = [
     ),
     RunSpec(name="tiny-4-async-80mbit-50ms-if4", config=T, stages=4, bandwidth="80mbit", latency="50ms"),
     RunSpec(name="tiny-3-async-2rep-if32", config=T, stages=3, inflight=32, replicas=2),
+    # replicas summing their gradients in every commit: what the RPC stack costs per byte
+    RunSpec(name="tiny-3-sync-2rep", config=T, stages=3, schedule="sync", replicas=2, steps=60),
     RunSpec(name="small-2-sync", config=S, stages=2, schedule="sync", steps=40),
     RunSpec(name="small-4-async-if32", config=S, stages=4, inflight=32, steps=80),
     # small has one micro-batch per step: a window of 8 leaves most of the run to measure

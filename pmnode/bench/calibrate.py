@@ -32,6 +32,7 @@ class RunSpec(BaseModel):
     latency: str = "0ms"
     inflight: int = 4
     replicas: int = 1
+    heads: int = 1  # swarm.heads: stage 0's replicas, each driving its own batches
     steps: int = 60
     warmup: int = 10  # steps left out of the measured rate (at least the in-flight window's)
     request_timeout: float = 60.0  # a slow emulated link queues micro-batches for longer than the default
@@ -67,6 +68,7 @@ def run_config(spec: RunSpec) -> RunConfig:
         stage_layers=None,
         subspace={"uncompressed_tail_layers": min(cfg.subspace.uncompressed_tail_layers, tail)},
         swarm={
+            "heads": spec.heads,
             "schedule": spec.schedule,
             "max_inflight": spec.inflight,
             "request_timeout": spec.request_timeout,
@@ -116,10 +118,14 @@ def measure(spec: RunSpec, console: Console) -> Measured:
         run_local_swarm(
             cfg, stages=spec.stages, replicas=spec.replicas, workdir=work, console=console, node_args=args
         )
-        lines = head_lines(work / "logs" / "node-0.log")
+        logs = ["node-0", *(f"node-0-{h}" for h in range(1, spec.heads))]
+        every = [head_lines(work / "logs" / f"{name}.log") for name in logs]
         nodes = _node_times(work)
     t = cfg.train
-    rate, n = steady_tokens_per_s(lines, warmup_steps(spec, t.batch_size // t.micro))
+    # every head drives its own batches: the swarm's rate is the sum of theirs
+    rates = [steady_tokens_per_s(x, warmup_steps(spec, t.batch_size // t.micro)) for x in every]
+    rate, n = sum(r for r, _ in rates), min(k for _, k in rates)
+    lines = every[0]
     return Measured(
         spec=spec,
         tokens_per_s=round(rate, 1),

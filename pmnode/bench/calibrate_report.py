@@ -14,6 +14,7 @@ from pmnode.sim.calibration import Fitted, errors, predict
 
 GRID = [round(0.001 + 0.000125 * i, 6) for i in range(25)]  # msg_cpu: 1 to 4 ms CPU per message end
 LATE = [0.005, 0.01]  # seconds a shaped message is woken late
+BYTES = [i * 1e-8 for i in range(13)]  # byte_cpu: 0 to 120 ns CPU per replica-sync byte
 
 
 class Variant(BaseModel):
@@ -32,24 +33,42 @@ class Row(BaseModel):
 
 def fit_all(runs: list[Measured]) -> list[Variant]:
     """The best constants for each model variant (event loop beside or sharing the compute thread; shaped
-    messages woken on time or late): the smallest worst error, then the smallest median."""
+    messages woken on time or late): the smallest worst error, then the smallest median. The event-loop
+    constants are fitted on the runs without replicas, then the cost per replica-sync byte on all runs
+    (it moves only those with replicas)."""
+    single = [m for m in runs if m.spec.replicas < 2 and m.spec.heads < 2] or runs
     out = []
     for shared in (False, True):
         for late in (False, True):
-            best: Variant | None = None
+            best: Fitted | None = None
+            key: tuple[float, float] | None = None
             for g in GRID:
                 for lt in LATE if late else [0.0]:
                     f = Fitted(msg_cpu=g, shared=shared, late_s=lt)
-                    e = [abs(x) for x in errors(runs, f)]
-                    v = Variant(fitted=f, median_error=statistics.median(e), worst_error=max(e))
-                    if best is None or (v.worst_error, v.median_error) < (
-                        best.worst_error,
-                        best.median_error,
-                    ):
-                        best = v
+                    e = [abs(x) for x in errors(single, f)]
+                    k = (max(e), statistics.median(e))
+                    if key is None or k < key:
+                        best, key = f, k
             assert best is not None
-            out.append(best)
+            out.append(_fit_bytes(runs, best))
     return out
+
+
+def _score(runs: list[Measured], f: Fitted) -> Variant:
+    e = [abs(x) for x in errors(runs, f)]
+    return Variant(fitted=f, median_error=statistics.median(e), worst_error=max(e))
+
+
+def _fit_bytes(runs: list[Measured], f: Fitted) -> Variant:
+    """The RPC stack's cost per replica-sync byte, given the variant's other constants."""
+    best = _score(runs, f)
+    if all(m.spec.replicas < 2 and m.spec.heads < 2 for m in runs):
+        return best
+    for b in BYTES[1:]:
+        w = _score(runs, f.model_copy(update={"byte_cpu": b}))
+        if (w.worst_error, w.median_error) < (best.worst_error, best.median_error):
+            best = w
+    return best
 
 
 def rows(runs: list[Measured], v: Variant) -> list[Row]:
@@ -98,7 +117,8 @@ def write_calibration(out: Path, runs: list[Measured], command: str) -> Variant:
         f = x.fitted
         return (
             f"event loop {'sharing' if f.shared else 'beside'} the compute thread, "
-            f"{f.msg_cpu * 1e3:g} ms CPU per message end, shaped messages {f.late_s * 1e3:g} ms late: "
+            f"{f.msg_cpu * 1e3:g} ms CPU per message end, shaped messages {f.late_s * 1e3:g} ms late, "
+            f"{f.byte_cpu * 1e9:g} ns CPU per replica-sync byte: "
             f"median |error| {x.median_error:.1%}, worst {x.worst_error:.1%}"
         )
 

@@ -13,9 +13,12 @@ import statistics
 
 from pydantic import BaseModel
 
-from pmnode.bench.calibrate import Measured, NodeTimes
+from pmnode.bench.calibrate import Measured, NodeTimes, run_config
+from pmnode.core.train import config_for
 from pmnode.net.shaping import parse_bandwidth, parse_latency
-from pmnode.sim.model import NodeSpec, SimResult, StageSpec, SwarmSpec
+from pmnode.plan.shapes import stage_shapes
+from pmnode.plan.sync import SyncSettings, stage_loads
+from pmnode.sim.model import NodeSpec, SimResult, StageSpec, SwarmSpec, SyncSpec
 from pmnode.sim.swarm import SwarmSim
 
 
@@ -28,14 +31,47 @@ def _step_s(n: NodeTimes, steps: int) -> float:
     return max(c.busy_s - c.forward_s - c.backward_s, 0.0) / max(steps, 1)
 
 
+def _sync_specs(m: Measured) -> list[SyncSpec | None]:
+    """Each stage's replica-sync rounds as the run's config makes them (the plan's prices), so a run
+    with heads or replicas is simulated with the exchanges it made."""
+    s = m.spec
+    if s.heads < 2 and s.replicas < 2:
+        return [None] * s.stages
+    cfg = run_config(s)
+    sw = cfg.swarm
+    settings = SyncSettings(
+        replica_sync=cfg.replica_sync,
+        schedule=sw.schedule,
+        average_period=sw.average_period,
+        average_compression=sw.average_compression,
+    )
+    loads = stage_loads(stage_shapes(config_for(cfg, s.codec)[0]), s.heads, s.replicas, settings)
+    out: list[SyncSpec | None] = []
+    for load in loads:
+        if load is None:
+            out.append(None)
+        elif load.every_s is not None:
+            out.append(SyncSpec(bytes_up=load.up_bytes, every_s=load.every_s))
+        else:
+            mode = "commit" if load.in_commit else ("blocking" if load.blocking else "overlap")
+            out.append(SyncSpec(bytes_up=load.up_bytes, every_steps=load.every_steps, mode=mode))
+    return out
+
+
 def spec_from_measured(
-    m: Measured, msg_cpu: float, hop_s: float = 0.0, shared: bool = False, late_s: float = 0.0
+    m: Measured,
+    msg_cpu: float,
+    hop_s: float = 0.0,
+    shared: bool = False,
+    late_s: float = 0.0,
+    byte_cpu: float = 0.0,
 ) -> SwarmSpec:
     s = m.spec
     bw, lat = parse_bandwidth(s.bandwidth), parse_latency(s.latency)
     # The head's other work is mostly loading the data once; its step costs what the others' do.
     others = [_step_s(n, s.steps) for n in m.nodes if n.stage > 0]
     stages = []
+    syncs = _sync_specs(m)
     for st in range(s.stages):
         nodes = sorted((n for n in m.nodes if n.stage == st), key=lambda n: n.replica)
         fwd = statistics.mean(_per_mb(n.compute.forward_s, n.compute.forwards) for n in nodes)
@@ -53,9 +89,11 @@ def spec_from_measured(
                     latency=lat,
                     speed=(fwd + bwd) / own if own else 1.0,
                     msg_s=msg_cpu * inflation,
+                    byte_s=byte_cpu * inflation,
                 )
             )
-        stages.append(StageSpec(fwd_s=fwd, bwd_s=bwd, step_s=step, nodes=specs))
+        sync = syncs[st] if len(specs) > 1 else None
+        stages.append(StageSpec(fwd_s=fwd, bwd_s=bwd, step_s=step, nodes=specs, sync=sync))
     return SwarmSpec(
         stages=stages,
         schedule=s.schedule,  # type: ignore[arg-type]
@@ -78,10 +116,11 @@ class Fitted(BaseModel):
     msg_cpu: float  # CPU seconds of event-loop work per message end
     shared: bool  # the event loop takes turns with the compute thread (one interpreter lock)
     late_s: float = 0.0  # how late a message that waited on an emulated link is woken
+    byte_cpu: float = 0.0  # CPU seconds per replica-sync byte through the RPC stack (pmnode.sim.model)
 
 
 def predict(m: Measured, f: Fitted, steps: int = 200) -> SimResult:
-    return SwarmSim(spec_from_measured(m, f.msg_cpu, 0.0, f.shared, f.late_s)).run(steps)
+    return SwarmSim(spec_from_measured(m, f.msg_cpu, 0.0, f.shared, f.late_s, f.byte_cpu)).run(steps)
 
 
 def errors(runs: list[Measured], f: Fitted) -> list[float]:

@@ -25,6 +25,12 @@ class NodeSpec(_Spec):
     msg_s: float | None = Field(
         None, ge=0, description="This node's event-loop time per message, if not the swarm's."
     )
+    byte_s: float = Field(
+        0.0,
+        ge=0,
+        description="CPU seconds per byte of replica-sync traffic through the RPC stack (serialising, "
+        "checking, the daemon): a round takes at least bytes x byte_s even on an unlimited link.",
+    )
 
 
 class SyncSpec(_Spec):

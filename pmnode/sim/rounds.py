@@ -33,6 +33,12 @@ class NodeRounds:
     durations: list[float] = field(default_factory=list)
 
 
+def _transfer_s(node: SimNode, nbytes: float) -> float:
+    """A round's bytes leave at the link's rate, and no faster than the RPC stack moves them."""
+    bw = node.shaper.bandwidth
+    return max(nbytes / bw if bw else 0.0, nbytes * node.spec.byte_s)
+
+
 class Rounds:
     def __init__(self, sim: SwarmSim) -> None:
         self.sim = sim
@@ -97,10 +103,10 @@ class Rounds:
             if spec is None or spec.mode != "commit":
                 continue
             for n in stage:
-                bw = n.shaper.bandwidth
                 if n.alive:
-                    took = (spec.bytes_up / bw if bw else 0.0) + n.shaper.latency
-                    self.sync_s[n.name] += spec.bytes_up / bw if bw else 0.0
+                    wire = _transfer_s(n, spec.bytes_up)
+                    took = wire + n.shaper.latency
+                    self.sync_s[n.name] += wire
                     self.state[n.name].durations.append(took)
                     wait = max(wait, took)
         return wait
@@ -114,10 +120,9 @@ class Rounds:
 
     def _send(self, node: SimNode, nbytes: float, then: Callable[[], None]) -> None:
         eng, st = self.sim.eng, self.state[node.name]
-        bw = node.shaper.bandwidth
-        st.in_flight, st.started, st.end = True, eng.now, eng.now + (nbytes / bw if bw else 0.0)
-        if bw:
-            self.sync_s[node.name] += nbytes / bw
+        wire = _transfer_s(node, nbytes)
+        st.in_flight, st.started, st.end = True, eng.now, eng.now + wire
+        self.sync_s[node.name] += wire
 
         def landed() -> None:
             st.in_flight = False

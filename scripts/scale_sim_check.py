@@ -1,0 +1,143 @@
+"""Does the simulator predict a swarm with many heads and replicas? (issue 28, docs/benchmarks/scale/sim/)
+
+    python scripts/scale_sim_check.py --out docs/benchmarks/scale/sim [--only NAME,...] [--report-only]
+
+Each run is a real local swarm (coordinator and one process per node on this machine), measured as the
+calibration measures (pmnode.bench.calibrate): the heads' summed tokens/s after a warm-up, and every
+node's own compute times. The simulator is then given those stage times and the event-loop constants
+fitted on docs/benchmarks/plan's runs, none of which had more than one head: the prediction is held out.
+Measured runs are appended to OUT/measured.json as each one ends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import BaseModel
+from rich.console import Console
+
+from pmnode.bench.calibrate import Measured, RunSpec, measure
+from pmnode.bench.calibrate_report import Variant
+from pmnode.errors import run_cli
+from pmnode.sim.calibration import predict
+
+T = "tiny"
+RUNS = [
+    RunSpec(
+        name="tiny-3-sync-2heads-2rep", config=T, stages=3, schedule="sync", heads=2, replicas=2, steps=60
+    ),
+    RunSpec(
+        name="tiny-3-async-2heads-2rep-if8", config=T, stages=3, inflight=8, heads=2, replicas=2, steps=80
+    ),
+]
+CALIBRATION = Path("docs/benchmarks/plan/calibration.json")
+
+
+class Row(BaseModel):
+    name: str
+    heads: int
+    replicas: int
+    schedule: str
+    measured: float
+    predicted: float
+    error: float
+    binding: str
+    loadavg_1m: float
+
+
+def report(out: Path, runs: list[Measured], command: str) -> list[Row]:
+    fitted = Variant.model_validate(json.loads(CALIBRATION.read_text())["chosen"]).fitted
+    rows = []
+    for m in runs:
+        r = predict(m, fitted)
+        rows.append(
+            Row(
+                name=m.spec.name,
+                heads=m.spec.heads,
+                replicas=m.spec.replicas,
+                schedule=m.spec.schedule,
+                measured=m.tokens_per_s,
+                predicted=round(r.tokens_per_s, 1),
+                error=round(r.tokens_per_s / m.tokens_per_s - 1, 4),
+                binding=r.binding,
+                loadavg_1m=round(m.loadavg_1m, 1),
+            )
+        )
+    doc = {"command": command, "fitted": fitted.model_dump(), "rows": [x.model_dump() for x in rows]}
+    (out / "results.json").write_text(json.dumps(doc, indent=1))
+    lines = [
+        "# The simulator against real swarms with many heads and replicas",
+        "",
+        f"Command: `{command}` (the constants are docs/benchmarks/plan's fit, made without these runs:",
+        f"{fitted.msg_cpu * 1e3:.3f} ms CPU per message end, event loop sharing the compute thread:"
+        f" {fitted.shared}, shaped messages {fitted.late_s * 1e3:.0f} ms late,"
+        f" {fitted.byte_cpu * 1e9:.0f} ns CPU per replica-sync byte,"
+        " fitted on one run with replicas and one head).",
+        "",
+        "Read: the simulator under-predicts both swarms with two heads by a quarter, where it predicts the",
+        "same swarm with one head (docs/benchmarks/plan, `tiny-3-sync-2rep`) to 6%: the real step time of",
+        "the sync swarm is the same with one head and two (0.290 s), the simulated one grows by 0.06 s. The",
+        "goal (within 15%) is missed. Both runs also show the routing herd the plan names: one tail",
+        "replica took 217 of 240 backward passes in the sync run, 278 of 320 in the async one.",
+        "",
+        "| run | heads | replicas per stage | schedule | measured tok/s | simulated | error | binds (sim) "
+        "| load avg |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for x in rows:
+        lines.append(
+            f"| {x.name} | {x.heads} | {x.replicas} | {x.schedule} | {x.measured:,.0f} | {x.predicted:,.0f} "
+            f"| {x.error:+.1%} | {x.binding} | {x.loadavg_1m} |"
+        )
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    _plot(out / "results.png", rows)
+    return rows
+
+
+def _plot(path: Path, rows: list[Row]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter([r.measured for r in rows], [r.predicted for r in rows])
+    for r in rows:
+        ax.annotate(r.name, (r.measured, r.predicted), fontsize=7)
+    top = max([r.measured for r in rows] + [r.predicted for r in rows]) * 1.15
+    ax.plot([0, top], [0, top], "k--", lw=0.8, label="exact")
+    ax.fill_between([0, top], [0, 0.85 * top], [0, 1.15 * top], alpha=0.15, label="within 15%")
+    ax.set(xlim=(0, top), ylim=(0, top), xlabel="measured tokens/s", ylabel="simulated tokens/s")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(
+    out: Annotated[Path, typer.Option(help="Output directory (measured.json, results.*).")],
+    only: Annotated[str, typer.Option(help="Comma-separated run names; default all.")] = "",
+    report_only: Annotated[bool, typer.Option(help="Only rebuild the report from measured.json.")] = False,
+) -> None:
+    console = Console(stderr=True)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "measured.json"
+    done = [Measured.model_validate(r) for r in json.loads(path.read_text())] if path.exists() else []
+    names = [n for n in only.split(",") if n]
+    for spec in [] if report_only else RUNS:
+        if names and spec.name not in names:
+            continue
+        console.print(f"[bold]{spec.name}[/] (load {os.getloadavg()[0]:.1f})")
+        m = measure(spec, console)
+        console.print(f"  {m.tokens_per_s:,.0f} tokens/s over {m.steps_measured} steps")
+        done = [d for d in done if d.spec.name != spec.name] + [m]
+        path.write_text(json.dumps([d.model_dump() for d in done], indent=1))
+    for r in report(out, done, f"python scripts/scale_sim_check.py --out {out}"):
+        console.print(f"{r.name}: measured {r.measured:,.0f}, simulated {r.predicted:,.0f} ({r.error:+.1%})")
+
+
+if __name__ == "__main__":
+    run_cli(lambda: typer.run(main))
