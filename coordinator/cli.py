@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pmnode.config import load_config
+from pmnode.config.replica_sync import check_for_swarm
 from pmnode.core.stages import build_subspace, free_layers, split_layers
 from pmnode.errors import run_cli
 
@@ -100,6 +101,7 @@ def serve(
         raise PmnodeError("--http-token-file protects the status page: add --http-port PORT (0 picks one)")
     http_token = read_token_file(http_token_file) if http_token_file is not None else None
     cfg = load_config(config)
+    check_for_swarm(cfg.replica_sync)
     if is_prepared(Path(cfg.data.source)):  # hand out the data's hashes: a head with other data is refused
         cfg, _ = pin(cfg)
     token = resolve_token(token_file)

@@ -184,3 +184,13 @@ def test_the_outer_step_grows_with_the_square_root_of_the_replicas() -> None:
         syncs[0].finish(shares)
         # sqrt(4) x the mean step where the replicas split each batch (auto), or when asked for
         assert torch.allclose(mods[0].weight, w + 0.5 * factor, atol=1e-6), (scale, split)
+
+
+def test_a_swarm_refuses_rounds_that_do_not_overlap() -> None:
+    from pmnode.config.replica_sync import ReplicaSyncConfig, check_for_swarm
+    from pmnode.errors import ConfigError
+
+    check_for_swarm(ReplicaSyncConfig(method="outer"))
+    check_for_swarm(ReplicaSyncConfig(method="step", overlap=False))  # no rounds: nothing to overlap
+    with pytest.raises(ConfigError, match="overlap: false"):
+        check_for_swarm(ReplicaSyncConfig(method="outer", overlap=False))

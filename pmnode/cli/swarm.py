@@ -21,6 +21,7 @@ from pmnode.cli.commands import (
     resolve_device,
 )
 from pmnode.config import MachineConfig
+from pmnode.config.replica_sync import check_for_swarm
 from pmnode.errors import PmnodeError
 
 
@@ -241,6 +242,7 @@ def local_swarm(
         from pmnode.core.train import config_for
 
         cfg, _ = config_for(cfg, codec)
+    check_for_swarm(cfg.replica_sync)
     try:
         summary = run_local_swarm(
             cfg,

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from pmnode.config.sections import _Strict
+from pmnode.errors import ConfigError
 
 
 class ReplicaSyncConfig(_Strict):
@@ -68,7 +69,8 @@ class ReplicaSyncConfig(_Strict):
     overlap: bool = Field(
         True,
         description="Rounds overlap with compute: the next inner steps run while a round is in flight and "
-        "its result is applied as a delta when it lands (at the latest one round later).",
+        "its result is applied as a delta when it lands (at the latest one round later). false (every round "
+        "lands before the next inner step) only in `pmnode bench convergence --replicas`: swarms refuse it.",
     )
 
     @model_validator(mode="after")
@@ -76,3 +78,14 @@ class ReplicaSyncConfig(_Strict):
         if self.topk_chunk & (self.topk_chunk - 1):
             raise ValueError(f"topk_chunk={self.topk_chunk} is not a power of two")
         return self
+
+
+def check_for_swarm(rs: ReplicaSyncConfig) -> None:
+    """What a swarm cannot honour. Its outer rounds always overlap with compute (a replica that stopped
+    taking micro-batches for a round would stall every head routed through it); `overlap: false` is
+    the in-process convergence bench's reference (pmnode bench convergence --replicas)."""
+    if rs.method == "outer" and not rs.overlap:
+        raise ConfigError(
+            "replica_sync.overlap: false is for `pmnode bench convergence --replicas` only: a swarm's outer "
+            "rounds always overlap with compute; remove it from the swarm's config"
+        )
