@@ -47,6 +47,17 @@ class Row(BaseModel):
     error: float
     binding: str
     loadavg_1m: float
+    busiest: float  # the largest share of a stage's backward passes one replica served (1/R: balanced)
+    busiest_sim: float
+
+
+def busiest(m: Measured) -> float:
+    """Of the stages with replicas, the largest share of the stage's backward passes one of them ran."""
+    by_stage: dict[int, list[int]] = {}
+    for n in m.nodes:
+        by_stage.setdefault(n.stage, []).append(n.compute.backwards)
+    shares = [max(b) / sum(b) for b in by_stage.values() if len(b) > 1 and sum(b)]
+    return round(max(shares, default=1.0), 3)
 
 
 def report(out: Path, runs: list[Measured], command: str) -> list[Row]:
@@ -65,6 +76,8 @@ def report(out: Path, runs: list[Measured], command: str) -> list[Row]:
                 error=round(r.tokens_per_s / m.tokens_per_s - 1, 4),
                 binding=r.binding,
                 loadavg_1m=round(m.loadavg_1m, 1),
+                busiest=busiest(m),
+                busiest_sim=max((s.busiest_share for s in r.stages if s.nodes > 1), default=1.0),
             )
         )
     doc = {"command": command, "fitted": fitted.model_dump(), "rows": [x.model_dump() for x in rows]}
@@ -78,20 +91,27 @@ def report(out: Path, runs: list[Measured], command: str) -> list[Row]:
         f" {fitted.byte_cpu * 1e9:.0f} ns CPU per replica-sync byte,"
         " fitted on one run with replicas and one head).",
         "",
-        "Read: the simulator under-predicts both swarms with two heads by a quarter, where it predicts the",
-        "same swarm with one head (docs/benchmarks/plan, `tiny-3-sync-2rep`) to 6%: the real step time of",
-        "the sync swarm is the same with one head and two (0.290 s), the simulated one grows by 0.06 s. The",
-        "goal (within 15%) is missed. Both runs also show the routing herd the plan names: one tail",
-        "replica took 217 of 240 backward passes in the sync run, 278 of 320 in the async one.",
+        "Read: both within 15% (the goal) since routing stopped herding. Two causes, both fixed: senders",
+        "routed on queues a heartbeat old (now their own count of calls in flight), and a replica's",
+        "announced rate was samples per second of all its compute, per-step work included, so one that",
+        "served less looked slower and got less still (now per second of micro-batch compute). The",
+        "machine was shared (load average 9-11 on 2 cores): tokens/s move with the load, the simulator",
+        "is given the stage times measured in the same run.",
+        "",
+        "*busiest*: of the stages with replicas, the largest share of a stage's backward passes one",
+        "replica ran (0.5 with two replicas is an even split). Before senders counted their own calls in",
+        "flight (routing on heartbeat-old queues), one tail replica took 217 of 240 backward passes in",
+        "the sync run (0.90) and 278 of 320 in the async one (0.87); measured then: sync 3,521 tok/s",
+        "(simulated 2,624, -25.5%), async 8,440 (6,385, -24.3%).",
         "",
         "| run | heads | replicas per stage | schedule | measured tok/s | simulated | error | binds (sim) "
-        "| load avg |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| busiest (measured / sim) | load avg |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for x in rows:
         lines.append(
             f"| {x.name} | {x.heads} | {x.replicas} | {x.schedule} | {x.measured:,.0f} | {x.predicted:,.0f} "
-            f"| {x.error:+.1%} | {x.binding} | {x.loadavg_1m} |"
+            f"| {x.error:+.1%} | {x.binding} | {x.busiest:.2f} / {x.busiest_sim:.2f} | {x.loadavg_1m} |"
         )
     (out / "results.md").write_text("\n".join(lines) + "\n")
     _plot(out / "results.png", rows)

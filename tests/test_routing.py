@@ -63,6 +63,29 @@ def test_peer_choice_by_throughput_and_queue() -> None:
     assert choose_peer([]) is None
 
 
+def test_the_senders_own_in_flight_count_spreads_a_burst() -> None:
+    # Records a heartbeat old say both replicas are idle; a step's micro-batches go out at once. By
+    # the records alone (no rng) all four would go to "a"; by the sender's own count they alternate.
+    recs = [rec("a", throughput=10), rec("b", throughput=10)]
+    assert [choose_peer(recs).peer_id for _ in range(4)] == ["a"] * 4
+    inflight: dict[str, int] = {}
+    for _ in range(4):
+        p = choose_peer(recs, inflight=inflight).peer_id
+        inflight[p] = inflight.get(p, 0) + 1
+    assert inflight == {"a": 2, "b": 2}
+    # The count replaces the announced queue (it already holds what we sent): a stale queue of 5
+    # does not keep "a" out once our own calls there have come back.
+    stale = [rec("a", throughput=10, queue=5), rec("b", throughput=10)]
+    assert choose_peer(stale, inflight={"b": 1}).peer_id == "a"
+    # A twice-as-fast replica takes two for the slower one's one.
+    fast = [rec("a", throughput=20), rec("b", throughput=10)]
+    inflight = {}
+    for _ in range(6):
+        p = choose_peer(fast, inflight=inflight).peer_id
+        inflight[p] = inflight.get(p, 0) + 1
+    assert inflight == {"a": 4, "b": 2}
+
+
 def test_near_equal_peers_share_load() -> None:
     recs = [rec("a", throughput=10), rec("b", throughput=9.5), rec("c", throughput=1)]
     picks = {choose_peer(recs, rng=random.Random(i)).peer_id for i in range(50)}
@@ -96,3 +119,22 @@ def test_measured_links_steer_the_choice() -> None:
     assert set(picks) == {"direct", "relayed"}  # both compute-bound again: they share the load
     links.forget("relayed")  # a failed route is measured afresh
     assert "relayed" not in links.rates()
+
+
+def test_a_link_measured_slow_once_is_measured_again_after_its_ttl() -> None:
+    from pmnode.net.links import LinkStats
+
+    now = [0.0]
+    links = LinkStats(alpha=0.5, ttl=5.0, clock=lambda: now[0])
+    recs = [rec("a", 1, throughput=10), rec("b", 1, throughput=10)]
+    links.observe("a", 0.1, 4)  # 40 samples/s
+    links.observe("b", 1.0, 4)  # 4 samples/s: a busy moment
+    assert choose_peer(recs, links=links.rates()).peer_id == "a"  # "b" gets no calls to re-measure it
+    now[0] = 4.0
+    links.observe("a", 0.1, 4)
+    now[0] = 6.0  # "b" not called for 6 s: its rate is no longer trusted, its compute rate counts
+    assert links.rates() == {"a": 40.0}
+    picks = {choose_peer(recs, rng=random.Random(i), links=links.rates()).peer_id for i in range(50)}
+    assert picks == {"a", "b"}  # min(10, 40) vs 10: equals again
+    links.observe("b", 0.1, 4)  # measured afresh, not smoothed with the stale 4 samples/s
+    assert links.links["b"].samples_per_s == pytest.approx(40.0)

@@ -121,11 +121,14 @@ def choose_stage(
     return min(open_, key=lambda s: (capacity(by_stage.get(s, ())), s))
 
 
-def score(r: StageRecord, unmeasured: float = 1.0, link: float | None = None) -> float:
+def score(
+    r: StageRecord, unmeasured: float = 1.0, link: float | None = None, queue: int | None = None
+) -> float:
     """Expected service rate for one more micro-batch: the slower of its compute throughput and the
-    rate measured on our link to it (net.links; None: not measured yet), shared with its queue."""
+    rate measured on our link to it (net.links; None: not measured yet), shared with its queue: the
+    sender's own count of what it has in flight there when it keeps one, else the announced queue."""
     rate = r.throughput or unmeasured
-    return (min(rate, link) if link else rate) / (1 + r.queue)
+    return (min(rate, link) if link else rate) / (1 + (r.queue if queue is None else queue))
 
 
 def choose_peer(
@@ -133,6 +136,7 @@ def choose_peer(
     exclude: Iterable[str] = (),
     rng: random.Random | None = None,
     links: Mapping[str, float] | None = None,
+    inflight: Mapping[str, int] | None = None,
 ) -> StageRecord | None:
     """Pick a downstream replica by score; random among near-equals to spread load.
 
@@ -141,6 +145,11 @@ def choose_peer(
     has not measured itself yet (it just joined) is taken to be as fast as the fastest,
     so it gets micro-batches to measure itself on instead of starving. `links`: samples/s measured
     on our calls to each replica; a relayed or far replica measures slower and gets less work.
+
+    `inflight`: the micro-batches this sender has in flight at each replica, counted as it sends and
+    gets answers. The announced queue is a heartbeat old: a step's micro-batches go out within
+    milliseconds, so by it they all see the same scores and pile onto one replica (seen in real
+    swarms: one of two tail replicas served 217 of 240). A sender's own count moves with every send.
     """
     banned = set(exclude)
     cands = [r for r in live(records) if r.peer_id not in banned and r.state == "online"]
@@ -148,7 +157,11 @@ def choose_peer(
         return None
     fresh = max((r.throughput for r in cands), default=0.0) or 1.0
     link = links or {}
-    scores = {r.peer_id: score(r, fresh, link.get(r.peer_id)) for r in cands}
+    mine = None if inflight is None else {r.peer_id: inflight.get(r.peer_id, 0) for r in cands}
+    scores = {
+        r.peer_id: score(r, fresh, link.get(r.peer_id), None if mine is None else mine[r.peer_id])
+        for r in cands
+    }
     best = max(scores.values())
     near = [r for r in cands if scores[r.peer_id] >= 0.9 * best]
     return rng.choice(near) if rng else near[0]

@@ -101,6 +101,7 @@ class StageResult(_Spec):
     nodes: int
     utilisation: float  # compute busy / (nodes alive x time), over the measured part
     micro_batches: int
+    busiest_share: float = 0.0  # of those, the share its busiest node served (1/nodes: balanced)
     sync_rounds: int = 0  # replica-sync rounds started, all replicas together
     sync_round_s: float = 0.0  # their mean duration, start to last byte
     sync_waited: float = 0.0  # the share of the replicas' time spent waiting for a round to land

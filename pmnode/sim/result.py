@@ -29,12 +29,14 @@ def summarise(sim: SwarmSim, steps: int, edge: float = 0.1) -> SimResult:
         busy = sum(n.compute.busy_s for n in nodes)
         util = busy / (max(len(alive), 1) * total)
         rounds, round_s, waited = sim.rounds.stage_figures(i, total)
+        served = sum(n.served for n in nodes)
         stages.append(
             StageResult(
                 stage=i,
                 nodes=len(alive),
                 utilisation=round(util, 4),
-                micro_batches=sum(n.served for n in nodes),
+                micro_batches=served,
+                busiest_share=round(max((n.served for n in nodes), default=0) / max(served, 1), 4),
                 sync_rounds=rounds,
                 sync_round_s=round(round_s, 4),
                 sync_waited=round(waited, 4),

@@ -45,6 +45,7 @@ class SimNode:
         self.held: dict[int, int] = {}  # micro-batch -> attempt, between its forward and backward here
         self.served = 0
         self.link_busy: dict[tuple[int, str], float] = {}  # (to stage, peer) -> seconds serialising
+        self.sent: dict[str, int] = {}  # downstream replica -> micro-batches this node has in flight there
 
     @property
     def alive(self) -> bool:
@@ -114,6 +115,7 @@ class SwarmSim:
         mb.attempt += 1
         self.retried += 1
         up.backoff.fail(dead.name, self.eng.now)
+        up.sent[dead.name] = max(0, up.sent.get(dead.name, 0) - 1)
         self.eng.after(self.spec.retry_s, lambda a=mb.attempt: self._send_forward(up, mb, a))
 
     def _route(self, src: SimNode) -> SimNode | None:
@@ -121,7 +123,7 @@ class SwarmSim:
         by_name = {n.name: n for n in self.nodes[stage]}
         # The announced records, except that the sender knows at once about replicas that failed it.
         recs = [r for r in self.records[stage] if by_name[r.peer_id].online]
-        pick = choose_peer(recs, exclude=src.backoff.skipped(self.eng.now), rng=self.rng)
+        pick = choose_peer(recs, exclude=src.backoff.skipped(self.eng.now), rng=self.rng, inflight=src.sent)
         return by_name[pick.peer_id] if pick is not None else None
 
     # ---- the data path ---------------------------------------------------------------------------
@@ -164,6 +166,7 @@ class SwarmSim:
             self.eng.after(0.5, lambda: self._send_forward(src, mb, attempt))
             return
         mb.path[dst.stage] = dst
+        src.sent[dst.name] = src.sent.get(dst.name, 0) + 1
         nbytes = self.spec.fwd_bytes_per_token * self.spec.tokens_per_micro_batch
         self._transmit(src, dst, nbytes, lambda: self._forward_at(dst, mb, attempt), forward=mb)
 
@@ -197,6 +200,8 @@ class SwarmSim:
     def _backward_at(self, node: SimNode, mb: Mb, attempt: int) -> None:
         if mb.attempt != attempt:
             return
+        down = mb.path[node.stage + 1].name  # its answer is back: no longer in flight there
+        node.sent[down] = max(0, node.sent.get(down, 0) - 1)
         node.compute.submit(self._bwd_s(node), lambda: self._backward_done(node, mb, attempt))
 
     # ---- the heads -------------------------------------------------------------------------------

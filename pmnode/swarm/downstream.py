@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 
 from hivemind.p2p import P2P
@@ -60,6 +61,7 @@ class Downstream:
         self.on_change: Callable[[], Awaitable[None]] | None = None  # the replicas changed (routes)
         self.backoff = Backoff()  # replicas that failed us, skipped for a doubling while
         self.links = LinkStats()  # measured per-replica call rates: they steer the choice of route
+        self.inflight: Counter[str] = Counter()  # our calls waiting on each replica: they spread the load
         self.greeted: dict[str, Cert] = {}  # peer -> its verified certificate
         self.rng = random.Random()
         self.grad_check, self.grad_scale = grad_check, grad_scale
@@ -107,7 +109,9 @@ class Downstream:
         while True:
             now = time.monotonic()
             skip = self.backoff.skipped(now) + self.excluded()
-            peer = choose_peer(self.records, exclude=skip, rng=self.rng, links=self.links.rates())
+            peer = choose_peer(
+                self.records, exclude=skip, rng=self.rng, links=self.links.rates(), inflight=self.inflight
+            )
             if peer is None:
                 if now > deadline:
                     raise PmnodeError(f"stage {self.stage + 1} has no reachable node")
@@ -116,16 +120,22 @@ class Downstream:
                 continue
             try:
                 await self.greet(peer.peer_id)
-                answer = await request(
-                    self.p2p,
-                    peer.peer_id,
-                    rpc.path(self.run),
-                    header,
-                    packet,
-                    self.stats,
-                    timeout=max(1.0, deadline - now),
-                    shaper=self.shaper,
-                )
+                self.inflight[peer.peer_id] += 1
+                try:
+                    answer = await request(
+                        self.p2p,
+                        peer.peer_id,
+                        rpc.path(self.run),
+                        header,
+                        packet,
+                        self.stats,
+                        timeout=max(1.0, deadline - now),
+                        shaper=self.shaper,
+                    )
+                finally:
+                    self.inflight[peer.peer_id] -= 1
+                    if self.inflight[peer.peer_id] <= 0:
+                        del self.inflight[peer.peer_id]  # bounded by the calls in flight, not by peers seen
                 if shape is not None:
                     await self._check_gradient(rpc, answer[1], shape)
                     self.links.observe(peer.peer_id, time.monotonic() - now, shape[0])
