@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 from rich.console import Console
 
+from pmnode.bench.plotting import pyplot
 from pmnode.bench.swarm import head_lines
 from pmnode.bench.time_to_loss import tokens_to_reach
 from pmnode.config import RunConfig
@@ -165,10 +166,7 @@ def seconds(s: float | None) -> str:
 
 
 def plot(out: Path, runs: list[dict], target: dict[str, float]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     links = list(dict.fromkeys(r["link"] for r in runs))
     for name, col, label in (("heldout_steps", 0, "optimizer step"), ("heldout_time", 1, "wall seconds")):

@@ -28,11 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import yaml
+
+from pmnode.bench.plotting import pyplot
 
 BIN = Path(sys.executable).parent
 
@@ -226,6 +224,7 @@ def main() -> None:
 
 
 def write(out: Path, r: dict) -> None:
+    plt = pyplot()
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(r, indent=2))
     lines = [

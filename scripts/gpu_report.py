@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from pmnode.bench.plotting import pyplot
 from pmnode.config import load_config
 from pmnode.core.sizing import StageSize
 from pmnode.swarm.report import NodeSummary
@@ -87,10 +88,7 @@ def main() -> None:
             f"{100 * r.mfu_swarm:.1f}% | {100 * r.mfu_busy:.1f}% | {peak} | {r.estimate_bytes / 2**30:.2f} |"
         )
     (a.out / "results.md").write_text("\n".join(lines) + "\n")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     labels = [f"{r.codec} s{r.stage}" for r in result]

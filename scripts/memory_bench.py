@@ -23,6 +23,7 @@ import psutil
 import torch
 from pydantic import BaseModel
 
+from pmnode.bench.plotting import pyplot
 from pmnode.config import RunConfig
 from pmnode.core.codecs import Packet
 from pmnode.core.sizing import precision_name, stage_sizes
@@ -111,10 +112,7 @@ def one(option: str, device: str, steps: int, warmup: int = 2) -> Result:
 
 
 def report(results: list[Result], out: Path, command: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "memory.json").write_text(json.dumps([r.model_dump() for r in results], indent=2))

@@ -19,6 +19,8 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from pmnode.bench.plotting import pyplot
+
 RS = (1, 2, 4, 8)
 GOAL = 0.8  # tokens/s at R >= GOAL x R x the R = 1 figure
 SHARE_GOAL = 0.01  # one replica's share of a round <= 1/100 of the stage's fp16 parameters
@@ -243,10 +245,7 @@ NOTES = [
 
 
 def plot(rows: list[Row], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = list(dict.fromkeys(r.scenario for r in rows))
     cols = 2

@@ -22,6 +22,7 @@ from rich.console import Console
 
 from pmnode.bench.calibrate import Measured, RunSpec, measure
 from pmnode.bench.calibrate_report import Variant
+from pmnode.bench.plotting import pyplot
 from pmnode.errors import run_cli
 from pmnode.sim.calibration import predict
 
@@ -119,10 +120,7 @@ def report(out: Path, runs: list[Measured], command: str) -> list[Row]:
 
 
 def _plot(path: Path, rows: list[Row]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.scatter([r.measured for r in rows], [r.predicted for r in rows])

@@ -29,13 +29,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import torch
 import yaml
 
+from pmnode.bench.plotting import pyplot
 from pmnode.core.codecs import Int8Q, Packet
 from pmnode.swarm.spot_policy import Sampler, decide, distance
 from pmnode.swarm.spot_serve import Liar
@@ -277,6 +274,7 @@ def report(out: Path) -> None:
 
 
 def _plot(res: dict, path: Path) -> None:
+    plt = pyplot()
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
     for r in res.get("simulated", []):
         if r["replicas"] == 3 and "mean" in r:

@@ -19,11 +19,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import yaml
+
+from pmnode.bench.plotting import pyplot
 
 BIN = Path(sys.executable).parent
 
@@ -83,6 +81,7 @@ def main() -> None:
 
 
 def write(args: argparse.Namespace, rows: list[dict]) -> None:
+    plt = pyplot()
     command = "python " + " ".join(sys.argv)
     (args.out / "results.json").write_text(
         json.dumps(

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import yaml
 
+from pmnode.bench.plotting import pyplot
+
 BIN = Path(sys.executable).parent
 
 
@@ -97,10 +99,7 @@ def main() -> None:
         )
     (args.out / "results.md").write_text("\n".join(md) + "\n")
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4))
     labels = [Path(r["config"]).stem for r in rows]

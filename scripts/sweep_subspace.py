@@ -16,6 +16,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from pmnode.bench.plotting import pyplot
 from pmnode.cli.progress import train_with_progress
 from pmnode.config import load_config
 
@@ -94,10 +95,7 @@ def main() -> None:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.2))
     names = [r["variant"] for r in rows]

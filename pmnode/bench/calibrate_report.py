@@ -10,6 +10,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from pmnode.bench.calibrate import Measured
+from pmnode.bench.plotting import pyplot
 from pmnode.sim.calibration import Fitted, errors, predict
 
 GRID = [round(0.001 + 0.000125 * i, 6) for i in range(25)]  # msg_cpu: 1 to 4 ms CPU per message end
@@ -146,10 +147,7 @@ def write_calibration(out: Path, runs: list[Measured], command: str) -> Variant:
 
 
 def _plot(path: Path, table: list[Row], title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6.5, 6))
     xs, ys = [r.measured for r in table], [r.predicted for r in table]

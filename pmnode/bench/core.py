@@ -10,6 +10,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from pmnode.bench.plotting import pyplot
 from pmnode.cli.progress import train_with_progress
 from pmnode.config import RunConfig
 from pmnode.core.codecs import wire_bytes
@@ -141,10 +142,7 @@ def convergence(
 
 
 def _write(out: Path, cfg: RunConfig, runs: list[dict], command: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     (out / "results.json").write_text(
         json.dumps({"command": command, "config": cfg.model_dump(), "runs": runs}, indent=2)

@@ -9,6 +9,7 @@ from pathlib import Path
 from pmnode.bench import fidelity_sweeps
 from pmnode.bench.fidelity import Row, RunResult, compare, load_runs, loss_at
 from pmnode.bench.labels import label, preset_of
+from pmnode.bench.plotting import pyplot
 
 
 def _pct(x: float | None) -> str:
@@ -113,10 +114,7 @@ def token_matched(rows: list[Row], runs: list[RunResult]) -> list[str]:
 
 
 def plot(runs: list[RunResult], out: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     widths = sorted({r.d_model for r in runs})
     names = labels(runs)
@@ -141,10 +139,7 @@ def plot(runs: list[RunResult], out: Path, title: str) -> None:
 
 def plot_gaps(rows: list[Row], runs: list[RunResult], out: Path, title: str) -> None:
     """The gap against each run's baseline as the tokens grow: whether it closes or keeps opening."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     by_name = {r.variant: r for r in runs}
     names = labels(runs)

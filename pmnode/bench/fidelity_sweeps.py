@@ -14,6 +14,7 @@ from pydantic import BaseModel
 
 from pmnode.bench.fidelity import Row, RunResult, architecture, loss_at, steps_to
 from pmnode.bench.labels import preset_of
+from pmnode.bench.plotting import pyplot
 
 MID, END = 2_500_000, 5_000_000
 MARKS = (1_000_000, MID, END)
@@ -118,10 +119,7 @@ def markdown(pts: list[SweepPoint]) -> list[str]:
 
 
 def plot(pts: list[SweepPoint], out: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax_k, ax_b) = plt.subplots(1, 2, figsize=(12, 4.6))
     for ax, x_of, sel, xlabel in (

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from pmnode.bench.plotting import pyplot
 from pmnode.bench.swarm import head_lines
 from pmnode.bench.time_to_loss import tokens_to_reach
 from pmnode.config import RunConfig
@@ -208,10 +209,7 @@ def write(out: Path, result: dict, title: str) -> None:
 
 
 def _plot(out: Path, result: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for r in result["rows"]:

@@ -7,6 +7,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from pmnode.bench.circuit_probe import CircuitProbe
+from pmnode.bench.plotting import pyplot
 
 
 class Run(BaseModel):
@@ -106,10 +107,7 @@ def table(runs: list[Run], circuit: CircuitProbe, command: str) -> str:
 
 
 def plot(runs: list[Run], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     codecs = list(dict.fromkeys(r.codec for r in runs))
     modes = ("direct", "home", "relayed")

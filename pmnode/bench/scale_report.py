@@ -13,6 +13,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from pmnode.bench.fidelity import RunResult, load_runs, loss_at
+from pmnode.bench.plotting import pyplot
 from pmnode.bench.variants import parse_variant
 from pmnode.config import ReplicaSyncConfig
 
@@ -131,10 +132,7 @@ def markdown(table: list[ScaleRow], runs: list[RunResult], title: str) -> str:
 
 
 def plot(runs: list[RunResult], table: list[ScaleRow], out: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for run, row in zip(runs, table, strict=True):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from pmnode.bench.plotting import pyplot
 from pmnode.config import RunConfig
 from pmnode.core.train import config_for
 from pmnode.net.shaping import format_bandwidth, parse_bandwidth, parse_latency
@@ -122,10 +123,7 @@ def bench_swarm(
 
 
 def write(out: Path, cfg: RunConfig, stages: int, runs: list[dict], command: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     (out / "results.json").write_text(
         json.dumps(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pmnode.bench.plotting import pyplot
 from pmnode.errors import PmnodeError
 
 
@@ -100,10 +101,7 @@ def _write_md(out: Path, rows: list[dict], command: str) -> None:
 
 
 def _plot(out: Path, rows: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in rows:

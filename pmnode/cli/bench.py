@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from pmnode.bench.plotting import pyplot
 from pmnode.cli.commands import (
     ConfigOpt,
     DataOpt,
@@ -93,6 +94,7 @@ def bench_convergence(
     device: DeviceOpt = "cpu",
 ) -> None:
     """Train each variant with the same data, seed and steps; compare held-out loss and bytes."""
+    pyplot()  # a missing `bench` extra fails now, not after the runs
     command = " ".join(["pmnode", *sys.argv[1:]])
     cfg = load_with_overrides(config, steps=steps, data=data)
     specs = [c.strip() for c in codecs.split(",") if c.strip()]
@@ -152,7 +154,7 @@ def bench_swarm_cmd(
     data: DataOpt = None,
 ) -> None:
     """Local-swarm tokens/s per codec and emulated link, at steady state."""
-
+    pyplot()  # a missing `bench` extra fails now, not after the runs
     from pmnode.bench.swarm import bench_swarm
 
     if schedule not in ("sync", "async"):
@@ -223,6 +225,7 @@ def bench_time_to_loss(
     """Wall time to a target held-out loss over a link. Run mode (--config): sync and async variants
     train over --link and over an unlimited link. Join mode (--convergence, --swarm): convergence
     curves x steady-state tokens/s."""
+    pyplot()  # a missing `bench` extra fails now, not after the runs
     command = " ".join(["pmnode", *sys.argv[1:]])
     if config is not None:
         _time_to_loss_runs(config, out, link, variants, stages, steps, batch_size, micro_batch_size,
