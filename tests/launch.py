@@ -6,12 +6,14 @@ processes, p2pd), so whatever is left behind can be found and killed by tag.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import psutil
@@ -47,6 +49,61 @@ def kill_tagged(tag: str) -> None:
                 p.kill()
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
+
+
+def wait_until(
+    cond: Callable[[], object],
+    timeout: float,
+    what: str,
+    *,
+    every: float = 0.25,
+    procs: Sequence[subprocess.Popen] = (),
+    logs: Mapping[str, Path] | None = None,
+) -> None:
+    """Poll `cond` every `every` s until it is true. Fails after `timeout` s naming `what`, or as soon
+    as one of `procs` has exited (waiting on could only time out); the failure carries the end of
+    each of `logs`, which is where a multi-process test's cause is."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        dead = [p.args for p in procs if p.poll() is not None]
+        if dead or time.monotonic() > deadline:
+            why = (
+                f"exited early while waiting for {what}: {dead}" if dead else f"timed out waiting for {what}"
+            )
+            tails = "".join(
+                f"\n--- {n}\n{p.read_text()[-1500:]}" for n, p in (logs or {}).items() if p.exists()
+            )
+            raise AssertionError(why + tails)
+        time.sleep(every)
+
+
+def interrupt_all(procs: Sequence[subprocess.Popen], tag: str, within: float = 30.0) -> None:
+    """Teardown of processes started each in a group of its own: Ctrl-C to every group (each node says
+    goodbye and saves, as on a terminal), up to `within` s each to exit, then whatever of `tag` is
+    left is killed."""
+    for p in procs:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGINT)
+    for p in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(within)
+    kill_tagged(tag)
+
+
+def join_pid(tag: str, summary_name: str) -> int:
+    """The `pmnode join` process of the swarm tagged `tag` that writes the summary `summary_name`."""
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            cmd = p.info["cmdline"] or []
+            if (
+                p.environ().get("PMNODE_TEST_TAG") == tag
+                and "join" in cmd
+                and any(c.endswith(summary_name) for c in cmd)
+            ):
+                return p.info["pid"]
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    raise AssertionError(f"no process writes {summary_name}")
 
 
 def start_async_swarm(

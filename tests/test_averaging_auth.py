@@ -9,13 +9,21 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 import torch
-from launch import BIN, ROOT, assert_no_leftovers, head_steps, kill_tagged, swarm_config, tagged_env
+from launch import (
+    BIN,
+    ROOT,
+    assert_no_leftovers,
+    head_steps,
+    kill_tagged,
+    swarm_config,
+    tagged_env,
+    wait_until,
+)
 from safetensors.torch import load_file
 
 from pmnode.net.status import fetch_status
@@ -28,13 +36,6 @@ def _start(args: list[str], log: Path, tag: str) -> subprocess.Popen:
     return subprocess.Popen(
         args, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True, env=tagged_env(tag)
     )
-
-
-def _wait(cond: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.5)
 
 
 @pytest.mark.timeout(600)
@@ -51,7 +52,7 @@ def test_an_outsider_cannot_average_with_a_stage(tmp_path: Path, toy_corpus: Pat
     swarm = _start([str(BIN / "pmnode"), "local-swarm", *args], tmp_path / "swarm.log", tag)
     seen: dict[str, dict[str, int]] = {}
     try:
-        _wait(lambda: head_steps(work) >= 30, 180, "the head's 30th step")
+        wait_until(lambda: head_steps(work) >= 30, 180, "the head's 30th step", every=0.5)
         join = [str(BIN / "pmnode"), "join", "--coordinator-file", str(info), "--stage", "1"]
         join += ["--device", "cpu", "--threads", "1", "--checkpoint-dir", str(tmp_path / "joiner-ckpt")]
         joiner = _start(
@@ -72,7 +73,7 @@ def test_an_outsider_cannot_average_with_a_stage(tmp_path: Path, toy_corpus: Pat
             doors = {k for r in seen.values() for k, v in r.items() if v}
             return {"averaging.join", "averaging.state", "averaging.part"} <= doors
 
-        _wait(counted, 60, "the refusals in /status")
+        wait_until(counted, 60, "the refusals in /status", every=0.5)
         assert swarm.wait(600) == 0, (tmp_path / "swarm.log").read_text()[-3000:]
         assert joiner.wait(90) == 0, (tmp_path / "joiner.log").read_text()[-3000:]
     finally:

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 import yaml
-from launch import BIN, ROOT, tagged_env
+from launch import BIN, ROOT, tagged_env, wait_until
 
 from pmnode.bench.netlab import Host, Lab, can_run, sweep_stale
 from pmnode.core import checkpoint
@@ -50,15 +49,6 @@ def on_this_machine(argv: list[str], volume: Path) -> list[str]:
     return [str(BIN / program), *moved]
 
 
-def _wait(cond: object, timeout: float, what: str, logs: dict[str, Path]) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            tails = "\n".join(f"--- {n}\n{p.read_text()[-1500:]}" for n, p in logs.items() if p.exists())
-            raise AssertionError(f"timed out waiting for {what}\n{tails}")
-        time.sleep(1.0)
-
-
 @pytest.mark.timeout(900)
 def test_compose_swarm_trains_across_namespaces(tmp_path: Path) -> None:
     sweep_stale()
@@ -78,7 +68,14 @@ def test_compose_swarm_trains_across_namespaces(tmp_path: Path) -> None:
                 cmd, cwd=ROOT, env=env, stdout=logs[name].open("w"), stderr=subprocess.STDOUT
             )
         nodes = [n for n in services if n != "coordinator"]
-        _wait(lambda: all(procs[n].poll() is not None for n in nodes), 900, "the nodes to finish", logs)
+        finished = [procs[n] for n in nodes]
+        wait_until(
+            lambda: all(p.poll() is not None for p in finished),
+            900,
+            "the nodes to finish",
+            every=1.0,
+            logs=logs,
+        )
         for n in nodes:
             assert procs[n].returncode == 0, logs[n].read_text()[-3000:]
         info = json.loads((volume / "coordinator" / "coordinator.json").read_text())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -10,13 +9,20 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
-from launch import BIN, assert_no_leftovers, kill_tagged, swarm_config, tagged_env
+from launch import (
+    BIN,
+    assert_no_leftovers,
+    interrupt_all,
+    join_pid,
+    kill_tagged,
+    swarm_config,
+    tagged_env,
+    wait_until,
+)
 from safetensors.torch import load_file
 
 from pmnode.core import checkpoint
@@ -41,23 +47,13 @@ def _coordinator(cfg: Path, state: Path, log: Path, tag: str) -> tuple[subproces
     info.unlink(missing_ok=True)
     args = [str(BIN / "coordinator"), "serve", "--config", str(cfg), "--state-dir", str(state)]
     p = _start(args, log, tag)
-    deadline = time.monotonic() + 60
-    while not info.exists():
-        assert p.poll() is None and time.monotonic() < deadline, log.read_text()
-        time.sleep(0.2)
+    wait_until(info.exists, 60, "the coordinator to start", every=0.2, procs=[p], logs={"coordinator": log})
     return p, json.loads(info.read_text())["maddrs"][0]
 
 
 def _head_step(log: Path) -> int:
     steps = [json.loads(line)["step"] for line in log.read_text().splitlines() if line.startswith('{"step"')]
     return steps[-1] if steps else 0
-
-
-def _wait(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.25)
 
 
 def test_training_survives_a_coordinator_restart(tmp_path: Path, toy_corpus: Path) -> None:
@@ -71,13 +67,13 @@ def test_training_survives_a_coordinator_restart(tmp_path: Path, toy_corpus: Pat
             args = [str(BIN / "pmnode"), "join", "--coordinator-file", str(state / "coordinator.json")]
             args += ["--stage", str(s), "--device", "cpu", "--threads", "1", "--log-format", "json"]
             procs.append(_start(args, logs[s], tag))
-        _wait(lambda: _head_step(logs[0]) >= 20, 120, "the head's 20th step")
+        wait_until(lambda: _head_step(logs[0]) >= 20, 120, "the head's 20th step")
 
         os.killpg(coord.pid, signal.SIGKILL)  # no goodbye: the coordinator, its DHT child and p2pd
         coord.wait()
         at_kill = _head_step(logs[0])
         # the data path never touches the coordinator: 10 more steps come without it
-        _wait(lambda: _head_step(logs[0]) > at_kill + 10, 60, "10 steps without the coordinator")
+        wait_until(lambda: _head_step(logs[0]) > at_kill + 10, 60, "10 steps without the coordinator")
         assert all(p.poll() is None for p in procs)
 
         coord, again = _coordinator(cfg, state, tmp_path / "coord-2.log", tag)
@@ -89,19 +85,13 @@ def test_training_survives_a_coordinator_restart(tmp_path: Path, toy_corpus: Pat
             online = [[r for r in s.replicas if r.state == "online"] for s in st.stages]
             return all(len(o) == 1 for o in online) and st.global_step > at_restart
 
-        _wait(knows_the_swarm, 60, "the restarted coordinator to see every stage")
+        wait_until(knows_the_swarm, 60, "the restarted coordinator to see every stage")
         st = fetch_status(maddr, timeout=10)
         assert [s.replicas[0].stage for s in st.stages] == [0, 1, 2]
         assert _head_step(logs[0]) > at_restart and all(p.poll() is None for p in procs)
         procs.append(coord)
     finally:
-        for p in procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGINT)
-        for p in procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(30)
-        kill_tagged(tag)
+        interrupt_all(procs, tag)
     assert_no_leftovers(tag)
 
 
@@ -132,13 +122,7 @@ class _Processes:
         return p
 
     def stop(self) -> None:
-        for p in self.procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGINT)
-        for p in self.procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(30)
-        kill_tagged(self.tag)
+        interrupt_all(self.procs, self.tag)
 
 
 def _run_with_a_joiner(cfg: Path, work: Path, tag: str, after_steps: int) -> Path:
@@ -148,7 +132,9 @@ def _run_with_a_joiner(cfg: Path, work: Path, tag: str, after_steps: int) -> Pat
     base = work.parent
     try:
         head_log = work / "logs" / "node-0.log"
-        _wait(lambda: head_log.exists() and _head_step(head_log) >= after_steps, 120, f"{after_steps} steps")
+        wait_until(
+            lambda: head_log.exists() and _head_step(head_log) >= after_steps, 120, f"{after_steps} steps"
+        )
         joiner_log = base / "joiner.log"
         args = [
             str(BIN / "pmnode"),
@@ -175,22 +161,6 @@ def _run_with_a_joiner(cfg: Path, work: Path, tag: str, after_steps: int) -> Pat
     return joiner_log
 
 
-def _pid_of(tag: str, summary_name: str) -> int:
-    """The `pmnode join` process of the swarm tagged `tag` that writes `summary_name`."""
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            cmd = p.info["cmdline"] or []
-            if (
-                p.environ().get("PMNODE_TEST_TAG") == tag
-                and "join" in cmd
-                and any(c.endswith(summary_name) for c in cmd)
-            ):
-                return p.info["pid"]
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    raise AssertionError(f"no process writes {summary_name}")
-
-
 def test_a_replica_killed_mid_training_loses_no_micro_batch(tmp_path: Path, toy_corpus: Path) -> None:
     steps = 150
     cfg = swarm_config(
@@ -200,11 +170,13 @@ def test_a_replica_killed_mid_training_loses_no_micro_batch(tmp_path: Path, toy_
     swarm = _local_swarm(cfg, work, tag, "--replicas", "2", "--schedule", "sync")
     try:
         head_log = work / "logs" / "node-0.log"
-        _wait(lambda: head_log.exists() and _head_step(head_log) >= 30, 120, "30 steps")
-        victim = _pid_of(tag, "node-1-1.json")
+        wait_until(lambda: head_log.exists() and _head_step(head_log) >= 30, 120, "30 steps")
+        victim = join_pid(tag, "node-1-1.json")
         os.killpg(victim, signal.SIGKILL)  # the replica, its DHT child and its p2pd, mid-step
         killed_at, step_at_kill = time.monotonic(), _head_step(head_log)
-        _wait(lambda: _head_step(head_log) > step_at_kill + 5, 20.0, "training to go on within the timeout")
+        wait_until(
+            lambda: _head_step(head_log) > step_at_kill + 5, 20.0, "training to go on within the timeout"
+        )
         recovered = time.monotonic() - killed_at
         assert swarm.wait(300) == 0, (tmp_path / "swarm.err").read_text()[-3000:]
     finally:
@@ -257,10 +229,10 @@ def test_an_empty_stage_pauses_the_swarm_until_a_node_takes_it_over(tmp_path: Pa
         every = ["--checkpoint-dir", str(ckpt), "--checkpoint-every", "10"]
         nodes = {s: run.join(f"node-{s}", "--stage", str(s), *every) for s in (2, 1, 0)}
         head_log = tmp_path / "node-0.log"
-        _wait(lambda: _head_step(head_log) >= 30, 120, "30 steps")
+        wait_until(lambda: _head_step(head_log) >= 30, 120, "30 steps")
         os.killpg(nodes[1].pid, signal.SIGKILL)  # stage 1's only node: the stage is empty
         nodes[1].wait()
-        _wait(lambda: "training paused" in head_log.read_text(), 60, "the head to pause")
+        wait_until(lambda: "training paused" in head_log.read_text(), 60, "the head to pause")
         paused_at = _head_step(head_log)
         assert paused_at < steps
 
@@ -344,10 +316,10 @@ def test_a_new_head_takes_over_from_the_checkpoint(tmp_path: Path, toy_corpus: P
         coord, maddr = _coordinator(cfg, state, tmp_path / "coord.log", tag)
         run.procs.append(coord)
         nodes = {s: join(f"node-{s}", "--stage", str(s)) for s in (2, 1, 0)}
-        _wait(lambda: _head_step(tmp_path / "node-0.log") >= 30, 120, "30 steps")
+        wait_until(lambda: _head_step(tmp_path / "node-0.log") >= 30, 120, "30 steps")
         os.killpg(nodes[0].pid, signal.SIGKILL)  # the head: nothing drives the data now
         nodes[0].wait()
-        _wait(lambda: 0 in fetch_status(maddr).empty_stages, 60, "the coordinator to see stage 0 empty")
+        wait_until(lambda: 0 in fetch_status(maddr).empty_stages, 60, "the coordinator to see stage 0 empty")
         taker = join("taker")  # no --stage: the coordinator sends it to the empty stage 0
         assert taker.wait(300) == 0, (tmp_path / "taker.log").read_text()[-3000:]
         for s in (1, 2):

@@ -11,11 +11,9 @@ import json
 import os
 import signal
 import subprocess
-import time
 import uuid
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
 from launch import (
@@ -23,10 +21,12 @@ from launch import (
     STEPS,
     assert_no_leftovers,
     head_steps,
+    join_pid,
     kill_tagged,
     start_async_swarm,
     swarm_config,
     tagged_env,
+    wait_until,
 )
 
 from pmnode.data.shards import DataPosition
@@ -111,21 +111,6 @@ def test_every_sample_applied_once_counted_per_head(heads_run: dict) -> None:
     assert_no_leftovers(heads_run["tag"])
 
 
-def _pid_of(tag: str, summary_name: str) -> int:
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            cmd = p.info["cmdline"] or []
-            if (
-                p.environ().get("PMNODE_TEST_TAG") == tag
-                and "join" in cmd
-                and any(c.endswith(summary_name) for c in cmd)
-            ):
-                return p.info["pid"]
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    raise AssertionError(f"no process writes {summary_name}")
-
-
 def test_a_head_killed_mid_run_loses_no_data(tmp_path: Path, toy_corpus: Path) -> None:
     """SIGKILL one of two heads mid-run: the other goes on alone (leading, whichever it was), a new
     `pmnode join --stage 0` takes the freed slot, is brought in by a commit and reads on from the slot's
@@ -136,20 +121,17 @@ def test_a_head_killed_mid_run_loses_no_data(tmp_path: Path, toy_corpus: Path) -
     work, tag = tmp_path / "work", uuid.uuid4().hex
     swarm = start_async_swarm(cfg, work, tag, "--heads", "2", schedule="sync")
     try:
-        deadline = time.monotonic() + 180
-        while head_steps(work) < 15:
-            assert swarm.poll() is None and time.monotonic() < deadline, work.with_suffix(".err").read_text()[
-                -2000:
-            ]
-            time.sleep(0.5)
-        os.killpg(_pid_of(tag, "node-0-1.json"), signal.SIGKILL)  # the head, its DHT child and p2pd
+        err = {"local-swarm": work.with_suffix(".err")}
+        wait_until(lambda: head_steps(work) >= 15, 180, "15 steps", every=0.5, procs=[swarm], logs=err)
+        os.killpg(join_pid(tag, "node-0-1.json"), signal.SIGKILL)  # the head, its DHT child and p2pd
         killed_at = head_steps(work)
         # its record expires (until then its slot is taken and a join is refused): the coordinator says so
         maddr = json.loads((work / "coordinator" / "coordinator.json").read_text())["maddrs"][0]
-        deadline = time.monotonic() + 60
-        while len(next(s for s in fetch_status(maddr).stages if s.stage == 0).replicas) > 1:
-            assert time.monotonic() < deadline, "the killed head's record never expired"
-            time.sleep(0.5)
+
+        def heads() -> int:
+            return len(next(s for s in fetch_status(maddr).stages if s.stage == 0).replicas)
+
+        wait_until(lambda: heads() <= 1, 60, "the killed head's record to expire", every=0.5)
         args = [
             str(BIN / "pmnode"),
             "join",

@@ -4,30 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import WORKER_CFG as CFG
+from helpers import grad_packet, toks
 
-from pmnode.config import RunConfig
-from pmnode.core.codecs import Packet
 from pmnode.core.optim import lr_at
 from pmnode.core.worker import StageWorker
 from pmnode.errors import PmnodeError
-
-CFG = RunConfig.model_validate(
-    {
-        "model": {"d_model": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": 16},
-        "subspace": {"compression_rank": 4, "uncompressed_tail_layers": 1},
-        "n_stages": 2,
-        "train": {"seq_len": 8},
-        "optim": {"warmup_steps": 0},
-    }
-)
-
-
-def toks(seed: int) -> torch.Tensor:
-    return torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(seed))
-
-
-def grad_packet(seed: int) -> Packet:
-    return Packet({"v": torch.randn(2, 8, 4, generator=torch.Generator().manual_seed(seed))})
 
 
 def test_sync_step_refuses_inflight() -> None:

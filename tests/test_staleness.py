@@ -7,31 +7,15 @@ import math
 
 import pytest
 import torch
+from helpers import WORKER_CFG as CFG
+from helpers import grad_packet, toks
 from torch import nn
 
-from pmnode.config import RunConfig
 from pmnode.core.codecs import Packet
 from pmnode.core.staleness import DelayMeter, StaleCorrection, delay_momentum, make_optimizer
 from pmnode.core.worker import StageWorker
 
-CFG = RunConfig.model_validate(
-    {
-        "model": {"d_model": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": 16},
-        "subspace": {"compression_rank": 4, "uncompressed_tail_layers": 1},
-        "n_stages": 2,
-        "train": {"seq_len": 8},
-        "optim": {"warmup_steps": 0},
-    }
-)
 LR, WD, B1, B2, EPS, PSI = 0.1, 0.01, 0.9, 0.95, 1e-8, 0.004
-
-
-def toks(seed: int) -> torch.Tensor:
-    return torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(seed))
-
-
-def grad_packet(seed: int) -> Packet:
-    return Packet({"v": torch.randn(2, 8, 4, generator=torch.Generator().manual_seed(seed))})
 
 
 class Toy(nn.Module):

@@ -9,13 +9,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 import yaml
-from launch import ROOT, assert_no_leftovers, kill_tagged, tagged_env
+from launch import ROOT, assert_no_leftovers, kill_tagged, tagged_env, wait_until
 
 from pmnode.net.tokens import load_or_create_key
 
@@ -29,15 +28,6 @@ BIG = {
     "subspace": {"enabled": False},
     "train": {"seq_len": 16, "batch_size": 1},
 }
-
-
-def _wait(path: Path, procs: list[subprocess.Popen], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        dead = [p.args for p in procs if p.poll() is not None]
-        assert not dead, f"exited early: {dead}"
-        assert time.monotonic() < deadline, f"timed out waiting for {path.name}"
-        time.sleep(0.1)
 
 
 @pytest.mark.timeout(240)
@@ -56,20 +46,18 @@ def test_a_600mb_stage_copy_survives_its_sender_killed_midway(tmp_path: Path) ->
             err = (tmp_path / f"{info.stem}.err").open("w")
             procs.append(subprocess.Popen(cmd, env=env, stderr=err, process_group=0))
         for info in (a, b):
-            _wait(info, procs, 150)
+            wait_until(info.exists, 150, info.name, every=0.1, procs=procs)
         sender = json.loads(a.read_text())
         assert sender["bytes"] >= 600e6
         assert json.loads(b.read_text())["digest"] == sender["digest"]  # sync replicas: the same bits
         cmd = [sys.executable, PEER, "fetch", str(cfg), str(joiner), str(authority), str(a), str(b)]
         log = (tmp_path / "joiner.err").open("w")
         procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=log))
-        _wait(tmp_path / "mid-chunk", procs, 120)  # 15 of 37 chunks copied, the 16th asked for
+        # 15 of 37 chunks copied, the 16th asked for
+        wait_until((tmp_path / "mid-chunk").exists, 120, "mid-chunk", every=0.1, procs=procs)
         os.killpg(procs[0].pid, signal.SIGKILL)  # the sender and its daemon, mid-chunk
         procs[0].wait(10)
-        deadline = time.monotonic() + 120
-        while procs[2].poll() is None:
-            assert time.monotonic() < deadline, "the joiner did not finish"
-            time.sleep(0.2)
+        wait_until(lambda: procs[2].poll() is not None, 120, "the joiner to finish", every=0.2)
         assert procs[2].returncode == 0, (tmp_path / "joiner.err").read_text()[-2000:]
         got = json.loads(joiner.read_text())
         assert got["refused_without_hello"] == "unauthorized"  # the door is the node's, guarded
