@@ -223,3 +223,83 @@ def test_a_copy_mid_round_lets_the_copier_apply_that_round_like_everyone() -> No
     assert all(torch.equal(x, y) for x, y in zip(a.outer.anchor, joiner.outer.anchor, strict=True))
     assert all(torch.equal(x, y) for x, y in zip(c.outer.anchor, joiner.outer.anchor, strict=True))
     assert a.digest(anchor=True) == joiner.digest(anchor=True) == c.digest(anchor=True)
+
+
+def _pair(cfg: ReplicaSyncConfig) -> tuple[Any, Any]:
+    """Two replicas from the same weights, each with progress of its own since the anchor."""
+    a, b = _jobs(cfg, 0), _jobs(cfg, 1)
+    for x, y in zip(a.params, b.params, strict=True):
+        y.data.copy_(x.data)
+    for j in (a, b):
+        j.make()
+        with torch.no_grad():
+            for p in j.params:
+                p.add_(torch.randn_like(p) * 0.1)
+    return a, b
+
+
+def test_a_catch_up_copy_over_a_round_in_flight_applies_that_round_like_everyone() -> None:
+    """sync: a replica behind the commit started the round (a share came) and is then caught up by a
+    copy of the same round: it applies the round as the others do, keeping only what it trained since."""
+    a, b = _pair(TOPK.model_copy(update={"outer_momentum": 0.9}))
+    share_a, _ = a.start()
+    share_b, _ = b.start()  # b's share holds its progress before the copy
+    a.copyable = {0: {"a": share_a, "b": share_b}}
+    assert b.adopt(*a.state()) and b.round == 0 and not b.in_flight()
+    with torch.no_grad():
+        since = [torch.randn_like(p) * 0.01 for p in b.params]
+        for p, d in zip(b.params, since, strict=True):
+            p.add_(d)  # the commit's step after the copy
+    got = dict(b.inherited)
+    assert a.apply(True, [share_a, share_b])
+    assert b.apply(True, [got["a"], got["b"]])  # a member whose round start the copy replaced
+    assert a.round == b.round == 1 and a.digest(anchor=True) == b.digest(anchor=True)
+    for p, anchor, d in zip(b.params, b.outer.anchor, since, strict=True):
+        assert torch.allclose(p.detach(), anchor + d, atol=1e-6)
+
+
+def test_a_copy_past_the_round_in_flight_leaves_the_round_to_its_anchor_and_the_loop_goes_on() -> None:
+    a, b = _pair(TOPK)
+    share_a, _ = a.start()
+    share_b, _ = b.start()
+    assert a.apply(True, [share_a, share_b]) and a.round == 1
+    assert b.adopt(*a.state()) and b.round == 1
+    weights = b.digest()
+    landed: list[bool] = []
+    b.pending = (True, [share_a, share_b], lambda: landed.append(True))
+    b.land()  # in the commit's step job: nothing applied, and the loop is told so
+    assert landed == [True] and b.landed_ok is False and b.pending is None
+    assert b.round == 1 and b.digest() == weights and b.digest(anchor=True) == a.digest(anchor=True)
+
+
+@pytest.mark.parametrize("outer", [False, True])
+def test_a_sync_catch_up_counts_each_sample_once(outer: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The step method: every replica applies every head's batch, so a copy at step 5 has applied 5
+    batches. Outer rounds: each replica steps on its own micro-batches only, so a replica that starts
+    late and copies another at step 5 applied none of them (the other counted them)."""
+    from pmnode.swarm import replicas as mod
+
+    class Runner:
+        samples_applied, batch, step = 0, 8, 0
+
+        async def load_state(self, got: object, at_step: int | None = None) -> None:
+            self.step = at_step or 0
+
+        async def run(self, fn: Any, *args: Any) -> Any:
+            return fn(*args)
+
+    runner, adopted = Runner(), []
+    ctx = SimpleNamespace(stage=1, runner=runner, console=SimpleNamespace(print=lambda *a, **k: None))
+    got = SimpleNamespace(manifest=SimpleNamespace(meta={}), buffer=bytearray())
+
+    async def fetch_state(peers: list[str], at_step: int | None = None) -> tuple[Any, str]:
+        return got, peers[0]
+
+    monkeypatch.setattr(mod, "unpack", lambda manifest, buffer: {})
+    reps = mod.Replicas(ctx, SimpleNamespace(), SimpleNamespace(), SimpleNamespace())  # type: ignore[arg-type]
+    reps.fetch_state = fetch_state  # type: ignore[method-assign]
+    if outer:
+        reps.adopted = lambda tensors, meta: adopted.append(meta)
+    asyncio.run(reps.catch_up(5, ["peer-b"]))
+    assert runner.step == 5 and adopted == ([{}] if outer else [])
+    assert runner.samples_applied == (0 if outer else 5 * 8)

@@ -42,6 +42,7 @@ class OuterJobs:
         # next micro-batch; it waits here and lands in the step's own job (`on_step`)
         self.at_step = not ctx.schedule.averages
         self.pending: tuple[bool, list[Share], Callable[[], None]] | None = None
+        self.landed_ok = True  # whether the last landing applied its round (False: a copy had passed it)
         self.copyable: dict[int, dict[str, Share]] = {}  # held shares a state copy carries (loop sets)
         self.inherited: list[tuple[str, Share]] = []  # shares a copy brought (the loop takes them)
 
@@ -145,20 +146,32 @@ class OuterJobs:
         self.due()
         return True
 
-    def apply(self, member: bool, shares: list[Share]) -> None:
-        """The decided round: as a member (its share among them), or as an observer."""
-        if member:
-            self.outer.finish(shares)
-        else:
-            self.outer.observe(shares)
+    def apply(self, member: bool, shares: list[Share]) -> bool:
+        """The decided round: as a member (its share among them), or as an observer. A sync catch-up
+        (a state copy at a commit) may come while this replica's own round is in flight: the copy's
+        anchor replaced the one the round started from. At the copy's round, the round is applied as
+        an observer applies it (the same anchor step as everyone's, the weights' progress since the
+        copy kept); at another round (past it, as a rule: the copied anchor holds it), the copy's anchor
+        and round stand: False, nothing applied."""
+        outer = self.outer
+        if shares[0].round != outer.round:
+            return False
+        if member and outer.start_weights is not None:
+            outer.finish(shares)
+        else:  # left out, or a member whose round start a copy replaced
+            outer.observe(shares)
+        return True
 
     def land(self) -> None:
         """The round waiting for a step (sync), applied now."""
         if self.pending is None:
             return
         (member, shares, landed), self.pending = self.pending, None
-        self.timed(lambda: self.apply(member, shares))()
-        landed()
+        self.landed_ok = False
+        try:
+            self.landed_ok = self.timed(lambda: self.apply(member, shares))()
+        finally:
+            landed()  # the loop waits for this: a landing that failed must not hold it for the run
 
     def abort(self) -> None:
         self.outer.abort()

@@ -158,8 +158,12 @@ class OuterLoop:
             for w in waits:
                 w.cancel()
             await runner.run(jobs.land)  # the run is over, no step will come: now (else a no-op)
+            applied = jobs.landed_ok
         else:
-            await runner.run(jobs.timed(lambda: jobs.apply(member, shares)))
+            applied = await runner.run(jobs.timed(lambda: jobs.apply(member, shares)))
+        if not applied:
+            ctx.say(f"outer round {r}: a state copy moved this replica to round {jobs.round}; the copy holds")
+            return
         if member:
             self.counts.rounds += 1
         else:

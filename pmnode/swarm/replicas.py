@@ -104,7 +104,10 @@ class Replicas:
         if self.adopted is not None:  # sync with outer rounds: the copy's last outer step, too
             adopted = self.adopted
             await ctx.runner.run(lambda: adopted(unpack(got.manifest, got.buffer), got.manifest.meta))
-        ctx.runner.samples_applied = step * ctx.runner.batch  # every head's batch, each step
+        else:  # the step method: every replica applies every head's batch at each step's commit
+            ctx.runner.samples_applied = step * ctx.runner.batch
+        # With outer rounds each replica steps on its own micro-batches only: the samples in the weights
+        # it copied were counted by the replica that applied them, so this one's count stays its own.
         ctx.console.print(f"stage {ctx.stage}: caught up to step {step} from {peer[-8:]}")
 
     async def copy(self, peers: list[str]) -> None:
