@@ -24,9 +24,12 @@ from launch import BIN, assert_no_leftovers, kill_tagged, swarm_config, tagged_e
 
 from pmnode.config import load_config
 from pmnode.core.codecs import Int8Q, Packet
+from pmnode.errors import PmnodeError
 from pmnode.net.auth import Guard
 from pmnode.net.envelope import MicroBatchId
 from pmnode.net.routing import StageRecord
+from pmnode.net.wire import MessageHeader
+from pmnode.swarm.handler import StageHandler
 from pmnode.swarm.spot_checks import SpotChecker
 from pmnode.swarm.spot_policy import MAX_BANNED, Ledger, Sampler, Verdict, decide, distance
 from pmnode.swarm.spot_serve import Liar
@@ -260,3 +263,42 @@ def test_a_replica_lying_on_every_micro_batch_is_banned_and_the_run_goes_on(
             assert (n["steps"], n["samples_off"]) == (STEPS_E2E, 0), name
     assert yaml.safe_load(cfg.read_text())["trust"]["spot_check_rate"] == 1.0
     assert_no_leftovers(tag)
+
+
+# ---- an evaluation meets the weights of the caller's step ----------------------------------------------
+class _Runner:
+    """What StageHandler.rpc_eval asks of the runner before it evaluates."""
+
+    def __init__(self, step: int):
+        self.step, self.frontier = step, step
+        self.worker = SimpleNamespace(is_last=True)
+
+    async def check_activation(self, packet: Packet, batch: int, samples: int | None) -> None:
+        return None
+
+
+def _eval_handler(step: int, commits: bool = True, applies_to: int | None = None) -> StageHandler:
+    cfg = load_config("tiny").with_overrides(n_stages=3)
+    ctx = SimpleNamespace(cfg=cfg, stage=2, runner=_Runner(step), schedule=SimpleNamespace(commits=commits))
+    handler = StageHandler(ctx, None, None, lambda: None)  # type: ignore[arg-type]
+
+    async def reach(target: int, timeout: float) -> bool:  # the participant's wait for an apply
+        if applies_to is not None:
+            ctx.runner.step = applies_to
+        return ctx.runner.step >= target
+
+    handler.reach = reach
+    return handler
+
+
+def test_a_replica_at_another_step_refuses_an_evaluation_under_sync() -> None:
+    """The held-out loss of a sync run is of the weights every replica holds after the last commit. A
+    replica left behind (it missed commits, or joined and had none yet: its random init) refuses, not as
+    a strike, and the caller evaluates through another: one such replica of stage 2 at step 1, serving
+    two of four held-out batches at step 12, made a swarm's held-out loss 4.5957 for 3.7875."""
+    header = MessageHeader(kind="activation", run="tiny", micro_batch="eval:0", stage=1, step=12)
+    with pytest.raises(PmnodeError, match="evaluation of step 12: this replica is at step 1"):
+        asyncio.run(_eval_handler(1).rpc_eval(header, Packet({}), "caller"))
+    asyncio.run(_eval_handler(12)._at_callers_step(header))  # at the step: evaluates
+    asyncio.run(_eval_handler(11, applies_to=12)._at_callers_step(header))  # its apply lands meanwhile
+    asyncio.run(_eval_handler(1, commits=False)._at_callers_step(header))  # async: replicas step apart

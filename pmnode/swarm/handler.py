@@ -14,6 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from pmnode.core.codecs import Packet
+from pmnode.errors import PmnodeError
 from pmnode.net.auth import Cert, Guard
 from pmnode.net.checks import check_eval_batch, check_micro_batch
 from pmnode.net.control import Ack, Done, Hello
@@ -127,6 +128,18 @@ class StageHandler:
         assert up is not None  # only the head has no upstream
         return ctx.header("gradient", mb.wire, **reply.meta), up
 
+    async def _at_callers_step(self, header: MessageHeader) -> None:
+        """sync: an evaluation is of the weights at the caller's step. A replica at another step (one that
+        missed a commit, or joined and has no commit yet, so holds its random init) refuses it, not as
+        a strike: the caller evaluates through another replica, as a forward of another step would."""
+        runner = self.ctx.runner
+        if not self.ctx.schedule.commits:  # async: replicas step apart by design
+            return
+        if runner.step < header.step and self.reach is not None:  # its apply may be on the way
+            await self.reach(header.step, APPLY_WAIT)
+        if runner.step != header.step:
+            raise PmnodeError(f"evaluation of step {header.step}: this replica is at step {runner.step}")
+
     async def rpc_eval(
         self, header: MessageHeader, packet: Packet, caller: str
     ) -> tuple[MessageHeader, Packet]:
@@ -136,6 +149,7 @@ class StageHandler:
         )
         # evaluation: whole batches of every head's batch together
         await runner.check_activation(packet, ctx.cfg.train.batch_size * ctx.cfg.swarm.heads, None)
+        await self._at_callers_step(header)
         batch = MicroBatch.read(header, packet)
         if runner.worker.is_last:
             loss = await runner.evaluate(batch.packet, None, batch.labels())
