@@ -129,13 +129,34 @@ async def heartbeat(
     record: Callable[[], StageRecord],
     every_beat: Callable[[], Awaitable[None]],
 ) -> None:
-    """Announce this node's record every HEARTBEAT_PERIOD; keep the coordinator and certificate fresh."""
+    """Announce this node's record every HEARTBEAT_PERIOD; keep the coordinator and certificate fresh.
+
+    The announcements keep a clock of their own: the chores of a beat (pinging the coordinator, up to 5 s;
+    `every_beat`'s DHT reads; a renewal) run beside them, not between them. In one loop, a 5 s ping and
+    a few slow reads on a loaded machine can put the next announcement past the record's lifetime
+    (RECORD_TTL, three beats): a node training all along would vanish from every reader meanwhile, and
+    the head's commits would leave it out."""
+    chores = asyncio.create_task(_chores(dht, coordinator, membership, every_beat), name="heartbeat chores")
+    try:
+        due = time.monotonic()
+        while True:
+            if chores.done():  # a chore that failed stops the heartbeat, as it always did
+                chores.result()
+            await announce(dht, run, record(), membership.current(), membership.key)  # type: ignore[arg-type]
+            due = max(due + HEARTBEAT_PERIOD, time.monotonic())  # a late store is not made up for in a burst
+            await asyncio.sleep(due - time.monotonic())
+    finally:
+        chores.cancel()
+
+
+async def _chores(
+    dht: object, coordinator: str, membership: Membership, every_beat: Callable[[], Awaitable[None]]
+) -> None:
     beats = 0
     while True:
         if beats % 3 == 0:  # a restarted coordinator learns the swarm from these
             await keep_in_touch(dht, coordinator)  # type: ignore[arg-type]
         beats += 1
-        await announce(dht, run, record(), membership.current(), membership.key)  # type: ignore[arg-type]
         await every_beat()
         await membership.renew_if_due()
         await asyncio.sleep(HEARTBEAT_PERIOD)
