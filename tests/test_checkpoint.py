@@ -6,6 +6,7 @@ import os
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 
 from pmnode.config import load_config
@@ -56,3 +57,21 @@ def test_a_save_cut_off_while_writing_keeps_the_old_one(tmp_path: Path) -> None:
     (half / "model.safetensors").write_bytes(b"torn")  # no manifest: never finished
     step, weight = _step_and_weight(tmp_path)
     assert (step, weight) == (3, 3.0) and not half.exists()
+
+
+def test_an_older_step_never_replaces_a_newer_checkpoint(tmp_path: Path) -> None:
+    """Replicas of a stage may share a directory: one that fell behind keeps its hands off."""
+    checkpoint.save(_worker(5), tmp_path, "run")
+    checkpoint.save(_worker(4), tmp_path / "single", "run")
+    checkpoint.save(_worker(3), tmp_path / "single", "run")  # `pmnode train` overwrites, as asked
+    assert _step_and_weight(tmp_path / "single")[0] == 3
+    shutil.rmtree(tmp_path / "single")
+    with pytest.raises(checkpoint.NewerCheckpoint, match="holds step 5, later than this replica's step 3"):
+        checkpoint.save(_worker(3), tmp_path, "run", keep_newer=True)
+    assert _step_and_weight(tmp_path) == (5, 5.0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stage-1"]
+    checkpoint.save(_worker(5), tmp_path, "run", keep_newer=True)  # the same step: replaced
+    checkpoint.save(
+        _worker(2), tmp_path, "other run", keep_newer=True
+    )  # another run's checkpoint is not this one's
+    assert _step_and_weight(tmp_path)[0] == 2

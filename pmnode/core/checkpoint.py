@@ -46,6 +46,10 @@ class Manifest(BaseModel):
 RUN_CONFIG = "run.json"
 
 
+class NewerCheckpoint(PmnodeError):
+    """The stage's directory holds a later step than the one being saved: it is kept."""
+
+
 def stage_dir(root: Path, stage: int) -> Path:
     return root / f"stage-{stage}"
 
@@ -93,11 +97,20 @@ def save(
     samples: int = 0,
     data: DataPosition | None = None,
     slots: dict[int, DataPosition] | None = None,
+    keep_newer: bool = False,
 ) -> Path:
-    """Write the stage whole into a new directory, then swap it in (see the module's docstring)."""
+    """Write the stage whole into a new directory, then swap it in (see the module's docstring).
+    With `keep_newer` (a swarm's replica), a checkpoint of a later step of this run is kept instead."""
     d = stage_dir(root, worker.index)
     root.mkdir(parents=True, exist_ok=True)
     _settle(root, worker.index)
+    # Replicas of a stage may share one directory (a local swarm, a shared disk): one that fell behind
+    # or was dropped from the swarm must not put its older state over the stage's newer checkpoint.
+    have = load_manifest(root, worker.index) if keep_newer else None
+    if have is not None and have.run == run and have.step > worker.step_count:
+        raise NewerCheckpoint(
+            f"{d} holds step {have.step}, later than this replica's step {worker.step_count}: kept as it is"
+        )
     new, old = d.with_name(f"{d.name}.{os.getpid()}.new"), d.with_name(f"{d.name}.{os.getpid()}.old")
     new.mkdir()
     try:  # a failed write (a full disk) leaves the last good checkpoint as it was, and no leftovers

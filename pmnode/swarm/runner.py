@@ -172,12 +172,16 @@ class StageRunner:
             self.disk_problem = None
         except OSError as e:  # a full disk must not stop training: the last good checkpoint stays
             self.disk_problem = f"{disk_problem(e, c.root)}; keeping the last good checkpoint"
+        except checkpoint.NewerCheckpoint as e:
+            self.disk_problem = str(e)
 
     def _write_checkpoint(self, c: Checkpoints) -> None:
         step = self.worker.step_count
         data = self.data_positions.get(step)
         slots = self.slot_positions if self.worker.is_first else {}
-        checkpoint.save(self.worker, c.root, self.cfg.name, self.samples_applied, data, slots)
+        checkpoint.save(
+            self.worker, c.root, self.cfg.name, self.samples_applied, data, slots, keep_newer=True
+        )
         for done in [s for s in self.data_positions if s < step]:
             del self.data_positions[done]
         checkpoint.save_run_config(self.cfg, c.root)
