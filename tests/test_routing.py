@@ -49,7 +49,9 @@ def test_head_slots() -> None:
     assert head_slot([rec("a"), rec("b", slot=1)], 2, caller="b") == 1  # renewing
     assert head_slot([rec("a", state="offline"), rec("b", slot=1)], 2) == 0  # a dead head frees its slot
     assert head_slot([rec("a", state="joining")], 2) == 1  # just assigned: another slot first
-    assert head_slot([rec("a", state="joining"), rec("b", slot=1)], 2) == 0  # ...unless none is left
+    # ...and none to a second joiner while it is pending: two heads of a slot would read the same data
+    assert head_slot([rec("a", state="joining"), rec("b", slot=1)], 2) is None
+    assert head_slot([rec("a", state="joining"), rec("b", slot=1)], 2, caller="a") == 0
     assert choose_stage({0: [rec("a")]}, 4, requested=0, slots=2) == 0
     with pytest.raises(ConfigError, match=r"already has its 2 head\(s\) \(a, b\)"):
         choose_stage({0: [rec("a"), rec("b", slot=1)]}, 4, requested=0, slots=2)

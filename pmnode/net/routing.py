@@ -79,17 +79,17 @@ def head_slot(heads_now: Iterable[StageRecord], slots: int, caller: str | None =
     """The head slot a node joining stage 0 gets, or None when every slot has a live head.
 
     A caller that already holds a slot (renewing its certificate) keeps it. Otherwise the lowest slot
-    no online head holds, preferring one no node was just assigned to (`joining`): that one may still
-    come up, but a joiner assigned a moment ago may also never do, so it cannot block the slot.
+    that no online head holds and no node was just assigned to (`joining`, which the coordinator keeps
+    for a short while only): two heads of one slot would read the same part of the data order, so a
+    second joiner waits until the first comes up or its assignment lapses.
     """
     recs = live(heads_now)
     for r in recs:
         if r.peer_id == caller:
             return r.slot
-    online = {r.slot for r in recs if r.state == "online"}
-    pending = {r.slot for r in recs if r.state == "joining"}
-    free = [s for s in range(slots) if s not in online]
-    return min(free, key=lambda s: (s in pending, s)) if free else None
+    taken = {r.slot for r in recs if r.state in ("online", "joining")}
+    free = [s for s in range(slots) if s not in taken]
+    return free[0] if free else None
 
 
 def choose_stage(
@@ -111,10 +111,11 @@ def choose_stage(
         if not 0 <= requested < n_stages:
             raise ConfigError(f"stage {requested} is out of range: this run has stages 0..{n_stages - 1}")
         if requested == 0 and full:
-            online = [r.peer_id[-8:] for r in live(heads) if r.state == "online"]
+            held = [r.peer_id[-8:] for r in live(heads) if r.state in ("online", "joining")]
             raise ConfigError(
-                f"stage 0 already has its {slots} head(s) ({', '.join(online)}); swarm.heads sets how "
-                "many a run has: join another stage, or leave --stage out"
+                f"stage 0 already has its {slots} head(s) ({', '.join(held)}); swarm.heads sets how many "
+                "a run has: join another stage, or leave --stage out (a node just assigned holds its slot "
+                "for a few seconds until it comes up)"
             )
         return requested
     open_ = [s for s in range(n_stages) if s or not full]
