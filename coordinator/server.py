@@ -122,6 +122,22 @@ class Coordinator:
                 by.setdefault(s, []).append(StageRecord(peer_id=peer, stage=s, slot=h, state="joining"))
         return by
 
+    async def _slot_or_lapse(self, stage: int | None, caller: str) -> dict[int, list[StageRecord]]:
+        """The members by stage, pending assignments included. A node asking for stage 0 while every
+        head slot free of a live head is held by a node just assigned waits (at most PENDING_TTL) until
+        that node comes up or its assignment lapses: two heads of one slot would read the same data,
+        and an assignment that never comes up must not turn the real head away."""
+        deadline = time.monotonic() + PENDING_TTL
+        while True:
+            by = self._by_stage_with_pending()
+            heads = by.get(0, [])
+            pending = any(r.state == "joining" for r in heads)
+            if stage != 0 or head_slot(heads, self.cfg.swarm.heads, caller) is not None or not pending:
+                return by
+            if time.monotonic() > deadline:
+                return by
+            await asyncio.sleep(0.25)
+
     async def _on_join(self, req: JoinRequest, caller: str) -> JoinReply:
         try:
             if not token_matches(req.token, self.token):
@@ -131,7 +147,8 @@ class Coordinator:
                 RSAPublicKey.from_bytes(req.public_key.encode())
             except Exception as e:
                 raise PmnodeError("the join request carries no valid RSA public key") from e
-            by_stage, heads = self._by_stage_with_pending(), self.cfg.swarm.heads
+            heads = self.cfg.swarm.heads
+            by_stage = await self._slot_or_lapse(req.stage, caller)
             stage = choose_stage(by_stage, self.cfg.n_stages, req.stage, caller, heads)
             slot = (head_slot(by_stage.get(0, []), heads, caller) or 0) if stage == 0 else 0
         except PmnodeError:
