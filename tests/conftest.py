@@ -13,6 +13,25 @@ torch.set_num_threads(2)
 # file's own group where its module-scoped fixture is a whole swarm run (computed once, not per worker).
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--long",
+        action="store_true",
+        help="also run the scenarios marked long (about 25 more minutes on 2 cores)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """CI runs the suite in under 15 minutes on 2 cores: every mechanism keeps an end-to-end test there,
+    and the multi-minute variants (churn, joiners, more moments to interrupt) run with --long."""
+    if config.getoption("--long"):
+        return
+    skip = pytest.mark.skip(reason="a long scenario: scripts/check.sh --long runs it")
+    for item in items:
+        if "long" in item.keywords:
+            item.add_marker(skip)
+
+
 _WORDS = [
     "the",
     "a",

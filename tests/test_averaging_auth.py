@@ -28,7 +28,8 @@ from safetensors.torch import load_file
 
 from pmnode.net.status import fetch_status
 
-pytestmark = pytest.mark.slow
+# Several minutes (1,500 async steps under the outsider's knocks): run with --long.
+pytestmark = [pytest.mark.slow, pytest.mark.long]
 STEPS = 1500  # async tiny, 10-30 steps/s here: long enough for the outsider's rounds and the final one
 
 

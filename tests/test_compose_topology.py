@@ -25,6 +25,7 @@ from pmnode.core import checkpoint
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.long,  # test_nat covers the namespaces lab in CI; this one checks compose's topology
     pytest.mark.xdist_group("netns"),
     pytest.mark.skipif(can_run() is not None, reason=str(can_run())),
 ]

@@ -42,6 +42,7 @@ def _lines(work: Path) -> list[StepLine]:
     return [line for raw in text.splitlines() if (line := StepLine.parse(raw)) is not None]
 
 
+@pytest.mark.long  # a variant of a scenario CI runs: scripts/check.sh --long
 def test_sigkilled_swarm_resumes_at_its_data_position(tmp_path: Path, toy_corpus: Path) -> None:
     cfg = swarm_config(tmp_path, toy_corpus, train={"steps": STEPS, "eval_every": 1000})
     tag, work = uuid.uuid4().hex, tmp_path / "work"

@@ -161,6 +161,7 @@ def _run_with_a_joiner(cfg: Path, work: Path, tag: str, after_steps: int) -> Pat
     return joiner_log
 
 
+@pytest.mark.long  # a variant of a scenario CI runs: scripts/check.sh --long
 def test_a_replica_killed_mid_training_loses_no_micro_batch(tmp_path: Path, toy_corpus: Path) -> None:
     steps = 150
     cfg = swarm_config(
@@ -192,6 +193,7 @@ def test_a_replica_killed_mid_training_loses_no_micro_batch(tmp_path: Path, toy_
     assert_no_leftovers(tag)
 
 
+@pytest.mark.long  # a variant of a scenario CI runs: scripts/check.sh --long
 def test_a_replica_joining_mid_run_catches_up_and_stays_identical(tmp_path: Path, toy_corpus: Path) -> None:
     steps = 400  # tiny runs ~15 steps/s: long enough for a node to start, announce and be committed with
     cfg = swarm_config(tmp_path, toy_corpus, train={"steps": steps, "eval_every": 1000})
@@ -215,6 +217,7 @@ def test_a_replica_joining_mid_run_catches_up_and_stays_identical(tmp_path: Path
     assert_no_leftovers(tag)
 
 
+@pytest.mark.long  # a variant of a scenario CI runs: scripts/check.sh --long
 def test_an_empty_stage_pauses_the_swarm_until_a_node_takes_it_over(tmp_path: Path, toy_corpus: Path) -> None:
     steps = 200
     cfg = swarm_config(
@@ -268,6 +271,7 @@ def test_an_empty_stage_pauses_the_swarm_until_a_node_takes_it_over(tmp_path: Pa
     assert_no_leftovers(tag)
 
 
+@pytest.mark.long  # a variant of a scenario CI runs: scripts/check.sh --long
 def test_async_replicas_average_with_hivemind_and_end_with_one_set_of_weights(
     tmp_path: Path, toy_corpus: Path
 ) -> None:
@@ -299,6 +303,7 @@ def test_async_replicas_average_with_hivemind_and_end_with_one_set_of_weights(
     assert_no_leftovers(tag)
 
 
+@pytest.mark.long  # a variant of a scenario CI runs: scripts/check.sh --long
 def test_a_new_head_takes_over_from_the_checkpoint(tmp_path: Path, toy_corpus: Path) -> None:
     steps = 200
     cfg = swarm_config(

@@ -111,6 +111,7 @@ def test_every_sample_applied_once_counted_per_head(heads_run: dict) -> None:
     assert_no_leftovers(heads_run["tag"])
 
 
+@pytest.mark.long  # a variant of a scenario CI runs: scripts/check.sh --long
 def test_a_head_killed_mid_run_loses_no_data(tmp_path: Path, toy_corpus: Path) -> None:
     """SIGKILL one of two heads mid-run: the other goes on alone (leading, whichever it was), a new
     `pmnode join --stage 0` takes the freed slot, is brought in by a commit and reads on from the slot's

@@ -31,7 +31,7 @@ def _shapes(cfg: RunConfig, stage: int) -> list[tuple[int, ...]]:
     return [tuple(p.shape) for p in worker.stage.parameters() if p.requires_grad]
 
 
-@pytest.mark.parametrize("schedule", ["async", "sync"])
+@pytest.mark.parametrize("schedule", ["async", pytest.param("sync", marks=pytest.mark.long)])
 def test_outer_rounds_keep_replicas_one_model(tmp_path: Path, toy_corpus: Path, schedule: str) -> None:
     """async: each replica steps on its micro-batches as they finish; sync: each steps at the head's
     commit on its own micro-batches of the step (no gradient exchange), rounds land between steps."""
@@ -85,6 +85,7 @@ def test_outer_rounds_keep_replicas_one_model(tmp_path: Path, toy_corpus: Path, 
     assert_no_leftovers(tag)
 
 
+@pytest.mark.long  # several minutes each: scripts/check.sh --long
 @pytest.mark.parametrize("schedule", ["async", "sync"])
 def test_a_joiner_takes_the_last_outer_step_and_its_death_leaves_the_round_to_the_other(
     tmp_path: Path, toy_corpus: Path, schedule: str
