@@ -10,9 +10,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pmnode.config import load_config
 from pmnode.config.replica_sync import check_for_swarm
 from pmnode.core.stages import build_subspace, free_layers, split_layers
+from pmnode.data.resolve import load_run_config
 from pmnode.errors import run_cli
 
 app = typer.Typer(
@@ -100,7 +100,7 @@ def serve(
     if http_token_file is not None and http_port is None:
         raise PmnodeError("--http-token-file protects the status page: add --http-port PORT (0 picks one)")
     http_token = read_token_file(http_token_file) if http_token_file is not None else None
-    cfg = load_config(config)
+    cfg = load_run_config(config)
     check_for_swarm(cfg.replica_sync)
     if is_prepared(Path(cfg.data.source)):  # hand out the data's hashes: a head with other data is refused
         cfg, _ = pin(cfg)
@@ -149,7 +149,7 @@ def inspect(
     from pmnode.core.sizing import parse_size, stage_sizes
     from pmnode.net.shaping import parse_bandwidth
 
-    cfg = load_config(config)
+    cfg = load_run_config(config)
     advice = advise(cfg, parse_bandwidth(bandwidth) if bandwidth else None, tokens_per_s)
     best = recommended(advice)
     memory = parse_size(gpu_memory) if gpu_memory else None

@@ -7,16 +7,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
+from conftest import synthetic_text
+from pydantic import ValidationError
 
-from pmnode.config import DataConfig
+from pmnode.config import DataConfig, RunConfig, load_config
 from pmnode.data import resolve
-from pmnode.data.manifest import read_manifest
+from pmnode.data.manifest import check_data, read_manifest
 from pmnode.data.prepare import prepare
+from pmnode.data.resolve import load_run_config
 from pmnode.data.shards import DataPosition, PreparedData
 from pmnode.data.sources import is_heldout, source_files
-from pmnode.data.tokenizer import ByteTokenizer, load_tokenizer
-from pmnode.errors import DataError, DataMismatchError
-from pmnode.net.checks import check_data
+from pmnode.data.tokenizer import ByteTokenizer, load_tokenizer, train_bpe
+from pmnode.errors import ConfigError, DataError, DataMismatchError
 
 
 @pytest.fixture()
@@ -157,3 +160,18 @@ def test_vocabulary_and_pins_are_checked(toy_prepared: Path) -> None:
         check_data(DataConfig(manifest_sha256="cd" * 32), man, toy_prepared)
     ok = DataConfig(manifest_sha256=man.data_sha256(), tokenizer_sha256=man.tokenizer_sha256)
     check_data(ok, man, toy_prepared)
+
+
+def test_an_unset_vocabulary_is_read_from_files_by_the_data_layer_only(tmp_path: Path) -> None:
+    """Validating a config never reads the disk: the spec says 256 or N, a tokenizer file is refused;
+    load_run_config (the data layer) reads the file's size."""
+    assert RunConfig.model_validate({}).model.vocab_size == 256
+    assert RunConfig.model_validate({"data": {"tokenizer": "bpe:300"}}).model.vocab_size == 300
+    tok = train_bpe(iter([synthetic_text(i, 2000) for i in range(8)]), 300, tmp_path / "tokenizer.json")
+    with pytest.raises(ValidationError, match="is a file"):
+        RunConfig.model_validate({"data": {"tokenizer": str(tok.path)}})
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"name": "t", "data": {"tokenizer": str(tok.path)}}))
+    assert 257 <= load_run_config(path).model.vocab_size == tok.vocab_size <= 300
+    with pytest.raises(ConfigError, match="is a file"):
+        load_config(path)

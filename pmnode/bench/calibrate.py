@@ -15,7 +15,7 @@ from rich.console import Console
 
 from pmnode.bench.swarm import head_lines
 from pmnode.config import RunConfig, load_config
-from pmnode.core.split import split_layers
+from pmnode.config.split import split_layers
 from pmnode.core.train import config_for
 from pmnode.net.shaping import parse_bandwidth
 from pmnode.swarm.local_swarm import run_local_swarm

@@ -21,7 +21,7 @@ from pmnode.cli.commands import (
     load_with_overrides,
     resolve_device,
 )
-from pmnode.config import load_config
+from pmnode.data.resolve import load_run_config
 from pmnode.errors import PmnodeError
 
 bench_app = typer.Typer(help="Benchmarks; results go to JSON, markdown and PNG.", no_args_is_help=True)
@@ -43,7 +43,7 @@ def bench_codec(
     from pmnode.bench.core import codec_report, print_codec_table
 
     specs = [c.strip() for c in codecs.split(",") if c.strip()] if codecs else None
-    report = codec_report(load_config(config), resolve_device(device), specs=specs, timing=timing)
+    report = codec_report(load_run_config(config), resolve_device(device), specs=specs, timing=timing)
     if as_json:
         print(json.dumps(report, indent=2))
     else:
@@ -162,7 +162,7 @@ def bench_swarm_cmd(
     swarm: dict = {"schedule": schedule}
     if max_inflight is not None:
         swarm["max_inflight"] = max_inflight
-    base = load_config(config)
+    base = load_run_config(config)
     tail = base.model.n_layers // stages  # the even split's last stage is its smallest
     free = min(base.subspace.uncompressed_tail_layers, max(tail, 0))
     cfg = load_with_overrides(
@@ -273,7 +273,7 @@ def _time_to_loss_runs(
 
     train = {k: v for k, v in (("batch_size", batch_size), ("micro_batch_size", micro_batch_size),
                                 ("eval_every", eval_every)) if v is not None}  # fmt: skip
-    base = load_config(config)
+    base = load_run_config(config)
     tail = min(base.subspace.uncompressed_tail_layers, base.model.n_layers // stages)
     cfg = load_with_overrides(
         config,

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from pmnode.config import RunConfig, load_config
+from pmnode.config import RunConfig
 from pmnode.errors import PmnodeError, run_cli
 
 app = typer.Typer(
@@ -52,7 +52,9 @@ def resolve_device(device: str) -> str:
 def load_with_overrides(
     config: Path, *, steps: int | None = None, data: str | None = None, **sections: dict
 ) -> RunConfig:
-    cfg = load_config(config, data={"source": data} if data is not None else None)
+    from pmnode.data.resolve import load_run_config  # an unset vocab_size is the tokenizer's: read it
+
+    cfg = load_run_config(config, data={"source": data} if data is not None else None)
     if steps is not None:
         sections.setdefault("train", {})["steps"] = steps
     return cfg.with_overrides(**sections) if sections else cfg

@@ -6,6 +6,7 @@ default declared in the sections (pmnode/config/sections.py).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,9 @@ from pmnode.config.sections import (
     TrainConfig,
     _Strict,
 )
+from pmnode.config.split import free_layer_range
 from pmnode.config.trust import TrustConfig
-from pmnode.core.split import free_layer_range
-from pmnode.errors import ConfigError
+from pmnode.errors import ConfigError, DataError
 
 MOVED = {("train", "autocast_bf16"): "--bf16", ("swarm", "threads"): "--threads"}
 
@@ -70,9 +71,7 @@ class RunConfig(_Strict):
             if isinstance(data, dict) and isinstance(data.get(section), dict) and key in data[section]:
                 raise ConfigError(f"{section}.{key} is this machine's choice now, not the run's: pass {flag}")
         if isinstance(data, dict) and "vocab_size" not in (data.get("model") or {}):
-            from pmnode.data.tokenizer import tokenizer_vocab_size
-
-            vocab = tokenizer_vocab_size(data.get("data") or {})
+            vocab = spec_vocab_size(data.get("data") or {})
             data = {**data, "model": {**(data.get("model") or {}), "vocab_size": vocab}}
         return data
 
@@ -116,6 +115,31 @@ class RunConfig(_Strict):
             raise ConfigError(f"invalid setting:\n{format_validation_error(e)}") from e
 
 
+def parse_bpe(spec: str) -> int | None:
+    """'bpe:4096' -> 4096; None for any other spec."""
+    if not spec.startswith("bpe:"):
+        return None
+    n = spec.removeprefix("bpe:")
+    if not n.isdigit() or not 257 <= int(n) <= 2**20:
+        raise DataError(f"tokenizer {spec!r}: give bpe:N with N from 257 to 1048576 (e.g. bpe:4096)")
+    return int(n)
+
+
+def spec_vocab_size(data: Any) -> int:
+    """An unset model.vocab_size, from what data.tokenizer says without reading a file: bytes 256,
+    bpe:N N. A tokenizer.json's size is in the file: the data layer reads it (load_config's
+    `vocab_size`), so validating a config never touches the disk."""
+    spec = str(data.get("tokenizer", "byte")) if isinstance(data, dict) else "byte"
+    if spec == "byte":
+        return 256
+    if (n := parse_bpe(spec)) is not None:
+        return n
+    raise ConfigError(
+        f"model.vocab_size is unset and data.tokenizer {spec!r} is a file: set model.vocab_size, or load "
+        "the config with pmnode.data.resolve.load_run_config, which reads the tokenizer"
+    )
+
+
 def format_validation_error(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
@@ -140,9 +164,15 @@ def resolve_config_path(path: str | Path) -> Path:
     raise ConfigError(f"config file not found: {p} (shipped configs: {shipped})")
 
 
-def load_config(path: str | Path, data: dict[str, Any] | None = None) -> RunConfig:
+def load_config(
+    path: str | Path,
+    data: dict[str, Any] | None = None,
+    vocab_size: Callable[[dict[str, Any]], int] | None = None,
+) -> RunConfig:
     """Load and validate a YAML run config; raises ConfigError with one line per bad field. `data`
-    overrides the data section before validation, so an unset vocab_size is that data's tokenizer's."""
+    overrides the data section before validation, so an unset vocab_size is that data's tokenizer's:
+    `vocab_size(data section)` reads it (pmnode.data.resolve.load_run_config passes the reader of
+    tokenizer files and prepared directories); without it, only what the spec says (spec_vocab_size)."""
     p = resolve_config_path(path)
     try:
         raw = yaml.safe_load(p.read_text()) or {}
@@ -152,6 +182,10 @@ def load_config(path: str | Path, data: dict[str, Any] | None = None) -> RunConf
         raise ConfigError(f"{p} must hold a mapping of config sections")
     if data:
         raw["data"] = {**(raw.get("data") or {}), **data}
+    model = raw.get("model") or {}
+    if vocab_size is not None and isinstance(model, dict) and "vocab_size" not in model:
+        section = raw.get("data") or {}
+        raw["model"] = {**model, "vocab_size": vocab_size(section if isinstance(section, dict) else {})}
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as e:

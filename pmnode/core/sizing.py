@@ -21,8 +21,8 @@ from typing import Literal
 from pydantic import BaseModel
 
 from pmnode.config import RunConfig
+from pmnode.config.split import split_layers
 from pmnode.core.codecs import wire_bytes
-from pmnode.core.split import split_layers
 from pmnode.errors import ConfigError
 
 PrecisionName = Literal["fp32", "bf16", "int8-adam", "bf16+int8-adam"]

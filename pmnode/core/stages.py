@@ -1,4 +1,4 @@
-"""Pipeline stages: the stage module built from (config, index) alone (the pure split: core.split)."""
+"""Pipeline stages: the stage module built from (config, index) alone (the pure split: config.split)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from pmnode.config import RunConfig
+from pmnode.config.split import free_layer_range, split_layers
 from pmnode.core.model import (
     Block,
     ResidualWrite,
@@ -19,7 +20,6 @@ from pmnode.core.model import (
     rope_tables,
     seeded_generator,
 )
-from pmnode.core.split import free_layer_range, split_layers
 from pmnode.core.subspace import Subspace
 from pmnode.errors import ConfigError
 

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ValidationError
 
-from pmnode.errors import DataError
+from pmnode.errors import DataError, DataMismatchError
+
+if TYPE_CHECKING:
+    from pmnode.config import DataConfig
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -72,3 +75,19 @@ def read_manifest(root: Path) -> DataManifest:
     if man.format != FORMAT:
         raise DataError(f"{path} has format {man.format}; this pmnode reads {FORMAT}: prepare it again")
     return man
+
+
+def check_data(run: DataConfig, local: DataManifest, where: Path) -> None:
+    """Refuse local data the run did not pin: another tokenizer, or other shards. One line, saying which."""
+    if run.tokenizer_sha256 and local.tokenizer_sha256 != run.tokenizer_sha256:
+        raise DataMismatchError(
+            f"tokenizer mismatch: the run's tokenizer is sha256 {run.tokenizer_sha256[:12]}, this node's "
+            f"data at {where} has {local.tokenizer_sha256[:12]} ({local.tokenizer}); prepare it with the "
+            "run's tokenizer.json (`pmnode data prepare ... --tokenizer PATH`)"
+        )
+    if run.manifest_sha256 and local.data_sha256() != run.manifest_sha256:
+        raise DataMismatchError(
+            f"data mismatch: the run's prepared data is sha256 {run.manifest_sha256[:12]}, this node's at "
+            f"{where} is {local.data_sha256()[:12]}; prepare the run's corpus with the run's settings or "
+            "pass --data DIR with a copy of the run's prepared directory"
+        )

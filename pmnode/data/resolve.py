@@ -11,11 +11,12 @@ import hashlib
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
-from pmnode.config import DataConfig, RunConfig
-from pmnode.data.manifest import FORMAT, DataManifest, is_prepared, read_manifest
+from pmnode.config import DataConfig, RunConfig, load_config
+from pmnode.data.manifest import FORMAT, DataManifest, check_data, is_prepared, read_manifest
 from pmnode.data.shards import PreparedData
 from pmnode.data.sources import content_key
 from pmnode.data.tokenizer import (
@@ -25,10 +26,17 @@ from pmnode.data.tokenizer import (
     file_sha256,
     load_tokenizer,
     parse_bpe,
+    tokenizer_vocab_size,
 )
 from pmnode.errors import DataError
 
 CACHE_ENV = "PMNODE_CACHE"
+
+
+def load_run_config(path: str | Path, data: dict[str, Any] | None = None) -> RunConfig:
+    """load_config, with an unset model.vocab_size read from the data's tokenizer file or prepared
+    directory (what a config's validation does not read: it never touches the disk)."""
+    return load_config(path, data, vocab_size=tokenizer_vocab_size)
 
 
 def cache_dir() -> Path:
@@ -86,8 +94,6 @@ def prepared_dir(data: DataConfig, console: Console | None = None) -> Path:
 
 def open_data(data: DataConfig, seq_len: int, vocab_size: int) -> PreparedData:
     """The run's data for this process: prepared, checked against the run's pins and vocabulary."""
-    from pmnode.net.checks import check_data
-
     root = prepared_dir(data)
     man = read_manifest(root)
     check_data(data, man, root)
@@ -101,8 +107,6 @@ def open_data(data: DataConfig, seq_len: int, vocab_size: int) -> PreparedData:
 
 def pin(cfg: RunConfig, console: Console | None = None) -> tuple[RunConfig, DataManifest]:
     """cfg with its data's hashes filled in (what a coordinator hands out); checks any already set."""
-    from pmnode.net.checks import check_data
-
     root = prepared_dir(cfg.data, console)
     man = read_manifest(root)
     check_data(cfg.data, man, root)

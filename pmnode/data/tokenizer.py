@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from pmnode.config.run import parse_bpe  # the spec is the config's; its files are ours
 from pmnode.errors import DataError
 
 END_OF_TEXT = "<|endoftext|>"
@@ -67,16 +68,6 @@ def file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def parse_bpe(spec: str) -> int | None:
-    """'bpe:4096' -> 4096; None for any other spec."""
-    if not spec.startswith("bpe:"):
-        return None
-    n = spec.removeprefix("bpe:")
-    if not n.isdigit() or not 257 <= int(n) <= 2**20:
-        raise DataError(f"tokenizer {spec!r}: give bpe:N with N from 257 to 1048576 (e.g. bpe:4096)")
-    return int(n)
-
-
 def load_tokenizer(spec: str) -> Tokenizer:
     """'byte' or a path to a tokenizer.json (a bpe:N is trained by `pmnode data prepare`)."""
     if spec == "byte":
@@ -111,7 +102,8 @@ def train_bpe(texts: Iterator[str], vocab_size: int, out: Path) -> HFTokenizer:
 
 
 def tokenizer_vocab_size(data: dict[str, Any]) -> int:
-    """model.vocab_size when a config leaves it unset: the tokenizer's."""
+    """model.vocab_size when a config leaves it unset: the tokenizer's, read from its file or the
+    prepared directory's manifest (what load_config's `vocab_size` is given by load_run_config)."""
     from pmnode.data.manifest import is_prepared, read_manifest
 
     source, spec = str(data.get("source", "stdlib")), str(data.get("tokenizer", "byte"))

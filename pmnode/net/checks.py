@@ -13,19 +13,12 @@ import math
 import statistics
 from collections import deque
 from collections.abc import Mapping
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from pmnode.core.codecs import Codec, Packet
-from pmnode.errors import DataMismatchError
 from pmnode.net.envelope import LAST_TARGET, TARGET_KEYS, TARGETS, MicroBatchId, parse_eval_id
 from pmnode.net.wire import MessageHeader, WireError
-
-if TYPE_CHECKING:
-    from pmnode.config import DataConfig
-    from pmnode.data.manifest import DataManifest
 
 DATA_KEYS = TARGET_KEYS  # travel beside the codec's tensors, untouched, to the tail
 # No honest activation coefficient, scale or boundary gradient comes near this; 3e38 passes the
@@ -186,19 +179,3 @@ def check_eval_batch(header: MessageHeader, *, run: str, from_stage: int, n_batc
     i = parse_eval_id(header.micro_batch)
     if i is None or i >= n_batches:
         raise WireError("unknown micro-batch", repr(header.micro_batch[:40]))
-
-
-def check_data(run: DataConfig, local: DataManifest, where: Path) -> None:
-    """Refuse local data the run did not pin: another tokenizer, or other shards. One line, saying which."""
-    if run.tokenizer_sha256 and local.tokenizer_sha256 != run.tokenizer_sha256:
-        raise DataMismatchError(
-            f"tokenizer mismatch: the run's tokenizer is sha256 {run.tokenizer_sha256[:12]}, this node's "
-            f"data at {where} has {local.tokenizer_sha256[:12]} ({local.tokenizer}); prepare it with the "
-            "run's tokenizer.json (`pmnode data prepare ... --tokenizer PATH`)"
-        )
-    if run.manifest_sha256 and local.data_sha256() != run.manifest_sha256:
-        raise DataMismatchError(
-            f"data mismatch: the run's prepared data is sha256 {run.manifest_sha256[:12]}, this node's at "
-            f"{where} is {local.data_sha256()[:12]}; prepare the run's corpus with the run's settings or "
-            "pass --data DIR with a copy of the run's prepared directory"
-        )

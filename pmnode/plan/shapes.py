@@ -9,7 +9,7 @@ built stage, and their sum against pmnode.core.sizing's count.
 from __future__ import annotations
 
 from pmnode.config import RunConfig
-from pmnode.core.split import split_layers
+from pmnode.config.split import split_layers
 from pmnode.core.stages import free_layers
 
 Shape = tuple[int, ...]

@@ -1,7 +1,7 @@
 """The pure layer split: which global layers each stage holds, and which may stay unconstrained.
 
-Plain numbers in, ranges out: `pmnode.config` validates a RunConfig with these and `core.stages`
-builds stages from them, so neither needs the other.
+Plain numbers in, ranges out: the run config validates its stage split with these (it is the
+config's own rule) and `core.stages` builds stages from them.
 """
 
 from __future__ import annotations
