@@ -22,9 +22,9 @@ from rich.console import Console
 
 from pmnode.bench.calibrate import Measured, RunSpec, measure
 from pmnode.bench.calibrate_report import Variant
+from pmnode.bench.calibration import predict
 from pmnode.bench.plotting import pyplot
 from pmnode.errors import run_cli
-from pmnode.sim.calibration import predict
 
 T = "tiny"
 RUNS = [

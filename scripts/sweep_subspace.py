@@ -17,8 +17,8 @@ from pathlib import Path
 from rich.console import Console
 
 from pmnode.bench.plotting import pyplot
-from pmnode.cli.progress import train_with_progress
 from pmnode.config import load_config
+from pmnode.core.progress import train_with_progress
 
 
 def ssn(mode: str, f: float, branch_norm: bool, free: int = 1, **extra: dict) -> tuple[str, dict]:

@@ -10,8 +10,8 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from pmnode.bench.calibrate import Measured
+from pmnode.bench.calibration import Fitted, errors, predict
 from pmnode.bench.plotting import pyplot
-from pmnode.sim.calibration import Fitted, errors, predict
 
 GRID = [round(0.001 + 0.000125 * i, 6) for i in range(25)]  # msg_cpu: 1 to 4 ms CPU per message end
 LATE = [0.005, 0.01]  # seconds a shaped message is woken late

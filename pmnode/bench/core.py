@@ -11,9 +11,9 @@ from rich.console import Console
 from rich.table import Table
 
 from pmnode.bench.plotting import pyplot
-from pmnode.cli.progress import train_with_progress
 from pmnode.config import RunConfig
 from pmnode.core.codecs import wire_bytes
+from pmnode.core.progress import train_with_progress
 from pmnode.core.train import config_for
 from pmnode.core.worker import StageWorker
 

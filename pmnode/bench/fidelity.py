@@ -18,8 +18,8 @@ from rich.console import Console
 from pmnode.bench.core import codec_bytes
 from pmnode.bench.diagnostics import Diagnostics, diagnose
 from pmnode.bench.variants import parse_variant, slug, variant_config
-from pmnode.cli.progress import train_with_progress
 from pmnode.config import RunConfig
+from pmnode.core.progress import train_with_progress
 from pmnode.core.train import StepInfo
 
 

@@ -18,10 +18,10 @@ from pydantic import BaseModel
 from rich.console import Console
 
 from pmnode.bench.calibrate import Measured, RunSpec, measure
+from pmnode.bench.calibration import Fitted
 from pmnode.config import load_config
 from pmnode.plan.costs import codec_bytes, stage_costs
 from pmnode.plan.gpus import gpu_named
-from pmnode.sim.calibration import Fitted
 
 ROOT = Path(__file__).resolve().parents[2]
 TARGET = ROOT / "docs" / "benchmarks" / "plan" / "llama8b.yaml"
@@ -110,7 +110,7 @@ def run_regime(out: Path, console: Console) -> None:
 
 def write_regime(out: Path, regime: Regime, fitted: Fitted, command: str) -> list[dict]:
     """The runs beside the simulator's figures (fitted constant from the calibration)."""
-    from pmnode.sim.calibration import predict
+    from pmnode.bench.calibration import predict
 
     rows = []
     for m in regime.runs:

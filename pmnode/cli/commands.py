@@ -79,8 +79,8 @@ def train(
     """Train every stage in one process with the codec at each boundary (the swarm's reference)."""
     import torch
 
-    from pmnode.cli.progress import train_with_progress
     from pmnode.core import checkpoint
+    from pmnode.core.progress import train_with_progress
     from pmnode.core.train import Pipeline, config_for
 
     if threads is not None:

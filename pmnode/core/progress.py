@@ -1,4 +1,4 @@
-"""Rich progress for long runs; plain lines when stderr is not a terminal."""
+"""Rich progress for long training runs, the CLI's and the benchmarks'; plain lines off a terminal."""
 
 from __future__ import annotations
 
