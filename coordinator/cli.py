@@ -145,9 +145,9 @@ def inspect(
 ) -> None:
     """Validate a run config; show its stage split, fingerprint, per-stage sizes and what each k costs."""
     from coordinator.sizes import print_sizes, sizes_json
-    from pmnode.bench.advice import advise, recommended
     from pmnode.core.sizing import parse_size, stage_sizes
     from pmnode.net.shaping import parse_bandwidth
+    from pmnode.plan.advice import advise, recommended
 
     cfg = load_run_config(config)
     advice = advise(cfg, parse_bandwidth(bandwidth) if bandwidth else None, tokens_per_s)
@@ -192,7 +192,7 @@ def print_advice(console: Console, advice: list, best: object) -> None:
     """The config's own boundary first, then each other way to compress it, cheapest on the wire
     first, with the long-run cost the fidelity study measured at the same d/k, on every corpus it
     was measured on (docs/benchmarks/fidelity)."""
-    from pmnode.bench.advice import spread_text
+    from pmnode.plan.advice import spread_text
 
     table = Table("codec", "setting", "B/token", "link tok/s", "measured cost", title="compression")
     for a in advice:

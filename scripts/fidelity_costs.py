@@ -1,4 +1,4 @@
-r"""Rebuild pmnode/bench/fidelity_costs.json (what `coordinator inspect` prints as each k's measured
+r"""Rebuild pmnode/plan/fidelity_costs.json (what `coordinator inspect` prints as each k's measured
 cost) from the fidelity study's committed runs.
 
     python scripts/fidelity_costs.py            # rewrite it from docs/benchmarks/fidelity/*/runs
@@ -15,7 +15,8 @@ import json
 import sys
 from pathlib import Path
 
-from pmnode.bench.advice import COSTS_FILE, costs_from_runs
+from pmnode.bench.fidelity_report import costs_from_runs
+from pmnode.plan.advice import COSTS_FILE
 
 ROOT = Path(__file__).resolve().parent.parent
 STUDY = ROOT / "docs" / "benchmarks" / "fidelity"

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from pmnode.bench import advice
-from pmnode.bench.advice import MeasuredCost, advise, recommended
 from pmnode.config import load_config
+from pmnode.plan import advice
+from pmnode.plan.advice import MeasuredCost, advise, recommended
 
 BIN = Path(sys.executable).parent
 

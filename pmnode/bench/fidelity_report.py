@@ -7,9 +7,10 @@ import math
 from pathlib import Path
 
 from pmnode.bench import fidelity_sweeps
-from pmnode.bench.fidelity import Row, RunResult, compare, load_runs, loss_at
-from pmnode.bench.labels import label, preset_of
+from pmnode.bench.fidelity import Row, RunResult, compare, is_unconstrained, load_runs, loss_at
+from pmnode.bench.labels import label, preset_of, setting_of
 from pmnode.bench.plotting import pyplot
+from pmnode.plan.advice import MeasuredCost
 
 
 def _pct(x: float | None) -> str:
@@ -186,3 +187,30 @@ def write_report(out: Path, target: float | None, title: str) -> list[Row]:
         plot_gaps(rows, runs, out, title)
         fidelity_sweeps.plot(sweeps, out, title)
     return rows
+
+
+def costs_from_runs(out: Path, corpus: str) -> list[MeasuredCost]:
+    """The compressed runs of a `bench convergence --tokens` directory, as shipped costs."""
+    runs = {r.variant: r for r in load_runs(out)}
+    costs = []
+    for row in compare(list(runs.values()), None):
+        run = runs[row.variant]
+        if row.rank is None or is_unconstrained(run) or (row.gap_end is None and row.gap_plain is None):
+            continue
+        costs.append(
+            MeasuredCost(
+                d_over_k=round(row.d_model / row.rank, 2),
+                d_model=row.d_model,
+                rank=row.rank,
+                variant=row.variant,
+                codec=run.codec,
+                setting=setting_of(row.variant, preset_of(run.variant, run.preset)),
+                corpus=corpus,
+                tokens=row.tokens,
+                complete=run.complete,
+                gap=row.gap_end,
+                gap_plain=row.gap_plain,
+                steps_ratio=row.steps_ratio,
+            )
+        )
+    return costs

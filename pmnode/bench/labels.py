@@ -9,7 +9,7 @@ default then, unless the variant is `default`/`default@d`, which only exist sinc
 from __future__ import annotations
 
 from pmnode.bench.variants import parse_variant
-from pmnode.config.presets import PRESETS
+from pmnode.config.presets import PRESETS, name_setting, value_text
 
 # Short names of the settings a preset governs, for legends: what each adds to the paper's.
 _SHORT = {
@@ -31,10 +31,6 @@ def _flat(variant: str) -> dict[str, object]:
 
     walk(overrides, "")
     return flat
-
-
-def _text(v: object) -> str:
-    return str(v).lower() if isinstance(v, bool) else str(v)
 
 
 def preset_of(variant: str, recorded: str | None) -> str:
@@ -63,21 +59,11 @@ def setting_of(variant: str, preset: str) -> str:
     skip = {"subspace.preset", "subspace.compression_rank", "subspace.compression_ratio"}
     skip |= {f"subspace.{k}" for k in PRESETS["paper"]}
     extras = [
-        f"{k.split('.')[-1]}={_text(v)}"
+        f"{k.split('.')[-1]}={value_text(v)}"
         for k, v in _flat(variant).items()
         if k not in skip and not k.startswith("model.")
     ]
     return name_setting(governed(variant, preset), preset, extras)
-
-
-def name_setting(gov: dict[str, object], preset: str, extras: list[str]) -> str:
-    """A preset's name when the governed settings are exactly one's, else the run's preset and what
-    differs from it; then the other settings (n_stages=4)."""
-    base = next((name for name, values in PRESETS.items() if values == gov), None)
-    parts = [base or preset]
-    if base is None:
-        parts += [f"{k}={_text(v)}" for k, v in gov.items() if v != PRESETS[preset][k]]
-    return ", ".join([*parts, *extras])
 
 
 def short_setting(setting: str) -> str:

@@ -26,3 +26,17 @@ def switch_preset(sub: dict, new: dict) -> dict:
         out = {k: v for k, v in out.items() if k not in PRESETS["paper"]}
     out.update(new)
     return out
+
+
+def value_text(v: object) -> str:
+    return str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def name_setting(gov: dict[str, object], preset: str, extras: list[str]) -> str:
+    """A preset's name when the governed settings are exactly one's, else the run's preset and what
+    differs from it; then the other settings (n_stages=4)."""
+    base = next((name for name, values in PRESETS.items() if values == gov), None)
+    parts = [base or preset]
+    if base is None:
+        parts += [f"{k}={value_text(v)}" for k, v in gov.items() if v != PRESETS[preset][k]]
+    return ", ".join([*parts, *extras])

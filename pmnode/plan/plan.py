@@ -9,10 +9,10 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from pmnode.bench.advice import RankAdvice, advise, recommended
 from pmnode.config import RunConfig
 from pmnode.core.train import config_for, parse_spec
 from pmnode.errors import ConfigError
+from pmnode.plan.advice import RankAdvice, advise, recommended
 from pmnode.plan.closed import ClosedForm, PlanInputs, closed_form
 from pmnode.plan.costs import StageCost, codec_bytes, stage_costs
 from pmnode.plan.shapes import stage_shapes

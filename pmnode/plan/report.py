@@ -5,9 +5,9 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from pmnode.bench.advice import spread_text
 from pmnode.core.sizing import HEADROOM
 from pmnode.net.shaping import format_bandwidth
+from pmnode.plan.advice import spread_text
 from pmnode.plan.costs import PLAN_PRECISION
 from pmnode.plan.plan import Plan
 

@@ -1,5 +1,6 @@
 """What a compression choice costs: bytes per token by the codec's formula, the learning cost the
-fidelity study measured (docs/benchmarks/fidelity/, shipped as fidelity_costs.json), and what a link
+fidelity study measured (docs/benchmarks/fidelity/, shipped as fidelity_costs.json beside this
+module; pmnode.bench.fidelity_report.costs_from_runs builds it), and what a link
 carries at a stage's token rate. `coordinator inspect` prints it; `recommended` picks from it."""
 
 from __future__ import annotations
@@ -9,10 +10,8 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from pmnode.bench.fidelity import compare, is_unconstrained, load_runs
-from pmnode.bench.labels import name_setting, preset_of, setting_of
 from pmnode.config import RunConfig
-from pmnode.config.presets import PRESETS
+from pmnode.config.presets import PRESETS, name_setting
 from pmnode.core.codecs import wire_bytes
 
 COSTS_FILE = Path(__file__).with_name("fidelity_costs.json")
@@ -28,7 +27,7 @@ class MeasuredCost(BaseModel):
     rank: int
     variant: str
     codec: str = "subspace"  # the spec without the rank: subspace, subspace:int8, ...
-    setting: str = PAPER  # what the run trained with beyond k and the model's shape (bench.labels)
+    setting: str = PAPER  # what the run trained with beyond k and the model's shape (config.presets)
     corpus: str
     tokens: int
     complete: bool
@@ -58,33 +57,6 @@ def config_setting(cfg: RunConfig) -> str:
     sub = cfg.subspace
     gov = {k: getattr(sub, k) for k in PRESETS["paper"]}
     return name_setting(gov, sub.preset, [])
-
-
-def costs_from_runs(out: Path, corpus: str) -> list[MeasuredCost]:
-    """The compressed runs of a `bench convergence --tokens` directory, as shipped costs."""
-    runs = {r.variant: r for r in load_runs(out)}
-    costs = []
-    for row in compare(list(runs.values()), None):
-        run = runs[row.variant]
-        if row.rank is None or is_unconstrained(run) or (row.gap_end is None and row.gap_plain is None):
-            continue
-        costs.append(
-            MeasuredCost(
-                d_over_k=round(row.d_model / row.rank, 2),
-                d_model=row.d_model,
-                rank=row.rank,
-                variant=row.variant,
-                codec=run.codec,
-                setting=setting_of(row.variant, preset_of(run.variant, run.preset)),
-                corpus=corpus,
-                tokens=row.tokens,
-                complete=run.complete,
-                gap=row.gap_end,
-                gap_plain=row.gap_plain,
-                steps_ratio=row.steps_ratio,
-            )
-        )
-    return costs
 
 
 def measured_costs() -> list[MeasuredCost]:
