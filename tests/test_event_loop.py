@@ -36,8 +36,6 @@ TO_MOVE = {
     ("pmnode/net/transport.py", "request", "encode"): "request encoded on the loop",
     ("pmnode/net/transport.py", "request", "decode"): "reply decoded on the loop (copy + isfinite)",
     ("pmnode/net/bulk.py", "answer", "torch.frombuffer"): "a chunk's view made on the loop (no copy)",
-    ("pmnode/net/bulk.py", "fetch", "numpy"): "manifest and chunk bytes read on the loop",
-    ("pmnode/net/bulk.py", "fetch", "tobytes"): "the manifest's bytes copied on the loop",
     ("pmnode/swarm/handler.py", "rpc_forward", "labels"): "the tail's labels (torch.cat) on the loop",
     ("pmnode/swarm/handler.py", "rpc_eval", "labels"): "the tail's labels (torch.cat) on the loop",
     ("pmnode/swarm/head.py", "_train", "first"): "make_targets (slice + cast) on the loop",

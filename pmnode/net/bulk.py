@@ -124,6 +124,22 @@ def _sha256(data: object) -> str:
     return hashlib.sha256(data).hexdigest()  # type: ignore[arg-type]
 
 
+def _manifest(reply: Packet) -> BulkManifest:
+    """Off the event loop: the manifest an open was answered with (its tensor's bytes, parsed)."""
+    return BulkManifest.model_validate_json(reply.tensors["manifest"].numpy().tobytes())
+
+
+def _take_chunk(reply: Packet, into: bytearray, start: int, expect: int, sha256: str) -> bool:
+    """Off the event loop (a hash and a copy of up to CHUNK bytes, which would stall every RPC of the
+    node there): the chunk into the receive buffer at `start` if it is the one the manifest announced;
+    False, with nothing written, if its length or checksum differ."""
+    data = reply.tensors["data"].numpy()
+    if len(data) != expect or _sha256(data) != sha256:
+        return False
+    memoryview(into)[start : start + expect] = memoryview(data).cast("B")
+    return True
+
+
 class BulkServer:
     """The sender's side: snapshots by ticket, answering open, chunk and close."""
 
@@ -178,7 +194,7 @@ def check_manifest(man: BulkManifest, max_size: int) -> None:
     if not 0 < man.chunk <= CHUNK or len(man.chunks) != math.ceil(man.size / man.chunk):
         raise TransferError(f"{len(man.chunks)} chunks of {man.chunk} bytes do not make {man.size}")
     for t in man.tensors:
-        n = math.prod(t.shape) * torch.empty((), dtype=DTYPES[t.dtype]).element_size()
+        n = math.prod(t.shape) * DTYPES[t.dtype].itemsize  # no tensor made: this runs on the loop
         if t.offset < 0 or min(t.shape, default=0) < 0 or t.offset + n > man.size:
             raise TransferError(f"tensor {t.name!r} lies outside the {man.size} bytes announced")
 
@@ -208,7 +224,7 @@ async def fetch(
     for peer in peers:
         try:
             reply = await ask(peer, {**request, "op": "open"})
-            man = BulkManifest.model_validate_json(reply.tensors["manifest"].numpy().tobytes())
+            man = await asyncio.to_thread(_manifest, reply)
             check_manifest(man, max_size)
             if got is not None and man.digest == got.manifest.digest:
                 got.manifest, got.resumed = man, got.resumed + 1  # same content, this sender's ticket
@@ -217,13 +233,12 @@ async def fetch(
                 got, done = Received(man, bytearray(man.size)), 0
             while done < len(man.chunks):
                 meta: dict[str, int | str] = {"op": "chunk", "ticket": man.ticket, "index": done}
-                data = (await ask(peer, meta)).tensors["data"].numpy()
+                reply = await ask(peer, meta)
                 start = done * man.chunk
                 expect = min(man.chunk, man.size - start)
-                digest = await asyncio.to_thread(_sha256, data)  # off the event loop
-                if len(data) != expect or digest != man.chunks[done]:
+                args = (reply, got.buffer, start, expect, man.chunks[done])
+                if not await asyncio.to_thread(_take_chunk, *args):
                     raise TransferError(f"chunk {done} from {peer[-8:]} failed its checksum")
-                memoryview(got.buffer)[start : start + expect] = memoryview(data).cast("B")
                 done += 1
                 progress(done, len(man.chunks))
             try:
