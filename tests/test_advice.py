@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from cli_runner import coordinator
 
 from pmnode.config import load_config
 from pmnode.plan import advice
 from pmnode.plan.advice import MeasuredCost, advise, recommended
-
-BIN = Path(sys.executable).parent
 
 
 def _cost(d_over_k: int, gap: float, codec: str = "subspace", setting: str = "paper") -> MeasuredCost:
@@ -69,21 +65,8 @@ def test_the_lowest_measured_cost_the_link_carries_is_recommended(monkeypatch: p
 
 
 def test_inspect_prints_the_compression_table_as_json() -> None:
-    out = subprocess.run(
-        [
-            str(BIN / "coordinator"),
-            "inspect",
-            "--config",
-            "deep",
-            "--json",
-            "--bandwidth",
-            "80mbit",
-            "--tokens-per-s",
-            "100000",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
+    out = coordinator(
+        "inspect", "--config", "deep", "--json", "--bandwidth", "80mbit", "--tokens-per-s", "100000"
     )
     assert out.returncode == 0, out.stderr
     info = json.loads(out.stdout)
@@ -101,12 +84,7 @@ def test_inspect_prints_the_compression_table_as_json() -> None:
     measured = [c for c in measured if c["measured"]["gap"] is not None and "n_stages" not in c["setting"]]
     if measured:  # the shipped costs: the lowest measured gap among what fits
         assert best["measured"]["gap"] == min(c["measured"]["gap"] for c in measured)
-    bad = subprocess.run(
-        [str(BIN / "coordinator"), "inspect", "--config", "deep", "--bandwidth", "fast"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    bad = coordinator("inspect", "--config", "deep", "--bandwidth", "fast")
     assert bad.returncode != 0 and "bad bandwidth" in bad.stderr and "Traceback" not in bad.stderr
 
 

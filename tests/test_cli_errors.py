@@ -1,6 +1,8 @@
 """Each mistake a volunteer or operator can make gets one line that says what to do, and exit code 1.
 
-The cases that need a coordinator run against a real `coordinator serve` on 127.0.0.1.
+The cases that need a coordinator run against a real `coordinator serve` on 127.0.0.1; so do those that
+reach for the network. The mistakes caught before a node starts anything run `pmnode join` in this
+process (tests/cli_runner.py), without a torch and hivemind import per case.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cli_runner import one_line, pmnode
 from launch import BIN, TINY, one_line_error
 from launch import start_coordinator as start
 from launch import stop_coordinator as stop
@@ -69,7 +72,7 @@ def test_token_file_must_be_private(coordinator: dict, tmp_path: Path) -> None:
 
 
 def test_token_is_never_a_command_line_value() -> None:
-    r = join("--coordinator", "/ip4/127.0.0.1/tcp/1/p2p/Qm", "--token", "secret")
+    r = pmnode("join", "--device", "cpu", "--coordinator", "/ip4/127.0.0.1/tcp/1/p2p/Qm", "--token", "secret")
     assert r.returncode == 2 and "No such option" in r.stderr
 
 
@@ -94,7 +97,10 @@ def test_unreachable_coordinator() -> None:
 
 
 def test_coordinator_address_without_peer_id() -> None:
-    one_line_error(join("--coordinator", "/ip4/127.0.0.1/tcp/1", token="t"), "must end in /p2p/<peer id>")
+    r = pmnode(
+        "join", "--device", "cpu", "--coordinator", "/ip4/127.0.0.1/tcp/1", env={"PMNODE_JOIN_TOKEN": "t"}
+    )
+    one_line(r, "must end in /p2p/<peer id>")
 
 
 def test_node_port_in_use(coordinator: dict, busy_port: int) -> None:
@@ -133,13 +139,8 @@ def test_cuda_absent_for_join() -> None:
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    r = subprocess.run(
-        [str(BIN / "pmnode"), "join", "--coordinator", "/ip4/127.0.0.1/tcp/1/p2p/Qm", "--device", "cuda"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    one_line_error(r, "no CUDA device")
+    r = pmnode("join", "--coordinator", "/ip4/127.0.0.1/tcp/1/p2p/Qm", "--device", "cuda")
+    one_line(r, "no CUDA device")
 
 
 def test_fingerprint_mismatch_on_resume(coordinator: dict, tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
 """`pmnode plan`: its figures against a hand computation for one small config, heads and replica-sync
-traffic against hand cases (closed form and simulator), and its flag errors."""
+traffic against hand cases (closed form and simulator), and its flag errors. The command runs in this
+process (tests/cli_runner.py): the same exit codes and output, without a torch import per case."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from launch import BIN, one_line_error
+from cli_runner import one_line, pmnode
 
 from pmnode.config import RunConfig, load_config
 from pmnode.core.compress import round_bytes
@@ -68,7 +69,7 @@ def test_stage_costs_by_hand() -> None:
 
 
 def plan(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(BIN / "pmnode"), "plan", *args], capture_output=True, text=True, timeout=180)
+    return pmnode("plan", *args)
 
 
 def test_closed_form_by_hand(cfg_path: Path) -> None:
@@ -134,18 +135,8 @@ def test_bad_flags_get_one_line(cfg_path: Path, tmp_path: Path) -> None:
         (["--gpu", "rtx4090", "--codec", "zip"], "unknown codec"),
         (["--measured", str(tmp_path / "none.json")], "--measured"),
     ]
-    procs = [
-        subprocess.Popen(
-            [str(BIN / "pmnode"), "plan", "--config", str(cfg_path), *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for args, _ in cases
-    ]
-    for p, (_, needle) in zip(procs, cases, strict=True):
-        out, err = p.communicate(timeout=180)
-        one_line_error(subprocess.CompletedProcess(p.args, p.returncode, out, err), needle)
+    for args, needle in cases:
+        one_line(plan("--config", str(cfg_path), *args), needle)
 
 
 # ---- heads and replica sync ---------------------------------------------------------------------
@@ -252,15 +243,5 @@ def test_bad_sync_flags_get_one_line(cfg_path: Path) -> None:
         (["--inner-steps", "0"], "--inner-steps"),
         (["--sync-topology", "ring"], "--sync-topology"),
     ]
-    procs = [
-        subprocess.Popen(
-            [str(BIN / "pmnode"), "plan", "--config", str(cfg_path), "--tflops", "1", *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for args, _ in cases
-    ]
-    for p, (_, needle) in zip(procs, cases, strict=True):
-        out, err = p.communicate(timeout=180)
-        one_line_error(subprocess.CompletedProcess(p.args, p.returncode, out, err), needle)
+    for args, needle in cases:
+        one_line(plan("--config", str(cfg_path), "--tflops", "1", *args), needle)
