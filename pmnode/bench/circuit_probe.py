@@ -41,7 +41,7 @@ def _quiet() -> dict[str, bool]:
 
 async def relay(host: str) -> None:
     configure_daemon(RelayLimits(serve=True))
-    p2p = await P2P.create(host_maddrs=[f"/ip4/{host}/tcp/0"], **_quiet())  # type: ignore[arg-type]
+    p2p = await P2P.create(host_maddrs=[f"/ip4/{host}/tcp/0"], **_quiet())
     print("RELAY", (await p2p.get_visible_maddrs())[0], flush=True)
     await asyncio.Event().wait()
 
@@ -49,7 +49,7 @@ async def relay(host: str) -> None:
 async def serve(host: str, relay_maddr: str) -> None:
     configure_daemon(RelayLimits())
     opts = relayed_options([relay_maddr])
-    p2p = await P2P.create(host_maddrs=[f"/ip4/{host}/tcp/0"], initial_peers=[relay_maddr], **opts)  # type: ignore[arg-type]
+    p2p = await P2P.create(host_maddrs=[f"/ip4/{host}/tcp/0"], initial_peers=[relay_maddr], **opts)
 
     async def echo(req: averaging_pb2.AveragingData, _: object) -> averaging_pb2.AveragingData:
         return req
@@ -63,7 +63,7 @@ async def dial(
     host: str, relay_maddr: str, peer: str, chunk: int = 16384, cap: int = 64 * 2**20
 ) -> CircuitProbe:
     configure_daemon(RelayLimits())
-    p2p = await P2P.create(host_maddrs=[f"/ip4/{host}/tcp/0"], initial_peers=[relay_maddr], **_quiet())  # type: ignore[arg-type]
+    p2p = await P2P.create(host_maddrs=[f"/ip4/{host}/tcp/0"], initial_peers=[relay_maddr], **_quiet())
     target = PeerID.from_base58(peer)
     circuit = to_multiaddr(f"{relay_maddr}/p2p-circuit")
     for _ in range(20):  # the served peer's reservation may take a moment

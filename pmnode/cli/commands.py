@@ -139,7 +139,8 @@ def status(
     if coordinator_file is not None:
         coordinator = coordinator_from_file(coordinator_file, local=True, timeout=0)
     token = read_token_file(http_token_file) if http_token_file is not None else ""
-    st = fetch_status(coordinator, timeout, token)  # type: ignore[arg-type]
+    assert coordinator is not None  # exactly one of the two was given (checked above)
+    st = fetch_status(coordinator, timeout, token)
     if as_json:
         print(st.model_dump_json(indent=2))
     else:

@@ -118,7 +118,7 @@ def plan(
         latency=lat,
         replicas=replicas,
         heads=heads if heads is not None else cfg.swarm.heads,
-        topology=sync_topology,  # type: ignore[arg-type]
+        topology=sync_topology,  # type: ignore[arg-type]  # typer gives a str, checked above
         max_inflight=cfg.swarm.inflight_limit,
         gpu_memory_gb=memory,
     )

@@ -152,7 +152,7 @@ def join(
             threads=threads,
             autocast_bf16=bf16,
             data=data,
-            optimizer_state=optimizer_state,  # type: ignore[arg-type]
+            optimizer_state=optimizer_state,
             checkpoint_layers=checkpoint_layers,
             fused_adam=fused_adam,
             memory_limit=parse_size(memory_limit) if memory_limit else None,
@@ -162,7 +162,7 @@ def join(
         announce=announce or [],
         checkpoint_dir=checkpoint_dir,
         resume=resume,
-        log_format=log_format,  # type: ignore[arg-type]
+        log_format=log_format,
         link_bandwidth=parse_bandwidth(link_bandwidth),
         link_latency=parse_latency(link_latency),
         checkpoint_every=checkpoint_every,

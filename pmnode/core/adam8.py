@@ -75,6 +75,7 @@ class AdamW8bit(torch.optim.Optimizer):
         }
 
     @torch.no_grad()
+    # torch's step overloads return the closure's loss; this optimizer takes no closure and returns None
     def step(self, closure: Any = None) -> None:  # type: ignore[override]
         for group in self.param_groups:
             beta1, beta2 = group["betas"]

@@ -65,6 +65,8 @@ class ResidualWrite(nn.Module):
         if mode != "free" and subspace is None:
             raise ValueError(f"mode {mode!r} needs a subspace")
         self.mode, self.subspace = mode, subspace
+        # The union-attr ignores in this class: every mode but "free" has a subspace (raised above), and
+        # every use of self.subspace is under such a mode; mypy cannot tie the two attributes together.
         rows = subspace.rank if mode == "reparam" else d  # type: ignore[union-attr]
         self.weight = nn.Parameter(torch.empty(rows, n_in))
 
@@ -113,6 +115,7 @@ class SubspaceEmbedding(nn.Module):
     ):
         super().__init__()
         self.mode, self.subspace, self.with_table = mode, subspace, with_table
+        # the union-attr ignores here: as above, built with a subspace whenever mode is not "free"
         cols = subspace.rank if mode == "reparam" else d  # type: ignore[union-attr]
         self.weight = nn.Parameter(torch.empty(vocab, cols))
 

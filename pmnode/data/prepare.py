@@ -213,7 +213,7 @@ def prepare(
         tokenizer_file=None if isinstance(tok, ByteTokenizer) else TOKENIZER_FILE,
         tokenizer_sha256=tok.sha256,
         vocab_size=tok.vocab_size,
-        dtype=dtype,  # type: ignore[arg-type]
+        dtype=dtype,
         separator=tok.separator,
         heldout_fraction=heldout,
         train=train,

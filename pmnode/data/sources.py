@@ -92,7 +92,7 @@ def _jsonl_lines(f: SourceFile) -> Iterator[bytes]:
         import zstandard
 
         with f.path.open("rb") as raw, zstandard.ZstdDecompressor().stream_reader(raw) as z:
-            yield from io.BufferedReader(z)  # type: ignore[arg-type]
+            yield from io.BufferedReader(z)
     elif f.kind == ".jsonl.gz":
         with gzip.open(f.path, "rb") as g:
             yield from g

@@ -52,7 +52,8 @@ WRONG_TOKEN = "wrong join token"  # the coordinator's reason for refusing a join
 
 # ---- keys and certificates -----------------------------------------------------------------------------
 def public_bytes(key: RSAPrivateKey) -> str:
-    return key.get_public_key().to_bytes().decode()
+    pem: bytes = key.get_public_key().to_bytes()  # hivemind is untyped here (pyproject.toml)
+    return pem.decode()
 
 
 def canonical(obj: Any) -> bytes:
@@ -105,11 +106,11 @@ class Verifier:
         self._pub: RSAPublicKey | None = None
         self._keys: dict[str, RSAPublicKey] = {}
 
-    def __getstate__(self) -> dict:
+    def __getstate__(self) -> dict[str, str]:
         return {"run": self.run, "authority_public_key": self.authority_public_key}
 
-    def __setstate__(self, state: dict) -> None:
-        self.__init__(state["run"], state["authority_public_key"])  # type: ignore[misc]
+    def __setstate__(self, state: dict[str, str]) -> None:
+        Verifier.__init__(self, state["run"], state["authority_public_key"])
 
     @property
     def authority(self) -> RSAPublicKey:

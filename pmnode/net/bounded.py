@@ -44,4 +44,4 @@ async def receive_bounded(reader: asyncio.StreamReader) -> bytes:
 
 def install() -> None:
     """Make every hivemind stream in this process read through `receive_bounded` (idempotent)."""
-    P2P.receive_raw_data = staticmethod(receive_bounded)  # type: ignore[method-assign]
+    P2P.receive_raw_data = staticmethod(receive_bounded)

@@ -115,7 +115,7 @@ async def call_json(
     peer_id = PeerID.from_base58(peer) if isinstance(peer, str) else peer
     msg = runtime_pb2.ExpertRequest(metadata=request.model_dump_json().encode())
     try:
-        resp = await asyncio.wait_for(tunnel.unary(p2p, peer_id, name, msg), timeout)
+        resp: tunnel.Response = await asyncio.wait_for(tunnel.unary(p2p, peer_id, name, msg), timeout)
     except asyncio.TimeoutError as e:
         raise ControlError(f"{name}: no answer from {peer_id} within {timeout:.0f}s") from e
     except Exception as e:

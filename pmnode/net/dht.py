@@ -55,7 +55,7 @@ def start_dht(
             announce_maddrs=announce or None,
             identity_path=str(identity_path) if identity_path else None,
             record_validators=record_validators or (),
-            **{**p2p_options(host), **p2p},  # type: ignore[arg-type]
+            **{**p2p_options(host), **p2p},
         )
     except Exception as e:
         why = re.sub(r"^.*\d\d:\d\d:\d\d ", "", str(e).strip().splitlines()[-1])  # p2pd's timestamp

@@ -106,8 +106,8 @@ async def _probe(coordinator: str, host: str, port: int, announce: list[str], to
         if announce:
             mine = list(announce)
         else:
-            mine = [str(m) for m in await p2p.get_visible_maddrs() if tcp_target(str(m))]
-            mine = [m for m in mine if not is_local(tcp_target(m)[0])][:MAX_ADDRS]  # type: ignore[index]
+            found = [str(m) for m in await p2p.get_visible_maddrs()]
+            mine = [m for m in found if (t := tcp_target(m)) and not is_local(t[0])][:MAX_ADDRS]
         req = ReachRequest(token=token, maddrs=mine)
         return await call_json(p2p, coordinator_peer(coordinator), REACH_RPC, req, ReachReply, timeout=20)
     finally:

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import re
 from collections.abc import Iterable
+from typing import Any
 
 import base58
 from hivemind.p2p import P2P, PeerID
@@ -59,7 +60,8 @@ def relay_limits(serve: bool, time_limit: str, data_limit: str) -> RelayLimits:
 
 
 def _with_flags(*args: object, **kwargs: object) -> list[str]:
-    return _ORIGINAL(*args, **{**kwargs, **_FLAGS})
+    out: list[str] = _ORIGINAL(*args, **{**kwargs, **_FLAGS})
+    return out
 
 
 def configure_daemon(limits: RelayLimits) -> None:
@@ -74,10 +76,10 @@ def configure_daemon(limits: RelayLimits) -> None:
         # candidates or three minutes before it reserves, and two relayed peers cannot meet until then.
         relayDiscovery=False,
     )
-    P2P._make_process_args = staticmethod(_with_flags)  # type: ignore[method-assign]
+    P2P._make_process_args = staticmethod(_with_flags)
 
 
-def relayed_options(relays: list[str]) -> dict[str, object]:
+def relayed_options(relays: list[str]) -> dict[str, Any]:  # P2P.create keywords
     """DHT/p2pd options of a node behind NAT: reserve a slot on these relays and announce the circuit."""
     return {
         "use_relay": True,

@@ -181,7 +181,7 @@ class Backoff:
 
     def fail(self, peer: str, now: float) -> float:
         n = self.failures.get(peer, (0, 0.0))[0] + 1
-        wait = min(self.base * 2 ** (n - 1), self.cap)
+        wait = min(self.base * 2.0 ** (n - 1), self.cap)
         self.failures[peer] = (n, now + wait)
         return wait
 

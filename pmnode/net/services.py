@@ -87,7 +87,7 @@ class _Gate:
 
 
 def _admitted(
-    rpc: JsonRpc, guard: Guard, handler: Callable[[Any, str], Awaitable[BaseModel]]
+    rpc: JsonRpc[Any, Any], guard: Guard, handler: Callable[[Any, str], Awaitable[BaseModel]]
 ) -> Callable[[Any, str], Awaitable[BaseModel]]:
     async def checked(req: BaseModel, caller: str) -> BaseModel:
         reason = rpc.admission.refuse(guard, caller)
@@ -107,7 +107,7 @@ class ServeOptions:
 
 
 async def serve_all(
-    p2p: P2P, run: str, service: object, rpcs: Sequence[JsonRpc | DataRpc], opts: ServeOptions
+    p2p: P2P, run: str, service: object, rpcs: Sequence[JsonRpc[Any, Any] | DataRpc], opts: ServeOptions
 ) -> None:
     """Register `service.rpc_<name>` for each of `rpcs`, behind its admission."""
     for rpc in rpcs:

@@ -27,7 +27,7 @@ import weakref
 from collections import Counter
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 from google.protobuf.message import Message
 from hivemind.p2p import P2P, P2PContext, PeerID
@@ -47,8 +47,9 @@ RELAY_STREAM = "pmnode.relay.stream"
 VIA_CALL = "pmnode.via.call"
 VIA_STREAM = "pmnode.via.stream"
 
-Request = runtime_pb2.ExpertRequest
-Response = runtime_pb2.ExpertResponse
+# Generated protobuf classes: mypy reads them as Any (pyproject.toml, hivemind.proto.*).
+Request: TypeAlias = runtime_pb2.ExpertRequest
+Response: TypeAlias = runtime_pb2.ExpertResponse
 Fn = Callable[[Any, P2PContext], Any]
 M = TypeVar("M", bound=Message)
 
@@ -172,6 +173,13 @@ def _arrival(p2p: P2P, req: Request, ctx: P2PContext) -> tuple[_Local, P2PContex
     return local, P2PContext(handle_name=name, local_id=p2p.peer_id, remote_id=caller), session
 
 
+def _identity(p2p: P2P) -> Identity:
+    identity = table(p2p).identity
+    if identity is None:  # set_identity sets it with the checker, before any forwarded call is let in
+        raise TunnelError("this node has no identity to sign its answers with yet")
+    return identity
+
+
 def _wrap(msg: Message | None, replier: Signer, end: bool = False) -> Response:
     """An answer to a forwarded call, signed by this node: the relay cannot answer in its name."""
     data = b"" if msg is None else msg.SerializeToString()
@@ -184,7 +192,7 @@ def _via_call(p2p: P2P) -> Callable[[Request, P2PContext], Awaitable[Response]]:
         if local.stream_input or local.stream_output or not session.ended:
             raise TunnelError(f"{inner.handle_name} is a stream handler")
         out = await local.fn(local.input_type.FromString(req.metadata), inner)
-        return _wrap(out, session.replier(table(p2p).identity), end=True)  # type: ignore[arg-type]
+        return _wrap(out, session.replier(_identity(p2p)), end=True)
 
     return handle
 
@@ -208,7 +216,7 @@ def _via_stream(p2p: P2P) -> Callable[[AsyncIterator[Request], P2PContext], Asyn
             t.refused["cut short"] += 1
             raise TunnelError("the call ended without its caller's last signature")
 
-        items, replier = unwrapped(), session.replier(t.identity)  # type: ignore[arg-type]
+        items, replier = unwrapped(), session.replier(_identity(p2p))
         out = local.fn(items if local.stream_input else await anext(items), inner)
         if isinstance(out, AsyncIterable):
             async for item in out:
@@ -243,7 +251,8 @@ def set_routes(p2p: P2P, routes: dict[str, str]) -> None:
 async def unary(p2p: P2P, peer: PeerID, name: str, msg: Message, output_type: type[M] = Response) -> M:
     relay = table(p2p).routes.get(peer.to_base58())
     if relay is None:
-        return await p2p.call_protobuf_handler(peer, name, msg, output_type)
+        direct: M = await p2p.call_protobuf_handler(peer, name, msg, output_type)
+        return direct
     (signer, check), data = _signer(p2p, peer, name), msg.SerializeToString()
     wrapped = Request(uid=route_uid(peer.to_base58(), name), metadata=data, tensors=[signer.sign(data, True)])
     resp = await p2p.call_protobuf_handler(PeerID.from_base58(relay), RELAY_CALL, wrapped, Response)
@@ -261,7 +270,8 @@ async def stream(
 ) -> AsyncIterator[M]:
     relay = table(p2p).routes.get(peer.to_base58())
     if relay is None:
-        return await p2p.iterate_protobuf_handler(peer, name, requests, output_type)
+        answers: AsyncIterator[M] = await p2p.iterate_protobuf_handler(peer, name, requests, output_type)
+        return answers
 
     signer, check = _signer(p2p, peer, name)
 

@@ -33,7 +33,7 @@ FINAL_TRIES = 4  # another replica may still be in a regular round, or finishing
 Verdict = Literal["applied", "failed", "refused"]
 
 
-def judge_round(group: dict | None, verifier: Verifier, stage: int) -> Verdict:
+def judge_round(group: dict[str, Any] | None, verifier: Verifier, stage: int) -> Verdict:
     """A round's result may touch the weights only if it had a partner and every participant showed a
     certificate for this stage."""
     if not group or len(group) < 2:
@@ -45,7 +45,7 @@ def judge_round(group: dict | None, verifier: Verifier, stage: int) -> Verdict:
     return "applied"
 
 
-def all_final(group: dict) -> bool:
+def all_final(group: dict[str, Any]) -> bool:
     return all(isinstance(d, dict) and d.get("final") for d in group.values())
 
 
@@ -155,7 +155,7 @@ class AveragingLoop:
             return ok
         return True
 
-    async def finish(self, loop_task: asyncio.Task | None) -> None:
+    async def finish(self, loop_task: asyncio.Task[None] | None) -> None:
         """At the end: the round in progress, the last partial batch, then final rounds."""
         if self.outer is not None:
             return await self.outer.finish(loop_task)

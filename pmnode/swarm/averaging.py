@@ -24,6 +24,7 @@ from typing import Any, Literal
 import torch
 from hivemind import DHT
 from hivemind.compression import Float16Compression, NoCompression, SizeAdaptiveCompression
+from hivemind.p2p import PeerID
 from hivemind.utils import get_dht_time
 
 from pmnode.core.worker import StageWorker
@@ -123,7 +124,7 @@ class StageAverager:
         )
 
     @staticmethod
-    def members(group: dict, verifier: Verifier, stage: int) -> list[str]:
+    def members(group: dict[PeerID, Any], verifier: Verifier, stage: int) -> list[str]:
         """Every participant's peer id, if each showed a valid certificate for `stage`; AuthError if not."""
         peers = []
         for peer_id, data in group.items():

@@ -23,6 +23,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from pmnode.data.shards import DataPosition
 from pmnode.errors import PmnodeError
@@ -90,7 +91,7 @@ class StepCommit:
         self.client = Client(ctx.p2p, ctx.cfg.name)
         self.failed_at: dict[str, float] = {}  # replica -> when a commit last failed with it
         self.reissued = 0  # micro-batches sent again after losing a replica
-        self.applying: asyncio.Future | None = None  # the last step's apply replies, still coming
+        self.applying: asyncio.Future[list[Any]] | None = None  # the last step's apply replies, still coming
         self.spot: SpotChecker | None = None  # the head's spot checks: liars are left out, a step redone
         self.redone: list[int] = []  # steps computed again after a spot check (a ban, or undecided)
 

@@ -34,7 +34,7 @@ class NodeContext:
     def header(self, kind: str, micro_batch: str, **meta: float | int | str) -> MessageHeader:
         """A message from this stage at its current step."""
         return MessageHeader(
-            kind=kind,  # type: ignore[arg-type]
+            kind=kind,  # type: ignore[arg-type]  # a str here, checked against the Literal by pydantic
             run=self.cfg.name,
             micro_batch=micro_batch,
             stage=self.stage,

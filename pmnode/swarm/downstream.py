@@ -74,7 +74,7 @@ class Downstream:
     async def refresh(self) -> None:
         if self.stage + 1 < self.n_stages:
             before = {r.peer_id for r in self.records}
-            self.records = await stage_records(self.dht, self.run, self.stage + 1, self.verifier)  # type: ignore[arg-type]
+            self.records = await stage_records(self.dht, self.run, self.stage + 1, self.verifier)
             if self.on_change is not None and {r.peer_id for r in self.records} != before:
                 await self.on_change()  # a new replica behind NAT is called through its relay at once
 

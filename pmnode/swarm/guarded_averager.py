@@ -148,16 +148,17 @@ class GuardedAverager(DecentralizedAverager):
 
     @classmethod
     def _get_handle_name(cls, namespace: str | None, method_name: str) -> str:
-        return DecentralizedAverager._get_handle_name(namespace, method_name)  # hivemind's wire names
+        name: str = DecentralizedAverager._get_handle_name(namespace, method_name)  # hivemind's wire names
+        return name
 
-    @property  # type: ignore[override]
+    @property
     def _matchmaking(self) -> Matchmaking:
         return self.__dict__["_guarded_matchmaking"]
 
     @_matchmaking.setter
     def _matchmaking(self, mm: Matchmaking) -> None:
         mm.__class__ = GuardedMatchmaking
-        mm.gate = self.gate  # type: ignore[attr-defined]
+        mm.gate = self.gate
         self.__dict__["_guarded_matchmaking"] = mm
 
     async def add_p2p_handlers(
@@ -181,7 +182,7 @@ class GuardedAverager(DecentralizedAverager):
     def get_stub(cls, p2p: P2P, peer: PeerID, *, namespace: str | None = None) -> StubBase:
         """hivemind's stub, whose calls take the tunnel's routes (matchmaking, all-reduce)."""
         stub = super().get_stub(p2p, peer, namespace=namespace)
-        stub._p2p = tunnel.Routed(p2p)  # type: ignore[assignment]
+        stub._p2p = tunnel.Routed(p2p)
         return stub
 
     def use_tunnel(self, routes: dict[str, str], relays: Iterable[str], me: Identity | None = None) -> None:

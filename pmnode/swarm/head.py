@@ -9,6 +9,7 @@ StepLine per step.
 from __future__ import annotations
 
 import asyncio
+import functools
 import sys
 import time
 from collections.abc import Callable
@@ -248,7 +249,7 @@ class HeadDriver:
             self.batch[mb.wire] = (mb, x[sl], y[sl])
             await window.acquire()
             await self.pauses.wait_whole()
-            window.start(lambda mb=mb, sl=sl: self.train_through_pauses(mb, x[sl], y[sl], retry))
+            window.start(functools.partial(self.train_through_pauses, mb, x[sl], y[sl], retry))
         if self.ctx.schedule.commits:
             await window.drain()
             await self.group.drained(step)

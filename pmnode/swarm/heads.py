@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from pmnode.errors import PmnodeError
 from pmnode.net.control import Ack, Resend
@@ -120,7 +121,10 @@ class HeadGroup:
         batch, and every head sees the same leader from the first commit on."""
         deadline = time.monotonic() + self.ctx.cfg.swarm.request_timeout
         said = False
-        driving = lambda: [r for r in self.others() if r.driving_since is not None]  # noqa: E731
+
+        def driving() -> list[StageRecord]:
+            return [r for r in self.others() if r.driving_since is not None]
+
         while len(driving()) + 1 < self.ctx.cfg.swarm.heads and time.monotonic() < deadline:
             if not said:
                 self.ctx.console.print(f"waiting for the run's {self.ctx.cfg.swarm.heads} heads...")
@@ -144,7 +148,7 @@ class HeadGroup:
         """Have the owner of each micro-batch send it again (this head's own, in process)."""
         mine = [i for i in ids if slot_of(i, self.n_micro) == self.ctx.slot]
         by_slot = {r.slot: r.peer_id for r in self.others()}
-        calls = []
+        calls: list[Awaitable[Any]] = []
         for slot in sorted({slot_of(i, self.n_micro) for i in ids} - {self.ctx.slot}):
             theirs = [i for i in ids if slot_of(i, self.n_micro) == slot]
             if slot in by_slot:

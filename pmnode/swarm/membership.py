@@ -94,7 +94,7 @@ class SwarmView:
         self.members: dict[int, list[StageRecord]] = {}  # the head's: every stage's replicas (0: heads)
 
     async def records(self, stage: int) -> list[StageRecord]:
-        return await stage_records(self.dht, self.run, stage, self.verifier)  # type: ignore[arg-type]
+        return await stage_records(self.dht, self.run, stage, self.verifier)
 
     async def refresh(self, stages: list[int] | None = None) -> None:
         for s in stages if stages is not None else range(self.n_stages):  # stage 0: the heads
@@ -142,7 +142,7 @@ async def heartbeat(
         while True:
             if chores.done():  # a chore that failed stops the heartbeat, as it always did
                 chores.result()
-            await announce(dht, run, record(), membership.current(), membership.key)  # type: ignore[arg-type]
+            await announce(dht, run, record(), membership.current(), membership.key)
             due = max(due + HEARTBEAT_PERIOD, time.monotonic())  # a late store is not made up for in a burst
             await asyncio.sleep(due - time.monotonic())
     finally:
@@ -155,7 +155,7 @@ async def _chores(
     beats = 0
     while True:
         if beats % 3 == 0:  # a restarted coordinator learns the swarm from these
-            await keep_in_touch(dht, coordinator)  # type: ignore[arg-type]
+            await keep_in_touch(dht, coordinator)
         beats += 1
         await every_beat()
         await membership.renew_if_due()

@@ -22,6 +22,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Awaitable
+from typing import Any
 
 import torch
 from hivemind import DHT
@@ -176,7 +178,7 @@ class Node:
                 await asyncio.wait_for(announce(ctx.dht, ctx.cfg.name, offline, cert, key), 5.0)
 
     async def _drive(
-        self, parts: Parts, stop: asyncio.Event, driven: asyncio.Event, averaging: asyncio.Task | None
+        self, parts: Parts, stop: asyncio.Event, driven: asyncio.Event, averaging: asyncio.Task[None] | None
     ) -> None:
         driver = asyncio.create_task(parts.head.drive())
         await _first(driver, stop.wait())
@@ -195,14 +197,14 @@ class Node:
             self.display.show(telemetry.snapshot())
             await asyncio.sleep(0.5)
 
-    def _task_ended(self, task: asyncio.Task) -> None:
+    def _task_ended(self, task: asyncio.Task[Any]) -> None:
         if not task.cancelled() and task.exception() is not None:
             self.console.print(f"{task.get_name()} stopped: {task.exception()!r}")
 
 
-async def _first(*aws: object) -> None:
+async def _first(*aws: Awaitable[Any]) -> None:
     """Wait until the first of these finishes; the others are cancelled (a task passed in is not)."""
-    tasks = [a if isinstance(a, asyncio.Task) else asyncio.ensure_future(a) for a in aws]  # type: ignore[arg-type]
+    tasks = [a if isinstance(a, asyncio.Task) else asyncio.ensure_future(a) for a in aws]
     _, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     for t in pending:
         if t not in aws:

@@ -186,7 +186,11 @@ class OuterJobs:
 
 def thread_safe_setter(event: asyncio.Event) -> Callable[[], None]:
     loop = asyncio.get_running_loop()
-    return lambda: loop.call_soon_threadsafe(event.set)
+
+    def setter() -> None:
+        loop.call_soon_threadsafe(event.set)
+
+    return setter
 
 
 def idle_step(runner: StageRunner) -> int:

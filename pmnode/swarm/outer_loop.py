@@ -232,7 +232,7 @@ class OuterLoop:
             await asyncio.sleep(POLL)
         return None
 
-    async def finish(self, loop_task: asyncio.Task | None) -> None:
+    async def finish(self, loop_task: asyncio.Task[None] | None) -> None:
         """At the end: the round in flight, the last partial batch, final rounds until one holds every
         live replica, then every replica takes the lowest peer's weights: one set for the stage."""
         self.stopping.set()

@@ -41,7 +41,9 @@ def _unblocked() -> None:
 
 
 class Proc:
-    def __init__(self, name: str, popen: subprocess.Popen, log: Path, file: IO[str], stage: int | None):
+    def __init__(
+        self, name: str, popen: subprocess.Popen[bytes], log: Path, file: IO[str], stage: int | None
+    ):
         self.name, self.p, self.log, self.file, self.stage = name, popen, log, file, stage
         self.started = time.monotonic()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from hivemind import DHT
 from rich.console import Console
 
@@ -23,7 +25,7 @@ def start_network(opts: NodeOptions, console: Console) -> tuple[DHT, Reachabilit
     port = o.port or free_port(o.host)
     token = o.token.get_secret_value() if o.token else ""
     reach = decide(probe(o.coordinator, o.host, port, o.announce, token), port, o.stage)
-    extra: dict[str, object] = {}
+    extra: dict[str, Any] = {}  # start_dht keywords
     if reach.mode == "relayed":
         extra = relayed_options(reach.relays)
     elif reach.mode == "outbound":
@@ -42,8 +44,8 @@ def start_network(opts: NodeOptions, console: Console) -> tuple[DHT, Reachabilit
 def _direct_addrs(dht: DHT, o: NodeOptions) -> list[str]:
     if o.announce:
         return list(o.announce)[:8]
-    found = [str(m) for m in dht.get_visible_maddrs() if tcp_target(str(m))]
-    return [m for m in found if is_local(o.host) or not is_local(tcp_target(m)[0])][:8]  # type: ignore[index]
+    found = [str(m) for m in dht.get_visible_maddrs()]
+    return [m for m in found if (t := tcp_target(m)) and (is_local(o.host) or not is_local(t[0]))][:8]
 
 
 def _relay_of(circuit: str) -> str:

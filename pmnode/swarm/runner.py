@@ -14,7 +14,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from torch import Tensor
 
@@ -227,8 +227,8 @@ class StageRunner:
 
     async def evaluate(
         self, packet: Packet | None, tokens: Tensor | None = None, targets: Tensor | None = None
-    ):
-        def job():
+    ) -> Any:  # a Packet for the next stage, or the last stage's loss: each caller knows which it is
+        def job() -> Any:
             out = self.worker.evaluate(packet, tokens, targets)
             return out.on_host() if isinstance(out, Packet) else out
 

@@ -62,7 +62,7 @@ class SpotChecker:
         )
         self.sampler = sampler or Sampler(cfg.trust.spot_check_rate)
         self.ledger = Ledger()
-        self.pending: set[asyncio.Task] = set()
+        self.pending: set[asyncio.Task[Verdict]] = set()
         self.distances: list[float] = []  # A against B, for the tolerance's margin (the last 256)
         self.on_ban: Callable[[str], None] | None = None
         self.served: Counter[str] = Counter()  # micro-batches each replica served this head (bounded)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import random
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -97,7 +98,8 @@ class Ledger:
     counts: Counter[str] = field(default_factory=Counter)
     banned: OrderedDict[str, int] = field(default_factory=OrderedDict)  # liar -> step it was caught at
     tainted: set[int] = field(default_factory=set)
-    events: list[dict] = field(default_factory=list)  # the last few verdicts, for the node's summary
+    # the last few verdicts, for the node's summary
+    events: list[dict[str, Any]] = field(default_factory=list)
 
     def record(self, step: int, v: Verdict) -> bool:
         """Count a verdict; True when it bans a replica not banned before."""

@@ -167,7 +167,7 @@ class Telemetry:
             tunnelled_in=dict(tunnel.table(p.ctx.p2p).forwarded),
             relay_forwarded=p.forwarder.counters.total() if p.forwarder is not None else None,
             spot_checks=self._spot(),
-            **extra,  # type: ignore[arg-type]
+            **extra,
         )
 
 

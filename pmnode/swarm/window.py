@@ -102,7 +102,7 @@ class Window:
     def __init__(self, size: int):
         self.size, self.busy = size, 0
         self.cond = asyncio.Condition()
-        self.tasks: set[asyncio.Task] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
         self.losses: list[float] = []
         self.failures: list[BaseException] = []
 
