@@ -225,7 +225,7 @@ def test_step_if_ready_counts_what_it_applied(monkeypatch: pytest.MonkeyPatch, t
     saved: list[int] = []
     monkeypatch.setattr(
         "pmnode.swarm.runner.checkpoint.save",
-        lambda w, root, run, samples, data=None, slots=None: saved.append(w.step_count),
+        lambda w, root, run, samples, data=None, slots=None, keep_newer=False: saved.append(w.step_count),
     )
     monkeypatch.setattr("pmnode.swarm.runner.checkpoint.save_run_config", lambda cfg, root: None)
     worker = FakeWorker()
