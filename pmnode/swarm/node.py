@@ -157,6 +157,7 @@ class Node:
             else:
                 await _first(parts.handler.done.wait(), stop.wait())
                 if parts.handler.done.is_set():
+                    await parts.catch_up_at_end()
                     await parts.finish_swarm()
                     if averaging is not None:
                         await parts.averaging.finish(averaging)

@@ -178,6 +178,22 @@ class Parts:
         if ctx.runner.worker.is_first:  # the head commits with every stage's replicas and the other heads
             await self.view.refresh()
 
+    async def catch_up_at_end(self) -> None:
+        """sync, replicas stepping together: a replica left out of the last commits (its sums came late
+        under load) takes the final state from one that applied them, so every replica ends the run with
+        the head's weights. Best effort: the others are finishing too; a failure is said, not raised."""
+        ended, runner = self.handler.ended, self.ctx.runner
+        if ended is None or ended.seal is None or self.ctx.schedule.averages or self.outer is not None:
+            return
+        step = ended.seal.step
+        peers = await self.view.my_replicas() if runner.step < step else []
+        if not peers:
+            return
+        try:
+            await self.replicas.catch_up(step, peers)
+        except PmnodeError as e:
+            self.ctx.console.print(f"stage {self.ctx.stage}: ended at step {runner.step}, before {step}: {e}")
+
     async def finish_swarm(self, passes: int = 2, pause: float = 1.0) -> None:
         """Tell the next stage's replicas that training is over (they pass it on). A few passes, since
         a replica's record can be missing from one DHT read: a replica never told would wait for ever.
