@@ -18,8 +18,12 @@ class ReplicaSyncConfig(_Strict):
     DiLoCo: inner_steps local steps on each replica's own micro-batches, then one outer step on the
     averaged pseudo-gradient (anchor - weights), which travels compressed with error feedback."""
 
-    method: Literal["step", "outer"] = Field(
-        "step", description="step: exchange every step (exact, LAN-sized traffic); outer: DiLoCo rounds."
+    method: Literal["step", "outer", "grads"] = Field(
+        "step",
+        description="step: exchange every step (exact, LAN-sized traffic); outer: DiLoCo rounds; grads "
+        "(`pmnode bench convergence --replicas` only, so far): every step each replica's gradient sums "
+        "travel compressed as `compressor` says, with error feedback, and every replica steps its own "
+        "optimizer on the same decoded total (one model; Adam sees the whole batch).",
     )
     inner_steps: int = Field(
         4,
@@ -84,6 +88,11 @@ def check_for_swarm(rs: ReplicaSyncConfig) -> None:
     """What a swarm cannot honour. Its outer rounds always overlap with compute (a replica that stopped
     taking micro-batches for a round would stall every head routed through it); `overlap: false` is
     the in-process convergence bench's reference (pmnode bench convergence --replicas)."""
+    if rs.method == "grads":
+        raise ConfigError(
+            "replica_sync.method: grads is measured by `pmnode bench convergence --replicas` only so far; "
+            "a swarm syncs its replicas by step or outer"
+        )
     if rs.method == "outer" and not rs.overlap:
         raise ConfigError(
             "replica_sync.overlap: false is for `pmnode bench convergence --replicas` only: a swarm's outer "

@@ -7,6 +7,9 @@ stage's replicas run one outer round (pmnode.core.outer) over their pseudo-gradi
 the config says. With `overlap`, a round's result lands one round later (the worst case of a round
 that takes all of the next inner steps to travel) and is applied as a delta; without it, at once.
 
+`replica_sync.method: grads` needs one lane too: the replicas apply the same decoded total every step,
+so they hold the same weights; pmnode.core.grad_sync computes each replica's compressed share in turn.
+
 `replica_sync.method: step` needs no lanes: replicas that sum their gradients every step are the single
 pipeline on the combined batch (the swarm's exactness tests show it), so that is what runs.
 """
@@ -17,9 +20,14 @@ from torch import Tensor
 
 from pmnode.config import RunConfig
 from pmnode.core.compress import round_bytes
+from pmnode.core.grad_sync import GradShares, take_grads
 from pmnode.core.outer import OuterSync, Share
 from pmnode.core.train import Pipeline
 from pmnode.errors import ConfigError
+
+
+def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    return b if a is None else a if b is None else a.add_(b)
 
 
 def lane_config(cfg: RunConfig, replicas: int) -> RunConfig:
@@ -43,7 +51,17 @@ class ReplicatedPipeline:
     ) -> None:
         self.cfg, self.sync = cfg, cfg.replica_sync
         lane = lane_config(cfg, replicas)
-        self.lanes = [Pipeline(lane, codec, device, autocast_bf16) for _ in range(replicas)]
+        self.grads: list[list[GradShares]] | None = None
+        if self.sync.method == "grads":  # one pipeline for all: the whole batch, a replica's micro-batches
+            whole = cfg.with_overrides(train={"micro_batch_size": lane.train.micro})
+            self.lanes = [Pipeline(whole, codec, device, autocast_bf16)]
+            trainable = [[p for p in w.stage.parameters() if p.requires_grad] for w in self.lanes[0].workers]
+            self.grads = [
+                [GradShares(ps, self.sync, seed=1000 * s + 100 * r) for s, ps in enumerate(trainable)]
+                for r in range(replicas)
+            ]
+        else:
+            self.lanes = [Pipeline(lane, codec, device, autocast_bf16) for _ in range(replicas)]
         self.workers, self.codec = self.lanes[0].workers, self.lanes[0].codec
         self.outer = [
             [
@@ -65,6 +83,8 @@ class ReplicatedPipeline:
         self.rounds = 0
 
     def train_step(self, inputs: Tensor, targets: Tensor, total_steps: int | None = None) -> float:
+        if self.grads is not None:
+            return self._grads_step(inputs, targets, total_steps)
         n = len(self.lanes)
         xs, ys = inputs.chunk(n), targets.chunk(n)
         losses = []
@@ -76,6 +96,28 @@ class ReplicatedPipeline:
         if self.steps % self.sync.inner_steps == 0:
             self._round()
         return sum(losses) / n
+
+    def _grads_step(self, inputs: Tensor, targets: Tensor, total_steps: int | None) -> float:
+        """Each replica's share of the batch in turn, its gradient sums compressed; one step on the total."""
+        assert self.grads is not None
+        pipe, losses = self.lanes[0], []
+        totals: list[list[Tensor | None] | None] = [None] * len(pipe.workers)
+        for replica, x, y in zip(
+            self.grads, inputs.chunk(len(self.grads)), targets.chunk(len(self.grads)), strict=True
+        ):
+            losses += pipe.accumulate(x, y, first=len(losses))
+            for s, (w, shares) in enumerate(zip(pipe.workers, replica, strict=True)):
+                w.collect_grads()
+                decoded = shares.share(take_grads(shares.params))
+                total = totals[s]
+                totals[s] = decoded if total is None else list(map(_add, total, decoded))
+        for w, total, shares in zip(pipe.workers, totals, self.grads[0], strict=True):
+            for p, g in zip(shares.params, total or [], strict=True):
+                p.grad = None if g is None else g.to(p.dtype)
+            w.step(total_steps)
+        self.steps += 1
+        self.rounds += 1
+        return sum(losses) / len(losses)
 
     def _round(self) -> None:
         stages = range(len(self.workers))

@@ -69,12 +69,20 @@ class Pipeline:
 
     def train_step(self, inputs: Tensor, targets: Tensor, total_steps: int | None = None) -> float:
         """One optimizer step over a batch split into micro-batches; returns the mean loss."""
+        losses = self.accumulate(inputs, targets)
+        for w in self.workers:
+            w.step(total_steps)
+        return sum(losses) / len(losses)
+
+    def accumulate(self, inputs: Tensor, targets: Tensor, first: int = 0) -> list[float]:
+        """Forward and backward of every micro-batch of `inputs`: gradients summed, no step taken.
+        `first`: the index of its first micro-batch in the step (ids are unique within a step)."""
         micro = self.cfg.train.micro
         n = inputs.shape[0] // micro
         head, *rest = self.workers
         losses = []
         for i in range(n):
-            mb = f"{head.step_count}:{i}"
+            mb = f"{head.step_count}:{first + i}"
             x, y = inputs[i * micro : (i + 1) * micro], targets[i * micro : (i + 1) * micro]
             if not rest:  # one stage: the head is also the tail
                 losses.append(head.forward_backward(mb, None, y, tokens=x)[0])
@@ -86,9 +94,7 @@ class Pipeline:
             losses.append(loss)
             for w in reversed(self.workers[:-1]):
                 g = w.backward(mb, g)  # type: ignore[arg-type]
-        for w in self.workers:
-            w.step(total_steps)
-        return sum(losses) / len(losses)
+        return losses
 
     @torch.no_grad()
     def eval_loss(self, batches: list[tuple[Tensor, Tensor]]) -> float:
@@ -130,7 +136,7 @@ def train(
     from pmnode.data.shards import DataPosition
 
     # a bad codec fails before any data is prepared
-    outer = replicas > 1 and cfg.replica_sync.method == "outer"
+    outer = replicas > 1 and cfg.replica_sync.method in ("outer", "grads")
     pipe: Pipeline | ReplicatedPipeline = (
         ReplicatedPipeline(cfg, codec, device, replicas, autocast_bf16)
         if outer

@@ -224,6 +224,10 @@ class StageWorker:
         return self._run("", packet, tokens, 0, grad=False)[0]
 
     @torch.no_grad()
+    def collect_grads(self) -> None:
+        """Every finished micro-batch's gradients in the weights' .grad (what `step` does first)."""
+        self._collect_grads()
+
     def _collect_grads(self) -> None:
         """Fold stashed gradients into the master weights; drop stashes nothing needs any more."""
         masters = dict(self.stage.named_parameters())

@@ -160,6 +160,8 @@ def make_plan(
 ) -> Plan:
     """The plan of `cfg` (its replica_sync section and swarm schedule as given: the CLI's flags are
     overrides of the config)."""
+    if cfg.replica_sync.method == "grads":
+        raise ConfigError("replica_sync.method: grads is a convergence bench's: no swarm runs it to plan")
     costs = stage_costs(cfg, codec)
     t, sw = cfg.train, cfg.swarm
     settings = SyncSettings(
