@@ -224,6 +224,17 @@ def _via_stream(p2p: P2P) -> Callable[[AsyncIterator[Request], P2PContext], Asyn
         else:
             yield _wrap(await out, replier)
         yield _wrap(None, replier, end=True)  # the seal: the answer is whole
+        # Read the caller's stream to its end before returning: hivemind closes the stream once this
+        # handler is done, and input still arriving after that (a unary-input handler leaves the seal
+        # unread; every caller's end-of-stream follows its seal) makes p2pd reset the stream, which
+        # can drop the answer's seal before the relay reads it (a CI run saw "ended without its last
+        # signature"). Nothing may follow the seal: one extra message is counted and ends the wait.
+        async for _ in items:
+            t.refused["input after the answer"] += 1
+            return
+        async for _ in requests:
+            t.refused["input after the answer"] += 1
+            return
 
     return handle
 
