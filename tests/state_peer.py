@@ -1,7 +1,8 @@
 """One process of tests/test_state_transfer.py: a replica serving its stage's state through the node's
 own guarded `state` RPC (swarm.replicas.Replicas.rpc_state behind net.services' SAME_STAGE admission,
 after a `hello`), or a joiner copying it, over real libp2p with pmnode's transfer code (net.bulk,
-core.replica_state). Certificates come from an authority key the test writes (the coordinator's part).
+core.replica_state) and its check of the digest each sender signs (net.state_digest). Certificates come
+from an authority key the test writes (the coordinator's part).
 
     python tests/state_peer.py serve CONFIG INFO.json AUTHORITY [--pause-at N]
     python tests/state_peer.py fetch CONFIG INFO.json AUTHORITY A.json B.json
@@ -30,9 +31,11 @@ from pmnode.core.replica_state import load_state_tensors, max_state_bytes, state
 from pmnode.core.worker import StageWorker
 from pmnode.net.auth import Cert, Guard, Verifier, issue_cert, public_bytes
 from pmnode.net.bulk import fetch, pack, unpack
+from pmnode.net.callproof import Identity
 from pmnode.net.control import Hello, call_json
 from pmnode.net.rpcs import HELLO, STATE
 from pmnode.net.services import ServeOptions, serve_all
+from pmnode.net.state_digest import StateCheck
 from pmnode.net.tokens import load_or_create_key
 from pmnode.net.transport import Refused, TransportStats, request
 from pmnode.net.wire import MessageHeader, WireError
@@ -41,11 +44,11 @@ P2P_OPTS = {"host_maddrs": ["/ip4/127.0.0.1/tcp/0"], "nat_port_map": False, "aut
 RUN = "big"
 
 
-def certified(p2p: P2P, authority: Path) -> tuple[Cert, Verifier]:
-    """This peer's stage-0 certificate, as the coordinator would issue it."""
-    key = load_or_create_key(authority)
-    cert = issue_cert(key, RUN, p2p.peer_id.to_base58(), 0, public_bytes(RSAPrivateKey()))
-    return cert, Verifier(RUN, public_bytes(key))
+def certified(p2p: P2P, authority: Path) -> tuple[Cert, Verifier, RSAPrivateKey]:
+    """This peer's stage-0 certificate, as the coordinator would issue it, and the key it names."""
+    key, mine = load_or_create_key(authority), RSAPrivateKey()
+    cert = issue_cert(key, RUN, p2p.peer_id.to_base58(), 0, public_bytes(mine))
+    return cert, Verifier(RUN, public_bytes(key)), mine
 
 
 def trained(cfg: RunConfig) -> StageWorker:
@@ -68,7 +71,7 @@ async def serve_state(cfg: RunConfig, info: Path, authority: Path, pause_at: int
 
     worker = trained(cfg)
     p2p = await P2P.create(**P2P_OPTS)
-    cert, verifier = certified(p2p, authority)
+    cert, verifier, key = certified(p2p, authority)
     guard = Guard(verifier, 0, rate=1e6, burst=10**6, ban_after=20, ban_seconds=60)
 
     async def now(fn):  # this process has no other job: its "compute thread" is the caller
@@ -90,8 +93,10 @@ async def serve_state(cfg: RunConfig, info: Path, authority: Path, pause_at: int
             return await super().rpc_state(header, packet, caller)
 
     runner = SimpleNamespace(worker=worker, step=worker.step_count, run=now)
-    ctx = SimpleNamespace(runner=runner, header=header)
-    replicas = Stalling(ctx, None, None, None)  # type: ignore[arg-type]
+    me = p2p.peer_id.to_base58()
+    ctx = SimpleNamespace(runner=runner, header=header, cfg=SimpleNamespace(name=RUN), stage=0, peer_id=me)
+    identity = Identity(key, lambda: cert)  # the digest it serves is signed with its certified key
+    replicas = Stalling(ctx, None, None, None, identity=identity, guard=guard)  # type: ignore[arg-type]
     opts = ServeOptions(guard, TransportStats(), None, None)  # type: ignore[arg-type]  # state: unshaped
     await serve_all(p2p, RUN, Node(), (HELLO,), opts)
     await serve_all(p2p, RUN, replicas, (STATE,), opts)
@@ -109,7 +114,7 @@ async def fetch_state(cfg: RunConfig, info: Path, authority: Path, senders: list
     before = digest(worker)
     peers = [json.loads(p.read_text()) for p in senders]
     p2p = await P2P.create(initial_peers=[m for p in peers for m in p["maddrs"]], **P2P_OPTS)
-    cert, _ = certified(p2p, authority)
+    cert, verifier, _ = certified(p2p, authority)
     asked: list[tuple[str, str]] = []
 
     async def ask(peer: str, meta: dict[str, int | str]) -> Packet:
@@ -128,9 +133,15 @@ async def fetch_state(cfg: RunConfig, info: Path, authority: Path, senders: list
         refused = "served"
     except Refused as e:
         refused = e.reason
+    certs: dict[str, Cert] = {}
+    bad: list[str] = []  # reasons a sender's copy was refused (none here: both are honest)
     for peer in peer_ids:
-        await call_json(p2p, peer, HELLO.path(RUN), Hello(cert=cert), Hello)
-    got = await fetch(ask, peer_ids, {}, say=lambda s: print(s, flush=True), max_size=max_state_bytes(worker))
+        reply = await call_json(p2p, peer, HELLO.path(RUN), Hello(cert=cert), Hello)
+        verifier.check_cert(reply.cert, peer_id=peer, stage=0)
+        certs[peer] = reply.cert
+    check = StateCheck(verifier, RUN, 0, certs.get, refused=lambda peer, reason: bad.append(reason))
+    size = max_state_bytes(worker)
+    got = await fetch(ask, peer_ids, {}, say=lambda s: print(s, flush=True), max_size=size, check=check)
     load_state_tensors(worker, unpack(got.manifest, got.buffer), got.manifest.meta)
     chunks = {p["peer"]: sum(1 for who, op in asked if who == p["peer"] and op == "chunk") for p in peers}
     body = {
@@ -138,6 +149,8 @@ async def fetch_state(cfg: RunConfig, info: Path, authority: Path, senders: list
         "before": before,
         "after": digest(worker),
         "resumed": got.resumed,
+        "vouched_by": sorted(p[-8:] for p in check.vouched),  # every sender's signed digest checked
+        "copies_refused": bad,
         "chunks": len(got.manifest.chunks),
         "chunks_from": [chunks[p["peer"]] for p in peers],
     }

@@ -296,7 +296,8 @@ def test_a_sync_catch_up_counts_each_sample_once(outer: bool, monkeypatch: pytes
         return got, peers[0]
 
     monkeypatch.setattr(mod, "unpack", lambda manifest, buffer: {})
-    reps = mod.Replicas(ctx, SimpleNamespace(), SimpleNamespace(), SimpleNamespace())  # type: ignore[arg-type]
+    no = SimpleNamespace()
+    reps = mod.Replicas(ctx, no, no, no, identity=no, guard=no)  # type: ignore[arg-type]
     reps.fetch_state = fetch_state  # type: ignore[method-assign]
     if outer:
         reps.adopted = lambda tensors, meta: adopted.append(meta)

@@ -1,6 +1,7 @@
 """A stage of over 600 MB (weights and Adam state) copied between real processes over libp2p through
 the node's own guarded `state` RPC, its sender SIGKILLed in the middle of a chunk: the joiner resumes
-with the other replica where the first stopped and ends bit-identical to the source."""
+with the other replica where the first stopped (both vouch for the same digest, each with its own
+signature) and ends bit-identical to the source."""
 
 from __future__ import annotations
 
@@ -64,6 +65,11 @@ def test_a_600mb_stage_copy_survives_its_sender_killed_midway(tmp_path: Path) ->
         assert got["before"] != sender["digest"]
         assert got["after"] == sender["digest"]  # every byte of weights, Adam moments, groups and step
         assert got["resumed"] == 1
+        # each sender's signed digest checked against its certified key; the bytes hashed again at the end
+        assert sorted(got["vouched_by"]) == sorted(
+            [sender["peer"][-8:], json.loads(b.read_text())["peer"][-8:]]
+        )
+        assert got["copies_refused"] == []
         assert got["chunks_from"] == [15, got["chunks"] - 15]  # went on where it stopped, not over
         assert "resuming at chunk 15" in (tmp_path / "joiner.err").read_text()
     finally:

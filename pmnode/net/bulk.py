@@ -26,6 +26,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from pydantic import BaseModel
@@ -79,6 +80,7 @@ class Snapshot:
     used: float = field(default_factory=time.monotonic)
     key: str | None = None  # snapshots of the same content (a step's gradient sums) are shared
     readers: int = 1
+    extra: dict[str, bytes] = field(default_factory=dict)  # more tensors of the open's reply (a signature)
 
     def chunk(self, index: int) -> memoryview:
         c = self.manifest.chunk
@@ -116,12 +118,20 @@ def unpack(manifest: BulkManifest, buffer: bytearray) -> dict[str, Tensor]:
     return out
 
 
-def _bytes_packet(name: str, data: bytes) -> Packet:
-    return Packet({name: torch.frombuffer(bytearray(data), dtype=torch.uint8)})
+def _bytes_packet(parts: dict[str, bytes]) -> Packet:
+    return Packet({k: torch.frombuffer(bytearray(v), dtype=torch.uint8) for k, v in parts.items()})
 
 
 def _sha256(data: object) -> str:
     return hashlib.sha256(data).hexdigest()  # type: ignore[arg-type]
+
+
+def content_digest(manifest: BulkManifest, buffer: bytearray) -> str:
+    """Off the event loop: the digest `manifest` would have over the bytes of `buffer` as they are, every
+    chunk hashed again (what a receiver compares with the digest its sender vouched for)."""
+    view, c = memoryview(buffer), manifest.chunk
+    chunks = [_sha256(view[i : i + c]) for i in range(0, len(buffer), c)]
+    return manifest.model_copy(update={"size": len(buffer), "chunks": chunks}).digest
 
 
 def _manifest(reply: Packet) -> BulkManifest:
@@ -169,7 +179,7 @@ class BulkServer:
                 snap = await self.run(make)
                 snap.key = key
                 self.snapshots[snap.manifest.ticket] = snap
-            return _bytes_packet("manifest", snap.manifest.model_dump_json().encode())
+            return _bytes_packet({"manifest": snap.manifest.model_dump_json().encode(), **snap.extra})
         snap = self.snapshots.get(ticket)
         if op == "close":
             if snap is not None:
@@ -206,6 +216,17 @@ class Received:
     resumed: int = 0  # times a transfer went on with another sender where one had stopped
 
 
+class Vouching(Protocol):
+    """A receiver's check of what each sender vouches for (net.state_digest): it raises to refuse the
+    sender, and fetch goes on with the next one."""
+
+    async def opened(self, peer: str, reply: Packet, manifest: BulkManifest) -> None:
+        """The open's reply of `peer`, before any chunk is asked for."""
+
+    async def received(self, peer: str, got: Received) -> None:
+        """The whole transfer, its last chunk from `peer`, before it is returned."""
+
+
 async def fetch(
     ask: Ask,
     peers: list[str],
@@ -214,11 +235,13 @@ async def fetch(
     progress: Callable[[int, int], None] = lambda done, total: None,
     *,
     max_size: int,
+    check: Vouching | None = None,
 ) -> Received:
     """Pull one snapshot from the first of `peers` that completes it; a sender that fails mid-way is
     left for the next, which continues at the same chunk if its snapshot's digest is the same.
     `max_size`: the most bytes the receiver expects (what its own stage holds); a manifest that
-    announces more is refused before anything is allocated."""
+    announces more is refused before anything is allocated. `check`: what each sender must vouch for;
+    a transfer it refuses whole is started over with the next sender, never resumed."""
     got: Received | None = None
     done = 0
     for peer in peers:
@@ -226,6 +249,8 @@ async def fetch(
             reply = await ask(peer, {**request, "op": "open"})
             man = await asyncio.to_thread(_manifest, reply)
             check_manifest(man, max_size)
+            if check is not None:
+                await check.opened(peer, reply, man)
             if got is not None and man.digest == got.manifest.digest:
                 got.manifest, got.resumed = man, got.resumed + 1  # same content, this sender's ticket
                 say(f"resuming at chunk {done}/{len(man.chunks)} from {peer[-8:]}")
@@ -241,6 +266,10 @@ async def fetch(
                     raise TransferError(f"chunk {done} from {peer[-8:]} failed its checksum")
                 done += 1
                 progress(done, len(man.chunks))
+            if check is not None:
+                whole, got, done = got, None, 0  # refused: the next sender starts over
+                await check.received(peer, whole)
+                got, done = whole, len(man.chunks)
             try:
                 await ask(peer, {"op": "close", "ticket": man.ticket})
             except Exception as e:  # the snapshot expires on its own

@@ -74,7 +74,8 @@ class Parts:
             ban_after=sw.ban_after,
             ban_seconds=sw.ban_seconds,
         )
-        self.replicas = Replicas(ctx, opts, self.view, self.downstream)
+        me = Identity(membership.key, membership.current)  # signs the digest of every state it serves
+        self.replicas = Replicas(ctx, opts, self.view, self.downstream, identity=me, guard=self.guard)
         self.handler = StageHandler(ctx, self.downstream, self.guard, membership.current)
         self.participant = CommitParticipant(ctx, self.downstream, self.replicas)
         self.participant.strike = self.guard.strike  # a replica's refused gradient sum is a strike

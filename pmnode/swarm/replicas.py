@@ -1,7 +1,9 @@
 """Replica state: a stage's weights travel between its replicas, and an empty stage is taken over.
 
 state        serve this replica's weights, optimizer state and step to another replica, in chunks
-             (pmnode.net.bulk: any size, checksummed; a copy resumes with another replica if one dies)
+             (pmnode.net.bulk: any size, checksummed; a copy resumes with another replica if one dies),
+             with a digest this replica signs (pmnode.net.state_digest): every copy is checked against
+             its source's signature
 catch_up     sync: a replica behind the head's commit loads a live replica's state
 copy         async: a joiner starts from a live replica before serving
 adopt        nobody serves the stage: take it over from its checkpoint at the swarm's step
@@ -20,9 +22,12 @@ from pmnode.core import checkpoint
 from pmnode.core.codecs import Packet
 from pmnode.core.replica_state import max_state_bytes, state_tensors
 from pmnode.errors import PmnodeError
+from pmnode.net.auth import Guard
 from pmnode.net.bulk import BulkServer, Received, Snapshot, TransferError, fetch, pack, unpack
+from pmnode.net.callproof import Identity
 from pmnode.net.relay import connect_known
 from pmnode.net.rpcs import STATE
+from pmnode.net.state_digest import SIGNED, StateCheck, vouch
 from pmnode.net.wire import MessageHeader
 from pmnode.swarm.context import NodeContext
 from pmnode.swarm.downstream import Downstream
@@ -33,8 +38,19 @@ FINAL_WAIT = 60.0  # seconds a state request waits for this replica's last avera
 
 
 class Replicas:
-    def __init__(self, ctx: NodeContext, opts: NodeOptions, view: SwarmView, downstream: Downstream):
+    def __init__(
+        self,
+        ctx: NodeContext,
+        opts: NodeOptions,
+        view: SwarmView,
+        downstream: Downstream,
+        *,
+        identity: Identity,
+        guard: Guard,
+    ):
         self.ctx, self.opts, self.view, self.downstream = ctx, opts, view, downstream
+        self.identity = identity  # signs the digest of every state this replica serves
+        self.guard = guard  # a copy its sender did not vouch for is a strike
         self.origin: str | None = None  # where this stage's weights came from, when not random init
         self.rejoined = False  # took over an empty stage mid-run: its first step re-sends everything
         self.steps_lost = 0  # swarm steps whose updates this stage's weights never saw (empty stage)
@@ -71,10 +87,24 @@ class Replicas:
         if self.extra_state is not None:
             more, more_meta = self.extra_state()
             tensors, meta = {**tensors, **more}, {**meta, **more_meta}
-        return pack(tensors, meta)
+        snap = pack(tensors, meta)
+        ctx = self.ctx
+        signed = vouch(
+            self.identity, run=ctx.cfg.name, stage=ctx.stage, source=ctx.peer_id, manifest=snap.manifest
+        )
+        snap.extra[SIGNED] = signed.model_dump_json().encode()
+        return snap
+
+    def _refused(self, peer: str, reason: str) -> None:
+        """A copy refused for what its sender vouched for: counted with the node's refusals, a strike."""
+        self.guard.rejected[reason] += 1
+        banned = self.guard.strike(peer)
+        self.ctx.say(f"state copy from {peer[-8:]} refused: {reason}" + (" (banned)" if banned else ""))
 
     async def fetch_state(self, peers: list[str], at_step: int | None = None) -> tuple[Received, str]:
-        """A live replica's state from the first of `peers` that completes it (at `at_step` if given)."""
+        """A live replica's state from the first of `peers` that completes it (at `at_step` if given),
+        signed by it."""
+        ctx = self.ctx
         if self.route is not None:  # a relayed replica just announced: through its relay's forwarder
             await self.route()
         await connect_known(self.ctx.p2p, await self.view.records(self.ctx.stage))  # relayed replicas
@@ -86,8 +116,11 @@ class Replicas:
             return (await self.downstream.ask_replica(STATE, peer, header))[1]
 
         request: dict[str, int | str] = {} if at_step is None else {"at_step": at_step}
-        size = max_state_bytes(self.ctx.runner.worker)  # a sender may not make us allocate more
-        got = await fetch(ask, peers, request, say=self.ctx.say, max_size=size)
+        size = max_state_bytes(ctx.runner.worker)  # a sender may not make us allocate more
+        check = StateCheck(
+            ctx.verifier, ctx.cfg.name, ctx.stage, self.downstream.greeted.get, at_step, self._refused
+        )
+        got = await fetch(ask, peers, request, say=ctx.say, max_size=size, check=check)
         return got, done[0]
 
     async def catch_up(self, step: int, peers: list[str]) -> None:
