@@ -1,7 +1,7 @@
 """Signed state digests (issue 25, item 2), without a network: a replica's state copy is taken only when
 its sender vouched for it, with the key of the certificate the receiver checked for it, as of this run,
 stage, step and sender; a copy that fails is refused with its reason, counted, the sender struck, and
-the copy goes on with the next replica.
+the copy goes on with the next replica. Peers this node's guard banned are never copied from.
 
 The senders are fakes: net.bulk's own BulkServer over a snapshot they sign (or forge); the receiver is
 swarm.replicas.Replicas.fetch_state / catch_up with fake transport (Downstream.ask_replica calls the
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
@@ -20,6 +21,7 @@ import torch
 from hivemind.utils.crypto import RSAPrivateKey
 
 from pmnode.core.codecs import Packet
+from pmnode.errors import PmnodeError
 from pmnode.net.auth import Cert, Guard, Verifier, issue_cert, public_bytes
 from pmnode.net.bulk import BulkServer, Received, Snapshot, TransferError, pack
 from pmnode.net.callproof import Identity
@@ -220,3 +222,30 @@ def test_a_sender_whose_certificate_this_node_did_not_check_is_left_unstruck() -
     with pytest.raises(TransferError, match="no checked certificate"):
         asyncio.run(check.opened(C, reply, man))
     assert refused == []
+
+
+@pytest.mark.timeout(60)
+def test_banned_peers_are_never_copied_from() -> None:
+    """The head's Prepare(peers=[...]) names who to catch up from: those this node banned are skipped,
+    and when every one is banned the replica does not catch up (nor take the stage from a checkpoint)."""
+    guard = _guard()
+    guard.banned[B] = time.monotonic() + 60
+    guard.banned[A] = time.monotonic() - 1  # a ban that has run out: copied from again
+    banned, expired, honest = Sender(B), Sender(A), Sender(C)
+    reps, _ = _replicas([banned, expired, honest], guard)
+    got, peer = asyncio.run(reps.fetch_state([B, C]))
+    assert (peer, banned.asked) == (C, 0)
+    assert asyncio.run(reps.fetch_state([A]))[1] == A
+    adopted: list[int] = []
+
+    async def adopt(step: int) -> None:
+        adopted.append(step)
+
+    reps.adopt = adopt  # type: ignore[method-assign]
+    runner: Any = reps.ctx.runner
+    asyncio.run(reps.catch_up(STEP, [B, C]))  # Prepare(step=4, peers=[B, C]): from C
+    assert [(g.manifest.digest, s) for g, s in runner.loaded] == [(got.manifest.digest, STEP)]
+    with pytest.raises(PmnodeError, match="every one banned"):
+        asyncio.run(reps.catch_up(STEP, [B]))
+    assert banned.asked == 0 and adopted == [] and len(runner.loaded) == 1
+    assert not guard.rejected  # skipping a banned peer is no new refusal

@@ -254,6 +254,11 @@ class Guard:
         self.buckets[caller] = (tokens - 1.0, now)
         return None
 
+    def is_banned(self, peer: str) -> bool:
+        """Whether `peer` is banned here now (whom this node neither serves nor takes state from)."""
+        until = self.banned.get(peer)
+        return until is not None and time.monotonic() < until
+
     def strike(self, caller: str) -> bool:
         """Count one bad message from `caller`; True if this one got it banned."""
         now = time.monotonic()

@@ -3,7 +3,7 @@
 state        serve this replica's weights, optimizer state and step to another replica, in chunks
              (pmnode.net.bulk: any size, checksummed; a copy resumes with another replica if one dies),
              with a digest this replica signs (pmnode.net.state_digest): every copy is checked against
-             its source's signature
+             its source's signature, and never taken from a peer this node's guard has banned
 catch_up     sync: a replica behind the head's commit loads a live replica's state
 copy         async: a joiner starts from a live replica before serving
 adopt        nobody serves the stage: take it over from its checkpoint at the swarm's step
@@ -50,7 +50,7 @@ class Replicas:
     ):
         self.ctx, self.opts, self.view, self.downstream = ctx, opts, view, downstream
         self.identity = identity  # signs the digest of every state this replica serves
-        self.guard = guard  # a copy its sender did not vouch for is a strike
+        self.guard = guard  # whom this node banned is never copied from; a bad copy is a strike
         self.origin: str | None = None  # where this stage's weights came from, when not random init
         self.rejoined = False  # took over an empty stage mid-run: its first step re-sends everything
         self.steps_lost = 0  # swarm steps whose updates this stage's weights never saw (empty stage)
@@ -95,6 +95,10 @@ class Replicas:
         snap.extra[SIGNED] = signed.model_dump_json().encode()
         return snap
 
+    def allowed(self, peers: list[str]) -> list[str]:
+        """`peers` less those this node's guard has banned (a liar's or a poisoner's state is not copied)."""
+        return [p for p in peers if not self.guard.is_banned(p)]
+
     def _refused(self, peer: str, reason: str) -> None:
         """A copy refused for what its sender vouched for: counted with the node's refusals, a strike."""
         self.guard.rejected[reason] += 1
@@ -103,8 +107,11 @@ class Replicas:
 
     async def fetch_state(self, peers: list[str], at_step: int | None = None) -> tuple[Received, str]:
         """A live replica's state from the first of `peers` that completes it (at `at_step` if given),
-        signed by it."""
+        signed by it; banned peers are skipped."""
         ctx = self.ctx
+        allowed = self.allowed(peers)
+        if not allowed:
+            raise TransferError(f"no replica to copy from: {len(peers)} named, every one banned here")
         if self.route is not None:  # a relayed replica just announced: through its relay's forwarder
             await self.route()
         await connect_known(self.ctx.p2p, await self.view.records(self.ctx.stage))  # relayed replicas
@@ -120,7 +127,7 @@ class Replicas:
         check = StateCheck(
             ctx.verifier, ctx.cfg.name, ctx.stage, self.downstream.greeted.get, at_step, self._refused
         )
-        got = await fetch(ask, peers, request, say=ctx.say, max_size=size, check=check)
+        got = await fetch(ask, allowed, request, say=ctx.say, max_size=size, check=check)
         return got, done[0]
 
     async def catch_up(self, step: int, peers: list[str]) -> None:
