@@ -101,7 +101,7 @@ def serve(
         raise PmnodeError("--http-token-file protects the status page: add --http-port PORT (0 picks one)")
     http_token = read_token_file(http_token_file) if http_token_file is not None else None
     cfg = load_run_config(config)
-    check_for_swarm(cfg.replica_sync)
+    check_for_swarm(cfg.replica_sync, cfg.swarm.schedule)
     if is_prepared(Path(cfg.data.source)):  # hand out the data's hashes: a head with other data is refused
         cfg, _ = pin(cfg)
     token = resolve_token(token_file)

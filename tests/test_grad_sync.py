@@ -1,18 +1,27 @@
 """replica_sync.method grads (pmnode.core.grad_sync): R replicas' gradient sums, compressed every step,
 one optimizer step on the decoded total. Exact without compression; error feedback keeps what top-k
-leaves out; swarms refuse it in one line."""
+leaves out; a swarm replica's shares decode to the same bits everywhere, count each step once, and a
+malformed one is refused; async swarms refuse the method in one line."""
 
 from __future__ import annotations
+
+import math
+from collections.abc import Callable
 
 import pytest
 import torch
 
 from pmnode.config import load_config
-from pmnode.config.replica_sync import check_for_swarm
-from pmnode.core.grad_sync import GradShares
+from pmnode.config.replica_sync import ReplicaSyncConfig, check_for_swarm
+from pmnode.core.compress import Malformed, round_bytes
+from pmnode.core.grad_sync import GradCompressor, GradShares
 from pmnode.core.replica_train import ReplicatedPipeline
+from pmnode.core.share_bytes import layout
 from pmnode.core.train import Pipeline
 from pmnode.errors import ConfigError
+from pmnode.net.bulk import Received, pack
+from pmnode.net.wire import WireError
+from pmnode.swarm.participant import add_part
 
 CFG = load_config("configs/tiny.yaml")
 
@@ -52,7 +61,90 @@ def test_top_k_keeps_what_it_leaves_out_for_the_next_step() -> None:
     assert shares.share([None]) == [None]  # a parameter without gradients sends none
 
 
-def test_swarms_refuse_it() -> None:
+def test_async_swarms_refuse_it() -> None:
     cfg = CFG.with_overrides(replica_sync={"method": "grads"})
-    with pytest.raises(ConfigError, match=r"bench convergence --replicas` only so far"):
-        check_for_swarm(cfg.replica_sync)
+    check_for_swarm(cfg.replica_sync, "sync")
+    with pytest.raises(ConfigError, match=r"needs swarm.schedule: sync"):
+        check_for_swarm(cfg.replica_sync, "async")
+
+
+# ---- a swarm replica's side (pmnode.swarm.participant): flat sums in, bytes and decoded sums out
+
+SHAPES = [(64, 128), (128,), (32, 256)]
+
+
+def _rs(**update: object) -> ReplicaSyncConfig:
+    base = {"method": "grads", "compressor": "topk", "exact_below": 1000, "error_feedback": 1.0}
+    return CFG.replica_sync.model_copy(update={**base, **update})
+
+
+def _sums(seed: int) -> torch.Tensor:
+    return torch.randn(sum(math.prod(s) for s in SHAPES), generator=torch.Generator().manual_seed(seed))
+
+
+def test_a_replica_share_decodes_to_the_same_bits_everywhere() -> None:
+    a, b = GradCompressor(SHAPES, _rs(), 0), GradCompressor(SHAPES, _rs(), 7)
+    buf, mine = a.share(3, _sums(1))
+    assert buf.dtype == torch.uint8 and buf.numel() == a.nbytes == round_bytes(SHAPES, _rs())
+    assert a.nbytes < 0.04 * 4 * _sums(1).numel()  # top-k 1% at 14-bit codes; the 128-vector goes exact
+    assert torch.equal(b.decode(buf), mine)  # what another replica adds is what this one adds
+    # the small tensor travels exactly; the others keep what they dropped for later
+    torch.testing.assert_close(mine + torch.cat([r.reshape(-1) for r in a.residual]), _sums(1))
+    exact = GradCompressor(SHAPES, _rs(compressor="none"), 0)
+    buf, mine = exact.share(0, _sums(1))
+    assert torch.equal(mine, _sums(1)) and torch.equal(exact.decode(buf), _sums(1))  # none: exact
+
+
+def test_a_step_counts_its_sums_once_in_the_error_feedback() -> None:
+    c, fresh = GradCompressor(SHAPES, _rs(), 0), GradCompressor(SHAPES, _rs(), 0)
+    c.share(0, _sums(1))
+    fresh.share(0, _sums(1))
+    first = c.share(1, _sums(2))
+    again = c.share(1, _sums(2))  # its own prepare, then a peer's fetch: the same bytes
+    assert first[0] is again[0]
+    changed = c.share(1, _sums(3))  # micro-batches came again: the step's sums changed
+    want = fresh.share(1, _sums(3))  # as if step 1 had only ever had these sums
+    assert torch.equal(changed[0], want[0]) and torch.equal(changed[1], want[1])
+    for r, w in zip(c.residual, fresh.residual, strict=True):
+        assert torch.equal(r, w)
+    c.share(2, _sums(4))  # the next step builds on step 1's residual
+    fresh.share(2, _sums(4))
+    assert all(torch.equal(r, w) for r, w in zip(c.residual, fresh.residual, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (lambda b: b[:-1], "bytes"),
+        (lambda b: torch.cat([b, b[:1]]), "bytes"),
+        (lambda b: _poke_scale(b, float("nan")), "non-finite"),
+        (lambda b: _poke_scale(b, -1.0), "scales"),
+    ],
+)
+def test_a_malformed_share_is_refused(damage: Callable[[torch.Tensor], torch.Tensor], reason: str) -> None:
+    c = GradCompressor(SHAPES, _rs(), 0)
+    buf, _ = c.share(0, _sums(1))
+    with pytest.raises(Malformed, match=reason):
+        c.decode(damage(buf.clone()))
+
+
+def _poke_scale(buf: torch.Tensor, value: float) -> torch.Tensor:
+    """The first chunk scale of the first tensor (its codes come first, then (chunks, 2) fp16)."""
+    parts = layout(SHAPES[0], _rs())
+    at = math.prod(parts[0][1])
+    buf[at : at + 2] = torch.tensor([value], dtype=torch.float16).view(torch.uint8)
+    return buf
+
+
+def test_a_received_share_is_decoded_checked_and_refused_as_bad_gradient() -> None:
+    c = GradCompressor(SHAPES, _rs(), 0)
+    buf, mine = c.share(0, _sums(1))
+    like = _sums(1)
+    snap = pack({"g": buf}, {"samples": 4, "step": 0})
+    got = Received(snap.manifest, snap.buffer)
+    total = add_part(None, got, like, None, c.decode)
+    assert torch.equal(total, mine)
+    bad = pack({"g": buf[:-1]}, {"samples": 4, "step": 0})
+    got = Received(bad.manifest, bad.buffer)
+    with pytest.raises(WireError, match="compressed share"):
+        add_part(None, got, like, None, c.decode)

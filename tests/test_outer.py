@@ -190,7 +190,7 @@ def test_a_swarm_refuses_rounds_that_do_not_overlap() -> None:
     from pmnode.config.replica_sync import ReplicaSyncConfig, check_for_swarm
     from pmnode.errors import ConfigError
 
-    check_for_swarm(ReplicaSyncConfig(method="outer"))
-    check_for_swarm(ReplicaSyncConfig(method="step", overlap=False))  # no rounds: nothing to overlap
+    check_for_swarm(ReplicaSyncConfig(method="outer"), "sync")
+    check_for_swarm(ReplicaSyncConfig(method="step", overlap=False), "sync")  # no rounds: nothing to overlap
     with pytest.raises(ConfigError, match="overlap: false"):
-        check_for_swarm(ReplicaSyncConfig(method="outer", overlap=False))
+        check_for_swarm(ReplicaSyncConfig(method="outer", overlap=False), "async")

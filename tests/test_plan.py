@@ -235,6 +235,20 @@ def test_json_carries_each_stages_round_bytes(cfg_path: Path) -> None:
     assert p["sync_advice"]["method"] == "outer"
 
 
+def test_grads_are_compressed_shares_in_every_commit() -> None:
+    from pmnode.plan.sync import SyncSettings, sync_load
+
+    cfg = RunConfig.model_validate(CFG).with_overrides(replica_sync={"method": "grads", "compressor": "topk"})
+    shapes = stage_shapes(config_for(cfg, cfg.codec_spec)[0])[1]
+    settings = SyncSettings(replica_sync=cfg.replica_sync, schedule="sync", average_period=5.0)
+    load = sync_load(shapes, 3, settings)
+    assert load is not None
+    share = round_bytes(shapes, cfg.replica_sync)
+    assert (load.share_bytes, load.up_bytes, load.down_bytes) == (share, 2 * share, 2 * share)
+    assert (load.every_steps, load.blocking, load.in_commit) == (1, True, True)
+    assert settings.describe().startswith("grads: top-k 0.01 at 2 bits every step")
+
+
 def test_bad_sync_flags_get_one_line(cfg_path: Path) -> None:
     cases = [
         (["--heads", "0"], "--heads"),
@@ -242,6 +256,7 @@ def test_bad_sync_flags_get_one_line(cfg_path: Path) -> None:
         (["--compressor", "zip"], "--compressor"),
         (["--inner-steps", "0"], "--inner-steps"),
         (["--sync-topology", "ring"], "--sync-topology"),
+        (["--replica-sync", "grads", "--schedule", "async"], "grads runs in sync swarms only"),
     ]
     for args, needle in cases:
         one_line(plan("--config", str(cfg_path), "--tflops", "1", *args), needle)

@@ -47,6 +47,10 @@ def label(run: RunResult) -> str:
     if run.replicas == 1 or cfg.method == "step":
         return f"exact sums, R = {run.replicas}"
     extra = [f"{k.removeprefix('topk_')}={v}" for k, v in sync.items() if k.startswith(("topk_", "outer_"))]
+    if "error_feedback" in sync:
+        extra.append(f"ef={cfg.error_feedback:g}")
+    if cfg.method == "grads":  # compressed gradient sums every step: no outer rounds, no H
+        return " ".join([f"R={run.replicas} {cfg.compressor} grads", *extra])
     return " ".join([f"R={run.replicas} {cfg.compressor} H={cfg.inner_steps}", *extra])
 
 

@@ -30,13 +30,14 @@ def plan(
         typer.Option(help="Stage-0 nodes, each driving train.batch_size a step; default the config's."),
     ] = None,
     replica_sync: Annotated[
-        str | None, typer.Option(help="How replicas stay one model: outer or step; default the config's.")
+        str | None,
+        typer.Option(help="How replicas stay one model: outer, step or grads (sync); default the config's."),
     ] = None,
     inner_steps: Annotated[
         int | None, typer.Option(help="outer: steps between two rounds (H); default the config's.")
     ] = None,
     compressor: Annotated[
-        str | None, typer.Option(help="outer: none, topk or powersgd; default the config's.")
+        str | None, typer.Option(help="outer, grads: none, topk or powersgd; default the config's.")
     ] = None,
     sync_topology: Annotated[
         str,
@@ -80,8 +81,8 @@ def plan(
         raise PmnodeError("--max-inflight must be 1 or more")
     if heads is not None and heads < 1:
         raise PmnodeError("--heads must be 1 or more")
-    if replica_sync not in (None, "outer", "step"):
-        raise PmnodeError(f"--replica-sync must be outer or step, not {replica_sync!r}")
+    if replica_sync not in (None, "outer", "step", "grads"):
+        raise PmnodeError(f"--replica-sync must be outer, step or grads, not {replica_sync!r}")
     if inner_steps is not None and inner_steps < 1:
         raise PmnodeError("--inner-steps must be 1 or more")
     if compressor not in (None, "none", "topk", "powersgd"):

@@ -242,7 +242,7 @@ def local_swarm(
         from pmnode.core.train import config_for
 
         cfg, _ = config_for(cfg, codec)
-    check_for_swarm(cfg.replica_sync)
+    check_for_swarm(cfg.replica_sync, cfg.swarm.schedule)
     try:
         summary = run_local_swarm(
             cfg,

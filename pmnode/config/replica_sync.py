@@ -21,9 +21,9 @@ class ReplicaSyncConfig(_Strict):
     method: Literal["step", "outer", "grads"] = Field(
         "step",
         description="step: exchange every step (exact, LAN-sized traffic); outer: DiLoCo rounds; grads "
-        "(`pmnode bench convergence --replicas` only, so far): every step each replica's gradient sums "
-        "travel compressed as `compressor` says, with error feedback, and every replica steps its own "
-        "optimizer on the same decoded total (one model; Adam sees the whole batch).",
+        "(sync schedule): every step each replica's gradient sums travel compressed as `compressor` says, "
+        "with error feedback, and every replica steps its own optimizer on the same decoded total (one "
+        "model; Adam sees the whole batch).",
     )
     inner_steps: int = Field(
         4,
@@ -84,14 +84,15 @@ class ReplicaSyncConfig(_Strict):
         return self
 
 
-def check_for_swarm(rs: ReplicaSyncConfig) -> None:
+def check_for_swarm(rs: ReplicaSyncConfig, schedule: str) -> None:
     """What a swarm cannot honour. Its outer rounds always overlap with compute (a replica that stopped
     taking micro-batches for a round would stall every head routed through it); `overlap: false` is
-    the in-process convergence bench's reference (pmnode bench convergence --replicas)."""
-    if rs.method == "grads":
+    the in-process convergence bench's reference (pmnode bench convergence --replicas). Method grads
+    rides on the sync commit; async replicas do not commit together."""
+    if rs.method == "grads" and schedule != "sync":
         raise ConfigError(
-            "replica_sync.method: grads is measured by `pmnode bench convergence --replicas` only so far; "
-            "a swarm syncs its replicas by step or outer"
+            "replica_sync.method: grads needs swarm.schedule: sync (the replicas' compressed sums meet in "
+            "each step's commit); under async use method outer or step"
         )
     if rs.method == "outer" and not rs.overlap:
         raise ConfigError(

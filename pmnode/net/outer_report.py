@@ -27,3 +27,18 @@ class OuterReport(BaseModel):
     round: int = Field(0, description="The round this replica is at.")
     anchor: str = Field("", description="After its last round: a digest of its anchor (replicas agree).")
     weights: str = Field("", description="At exit: a digest of the stage's weights (replicas end equal).")
+
+
+class GradShareReport(BaseModel):
+    """A replica's compressed gradient sums (replica_sync.method: grads), for its summary."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bytes_per_step: int = Field(0, description="Bytes of this replica's share of one step (round_bytes).")
+    of_exact: float = Field(0.0, description="bytes_per_step over what its fp32 sums would be.")
+    bytes_sent: int = Field(0, description="Bytes of shares the other replicas fetched from here.")
+    bytes_received: int = Field(0, description="Bytes of shares fetched from the other replicas.")
+    steps: int = Field(0, description="Steps prepared with the other replicas' shares.")
+    exchange_s: float = Field(0.0, description="Mean wall seconds of a prepare fetching and adding shares.")
+    refused: dict[str, int] = Field({}, description="Shares refused, by reason.")
+    weights: str = Field("", description="At exit: a digest of the stage's weights (replicas end equal).")

@@ -160,8 +160,8 @@ def make_plan(
 ) -> Plan:
     """The plan of `cfg` (its replica_sync section and swarm schedule as given: the CLI's flags are
     overrides of the config)."""
-    if cfg.replica_sync.method == "grads":
-        raise ConfigError("replica_sync.method: grads is a convergence bench's: no swarm runs it to plan")
+    if cfg.replica_sync.method == "grads" and cfg.swarm.schedule != "sync":
+        raise ConfigError("replica_sync.method: grads runs in sync swarms only: plan it with --schedule sync")
     costs = stage_costs(cfg, codec)
     t, sw = cfg.train, cfg.swarm
     settings = SyncSettings(

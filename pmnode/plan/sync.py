@@ -12,6 +12,8 @@ The replicas of a stage (the heads, for stage 0) keep one model by one of three 
   only costs time when it takes longer; without, the stage waits for it.
 - **step, sync**: at every step's commit each replica fetches every other replica's fp32 gradient
   sums (pmnode.swarm.participant), an all-gather the commit waits for.
+- **grads** (sync only): the same all-gather in every commit, of each replica's compressed share of
+  its sums (`round_bytes`, as outer's shares; pmnode.core.grad_sync).
 - **step, async**: every `swarm.average_period` seconds a hivemind all-reduce of every parameter
   (fp16 from 16 Ki elements, `swarm.average_compression`): each replica sends and receives
   2 (R - 1) / R of the stage's bytes (a part to each peer, the averaged part back). Rounds start on
@@ -60,6 +62,8 @@ class SyncSettings(BaseModel):
             "topk": f"top-k {rs.topk_fraction:.3g} at {rs.topk_bits} bits",
             "powersgd": f"powersgd rank {rs.powersgd_rank}",
         }[rs.compressor]
+        if rs.method == "grads":
+            return f"grads: {how} every step, in the commit, {self.topology}"
         return f"outer: {how} every {rs.inner_steps} steps, {self.topology}" + (
             "" if rs.overlap else ", not overlapped"
         )
@@ -90,12 +94,13 @@ def sync_load(shapes: list[Shape], nodes: int, s: SyncSettings) -> SyncLoad | No
             share_bytes=size, up_bytes=part, down_bytes=part, every_steps=None, every_s=s.average_period,
             blocking=False,
         )  # fmt: skip
-    step = rs.method == "step"  # sync step: the full fp32 gradient, every step, in the commit
-    share = 4 * sum(math.prod(x) for x in shapes) if step else round_bytes(shapes, rs)
+    exact = rs.method == "step"  # sync step: the full fp32 gradient, every step, in the commit
+    commit = rs.method in ("step", "grads")  # grads: a compressed share, every step, in the commit
+    share = 4 * sum(math.prod(x) for x in shapes) if exact else round_bytes(shapes, rs)
     up = share if s.topology == "relay" else share * peers
     return SyncLoad(
-        share_bytes=share, up_bytes=up, down_bytes=share * peers, every_steps=1 if step else rs.inner_steps,
-        every_s=None, blocking=step or not rs.overlap, in_commit=step,
+        share_bytes=share, up_bytes=up, down_bytes=share * peers, every_steps=1 if commit else rs.inner_steps,
+        every_s=None, blocking=commit or not rs.overlap, in_commit=commit,
     )  # fmt: skip
 
 

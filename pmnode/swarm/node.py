@@ -84,6 +84,8 @@ class Node:
             telemetry = Telemetry(parts, self.opts, self.server_stats, self.reach)
             self._say_serving(ctx)
             await self._serve_until_done(parts, telemetry, stop)
+            if parts.participant.compressor is not None:
+                await parts.participant.final_digest()
             return telemetry.summary()
         finally:
             if runner is not None:

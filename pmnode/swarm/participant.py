@@ -5,12 +5,18 @@ prepare  the head asks: catch up if behind, collect the other replicas' gradient
 apply    the head says go: step with the held total
 reset    a step's micro-batches are coming again: drop its sums
 grads    another replica of this stage asks for this replica's sums of a step
+
+replica_sync.method grads: what travels is each replica's share of its sums, compressed with error
+feedback (pmnode.core.grad_sync.GradCompressor), and every replica adds the decoded shares, its own
+decoded too, so the replicas' totals (and weights) stay bit-identical.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 
@@ -18,10 +24,13 @@ import torch
 from torch import Tensor
 
 from pmnode.core.codecs import Packet
+from pmnode.core.compress import Malformed
+from pmnode.core.grad_sync import GradCompressor
 from pmnode.errors import PmnodeError
 from pmnode.net.bulk import ALIGN, Ask, BulkServer, Received, Snapshot, TransferError, fetch, pack, unpack
 from pmnode.net.checks import GradScale, check_samples, check_sum_part
 from pmnode.net.control import Ack, Applied, Apply, Prepare, Prepared, Reset
+from pmnode.net.outer_report import GradShareReport
 from pmnode.net.rpcs import APPLY, GRADS, PREPARE, RESET
 from pmnode.net.wire import MessageHeader, WireError
 from pmnode.swarm.context import NodeContext
@@ -34,15 +43,25 @@ GRADS_TIMEOUT = 15.0
 
 
 def add_part(
-    total: Tensor | None, part: Tensor | Received, like: Tensor, scale: GradScale | None = None
+    total: Tensor | None,
+    part: Tensor | Received,
+    like: Tensor,
+    scale: GradScale | None = None,
+    decode: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Compute thread: every replica adds the parts in sorted peer order, so their sums (and then
     their weights) stay bit-identical; one part at a time, so memory holds two sums, not all.
     A received part must be a sum like ours (`like`: shape, dtype, finite, bounded), or WireError:
     bulk chunks skip the wire's checks, and a one-element tensor would broadcast over everything.
-    With `scale`, its norm must also be within the ratio of the recent median of the parts received."""
+    With `scale`, its norm must also be within the ratio of the recent median of the parts received.
+    With `decode` (method grads), a received part is a compressed share, decoded (and checked) first."""
     if isinstance(part, Received):
         part = unpack(part.manifest, part.buffer).get("g", like.new_empty(0))
+        if decode is not None:
+            try:
+                part = decode(part)
+            except Malformed as e:
+                raise WireError("bad gradient", f"a compressed share: {e}") from e
         check_sum_part(part, like)
         if scale is not None:  # one pass over the sum, as cheap as adding it
             scale.check(float(torch.linalg.vector_norm(part)))
@@ -66,6 +85,12 @@ class CommitParticipant:
         self.applies = 0  # commits applied here
         # the norms of the sums other replicas sent lately: one far above their median is refused
         self.scale = GradScale(ctx.cfg.swarm.max_grad_ratio)
+        # replica_sync.method grads: this replica's compressor (compute thread); None: exact sums
+        self.compressor: GradCompressor | None = None
+        self.sync_sent = 0  # bytes of sums (or shares) other replicas fetched from here
+        self.sync_received = 0  # bytes of sums (or shares) fetched from other replicas
+        self.exchanges, self.exchange_s = 0, 0.0  # prepares that fetched others' sums, and their time
+        self.weights = ""  # method grads, at exit: the stage's weights, hashed (replicas end equal)
 
     def _at(self, step: int) -> None:
         if step != self.ctx.runner.step:
@@ -97,14 +122,21 @@ class CommitParticipant:
             await self._moved()
         self._at(req.step)
         flat, samples = await ctx.runner.grad_sums()
+        like, decode = flat, None
+        # alone in the commit: its sums are the stage's total, sent nowhere, so nothing is compressed
+        if self.compressor is not None and not self.own_only and set(req.peers) - {ctx.peer_id}:
+            flat = await ctx.runner.run(lambda: self._share(req.step)[1])  # ours, as the others decode it
+            decode = self.compressor.decode
         own, unreachable, total = self.own(req.step), [], None
+        t0 = time.monotonic()
         for peer in [ctx.peer_id] if self.own_only else sorted(set(req.peers) | {ctx.peer_id}):
             part: Tensor | Received = flat
             if peer != ctx.peer_id:
                 try:
-                    size = flat.numel() * flat.element_size() + ALIGN  # the same sums as ours, packed
+                    size = self._sent_size(flat) + ALIGN  # the same sums (or share) as ours, packed
                     ask = self._asker(req.step)
                     got = await fetch(ask, [peer], {"step": req.step}, say=ctx.say, max_size=size)
+                    self.sync_received += got.manifest.size
                     # its count, not its word: within the step's whole batch (a negative one flips the sum)
                     samples += check_samples(got.manifest.meta.get("samples"), ctx.runner.batch)
                     part = got
@@ -118,16 +150,54 @@ class CommitParticipant:
                     continue
             if not unreachable:
                 try:
-                    total = await ctx.runner.run(add_part, total, part, flat, self.scale)
+                    total = await ctx.runner.run(add_part, total, part, like, self.scale, decode)
                 except WireError as e:  # refused before it touched the sum
                     self._refuse(peer, e)
                     unreachable.append(peer)
         if unreachable or total is None:
             return Prepared(ok=False, own=own, unreachable=unreachable)
+        if not self.own_only and len(req.peers) > 1:
+            self.exchanges, self.exchange_s = self.exchanges + 1, self.exchange_s + time.monotonic() - t0
         self.prepared = (req.step, total, samples)
         # A head that sent a batch of this step: where its slot reads next once the step is applied.
         position = ctx.runner.data_positions.get(req.step + 1) if ctx.stage == 0 and own else None
         return Prepared(ok=True, own=own, samples=samples, position=position)
+
+    def _sent_size(self, sums: Tensor) -> int:
+        """Bytes of what one replica sends for a step: its compressed share, or its sums."""
+        return self.compressor.nbytes if self.compressor is not None else sums.numel() * sums.element_size()
+
+    def _share(self, step: int) -> tuple[Tensor, Tensor]:
+        """Compute thread: this replica's share of `step` (bytes, decoded), made once per distinct sum."""
+        assert self.compressor is not None
+        return self.compressor.share(step, self.ctx.runner.worker.grad_vector())
+
+    def report(self) -> GradShareReport | None:
+        """Method grads: what this replica's compressed sums cost (None for exact sums)."""
+        if self.compressor is None:
+            return None
+        exact = 4 * sum(self.compressor.sizes)
+        return GradShareReport(
+            bytes_per_step=self.compressor.nbytes,
+            of_exact=round(self.compressor.nbytes / exact, 5) if exact else 0.0,
+            bytes_sent=self.sync_sent,
+            bytes_received=self.sync_received,
+            steps=self.exchanges,
+            exchange_s=round(self.exchange_s / self.exchanges, 4) if self.exchanges else 0.0,
+            refused=dict(self.refused),
+            weights=self.weights,
+        )
+
+    async def final_digest(self) -> None:
+        """At exit: the stage's weights hashed, so a summary shows the replicas ended equal."""
+
+        def job() -> str:
+            h = hashlib.sha256()
+            for t in self.ctx.runner.worker.stage.parameters():
+                h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+            return h.hexdigest()[:16]
+
+        self.weights = await self.ctx.runner.run(job)
 
     def _refuse(self, peer: str, e: WireError) -> None:
         """A replica's sum that fails its checks: never applied, and a strike against its sender."""
@@ -195,9 +265,12 @@ class CommitParticipant:
 
         def snapshot() -> Snapshot:
             w = runner.worker
-            return pack({"g": w.grad_vector()}, {"samples": w.samples_ready, "step": runner.step})
+            sums = self._share(runner.step)[0] if self.compressor is not None else w.grad_vector()
+            return pack({"g": sums}, {"samples": w.samples_ready, "step": runner.step})
 
         pkt = await self.bulk.answer(header.meta, snapshot, key=f"grads:{step}")
+        if header.meta.get("op") == "chunk":
+            self.sync_sent += sum(t.numel() for t in pkt.tensors.values())
         return self.ctx.header("ack", header.micro_batch), pkt
 
     async def _zeros(self, meta: dict[str, float | int | str], step: int) -> Packet:
@@ -206,6 +279,8 @@ class CommitParticipant:
         runner = self.ctx.runner
 
         def snapshot() -> Snapshot:
+            if self.compressor is not None:
+                return pack({"g": self.compressor.zeros()}, {"samples": 0, "step": step})
             n = sum(p.numel() for p in runner.worker.stage.parameters())
             return pack({"g": torch.zeros(n)}, {"samples": 0, "step": step})
 

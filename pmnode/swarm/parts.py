@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+from pmnode.core.grad_sync import GradCompressor
 from pmnode.errors import PmnodeError
 from pmnode.net import tunnel
 from pmnode.net.auth import Guard
@@ -100,6 +101,10 @@ class Parts:
         self.outer = OuterLoop(ctx, self.replicas, self.downstream) if outer_rounds(ctx) else None
         self.averaging.outer = self.outer
         self.participant.own_only = self.outer is not None and not ctx.schedule.averages
+        if ctx.cfg.replica_sync.method == "grads" and not ctx.schedule.averages:
+            shapes = [tuple(p.shape) for p in ctx.runner.worker.stage.parameters()]
+            seed = ctx.cfg.train.seed + 1000 * ctx.stage
+            self.participant.compressor = GradCompressor(shapes, ctx.cfg.replica_sync, seed)
         self.behind_nat = False  # set once serving: a relayed node opens its own connections (reach_out)
         self.routes = RelayRoutes(ctx.p2p, membership.current)
         # calls sent through a relay carry this node's own signature; calls forwarded to it must too

@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from pmnode.data.shards import DataPosition
-from pmnode.net.outer_report import OuterReport
+from pmnode.net.outer_report import GradShareReport, OuterReport
 from pmnode.net.transport import TransportStats
 
 
@@ -93,6 +93,7 @@ class NodeSummary(BaseModel):
     paused_s: float
     averaging: Averaging
     outer: OuterReport | None = None  # replica_sync.method outer: its rounds
+    grad_shares: GradShareReport | None = None  # replica_sync.method grads: its compressed sums
     compute: ComputeTimes = Field(default_factory=ComputeTimes)
     busy_s: float = 0.0  # seconds the compute thread worked
     process_cpu_s: float = 0.0  # CPU seconds of the node's process, every thread (not p2pd's)

@@ -159,6 +159,7 @@ class Telemetry:
             paused_s=round(p.pauses.paused_s, 2),
             averaging=p.averaging.report(),
             outer=p.outer.report() if p.outer is not None else None,
+            grad_shares=p.participant.report(),
             compute=runner.times.model_copy(update={"busy_s": round(runner.busy, 4)}),
             busy_s=round(runner.busy, 3),
             process_cpu_s=round(sum(os.times()[:2]), 3),
