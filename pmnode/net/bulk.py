@@ -81,10 +81,10 @@ class Snapshot:
     key: str | None = None  # snapshots of the same content (a step's gradient sums) are shared
     readers: int = 1
     extra: dict[str, bytes] = field(default_factory=dict)  # more tensors of the open's reply (a signature)
-
-    def chunk(self, index: int) -> memoryview:
-        c = self.manifest.chunk
-        return memoryview(self.buffer)[index * c : (index + 1) * c]
+    # chunk i of `buffer` as a uint8 tensor, a view made by `pack` (off the loop): answering a chunk
+    # makes no tensor on the event loop
+    chunks: list[Tensor] = field(default_factory=list)
+    opening: Packet | None = None  # the open's reply (manifest and extra), made where the snapshot was
 
 
 def pack(tensors: dict[str, Tensor], meta: dict[str, int | str], chunk: int = CHUNK) -> Snapshot:
@@ -104,7 +104,7 @@ def pack(tensors: dict[str, Tensor], meta: dict[str, int | str], chunk: int = CH
     man = BulkManifest(
         ticket=secrets.token_hex(8), size=offset, chunk=chunk, chunks=digests, tensors=specs, meta=meta
     )
-    return Snapshot(man, buffer)
+    return Snapshot(man, buffer, chunks=[flat[i : i + chunk] for i in range(0, offset, chunk)])
 
 
 def unpack(manifest: BulkManifest, buffer: bytearray) -> dict[str, Tensor]:
@@ -113,13 +113,20 @@ def unpack(manifest: BulkManifest, buffer: bytearray) -> dict[str, Tensor]:
     out = {}
     for s in manifest.tensors:
         dtype = DTYPES[s.dtype]
-        n = math.prod(s.shape) * torch.empty((), dtype=dtype).element_size()
+        n = math.prod(s.shape) * dtype.itemsize
         out[s.name] = flat[s.offset : s.offset + n].view(dtype).reshape(s.shape)
     return out
 
 
 def _bytes_packet(parts: dict[str, bytes]) -> Packet:
     return Packet({k: torch.frombuffer(bytearray(v), dtype=torch.uint8) for k, v in parts.items()})
+
+
+def _opened(make: Callable[[], Snapshot]) -> Snapshot:
+    """Off the loop: a snapshot and the reply every open of it gets (its manifest, ticket included)."""
+    snap = make()
+    snap.opening = _bytes_packet({"manifest": snap.manifest.model_dump_json().encode(), **snap.extra})
+    return snap
 
 
 def _sha256(data: object) -> str:
@@ -176,10 +183,11 @@ class BulkServer:
             elif len(self.snapshots) >= MAX_SNAPSHOTS:
                 raise TransferError(f"busy: {len(self.snapshots)} transfers in progress here")
             else:
-                snap = await self.run(make)
+                snap = await self.run(lambda: _opened(make))
                 snap.key = key
                 self.snapshots[snap.manifest.ticket] = snap
-            return _bytes_packet({"manifest": snap.manifest.model_dump_json().encode(), **snap.extra})
+            assert snap.opening is not None  # every snapshot here came through _opened
+            return snap.opening
         snap = self.snapshots.get(ticket)
         if op == "close":
             if snap is not None:
@@ -193,7 +201,7 @@ class BulkServer:
         if not 0 <= index < len(snap.manifest.chunks):
             raise WireError("bad payload", f"chunk {index} out of range")
         snap.used = now
-        return Packet({"data": torch.frombuffer(snap.chunk(index), dtype=torch.uint8)})
+        return Packet({"data": snap.chunks[index]})
 
 
 def check_manifest(man: BulkManifest, max_size: int) -> None:
