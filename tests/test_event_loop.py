@@ -31,10 +31,6 @@ TORCH_METHODS = {"labels", "first"}
 
 # (file, async def, call) -> why it is still there
 TO_MOVE = {
-    ("pmnode/net/serving.py", "_answer", "decode"): "request decoded on the loop (copy + isfinite)",
-    ("pmnode/net/serving.py", "_answer", "encode"): "reply encoded on the loop (the payload's copy)",
-    ("pmnode/net/transport.py", "request", "encode"): "request encoded on the loop",
-    ("pmnode/net/transport.py", "request", "decode"): "reply decoded on the loop (copy + isfinite)",
     ("pmnode/swarm/handler.py", "rpc_forward", "labels"): "the tail's labels (torch.cat) on the loop",
     ("pmnode/swarm/handler.py", "rpc_eval", "labels"): "the tail's labels (torch.cat) on the loop",
     ("pmnode/swarm/head.py", "_train", "first"): "make_targets (slice + cast) on the loop",

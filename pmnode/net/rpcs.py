@@ -26,8 +26,8 @@ from pmnode.net.control import Ack, Applied, Apply, Done, Hello, Prepare, Prepar
 from pmnode.net.services import Admission, DataRpc, JsonRpc
 
 HELLO = JsonRpc("hello", Hello, Hello, Admission.ANYONE)
-FORWARD = DataRpc("forward", Admission.PREVIOUS_STAGE)
-EVAL = DataRpc("eval", Admission.PREVIOUS_STAGE)
+FORWARD = DataRpc("forward", Admission.PREVIOUS_STAGE, on_compute=True)
+EVAL = DataRpc("eval", Admission.PREVIOUS_STAGE, on_compute=True)
 DONE = JsonRpc("done", Done, Ack, Admission.PREVIOUS_STAGE)
 PREPARE = JsonRpc("prepare", Prepare, Prepared, Admission.HEAD)
 APPLY = JsonRpc("apply", Apply, Applied, Admission.HEAD)

@@ -9,6 +9,9 @@ finds them, puts the declared admission in front of each, and registers them und
 Two kinds of RPC exist:
     JsonRpc  control: a pydantic request and reply (pmnode.net.control's JSON envelope)
     DataRpc  data: a wire message in, a wire message out (pmnode.net.transport), tensors included
+
+A data RPC's payload is checked once, in the job that decodes it (pmnode.net.jobs): a role that
+defines `check_<name>(header, packet)` has it run there, before `rpc_<name>` sees the message.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pydantic import BaseModel
 
 from pmnode.net.auth import AuthError, Guard
 from pmnode.net.control import add_json_handler, call_json
+from pmnode.net.jobs import Run, off_loop
 from pmnode.net.serving import serve
 from pmnode.net.shaping import LinkShaper
 from pmnode.net.transport import TransportStats
@@ -68,6 +72,10 @@ class DataRpc:
     admission: Admission
     shaped: bool = True  # replies wait for the emulated link
     run_limits: bool = True  # refuse messages above the run's largest honest message
+    # Decode, check and encode on the stage's compute thread (the training path, whose checks need the
+    # stage's codec); else on the loop's default executor: bulk bytes (a state chunk) must not wait
+    # behind a training step there.
+    on_compute: bool = False
 
     def path(self, run: str) -> str:
         return f"{run}.{self.name}"
@@ -104,12 +112,14 @@ class ServeOptions:
     stats: TransportStats
     limits: WireLimits
     shaper: LinkShaper
+    run: Run = off_loop  # the stage's compute thread (StageRunner.run), for DataRpc.on_compute
 
 
 async def serve_all(
     p2p: P2P, run: str, service: object, rpcs: Sequence[JsonRpc[Any, Any] | DataRpc], opts: ServeOptions
 ) -> None:
-    """Register `service.rpc_<name>` for each of `rpcs`, behind its admission."""
+    """Register `service.rpc_<name>` for each of `rpcs`, behind its admission; a data RPC's request is
+    checked by `service.check_<name>` (if the service has one) in the job that decodes it."""
     for rpc in rpcs:
         handler = getattr(service, f"rpc_{rpc.name}")
         if isinstance(rpc, JsonRpc):
@@ -123,6 +133,8 @@ async def serve_all(
             limits=opts.limits if rpc.run_limits else None,
             shaper=opts.shaper if rpc.shaped else None,
             guard=_Gate(opts.guard, rpc.admission),
+            run=opts.run if rpc.on_compute else off_loop,
+            check=getattr(service, f"check_{rpc.name}", None),
         )
 
 

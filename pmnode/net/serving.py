@@ -3,6 +3,9 @@
 A caller the `Gate` refuses gets an error reply before a byte is decoded; a request that fails to
 decode, or whose handler raises, gets a kind="error" reply and is counted, and the server keeps
 serving. A reply too large for a unary answer is parked under a ticket for the caller to fetch.
+
+A request's decode and the RPC's own check of it are one job of the server's `run`, and the reply's
+encode another (pmnode.net.jobs): the event loop only moves bytes.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from hivemind.proto import runtime_pb2
 
 from pmnode.core.codecs import Packet
 from pmnode.net import tunnel
+from pmnode.net.jobs import Check, Run, off_loop
 from pmnode.net.shaping import LinkShaper
 from pmnode.net.transport import (
     TICKET,
@@ -41,6 +45,20 @@ class Gate(Protocol):
     def strike(self, caller: str) -> bool: ...  # the caller sent something bad
 
 
+def _decode_request(
+    data: bytes, limits: WireLimits, check: Check | None
+) -> tuple[MessageHeader, Packet, Exception | None]:
+    """A job: decode a request and run the RPC's check on it, whatever its kind. What the check raises
+    comes back beside the header, so that the error reply is addressed like the request."""
+    header, packet = decode(data, limits, finite=check is None)  # the check scans for NaN/Inf itself
+    try:
+        if check is not None:
+            check(header, packet)
+    except Exception as e:  # raised again on the loop, where the error reply is made
+        return header, packet, e
+    return header, packet, None
+
+
 class _Server:
     """One RPC's three handlers (unary, .stream, .fetch) around one message handler; see `serve`."""
 
@@ -53,9 +71,11 @@ class _Server:
         limits: WireLimits,
         shaper: LinkShaper | None,
         guard: Gate | None,
+        run: Run = off_loop,
+        check: Check | None = None,
     ):
         self.me, self.key, self.handler, self.stats = me, rpc_key(name), handler, stats
-        self.limits, self.shaper, self.guard = limits, shaper, guard
+        self.limits, self.shaper, self.guard, self.run, self.check = limits, shaper, guard, run, check
         self.parked: dict[str, tuple[float, bytes]] = {}  # ticket -> (deadline, reply too large for unary)
 
     def refuse(self, caller: str) -> bytes | None:
@@ -71,12 +91,14 @@ class _Server:
             refused = self.refuse(caller)
             if refused is not None:
                 return refused
-            header, packet = decode(data, self.limits)
+            header, packet, failed = await self.run(_decode_request, data, self.limits, self.check)
+            if failed is not None:
+                raise failed
             reply_header, reply = await self.handler(header, packet, caller)
             if not isinstance(reply_header, MessageHeader):
                 base = header.model_dump(include={"run", "micro_batch", "stage", "step"})
                 reply_header = {**base, "sender": self.me, **reply_header}
-            return encode(reply_header, reply)
+            return await self.run(encode, reply_header, reply)
         except WireError as e:
             self.stats.error(self.key, e.reason)
             if self.guard is not None:
@@ -163,8 +185,15 @@ async def serve(
     limits: WireLimits | None = None,
     shaper: LinkShaper | None = None,
     guard: Gate | None = None,
+    *,
+    run: Run = off_loop,
+    check: Check | None = None,
 ) -> None:
     """Register one RPC `name` (unary, .stream, .fetch) answering with `handler`.
+
+    Each request is decoded, and `check`ed, in one job of `run`, and each reply encoded in another
+    (pmnode.net.jobs); the handler gets the request only if the check passed. A check must refuse
+    NaN and Inf (net.checks.check_magnitude does), since the decode then does not scan for them.
 
     With a `guard`, a caller it refuses gets an error reply before anything is decoded, and every
     message that fails decoding or the handler's checks (a WireError) is a strike against its sender.
@@ -174,7 +203,8 @@ async def serve(
     A dict reply header is completed from the request (run, micro_batch, stage, step) and this
     peer's id as sender, so handlers need to give only what changes, e.g. {"kind": "gradient"}.
     """
-    srv = _Server(p2p.peer_id.to_base58(), name, handler, stats, limits or WireLimits(), shaper, guard)
+    me, limits = p2p.peer_id.to_base58(), limits or WireLimits()
+    srv = _Server(me, name, handler, stats, limits, shaper, guard, run, check)
     await tunnel.add_handler(p2p, name, srv.unary)
     await tunnel.add_handler(p2p, f"{name}.stream", srv.stream, stream_input=True, stream_output=True)
     await tunnel.add_handler(p2p, f"{name}.fetch", srv.fetch, stream_output=True)

@@ -38,6 +38,7 @@ from hivemind.proto import runtime_pb2
 from pmnode.core.codecs import Packet
 from pmnode.errors import PmnodeError
 from pmnode.net import tunnel
+from pmnode.net.jobs import Check, Run, off_loop
 from pmnode.net.shaping import LinkShaper
 from pmnode.net.wire import MessageHeader, WireError, WireLimits, decode, encode, framing_overhead
 
@@ -208,6 +209,16 @@ async def call(
     return reply
 
 
+def _decode_reply(
+    data: bytes, limits: WireLimits | None, check: Check | None
+) -> tuple[MessageHeader, Packet]:
+    """A job: decode a reply and, unless it is an error reply, run the caller's check on it."""
+    header, packet = decode(data, limits, finite=check is None)  # the check scans for NaN/Inf itself
+    if check is not None and header.kind != "error":
+        check(header, packet)
+    return header, packet
+
+
 async def request(
     p2p: P2P,
     peer_id: str | PeerID,
@@ -218,13 +229,21 @@ async def request(
     timeout: float,
     limits: WireLimits | None = None,
     shaper: LinkShaper | None = None,
+    *,
+    run: Run = off_loop,
+    check: Check | None = None,
 ) -> tuple[MessageHeader, Packet]:
-    """encode + call + decode; an error reply raises TransportError carrying the peer's reason."""
+    """encode + call + decode; an error reply raises TransportError carrying the peer's reason.
+
+    The encode is one job of `run` and the reply's decode another, with `check` in it: a check must
+    refuse NaN and Inf (net.checks.check_magnitude does), since the decode then does not scan for them.
+    A reply that fails either is a WireError, counted under its reason.
+    """
     stats = stats if stats is not None else TransportStats()
     max_reply = (limits or WireLimits()).max_bytes
-    data = await call(p2p, peer_id, rpc, encode(header, packet), timeout, stats, shaper, max_reply)
+    data = await call(p2p, peer_id, rpc, await run(encode, header, packet), timeout, stats, shaper, max_reply)
     try:
-        reply_header, reply = decode(data, limits)
+        reply_header, reply = await run(_decode_reply, data, limits, check)
     except WireError as e:
         stats.error(rpc_key(rpc), e.reason)
         raise

@@ -3,6 +3,9 @@
 It owns the choice of route (pure, in net.routing), the backoff of replicas that failed, the
 certificates shown and checked (hello, once per peer), the link shaping and the byte counters
 of the calls this node makes. A reply that fails its check counts as a failed route.
+
+The training path's messages (send) are encoded, decoded and checked on the stage's compute thread
+(`compute`, pmnode.net.jobs); calls to replicas of this stage (bulk chunks) on the default executor.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pmnode.net.auth import Cert, Verifier
 from pmnode.net.checks import GradScale
 from pmnode.net.control import Hello
 from pmnode.net.dht import stage_records
+from pmnode.net.jobs import Check, Run
 from pmnode.net.links import LinkStats
 from pmnode.net.relay import connect_known
 from pmnode.net.routing import Backoff, StageRecord, choose_peer
@@ -32,7 +36,8 @@ from pmnode.net.transport import Refused, TransportStats, request
 from pmnode.net.wire import MessageHeader, WireError
 
 NEW_TRY = 2**31  # a re-sent micro-batch's attempt is drawn from 1..NEW_TRY
-GradCheck = Callable[[Packet, tuple[int, int], GradScale], Awaitable[None]]
+# (compute thread) refuse a reply that is not the gradient of an activation of this (batch, tokens)
+GradCheck = Callable[[Packet, tuple[int, int], GradScale], None]
 
 
 class Downstream:
@@ -51,6 +56,7 @@ class Downstream:
         console: Console,
         grad_check: GradCheck,
         grad_scale: GradScale,
+        compute: Run,
     ):
         self.p2p, self.dht, self.run, self.stage, self.n_stages = p2p, dht, run, stage, n_stages
         self.verifier, self.cert, self.shaper = verifier, cert, shaper
@@ -64,7 +70,7 @@ class Downstream:
         self.inflight: Counter[str] = Counter()  # our calls waiting on each replica: they spread the load
         self.greeted: dict[str, Cert] = {}  # peer -> its verified certificate
         self.rng = random.Random()
-        self.grad_check, self.grad_scale = grad_check, grad_scale
+        self.grad_check, self.grad_scale, self.compute = grad_check, grad_scale, compute
         self.dropped_gradients = 0
         self.excluded: Callable[[], list[str]] = list  # replicas never to route to (spot checks' liars)
 
@@ -131,13 +137,14 @@ class Downstream:
                         self.stats,
                         timeout=max(1.0, deadline - now),
                         shaper=self.shaper,
+                        run=self.compute,
+                        check=self._gradient_check(shape) if shape is not None else None,
                     )
                 finally:
                     self.inflight[peer.peer_id] -= 1
                     if self.inflight[peer.peer_id] <= 0:
                         del self.inflight[peer.peer_id]  # bounded by the calls in flight, not by peers seen
                 if shape is not None:
-                    await self._check_gradient(rpc, answer[1], shape)
                     self.links.observe(peer.peer_id, time.monotonic() - now, shape[0])
                 self.backoff.ok(peer.peer_id)
                 if served is not None:
@@ -158,13 +165,17 @@ class Downstream:
                 if time.monotonic() > deadline:
                     raise PmnodeError(f"micro-batch {header.micro_batch} failed: {e}") from e
 
-    async def _check_gradient(self, rpc: DataRpc, grad: Packet, shape: tuple[int, int]) -> None:
-        try:
-            await self.grad_check(grad, shape, self.grad_scale)
-        except WireError as e:
-            self.dropped_gradients += 1
-            self.stats.error(rpc.name, e.reason)
-            raise
+    def _gradient_check(self, shape: tuple[int, int]) -> Check:
+        """The reply's check, run in the job that decodes it (request counts the error's reason)."""
+
+        def check(header: MessageHeader, grad: Packet) -> None:
+            try:
+                self.grad_check(grad, shape, self.grad_scale)
+            except WireError:
+                self.dropped_gradients += 1  # the compute thread is the only writer
+                raise
+
+        return check
 
     async def ask_replica(
         self, rpc: DataRpc, peer: str, header: MessageHeader, timeout: float | None = None

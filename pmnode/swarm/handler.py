@@ -1,8 +1,9 @@
 """The stage handler: what a stage that is not the head serves to the stage before it.
 
 hello    certificates, both ways
-forward  admission (net.services), the payload and id checks, the replay window, then the
-         runner's forward, the downstream call, the runner's backward
+forward  admission (net.services), the payload check (`check_forward`, in the compute-thread job that
+         decodes the request), the id checks, the replay window, then the runner's forward, the
+         downstream call, the runner's backward
 eval     the same without gradients
 done     the end of the run, passed on by the node
 """
@@ -100,12 +101,15 @@ class StageHandler:
                 raise
             return self._admit(header, caller)
 
+    def check_forward(self, header: MessageHeader, packet: Packet) -> None:
+        """(compute thread, in the request's decode job) the layout and values: needs no state."""
+        self.ctx.runner.verify_activation(packet, self.ctx.cfg.train.micro, samples_of(header))
+
     async def rpc_forward(
         self, header: MessageHeader, packet: Packet, caller: str
     ) -> tuple[MessageHeader, Packet]:
         ctx, runner = self.ctx, self.ctx.runner
         samples = samples_of(header)
-        await runner.check_activation(packet, ctx.cfg.train.micro, samples)  # the layout: needs no state
         mb = await self._admit_after_apply(header, caller)
         batch = MicroBatch.read(header, packet)
         self.upstream[caller] = time.monotonic()
@@ -140,15 +144,19 @@ class StageHandler:
         if runner.step != header.step:
             raise PmnodeError(f"evaluation of step {header.step}: this replica is at step {runner.step}")
 
-    async def rpc_eval(
-        self, header: MessageHeader, packet: Packet, caller: str
-    ) -> tuple[MessageHeader, Packet]:
-        ctx, runner = self.ctx, self.ctx.runner
+    def check_eval(self, header: MessageHeader, packet: Packet) -> None:
+        """(compute thread, in the request's decode job) the id, then the layout and values."""
+        ctx = self.ctx
         check_eval_batch(
             header, run=ctx.cfg.name, from_stage=ctx.stage - 1, n_batches=ctx.cfg.train.eval_batches
         )
         # evaluation: whole batches of every head's batch together
-        await runner.check_activation(packet, ctx.cfg.train.batch_size * ctx.cfg.swarm.heads, None)
+        ctx.runner.verify_activation(packet, ctx.cfg.train.batch_size * ctx.cfg.swarm.heads, None)
+
+    async def rpc_eval(
+        self, header: MessageHeader, packet: Packet, caller: str
+    ) -> tuple[MessageHeader, Packet]:
+        ctx, runner = self.ctx, self.ctx.runner
         await self._at_callers_step(header)
         batch = MicroBatch.read(header, packet)
         if runner.worker.is_last:

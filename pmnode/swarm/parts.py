@@ -63,8 +63,9 @@ class Parts:
             shaper=shaper,
             request_timeout=sw.request_timeout,
             console=ctx.console,
-            grad_check=ctx.runner.check_gradient,
+            grad_check=ctx.runner.verify_gradient,
             grad_scale=GradScale(sw.max_grad_ratio),
+            compute=ctx.runner.run,
         )
         membership.renewed.append(self.downstream.greeted.clear)
         self.guard = Guard(
@@ -126,7 +127,7 @@ class Parts:
         # No honest message is larger than a whole batch of dense fp32 activations: refuse beyond that
         # before buffering it.
         limits = WireLimits(max_bytes=max(2**20, 2 * t.batch_size * t.seq_len * (4 * cfg.model.d_model + 16)))
-        opts = ServeOptions(self.guard, server_stats, limits, shaper)
+        opts = ServeOptions(self.guard, server_stats, limits, shaper, run=self.ctx.runner.run)
         await serve_all(self.ctx.p2p, cfg.name, self.handler, handler_mod.RPCS, opts)
         await serve_all(self.ctx.p2p, cfg.name, self.participant, participant_mod.RPCS, opts)
         await serve_all(self.ctx.p2p, cfg.name, self.replicas, (STATE,), opts)

@@ -234,21 +234,22 @@ class StageRunner:
 
         return await self.run(job)
 
-    async def check_activation(self, packet: Packet, max_batch: int, samples: int | None) -> None:
+    def verify_activation(self, packet: Packet, max_batch: int, samples: int | None) -> None:
+        """(compute thread) WireError unless `packet` is an activation this stage could be sent
+        (net.checks.check_activation against the stage's codec and the run's sizes)."""
         cfg = self.cfg
-        await self.run(
-            lambda: check_activation(
-                packet,
-                self.worker.codec,
-                vocab_size=cfg.model.vocab_size,
-                max_batch=max_batch,
-                max_len=cfg.train.seq_len,
-                samples=samples,
-            )
+        check_activation(
+            packet,
+            self.worker.codec,
+            vocab_size=cfg.model.vocab_size,
+            max_batch=max_batch,
+            max_len=cfg.train.seq_len,
+            samples=samples,
         )
 
-    async def check_gradient(self, grad: Packet, shape: tuple[int, int], scale: GradScale) -> None:
-        await self.run(check_gradient, grad, self.worker.codec, shape, scale)
+    def verify_gradient(self, grad: Packet, shape: tuple[int, int], scale: GradScale) -> None:
+        """(compute thread) WireError unless `grad` is the gradient of an activation of `shape`."""
+        check_gradient(grad, self.worker.codec, shape, scale)
 
     # ---- commits and replica state -------------------------------------------------------------------
     async def grad_sums(self) -> tuple[Tensor, int]:

@@ -101,7 +101,7 @@ class SpotServer:
         if op != "compute":
             raise WireError("bad payload", f"unknown check op {str(op)[:20]!r}")
         # the same layout and bounds as a forward: bad input is refused (a strike) before it is computed
-        await runner.check_activation(packet, ctx.cfg.train.micro, None)
+        await runner.run(runner.verify_activation, packet, ctx.cfg.train.micro, None)
         batch = MicroBatch.read(header, packet)
         if runner.step < at and self.reach is not None:
             await self.reach(at, APPLY_WAIT)
