@@ -30,13 +30,7 @@ TORCH_FUNCTIONS = {"encode", "decode", "distance", "make_targets", "check_activa
 TORCH_METHODS = {"labels", "first"}
 
 # (file, async def, call) -> why it is still there
-TO_MOVE = {
-    ("pmnode/swarm/handler.py", "rpc_forward", "labels"): "the tail's labels (torch.cat) on the loop",
-    ("pmnode/swarm/handler.py", "rpc_eval", "labels"): "the tail's labels (torch.cat) on the loop",
-    ("pmnode/swarm/head.py", "_train", "first"): "make_targets (slice + cast) on the loop",
-    ("pmnode/swarm/head.py", "evaluate", "first"): "make_targets (slice + cast) on the loop",
-    ("pmnode/swarm/spot_checks.py", "check", "distance"): "norms of two activations on the loop",
-}
+TO_MOVE: dict[tuple[str, str, str], str] = {}
 ALLOWED = {
     # a process-wide setting made once while joining, before the compute thread exists; no tensor
     ("pmnode/swarm/node.py", "_join", "torch.set_num_threads"): "setup",

@@ -27,6 +27,7 @@ from pmnode.core.codecs import Int8Q, Packet
 from pmnode.errors import PmnodeError
 from pmnode.net.auth import Guard
 from pmnode.net.envelope import MicroBatchId
+from pmnode.net.jobs import off_loop
 from pmnode.net.routing import StageRecord
 from pmnode.net.wire import MessageHeader
 from pmnode.swarm.handler import StageHandler
@@ -112,6 +113,7 @@ class FakeChecker(SpotChecker):
             schedule=SimpleNamespace(commits=True),
             console=SimpleNamespace(print=lambda *a, **k: None),
             say=lambda text: None,
+            runner=SimpleNamespace(run=off_loop),  # the distances are the compute thread's jobs
         )
         records = [StageRecord(peer_id=p, stage=1, throughput=1.0) for p in peers]
         downstream = SimpleNamespace(records=records, rng=None)  # the first by peer id
@@ -271,10 +273,7 @@ class _Runner:
 
     def __init__(self, step: int):
         self.step, self.frontier = step, step
-        self.worker = SimpleNamespace(is_last=True)
-
-    async def check_activation(self, packet: Packet, batch: int, samples: int | None) -> None:
-        return None
+        self.worker = SimpleNamespace(is_last=True)  # the payload's check ran where it was decoded
 
 
 def _eval_handler(step: int, commits: bool = True, applies_to: int | None = None) -> StageHandler:

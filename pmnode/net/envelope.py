@@ -1,8 +1,8 @@
 """One micro-batch on the wire: a typed id, the codec's packet and the targets beside it.
 
-The head builds an envelope once (`MicroBatch.first`); every stage reads it with `MicroBatch.read`
-and passes it on with `MicroBatch.passed_on`, so the id's text form and the targets' tensor name
-exist only here.
+The head builds an envelope once (its targets made by `make_targets` on its compute thread, with
+the batch); every stage reads it with `MicroBatch.read` and passes it on with `MicroBatch.passed_on`,
+so the id's text form and the targets' tensor name exist only here.
 
     id      MicroBatchId(step, index, attempt): "STEP:INDEX" in the header, the attempt in meta["try"]
     packet  what the codec made of the stage's output (never the targets)
@@ -96,11 +96,6 @@ class MicroBatch:
         key = found[0]
         codec = Packet({k: v for k, v in packet.tensors.items() if k != key})
         return cls(header.micro_batch, codec, key, packet.tensors[key], dict(header.meta))
-
-    @classmethod
-    def first(cls, name: str, packet: Packet, y: Tensor, sends_tokens: bool, dtype: torch.dtype, **meta):
-        key, targets = make_targets(y, sends_tokens, dtype)
-        return cls(name, packet, key, targets, dict(meta))
 
     def passed_on(self, packet: Packet) -> MicroBatch:
         """The same micro-batch with this stage's output instead of its input."""

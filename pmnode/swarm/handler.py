@@ -114,7 +114,7 @@ class StageHandler:
         batch = MicroBatch.read(header, packet)
         self.upstream[caller] = time.monotonic()
         if runner.worker.is_last:
-            loss, grad = await runner.tail(mb.key, batch.packet, batch.labels(), samples)
+            loss, grad = await runner.tail(mb.key, batch.packet, batch.labels, samples)
             self.last_loss = loss
             return ctx.header("gradient", mb.wire, loss=loss), grad
         out = self.spot.sent(mb, await runner.forward(mb.key, batch.packet, None, samples))
@@ -160,7 +160,7 @@ class StageHandler:
         await self._at_callers_step(header)
         batch = MicroBatch.read(header, packet)
         if runner.worker.is_last:
-            loss = await runner.evaluate(batch.packet, None, batch.labels())
+            loss = await runner.evaluate(batch.packet, None, batch.labels)
             return ctx.header("ack", batch.name, loss=loss), Packet({})
         out = await runner.evaluate(batch.packet)
         reply, _ = await self.downstream.send(

@@ -20,7 +20,7 @@ from pmnode.data.resolve import open_data
 from pmnode.data.shards import DataPosition, PreparedData, past_other_slots, slot_position
 from pmnode.errors import PmnodeError
 from pmnode.net.auth import Guard
-from pmnode.net.envelope import MicroBatch, MicroBatchId, activation_shape, eval_id
+from pmnode.net.envelope import MicroBatch, MicroBatchId, activation_shape, eval_id, make_targets
 from pmnode.net.routing import capacity
 from pmnode.net.rpcs import EVAL, FORWARD
 from pmnode.swarm.commit import StepCommit
@@ -54,6 +54,7 @@ class HeadDriver:
         self.log_format, self.rejoined, self.participant = log_format, rejoined, participant
         self.progress = Progress()
         self.batch: dict[str, tuple[MicroBatchId, Tensor, Tensor]] = {}  # the step being committed
+        self.target_key = ""  # the name of the targets as they travel, set with them by _targets
         self.group = HeadGroup(ctx, view)  # the other heads (swarm.heads > 1)
         self.group.resend_own = self._resend
         self.commit = StepCommit(ctx, view, downstream, pauses.wait_whole, self.group, participant)
@@ -76,8 +77,8 @@ class HeadDriver:
         for task in list(self.window.tasks):
             task.cancel()
 
-    async def _train(self, mb: MicroBatchId, x: Tensor, y: Tensor, retry: bool = False) -> float:
-        ctx, runner, codec = self.ctx, self.ctx.runner, self.ctx.runner.worker.codec
+    async def _train(self, mb: MicroBatchId, x: Tensor, targets: Tensor, retry: bool = False) -> float:
+        ctx, runner = self.ctx, self.ctx.runner
         if retry:  # the stages that already hold its gradient only pass it through
             mb = mb.retried(self.downstream.new_try())
         meta: dict[str, float | int | str] = {"samples": x.shape[0]}
@@ -85,7 +86,7 @@ class HeadDriver:
             meta["try"] = mb.attempt
         t0 = time.perf_counter()
         pkt = await runner.forward(mb.key, None, x, x.shape[0])
-        batch = MicroBatch.first(mb.wire, pkt, y, codec.sends_tokens, codec.token_dtype, **meta)
+        batch = MicroBatch(mb.wire, pkt, self.target_key, targets, dict(meta))
         served: list[str] = []
         try:
             reply, grad = await self.downstream.send(
@@ -106,12 +107,12 @@ class HeadDriver:
         return float(reply.meta.get("loss", float("nan")))
 
     async def train_through_pauses(
-        self, mb: MicroBatchId, x: Tensor, y: Tensor, retry: bool = False
+        self, mb: MicroBatchId, x: Tensor, targets: Tensor, retry: bool = False
     ) -> float:
         """One micro-batch; if it fails because a stage lost its last node, wait for one and send again."""
         while True:
             try:
-                return await self._train(mb, x, y, retry=retry)
+                return await self._train(mb, x, targets, retry=retry)
             except Exception:
                 if not await self.pauses.stage_went_empty():
                     raise
@@ -122,12 +123,12 @@ class HeadDriver:
         await asyncio.gather(*(self.train_through_pauses(*self.batch[i], retry=True) for i in ids))
 
     async def evaluate(self, batches: list[tuple[Tensor, Tensor]]) -> float:
-        ctx, runner, codec = self.ctx, self.ctx.runner, self.ctx.runner.worker.codec
+        ctx, runner = self.ctx, self.ctx.runner
         await self.commit.settle()  # sync: every stage has applied the step being evaluated
         total = 0.0
-        for i, (x, y) in enumerate(batches):
+        for i, (x, targets) in enumerate(batches):
             pkt = await runner.evaluate(None, x)
-            batch = MicroBatch.first(eval_id(i), pkt, y, codec.sends_tokens, codec.token_dtype)
+            batch = MicroBatch(eval_id(i), pkt, self.target_key, targets, {})
             reply, _ = await self.downstream.send(
                 EVAL, ctx.header("activation", batch.name), batch.wire_packet()
             )
@@ -149,7 +150,8 @@ class HeadDriver:
         data = await runner.run(open_data, ctx.cfg.data, t.seq_len, ctx.cfg.model.vocab_size)
         # Held-out batches of every head's batch together: the size `pmnode train` evaluates at.
         eval_size = t.batch_size * ctx.cfg.swarm.heads
-        eval_batches = await runner.run(data.heldout.eval_batches, t.eval_batches, eval_size)
+        batches = functools.partial(data.heldout.eval_batches, t.eval_batches, eval_size)
+        eval_batches = await runner.run(lambda: [(x, self._targets(y)) for x, y in batches()])
         await self._wait_for_downstream()
         await self.view.refresh()
         await self._wait_to_be_brought_in()
@@ -163,9 +165,9 @@ class HeadDriver:
         pos = await runner.run(self._start_position, data, first)
         start = time.perf_counter()
         for step in range(first, t.steps):
-            x, y, pos = await runner.run(self._draw, data, step, pos)
+            x, targets, pos = await runner.run(self._draw, data, step, pos)
             # A head that took over mid-step: the stages may hold some of this step from its predecessor.
-            await self._send_step(window, step, x, y, retry=self.rejoined() and step == first)
+            await self._send_step(window, step, x, targets, retry=self.rejoined() and step == first)
             await self._resize()
             last = step + 1 == t.steps
             if last:
@@ -216,16 +218,22 @@ class HeadDriver:
         runner.data_positions[first] = pos
         return pos
 
+    def _targets(self, y: Tensor) -> Tensor:
+        """(compute thread) The labels `y` as they travel with the micro-batches (make_targets)."""
+        codec = self.ctx.runner.worker.codec
+        self.target_key, targets = make_targets(y, codec.sends_tokens, codec.token_dtype)
+        return targets
+
     def _draw(self, data: PreparedData, step: int, pos: DataPosition) -> tuple[Tensor, Tensor, DataPosition]:
-        """(compute thread) Step `step`'s batch from `pos`; where this slot's next batch starts goes
-        with the checkpoint of step + 1."""
+        """(compute thread) Step `step`'s batch from `pos` (its input and its targets as they travel);
+        where this slot's next batch starts goes with the checkpoint of step + 1."""
         t, heads = self.ctx.cfg.train, self.ctx.cfg.swarm.heads
         x, y, after = data.train.batch(pos, t.batch_size, t.seed)
         after = past_other_slots(after, heads, t.batch_size, data.train.windows)
         self.ctx.runner.data_positions[step + 1] = after
         if heads > 1 and not self.ctx.schedule.commits:  # async: no commit brings positions; its own
             self.ctx.runner.slot_positions[self.ctx.slot] = after
-        return x, y, after
+        return x, self._targets(y), after
 
     async def _resize(self) -> None:
         """max_inflight auto: every few seconds, the window the round trip and stage rates call for."""
@@ -238,7 +246,7 @@ class HeadDriver:
             rates.append(capacity(r for r in await self.view.records(s) if r.throughput > 0))
         await self.window.resize(self.sizer.update(rates, now))
 
-    async def _send_step(self, window: Window, step: int, x: Tensor, y: Tensor, retry: bool) -> None:
+    async def _send_step(self, window: Window, step: int, x: Tensor, targets: Tensor, retry: bool) -> None:
         t = self.ctx.cfg.train
         n_micro = t.batch_size // t.micro
         self.batch = {}
@@ -246,10 +254,10 @@ class HeadDriver:
             # The slot is in the id: micro-batch j of slot h is index h * n_micro + j (pmnode.swarm.heads).
             mb = MicroBatchId(step, self.ctx.slot * n_micro + j)
             sl = slice(j * t.micro, (j + 1) * t.micro)
-            self.batch[mb.wire] = (mb, x[sl], y[sl])
+            self.batch[mb.wire] = (mb, x[sl], targets[sl])
             await window.acquire()
             await self.pauses.wait_whole()
-            window.start(functools.partial(self.train_through_pauses, mb, x[sl], y[sl], retry))
+            window.start(functools.partial(self.train_through_pauses, mb, x[sl], targets[sl], retry))
         if self.ctx.schedule.commits:
             await window.drain()
             await self.group.drained(step)

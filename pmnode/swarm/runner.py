@@ -201,10 +201,14 @@ class StageRunner:
         self.times.backward_s += time.perf_counter() - t0
         self.times.backwards += 1
 
-    async def tail(self, key: str, packet: Packet, targets: Tensor, samples: int) -> tuple[float, Packet]:
+    async def tail(
+        self, key: str, packet: Packet, labels: Callable[[], Tensor], samples: int
+    ) -> tuple[float, Packet]:
+        """The last stage's forward and backward; `labels` makes the loss's targets, in the same job."""
+
         def job() -> tuple[float, Packet]:
             t0 = time.perf_counter()
-            loss, grad = self.worker.forward_backward(key, packet, targets)
+            loss, grad = self.worker.forward_backward(key, packet, labels())
             self._backward_done(t0)
             self._after_backward(samples)
             assert grad is not None  # a tail of two or more stages always has an upstream
@@ -226,10 +230,10 @@ class StageRunner:
         await self.run(self.worker.abandon, key)
 
     async def evaluate(
-        self, packet: Packet | None, tokens: Tensor | None = None, targets: Tensor | None = None
+        self, packet: Packet | None, tokens: Tensor | None = None, labels: Callable[[], Tensor] | None = None
     ) -> Any:  # a Packet for the next stage, or the last stage's loss: each caller knows which it is
         def job() -> Any:
-            out = self.worker.evaluate(packet, tokens, targets)
+            out = self.worker.evaluate(packet, tokens, labels() if labels is not None else None)
             return out.on_host() if isinstance(out, Packet) else out
 
         return await self.run(job)

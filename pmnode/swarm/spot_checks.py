@@ -128,7 +128,8 @@ class SpotChecker:
         again = await self._ask(b, "compute", mb, packet)
         if again is None:
             return self._record(mb, Verdict("skipped"))
-        d_ab = distance(sent, again)
+        runner = self.ctx.runner  # norms of whole activations: the compute thread's work
+        d_ab = await runner.run(distance, sent, again)
         self.distances = [*self.distances[-255:], d_ab]
         if d_ab <= self.tolerance:
             return self._record(mb, decide(a, b, True))
@@ -136,7 +137,8 @@ class SpotChecker:
         third = await self._ask(c, "compute", mb, packet) if c is not None else None
         if c is None or third is None:
             return self._record(mb, decide(a, b, False))
-        ac, bc = distance(sent, third) <= self.tolerance, distance(again, third) <= self.tolerance
+        d_ac, d_bc = await runner.run(lambda: (distance(sent, third), distance(again, third)))
+        ac, bc = d_ac <= self.tolerance, d_bc <= self.tolerance
         return self._record(mb, decide(a, b, False, c, ac, bc))
 
     def _record(self, mb: MicroBatchId, v: Verdict) -> Verdict:
