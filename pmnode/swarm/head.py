@@ -36,6 +36,7 @@ from pmnode.swarm.spot_checks import SpotChecker
 from pmnode.swarm.window import InflightSizer, Window
 
 RESIZE_EVERY = 2.0  # seconds between window sizings (stage records refresh about as often)
+Micro = list[tuple[Tensor, Tensor]]  # a step's micro-batches: (input, targets as they travel), in order
 
 
 class HeadDriver:
@@ -165,9 +166,9 @@ class HeadDriver:
         pos = await runner.run(self._start_position, data, first)
         start = time.perf_counter()
         for step in range(first, t.steps):
-            x, targets, pos = await runner.run(self._draw, data, step, pos)
+            micro, pos = await runner.run(self._draw, data, step, pos)
             # A head that took over mid-step: the stages may hold some of this step from its predecessor.
-            await self._send_step(window, step, x, targets, retry=self.rejoined() and step == first)
+            await self._send_step(window, step, micro, retry=self.rejoined() and step == first)
             await self._resize()
             last = step + 1 == t.steps
             if last:
@@ -224,16 +225,17 @@ class HeadDriver:
         self.target_key, targets = make_targets(y, codec.sends_tokens, codec.token_dtype)
         return targets
 
-    def _draw(self, data: PreparedData, step: int, pos: DataPosition) -> tuple[Tensor, Tensor, DataPosition]:
-        """(compute thread) Step `step`'s batch from `pos` (its input and its targets as they travel);
-        where this slot's next batch starts goes with the checkpoint of step + 1."""
+    def _draw(self, data: PreparedData, step: int, pos: DataPosition) -> tuple[Micro, DataPosition]:
+        """(compute thread) Step `step`'s batch from `pos`, as micro-batches of (input, targets as they
+        travel); where this slot's next batch starts goes with the checkpoint of step + 1."""
         t, heads = self.ctx.cfg.train, self.ctx.cfg.swarm.heads
         x, y, after = data.train.batch(pos, t.batch_size, t.seed)
         after = past_other_slots(after, heads, t.batch_size, data.train.windows)
         self.ctx.runner.data_positions[step + 1] = after
         if heads > 1 and not self.ctx.schedule.commits:  # async: no commit brings positions; its own
             self.ctx.runner.slot_positions[self.ctx.slot] = after
-        return x, self._targets(y), after
+        targets, m = self._targets(y), t.micro
+        return [(x[j * m : (j + 1) * m], targets[j * m : (j + 1) * m]) for j in range(len(x) // m)], after
 
     async def _resize(self) -> None:
         """max_inflight auto: every few seconds, the window the round trip and stage rates call for."""
@@ -246,18 +248,16 @@ class HeadDriver:
             rates.append(capacity(r for r in await self.view.records(s) if r.throughput > 0))
         await self.window.resize(self.sizer.update(rates, now))
 
-    async def _send_step(self, window: Window, step: int, x: Tensor, targets: Tensor, retry: bool) -> None:
-        t = self.ctx.cfg.train
-        n_micro = t.batch_size // t.micro
+    async def _send_step(self, window: Window, step: int, micro: Micro, retry: bool) -> None:
+        n_micro = self.ctx.cfg.train.batch_size // self.ctx.cfg.train.micro
         self.batch = {}
-        for j in range(n_micro):
+        for j, (x, targets) in enumerate(micro):
             # The slot is in the id: micro-batch j of slot h is index h * n_micro + j (pmnode.swarm.heads).
             mb = MicroBatchId(step, self.ctx.slot * n_micro + j)
-            sl = slice(j * t.micro, (j + 1) * t.micro)
-            self.batch[mb.wire] = (mb, x[sl], targets[sl])
+            self.batch[mb.wire] = (mb, x, targets)
             await window.acquire()
             await self.pauses.wait_whole()
-            window.start(functools.partial(self.train_through_pauses, mb, x[sl], targets[sl], retry))
+            window.start(functools.partial(self.train_through_pauses, mb, x, targets, retry))
         if self.ctx.schedule.commits:
             await window.drain()
             await self.group.drained(step)
