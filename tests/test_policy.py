@@ -20,7 +20,7 @@ from pmnode.net.control import Ack, Applied, Apply, Prepare, Prepared, Reset
 from pmnode.net.envelope import MicroBatchId
 from pmnode.net.routing import StageRecord
 from pmnode.swarm.average_loop import all_final, judge_round
-from pmnode.swarm.commit import StepCommit, live_peers, tally
+from pmnode.swarm.commit import MAX_REDOS, StepCommit, live_peers, tally
 from pmnode.swarm.membership import empty_stages
 from pmnode.swarm.pauses import PauseClock, Pauses
 from pmnode.swarm.replay import ReplayWindow
@@ -137,6 +137,36 @@ def test_commit_resets_a_stage_that_holds_a_micro_batch_twice() -> None:
     asyncio.run(commit.commit(3, batch))
     resets = [peer for name, peer, _ in commit.client.calls if name == "reset"]  # type: ignore[attr-defined]
     assert sorted(resets) == ["a", "b"] and resent == [batch]  # the whole step again
+
+
+def test_a_step_that_spot_checks_never_clear_is_dropped_not_applied() -> None:
+    """Two replicas keep disagreeing and no third can say who lied: after MAX_REDOS computations of
+    the step its batch is dropped everywhere (Apply(drop=True)), and nothing of it reaches a weight."""
+    batch = ["3:0", "3:1"]
+    commit, resent, stepped = _commit({1: ["a", "b"], 2: ["c"]}, {"a": [batch], "b": [batch], "c": [batch]})
+    jobs: list[str] = []
+
+    async def run(fn: Any, *args: Any) -> None:
+        jobs.append(fn.__name__)
+
+    async def noop() -> None:
+        return None
+
+    def forget(step: int) -> None:
+        return None
+
+    commit.ctx.runner.run = run
+    commit.ctx.runner.worker = SimpleNamespace(forget=forget)
+    commit.downstream.refresh = noop
+    commit.spot = SimpleNamespace(  # type: ignore[assignment]
+        settle=noop, banned=lambda: [], ledger=SimpleNamespace(take_tainted=lambda step: True)
+    )
+    asyncio.run(commit.commit(3, batch))
+    assert commit.redone == [3] * MAX_REDOS and resent == [batch] * MAX_REDOS  # computed again, each time
+    assert commit.dropped == [3] and stepped == []  # the head made no step from it...
+    assert jobs == ["forget"] * MAX_REDOS + ["drop_step"]  # ...only dropped its gradients
+    applies = [r for name, _, r in commit.client.calls if name == "apply"]  # type: ignore[attr-defined]
+    assert len(applies) == 3 and all(isinstance(a, Apply) and a.drop and a.samples == 0 for a in applies)
 
 
 # ---- pauses ----------------------------------------------------------------------------------------------

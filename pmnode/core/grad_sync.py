@@ -133,6 +133,12 @@ class GradCompressor:
         self.memo = _Memo(step, sums.clone(), before, q_before, buf, flat)
         return buf, flat
 
+    def forget(self, step: int) -> None:
+        """`step` is dropped, not applied: its sums never count, in the residual either."""
+        m = self.memo
+        if m is not None and m.step == step:
+            self.residual, self.q_prev, self.memo = m.residual_before, m.q_before, None
+
     def zeros(self) -> Tensor:
         """The bytes of an all-zero share (a head still joining adds nothing); no residual touched."""
         return pack_share(

@@ -155,6 +155,11 @@ class Apply(BaseModel):
     positions: dict[int, DataPosition] = Field(
         {}, description="Every head slot's committed data position after the step (heads keep them)."
     )
+    drop: bool = Field(
+        False,
+        description="The step's batch is dropped: no update from it anywhere, the step count moves on "
+        "(spot checks that kept disagreeing with no third replica to say who lied).",
+    )
 
 
 class Resend(BaseModel):

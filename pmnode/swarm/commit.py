@@ -35,6 +35,7 @@ from pmnode.swarm.context import NodeContext
 from pmnode.swarm.downstream import Downstream
 from pmnode.swarm.heads import HeadGroup
 from pmnode.swarm.membership import SwarmView
+from pmnode.swarm.outer_jobs import drop_step
 from pmnode.swarm.participant import CommitParticipant
 from pmnode.swarm.spot_checks import SpotChecker
 
@@ -94,6 +95,7 @@ class StepCommit:
         self.applying: asyncio.Future[list[Any]] | None = None  # the last step's apply replies, still coming
         self.spot: SpotChecker | None = None  # the head's spot checks: liars are left out, a step redone
         self.redone: list[int] = []  # steps computed again after a spot check (a ban, or undecided)
+        self.dropped: list[int] = []  # steps whose batch was dropped after MAX_REDOS undecided checks
 
     async def settle(self) -> None:
         """Wait for the last apply's replies: every stage has stepped (before an evaluation)."""
@@ -139,15 +141,23 @@ class StepCommit:
                 if t.twice or t.held - expected:  # counted twice, or a micro-batch of a lost head
                     failed |= await self._reset(s, step, peers[s], len(t.twice | (t.held - expected)))
                     missing |= expected
+            drop = False
             if self.spot is not None and self.spot.ledger.take_tainted(step):
                 if self.redone.count(step) < MAX_REDOS:
                     failed |= await self._redo(step, stages, peers)
                     missing |= expected
-                else:  # two replicas that keep disagreeing, and no third: training goes on
-                    self.ctx.console.print(f"step {step}: applied after {MAX_REDOS} disagreements undecided")
+                else:  # two replicas that keep disagreeing, and no third: the batch is not applied
+                    drop = True
             if not failed and not missing:
+                if drop:
+                    self.dropped.append(step)
+                    self.ctx.console.print(
+                        f"step {step}: dropped after {MAX_REDOS} spot-check disagreements that no third "
+                        "replica could decide; nothing of its batch is applied"
+                    )
                 everyone = [p for s in stages for p in peers[s]] + [r.peer_id for r in heads]
-                req = Apply(step=step, samples=len(expected) * self.ctx.cfg.train.micro, positions=positions)
+                samples = 0 if drop else len(expected) * self.ctx.cfg.train.micro
+                req = Apply(step=step, samples=samples, positions=positions, drop=drop)
                 await self._apply(req, everyone, local=bool(heads))
                 return
             for p in failed:
@@ -240,4 +250,7 @@ class StepCommit:
             await self.local.rpc_apply(req, self.ctx.peer_id)
         else:
             self.ctx.runner.slot_positions, self.ctx.runner.positions_step = req.positions, req.step + 1
-            await self.ctx.runner.step_if_ready()
+            if req.drop:
+                await self.ctx.runner.run(drop_step, self.ctx.runner, req.step)
+            else:
+                await self.ctx.runner.step_if_ready()

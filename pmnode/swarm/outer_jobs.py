@@ -193,6 +193,13 @@ def thread_safe_setter(event: asyncio.Event) -> Callable[[], None]:
     return setter
 
 
+def drop_step(runner: StageRunner, step: int) -> int:
+    """Compute thread: `step`'s gradients are dropped, not applied (a batch a liar may have bent and
+    nobody could clear), and the step count moves on as after any commit."""
+    runner.worker.forget(step)
+    return idle_step(runner)
+
+
 def idle_step(runner: StageRunner) -> int:
     """Compute thread, sync with outer rounds: a replica none of whose micro-batches made the step
     makes no update (AdamW's moments alone would still move its weights), only the step count; a

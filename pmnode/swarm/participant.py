@@ -35,7 +35,7 @@ from pmnode.net.rpcs import APPLY, GRADS, PREPARE, RESET
 from pmnode.net.wire import MessageHeader, WireError
 from pmnode.swarm.context import NodeContext
 from pmnode.swarm.downstream import Downstream
-from pmnode.swarm.outer_jobs import idle_step
+from pmnode.swarm.outer_jobs import drop_step, idle_step
 from pmnode.swarm.replicas import Replicas
 
 RPCS = (PREPARE, APPLY, RESET, GRADS)
@@ -222,7 +222,12 @@ class CommitParticipant:
         if self.ctx.stage == 0:  # the heads keep every slot's committed position (checkpoints)
             self.ctx.runner.slot_positions = {**self.ctx.runner.slot_positions, **req.positions}
             self.ctx.runner.positions_step = req.step + 1
-        if self.own_only and not samples:  # none of the step's micro-batches came here: no update
+        if req.drop:  # the head drops the step's batch: nothing of it is applied here either
+            if self.compressor is not None:
+                await self.ctx.runner.run(self.compressor.forget, req.step)
+            step = await self.ctx.runner.run(drop_step, self.ctx.runner, req.step)
+            samples = 0
+        elif self.own_only and not samples:  # none of the step's micro-batches came here: no update
             step = await self.ctx.runner.run(idle_step, self.ctx.runner)
         else:
             if not self.own_only and req.samples and samples != req.samples:

@@ -129,7 +129,8 @@ class Telemetry:
     def _spot(self) -> dict[str, object]:
         p = self.parts
         if p.ctx.runner.worker.is_first:
-            return {**p.head.spot.report(), "steps_redone": p.head.commit.redone}
+            commit = p.head.commit
+            return {**p.head.spot.report(), "steps_redone": commit.redone, "steps_dropped": commit.dropped}
         liar = p.handler.spot.liar
         lies = liar.lies if liar is not None else 0
         return {"peer_id": p.ctx.peer_id, "checks_served": p.handler.spot.checks, "lies": lies}
