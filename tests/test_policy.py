@@ -143,7 +143,8 @@ def test_a_step_that_spot_checks_never_clear_is_dropped_not_applied() -> None:
     """Two replicas keep disagreeing and no third can say who lied: after MAX_REDOS computations of
     the step its batch is dropped everywhere (Apply(drop=True)), and nothing of it reaches a weight."""
     batch = ["3:0", "3:1"]
-    commit, resent, stepped = _commit({1: ["a", "b"], 2: ["c"]}, {"a": [batch], "b": [batch], "c": [batch]})
+    owns = {"a": [batch[:1]], "b": [batch[1:]], "c": [batch]}  # stage 1's replicas share the batch
+    commit, resent, stepped = _commit({1: ["a", "b"], 2: ["c"]}, owns)
     jobs: list[str] = []
 
     async def run(fn: Any, *args: Any) -> None:
