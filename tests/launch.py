@@ -165,6 +165,25 @@ def swarm_config(tmp: Path, toy_corpus: Path, **overrides: dict) -> Path:
     return path
 
 
+def run_heads_swarm(
+    tmp: Path, cfg: Path, heads: int, replicas: int, tag: str
+) -> subprocess.CompletedProcess[str]:
+    """`pmnode local-swarm` of 3 stages, `heads` heads and `replicas` replicas, sync, under `tag`; its
+    workdir is tmp/work and its summary tmp/swarm.json. Whatever it leaves is killed, even on a timeout."""
+    args = ["--config", str(cfg), "--stages", "3", "--heads", str(heads), "--replicas", str(replicas)]
+    args += ["--schedule", "sync", "--workdir", str(tmp / "work"), "--summary-json", str(tmp / "swarm.json")]
+    try:
+        return subprocess.run(
+            [str(BIN / "pmnode"), "local-swarm", *args],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=tagged_env(tag),
+        )
+    finally:
+        kill_tagged(tag)  # a timeout must not leave the swarm loading the next tests
+
+
 def start_coordinator(state: Path) -> tuple[subprocess.Popen, str]:
     info = state / "coordinator.json"
     info.unlink(missing_ok=True)  # a restart must not be mistaken for up by the last run's file

@@ -9,12 +9,11 @@ learns.
 from __future__ import annotations
 
 import json
-import subprocess
 import uuid
 from pathlib import Path
 
 import pytest
-from launch import BIN, STEPS, assert_no_leftovers, kill_tagged, swarm_config, tagged_env
+from launch import STEPS, assert_no_leftovers, run_heads_swarm, swarm_config
 
 from pmnode.net.bulk import ALIGN
 
@@ -29,18 +28,7 @@ def grads_run(tmp_path_factory: pytest.TempPathFactory, toy_corpus: Path) -> dic
     tmp = tmp_path_factory.mktemp("grads")
     cfg = swarm_config(tmp, toy_corpus, train={"batch_size": BATCH}, replica_sync=SYNC)
     tag = uuid.uuid4().hex
-    args = ["--config", str(cfg), "--stages", "3", "--heads", str(HEADS), "--replicas", str(REPLICAS)]
-    args += ["--schedule", "sync", "--workdir", str(tmp / "work"), "--summary-json", str(tmp / "swarm.json")]
-    try:
-        swarm = subprocess.run(
-            [str(BIN / "pmnode"), "local-swarm", *args],
-            capture_output=True,
-            text=True,
-            timeout=600,
-            env=tagged_env(tag),
-        )
-    finally:
-        kill_tagged(tag)
+    swarm = run_heads_swarm(tmp, cfg, HEADS, REPLICAS, tag)
     assert swarm.returncode == 0, swarm.stderr[-3000:]
     work = tmp / "work"
     return {

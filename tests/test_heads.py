@@ -23,6 +23,7 @@ from launch import (
     head_steps,
     join_pid,
     kill_tagged,
+    run_heads_swarm,
     start_async_swarm,
     swarm_config,
     tagged_env,
@@ -43,18 +44,7 @@ def heads_run(tmp_path_factory: pytest.TempPathFactory, toy_corpus: Path) -> dic
     tmp = tmp_path_factory.mktemp("heads")
     cfg = swarm_config(tmp, toy_corpus, train={"batch_size": BATCH})
     tag = uuid.uuid4().hex
-    args = ["--config", str(cfg), "--stages", "3", "--heads", str(HEADS), "--replicas", str(REPLICAS)]
-    args += ["--schedule", "sync", "--workdir", str(tmp / "work"), "--summary-json", str(tmp / "swarm.json")]
-    try:
-        swarm = subprocess.run(
-            [str(BIN / "pmnode"), "local-swarm", *args],
-            capture_output=True,
-            text=True,
-            timeout=600,
-            env=tagged_env(tag),
-        )
-    finally:
-        kill_tagged(tag)  # a timeout must not leave the swarm loading the next tests
+    swarm = run_heads_swarm(tmp, cfg, HEADS, REPLICAS, tag)
     assert swarm.returncode == 0, swarm.stderr[-3000:]
     # The single process at the heads' combined batch: the same windows, step for step.
     single_cfg = yaml.safe_load(cfg.read_text())

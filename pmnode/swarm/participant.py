@@ -125,7 +125,7 @@ class CommitParticipant:
         like, decode = flat, None
         # alone in the commit: its sums are the stage's total, sent nowhere, so nothing is compressed
         if self.compressor is not None and not self.own_only and set(req.peers) - {ctx.peer_id}:
-            flat = await ctx.runner.run(lambda: self._share(req.step)[1])  # ours, as the others decode it
+            flat = await ctx.runner.run(lambda: self._share(req.step, like)[1])  # ours, as others decode it
             decode = self.compressor.decode
         own, unreachable, total = self.own(req.step), [], None
         t0 = time.monotonic()
@@ -167,10 +167,11 @@ class CommitParticipant:
         """Bytes of what one replica sends for a step: its compressed share, or its sums."""
         return self.compressor.nbytes if self.compressor is not None else sums.numel() * sums.element_size()
 
-    def _share(self, step: int) -> tuple[Tensor, Tensor]:
-        """Compute thread: this replica's share of `step` (bytes, decoded), made once per distinct sum."""
+    def _share(self, step: int, sums: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Compute thread: this replica's share of `step` (bytes, decoded), made once per distinct sum
+        (`sums`: the step's gradient sums where the caller holds them already)."""
         assert self.compressor is not None
-        return self.compressor.share(step, self.ctx.runner.worker.grad_vector())
+        return self.compressor.share(step, self.ctx.runner.worker.grad_vector() if sums is None else sums)
 
     def report(self) -> GradShareReport | None:
         """Method grads: what this replica's compressed sums cost (None for exact sums)."""
