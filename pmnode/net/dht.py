@@ -6,6 +6,7 @@ import asyncio
 import re
 import signal
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
@@ -26,6 +27,10 @@ from pmnode.net.routing import RECORD_TTL, StageRecord, live, stage_key
 
 T = TypeVar("T")
 
+# A failed bootstrap is tried this many times in all, pausing 2 s, then 4 s.
+BOOTSTRAP_ATTEMPTS = 3
+BOOTSTRAP_PAUSE = 2.0
+
 
 def p2p_options(host: str) -> dict[str, bool]:
     """On loopback, no UPnP port mapping or AutoNAT probes: they would talk to the LAN for nothing."""
@@ -42,29 +47,39 @@ def start_dht(
     identity_path: Path | None = None,
     what: str = "this node",
     record_validators: list[RecordValidatorBase] | None = None,
+    attempts: int = BOOTSTRAP_ATTEMPTS,
     **p2p: object,
 ) -> hivemind.DHT:
-    """Start a DHT peer (and its p2pd). Call it before any event loop installs signal handlers."""
+    """Start a DHT peer (and its p2pd). Call it before any event loop installs signal handlers.
+
+    A bootstrap that fails is tried again (`attempts` in all, with a pause that doubles): a coordinator
+    that has just started, or one on a loaded VPS, may miss p2pd's first dial, and a node started with
+    it (docker compose starts both at once) should wait for it rather than exit."""
     if port:
         _check_port(host, port, what)
-    try:
-        return hivemind.DHT(
-            initial_peers=initial_peers or None,
-            start=True,
-            host_maddrs=[f"/ip4/{host}/tcp/{port}"],
-            announce_maddrs=announce or None,
-            identity_path=str(identity_path) if identity_path else None,
-            record_validators=record_validators or (),
-            **{**p2p_options(host), **p2p},
-        )
-    except Exception as e:
-        why = re.sub(r"^.*\d\d:\d\d:\d\d ", "", str(e).strip().splitlines()[-1])  # p2pd's timestamp
-        if initial_peers:
-            raise PmnodeError(
-                f"could not reach the coordinator at {initial_peers[0]} ({why}); check the address and "
-                "that `coordinator serve` is running and reachable from here"
-            ) from e
-        raise PmnodeError(f"could not start {what} on {host}:{port}: {why}") from e
+    for attempt in range(1, attempts + 1):
+        try:
+            return hivemind.DHT(
+                initial_peers=initial_peers or None,
+                start=True,
+                host_maddrs=[f"/ip4/{host}/tcp/{port}"],
+                announce_maddrs=announce or None,
+                identity_path=str(identity_path) if identity_path else None,
+                record_validators=record_validators or (),
+                **{**p2p_options(host), **p2p},
+            )
+        except Exception as e:
+            why = re.sub(r"^.*\d\d:\d\d:\d\d ", "", str(e).strip().splitlines()[-1])  # p2pd's timestamp
+            if initial_peers and "bootstrap" in why and attempt < attempts:
+                time.sleep(BOOTSTRAP_PAUSE * 2 ** (attempt - 1))
+                continue
+            if initial_peers:
+                raise PmnodeError(
+                    f"could not reach the coordinator at {initial_peers[0]} ({why}); check the address and "
+                    "that `coordinator serve` is running and reachable from here"
+                ) from e
+            raise PmnodeError(f"could not start {what} on {host}:{port}: {why}") from e
+    raise AssertionError("unreachable")
 
 
 def _check_port(host: str, port: int, what: str) -> None:
