@@ -5,7 +5,7 @@
 # scenarios CI leaves out (tests/conftest.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-paths=(pmnode coordinator tests scripts)
+paths=(pmnode coordinator tests scripts benchmarks)
 ruff check "${paths[@]}"
 ruff format --check "${paths[@]}"
 mypy  # pmnode and coordinator, as pyproject.toml configures it ([tool.mypy])

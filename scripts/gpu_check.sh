@@ -2,7 +2,7 @@
 # The GPU benchmark of issue 18 (prepared; not yet run: no GPU was lent to the session that wrote it).
 # A 2-stage swarm of llama-1b-shaped stages (d = 2048, 8 layers per stage, vocab 128256) on one GPU,
 # dense and subspace, a few hundred sync steps each: tokens/s, MFU per stage, and peak memory against
-# `coordinator inspect`'s estimate, written to docs/benchmarks/gpu/ by scripts/gpu_report.py.
+# `coordinator inspect`'s estimate, written to docs/benchmarks/gpu/ by benchmarks/gpu_report.py.
 #
 #   bash scripts/gpu_check.sh [STEPS] [OUT]      # defaults: 300 docs/benchmarks/gpu
 # CONFIG, DEVICE, SEQ, BF16 override configs/llama-1b.yaml, cuda, 1024, --bf16 (a CPU smoke run:
@@ -52,5 +52,5 @@ PY
 
 run dense
 run subspace
-python scripts/gpu_report.py "$WORK" "$OUT" --precision "${BF16:+bf16}" \
+python -m benchmarks.gpu_report "$WORK" "$OUT" --precision "${BF16:+bf16}" \
   --command "CONFIG=$CONFIG DEVICE=$DEVICE SEQ=$SEQ BF16=$BF16 bash scripts/gpu_check.sh $STEPS $OUT"

@@ -20,7 +20,7 @@ import pytest
 import yaml
 from launch import BIN, ROOT, tagged_env, wait_until
 
-from pmnode.bench.netlab import Host, Lab, can_run, sweep_stale
+from benchmarks.netlab import Host, Lab, can_run, sweep_stale
 from pmnode.core import checkpoint
 
 pytestmark = [

@@ -68,9 +68,9 @@ def test_every_shipped_config_is_listed() -> None:
 
 def test_shipped_fidelity_costs_are_the_committed_runs() -> None:
     """`coordinator inspect` prints what the committed fidelity runs measured, not an older copy."""
-    script = ROOT / "scripts" / "fidelity_costs.py"
+    script = ROOT / "benchmarks" / "fidelity_costs.py"
     spec = importlib.util.spec_from_file_location("fidelity_costs", script)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert module.COSTS_FILE.read_text() == module.build(), "run `python scripts/fidelity_costs.py`"
+    assert module.COSTS_FILE.read_text() == module.build(), "run `python -m benchmarks.fidelity_costs`"

@@ -1,4 +1,4 @@
-"""Volunteers behind home routers, on real processes in network namespaces (pmnode/bench/netlab.py).
+"""Volunteers behind home routers, on real processes in network namespaces (benchmarks/netlab.py).
 
 A wan bridge; the coordinator and the head on public addresses; stage 1 served by two home nodes,
 each behind its own router that masquerades and drops every inbound connection, and the tail behind a
@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from launch import BIN, swarm_config
 
-from pmnode.bench.netlab import Host, Lab, can_run, sweep_stale
+from benchmarks.netlab import Host, Lab, can_run, sweep_stale
 from pmnode.net.status import SwarmStatus
 from pmnode.swarm.report import NodeSummary
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from pmnode.bench.netlab import Host, Lab, can_run, sweep_stale
+from benchmarks.netlab import Host, Lab, can_run, sweep_stale
 
 pytestmark = [
     pytest.mark.xdist_group("netns"),

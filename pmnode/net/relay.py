@@ -4,7 +4,7 @@ Every p2pd this process starts gets explicit relay flags: service on where asked
 unless --no-relay, members with `pmnode join --relay`), the operator's per-circuit limits, and
 reservations on the trusted relays at once (no relay discovery).
 
-Measured with hivemind 1.1.12's p2pd (scripts/nat_bench.py, pmnode/bench/circuit_probe.py): the relay
+Measured with hivemind 1.1.12's p2pd (benchmarks/nat_bench.py, benchmarks/circuit_probe.py): the relay
 service and limit flags have no effect. Every p2pd with relay transport on also serves as a relay, and
 every circuit gets go-libp2p's default limits, about 128 KiB each way and 2 minutes, then the relay
 resets it. So a relayed node is reached through circuits only for small calls (hello, a DHT lookup), and for

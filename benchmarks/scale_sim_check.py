@@ -1,9 +1,9 @@
 """Does the simulator predict a swarm with many heads and replicas? (issue 28, docs/benchmarks/scale/sim/)
 
-    python scripts/scale_sim_check.py --out docs/benchmarks/scale/sim [--only NAME,...] [--report-only]
+    python -m benchmarks.scale_sim_check --out docs/benchmarks/scale/sim [--only NAME,...] [--report-only]
 
 Each run is a real local swarm (coordinator and one process per node on this machine), measured as the
-calibration measures (pmnode.bench.calibrate): the heads' summed tokens/s after a warm-up, and every
+calibration measures (benchmarks.calibrate): the heads' summed tokens/s after a warm-up, and every
 node's own compute times. The simulator is then given those stage times and the event-loop constants
 fitted on docs/benchmarks/plan's runs, none of which had more than one head: the prediction is held out.
 Measured runs are appended to OUT/measured.json as each one ends.
@@ -20,9 +20,9 @@ import typer
 from pydantic import BaseModel
 from rich.console import Console
 
-from pmnode.bench.calibrate import Measured, RunSpec, measure
-from pmnode.bench.calibrate_report import Variant
-from pmnode.bench.calibration import predict
+from benchmarks.calibrate import Measured, RunSpec, measure
+from benchmarks.calibrate_report import Variant
+from benchmarks.calibration import predict
 from pmnode.bench.plotting import pyplot
 from pmnode.errors import run_cli
 
@@ -57,7 +57,7 @@ def busiest(m: Measured) -> float:
     by_stage: dict[int, list[int]] = {}
     for n in m.nodes:
         by_stage.setdefault(n.stage, []).append(n.compute.backwards)
-    shares = [max(b) / sum(b) for b in by_stage.values() if len(b) > 1 and sum(b)]
+    shares = [max(b) / sum(b) for b in by_stage.values() if len(b) > 1 and sum(b) > 0]
     return round(max(shares, default=1.0), 3)
 
 
@@ -153,7 +153,7 @@ def main(
         console.print(f"  {m.tokens_per_s:,.0f} tokens/s over {m.steps_measured} steps")
         done = [d for d in done if d.spec.name != spec.name] + [m]
         path.write_text(json.dumps([d.model_dump() for d in done], indent=1))
-    for r in report(out, done, f"python scripts/scale_sim_check.py --out {out}"):
+    for r in report(out, done, f"python -m benchmarks.scale_sim_check --out {out}"):
         console.print(f"{r.name}: measured {r.measured:,.0f}, simulated {r.predicted:,.0f} ({r.error:+.1%})")
 
 

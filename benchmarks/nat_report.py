@@ -1,4 +1,4 @@
-"""The NAT benchmark's report (scripts/nat_bench.py): one run's figures, the table and the plot."""
+"""The NAT benchmark's report (benchmarks/nat_bench.py): one run's figures, the table and the plot."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from pmnode.bench.circuit_probe import CircuitProbe
+from benchmarks.circuit_probe import CircuitProbe
 from pmnode.bench.plotting import pyplot
 
 
@@ -65,7 +65,7 @@ def table(runs: list[Run], circuit: CircuitProbe, command: str) -> str:
         f"Command: `{command}`",
         "",
         "`small` (d = 256, 4 layers, 2 stages, batch 16 × 64 tokens), async, one core per node, real",
-        "processes in network namespaces (pmnode/bench/netlab.py) on a 2-core machine; no latency or",
+        "processes in network namespaces (benchmarks/netlab.py) on a 2-core machine; no latency or",
         f"bandwidth limit added; best of {n} runs per cell (each run starts its own coordinator and nodes).",
         "*direct*: head and stage 1 public. *home*: stage 1 behind a NAT router that drops inbound",
         "connections, the head public. *relayed*: both behind NAT routers; the head goes outbound only,",

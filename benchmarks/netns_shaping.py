@@ -1,6 +1,6 @@
 r"""Kernel-level check of the in-process link shaper: the same 2-stage swarm, shaped two ways.
 
-    sudo python scripts/netns_shaping.py --bandwidth 2mbit --out docs/benchmarks/netns-shaping
+    sudo python -m benchmarks.netns_shaping --bandwidth 2mbit --out docs/benchmarks/netns-shaping
 
 1. kernel: two network namespaces joined by a veth pair whose both ends are shaped by `tc ... tbf`
    at --bandwidth. The coordinator and stage 0 run in one namespace, stage 1 in the other, so every

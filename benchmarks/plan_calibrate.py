@@ -1,6 +1,6 @@
 """Measure the local swarms the simulator is calibrated on (docs/benchmarks/plan/).
 
-    python scripts/plan_calibrate.py --out docs/benchmarks/plan/measured.json [--only NAME,...]
+    python -m benchmarks.plan_calibrate --out docs/benchmarks/plan/measured.json [--only NAME,...]
 
 Each run is appended to OUT as soon as it ends, so an interrupted sweep keeps what it measured.
 """
@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from pmnode.bench.calibrate import Measured, RunSpec, measure
+from benchmarks.calibrate import Measured, RunSpec, measure
 from pmnode.errors import run_cli
 
 T, S = "tiny", "small"

@@ -1,6 +1,6 @@
 """The outer-loop sweep on tiny (batch 16, 400 steps, R = 4): held-out loss at the end of each run.
 
-    python docs/benchmarks/scale/sweep_outer.py [R=1 | KEY=VALUE ...]
+    python -m benchmarks.sweep_outer [R=1 | KEY=VALUE ...]
 
 No arguments: exact sums (one pipeline on the whole batch). Otherwise the replica_sync overrides of one
 R = 4 run, e.g. `compressor=none inner_steps=1 outer_lr_scale=none`.

@@ -1,6 +1,6 @@
 """Paper-scale predictions from the simulator (docs/benchmarks/plan/paper-scale.*).
 
-    python scripts/plan_paper.py --out docs/benchmarks/plan
+    python -m benchmarks.plan_paper --out docs/benchmarks/plan
 
 The Llama-8B shape in 8 stages of 4 layers on RTX 4090s at 40% MFU: dense bf16 against subspace
 k = 40 (fp32 and int8 coefficients) over 100 Gbit/s, 1 Gbit/s, 80 and 20 Mbit/s with 50 ms; then
@@ -39,7 +39,7 @@ def homogeneous(cfg_path: Path) -> list[dict]:
         for link in LINKS:
             bw = parse_bandwidth(link)
             p = make_plan(cfg, codec, fwd_bwd=times, device=GPU, bandwidth=bw, latency=LATENCY,
-                          replicas=1, max_inflight=cfg.swarm.max_inflight)  # fmt: skip
+                          replicas=1, max_inflight=cfg.swarm.inflight_limit)  # fmt: skip
             rows.append(
                 {
                     "codec": codec,
@@ -183,7 +183,7 @@ def main(
 ) -> None:
     homo = homogeneous(config)
     het = heterogeneous(config)
-    write(out, homo, het, f"python scripts/plan_paper.py --out {out}")
+    write(out, homo, het, f"python -m benchmarks.plan_paper --out {out}")
     print((out / "paper-scale.md").read_text())
 
 

@@ -3,7 +3,7 @@ r"""Research sweep behind the subspace defaults: which knobs close the gap to de
 Each variant overrides a few fields of the base config and trains with the same
 data, seed and steps. Writes DIR/results.json and DIR/results.md.
 
-    python scripts/sweep_subspace.py --config configs/small.yaml --steps 300 \
+    python -m benchmarks.sweep_subspace --config configs/small.yaml --steps 300 \
         --out docs/benchmarks/subspace-sweep
 """
 

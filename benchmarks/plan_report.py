@@ -1,6 +1,6 @@
 """Write the calibration and regime reports of docs/benchmarks/plan/ from the measured JSON files.
 
-python scripts/plan_report.py --dir docs/benchmarks/plan
+python -m benchmarks.plan_report --dir docs/benchmarks/plan
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from typing import Annotated
 
 import typer
 
-from pmnode.bench.calibrate import Measured
-from pmnode.bench.calibrate_report import Variant, write_calibration
-from pmnode.bench.regime import Regime, write_regime
+from benchmarks.calibrate import Measured
+from benchmarks.calibrate_report import Variant, write_calibration
+from benchmarks.regime import Regime, write_regime
 from pmnode.errors import run_cli
 
 
@@ -21,7 +21,7 @@ def main(
     d: Annotated[Path, typer.Option("--dir", help="The benchmark directory.")] = Path("docs/benchmarks/plan"),
     refit: Annotated[bool, typer.Option(help="Fit again; --no-refit takes calibration.json's fit.")] = True,
 ) -> None:
-    command = f"python scripts/plan_report.py --dir {d}"
+    command = f"python -m benchmarks.plan_report --dir {d}"
     if refit:
         runs = [Measured.model_validate(r) for r in json.loads((d / "measured.json").read_text())]
         v = write_calibration(d, runs, command)

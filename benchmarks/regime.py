@@ -13,17 +13,18 @@ d = 4096 stage of 4 layers on an RTX 4090 (40% MFU) at 80 Mbit/s and 50 ms.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel
 from rich.console import Console
 
-from pmnode.bench.calibrate import Measured, RunSpec, measure
-from pmnode.bench.calibration import Fitted
+from benchmarks.calibrate import Measured, RunSpec, measure
+from benchmarks.calibration import Fitted
 from pmnode.config import load_config
 from pmnode.plan.costs import codec_bytes, stage_costs
 from pmnode.plan.gpus import gpu_named
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 TARGET = ROOT / "docs" / "benchmarks" / "plan" / "llama8b.yaml"
 DENSE, SUB = "dense:bf16", "subspace:int8@8"
 
@@ -110,9 +111,9 @@ def run_regime(out: Path, console: Console) -> None:
 
 def write_regime(out: Path, regime: Regime, fitted: Fitted, command: str) -> list[dict]:
     """The runs beside the simulator's figures (fitted constant from the calibration)."""
-    from pmnode.bench.calibration import predict
+    from benchmarks.calibration import predict
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     for m in regime.runs:
         sim = predict(m, fitted)
         rows.append({"name": m.spec.name, "codec": m.spec.codec, "measured": m.tokens_per_s,

@@ -1,8 +1,8 @@
 r"""Spot checks of compute (issue 25, item 5): how soon a lying replica is banned, and what checks cost.
 
-    python scripts/spot_check_bench.py simulate --out docs/benchmarks/trust
-    nice python scripts/spot_check_bench.py real --out docs/benchmarks/trust
-    python scripts/spot_check_bench.py report --out docs/benchmarks/trust
+    python -m benchmarks.spot_check_bench simulate --out docs/benchmarks/trust
+    nice python -m benchmarks.spot_check_bench real --out docs/benchmarks/trust
+    python -m benchmarks.spot_check_bench report --out docs/benchmarks/trust
 
 simulate  the policy itself (pmnode.swarm.spot_policy: Sampler, Liar, distance, decide), seeded: a stage
           of R replicas, one lying on a fraction p of the outputs it computes; every micro-batch goes to
@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -105,7 +106,7 @@ def simulate(out: Path, trials: int) -> dict:
             print(json.dumps(row), flush=True)
     return {
         "simulated": rows,
-        "command": "python scripts/spot_check_bench.py simulate --trials " + str(trials),
+        "command": "python -m benchmarks.spot_check_bench simulate --trials " + str(trials),
     }
 
 
@@ -133,7 +134,7 @@ def tolerance() -> dict:
             d.append(distance(fp32.evaluate(x), bf16.evaluate(x)))
         rows.append({"config": name, "fp32_vs_bf16_max": max(d), "fp32_vs_bf16_mean": statistics.fmean(d)})
         print(json.dumps(rows[-1]), flush=True)
-    return {"tolerance": rows, "tolerance_command": "python scripts/spot_check_bench.py tolerance"}
+    return {"tolerance": rows, "tolerance_command": "python -m benchmarks.spot_check_bench tolerance"}
 
 
 # ---- real runs ------------------------------------------------------------------------------------------
@@ -160,7 +161,13 @@ def swarm(tmp: Path, steps: int, rate: float, lie: float | None, seed: int = 0) 
         raise SystemExit(f"local-swarm failed: {r.stderr[-2000:]}")
     nodes = {p.stem: json.loads(p.read_text()) for p in work.glob("node-*.json")}
     head = nodes["node-0"]
-    out = {"steps": steps, "check_rate": rate, "lie_rate": lie, "seed": seed, "wall_s": time.monotonic() - t0}
+    out: dict[str, Any] = {
+        "steps": steps,
+        "check_rate": rate,
+        "lie_rate": lie,
+        "seed": seed,
+        "wall_s": time.monotonic() - t0,
+    }
     out.update(tokens_per_s=head["tokens_per_s"], spot=head["spot_checks"])
     # CPU, not wall time: the machine is shared, so tokens/s moves by tens of percent between runs
     out["process_cpu_s"] = sum(n.get("process_cpu_s", 0.0) for n in nodes.values())
@@ -187,12 +194,12 @@ def real(out: Path, steps: int, cost_steps: int, repeats: int, only: str | None)
         if only in (None, "detection"):
             res["real_detection"] = [swarm(tmp, steps, RATE, lie, seed) for lie, seed in ((1.0, 1), (0.1, 2))]
             res["real_command"] = (
-                f"nice python scripts/spot_check_bench.py real --only detection --steps {steps}"
+                f"nice python -m benchmarks.spot_check_bench real --only detection --steps {steps}"
             )
         if only in (None, "cost"):
             rates = (0.0, RATE, 1.0)
             res["real_cost"] = [swarm(tmp, cost_steps, r, None) for _ in range(repeats) for r in rates]
-            cmd = f"nice python scripts/spot_check_bench.py real --only cost --cost-steps {cost_steps} "
+            cmd = f"nice python -m benchmarks.spot_check_bench real --only cost --cost-steps {cost_steps} "
             res["cost_command"] = cmd + f"--repeats {repeats}"
     return res
 
@@ -203,7 +210,7 @@ def report(out: Path) -> None:
     lines = [
         "# Spot checks of compute",
         "",
-        "Written by `scripts/spot_check_bench.py` (see its docstring).",
+        "Written by `benchmarks/spot_check_bench.py` (see its docstring).",
         "",
     ]
     lines += ["## Detection: micro-batches a liar served until its ban (check rate 5%)", ""]

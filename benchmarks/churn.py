@@ -1,7 +1,8 @@
 r"""Churn: a swarm trains while replicas leave (SIGKILL or SIGINT) and join, every 30-60 s.
 
-    python scripts/churn.py --config configs/tiny.yaml --stages 3 --duration 600 --out docs/benchmarks/churn
-    python scripts/churn.py --schedule async --duration 600 --out docs/benchmarks/churn-async
+    python -m benchmarks.churn --config configs/tiny.yaml --stages 3 --duration 600 \
+        --out docs/benchmarks/churn
+    python -m benchmarks.churn --schedule async --duration 600 --out docs/benchmarks/churn-async
 
 Starts a coordinator, one head and two replicas of every later stage as real processes on
 127.0.0.1, then alternates a leave (a random replica of a stage that has two or more, by SIGKILL

@@ -1,7 +1,7 @@
 r"""Summarise a `py-spy record --format raw --threads` profile of a node: busy share per thread, hot frames.
 
 py-spy record -p $(pgrep -f "pmnode join.*--stage 1 ") -d 15 -r 200 --format raw --threads -o prof.txt
-python scripts/profile_summary.py prof.txt
+python -m benchmarks.profile_summary prof.txt
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import psutil
 
@@ -75,12 +76,12 @@ class Host:
     addr: str
     lab: Lab
 
-    def popen(self, cmd: list[str], **kw: object) -> subprocess.Popen:
+    def popen(self, cmd: list[str], **kw: Any) -> subprocess.Popen:
         p = subprocess.Popen(["ip", "netns", "exec", self.ns, *cmd], start_new_session=True, **kw)
         self.lab.procs.append(p)
         return p
 
-    def run(self, cmd: list[str], timeout: float = 60, **kw: object) -> subprocess.CompletedProcess[str]:
+    def run(self, cmd: list[str], timeout: float = 60, **kw: Any) -> subprocess.CompletedProcess[str]:
         kw.setdefault("capture_output", True)
         return subprocess.run(["ip", "netns", "exec", self.ns, *cmd], text=True, timeout=timeout, **kw)
 

@@ -1,6 +1,6 @@
 r"""What async staleness costs in convergence: one local swarm per (schedule, micro-batches in flight).
 
-    python scripts/staleness.py --config configs/tiny.yaml --stages 4 --steps 600 \
+    python -m benchmarks.staleness --config configs/tiny.yaml --stages 4 --steps 600 \
         --inflight sync,4,32,96,160 --out docs/benchmarks/staleness
 
 Every run has the same model, seed, data and steps; only the schedule and `swarm.max_inflight`

@@ -1,8 +1,8 @@
 r"""Rebuild pmnode/plan/fidelity_costs.json (what `coordinator inspect` prints as each k's measured
 cost) from the fidelity study's committed runs.
 
-    python scripts/fidelity_costs.py            # rewrite it from docs/benchmarks/fidelity/*/runs
-    python scripts/fidelity_costs.py --check    # exit 1 if it is stale
+    python -m benchmarks.fidelity_costs            # rewrite it from docs/benchmarks/fidelity/*/runs
+    python -m benchmarks.fidelity_costs --check    # exit 1 if it is stale
 
 Each runs directory is one corpus and one data order (its name is the corpus label), so every cost
 is measured against a baseline trained on the same windows.
@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from pmnode.bench.fidelity_report import costs_from_runs
 from pmnode.plan.advice import COSTS_FILE
@@ -23,7 +24,7 @@ STUDY = ROOT / "docs" / "benchmarks" / "fidelity"
 
 
 def build() -> str:
-    costs = []
+    costs: list[dict[str, Any]] = []
     for runs in sorted(STUDY.glob("*/runs")):
         costs.extend(c.model_dump(mode="json") for c in costs_from_runs(runs.parent, runs.parent.name))
     return json.dumps(costs, indent=1) + "\n"

@@ -13,7 +13,7 @@ import statistics
 
 from pydantic import BaseModel
 
-from pmnode.bench.calibrate import Measured, NodeTimes, run_config
+from benchmarks.calibrate import Measured, NodeTimes, run_config
 from pmnode.core.train import config_for
 from pmnode.net.shaping import parse_bandwidth, parse_latency
 from pmnode.plan.shapes import stage_shapes
@@ -96,7 +96,7 @@ def spec_from_measured(
         stages.append(StageSpec(fwd_s=fwd, bwd_s=bwd, step_s=step, nodes=specs, sync=sync))
     return SwarmSpec(
         stages=stages,
-        schedule=s.schedule,  # type: ignore[arg-type]
+        schedule=s.schedule,
         max_inflight=s.inflight,
         micro_batches_per_step=m.micro_batches_per_step,
         tokens_per_micro_batch=m.tokens_per_micro_batch,

@@ -1,8 +1,8 @@
 r"""Direct links, a volunteer behind NAT, and a relayed link: tokens/s and what the relay carries.
 
-    sudo .venv/bin/python scripts/nat_bench.py --steps 60 --out docs/benchmarks/nat
+    sudo .venv/bin/python -m benchmarks.nat_bench --steps 60 --out docs/benchmarks/nat
 
-Real processes in network namespaces (pmnode.bench.netlab): a wan bridge, the coordinator (also the
+Real processes in network namespaces (benchmarks.netlab): a wan bridge, the coordinator (also the
 relay) on a public address, and a two-stage swarm of `configs/small.yaml`, in three layouts:
 
 - direct: the head and stage 1 on public addresses;
@@ -16,7 +16,7 @@ relay) on a public address, and a two-stage swarm of `configs/small.yaml`, in th
 For each codec (dense, subspace) and layout: the head's tokens/s (or the error that stopped it), the
 bytes through the coordinator's interface per token (less the direct layout's, halved: what the relay
 carried), and the CPU seconds of the coordinator (its Python process, where the forwarder runs, and
-its p2pd) per million tokens. A separate probe (pmnode.bench.circuit_probe) measures how many bytes
+its p2pd) per million tokens. A separate probe (benchmarks.circuit_probe) measures how many bytes
 one libp2p relay circuit carries before the relay resets it (why the forwarder exists).
 """
 
@@ -35,9 +35,9 @@ import typer
 import yaml
 from rich.console import Console
 
-from pmnode.bench.circuit_probe import CircuitProbe
-from pmnode.bench.nat_report import Run, cell, plot, table
-from pmnode.bench.netlab import Host, Lab, can_run, sweep_stale
+from benchmarks.circuit_probe import CircuitProbe
+from benchmarks.nat_report import Run, cell, plot, table
+from benchmarks.netlab import Host, Lab, can_run, sweep_stale
 from pmnode.swarm.report import NodeSummary
 
 BIN = Path(sys.executable).parent
@@ -162,7 +162,7 @@ def one(cfg: Path, codec: str, mode: str, tmp: Path, timeout: float, rep: int = 
 
 def probe() -> CircuitProbe:
     """How many bytes one circuit through the coordinator-style relay carries before it is reset."""
-    py = [sys.executable, "-m", "pmnode.bench.circuit_probe"]
+    py = [sys.executable, "-m", "benchmarks.circuit_probe"]
     with Lab() as lab:
         coord, home = lab.public("relay"), lab.home("served", lab.router("rserved"))
         dialer = lab.home("dialer", lab.router("rdialer"))
@@ -206,7 +206,7 @@ def main(
                     if run.error:
                         break  # a layout that fails, fails again
     out.mkdir(parents=True, exist_ok=True)
-    command = "sudo .venv/bin/python scripts/nat_bench.py " + " ".join(sys.argv[1:])
+    command = "sudo .venv/bin/python -m benchmarks.nat_bench " + " ".join(sys.argv[1:])
     result = {"circuit": circuit.model_dump(), "runs": [r.model_dump() for r in runs]}
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "results.md").write_text(table(runs, circuit, command.strip()))

@@ -1,6 +1,7 @@
-"""Collects the interleaved before/after runs of scripts/swarm_throughput.py into results.json and results.md.
+"""Collects the interleaved before/after runs of benchmarks/swarm_throughput.py into results.json and
+results.md.
 
-    python docs/benchmarks/swarm-throughput/node-redesign/collect.py RUNS_DIR
+    python -m benchmarks.node_redesign_collect RUNS_DIR
 RUNS_DIR holds {before,after}-{tiny,small}-{round}/results.json, in the order they ran.
 """
 
@@ -11,7 +12,7 @@ import statistics
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / "swarm-throughput" / "node-redesign"
 
 
 def main(runs: Path) -> None:

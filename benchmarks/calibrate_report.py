@@ -9,8 +9,8 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from pmnode.bench.calibrate import Measured
-from pmnode.bench.calibration import Fitted, errors, predict
+from benchmarks.calibrate import Measured
+from benchmarks.calibration import Fitted, errors, predict
 from pmnode.bench.plotting import pyplot
 
 GRID = [round(0.001 + 0.000125 * i, 6) for i in range(25)]  # msg_cpu: 1 to 4 ms CPU per message end

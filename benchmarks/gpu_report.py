@@ -2,7 +2,7 @@
 `coordinator inspect`'s estimate. MFU = (forward + backward FLOPs per token from pmnode.core.sizing)
 x (tokens the stage served per second of its compute thread) / the device's peak.
 
-    python scripts/gpu_report.py WORK OUT [--peak-tflops 989] [--precision bf16] [--command ...]
+    python -m benchmarks.gpu_report WORK OUT [--peak-tflops 989] [--precision bf16] [--command ...]
 """
 
 from __future__ import annotations

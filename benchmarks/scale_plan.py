@@ -4,7 +4,7 @@ for a few configs and links, with replica-sync traffic counted, under the config
 
 Every figure is the `pmnode plan ... --json` command printed beside it in plan.md, run as a process.
 
-    python scripts/scale_plan.py --out docs/benchmarks/scale
+    python -m benchmarks.scale_plan --out docs/benchmarks/scale
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -135,7 +136,7 @@ def scenario_rows(s: Scenario) -> list[Row]:
     rows = [base]
     with ThreadPoolExecutor(2) as pool:
         advice = list(pool.map(lambda r: recommended(s, r), RS[1:]))
-        jobs = [(r, []) for r in RS[1:]] + list(zip(RS[1:], advice, strict=True))
+        jobs: list[tuple[int, Any]] = [(r, []) for r in RS[1:]] + list(zip(RS[1:], advice, strict=True))
         rows += list(pool.map(lambda j: row(s, j[0], j[1], base.tokens_per_s), jobs))
     return rows
 
@@ -151,7 +152,8 @@ def markdown(rows: list[Row]) -> str:
     out = [
         "# Heads and replicas: the planned swarm at R = 1, 2, 4, 8",
         "",
-        "Made by `python scripts/scale_plan.py --out docs/benchmarks/scale`; every row is the `pmnode plan` "
+        "Made by `python -m benchmarks.scale_plan --out docs/benchmarks/scale`; every row is the "
+        "`pmnode plan` "
         "command beside it. Goal: tokens/s at R >= 0.8 x R x the R = 1 figure, with replica-sync traffic "
         "counted; one replica's share of an outer round <= 1/100 of its stage's fp16 parameters, hidden "
         "behind compute.",

@@ -1,6 +1,6 @@
 r"""Async against sync over emulated slow links, with and without stale-gradient correction.
 
-    python scripts/async_links.py --config configs/tiny.yaml --stages 4 --steps 300 \
+    python -m benchmarks.async_links --config configs/tiny.yaml --stages 4 --steps 300 \
         --links unlimited,80mbit+50ms,20mbit+100ms --variants sync,none,nesterov,predict \
         --out docs/benchmarks/async
 

@@ -1,10 +1,10 @@
 """How much one relayed libp2p connection (circuit) carries before the relay resets it.
 
-Three roles, each in its own process (and, in scripts/nat_bench.py, its own network namespace):
+Three roles, each in its own process (and, in benchmarks/nat_bench.py, its own network namespace):
 
-    python -m pmnode.bench.circuit_probe relay HOST            # prints: RELAY <maddr>
-    python -m pmnode.bench.circuit_probe serve HOST RELAY      # behind NAT; prints: PEER <id>
-    python -m pmnode.bench.circuit_probe dial HOST RELAY PEER  # prints one JSON line (CircuitProbe)
+    python -m benchmarks.circuit_probe relay HOST            # prints: RELAY <maddr>
+    python -m benchmarks.circuit_probe serve HOST RELAY      # behind NAT; prints: PEER <id>
+    python -m benchmarks.circuit_probe dial HOST RELAY PEER  # prints one JSON line (CircuitProbe)
 
 The dialer opens a circuit to the served peer through the relay and echoes `chunk` bytes at a time
 until a call fails; the bytes sent up to then are what one circuit carries each way. The relay is

@@ -1,6 +1,6 @@
 """Build results.json, results.md and the plots of the data benchmark from run.sh's OUT directory.
 
-python docs/benchmarks/data/report.py OUT
+python -m benchmarks.data_report OUT
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pydantic import BaseModel
 from pmnode.core.train import TrainSummary
 from pmnode.data.manifest import read_manifest
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / "data"
 NOTES = HERE / "notes.md"  # what the numbers mean, written by hand
 PREPARES = {
     "byte": "byte",

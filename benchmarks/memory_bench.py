@@ -1,7 +1,7 @@
 """Peak memory and step time of one stage under each precision/memory option, against the estimate
 of pmnode.core.sizing (what `coordinator inspect` prints and `pmnode join` checks).
 
-    python scripts/memory_bench.py --out docs/benchmarks/memory [--device cpu] [--steps 4]
+    python -m benchmarks.memory_bench --out docs/benchmarks/memory [--device cpu] [--steps 4]
 
 Every option runs in a fresh process (peak RSS on CPU, torch.cuda.max_memory_allocated on CUDA):
 the body stage (stage 1 of 3) of a scaled-down Llama shape, fed random boundary coefficients and
@@ -160,7 +160,7 @@ def main() -> None:
         results.append(Result.model_validate_json(line))
         r = results[-1]
         print(f"{option}: {r.peak_bytes / 2**20:.0f} MiB, {r.step_s:.3f} s/step", flush=True)
-    command = f"python scripts/memory_bench.py --out {a.out} --device {a.device} --steps {a.steps}"
+    command = f"python -m benchmarks.memory_bench --out {a.out} --device {a.device} --steps {a.steps}"
     report(results, a.out, command)
 
 

@@ -24,4 +24,4 @@ run() {  # DATA CODEC
 # all four at once (as measured: the machine was shared with other work; tokens/s is per run)
 run bpe-4096 dense & run bpe-4096 subspace & run byte dense & run byte subspace & wait
 
-python docs/benchmarks/data/report.py "$OUT"
+python -m benchmarks.data_report "$OUT"

@@ -1,6 +1,6 @@
 r"""Local swarm tokens/s against single-process `pmnode train`, same machine, config and steps.
 
-    python scripts/swarm_throughput.py --configs configs/tiny.yaml,configs/small.yaml --steps 60 \
+    python -m benchmarks.swarm_throughput --configs configs/tiny.yaml,configs/small.yaml --steps 60 \
         --out docs/benchmarks/swarm-throughput
 
 Both sides measure tokens over the time spent training (evaluation excluded on the single-process

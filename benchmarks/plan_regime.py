@@ -1,6 +1,6 @@
-"""Regime-matched real runs (docs/benchmarks/plan/regime.json); see pmnode.bench.regime.
+"""Regime-matched real runs (docs/benchmarks/plan/regime.json); see benchmarks.regime.
 
-python scripts/plan_regime.py --out docs/benchmarks/plan/regime.json
+python -m benchmarks.plan_regime --out docs/benchmarks/plan/regime.json
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from pmnode.bench.regime import run_regime
+from benchmarks.regime import run_regime
 from pmnode.errors import run_cli
 
 
