@@ -28,11 +28,13 @@ from hivemind.utils.crypto import RSAPrivateKey
 from pmnode.config import RunConfig, load_config
 from pmnode.core.codecs import Packet
 from pmnode.core.replica_state import load_state_tensors, max_state_bytes, state_tensors
+from pmnode.core.snapshot_meta import StateMeta
 from pmnode.core.worker import StageWorker
 from pmnode.net.auth import Cert, Guard, Verifier, issue_cert, public_bytes
 from pmnode.net.bulk import fetch, pack, unpack
 from pmnode.net.callproof import Identity
 from pmnode.net.control import Hello, call_json
+from pmnode.net.meta import AckMeta, BulkChunk, BulkOpen, BulkRequest, Meta
 from pmnode.net.rpcs import HELLO, STATE
 from pmnode.net.services import ServeOptions, serve_all
 from pmnode.net.state_digest import StateCheck
@@ -77,8 +79,8 @@ async def serve_state(cfg: RunConfig, info: Path, authority: Path, pause_at: int
     async def now(fn):  # this process has no other job: its "compute thread" is the caller
         return fn()
 
-    def header(kind: str, mb: str, **meta: float | int | str) -> MessageHeader:
-        return MessageHeader(kind=kind, run=RUN, micro_batch=mb, stage=0, step=worker.step_count, meta=meta)
+    def header(mb: str, meta: Meta | None = None) -> MessageHeader:
+        return MessageHeader.of(meta or AckMeta(), run=RUN, micro_batch=mb, stage=0, step=worker.step_count)
 
     class Node:  # what a node serves besides: the hello that binds a certificate to the caller
         async def rpc_hello(self, req: Hello, caller: str) -> Hello:
@@ -87,7 +89,7 @@ async def serve_state(cfg: RunConfig, info: Path, authority: Path, pause_at: int
 
     class Stalling(Replicas):
         async def rpc_state(self, header: MessageHeader, packet: Packet, caller: str):  # type: ignore[override]
-            if header.meta.get("op") == "chunk" and header.meta.get("index") == pause_at:
+            if isinstance(header.meta, BulkChunk) and header.meta.index == pause_at:
                 (info.parent / "mid-chunk").write_text("")
                 await asyncio.Event().wait()  # killed in the middle of this chunk's answer
             return await super().rpc_state(header, packet, caller)
@@ -117,19 +119,19 @@ async def fetch_state(cfg: RunConfig, info: Path, authority: Path, senders: list
     cert, verifier, _ = certified(p2p, authority)
     asked: list[tuple[str, str]] = []
 
-    async def ask(peer: str, meta: dict[str, int | str]) -> Packet:
-        header = {"kind": "ack", "run": RUN, "micro_batch": "state", "stage": 0, "step": 0, "meta": meta}
+    async def ask(peer: str, req: BulkRequest) -> Packet:
+        header = MessageHeader.of(req, run=RUN, micro_batch="state", stage=0, step=0)
         try:
             reply = (await request(p2p, peer, STATE.path(RUN), header, Packet({}), None, timeout=30.0))[1]
         except WireError:  # a reply stream cut short (hivemind ends a reset stream quietly), on a busy
             print("a reply came cut short: asked again", flush=True)  # machine: once more, same peer
             reply = (await request(p2p, peer, STATE.path(RUN), header, Packet({}), None, timeout=30.0))[1]
-        asked.append((peer, str(meta.get("op"))))  # answered
+        asked.append((peer, req.kind))  # answered
         return reply
 
     peer_ids = [p["peer"] for p in peers]
     try:  # the door is guarded: no state for a caller that has not shown a certificate of the stage
-        await ask(peer_ids[0], {"op": "open"})
+        await ask(peer_ids[0], BulkOpen())
         refused = "served"
     except Refused as e:
         refused = e.reason
@@ -141,7 +143,9 @@ async def fetch_state(cfg: RunConfig, info: Path, authority: Path, senders: list
         certs[peer] = reply.cert
     check = StateCheck(verifier, RUN, 0, certs.get, refused=lambda peer, reason: bad.append(reason))
     size = max_state_bytes(worker)
-    got = await fetch(ask, peer_ids, {}, say=lambda s: print(s, flush=True), max_size=size, check=check)
+    got = await fetch(
+        ask, peer_ids, BulkOpen(), StateMeta, say=lambda s: print(s, flush=True), max_size=size, check=check
+    )
     load_state_tensors(worker, unpack(got.manifest, got.buffer), got.manifest.meta)
     chunks = {p["peer"]: sum(1 for who, op in asked if who == p["peer"] and op == "chunk") for p in peers}
     body = {

@@ -43,6 +43,7 @@ from test_bounds import SENT
 
 from pmnode.config import load_config
 from pmnode.core.codecs import Packet, make_codec
+from pmnode.core.snapshot_meta import SumsMeta
 from pmnode.core.stages import build_subspace
 from pmnode.core.worker import StageWorker
 from pmnode.net import tunnel
@@ -66,6 +67,7 @@ from pmnode.net.control import (
     call_json,
 )
 from pmnode.net.dht import announce, p2p_options, stage_records
+from pmnode.net.meta import AckMeta, ActivationMeta, BulkChunk, BulkClose, BulkOpen, ErrorMeta
 from pmnode.net.records import SwarmValidator
 from pmnode.net.routing import StageRecord, stage_key
 from pmnode.net.serving import serve
@@ -135,7 +137,7 @@ class Poisoner:
         else:
             g.fill_(3e38)
         self.served += 1
-        return pack({"g": g}, {"samples": samples, "step": 0})
+        return pack({"g": g}, SumsMeta(samples=samples, step=0))
 
     async def serve(self) -> None:
         async def hello(req: Hello, caller: str) -> Hello:
@@ -150,10 +152,15 @@ class Poisoner:
         async def ack(req: object, caller: str) -> Ack:
             return Ack()
 
-        async def grads(header: MessageHeader, packet: Packet, caller: str) -> tuple[dict, Packet]:
-            return {"kind": "ack"}, await self.bulk.answer(header.meta, self._snapshot)
+        async def grads(header: MessageHeader, packet: Packet, caller: str) -> tuple[MessageHeader, Packet]:
+            req = header.meta
+            assert isinstance(req, (BulkOpen, BulkChunk, BulkClose))
+            reply = MessageHeader.of(
+                AckMeta(), run=header.run, micro_batch=header.micro_batch, stage=1, step=0
+            )
+            return reply, await self.bulk.answer(req, self._snapshot)
 
-        async def refuse(header: MessageHeader, packet: Packet, caller: str) -> tuple[dict, Packet]:
+        async def refuse(header: MessageHeader, packet: Packet, caller: str) -> tuple[MessageHeader, Packet]:
             raise WireError("bad payload", "this replica takes no micro-batches")
 
         for name, kind, fn in (
@@ -285,16 +292,12 @@ async def _attack(work: Path, cfg_path: Path, tag: str, swarm: subprocess.Popen)
             if v.is_floating_point():
                 v.fill_(3e38)  # finite, so past the wire's check: the magnitude bound must refuse it
         act.tensors["last_target"] = torch.zeros(b, 1, dtype=codec.token_dtype)
-        hdr = {
-            "kind": "activation",
-            "run": run,
-            "micro_batch": f"{node2.step}:0",
-            "stage": 1,
-            "step": node2.step,
-        }
-        msg = encode({**hdr, "meta": {"samples": b}}, Packet(dict(act.tensors)))
+        hdr = MessageHeader.of(
+            ActivationMeta(samples=b), run=run, micro_batch=f"{node2.step}:0", stage=1, step=node2.step
+        )
+        msg = encode(hdr, Packet(dict(act.tensors)))
         got = decode(await call(p2p, node2.peer_id, f"{run}.forward", msg, 30.0))[0]
-        report["huge_activation"] = str(got.meta.get("reason", got.kind))
+        report["huge_activation"] = got.meta.reason if isinstance(got.meta, ErrorMeta) else got.kind
 
         # ---- poisoning replicas: each joins stage 1's commits with one poison ----
         n_params = sum(p.numel() for p in StageWorker(cfg, 1, cfg.codec_spec).stage.parameters())

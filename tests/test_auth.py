@@ -170,7 +170,7 @@ def _h(mb: str, **kw: object) -> MessageHeader:
 
 def test_micro_batch_ids() -> None:
     args = {"run": RUN, "from_stage": 0, "n_micro": 2, "step": 10, "window": 3, "seen": {"10:0": {0}}}
-    assert check_micro_batch(_h("10:0", meta={"try": 7}), **args) == 10  # a retry: new try, same id
+    assert check_micro_batch(_h("10:0", meta={"attempt": 7}), **args) == 10  # a retry: new try, same id
     assert check_micro_batch(_h("10:1"), **args) == 10
     assert check_micro_batch(_h("13:0"), **args) == 13
     for mb, reason in (

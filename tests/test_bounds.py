@@ -13,10 +13,12 @@ from hivemind.p2p import P2P
 from hivemind.utils.crypto import RSAPrivateKey
 
 from pmnode.core.codecs import Packet
+from pmnode.core.snapshot_meta import SumsMeta
 from pmnode.net import auth, bounded, tunnel
 from pmnode.net.auth import Guard, Verifier, public_bytes
 from pmnode.net.bulk import BulkManifest, TransferError, check_manifest, fetch
 from pmnode.net.forwarder import Forwarder
+from pmnode.net.meta import ActivationMeta, BulkOpen, BulkRequest, GradientMeta
 from pmnode.net.serving import serve
 from pmnode.net.transport import TransportError, TransportStats, call
 from pmnode.net.wire import MessageHeader, encode
@@ -33,13 +35,15 @@ def _rss() -> int:
     raise AssertionError("no VmRSS")
 
 
-async def _echo(header: MessageHeader, packet: Packet, caller: str) -> tuple[dict, Packet]:
-    n = int(header.meta.get("grow", 0))
-    return {"kind": "gradient"}, Packet({"big": torch.ones(n, dtype=torch.uint8)} if n else {})
+async def _echo(header: MessageHeader, packet: Packet, caller: str) -> tuple[MessageHeader, Packet]:
+    """A reply of `grow` bytes (the request's samples, when above 1)."""
+    n = header.meta_as(ActivationMeta).samples
+    reply = MessageHeader.of(GradientMeta(), run=RUN, micro_batch="0:0", stage=1, step=0)
+    return reply, Packet({"big": torch.ones(n, dtype=torch.uint8)} if n > 1 else {})
 
 
-def _header(**meta: int) -> MessageHeader:
-    return MessageHeader(kind="activation", run=RUN, micro_batch="0:0", stage=0, step=0, meta=meta)
+def _header(grow: int = 1) -> MessageHeader:
+    return MessageHeader.of(ActivationMeta(samples=grow), run=RUN, micro_batch="0:0", stage=0, step=0)
 
 
 async def _announce_4gb(attacker: P2P, target: P2P, door: str) -> int:
@@ -108,7 +112,14 @@ def test_a_streamed_reply_stops_at_the_callers_limit() -> None:
 
 def _manifest(size: int, chunk: int = 2**20, n: int | None = None) -> BulkManifest:
     n = -(-size // chunk) if n is None else n
-    return BulkManifest(ticket="t", size=size, chunk=chunk, chunks=["0" * 64] * n, tensors=[], meta={})
+    return BulkManifest(
+        ticket="t",
+        size=size,
+        chunk=chunk,
+        chunks=["0" * 64] * n,
+        tensors=[],
+        meta=SumsMeta(step=0, samples=0),
+    )
 
 
 def test_a_bulk_manifest_cannot_ask_for_more_than_the_receiver_expects() -> None:
@@ -121,14 +132,14 @@ def test_a_bulk_manifest_cannot_ask_for_more_than_the_receiver_expects() -> None
         check_manifest(_manifest(0, chunk=0, n=0), max_size=4 * 2**20)
     asked: list[str] = []
 
-    async def ask(peer: str, meta: dict[str, int | str]) -> Packet:
-        asked.append(str(meta["op"]))
+    async def ask(peer: str, req: BulkRequest) -> Packet:
+        asked.append(req.kind)
         body = _manifest(4 * 2**30, n=1).model_dump_json().encode()
         return Packet({"manifest": torch.frombuffer(bytearray(body), dtype=torch.uint8)})
 
     before = _rss()
     with pytest.raises(TransferError, match="no sender completed"):
-        asyncio.run(fetch(ask, ["liar"], {}, max_size=2**20))
+        asyncio.run(fetch(ask, ["liar"], BulkOpen(), SumsMeta, max_size=2**20))
     assert asked == ["open"] and _rss() - before < 64 * 2**20  # no chunk asked, nothing allocated
 
 

@@ -11,6 +11,7 @@ from test_validate import check, mutated, real_packet
 from pmnode.config import load_config
 from pmnode.core.codecs import make_codec
 from pmnode.core.replica_state import load_state_tensors, state_tensors
+from pmnode.core.snapshot_meta import SumsMeta
 from pmnode.core.worker import StageWorker
 from pmnode.errors import PmnodeError
 from pmnode.net.bulk import Received, pack
@@ -19,8 +20,8 @@ from pmnode.net.wire import WireError
 from pmnode.swarm.participant import add_part
 
 
-def _received(g: torch.Tensor, samples: object = 8) -> Received:
-    snap = pack({"g": g}, {"samples": samples, "step": 0})  # type: ignore[dict-item]
+def _received(g: torch.Tensor, samples: int = 8) -> Received:
+    snap = pack({"g": g}, SumsMeta(samples=samples, step=0))
     return Received(snap.manifest, snap.buffer)
 
 
@@ -37,7 +38,7 @@ def test_a_replicas_sum_must_be_like_ours() -> None:
             add_part(total, _received(bad), ours)
         assert e.value.reason == "bad gradient"
     with pytest.raises(WireError, match="shape"):  # a snapshot without the sum
-        add_part(total, Received(pack({}, {}).manifest, bytearray()), ours)
+        add_part(total, Received(pack({}, SumsMeta(samples=0, step=0)).manifest, bytearray()), ours)
     assert torch.equal(total, ours)  # nothing refused reached the sum
     assert torch.equal(add_part(total, _received(torch.full((1000,), 2.0)), ours), torch.full((1000,), 3.0))
 

@@ -17,6 +17,7 @@ from pmnode.core.compress import Malformed, round_bytes
 from pmnode.core.grad_sync import GradCompressor, GradShares
 from pmnode.core.replica_train import ReplicatedPipeline
 from pmnode.core.share_bytes import layout
+from pmnode.core.snapshot_meta import SumsMeta
 from pmnode.core.train import Pipeline
 from pmnode.errors import ConfigError
 from pmnode.net.bulk import Received, pack
@@ -140,11 +141,11 @@ def test_a_received_share_is_decoded_checked_and_refused_as_bad_gradient() -> No
     c = GradCompressor(SHAPES, _rs(), 0)
     buf, mine = c.share(0, _sums(1))
     like = _sums(1)
-    snap = pack({"g": buf}, {"samples": 4, "step": 0})
+    snap = pack({"g": buf}, SumsMeta(samples=4, step=0))
     got = Received(snap.manifest, snap.buffer)
     total = add_part(None, got, like, None, c.decode)
     assert torch.equal(total, mine)
-    bad = pack({"g": buf[:-1]}, {"samples": 4, "step": 0})
+    bad = pack({"g": buf[:-1]}, SumsMeta(samples=4, step=0))
     got = Received(bad.manifest, bad.buffer)
     with pytest.raises(WireError, match="compressed share"):
         add_part(None, got, like, None, c.decode)

@@ -17,7 +17,9 @@ from pmnode.core.codecs import Packet
 from pmnode.core.compress import Malformed, decompress, round_bytes
 from pmnode.core.outer import OuterSync
 from pmnode.core.share_bytes import pack_share, unpack_share
+from pmnode.core.snapshot_meta import StateMeta
 from pmnode.errors import PmnodeError
+from pmnode.net.meta import AckMeta, Meta
 from pmnode.net.outer_rpcs import Vote
 from pmnode.net.wire import MessageHeader, WireError
 from pmnode.swarm.outer_peer import OuterPeer
@@ -101,8 +103,8 @@ def _peer(cfg: ReplicaSyncConfig, shapes: list[tuple[int, ...]], live: list[str]
     run = RunConfig.model_validate({"name": "t", "replica_sync": cfg.model_dump()})
     said: list[str] = []
 
-    def header(kind: str, micro_batch: str, **meta: Any) -> MessageHeader:
-        return MessageHeader(kind=kind, run="t", micro_batch=micro_batch, stage=1, step=0, meta=meta)  # type: ignore[arg-type]
+    def header(micro_batch: str, meta: Meta | None = None) -> MessageHeader:
+        return MessageHeader.of(meta or AckMeta(), run="t", micro_batch=micro_batch, stage=1, step=0)
 
     ctx = SimpleNamespace(cfg=run, peer_id="b", runner=_Runner(), header=header, say=said.append)
 
@@ -113,8 +115,10 @@ def _peer(cfg: ReplicaSyncConfig, shapes: list[tuple[int, ...]], live: list[str]
     return OuterPeer(ctx, View(), shapes, sample_cap(run), lambda: 2)  # type: ignore[arg-type]
 
 
-def _send(peer: OuterPeer, buf: torch.Tensor | None, **meta: Any) -> tuple[MessageHeader, Packet]:
-    header = MessageHeader(kind="ack", run="t", micro_batch="outer", stage=1, step=0, meta=meta)
+def _send(
+    peer: OuterPeer, buf: torch.Tensor | None, kind: str = "share", **meta: Any
+) -> tuple[MessageHeader, Packet]:
+    header = MessageHeader(kind=kind, run="t", micro_batch="outer", stage=1, step=0, meta=meta)  # type: ignore[arg-type]
     packet = Packet({} if buf is None else {"share": buf})
     return asyncio.run(peer.rpc_outer_share(header, packet, "c"))
 
@@ -132,7 +136,7 @@ def test_malformed_shares_are_refused_counted_and_never_stored() -> None:
         "non-finite": (nan, {"round": 2, "samples": 8}),
         "samples": (good, {"round": 2, "samples": cap + 1}),
         "round": (good, {"round": 9, "samples": 8}),
-        "meta": (good, {"round": 2, "samples": "8"}),
+        "meta": (good, {"kind": "activation", "samples": 8}),  # another kind's header
     }
     cases["negative"] = (good, {"round": 2, "samples": -1})
     for reason, (buf, meta) in cases.items():
@@ -143,6 +147,8 @@ def test_malformed_shares_are_refused_counted_and_never_stored() -> None:
         assert peer.shares.holders(2) == [], reason
     with pytest.raises(WireError):
         _send(peer, None, round=2, samples=8)
+    with pytest.raises(ValueError):  # an ill-typed share meta never gets past the header's decode
+        _send(peer, good, round=2, samples="8")
     counted = dict(peer.counts.refused)
     assert counted["size"] == 1 and counted["non-finite"] == 1 and counted["samples"] == 2
     assert counted["round"] == 1 and counted["meta"] == 1 and sum(counted.values()) == 7
@@ -183,6 +189,12 @@ def test_outer_rounds_show_in_metrics_and_the_status_page() -> None:
     assert 'pmnode_outer_refused{peer="p1",reason="size",stage="1"} 2.0' in text
 
 
+def _copied(jobs: Any) -> tuple[dict[str, torch.Tensor], StateMeta]:
+    """What a state copy of `jobs`' replica carries of its outer state (no optimizer here)."""
+    tensors, outer = jobs.state()
+    return tensors, StateMeta(step=0, param_groups=[], outer=outer)
+
+
 def _jobs(cfg: ReplicaSyncConfig, seed: int = 0) -> Any:
     from pmnode.swarm.outer_jobs import OuterJobs
     from pmnode.swarm.outer_peer import Counts
@@ -209,7 +221,7 @@ def test_a_copy_mid_round_lets_the_copier_apply_that_round_like_everyone() -> No
     share_a, _ = a.start()
     share_c, _ = c.start()  # round 0 in flight at both
     a.copyable = {0: {"a": share_a, "c": share_c}}
-    tensors, meta = a.state()
+    tensors, meta = _copied(a)
     joiner = _jobs(cfg, 2)
     assert joiner.adopt(tensors, meta)
     assert joiner.round == 0 and sorted(p for p, _ in joiner.inherited) == ["a", "c"]
@@ -245,7 +257,7 @@ def test_a_catch_up_copy_over_a_round_in_flight_applies_that_round_like_everyone
     share_a, _ = a.start()
     share_b, _ = b.start()  # b's share holds its progress before the copy
     a.copyable = {0: {"a": share_a, "b": share_b}}
-    assert b.adopt(*a.state()) and b.round == 0 and not b.in_flight()
+    assert b.adopt(*_copied(a)) and b.round == 0 and not b.in_flight()
     with torch.no_grad():
         since = [torch.randn_like(p) * 0.01 for p in b.params]
         for p, d in zip(b.params, since, strict=True):
@@ -263,7 +275,7 @@ def test_a_copy_past_the_round_in_flight_leaves_the_round_to_its_anchor_and_the_
     share_a, _ = a.start()
     share_b, _ = b.start()
     assert a.apply(True, [share_a, share_b]) and a.round == 1
-    assert b.adopt(*a.state()) and b.round == 1
+    assert b.adopt(*_copied(a)) and b.round == 1
     weights = b.digest()
     landed: list[bool] = []
     b.pending = (True, [share_a, share_b], lambda: landed.append(True))

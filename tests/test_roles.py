@@ -12,6 +12,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 
 from pmnode.config import load_config
 from pmnode.core.replica_state import load_state_tensors, state_tensors
+from pmnode.core.snapshot_meta import StateMeta, SumsMeta
 from pmnode.core.worker import StageWorker
 from pmnode.errors import PmnodeError
 from pmnode.net.auth import AuthError, Guard, Verifier, issue_cert, public_bytes
@@ -78,9 +79,9 @@ def test_only_the_heads_seal_ends_the_run() -> None:
     assert guard.bans == 1 and "stage1" in guard.banned  # banned at its third (ban_after 3)
 
 
-def _copy(worker: StageWorker) -> tuple[dict[str, torch.Tensor], dict[str, int | str]]:
+def _copy(worker: StageWorker) -> tuple[dict[str, torch.Tensor], StateMeta]:
     tensors, meta = state_tensors(worker)
-    return {k: v.clone() for k, v in tensors.items()}, dict(meta)
+    return {k: v.clone() for k, v in tensors.items()}, meta
 
 
 def test_a_state_copy_not_like_ours_or_of_another_step_is_not_loaded() -> None:
@@ -107,8 +108,9 @@ def test_a_state_copy_not_like_ours_or_of_another_step_is_not_loaded() -> None:
     t, m = _copy(src)
     cases.append((t, m, 7, "of step 0, not 7"))
     t, m = _copy(src)
-    m["step"] = -1
-    cases.append((t, m, None, "of step -1"))
+    cases.append((t, SumsMeta(step=0, samples=8), None, "without its optimizer layout"))  # a sums snapshot
+    with pytest.raises(ValueError):  # a negative step never gets past the manifest's decode
+        m.model_validate({**m.model_dump(), "step": -1})
     for tensors, meta, step, why in cases:
         with pytest.raises(PmnodeError, match=why):
             load_state_tensors(dst, tensors, meta, step)

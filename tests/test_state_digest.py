@@ -21,10 +21,12 @@ import torch
 from hivemind.utils.crypto import RSAPrivateKey
 
 from pmnode.core.codecs import Packet
+from pmnode.core.snapshot_meta import StateMeta
 from pmnode.errors import PmnodeError
 from pmnode.net.auth import Cert, Guard, Verifier, issue_cert, public_bytes
 from pmnode.net.bulk import BulkServer, Received, Snapshot, TransferError, pack
 from pmnode.net.callproof import Identity
+from pmnode.net.meta import BulkOpen, BulkRequest
 from pmnode.net.state_digest import (
     BAD_DIGEST,
     BAD_SIGNATURE,
@@ -55,13 +57,13 @@ MEMBERS = {p: _member(p) for p in ("peer-aaaaaaaa", "peer-bbbbbbbb", "peer-ccccc
 A, B, C = sorted(MEMBERS)
 
 
-def _state(step: int = STEP) -> tuple[dict[str, torch.Tensor], dict[str, int | str]]:
+def _state(step: int = STEP) -> tuple[dict[str, torch.Tensor], StateMeta]:
     g = torch.Generator().manual_seed(3)
     tensors = {
         "model/w": torch.randn(64, 64, generator=g),
         "optim/0/exp_avg": torch.randn(64, 64, generator=g),
     }
-    return tensors, {"step": step, "param_groups": "[]", "optim_scalars": "{}"}
+    return tensors, StateMeta(step=step, param_groups=[])
 
 
 def _signed(
@@ -94,9 +96,9 @@ class Sender:
             self.forge(snap)
         return snap
 
-    async def answer(self, meta: dict[str, Any]) -> Packet:
+    async def answer(self, req: BulkRequest) -> Packet:
         self.asked += 1
-        return await self.bulk.answer(meta, self.snapshot)
+        return await self.bulk.answer(req, self.snapshot)
 
 
 def _tamper_a_byte(snap: Snapshot) -> None:
@@ -146,7 +148,7 @@ def _replicas(senders: list[Sender], guard: Guard) -> tuple[replicas_mod.Replica
         verifier=VERIFIER,
         runner=runner,
         p2p=SimpleNamespace(peer_id=SimpleNamespace(to_base58=lambda: "peer-receiver")),
-        header=lambda kind, mb, **meta: SimpleNamespace(meta=meta),
+        header=lambda mb, meta: SimpleNamespace(meta=meta),
         say=said.append,
         console=SimpleNamespace(print=lambda *a, **k: said.append(str(a[0]))),
     )
@@ -198,7 +200,7 @@ def test_a_copy_its_sender_did_not_vouch_for_is_refused_and_the_next_sender_serv
 def test_the_bytes_received_are_hashed_again_and_compared_with_the_signed_digest() -> None:
     honest = Sender(C)
     snap = honest.snapshot()
-    reply = asyncio.run(honest.answer({"op": "open"}))
+    reply = asyncio.run(honest.answer(BulkOpen()))
     refused: list[tuple[str, str]] = []
     check = StateCheck(
         VERIFIER, RUN, STAGE, {C: MEMBERS[C][1]}.get, STEP, lambda p, r: refused.append((p, r))
@@ -215,7 +217,7 @@ def test_the_bytes_received_are_hashed_again_and_compared_with_the_signed_digest
 
 def test_a_sender_whose_certificate_this_node_did_not_check_is_left_unstruck() -> None:
     """Our certificate was renewed meanwhile (Downstream forgets whom it greeted): not the sender's fault."""
-    reply = asyncio.run(Sender(C).answer({"op": "open"}))
+    reply = asyncio.run(Sender(C).answer(BulkOpen()))
     refused: list[tuple[str, str]] = []
     check = StateCheck(VERIFIER, RUN, STAGE, {}.get, None, lambda p, r: refused.append((p, r)))
     man = Sender(C).snapshot().manifest

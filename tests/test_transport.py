@@ -11,6 +11,7 @@ import torch
 from hivemind.p2p import P2P
 
 from pmnode.core.codecs import Packet
+from pmnode.net.meta import ActivationMeta, ErrorMeta, GradientMeta, Meta
 from pmnode.net.serving import serve
 from pmnode.net.transport import (
     UNARY_LIMIT,
@@ -27,23 +28,35 @@ FORWARD, BACKWARD = "test-run.forward", "test-run.backward"
 Scenario = Callable[[P2P, P2P, TransportStats, TransportStats], Awaitable[None]]
 
 
-def _header(kind: str = "activation", mb: str = "0:0") -> MessageHeader:
-    return MessageHeader(kind=kind, run="test-run", micro_batch=mb, stage=0, step=0)
+def _header(meta: Meta | None = None, mb: str = "0:0") -> MessageHeader:
+    return MessageHeader.of(meta or ActivationMeta(), run="test-run", micro_batch=mb, stage=0, step=0)
+
+
+def answer(request: MessageHeader, *tags: object) -> MessageHeader:
+    """A test handler's reply: a gradient addressed like the request, with `tags` in its micro-batch."""
+    mb = "|".join([request.micro_batch, *map(str, tags)])
+    return MessageHeader.of(
+        GradientMeta(), run=request.run, micro_batch=mb, stage=request.stage, step=request.step
+    )
+
+
+def reason(header: MessageHeader) -> str:
+    return header.meta.reason if isinstance(header.meta, ErrorMeta) else header.kind
 
 
 def _bits(t: torch.Tensor) -> bytes:
     return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-async def _echo(header: MessageHeader, packet: Packet, peer_id: str) -> tuple[dict, Packet]:
+async def _echo(header: MessageHeader, packet: Packet, peer_id: str) -> tuple[MessageHeader, Packet]:
     """Sends the tensors back untouched, plus one transformed tensor, as the 'gradient'."""
     out = dict(packet.tensors)
     if "v" in out:
         out["neg"] = -out["v"]
-    return {"kind": "gradient", "meta": {"caller": peer_id[-8:], "n": len(packet.tensors)}}, Packet(out)
+    return answer(header, peer_id[-8:], len(packet.tensors)), Packet(out)
 
 
-async def _fail(header: MessageHeader, packet: Packet, peer_id: str) -> tuple[dict, Packet]:
+async def _fail(header: MessageHeader, packet: Packet, peer_id: str) -> tuple[MessageHeader, Packet]:
     raise RuntimeError("stage exploded")
 
 
@@ -97,14 +110,13 @@ def test_small_message_goes_unary() -> None:
 
     async def scenario(a: P2P, b: P2P, srv: TransportStats, cli: TransportStats) -> None:
         replies.append(await call(b, a.peer_id.to_base58(), FORWARD, data, timeout=10, stats=cli))
-        header, reply = await request(b, a.peer_id, BACKWARD, _header("gradient", "0:1"), packet, cli, 10)
-        assert header.kind == "gradient" and header.micro_batch == "0:1"  # completed from the request
-        assert header.sender == a.peer_id.to_base58() and header.meta["caller"] == b.peer_id.to_base58()[-8:]
+        header, reply = await request(b, a.peer_id, BACKWARD, _header(GradientMeta(), "0:1"), packet, cli, 10)
+        assert header.kind == "gradient" and header.micro_batch == f"0:1|{b.peer_id.to_base58()[-8:]}|2"
         assert _bits(reply.tensors["neg"]) == _bits(-packet.tensors["v"])
 
     srv, cli = _run(scenario)
     header, reply = decode(replies[0])
-    assert header.kind == "gradient" and header.meta["n"] == 2
+    assert header.kind == "gradient" and header.micro_batch.endswith("|2")
     for k, t in packet.tensors.items():
         assert reply.tensors[k].dtype == t.dtype and _bits(reply.tensors[k]) == _bits(t)
     # exact counts: what left the client is what reached the server, and back
@@ -146,9 +158,9 @@ def test_5mib_message_is_streamed_bit_exact() -> None:
 def test_large_reply_to_small_request_is_fetched_once() -> None:
     calls: list[str] = []
 
-    async def grow(header: MessageHeader, packet: Packet, peer_id: str) -> tuple[dict, Packet]:
+    async def grow(header: MessageHeader, packet: Packet, peer_id: str) -> tuple[MessageHeader, Packet]:
         calls.append(header.micro_batch)  # must run once even though the reply cannot go unary
-        return {"kind": "gradient"}, Packet({"g": torch.arange(3 * 2**20, dtype=torch.int32)})
+        return answer(header), Packet({"g": torch.arange(3 * 2**20, dtype=torch.int32)})
 
     async def scenario(a: P2P, b: P2P, srv: TransportStats, cli: TransportStats) -> None:
         await serve(a, "test-run.pmnode.grow", grow, srv)
@@ -169,7 +181,7 @@ def test_garbage_gets_an_error_reply_and_the_server_keeps_serving() -> None:
         for i, junk in enumerate(garbage):
             header, packet = decode(await call(b, a.peer_id, FORWARD, junk, timeout=10, stats=cli))
             assert header.kind == "error" and not packet.tensors
-            assert header.meta["reason"].split(":")[0] in ("too short", "bad header length", "size mismatch")
+            assert reason(header).split(":")[0] in ("too short", "bad header length", "size mismatch")
             assert srv.errors["forward"] == i + 1
             header, packet = decode(await call(b, a.peer_id, FORWARD, good, timeout=10, stats=cli))
             assert header.kind == "gradient" and torch.equal(packet.tensors["neg"], -torch.ones(4))
@@ -217,7 +229,7 @@ def test_oversized_stream_is_cut_off() -> None:
         data = encode(_header(), Packet({"v": torch.zeros(2**20)}))  # 4 MiB
         try:
             header, _ = decode(await call(b, a.peer_id, "test-run.pmnode.small", data, timeout=10, stats=cli))
-            assert header.kind == "error" and header.meta["reason"].startswith("too large")
+            assert header.kind == "error" and reason(header).startswith("too large")
         except TransportError:
             pass  # the server hung up mid-stream; either way nothing was buffered past the limit
         assert srv.error_reasons["too large"] == 1
@@ -265,15 +277,15 @@ def test_guard_refuses_before_decoding_and_bans_garbage() -> None:
     async def scenario(a: P2P, b: P2P, srv: TransportStats, cli: TransportStats) -> None:
         handled: list[str] = []
 
-        async def handler(header: MessageHeader, packet: Packet, peer: str) -> tuple[dict, Packet]:
+        async def handler(header: MessageHeader, packet: Packet, peer: str) -> tuple[MessageHeader, Packet]:
             handled.append(header.micro_batch)
-            return {"kind": "gradient"}, Packet({})
+            return answer(header), Packet({})
 
         await serve(a, "test-run.guarded", handler, srv, guard=guard)
 
         async def send(data: bytes) -> str:
             header, _ = decode(await call(b, a.peer_id, "test-run.guarded", data, timeout=10, stats=cli))
-            return str(header.meta.get("reason", header.kind))
+            return reason(header)
 
         got.append(await send(good))  # not a member yet
         me = b.peer_id.to_base58()

@@ -17,6 +17,7 @@ import time
 import uuid
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import hivemind
 import pytest
@@ -32,10 +33,11 @@ from pmnode.core.stages import build_subspace
 from pmnode.net.auth import Verifier, issue_cert, public_bytes
 from pmnode.net.control import JOIN_RPC, ControlError, Hello, JoinReply, JoinRequest, call_json
 from pmnode.net.dht import p2p_options, stage_records
+from pmnode.net.meta import ActivationMeta, ErrorMeta, GradientMeta
 from pmnode.net.records import SwarmValidator, sign_config, sign_record
 from pmnode.net.routing import StageRecord, config_key, stage_key
 from pmnode.net.transport import TransportError, call
-from pmnode.net.wire import decode, encode
+from pmnode.net.wire import MessageHeader, decode, encode
 
 pytestmark = pytest.mark.slow
 STEPS = 400  # long enough that the fuzzing happens while the swarm trains
@@ -93,10 +95,21 @@ def payloads(cfg_path: Path, run: str, step: int, rng: random.Random) -> list[tu
         p.tensors["last_target"] = torch.randint(0, vocab, (batch, 1)).to(codec.token_dtype)
         return dict(p.tensors)
 
-    def msg(tensors: dict[str, torch.Tensor], mb: str = "999999:0", **hdr: object) -> bytes:
-        fields: dict = {"kind": "activation", "run": run, "micro_batch": mb, "stage": 0, "step": step}
-        fields["meta"] = {"samples": next(iter(tensors.values())).shape[0] if tensors else 1}
-        return encode({**fields, **hdr}, Packet(tensors))
+    def msg(
+        tensors: dict[str, torch.Tensor],
+        mb: str = "999999:0",
+        kind: str = "activation",
+        samples: int | None = None,
+        **hdr: Any,
+    ) -> bytes:
+        held = next(iter(tensors.values())).shape[0] if tensors else 1
+        meta = (
+            ActivationMeta(samples=held if samples is None else samples)
+            if kind == "activation"
+            else GradientMeta()
+        )
+        fields = {"run": run, "micro_batch": mb, "stage": 0, "step": step, **hdr}
+        return encode(MessageHeader.of(meta, **fields), Packet(tensors))
 
     out: list[tuple[str, bytes]] = []
     valid = msg(good())
@@ -147,7 +160,7 @@ def payloads(cfg_path: Path, run: str, step: int, rng: random.Random) -> list[tu
     for i in range(50):  # replays of ids trained on long ago
         out.append(("old id", msg(good(), mb=f"{i % max(step, 1)}:{i % 2}")))
     for i in range(100):  # well-formed, but not for this stage
-        hdr = [{"run": "other"}, {"stage": 1}, {"kind": "gradient"}, {"meta": {"samples": 3}}][i % 4]
+        hdr = [{"run": "other"}, {"stage": 1}, {"kind": "gradient"}, {"samples": 3}][i % 4]
         out.append(("not for us", msg(good(), **hdr)))
     for _ in range(50):  # token ids outside the vocabulary are caught even when the dtype holds them
         t = good()
@@ -157,6 +170,11 @@ def payloads(cfg_path: Path, run: str, step: int, rng: random.Random) -> list[tu
             t["tokens"] = t["tokens"].to(torch.int64) + vocab
         out.append(("token range", msg(t)))
     return out
+
+
+def _reason(header: MessageHeader) -> str:
+    """An error reply's reason ("" for any other reply)."""
+    return header.meta.reason if isinstance(header.meta, ErrorMeta) else ""
 
 
 def _with_id(message: bytes, mb: str) -> bytes:
@@ -202,7 +220,7 @@ async def _attack(maddr: str, token: str, cfg_path: Path, work: Path) -> dict:
             await call_json(out_p2p, stage1.peer_id, f"{run}.hello", Hello(cert=reply.cert), Hello)
         replies.append(await call(out_p2p, stage1.peer_id, f"{run}.forward", some, 10.0))
         replies.append(await call(out_p2p, stage1.peer_id, f"{run}.eval", some, 10.0))
-        report["outsider"] = [decode(r)[0].meta.get("reason") for r in replies]
+        report["outsider"] = [_reason(decode(r)[0]) for r in replies]
         # records: an unsigned one, one signed by a key nobody certified, the member's stage-0
         # certificate on a stage-1 record, and a fake run config
         fake = StageRecord(peer_id=outsider.peer_id.to_base58(), stage=1, throughput=1e6, time=time.time())
@@ -237,7 +255,7 @@ async def _attack(maddr: str, token: str, cfg_path: Path, work: Path) -> dict:
                 r = await call(p2p, stage1.peer_id, f"{run}.forward", data, 30.0)
                 header, _ = decode(r)
                 assert header.kind == "error", (kind, header)
-                reasons[str(header.meta.get("reason", "")).split(":")[0]] += 1
+                reasons[_reason(header).split(":")[0]] += 1
             except TransportError as e:  # the server hangs up on an oversized upload
                 assert kind == "oversized stream", (kind, e)
                 reasons["hung up"] += 1
@@ -247,16 +265,16 @@ async def _attack(maddr: str, token: str, cfg_path: Path, work: Path) -> dict:
         probe = _with_id(valid, "999999:0")
         for i in range(100):
             r = decode(await call(p2p, stage1.peer_id, f"{run}.forward", probe, 30.0))[0]
-            now = int(str(r.meta["reason"]).rsplit("at step ", 1)[1])
+            now = int(_reason(r).rsplit("at step ", 1)[1])
             replay = _with_id(valid, f"{max(now - 1, 0)}:{i % 2}")
             r = decode(await call(p2p, stage1.peer_id, f"{run}.forward", replay, 30.0))[0]
-            reasons[str(r.meta.get("reason", "")).split(":")[0]] += 1
+            reasons[_reason(r).split(":")[0]] += 1
             sent["replay"] += 1
         for _, data in payloads(cfg_path, run, stage1.step, rng)[:40]:
             r = await call(p2p, stage1.peer_id, f"{run}.eval", data, 30.0)
             assert decode(r)[0].kind == "error"
             r = await call(p2p, stage2.peer_id, f"{run}.forward", data, 30.0)
-            assert decode(r)[0].meta.get("reason") == "unauthorized"  # stage 0 may not skip stage 1
+            assert _reason(decode(r)[0]) == "unauthorized"  # stage 0 may not skip stage 1
             sent["eval and wrong stage"] += 2
         report.update(sent=dict(sent), reasons=dict(reasons))
 

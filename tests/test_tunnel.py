@@ -20,6 +20,7 @@ from pmnode.net.auth import Cert, Verifier, issue_cert, public_bytes
 from pmnode.net.callproof import Identity, Signer
 from pmnode.net.control import Ack, ControlError, Hello, add_json_handler, call_json
 from pmnode.net.forwarder import Forwarder
+from pmnode.net.meta import ActivationMeta, GradientMeta
 from pmnode.net.serving import serve
 from pmnode.net.transport import UNARY_LIMIT, TransportError, TransportStats, request
 from pmnode.net.wire import MessageHeader, encode
@@ -33,16 +34,17 @@ def _cert(p2p: P2P, stage: int = 1) -> Cert:
     return issue_cert(AUTHORITY, RUN, p2p.peer_id.to_base58(), stage, public_bytes(RSAPrivateKey()))
 
 
-def _header(mb: str = "0:0") -> MessageHeader:
-    return MessageHeader(kind="activation", run=RUN, micro_batch=mb, stage=0, step=0)
+def _header(mb: str = "0:0", samples: int = 1) -> MessageHeader:
+    return MessageHeader.of(ActivationMeta(samples=samples), run=RUN, micro_batch=mb, stage=0, step=0)
 
 
-async def _echo(header: MessageHeader, packet: Packet, caller: str) -> tuple[dict, Packet]:
-    """The tensors back, and as many again if asked (a reply too large for a unary answer)."""
+async def _echo(header: MessageHeader, packet: Packet, caller: str) -> tuple[MessageHeader, Packet]:
+    """The tensors back, and as many again if asked (samples > 1: a reply too large for a unary
+    answer); the caller it saw as the reply's micro-batch."""
     out = dict(packet.tensors)
-    if header.meta.get("grow"):
+    if header.meta_as(ActivationMeta).samples > 1:
         out["big"] = torch.ones(UNARY_LIMIT // 2, dtype=torch.float32)
-    return {"kind": "gradient", "meta": {"caller": caller}}, Packet(out)
+    return MessageHeader.of(GradientMeta(), run=RUN, micro_batch=caller, stage=1, step=0), Packet(out)
 
 
 def _identify(p2p: P2P, stage: int = 1) -> Identity:
@@ -85,14 +87,14 @@ def test_forwarded_calls_reach_the_target_as_the_caller() -> None:
             h, p = await request(
                 caller, target.peer_id, f"{RUN}.forward", _header(), Packet({"v": small}), stats, 20
             )
-            assert h.meta["caller"] == caller.peer_id.to_base58()  # the target saw the caller, not the relay
+            assert h.micro_batch == caller.peer_id.to_base58()  # the target saw the caller, not the relay
             assert torch.equal(p.tensors["v"], small)
             large = torch.randn(UNARY_LIMIT // 4 + 1000)  # > UNARY_LIMIT bytes: streamed through the relay
             h, p = await request(
                 caller, target.peer_id, f"{RUN}.forward", _header("0:1"), Packet({"v": large}), stats, 30
             )
             assert torch.equal(p.tensors["v"], large)
-            grow = _header("0:2").model_copy(update={"meta": {"grow": True}})  # a small call, a large reply
+            grow = _header("0:2", samples=2)  # a small call, a large reply
             h, p = await request(
                 caller, target.peer_id, f"{RUN}.forward", grow, Packet({"v": small}), stats, 30
             )
@@ -301,7 +303,7 @@ def test_a_relay_cannot_answer_in_the_targets_name() -> None:
         try:
             me = _identify(liar)
             forged = encode(
-                {"kind": "gradient", "run": RUN, "micro_batch": "0:0", "stage": 1, "step": 0}, Packet({})
+                MessageHeader.of(GradientMeta(), run=RUN, micro_batch="0:0", stage=1, step=0), Packet({})
             )
             answers: list[tunnel.Response] = []
 

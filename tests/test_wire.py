@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import struct
 
 import pytest
 import torch
 
 from pmnode.core.codecs import Packet
+from pmnode.net.meta import ActivationMeta, BulkChunk, ErrorMeta, GradientMeta, LossMeta
 from pmnode.net.wire import DTYPES, MessageHeader, WireError, WireLimits, decode, encode, framing_overhead
 
 PEER = "12D3KooWQmSQsu9sHKtAzR88drkboS5Nqw54Snb2we4T94ArUibbb7"  # a peer id's typical length
@@ -74,13 +76,43 @@ def test_decoded_tensors_own_their_memory() -> None:
 
 
 def test_header_fields_round_trip() -> None:
-    header = _header(kind="gradient", meta={"loss": 2.25, "samples": 8, "note": "x", "nan": float("nan")})
+    header = _header(kind="activation", meta=ActivationMeta(samples=8, attempt=77))
     got, _ = decode(encode(header, Packet({})))
-    assert got.model_dump(exclude={"meta"}) == header.model_dump(exclude={"meta"})
-    assert got.meta["loss"] == 2.25 and got.meta["samples"] == 8 and isinstance(got.meta["samples"], int)
-    assert got.meta["nan"] != got.meta["nan"]  # a diverged loss still travels
-    fields = {"kind": "ack", "run": "r", "micro_batch": "m", "stage": 0, "step": 3}
-    assert decode(encode(fields, Packet({})))[0].step == 3  # a plain dict header works too
+    assert got == header and isinstance(got.meta, ActivationMeta)
+    assert got.meta_as(ActivationMeta).samples == 8 and got.meta_as(ActivationMeta).attempt == 77
+    loss = decode(encode(_header(kind="gradient", meta=GradientMeta(loss=float("nan"))), Packet({})))[0]
+    assert math.isnan(loss.meta_as(GradientMeta).loss)  # a diverged loss still travels
+    chunk = MessageHeader.of(BulkChunk(ticket="ab", index=3), run="r", micro_batch="m", stage=0, step=3)
+    got = decode(encode(chunk, Packet({})))[0]
+    assert got.kind == "chunk" and got.meta == BulkChunk(ticket="ab", index=3)
+    assert _header(kind="error", meta={"reason": "x"}).meta == ErrorMeta(reason="x")  # a dict is its kind's
+
+
+def test_meta_is_its_kinds_model_only() -> None:
+    """A header whose meta has an unknown or ill-typed field, or is another kind's, is refused; a
+    handler that asks for another kind's meta gets a WireError (a counted refusal), not a crash."""
+    for kind, meta in (
+        ("activation", {"samples": 2, "note": "x"}),  # unknown field
+        ("activation", {"samples": "2"}),  # a string is not a count
+        ("activation", {"samples": True}),  # nor a bool
+        ("activation", {"samples": -1}),
+        ("activation", {"attempt": 2**31}),  # bounded
+        ("gradient", {"loss": "0.5"}),
+        ("error", {"reason": "x" * 301}),
+        ("check", {"op": "lie", "at": 3}),
+        ("chunk", {"ticket": "t"}),  # no index
+        ("gradient", LossMeta(loss=1.0)),  # another kind's model
+    ):
+        with pytest.raises(ValueError):
+            _header(kind=kind, meta=meta)
+        if not isinstance(meta, dict):  # on the wire a loss is a loss: a gradient's meta may carry it
+            continue
+        with pytest.raises(WireError) as info:
+            decode(_raw({**_base(kind=kind), "meta": meta}))
+        assert info.value.reason == "bad header", (kind, meta)
+    with pytest.raises(WireError) as info:
+        _header(kind="gradient").meta_as(ActivationMeta)
+    assert info.value.reason == "bad payload"
 
 
 def test_framing_overhead_of_a_typical_message() -> None:
@@ -92,13 +124,15 @@ def test_framing_overhead_of_a_typical_message() -> None:
             "tokens": torch.randint(0, 50_000, (b, t)).to(torch.uint16),
         }
     )
-    header = _header(meta={"samples": b})
+    header = _header(meta=ActivationMeta(samples=b))
     data = encode(header, packet)
     overhead = framing_overhead(data)
     print(f"\nframing overhead: {overhead} bytes on {packet.nbytes} payload bytes")
     assert overhead == len(data) - packet.nbytes == framing_overhead(header, packet)
     assert overhead < 400
-    grad = encode(_header(kind="gradient", meta={"loss": 3.14159}), Packet({"v": torch.randn(b, t, k)}))
+    grad = encode(
+        _header(kind="gradient", meta=GradientMeta(loss=3.14159)), Packet({"v": torch.randn(b, t, k)})
+    )
     assert framing_overhead(grad) < 400
 
 
@@ -125,6 +159,8 @@ CASES: list[tuple[str, bytes, WireLimits]] = [
     ("bad header", _raw(_base(kind="hello")), _DEFAULT),
     ("bad header", _raw(_base(micro_batch="m" * 129)), _DEFAULT),
     ("bad header", _raw(_base(meta={"x": [1]})), _DEFAULT),
+    ("bad header", _raw(_base(meta={"samples": 1.5})), _DEFAULT),
+    ("bad header", _raw(_base(kind="ack", meta={"samples": 2})), _DEFAULT),
     ("unknown dtype", _one("float64", [1], bytes(8)), _DEFAULT),
     ("unknown dtype", _one("bool", [1], bytes(1)), _DEFAULT),
     ("bad shape", _one("int8", [-1, 4]), _DEFAULT),
@@ -173,7 +209,6 @@ def test_encode_refuses_unknown_dtypes() -> None:
 
 def test_encode_takes_only_host_tensors() -> None:
     """A device tensor would make encode wait for the GPU on the event loop: refused, with the fix."""
-    header = {"kind": "activation", "run": "r", "micro_batch": "0", "stage": 0, "step": 0}
     with pytest.raises(WireError, match="on_host"):
-        encode(header, Packet({"v": torch.empty(2, device="meta")}))
+        encode(_header(), Packet({"v": torch.empty(2, device="meta")}))
     assert Packet({"v": torch.ones(2)}).on_host().tensors["v"].device.type == "cpu"

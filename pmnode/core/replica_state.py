@@ -1,42 +1,43 @@
 """A stage's replica state as named tensors: what a new replica copies (weights, optimizer, step).
 
 `state_tensors` flattens the stage's state_dict and the optimizer's into one dict of tensors plus
-a few scalars (the optimizer's param groups as JSON, the step), the form pmnode.net.bulk moves in
-chunks; `load_state_tensors` puts them back. The bytes are copied exactly, so a copy is
+a `StateMeta` (the step, the optimizer's param groups and non-tensor state), the form pmnode.net.bulk
+moves in chunks; `load_state_tensors` puts them back. The bytes are copied exactly, so a copy is
 bit-identical to its source.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from pmnode.core.snapshot_meta import SnapshotMeta, StateMeta, Value
 from pmnode.core.worker import StageWorker
 from pmnode.errors import PmnodeError
 
 _MODEL, _OPTIM = "model/", "optim/"
 
 
-def state_tensors(worker: StageWorker) -> tuple[dict[str, Tensor], dict[str, int | str]]:
-    """Compute thread: the stage's weights and optimizer state (views, no copy), and the scalars."""
+def _plain(value: Any) -> Value:
+    """A param group's or optimizer state's value as it survives JSON: tuples (AdamW's betas) as lists."""
+    return list(value) if isinstance(value, (tuple, list)) else value
+
+
+def state_tensors(worker: StageWorker) -> tuple[dict[str, Tensor], StateMeta]:
+    """Compute thread: the stage's weights and optimizer state (views, no copy), and the rest."""
     tensors = {_MODEL + k: v.detach() for k, v in worker.stage.state_dict().items()}
     opt = worker.optimizer.state_dict()
-    scalars: dict[str, Any] = {}
+    scalars: dict[str, Value] = {}
     for idx, state in opt["state"].items():
         for key, value in state.items():
             if isinstance(value, Tensor):
                 tensors[f"{_OPTIM}{idx}/{key}"] = value.detach()
             else:
-                scalars[f"{idx}/{key}"] = value
-    meta: dict[str, int | str] = {
-        "step": worker.step_count,
-        "param_groups": json.dumps(opt["param_groups"]),
-        "optim_scalars": json.dumps(scalars),
-    }
-    return tensors, meta
+                scalars[f"{idx}/{key}"] = _plain(value)
+    groups = [{k: _plain(v) for k, v in g.items()} for g in opt["param_groups"]]
+    return tensors, StateMeta(step=worker.step_count, param_groups=groups, optim_scalars=scalars)
 
 
 def max_state_bytes(worker: StageWorker) -> int:
@@ -52,11 +53,14 @@ _PADDING = 4096  # entries an 8-bit optimizer's blocks may add to a weight's
 
 
 def check_state(
-    worker: StageWorker, tensors: dict[str, Tensor], meta: dict[str, int | str], step: int | None = None
-) -> None:
+    worker: StageWorker, tensors: dict[str, Tensor], meta: SnapshotMeta, step: int | None = None
+) -> StateMeta:
     """A copy must be of this stage as it is laid out here, finite, and (`step`) of the step asked for;
     PmnodeError otherwise, before anything is loaded: a sender is a certified replica, not a trusted one
-    (torch's load_state_dict would copy the tensors that fit before it complains about one that does not)."""
+    (torch's load_state_dict would copy the tensors that fit before it complains about one that does not).
+    Returns the copy's meta as a state's."""
+    if not isinstance(meta, StateMeta):
+        raise PmnodeError(f"replica state without its optimizer layout: a {type(meta).__name__}")
     for name, t in tensors.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise PmnodeError(f"replica state refused: {name} holds NaN or infinite values")
@@ -84,35 +88,32 @@ def check_state(
             bad = t.numel() > p.numel() + _PADDING or (key in _PER_WEIGHT and t.shape != p.shape)
         if bad:
             raise PmnodeError(f"replica state refused: optimizer state {name} is {t.dtype} {tuple(t.shape)}")
-    got = meta.get("step")
-    if not isinstance(got, int) or isinstance(got, bool) or got < 0 or (step is not None and got != step):
-        asked = f", not {step}" if step is not None else ""
-        raise PmnodeError(f"replica state refused: of step {got!r}{asked}")
+    if step is not None and meta.step != step:
+        raise PmnodeError(f"replica state refused: of step {meta.step}, not {step}")
+    return meta
 
 
 def load_state_tensors(
-    worker: StageWorker, tensors: dict[str, Tensor], meta: dict[str, int | str], step: int | None = None
+    worker: StageWorker, tensors: dict[str, Tensor], meta: SnapshotMeta, step: int | None = None
 ) -> None:
     """Compute thread: become the replica these are of; gradients accumulated here are void.
     Nothing is loaded unless the copy passes `check_state` (bulk chunks skip the wire's checks)."""
-    check_state(worker, tensors, meta, step)
+    state_meta = check_state(worker, tensors, meta, step)
     model = {k[len(_MODEL) :]: v for k, v in tensors.items() if k.startswith(_MODEL)}
     state: dict[int, dict[str, Any]] = {}
     for name, t in tensors.items():
         if name.startswith(_OPTIM):
             idx, key = name[len(_OPTIM) :].split("/", 1)
             state.setdefault(int(idx), {})[key] = t
-    try:
-        for name, value in json.loads(str(meta["optim_scalars"])).items():
-            idx, key = name.split("/", 1)
-            state.setdefault(int(idx), {})[key] = value
-        groups = json.loads(str(meta["param_groups"]))
-        step = int(meta["step"])
-    except (KeyError, ValueError) as e:
-        raise PmnodeError(f"replica state without its optimizer layout or step: {e}") from e
+    for name, value in state_meta.optim_scalars.items():
+        idx, _, key = name.partition("/")
+        if not idx.isdigit() or not key:
+            raise PmnodeError(f"replica state refused: optimizer scalar {name[:40]!r} of no weight")
+        state.setdefault(int(idx), {})[key] = value
+    groups = [dict(g) for g in state_meta.param_groups]
     worker.stage.load_state_dict(model)  # copies into the live weights, on their device
     worker.optimizer.load_state_dict({"state": state, "param_groups": groups})  # copies too
-    worker.step_count = step
+    worker.step_count = state_meta.step
     worker.optimizer.zero_grad(set_to_none=True)
     worker.samples_ready = 0
     worker.accumulated = {}

@@ -3,11 +3,15 @@
 A replica's state (GBs at real model sizes) or a step's gradient sums do not fit one wire message
 (WireLimits, 256 MiB) and should not be copied five times on the way. Instead the sender packs the
 tensors once, on its compute thread, into one host buffer (`Snapshot`), and the receiver pulls it
-chunk by chunk over an ordinary data RPC; each request's header meta says what it wants:
+chunk by chunk over an ordinary data RPC; each request's header (its kind and typed meta,
+pmnode.net.meta) says what it wants:
 
-    {"op": "open", ...}                    -> {"manifest": BulkManifest as JSON bytes}
-    {"op": "chunk", "ticket", "index"}     -> {"data": CHUNK bytes of the snapshot}
-    {"op": "close", "ticket"}              -> {} (the sender drops the snapshot)
+    open   BulkOpen(step)           -> {"manifest": BulkManifest as JSON bytes}
+    chunk  BulkChunk(ticket, index) -> {"data": CHUNK bytes of the snapshot}
+    close  BulkClose(ticket)        -> {} (the sender drops the snapshot)
+
+The manifest's meta is the snapshot's typed model (pmnode.core.snapshot_meta), and a receiver
+names the one it expects.
 
 Memory: the sender holds one snapshot (dropped on close or after TTL seconds unused, at most
 MAX_SNAPSHOTS at once); the receiver one buffer of the snapshot's size; the wire one chunk. Every
@@ -29,11 +33,13 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from pmnode.core.codecs import Packet
+from pmnode.core.snapshot_meta import SnapshotMeta, StateMeta, SumsMeta
 from pmnode.errors import PmnodeError
+from pmnode.net.meta import BulkChunk, BulkClose, BulkOpen, BulkRequest
 from pmnode.net.wire import DTYPES, DTypeName, WireError
 
 CHUNK = 16 * 2**20
@@ -42,7 +48,7 @@ MAX_SNAPSHOTS = 2
 TTL = 120.0  # seconds a snapshot nobody asks for is kept
 _NAMES = {v: k for k, v in DTYPES.items()}
 
-Ask = Callable[[str, dict[str, int | str]], Awaitable[Packet]]  # (peer, request meta) -> reply packet
+Ask = Callable[[str, BulkRequest], Awaitable[Packet]]  # (peer, request) -> reply packet
 
 
 class TransferError(PmnodeError):
@@ -50,21 +56,25 @@ class TransferError(PmnodeError):
 
 
 class BulkTensor(BaseModel):
-    name: str
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str = Field(max_length=256)
     dtype: DTypeName
-    shape: list[int]
-    offset: int
+    shape: list[int] = Field(max_length=8)
+    offset: int  # its range is checked in check_manifest, against the size the receiver takes
 
 
 class BulkManifest(BaseModel):
     """What a sender tells a receiver about one snapshot."""
 
-    ticket: str
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    ticket: str = Field(max_length=64)
     size: int
     chunk: int
-    chunks: list[str]  # sha256 of each chunk, hex
-    tensors: list[BulkTensor]
-    meta: dict[str, int | str]
+    chunks: list[str] = Field(max_length=2**20)  # sha256 of each chunk, hex
+    tensors: list[BulkTensor] = Field(max_length=2**20)
+    meta: SnapshotMeta
 
     @property
     def digest(self) -> str:
@@ -87,7 +97,7 @@ class Snapshot:
     opening: Packet | None = None  # the open's reply (manifest and extra), made where the snapshot was
 
 
-def pack(tensors: dict[str, Tensor], meta: dict[str, int | str], chunk: int = CHUNK) -> Snapshot:
+def pack(tensors: dict[str, Tensor], meta: SnapshotMeta, chunk: int = CHUNK) -> Snapshot:
     """Compute thread: copy `tensors` (any device) into one aligned host buffer and hash its chunks."""
     specs, offset = [], 0
     for name, t in tensors.items():
@@ -142,7 +152,8 @@ def content_digest(manifest: BulkManifest, buffer: bytearray) -> str:
 
 
 def _manifest(reply: Packet) -> BulkManifest:
-    """Off the event loop: the manifest an open was answered with (its tensor's bytes, parsed)."""
+    """Off the event loop: the manifest an open was answered with (its tensor's bytes, parsed;
+    a ValueError if they are not one)."""
     return BulkManifest.model_validate_json(reply.tensors["manifest"].numpy().tobytes())
 
 
@@ -168,15 +179,12 @@ class BulkServer:
         self.run = make_in_compute  # runs a job on the stage's compute thread
         self.snapshots: dict[str, Snapshot] = {}
 
-    async def answer(
-        self, meta: dict[str, float | int | str], make: Callable[[], Snapshot], key: str | None = None
-    ) -> Packet:
+    async def answer(self, req: BulkRequest, make: Callable[[], Snapshot], key: str | None = None) -> Packet:
         """One request; `make` builds the snapshot an open asks for, unless one of the same `key` lives."""
         now = time.monotonic()
         for t in [t for t, s in self.snapshots.items() if now - s.used > TTL]:
             del self.snapshots[t]
-        op, ticket = meta.get("op", "open"), str(meta.get("ticket", ""))
-        if op == "open":
+        if isinstance(req, BulkOpen):
             snap = next((s for s in self.snapshots.values() if key is not None and s.key == key), None)
             if snap is not None:
                 snap.readers += 1
@@ -188,20 +196,19 @@ class BulkServer:
                 self.snapshots[snap.manifest.ticket] = snap
             assert snap.opening is not None  # every snapshot here came through _opened
             return snap.opening
-        snap = self.snapshots.get(ticket)
-        if op == "close":
+        snap = self.snapshots.get(req.ticket)
+        if isinstance(req, BulkClose):
             if snap is not None:
                 snap.readers -= 1
                 if snap.readers <= 0:
-                    del self.snapshots[ticket]
+                    del self.snapshots[req.ticket]
             return Packet({})
-        index = meta.get("index")
-        if op != "chunk" or not isinstance(index, int) or snap is None:
-            raise WireError("bad payload", f"unknown bulk request {op!r} or expired ticket")
-        if not 0 <= index < len(snap.manifest.chunks):
-            raise WireError("bad payload", f"chunk {index} out of range")
+        if snap is None:
+            raise WireError("bad payload", "unknown or expired ticket")
+        if not req.index < len(snap.manifest.chunks):
+            raise WireError("bad payload", f"chunk {req.index} out of range")
         snap.used = now
-        return Packet({"data": snap.chunks[index]})
+        return Packet({"data": snap.chunks[req.index]})
 
 
 def check_manifest(man: BulkManifest, max_size: int) -> None:
@@ -238,7 +245,8 @@ class Vouching(Protocol):
 async def fetch(
     ask: Ask,
     peers: list[str],
-    request: dict[str, int | str],
+    request: BulkOpen,
+    expect: type[SumsMeta] | type[StateMeta],
     say: Callable[[str], None] = lambda _: None,
     progress: Callable[[int, int], None] = lambda done, total: None,
     *,
@@ -248,15 +256,18 @@ async def fetch(
     """Pull one snapshot from the first of `peers` that completes it; a sender that fails mid-way is
     left for the next, which continues at the same chunk if its snapshot's digest is the same.
     `max_size`: the most bytes the receiver expects (what its own stage holds); a manifest that
-    announces more is refused before anything is allocated. `check`: what each sender must vouch for;
-    a transfer it refuses whole is started over with the next sender, never resumed."""
+    announces more is refused before anything is allocated, and so is one whose meta is not `expect`'s.
+    `check`: what each sender must vouch for; a transfer it refuses whole is started over with the
+    next sender, never resumed."""
     got: Received | None = None
     done = 0
     for peer in peers:
         try:
-            reply = await ask(peer, {**request, "op": "open"})
+            reply = await ask(peer, request)
             man = await asyncio.to_thread(_manifest, reply)
             check_manifest(man, max_size)
+            if not isinstance(man.meta, expect):
+                raise TransferError(f"{peer[-8:]} sends a {type(man.meta).__name__}, not a {expect.__name__}")
             if check is not None:
                 await check.opened(peer, reply, man)
             if got is not None and man.digest == got.manifest.digest:
@@ -265,11 +276,10 @@ async def fetch(
             else:
                 got, done = Received(man, bytearray(man.size)), 0
             while done < len(man.chunks):
-                meta: dict[str, int | str] = {"op": "chunk", "ticket": man.ticket, "index": done}
-                reply = await ask(peer, meta)
+                reply = await ask(peer, BulkChunk(ticket=man.ticket, index=done))
                 start = done * man.chunk
-                expect = min(man.chunk, man.size - start)
-                args = (reply, got.buffer, start, expect, man.chunks[done])
+                length = min(man.chunk, man.size - start)
+                args = (reply, got.buffer, start, length, man.chunks[done])
                 if not await asyncio.to_thread(_take_chunk, *args):
                     raise TransferError(f"chunk {done} from {peer[-8:]} failed its checksum")
                 done += 1
@@ -279,7 +289,7 @@ async def fetch(
                 await check.received(peer, whole)
                 got, done = whole, len(man.chunks)
             try:
-                await ask(peer, {"op": "close", "ticket": man.ticket})
+                await ask(peer, BulkClose(ticket=man.ticket))
             except Exception as e:  # the snapshot expires on its own
                 say(f"could not close the transfer at {peer[-8:]}: {e}")
             return got

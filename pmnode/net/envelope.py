@@ -4,7 +4,7 @@ The head builds an envelope once (its targets made by `make_targets` on its comp
 the batch); every stage reads it with `MicroBatch.read` and passes it on with `MicroBatch.passed_on`,
 so the id's text form and the targets' tensor name exist only here.
 
-    id      MicroBatchId(step, index, attempt): "STEP:INDEX" in the header, the attempt in meta["try"]
+    id      MicroBatchId(step, index, attempt): "STEP:INDEX" in the header, the attempt in its ActivationMeta
     packet  what the codec made of the stage's output (never the targets)
     targets the head's labels: the last column only when the codec sends token ids (the tail
             rebuilds the rest from them), else the whole (B, T) block
@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from pmnode.core.codecs import Packet
+from pmnode.net.meta import ActivationMeta
 from pmnode.net.wire import MessageHeader, WireError
 
 LAST_TARGET, TARGETS = "last_target", "targets"
@@ -51,10 +52,7 @@ class MicroBatchId:
             step, index = (int(v) for v in header.micro_batch.split(":"))
         except ValueError:
             raise WireError("unknown micro-batch", repr(header.micro_batch[:40])) from None
-        attempt = header.meta.get("try", 0)
-        if not isinstance(attempt, int):
-            raise WireError("bad payload", "try is not an integer")
-        return cls(step, index, attempt)
+        return cls(step, index, header.meta_as(ActivationMeta).attempt)
 
 
 def activation_shape(packet: Packet) -> tuple[int, int]:
@@ -85,7 +83,6 @@ class MicroBatch:
     packet: Packet
     target_key: str
     targets: Tensor
-    meta: dict[str, float | int | str]
 
     @classmethod
     def read(cls, header: MessageHeader, packet: Packet) -> MicroBatch:
@@ -95,7 +92,7 @@ class MicroBatch:
             raise WireError("micro-batch carries no targets")
         key = found[0]
         codec = Packet({k: v for k, v in packet.tensors.items() if k != key})
-        return cls(header.micro_batch, codec, key, packet.tensors[key], dict(header.meta))
+        return cls(header.micro_batch, codec, key, packet.tensors[key])
 
     def passed_on(self, packet: Packet) -> MicroBatch:
         """The same micro-batch with this stage's output instead of its input."""
@@ -116,7 +113,4 @@ class MicroBatch:
 
 def samples_of(header: MessageHeader) -> int:
     """The samples a training micro-batch's header says it holds."""
-    s = header.meta.get("samples", 1)
-    if not isinstance(s, int):
-        raise WireError("bad payload", "samples is not an integer")
-    return s
+    return header.meta_as(ActivationMeta).samples

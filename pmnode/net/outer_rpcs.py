@@ -7,7 +7,7 @@ Only certified replicas of the stage get in (Admission.SAME_STAGE, on the certif
 connection's peer id); whose share a message is, is that peer id, never a field. A share is one
 uint8 tensor of exactly `round_bytes(shapes)` bytes (pmnode.core.share_bytes): the server's wire
 limit is set from that count, so an upload larger than an honest share is cut off while streaming,
-before it is buffered. Its round and sample count travel as `ShareMeta` in the header's meta.
+before it is buffered. Its round and sample count travel as the header's `ShareMeta` (pmnode.net.meta).
 """
 
 from __future__ import annotations
@@ -20,15 +20,6 @@ from pmnode.net.services import Admission, DataRpc, JsonRpc
 from pmnode.net.wire import WireLimits
 
 HEADER_SLACK = 4096 + 1024  # the message's framing: length prefix and header JSON, at most
-
-
-class ShareMeta(BaseModel):
-    """What a share's header meta says besides its bytes."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    round: int = Field(ge=0)
-    samples: int  # checked against what the sender could have trained, by the receiver (not here)
 
 
 class Vote(BaseModel):

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import Any, Protocol
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Protocol
 
 from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
@@ -34,7 +34,7 @@ from pmnode.net.transport import (
 from pmnode.net.wire import MessageHeader, WireError, WireLimits, decode, encode
 
 MAX_PARKED = 32  # large replies waiting for their fetch at once, per RPC; the oldest goes beyond
-Reply = tuple[MessageHeader | Mapping[str, Any], Packet]
+Reply = tuple[MessageHeader, Packet]
 Handler = Callable[[MessageHeader, Packet, str], Awaitable[Reply]]
 
 
@@ -95,9 +95,6 @@ class _Server:
             if failed is not None:
                 raise failed
             reply_header, reply = await self.handler(header, packet, caller)
-            if not isinstance(reply_header, MessageHeader):
-                base = header.model_dump(include={"run", "micro_batch", "stage", "step"})
-                reply_header = {**base, "sender": self.me, **reply_header}
             return await self.run(encode, reply_header, reply)
         except WireError as e:
             self.stats.error(self.key, e.reason)
@@ -199,9 +196,6 @@ async def serve(
     message that fails decoding or the handler's checks (a WireError) is a strike against its sender.
 
     With a `shaper`, each reply waits for its emulated trip over the link back to the caller.
-
-    A dict reply header is completed from the request (run, micro_batch, stage, step) and this
-    peer's id as sender, so handlers need to give only what changes, e.g. {"kind": "gradient"}.
     """
     me, limits = p2p.peer_id.to_base58(), limits or WireLimits()
     srv = _Server(me, name, handler, stats, limits, shaper, guard, run, check)

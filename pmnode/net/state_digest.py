@@ -66,10 +66,7 @@ class StateRefused(TransferError):
 
 def vouch(me: Identity, *, run: str, stage: int, source: str, manifest: BulkManifest) -> StateDigest:
     """The sender's side, on its compute thread: sign the snapshot it is about to serve."""
-    step = manifest.meta.get("step")
-    if not isinstance(step, int):
-        raise ValueError("a state snapshot without its step")
-    signed = StateDigest(run=run, stage=stage, step=step, source=source, digest=manifest.digest)
+    signed = StateDigest(run=run, stage=stage, step=manifest.meta.step, source=source, digest=manifest.digest)
     signed.sig = me.key.sign(signed.body()).decode()
     return signed
 
@@ -106,7 +103,7 @@ class StateCheck:
         if (signed.source, signed.run, signed.stage) != (peer, self.run, self.stage):
             who = f"{signed.source[-8:]}'s, of {signed.run!r} stage {signed.stage}"
             raise StateRefused(OTHER_SOURCE, f"{peer[-8:]} serves a digest vouched as {who}")
-        step = manifest.meta.get("step")
+        step = manifest.meta.step
         if signed.step != step or (self.step is not None and signed.step != self.step):
             asked = f", {self.step} asked for" if self.step is not None else ""
             raise StateRefused(OTHER_STEP, f"signed for step {signed.step}, the copy says {step!r}{asked}")

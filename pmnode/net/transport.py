@@ -21,16 +21,15 @@ its own, below what this module can see.
 
 This module is the client (`call`, `request`) and what both sides share; pmnode.net.serving registers
 the handlers. A request that fails to decode, or whose handler raises, gets a kind="error" reply with
-the reason in meta["reason"] and is counted in `TransportStats.errors`; the server keeps serving.
+the reason in its ErrorMeta and is counted in `TransportStats.errors`; the server keeps serving.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
 
 from hivemind.p2p import P2P, P2PDaemonError, P2PHandlerError, PeerID
 from hivemind.proto import runtime_pb2
@@ -39,6 +38,7 @@ from pmnode.core.codecs import Packet
 from pmnode.errors import PmnodeError
 from pmnode.net import tunnel
 from pmnode.net.jobs import Check, Run, off_loop
+from pmnode.net.meta import ErrorMeta
 from pmnode.net.shaping import LinkShaper
 from pmnode.net.wire import MessageHeader, WireError, WireLimits, decode, encode, framing_overhead
 
@@ -115,10 +115,18 @@ class TransportStats:
 
 
 def error_message(reason: str, request: MessageHeader | None = None, sender: str = "") -> bytes:
-    """A kind='error' reply with meta['reason'], addressed like the request when it could be parsed."""
-    where = request.model_dump(include={"run", "micro_batch", "stage", "step"}) if request else {}
-    fields = {"run": "", "micro_batch": "", "stage": 0, "step": 0, "sender": sender, **where}
-    return encode({**fields, "kind": "error", "meta": {"reason": reason[:300]}}, Packet({}))
+    """A kind='error' reply with its reason, addressed like the request when it could be parsed."""
+    meta = ErrorMeta(reason=reason[:300])
+    r = request
+    header = MessageHeader.of(
+        meta,
+        run=r.run if r else "",
+        micro_batch=r.micro_batch if r else "",
+        stage=r.stage if r else 0,
+        step=r.step if r else 0,
+        sender=sender,
+    )
+    return encode(header, Packet({}))
 
 
 def chunks(data: bytes) -> list[bytes]:
@@ -223,7 +231,7 @@ async def request(
     p2p: P2P,
     peer_id: str | PeerID,
     rpc: str,
-    header: MessageHeader | Mapping[str, Any],
+    header: MessageHeader,
     packet: Packet,
     stats: TransportStats | None,
     timeout: float,
@@ -247,6 +255,6 @@ async def request(
     except WireError as e:
         stats.error(rpc_key(rpc), e.reason)
         raise
-    if reply_header.kind == "error":
-        raise Refused(rpc, str(reply_header.meta.get("reason", "?")))
+    if isinstance(reply_header.meta, ErrorMeta):
+        raise Refused(rpc, reply_header.meta.reason)
     return reply_header, reply

@@ -19,14 +19,14 @@ from __future__ import annotations
 import math
 import struct
 import sys
-from collections.abc import Mapping
-from typing import Any, Literal, get_args
+from typing import Literal, TypeVar, get_args
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pmnode.core.codecs import Packet
 from pmnode.errors import PmnodeError
+from pmnode.net.meta import META_OF, Kind, Meta
 
 if sys.byteorder != "little":  # raw tensor bytes are sent in host order, which must be the wire's
     raise ImportError("pmnode.net.wire needs a little-endian host")
@@ -38,6 +38,7 @@ _ITEMSIZE = {k: v.itemsize for k, v in DTYPES.items()}
 _FLOATS = {"float32", "float16", "bfloat16"}
 _LEN = struct.Struct("<I")
 _MAX_DIMS = 8
+M = TypeVar("M", bound=Meta)
 
 
 class WireError(PmnodeError):
@@ -61,17 +62,46 @@ class TensorSpec(BaseModel):
 
 
 class MessageHeader(BaseModel):
+    """Where a message comes from and goes, its tensors' layout, and its kind's typed meta (net.meta)."""
+
     # strict: "3" is not a stage; NaN/Inf in meta survive the round trip (a diverged loss is still news)
     model_config = ConfigDict(extra="forbid", strict=True, ser_json_inf_nan="constants")
 
-    kind: Literal["activation", "gradient", "ack", "error"]
+    kind: Kind
     run: str = Field(max_length=128)
     micro_batch: str = Field(max_length=128)
     stage: int = Field(ge=0)
     step: int = Field(ge=0)
     sender: str = Field("", max_length=128)
     tensors: list[TensorSpec] = Field(default_factory=list, max_length=64)
-    meta: dict[str, float | int | str] = Field(default_factory=dict, max_length=32)
+    meta: Meta
+
+    @model_validator(mode="before")
+    @classmethod
+    def _meta_of_kind(cls, data: object) -> object:
+        """The meta is the model of the header's kind, never another's: a dict (as decoded from the
+        wire, or an empty one for a kind's defaults) is validated strictly as that model."""
+        if not isinstance(data, dict) or data.get("kind") not in META_OF:
+            return data  # not a dict, or an unknown kind: the fields' own checks say so
+        model, meta = META_OF[data["kind"]], data.get("meta", {})
+        if type(meta) is not model:
+            meta = model.model_validate(meta)  # a ValidationError: the header is refused
+        return {**data, "meta": meta}
+
+    def meta_as(self, model: type[M]) -> M:
+        """The meta as `model`, or WireError if this message is of another kind than its RPC takes."""
+        if not isinstance(self.meta, model):
+            raise WireError("bad payload", f"a {self.kind} message where {model.kind} is expected")
+        return self.meta
+
+    @classmethod
+    def of(
+        cls, meta: Meta, *, run: str, micro_batch: str, stage: int, step: int, sender: str = ""
+    ) -> MessageHeader:
+        """A header of `meta`'s kind."""
+        return cls(
+            kind=meta.kind, run=run, micro_batch=micro_batch, stage=stage, step=step, sender=sender, meta=meta
+        )
 
 
 class WireLimits(BaseModel):
@@ -82,23 +112,21 @@ class WireLimits(BaseModel):
     max_header: int = Field(4096, gt=0)
 
 
-def _header_with_specs(header: MessageHeader | Mapping[str, Any], packet: Packet) -> MessageHeader:
+def _header_with_specs(header: MessageHeader, packet: Packet) -> MessageHeader:
     specs = []
     for name, t in packet.tensors.items():
         if t.dtype not in _NAMES:
             raise WireError("unknown dtype", f"tensor {name!r} is {t.dtype}")
         specs.append(TensorSpec(name=name, dtype=_NAMES[t.dtype], shape=list(t.shape)))
-    if isinstance(header, MessageHeader):
-        return header.model_copy(update={"tensors": specs})
-    return MessageHeader.model_validate({**header, "tensors": specs})
+    return header.model_copy(update={"tensors": specs})
 
 
 def _header_json(header: MessageHeader) -> bytes:
     return header.model_dump_json(exclude_defaults=True).encode()  # compact; defaults cost nothing
 
 
-def encode(header: MessageHeader | Mapping[str, Any], packet: Packet) -> bytes:
-    """One message. `header` is a MessageHeader or a dict of its fields; tensor specs come from the packet."""
+def encode(header: MessageHeader, packet: Packet) -> bytes:
+    """One message; the header's tensor specs come from the packet."""
     head = _header_json(_header_with_specs(header, packet))
     blobs = [_LEN.pack(len(head)), head]
     for name, t in packet.tensors.items():

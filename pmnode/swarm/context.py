@@ -10,6 +10,7 @@ from rich.console import Console
 
 from pmnode.config import RunConfig
 from pmnode.net.auth import Verifier
+from pmnode.net.meta import AckMeta, Meta
 from pmnode.net.wire import MessageHeader
 from pmnode.swarm.runner import StageRunner
 from pmnode.swarm.schedule import Schedule
@@ -31,16 +32,15 @@ class NodeContext:
     def stage(self) -> int:
         return self.runner.worker.index
 
-    def header(self, kind: str, micro_batch: str, **meta: float | int | str) -> MessageHeader:
-        """A message from this stage at its current step."""
-        return MessageHeader(
-            kind=kind,  # type: ignore[arg-type]  # a str here, checked against the Literal by pydantic
+    def header(self, micro_batch: str, meta: Meta | None = None) -> MessageHeader:
+        """A message from this stage at its current step, of `meta`'s kind (an ack without one)."""
+        return MessageHeader.of(
+            meta if meta is not None else AckMeta(),
             run=self.cfg.name,
             micro_batch=micro_batch,
             stage=self.stage,
             step=self.runner.step,
             sender=self.peer_id,
-            meta=meta,
         )
 
     def say(self, text: str) -> None:

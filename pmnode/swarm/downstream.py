@@ -27,6 +27,7 @@ from pmnode.net.control import Hello
 from pmnode.net.dht import stage_records
 from pmnode.net.jobs import Check, Run
 from pmnode.net.links import LinkStats
+from pmnode.net.meta import ActivationMeta, GradientMeta
 from pmnode.net.relay import connect_known
 from pmnode.net.routing import Backoff, StageRecord, choose_peer
 from pmnode.net.rpcs import HELLO
@@ -155,7 +156,8 @@ class Downstream:
                 if forgot and self.greeted.pop(peer.peer_id, None) is not None:
                     continue  # it forgot us (restarted, or our certificate was renewed): greet again
                 # The dead route may have reached stages further down: a new try is not a replay there.
-                header = header.model_copy(update={"meta": {**header.meta, "try": self.new_try()}})
+                retry = header.meta_as(ActivationMeta).model_copy(update={"attempt": self.new_try()})
+                header = header.model_copy(update={"meta": retry})
                 self.backoff.fail(peer.peer_id, time.monotonic())
                 self.links.forget(peer.peer_id)
                 await connect_known(self.p2p, [peer])  # a relay closed its circuit: dial it again
@@ -169,6 +171,7 @@ class Downstream:
         """The reply's check, run in the job that decodes it (request counts the error's reason)."""
 
         def check(header: MessageHeader, grad: Packet) -> None:
+            header.meta_as(GradientMeta)  # a forward is answered with a gradient, or refused
             try:
                 self.grad_check(grad, shape, self.grad_scale)
             except WireError:

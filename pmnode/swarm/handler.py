@@ -20,6 +20,7 @@ from pmnode.net.auth import Cert, Guard
 from pmnode.net.checks import check_eval_batch, check_micro_batch
 from pmnode.net.control import Ack, Done, Hello
 from pmnode.net.envelope import MicroBatch, MicroBatchId, activation_shape, samples_of
+from pmnode.net.meta import ActivationMeta, GradientMeta, LossMeta
 from pmnode.net.rpcs import DONE, EVAL, FORWARD, HELLO
 from pmnode.net.wire import MessageHeader, WireError
 from pmnode.swarm.context import NodeContext
@@ -116,12 +117,12 @@ class StageHandler:
         if runner.worker.is_last:
             loss, grad = await runner.tail(mb.key, batch.packet, batch.labels, samples)
             self.last_loss = loss
-            return ctx.header("gradient", mb.wire, loss=loss), grad
+            return ctx.header(mb.wire, GradientMeta(loss=loss)), grad
         out = self.spot.sent(mb, await runner.forward(mb.key, batch.packet, None, samples))
         try:
             reply, grad = await self.downstream.send(
                 FORWARD,
-                ctx.header("activation", mb.wire, **header.meta),
+                ctx.header(mb.wire, header.meta_as(ActivationMeta)),  # its samples and try, as they came
                 batch.passed_on(out).wire_packet(),
                 shape=activation_shape(out),
             )
@@ -130,7 +131,7 @@ class StageHandler:
             raise
         up = await runner.backward(mb.key, grad, samples)
         assert up is not None  # only the head has no upstream
-        return ctx.header("gradient", mb.wire, **reply.meta), up
+        return ctx.header(mb.wire, reply.meta_as(GradientMeta)), up
 
     async def _at_callers_step(self, header: MessageHeader) -> None:
         """sync: an evaluation is of the weights at the caller's step. A replica at another step (one that
@@ -161,9 +162,9 @@ class StageHandler:
         batch = MicroBatch.read(header, packet)
         if runner.worker.is_last:
             loss = await runner.evaluate(batch.packet, None, batch.labels)
-            return ctx.header("ack", batch.name, loss=loss), Packet({})
+            return ctx.header(batch.name, LossMeta(loss=loss)), Packet({})
         out = await runner.evaluate(batch.packet)
         reply, _ = await self.downstream.send(
-            EVAL, ctx.header("activation", batch.name), batch.passed_on(out).wire_packet()
+            EVAL, ctx.header(batch.name, ActivationMeta()), batch.passed_on(out).wire_packet()
         )
-        return ctx.header("ack", batch.name, **reply.meta), Packet({})
+        return ctx.header(batch.name, reply.meta_as(LossMeta)), Packet({})

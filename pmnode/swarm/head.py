@@ -21,6 +21,7 @@ from pmnode.data.shards import DataPosition, PreparedData, past_other_slots, slo
 from pmnode.errors import PmnodeError
 from pmnode.net.auth import Guard
 from pmnode.net.envelope import MicroBatch, MicroBatchId, activation_shape, eval_id, make_targets
+from pmnode.net.meta import ActivationMeta, GradientMeta, LossMeta
 from pmnode.net.routing import capacity
 from pmnode.net.rpcs import EVAL, FORWARD
 from pmnode.swarm.commit import StepCommit
@@ -82,17 +83,15 @@ class HeadDriver:
         ctx, runner = self.ctx, self.ctx.runner
         if retry:  # the stages that already hold its gradient only pass it through
             mb = mb.retried(self.downstream.new_try())
-        meta: dict[str, float | int | str] = {"samples": x.shape[0]}
-        if mb.attempt:
-            meta["try"] = mb.attempt
+        meta = ActivationMeta(samples=x.shape[0], attempt=mb.attempt)
         t0 = time.perf_counter()
         pkt = await runner.forward(mb.key, None, x, x.shape[0])
-        batch = MicroBatch(mb.wire, pkt, self.target_key, targets, dict(meta))
+        batch = MicroBatch(mb.wire, pkt, self.target_key, targets)
         served: list[str] = []
         try:
             reply, grad = await self.downstream.send(
                 FORWARD,
-                ctx.header("activation", mb.wire, **meta),
+                ctx.header(mb.wire, meta),
                 batch.wire_packet(),
                 activation_shape(pkt),
                 served=served,
@@ -105,7 +104,8 @@ class HeadDriver:
         await runner.backward(mb.key, grad, x.shape[0])
         if self.sizer is not None:
             self.sizer.observe(time.perf_counter() - t0)
-        return float(reply.meta.get("loss", float("nan")))
+        # the downstream check let only a gradient reply through (Downstream._gradient_check)
+        return reply.meta.loss if isinstance(reply.meta, GradientMeta) else float("nan")
 
     async def train_through_pauses(
         self, mb: MicroBatchId, x: Tensor, targets: Tensor, retry: bool = False
@@ -129,11 +129,11 @@ class HeadDriver:
         total = 0.0
         for i, (x, targets) in enumerate(batches):
             pkt = await runner.evaluate(None, x)
-            batch = MicroBatch(eval_id(i), pkt, self.target_key, targets, {})
+            batch = MicroBatch(eval_id(i), pkt, self.target_key, targets)
             reply, _ = await self.downstream.send(
-                EVAL, ctx.header("activation", batch.name), batch.wire_packet()
+                EVAL, ctx.header(batch.name, ActivationMeta()), batch.wire_packet()
             )
-            total += float(reply.meta["loss"])
+            total += reply.meta_as(LossMeta).loss
         return total / len(batches)
 
     async def _wait_for_downstream(self) -> None:

@@ -19,14 +19,15 @@ from torch import Tensor
 from pmnode.core.compress import Malformed
 from pmnode.core.outer import OuterSync, Share
 from pmnode.core.share_bytes import pack_share
-from pmnode.net.outer_rpcs import ShareMeta
+from pmnode.core.snapshot_meta import HeldShare, OuterState, SnapshotMeta, StateMeta
+from pmnode.net.meta import ShareMeta
 from pmnode.swarm.context import NodeContext
 from pmnode.swarm.outer_peer import Counts, check_share
 from pmnode.swarm.runner import StageRunner
 
 T = TypeVar("T")
 PREFIX = "outer/"  # the outer state's names in a state copy
-SHARE = PREFIX + "share/"  # + "{round}/{peer}": a held share in a state copy (its samples in the meta)
+SHARE = PREFIX + "share/"  # + "{round}/{peer}": a held share in a state copy (its samples in OuterState)
 
 
 class OuterJobs:
@@ -105,43 +106,40 @@ class OuterJobs:
             for r in sync.residual:
                 r.zero_()
 
-    def state(self) -> tuple[dict[str, Tensor], dict[str, int | str]]:
+    def state(self) -> tuple[dict[str, Tensor], OuterState | None]:
         """What a state copy carries besides weights and optimizer: the anchor, momentum and round,
         and the shares this replica holds of that round and later ones (`copyable`, taken on the
         event loop): a copy mid-round lets the copier apply the round in flight like everyone."""
         if self.sync is None:  # no round yet: its weights are the stage's state
-            return {}, {}
+            return {}, None
         outer = {PREFIX + k: v for k, v in self.sync.state().items()}
-        meta: dict[str, int | str] = {"outer_round": self.sync.round}
+        held = []
         for r, page in self.copyable.items():
             for peer, share in page.items():
                 outer[f"{SHARE}{r}/{peer}"] = pack_share(share.tensors)
-                meta[f"{SHARE}{r}/{peer}"] = share.samples
-        return outer, meta
+                held.append(HeldShare(round=r, peer=peer, samples=share.samples))
+        return outer, OuterState(round=self.sync.round, shares=held)
 
-    def adopt(self, tensors: dict[str, Tensor], meta: dict[str, int | str]) -> bool:
+    def adopt(self, tensors: dict[str, Tensor], meta: SnapshotMeta) -> bool:
         """A joiner, or a replica that lost track of the rounds: the copied replica's last outer step
         becomes its weights and anchor, its round this one's, and the shares it held this one's
         (`inherited`, for the event loop). False if the copy holds no outer state."""
-        round_ = meta.get("outer_round")
+        state = meta.outer if isinstance(meta, StateMeta) else None
         outer = {k[len(PREFIX) :]: v for k, v in tensors.items() if k.startswith(PREFIX)}
-        if not isinstance(round_, int) or not outer:
+        if state is None or not outer:
             return False  # a replica that never ran outer rounds: its weights are the stage's state
+        round_ = state.round
         self.outer.adopt({k: v for k, v in outer.items() if not k.startswith("share/")}, round_)
         self.steps = 0
-        for name, buf in tensors.items():
-            if not name.startswith(SHARE):
-                continue
-            r, _, peer = name[len(SHARE) :].partition("/")
-            samples = meta.get(name)
+        for held in state.shares:
+            name = f"{SHARE}{held.round}/{held.peer}"
             try:
-                if not isinstance(samples, int) or not r.isdigit():
-                    raise Malformed(f"share {name} without its round or sample count")
-                share = check_share(buf, ShareMeta(round=int(r), samples=samples), self.shapes, self.cfg)
+                meta_ = ShareMeta(round=held.round, samples=held.samples)
+                share = check_share(tensors.get(name), meta_, self.shapes, self.cfg)
             except Malformed as e:  # the copy's weights are trusted as a whole; a bad share just drops
                 self.ctx.say(f"a copied outer share was unusable: {e}")
                 continue
-            self.inherited.append((peer, share))
+            self.inherited.append((held.peer, share))
         self.ctx.say(f"took the stage's state as of its last outer step (round {round_})")
         self.due()
         return True

@@ -24,8 +24,9 @@ from pmnode.core.codecs import Packet
 from pmnode.core.compress import round_bytes
 from pmnode.errors import PmnodeError
 from pmnode.net.bulk import TransferError, unpack
+from pmnode.net.meta import ShareMeta
 from pmnode.net.outer_report import OuterReport
-from pmnode.net.outer_rpcs import SHARE, VOTE, Decision, ShareMeta, Vote, share_limits
+from pmnode.net.outer_rpcs import SHARE, VOTE, Decision, Vote, share_limits
 from pmnode.net.services import ServeOptions, serve_all
 from pmnode.net.transport import request
 from pmnode.swarm.context import NodeContext
@@ -188,7 +189,7 @@ class OuterLoop:
 
     async def _push(self, peer: str, meta: ShareMeta, buf: Tensor) -> None:
         ctx, ds = self.ctx, self.downstream
-        header = ctx.header("ack", "outer", **meta.model_dump())
+        header = ctx.header("outer", meta)
         try:
             await ds.greet(peer, ctx.stage)
             await request(

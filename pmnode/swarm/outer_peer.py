@@ -15,7 +15,6 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
-from pydantic import ValidationError
 from torch import Tensor
 
 from pmnode.config.replica_sync import ReplicaSyncConfig
@@ -24,8 +23,9 @@ from pmnode.core.compress import Malformed, decompress
 from pmnode.core.outer import Share
 from pmnode.core.share_bytes import unpack_share
 from pmnode.errors import PmnodeError
+from pmnode.net.meta import AckMeta, ShareMeta
 from pmnode.net.outer_report import OuterReport
-from pmnode.net.outer_rpcs import Decision, ShareMeta, Vote
+from pmnode.net.outer_rpcs import Decision, Vote
 from pmnode.net.wire import MessageHeader, WireError
 from pmnode.swarm.context import NodeContext
 from pmnode.swarm.membership import SwarmView
@@ -137,13 +137,12 @@ class OuterPeer:
     async def rpc_outer_share(
         self, header: MessageHeader, packet: Packet, caller: str
     ) -> tuple[MessageHeader, Packet]:
-        try:
-            meta = ShareMeta.model_validate(header.meta)
-        except ValidationError as e:
-            raise self.refuse(caller, "meta", f"{e.error_count()} invalid field(s)") from e
+        meta = header.meta  # its fields were checked with the header, strictly (net.meta)
+        if not isinstance(meta, ShareMeta):
+            raise self.refuse(caller, "meta", f"a {header.kind} message, not a share")
         now = self.round_now()
         if meta.round < now:  # the round is over here: late, not malformed; nothing to count against it
-            return self.ctx.header("ack", "outer", late=1), Packet({})
+            return self.ctx.header("outer", AckMeta(late=True)), Packet({})
         if meta.round > now + AHEAD:
             raise self.refuse(caller, "round", f"round {meta.round} while this replica is at {now}", False)
         if not 0 <= meta.samples <= self.cap:
@@ -165,7 +164,7 @@ class OuterPeer:
         self.counts.bytes_received += buf.numel()
         self.shares.put(caller, share)
         self.on_share(share.round)
-        return self.ctx.header("ack", "outer"), Packet({})
+        return self.ctx.header("outer"), Packet({})
 
     async def rpc_outer_vote(self, vote: Vote, caller: str) -> Decision:
         """The leader's side: the caller's vote, and the round's decision if there is one."""

@@ -26,10 +26,12 @@ from torch import Tensor
 from pmnode.core.codecs import Packet
 from pmnode.core.compress import Malformed
 from pmnode.core.grad_sync import GradCompressor
+from pmnode.core.snapshot_meta import SumsMeta
 from pmnode.errors import PmnodeError
 from pmnode.net.bulk import ALIGN, Ask, BulkServer, Received, Snapshot, TransferError, fetch, pack, unpack
 from pmnode.net.checks import GradScale, check_samples, check_sum_part
 from pmnode.net.control import Ack, Applied, Apply, Prepare, Prepared, Reset
+from pmnode.net.meta import BulkChunk, BulkClose, BulkOpen, BulkRequest
 from pmnode.net.outer_report import GradShareReport
 from pmnode.net.rpcs import APPLY, GRADS, PREPARE, RESET
 from pmnode.net.wire import MessageHeader, WireError
@@ -135,10 +137,12 @@ class CommitParticipant:
                 try:
                     size = self._sent_size(flat) + ALIGN  # the same sums (or share) as ours, packed
                     ask = self._asker(req.step)
-                    got = await fetch(ask, [peer], {"step": req.step}, say=ctx.say, max_size=size)
+                    open_ = BulkOpen(step=req.step)
+                    got = await fetch(ask, [peer], open_, SumsMeta, say=ctx.say, max_size=size)
                     self.sync_received += got.manifest.size
                     # its count, not its word: within the step's whole batch (a negative one flips the sum)
-                    samples += check_samples(got.manifest.meta.get("samples"), ctx.runner.batch)
+                    assert isinstance(got.manifest.meta, SumsMeta)  # fetch refused any other
+                    samples += check_samples(got.manifest.meta.samples, ctx.runner.batch)
                     part = got
                 except WireError as e:
                     self._refuse(peer, e)
@@ -208,8 +212,8 @@ class CommitParticipant:
             self.strike(peer)
 
     def _asker(self, step: int) -> Ask:
-        async def ask(peer: str, meta: dict[str, int | str]) -> Packet:
-            header = self.ctx.header("ack", f"{step}:grads", **meta)
+        async def ask(peer: str, req: BulkRequest) -> Packet:
+            header = self.ctx.header(f"{step}:grads", req)
             return (await self.downstream.ask_replica(GRADS, peer, header, timeout=GRADS_TIMEOUT))[1]
 
         return ask
@@ -254,14 +258,17 @@ class CommitParticipant:
         self, header: MessageHeader, packet: Packet, caller: str
     ) -> tuple[MessageHeader, Packet]:
         """A replica of our stage asks for our gradient sums of one step (open, then chunks)."""
-        step, runner = header.meta.get("step"), self.ctx.runner
-        if header.meta.get("op", "open") == "open":
-            if not isinstance(step, int):
+        req, runner = header.meta, self.ctx.runner
+        if not isinstance(req, (BulkOpen, BulkChunk, BulkClose)):
+            raise WireError("bad payload", f"a {header.kind} message, not a bulk request")
+        step = req.step if isinstance(req, BulkOpen) else None
+        if isinstance(req, BulkOpen):
+            if step is None:
                 raise WireError("bad payload", "no step")
             if self.ready is not None:  # a head: its whole batch of the step, not part of it
                 await self.ready(step)
             if step > runner.step and self.waiting():  # a joining head adds nothing: zeros, at once
-                return self.ctx.header("ack", header.micro_batch), await self._zeros(header.meta, step)
+                return self.ctx.header(header.micro_batch), await self._zeros(req, step)
             if step > runner.step:  # behind: our own prepare of this step is catching us up
                 with contextlib.suppress(TimeoutError):
                     async with self.stepped:
@@ -272,22 +279,22 @@ class CommitParticipant:
         def snapshot() -> Snapshot:
             w = runner.worker
             sums = self._share(runner.step)[0] if self.compressor is not None else w.grad_vector()
-            return pack({"g": sums}, {"samples": w.samples_ready, "step": runner.step})
+            return pack({"g": sums}, SumsMeta(samples=w.samples_ready, step=runner.step))
 
-        pkt = await self.bulk.answer(header.meta, snapshot, key=f"grads:{step}")
-        if header.meta.get("op") == "chunk":
+        pkt = await self.bulk.answer(req, snapshot, key=f"grads:{step}")
+        if isinstance(req, BulkChunk):
             self.sync_sent += sum(t.numel() for t in pkt.tensors.values())
-        return self.ctx.header("ack", header.micro_batch), pkt
+        return self.ctx.header(header.micro_batch), pkt
 
-    async def _zeros(self, meta: dict[str, float | int | str], step: int) -> Packet:
+    async def _zeros(self, req: BulkOpen, step: int) -> Packet:
         """A head still being brought in holds no gradients of `step`: the sum gets exact zeros from it
         without waiting for its catch-up (adding zeros leaves every replica's sum bit-identical)."""
         runner = self.ctx.runner
 
         def snapshot() -> Snapshot:
             if self.compressor is not None:
-                return pack({"g": self.compressor.zeros()}, {"samples": 0, "step": step})
+                return pack({"g": self.compressor.zeros()}, SumsMeta(samples=0, step=step))
             n = sum(p.numel() for p in runner.worker.stage.parameters())
-            return pack({"g": torch.zeros(n)}, {"samples": 0, "step": step})
+            return pack({"g": torch.zeros(n)}, SumsMeta(samples=0, step=step))
 
-        return await self.bulk.answer(meta, snapshot, key=f"grads:{step}")
+        return await self.bulk.answer(req, snapshot, key=f"grads:{step}")

@@ -21,14 +21,16 @@ from torch import Tensor
 from pmnode.core import checkpoint
 from pmnode.core.codecs import Packet
 from pmnode.core.replica_state import max_state_bytes, state_tensors
+from pmnode.core.snapshot_meta import OuterState, SnapshotMeta, StateMeta
 from pmnode.errors import PmnodeError
 from pmnode.net.auth import Guard
 from pmnode.net.bulk import BulkServer, Received, Snapshot, TransferError, fetch, pack, unpack
 from pmnode.net.callproof import Identity
+from pmnode.net.meta import BulkChunk, BulkClose, BulkOpen, BulkRequest
 from pmnode.net.relay import connect_known
 from pmnode.net.rpcs import STATE
 from pmnode.net.state_digest import SIGNED, StateCheck, vouch
-from pmnode.net.wire import MessageHeader
+from pmnode.net.wire import MessageHeader, WireError
 from pmnode.swarm.context import NodeContext
 from pmnode.swarm.downstream import Downstream
 from pmnode.swarm.membership import SwarmView
@@ -60,33 +62,34 @@ class Replicas:
         self.route: Callable[[], Awaitable[None]] | None = None  # fresh relay routes (Parts.update_routes)
         # outer replica rounds (pmnode.swarm.outer_loop): what a state copy carries besides weights and
         # optimizer (compute thread), and what a joiner does with it after loading (compute thread)
-        self.extra_state: Callable[[], tuple[dict[str, Tensor], dict[str, int | str]]] | None = None
-        self.adopted: Callable[[dict[str, Tensor], dict[str, int | str]], object] | None = None
+        self.extra_state: Callable[[], tuple[dict[str, Tensor], OuterState | None]] | None = None
+        self.adopted: Callable[[dict[str, Tensor], SnapshotMeta], object] | None = None
         self.before_copy: Callable[[], None] | None = None  # outer rounds: which shares go with a copy
 
     async def rpc_state(
         self, header: MessageHeader, packet: Packet, caller: str
     ) -> tuple[MessageHeader, Packet]:
         """A replica of our stage downloads our weights and optimizer state (open, then chunks)."""
-        meta, runner = header.meta, self.ctx.runner
-        if meta.get("op", "open") == "open":
+        req, runner = header.meta, self.ctx.runner
+        if not isinstance(req, (BulkOpen, BulkChunk, BulkClose)):
+            raise WireError("bad payload", f"a {header.kind} message, not a bulk request")
+        if isinstance(req, BulkOpen):
             if self.finishing:  # async, at the end: what the others take is the result of our last round
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.final_done.wait(), FINAL_WAIT)
             if self.before_copy is not None:  # on this loop: the outer shares it holds, for the copy
                 self.before_copy()
-            want = meta.get("at_step")
-            if isinstance(want, int) and want != runner.step:
-                raise TransferError(f"this replica is at step {runner.step}, not {want}")
-        pkt = await self.bulk.answer(meta, self._snapshot)
-        return self.ctx.header("ack", header.micro_batch), pkt
+            if req.step is not None and req.step != runner.step:
+                raise TransferError(f"this replica is at step {runner.step}, not {req.step}")
+        pkt = await self.bulk.answer(req, self._snapshot)
+        return self.ctx.header(header.micro_batch), pkt
 
     def _snapshot(self) -> Snapshot:
         """Compute thread: this replica's state, packed for a copy."""
         tensors, meta = state_tensors(self.ctx.runner.worker)
         if self.extra_state is not None:
-            more, more_meta = self.extra_state()
-            tensors, meta = {**tensors, **more}, {**meta, **more_meta}
+            more, outer = self.extra_state()
+            tensors, meta = {**tensors, **more}, meta.model_copy(update={"outer": outer})
         snap = pack(tensors, meta)
         ctx = self.ctx
         signed = vouch(
@@ -117,17 +120,18 @@ class Replicas:
         await connect_known(self.ctx.p2p, await self.view.records(self.ctx.stage))  # relayed replicas
         done: list[str] = []
 
-        async def ask(peer: str, meta: dict[str, int | str]) -> Packet:
+        async def ask(peer: str, req: BulkRequest) -> Packet:
             done[:] = [peer]
-            header = self.ctx.header("ack", "state", **meta)
+            header = self.ctx.header("state", req)
             return (await self.downstream.ask_replica(STATE, peer, header))[1]
 
-        request: dict[str, int | str] = {} if at_step is None else {"at_step": at_step}
         size = max_state_bytes(ctx.runner.worker)  # a sender may not make us allocate more
         check = StateCheck(
             ctx.verifier, ctx.cfg.name, ctx.stage, self.downstream.greeted.get, at_step, self._refused
         )
-        got = await fetch(ask, allowed, request, say=ctx.say, max_size=size, check=check)
+        got = await fetch(
+            ask, allowed, BulkOpen(step=at_step), StateMeta, say=ctx.say, max_size=size, check=check
+        )
         return got, done[0]
 
     async def catch_up(self, step: int, peers: list[str]) -> None:

@@ -22,10 +22,12 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import Callable
+from typing import Literal
 
 from pmnode.core.codecs import Packet
 from pmnode.net.auth import Guard
 from pmnode.net.envelope import MicroBatchId
+from pmnode.net.meta import CheckRequest, OutputMeta
 from pmnode.net.routing import choose_peer
 from pmnode.net.transport import request
 from pmnode.swarm.context import NodeContext
@@ -89,10 +91,12 @@ class SpotChecker:
         while self.pending:
             await asyncio.gather(*list(self.pending), return_exceptions=True)
 
-    async def _ask(self, peer: str, op: str, mb: MicroBatchId, packet: Packet) -> Packet | None:
+    async def _ask(
+        self, peer: str, op: Literal["sent", "compute"], mb: MicroBatchId, packet: Packet
+    ) -> Packet | None:
         """A replica's output for `mb` (`op` sent: what it passed on; compute: what it computes now);
         None if it cannot say, or says it of another step (its weights are not comparable)."""
-        header = self.ctx.header("activation", mb.wire, op=op, at=mb.step, samples=self.ctx.cfg.train.micro)
+        header = self.ctx.header(mb.wire, CheckRequest(op=op, at=mb.step))
         try:
             await self.downstream.greet(peer)
             reply, out = await request(
@@ -108,7 +112,7 @@ class SpotChecker:
             self.ledger.counts[f"no answer ({op})"] += 1
             self.ctx.say(f"spot check of {mb.wire}: {peer[-8:]} gave no {op} output: {e}")
             return None
-        if reply.meta.get("at") != mb.step:
+        if not isinstance(reply.meta, OutputMeta) or reply.meta.at != mb.step:
             self.ledger.counts["not comparable"] += 1
             return None
         return out

@@ -2,8 +2,8 @@
 `check` RPC the stage before calls to compare replicas (pmnode.swarm.spot_checks).
 
     check op=sent     the output this replica sent downstream for micro-batch STEP:INDEX (its last try),
-                      from a bounded ring; its step rides in meta["at"]
-    check op=compute  the stage's output for the activation in the request, at step meta["at"], without
+                      from a bounded ring; the reply's OutputMeta says the step it was sent at
+    check op=compute  the stage's output for the activation in the request, at step `at`, without
                       gradients and without passing it on; refused (not a strike: the caller did nothing
                       wrong) when this replica is at another step, whose weights would differ
 
@@ -25,8 +25,9 @@ from pathlib import Path
 from pmnode.core.codecs import Packet
 from pmnode.errors import PmnodeError
 from pmnode.net.envelope import MicroBatch, MicroBatchId
+from pmnode.net.meta import CheckRequest, OutputMeta
 from pmnode.net.services import Admission, DataRpc
-from pmnode.net.wire import MessageHeader, WireError
+from pmnode.net.wire import MessageHeader
 from pmnode.swarm.context import NodeContext
 
 CHECK = DataRpc("check", Admission.PREVIOUS_STAGE)
@@ -89,17 +90,14 @@ class SpotServer:
         ctx, runner = self.ctx, self.ctx.runner
         if runner.worker.is_last:
             raise PmnodeError("the tail's output is a loss, not an activation: it is not checked")
-        op, at = header.meta.get("op"), header.meta.get("at")
-        if not isinstance(at, int):
-            raise WireError("bad payload", "check without a step")
+        req = header.meta_as(CheckRequest)  # WireError (a strike) for a message of another kind
+        at = req.at
         self.checks += 1
-        if op == "sent":
+        if req.op == "sent":
             got = self.sent_ring.get(header.micro_batch)
             if got is None:
                 raise PmnodeError(f"no output of {header.micro_batch[:40]!r} is remembered here")
-            return ctx.header("activation", header.micro_batch, at=got[0]), got[1]
-        if op != "compute":
-            raise WireError("bad payload", f"unknown check op {str(op)[:20]!r}")
+            return ctx.header(header.micro_batch, OutputMeta(at=got[0])), got[1]
         # the same layout and bounds as a forward: bad input is refused (a strike) before it is computed
         await runner.run(runner.verify_activation, packet, ctx.cfg.train.micro, None)
         batch = MicroBatch.read(header, packet)
@@ -110,4 +108,4 @@ class SpotServer:
         out = await runner.evaluate(batch.packet)
         if self.liar is not None:
             out = self.liar(out)
-        return ctx.header("activation", header.micro_batch, at=runner.step), out
+        return ctx.header(header.micro_batch, OutputMeta(at=runner.step)), out
