@@ -28,7 +28,7 @@ import torch
 
 def pmnode(*args: str, env: Mapping[str, str | None] | None = None) -> subprocess.CompletedProcess[str]:
     """`pmnode ARGS`; `env`: variables to set for the call, None to unset one."""
-    from pmnode.cli.commands import main
+    from pmnode.cli.main import main
 
     return invoke(main, "pmnode", args, env)
 

@@ -50,7 +50,7 @@ def test_bench_command_without_matplotlib(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from pmnode.cli.commands import main
+    from pmnode.cli.main import main
 
     out = tmp_path / "out"
     monkeypatch.setattr(sys, "argv", ["pmnode", "bench", *args, "--out", str(out)])

@@ -1,5 +1,5 @@
-"""The `pmnode` command line (typer): pmnode.cli.commands (shared options, train, status,
-generate), pmnode.cli.bench, pmnode.cli.swarm (join, local-swarm), pmnode.cli.data and
+"""The `pmnode` command line (typer): pmnode.cli.common (the app, shared options), pmnode.cli.commands
+(train, status, generate), pmnode.cli.bench, pmnode.cli.swarm (join, local-swarm), pmnode.cli.data and
 pmnode.cli.plan. The console script starts at pmnode.cli.entry, which makes Ctrl-C during start-up a
 quiet exit."""
 
@@ -7,8 +7,8 @@ from typing import Any
 
 
 def __getattr__(name: str) -> Any:  # `pmnode.cli.app`, without importing the commands up front
-    if name in ("app", "main"):
-        from pmnode.cli import bench, commands, data, plan, swarm  # noqa: F401  (their commands register on the app)
+    if name == "app":
+        from pmnode.cli import main
 
-        return getattr(commands, name)
+        return getattr(main, name)
     raise AttributeError(name)

@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 
 from pmnode.bench.plotting import pyplot
-from pmnode.cli.commands import (
+from pmnode.cli.common import (
     ConfigOpt,
     DataOpt,
     DeviceOpt,

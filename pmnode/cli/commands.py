@@ -1,5 +1,5 @@
-"""The `pmnode` command line: the shared options, and the commands that run in one process (train,
-status, generate); `join` and `local-swarm` are in pmnode.cli.swarm, `bench` in pmnode.cli.bench."""
+"""The commands that run in one process: train, status, generate (`join` and `local-swarm` are in
+pmnode.cli.swarm, `bench` in pmnode.cli.bench; what they share in pmnode.cli.common)."""
 
 from __future__ import annotations
 
@@ -10,54 +10,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from pmnode.config import RunConfig
-from pmnode.errors import PmnodeError, run_cli
-
-app = typer.Typer(
-    help="pmnode: decentralized model-parallel training with Protocol Models.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
-console = Console(stderr=True)
-
-ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Run config YAML (see configs/).")]
-DataOpt = Annotated[
-    str | None,
-    typer.Option("--data", help="Prepared data dir, corpus file/dir or 'stdlib'; overrides data.source."),
-]
-DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda or auto.")]
-BandwidthOpt = Annotated[
-    str,
-    typer.Option(help="Emulate this bandwidth on every outgoing link, e.g. 80mbit, 1gbit; or unlimited."),
-]
-LatencyOpt = Annotated[str, typer.Option(help="Emulate this one-way latency on every link, e.g. 50ms.")]
-CheckpointEveryOpt = Annotated[
-    int, typer.Option(help="Also checkpoint every N optimizer steps (0: only on exit).", min=0)
-]
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise PmnodeError("--device cuda was asked for but no CUDA device is available; use --device cpu")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise PmnodeError(f"unknown --device {device!r}: use auto, cpu or cuda")
-    return device
-
-
-def load_with_overrides(
-    config: Path, *, steps: int | None = None, data: str | None = None, **sections: dict
-) -> RunConfig:
-    from pmnode.data.resolve import load_run_config  # an unset vocab_size is the tokenizer's: read it
-
-    cfg = load_run_config(config, data={"source": data} if data is not None else None)
-    if steps is not None:
-        sections.setdefault("train", {})["steps"] = steps
-    return cfg.with_overrides(**sections) if sections else cfg
+from pmnode.cli.common import ConfigOpt, DataOpt, DeviceOpt, app, console, load_with_overrides, resolve_device
+from pmnode.errors import PmnodeError
 
 
 @app.command()
@@ -175,13 +129,3 @@ def generate(
     )
     out = generate_text(model, prompt, max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
     print(out.text)  # stdout holds only the text, so it can be piped
-
-
-def main() -> None:
-    from pmnode.cli import bench, data, plan, swarm  # noqa: F401  (their commands register on `app`)
-
-    run_cli(app)
-
-
-if __name__ == "__main__":
-    main()

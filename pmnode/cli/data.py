@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from pmnode.cli.commands import app, console
+from pmnode.cli.common import app, console
 
 data_app = typer.Typer(help="Prepare training data: tokenizer, shards, manifest.", no_args_is_help=True)
 app.add_typer(data_app, name="data")

@@ -17,7 +17,7 @@ def _interrupted(signum: int, frame: object) -> None:
 def main() -> None:
     if signal.getsignal(signal.SIGINT) in (signal.default_int_handler, signal.SIG_IGN):
         signal.signal(signal.SIGINT, _interrupted)
-    from pmnode.cli.commands import main as run
+    from pmnode.cli.main import main as run
 
     run()
 

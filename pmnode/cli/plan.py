@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from pmnode.cli.commands import ConfigOpt, app, load_with_overrides
+from pmnode.cli.common import ConfigOpt, app, load_with_overrides
 from pmnode.errors import PmnodeError
 
 

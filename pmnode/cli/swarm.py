@@ -4,28 +4,75 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from pmnode.cli.commands import (
-    BandwidthOpt,
-    CheckpointEveryOpt,
+from pmnode.cli.common import (
     ConfigOpt,
     DataOpt,
-    DeviceOpt,
-    LatencyOpt,
     app,
     console,
     load_with_overrides,
     resolve_device,
 )
+from pmnode.cli.fields import Flag, FlagValues, with_flags
 from pmnode.config import MachineConfig
 from pmnode.config.replica_sync import check_for_swarm
+from pmnode.config.sections import SwarmConfig, TrainConfig
 from pmnode.errors import PmnodeError
+from pmnode.swarm.options import NodeOptions
+
+
+def _size(text: str) -> int:
+    from pmnode.core.sizing import parse_size
+
+    return parse_size(text)
+
+
+def _bandwidth(text: str) -> float | None:
+    from pmnode.net.shaping import parse_bandwidth
+
+    return parse_bandwidth(text)
+
+
+def _latency(text: str) -> float:
+    from pmnode.net.shaping import parse_latency
+
+    return parse_latency(text)
+
+
+# A node's link and checkpoint flags: join's, and local-swarm's, which passes them to every node.
+LINK_FLAGS = (
+    Flag(NodeOptions, "link_bandwidth", text=_bandwidth, default="unlimited"),
+    Flag(NodeOptions, "link_latency", text=_latency, default="0ms"),
+    Flag(NodeOptions, "checkpoint_every"),
+)
+# join's flags, made from the fields they set (pmnode.cli.fields): one source for name, type, default, help.
+JOIN_FLAGS = (
+    Flag(NodeOptions, "stage"),
+    Flag(MachineConfig, "device", default="auto"),
+    Flag(NodeOptions, "host"),
+    Flag(NodeOptions, "port"),
+    Flag(NodeOptions, "announce", metavar="MULTIADDR"),
+    Flag(MachineConfig, "data"),
+    Flag(NodeOptions, "checkpoint_dir"),
+    Flag(MachineConfig, "autocast_bf16", name="bf16"),
+    Flag(MachineConfig, "threads"),
+    Flag(MachineConfig, "optimizer_state"),
+    Flag(MachineConfig, "checkpoint_layers"),
+    Flag(MachineConfig, "fused_adam"),
+    Flag(MachineConfig, "memory_limit", text=_size),
+    Flag(NodeOptions, "resume"),
+    Flag(NodeOptions, "log_format"),
+    *LINK_FLAGS,
+    Flag(NodeOptions, "fresh_weights"),
+    Flag(NodeOptions, "relay"),
+)
 
 
 @app.command()
+@with_flags(*JOIN_FLAGS)
 def join(
     coordinator: Annotated[
         str | None, typer.Option(help="The multiaddr `coordinator serve` printed.")
@@ -36,59 +83,7 @@ def join(
             help="Read the coordinator's address from its STATE_DIR/coordinator.json (waits for it)."
         ),
     ] = None,
-    stage: Annotated[
-        int | None, typer.Option(help="Serve this stage; default: the coordinator picks.")
-    ] = None,
-    device: DeviceOpt = "auto",
-    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port; 0 picks a free one.")] = 0,
-    announce: Annotated[
-        list[str] | None, typer.Option(help="Multiaddr others should dial (behind NAT).")
-    ] = None,
-    data: DataOpt = None,
-    checkpoint_dir: Annotated[
-        Path | None,
-        typer.Option(
-            help="Save this stage here; --resume loads from it, and so does a node that takes over an "
-            "empty stage mid-run."
-        ),
-    ] = None,
     summary_json: Annotated[Path | None, typer.Option(help="Write this node's summary here on exit.")] = None,
-    bf16: Annotated[bool, typer.Option("--bf16", help="bf16 autocast for this node's layers.")] = False,
-    threads: Annotated[
-        int | None, typer.Option(help="torch threads for this node (default: torch's choice).", min=1)
-    ] = None,
-    optimizer_state: Annotated[
-        str, typer.Option(help="AdamW's moments: fp32 (8 B/parameter) or int8 (2 B, 8-bit blocks).")
-    ] = "fp32",
-    checkpoint_layers: Annotated[
-        bool, typer.Option("--checkpoint-layers", help="Recompute each layer in the backward: less memory.")
-    ] = False,
-    fused_adam: Annotated[
-        bool | None,
-        typer.Option("--fused-adam/--no-fused-adam", help="torch's fused AdamW; default: on for CUDA."),
-    ] = None,
-    memory_limit: Annotated[
-        str | None,
-        typer.Option(help="Memory this node may use, e.g. 24GB; default: the GPU's, or the free RAM."),
-    ] = None,
-    resume: Annotated[
-        bool, typer.Option("--resume", help="Continue this stage from its checkpoint in --checkpoint-dir.")
-    ] = False,
-    log_format: Annotated[
-        str, typer.Option(help="text: a live panel on a terminal, plain lines otherwise; json: JSON lines.")
-    ] = "text",
-    link_bandwidth: BandwidthOpt = "unlimited",
-    link_latency: LatencyOpt = "0ms",
-    checkpoint_every: CheckpointEveryOpt = 0,
-    fresh_weights: Annotated[
-        bool,
-        typer.Option(
-            "--fresh-weights",
-            help="If this stage has no node and the swarm is past step 0, start it from random weights "
-            "instead of refusing to join without a checkpoint.",
-        ),
-    ] = False,
     token_file: Annotated[
         Path | None,
         typer.Option(
@@ -96,42 +91,31 @@ def join(
             "the token kept beside --coordinator-file."
         ),
     ] = None,
-    relay: Annotated[
-        bool,
-        typer.Option(
-            "--relay",
-            help="Relay traffic for members behind NAT (when this node is reachable and the operator named "
-            "it: coordinator serve --relay-peer ID).",
-        ),
-    ] = False,
+    **flags: Any,
 ) -> None:
     """Join a swarm: get a stage from the coordinator, build it, serve and train."""
 
-    from pmnode.core.sizing import parse_size
     from pmnode.net.control import coordinator_from_file
     from pmnode.net.dht import run_until_signal
-    from pmnode.net.shaping import parse_bandwidth, parse_latency
+    from pmnode.net.tokens import JOIN_TOKEN_ENV, TOKEN_FILE, resolve_token
     from pmnode.swarm.node import Node
-    from pmnode.swarm.options import NodeOptions
 
+    given = FlagValues(JOIN_FLAGS, flags)
     if (coordinator is None) == (coordinator_file is None):
         raise PmnodeError("give exactly one of --coordinator MULTIADDR or --coordinator-file PATH")
-    if log_format not in ("text", "json"):
-        raise PmnodeError(f"--log-format must be text or json, not {log_format!r}")
-    if checkpoint_every and checkpoint_dir is None:
+    node_given = given.of(NodeOptions)
+    if node_given.get("checkpoint_every") and "checkpoint_dir" not in node_given:
         raise PmnodeError("--checkpoint-every needs --checkpoint-dir DIR")
-    if resume and checkpoint_dir is None:
+    if node_given.get("resume") and "checkpoint_dir" not in node_given:
         raise PmnodeError("--resume needs --checkpoint-dir DIR, the directory the checkpoint is in")
-    from pmnode.net.tokens import JOIN_TOKEN_ENV, TOKEN_FILE, resolve_token
-
-    device = resolve_device(device)
-    if optimizer_state not in ("fp32", "int8"):
-        raise PmnodeError(f"--optimizer-state must be fp32 or int8, not {optimizer_state!r}")
+    machine = given.build(MachineConfig, device=resolve_device(flags["device"] or "auto"))
+    data = machine.data
     if data is not None and data != "stdlib" and not Path(data).exists():  # here, not after joining
         raise PmnodeError(
             f"data path not found: {data} (give a prepared directory, a corpus path or 'stdlib')"
         )
 
+    host = flags["host"] or NodeOptions.model_fields["host"].default
     if coordinator_file is not None:  # first: a node started beside its coordinator waits for it (compose),
         # and the coordinator writes the join token beside the file before the file itself
         coordinator = coordinator_from_file(coordinator_file, local=host.startswith("127."))
@@ -143,32 +127,7 @@ def join(
             f"this node needs the run's join token: set ${JOIN_TOKEN_ENV} or pass --token-file PATH "
             "(ask the operator; `coordinator serve` showed it once)"
         )
-    opts = NodeOptions(
-        token=token,
-        coordinator=coordinator,
-        stage=stage,
-        machine=MachineConfig(
-            device=device,
-            threads=threads,
-            autocast_bf16=bf16,
-            data=data,
-            optimizer_state=optimizer_state,
-            checkpoint_layers=checkpoint_layers,
-            fused_adam=fused_adam,
-            memory_limit=parse_size(memory_limit) if memory_limit else None,
-        ),
-        host=host,
-        port=port,
-        announce=announce or [],
-        checkpoint_dir=checkpoint_dir,
-        resume=resume,
-        log_format=log_format,
-        link_bandwidth=parse_bandwidth(link_bandwidth),
-        link_latency=parse_latency(link_latency),
-        checkpoint_every=checkpoint_every,
-        fresh_weights=fresh_weights,
-        relay=relay,
-    )
+    opts = given.build(NodeOptions, token=token, coordinator=coordinator, machine=machine)
 
     node = Node(opts, console)
     node.start()
@@ -178,22 +137,21 @@ def join(
         summary_json.write_text(summary.model_dump_json(indent=2, exclude_none=True))
 
 
+# local-swarm's flags that set the run config or every node (pmnode.cli.fields).
+SWARM_FLAGS = (
+    Flag(SwarmConfig, "heads", section="swarm"),
+    Flag(TrainConfig, "steps", section="train"),
+    Flag(SwarmConfig, "schedule", section="swarm"),
+    *LINK_FLAGS,
+)
+
+
 @app.command("local-swarm")
+@with_flags(*SWARM_FLAGS)
 def local_swarm(
     config: ConfigOpt = Path("configs/tiny.yaml"),
     stages: Annotated[int, typer.Option(help="Pipeline stages, one process each.", min=2)] = 4,
     replicas: Annotated[int, typer.Option(help="Nodes per stage after the heads.", min=1)] = 1,
-    heads: Annotated[
-        int | None,
-        typer.Option(
-            help="Stage-0 nodes driving the pipeline at once, each with its own part of the data "
-            "(overrides swarm.heads; train.batch_size is per head).",
-            min=1,
-            max=64,
-        ),
-    ] = None,
-    steps: Annotated[int | None, typer.Option(help="Override train.steps.", min=1)] = None,
-    schedule: Annotated[str | None, typer.Option(help="sync or async; overrides swarm.schedule.")] = None,
     codec: Annotated[str | None, typer.Option(help="Boundary codec; overrides the config.")] = None,
     data: DataOpt = None,
     workdir: Annotated[Path, typer.Option(help="Logs, config, node summaries.")] = Path("runs/local-swarm"),
@@ -210,9 +168,6 @@ def local_swarm(
         Path | None,
         typer.Option(help="The status page's bearer token, in this file (mode 0600); see coordinator serve."),
     ] = None,
-    link_bandwidth: BandwidthOpt = "unlimited",
-    link_latency: LatencyOpt = "0ms",
-    checkpoint_every: CheckpointEveryOpt = 0,
     churn: Annotated[
         str | None,
         typer.Option(
@@ -221,23 +176,21 @@ def local_swarm(
             metavar="MIN-MAX",
         ),
     ] = None,
+    **flags: Any,
 ) -> None:
     """Run a coordinator and every stage as separate processes on 127.0.0.1 (the embedded default)."""
 
-    from pmnode.net.shaping import parse_bandwidth, parse_latency
     from pmnode.swarm.local_swarm import run_local_swarm
 
-    parse_bandwidth(link_bandwidth), parse_latency(link_latency)  # fail before starting anything
+    given = FlagValues(SWARM_FLAGS, flags)
+    given.of(NodeOptions)  # the nodes' flags checked before starting anything
     gaps = _churn_gaps(churn, replicas)
-
     sections: dict = {"n_stages": stages, "stage_layers": None}
-    if schedule:
-        if schedule not in ("sync", "async"):
-            raise PmnodeError(f"--schedule must be sync or async, not {schedule!r}")
-        sections["swarm"] = {"schedule": schedule}
-    if heads is not None:
-        sections.setdefault("swarm", {})["heads"] = heads
-    cfg = load_with_overrides(config, steps=steps, data=data, **sections)
+    if swarm := given.of(SwarmConfig):
+        sections["swarm"] = swarm
+    if train := given.of(TrainConfig):
+        sections["train"] = train
+    cfg = load_with_overrides(config, data=data, **sections)
     if codec:
         from pmnode.core.train import config_for
 
@@ -255,12 +208,7 @@ def local_swarm(
             http_port=http_port,
             http_token_file=http_token_file,
             node_args=[
-                "--link-bandwidth",
-                link_bandwidth,
-                "--link-latency",
-                link_latency,
-                "--checkpoint-every",
-                str(checkpoint_every),
+                a for f in LINK_FLAGS if flags[f.param] is not None for a in (f.option, str(flags[f.param]))
             ],
             churn=gaps,
         )
