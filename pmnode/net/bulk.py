@@ -164,7 +164,7 @@ def _take_chunk(reply: Packet, into: bytearray, start: int, expect: int, sha256:
     data = reply.tensors["data"].numpy()
     if len(data) != expect or _sha256(data) != sha256:
         return False
-    memoryview(into)[start : start + expect] = memoryview(data).cast("B")
+    memoryview(into)[start : start + expect] = memoryview(data).cast("B")  # type: ignore[arg-type]  # an ndarray is a buffer; numpy's stubs for 3.10 do not say so
     return True
 
 

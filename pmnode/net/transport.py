@@ -143,6 +143,7 @@ async def _pull(
 ) -> bytes:
     key, parts, size = rpc_key(name.rsplit(".", 1)[0]), [], 0  # strip .stream / .fetch
     stats.streamed[key] += 1
+    resp: runtime_pb2.ExpertResponse
     async for resp in await tunnel.stream(p2p, peer, name, requests):
         stats.proto_bytes_received[key] += resp.ByteSize()
         size += len(resp.metadata)
@@ -159,10 +160,11 @@ async def _exchange(
     if len(data) <= UNARY_LIMIT:
         req = runtime_pb2.ExpertRequest(metadata=data)
         stats.proto_bytes_sent[key] += req.ByteSize()
-        resp = await tunnel.unary(p2p, peer, name, req)
+        resp: runtime_pb2.ExpertResponse = await tunnel.unary(p2p, peer, name, req)
         stats.proto_bytes_received[key] += resp.ByteSize()
         if not (resp.tensors and resp.tensors[0].dtype == TICKET):
-            return resp.metadata
+            reply: bytes = resp.metadata  # protobuf's fields are untyped
+            return reply
         ticket = runtime_pb2.ExpertRequest(uid=resp.tensors[0].buffer.decode())
         stats.proto_bytes_sent[key] += ticket.ByteSize()
         return await _pull(p2p, peer, f"{name}.fetch", ticket, stats, limit)

@@ -32,7 +32,7 @@ if sys.byteorder != "little":  # raw tensor bytes are sent in host order, which 
     raise ImportError("pmnode.net.wire needs a little-endian host")
 
 DTypeName = Literal["float32", "float16", "bfloat16", "int8", "uint8", "int16", "uint16", "int32", "int64"]
-DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in get_args(DTypeName)}
+DTYPES: dict[DTypeName, torch.dtype] = {name: getattr(torch, name) for name in get_args(DTypeName)}
 _NAMES = {v: k for k, v in DTYPES.items()}
 _ITEMSIZE = {k: v.itemsize for k, v in DTYPES.items()}
 _FLOATS = {"float32", "float16", "bfloat16"}
@@ -128,12 +128,13 @@ def _header_json(header: MessageHeader) -> bytes:
 def encode(header: MessageHeader, packet: Packet) -> bytes:
     """One message; the header's tensor specs come from the packet."""
     head = _header_json(_header_with_specs(header, packet))
-    blobs = [_LEN.pack(len(head)), head]
+    blobs: list[bytes | memoryview] = [_LEN.pack(len(head)), head]
     for name, t in packet.tensors.items():
         if t.device.type != "cpu":  # a copy from the GPU here would wait for the device on the event loop
             raise WireError("not on the host", f"tensor {name!r} is on {t.device}: Packet.on_host() first")
         # a flat uint8 view gives raw bytes for every dtype (bfloat16 and uint16 too) with no numpy dtype
-        blobs.append(memoryview(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()))
+        flat = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        blobs.append(memoryview(flat))  # type: ignore[arg-type]  # an ndarray is a buffer; numpy's stubs for 3.10 do not say so
     return b"".join(blobs)  # the one copy of the tensor bytes
 
 
@@ -147,7 +148,8 @@ def framing_overhead(message: MessageHeader | bytes, packet: Packet | None = Non
         return _LEN.size + len(_header_json(header))
     if len(message) < _LEN.size:
         raise WireError("too short")
-    return _LEN.size + _LEN.unpack_from(message)[0]
+    size: int = _LEN.unpack_from(message)[0]
+    return _LEN.size + size
 
 
 def _parse_header(raw: bytes) -> MessageHeader:
