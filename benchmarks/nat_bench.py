@@ -167,9 +167,11 @@ def probe() -> CircuitProbe:
         coord, home = lab.public("relay"), lab.home("served", lab.router("rserved"))
         dialer = lab.home("dialer", lab.router("rdialer"))
         r = coord.popen([*py, "relay", coord.addr], stdout=subprocess.PIPE, text=True)
-        relay = r.stdout.readline().split()[1]  # type: ignore[union-attr]
+        assert r.stdout is not None  # stdout=PIPE
+        relay = r.stdout.readline().split()[1]
         s = home.popen([*py, "serve", home.addr, relay], stdout=subprocess.PIPE, text=True)
-        peer = s.stdout.readline().split()[1]  # type: ignore[union-attr]
+        assert s.stdout is not None
+        peer = s.stdout.readline().split()[1]
         d = dialer.run([*py, "dial", dialer.addr, relay, peer], timeout=300)
         return CircuitProbe.model_validate_json(d.stdout.strip().splitlines()[-1])
 

@@ -72,7 +72,9 @@ def swarm_spec(
     horizon = 1800.0  # seconds over which leaves and joins are spread
 
     def node(i: int) -> NodeSpec:
-        bw = parse_bandwidth("80mbit") * math.exp(rng.gauss(0, 0.6))  # type: ignore[operator]
+        base = parse_bandwidth("80mbit")
+        assert base is not None  # a rate, not "unlimited"
+        bw = base * math.exp(rng.gauss(0, 0.6))
         if not churn or i == 0:
             return NodeSpec(bandwidth=bw, latency=LATENCY)
         r = rng.random()

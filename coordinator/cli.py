@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -14,6 +14,9 @@ from pmnode.config.replica_sync import check_for_swarm
 from pmnode.core.stages import build_subspace, free_layers, split_layers
 from pmnode.data.resolve import load_run_config
 from pmnode.errors import run_cli
+
+if TYPE_CHECKING:
+    from pmnode.plan.advice import RankAdvice
 
 app = typer.Typer(
     help="pmnode coordinator: holds the run config and subspace seed, assigns stages.",
@@ -188,7 +191,7 @@ def inspect(
     print_advice(console, advice, best)
 
 
-def print_advice(console: Console, advice: list, best: object) -> None:
+def print_advice(console: Console, advice: list[RankAdvice], best: RankAdvice | None) -> None:
     """The config's own boundary first, then each other way to compress it, cheapest on the wire
     first, with the long-run cost the fidelity study measured at the same d/k, on every corpus it
     was measured on (docs/benchmarks/fidelity)."""

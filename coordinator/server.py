@@ -140,7 +140,7 @@ class Coordinator:
 
     async def _on_join(self, req: JoinRequest, caller: str) -> JoinReply:
         try:
-            if not token_matches(req.token, self.token):
+            if self.token is None or not token_matches(req.token, self.token):  # none yet: nobody is admitted
                 self.console.print(f"refused peer {caller[-8:]}: wrong join token", highlight=False)
                 raise AuthError(WRONG_TOKEN)
             try:
@@ -248,7 +248,7 @@ class Coordinator:
             for m in maddrs:
                 print(f"  pmnode join --coordinator {m}", flush=True)
             self._show_token()
-            if self.http is not None:
+            if self.http is not None and info.http is not None:
                 loopback = self.http_host.startswith("127.") or self.http_host in ("localhost", "::1")
                 note = reach_note(info.http, self.http.port, self.http_token is not None, loopback)
                 self.console.print(note, highlight=False)
@@ -304,7 +304,7 @@ class Coordinator:
 
     async def _on_reach(self, req: ReachRequest, caller: str) -> ReachReply:
         """Dial a joining node back (members only: the token), and name the relays it may reserve on."""
-        if not token_matches(req.token, self.token):
+        if self.token is None or not token_matches(req.token, self.token):  # none yet: nobody is admitted
             self.metrics.refused.inc()
             raise AuthError(WRONG_TOKEN)
         reachable = await dial_back(req.maddrs)

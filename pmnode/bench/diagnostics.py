@@ -91,7 +91,7 @@ def diagnose(pipe: Pipeline, batches: list[tuple[Tensor, Tensor]]) -> Diagnostic
     logits, _ = _stream(pipe, x, grad=True)
     F.cross_entropy(logits.flatten(0, 1), y.flatten()).backward()
     layers = []
-    blocks = [(int(i), b) for w in pipe.workers for i, b in w.stage.layers.items()]
+    blocks = [ib for w in pipe.workers for ib in w.stage.blocks()]
     for n, (i, block) in enumerate(blocks):
         grads = [p.grad.norm() ** 2 for p in block.parameters() if p.grad is not None]
         ranks = [_ranks(wr.effective_weight()) for wr in block.writes()]

@@ -6,7 +6,7 @@ them all and runs it, so no command module imports another."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -43,7 +43,7 @@ def resolve_device(device: str) -> str:
 
 
 def load_with_overrides(
-    config: Path, *, steps: int | None = None, data: str | None = None, **sections: dict
+    config: Path, *, steps: int | None = None, data: str | None = None, **sections: Any
 ) -> RunConfig:
     from pmnode.data.resolve import load_run_config  # an unset vocab_size is the tokenizer's: read it
 

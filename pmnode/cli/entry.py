@@ -7,7 +7,6 @@ taken back too: a script's background job (`pmnode local-swarm &`) inherits it i
 """
 
 import signal
-import sys
 
 
 def _interrupted(signum: int, frame: object) -> None:
@@ -23,4 +22,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

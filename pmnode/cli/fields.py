@@ -123,7 +123,7 @@ def with_flags(*flags: Flag) -> Callable[[F], F]:
         sig = inspect.signature(fn, eval_str=True)
         own = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
         fn.__signature__ = sig.replace(parameters=[*own, *(_parameter(f) for f in flags)])  # type: ignore[attr-defined]  # typer reads it
-        fn.__annotations__ = {p.name: p.annotation for p in fn.__signature__.parameters.values()}  # type: ignore[attr-defined]
+        fn.__annotations__ = {p.name: p.annotation for p in fn.__signature__.parameters.values()}  # type: ignore[attr-defined]  # set just above
         return fn
 
     return wrap

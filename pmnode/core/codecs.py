@@ -56,6 +56,9 @@ class Packet:
 
 
 class Quantizer(Protocol):
+    @property
+    def dim(self) -> int: ...  # numbers per token before packing
+
     def pack(self, z: Tensor) -> dict[str, Tensor]: ...
     def unpack(self, p: dict[str, Tensor]) -> Tensor: ...
     def bytes_per_token(self) -> int: ...

@@ -65,10 +65,14 @@ class ResidualWrite(nn.Module):
         if mode != "free" and subspace is None:
             raise ValueError(f"mode {mode!r} needs a subspace")
         self.mode, self.subspace = mode, subspace
-        # The union-attr ignores in this class: every mode but "free" has a subspace (raised above), and
-        # every use of self.subspace is under such a mode; mypy cannot tie the two attributes together.
-        rows = subspace.rank if mode == "reparam" else d  # type: ignore[union-attr]
+        rows = subspace.rank if subspace is not None and mode == "reparam" else d
         self.weight = nn.Parameter(torch.empty(rows, n_in))
+
+    @property
+    def sub(self) -> Subspace:
+        """The subspace, which every mode but "free" has (checked when built)."""
+        assert self.subspace is not None
+        return self.subspace
 
     def reset(self, std: float, g: torch.Generator) -> None:
         full = torch.empty(
@@ -78,7 +82,7 @@ class ResidualWrite(nn.Module):
         with torch.no_grad():
             if self.mode == "reparam":
                 # Z = U^T W0: the same function at init as projecting W0.
-                self.weight.copy_(self.subspace.basis.T @ full)  # type: ignore[union-attr]
+                self.weight.copy_(self.sub.basis.T @ full)
             else:
                 self.weight.copy_(full)
         self.project_()
@@ -86,21 +90,21 @@ class ResidualWrite(nn.Module):
     @torch.no_grad()
     def project_(self) -> None:
         if self.mode == "projection":
-            self.weight.copy_(self.subspace.project_columns(self.weight))  # type: ignore[union-attr]
+            self.weight.copy_(self.sub.project_columns(self.weight))
 
     @torch.no_grad()
     def project_grad_(self) -> None:
         if self.mode == "projection" and self.weight.grad is not None:
-            self.weight.grad.copy_(self.subspace.project_columns(self.weight.grad))  # type: ignore[union-attr]
+            self.weight.grad.copy_(self.sub.project_columns(self.weight.grad))
 
     def effective_weight(self) -> Tensor:
         if self.mode == "reparam":
-            return self.subspace.basis @ self.weight  # type: ignore[union-attr]  # (d, k)(k, n)
+            return self.sub.basis @ self.weight  # (d, k)(k, n)
         return self.weight
 
     def forward(self, h: Tensor) -> Tensor:
         if self.mode == "reparam":
-            return F.linear(h, self.weight) @ self.subspace.basis.T  # type: ignore[union-attr]
+            return F.linear(h, self.weight) @ self.sub.basis.T
         return F.linear(h, self.weight)
 
 
@@ -115,9 +119,14 @@ class SubspaceEmbedding(nn.Module):
     ):
         super().__init__()
         self.mode, self.subspace, self.with_table = mode, subspace, with_table
-        # the union-attr ignores here: as above, built with a subspace whenever mode is not "free"
-        cols = subspace.rank if mode == "reparam" else d  # type: ignore[union-attr]
+        cols = subspace.rank if subspace is not None and mode == "reparam" else d
         self.weight = nn.Parameter(torch.empty(vocab, cols))
+
+    @property
+    def sub(self) -> Subspace:
+        """The subspace, which every mode but "free" has (checked when built)."""
+        assert self.subspace is not None
+        return self.subspace
 
     def reset(self, std: float, g: torch.Generator) -> None:
         full = torch.empty(
@@ -125,23 +134,23 @@ class SubspaceEmbedding(nn.Module):
         )
         normal_(full, std, g)
         with torch.no_grad():
-            self.weight.copy_(full @ self.subspace.basis if self.mode == "reparam" else full)  # type: ignore[union-attr]
+            self.weight.copy_(full @ self.sub.basis if self.mode == "reparam" else full)
         self.project_()
 
     @torch.no_grad()
     def project_(self) -> None:
         if self.mode == "projection":
-            self.weight.copy_(self.subspace.project_rows(self.weight))  # type: ignore[union-attr]
+            self.weight.copy_(self.sub.project_rows(self.weight))
 
     @torch.no_grad()
     def project_grad_(self) -> None:
         if self.mode == "projection" and self.weight.grad is not None:
-            self.weight.grad.copy_(self.subspace.project_rows(self.weight.grad))  # type: ignore[union-attr]
+            self.weight.grad.copy_(self.sub.project_rows(self.weight.grad))
 
     def forward(self, tokens: Tensor) -> Tensor:
         e = F.embedding(tokens, self.weight)  # (B, T, d) or (B, T, k)
         if self.mode == "reparam":
-            e = e @ self.subspace.basis.T  # type: ignore[union-attr]
+            e = e @ self.sub.basis.T
         if self.subspace is not None and self.with_table:
             e = e + self.subspace.table[tokens]
         return e

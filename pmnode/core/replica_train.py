@@ -100,7 +100,7 @@ class ReplicatedPipeline:
     def _grads_step(self, inputs: Tensor, targets: Tensor, total_steps: int | None) -> float:
         """Each replica's share of the batch in turn, its gradient sums compressed; one step on the total."""
         assert self.grads is not None
-        pipe, losses = self.lanes[0], []
+        pipe, losses = self.lanes[0], list[float]()
         totals: list[list[Tensor | None] | None] = [None] * len(pipe.workers)
         for replica, x, y in zip(
             self.grads, inputs.chunk(len(self.grads)), targets.chunk(len(self.grads)), strict=True

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -121,16 +123,23 @@ class Stage(nn.Module):
             for table in (self.reembed, self.bigrams, *self.ngrams):
                 if table is not None:
                     nn.init.zeros_(table.weight)
-        for i, block in self.layers.items():
+        for i, block in self.blocks():
             block.reset(m, seeded_generator(seed, f"layer{i}"))
         if self.is_last:
             normal_(self.lm_head.weight, m.init_std, seeded_generator(seed, "lm_head"))
+
+    def blocks(self) -> list[tuple[int, Block]]:
+        """The stage's layers with their index in the model (typed: a ModuleDict yields Modules)."""
+        return [(int(i), cast(Block, b)) for i, b in self.layers.items()]
+
+    def ngram_tables(self) -> list[SubspaceEmbedding]:
+        return [cast(SubspaceEmbedding, t) for t in self.ngrams]
 
     def writes(self) -> list[ResidualWrite | SubspaceEmbedding]:
         """Every module that writes into the residual stream."""
         out: list[ResidualWrite | SubspaceEmbedding] = [self.embed] if self.is_first else []
         out.extend(e for e in (self.reembed, self.bigrams, *self.ngrams) if e is not None)
-        for block in self.layers.values():
+        for _, block in self.blocks():
             out.extend(block.writes())
         return out
 
@@ -155,7 +164,7 @@ class Stage(nn.Module):
         if self.bigrams is not None:
             ids = bigram_ids(tokens, self.cfg.model.vocab_size, self.bigrams.weight.shape[0])
             x = x + self.bigrams(ids)
-        for n, table in enumerate(self.ngrams, start=3):
+        for n, table in enumerate(self.ngram_tables(), start=3):
             x = x + table(ngram_ids(tokens, self.cfg.model.vocab_size, table.weight.shape[0], n))
         return x
 

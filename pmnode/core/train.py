@@ -93,7 +93,8 @@ class Pipeline:
             loss, g = rest[-1].forward_backward(mb, p, y)
             losses.append(loss)
             for w in reversed(self.workers[:-1]):
-                g = w.backward(mb, g)  # type: ignore[arg-type]
+                assert g is not None  # only the head's backward returns None, and it comes last
+                g = w.backward(mb, g)
         return losses
 
     @torch.no_grad()
@@ -161,8 +162,8 @@ def train(
             evals.append((step + 1, (step + 1) * tokens_per_step, held))
         if on_step:
             on_step(StepInfo(step + 1, loss, (step + 1) * tokens_per_step / max(elapsed, 1e-9), held))
-    if on_end:
-        on_end(pipe, eval_batches)
+    if on_end:  # replicas: the first lane's model (the lanes end one model after the last round)
+        on_end(pipe.lanes[0] if isinstance(pipe, ReplicatedPipeline) else pipe, eval_batches)
     return TrainSummary(
         steps=t.steps,
         final_train_loss=losses[-1],

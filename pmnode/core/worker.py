@@ -282,7 +282,8 @@ class StageWorker:
         params = [p for p in self.stage.parameters() if p.grad is not None]
         if applied:
             for p in params:
-                p.grad.div_(applied)  # type: ignore[union-attr]
+                assert p.grad is not None  # params holds only those with a gradient
+                p.grad.div_(applied)
         self.stage.project_grads_()
         lr = lr_at(
             self.step_count if lr_step is None else lr_step, optim, total_steps or self.cfg.train.steps

@@ -78,8 +78,8 @@ def _encode(chunk: Chunk, tok: Tokenizer | None = None) -> Encoded:
         parts[held].extend((ids.astype(np.uint32), sep))
         docs[held] += 1
         nbytes[held] += len(text.encode("utf-8"))
-    joined = tuple(np.concatenate(p) if p else np.zeros(0, np.uint32) for p in parts)
-    return Encoded(joined, (docs[0], docs[1]), (nbytes[0], nbytes[1]), chunk.disk_bytes)  # type: ignore[arg-type]
+    train_ids, held_ids = (np.concatenate(p) if p else np.zeros(0, np.uint32) for p in parts)
+    return Encoded((train_ids, held_ids), (docs[0], docs[1]), (nbytes[0], nbytes[1]), chunk.disk_bytes)
 
 
 def _chunks(files: list[sources.SourceFile], field: str, fraction: float) -> Iterator[Chunk]:

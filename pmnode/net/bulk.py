@@ -140,7 +140,7 @@ def _opened(make: Callable[[], Snapshot]) -> Snapshot:
 
 
 def _sha256(data: object) -> str:
-    return hashlib.sha256(data).hexdigest()  # type: ignore[arg-type]
+    return hashlib.sha256(data).hexdigest()  # type: ignore[arg-type]  # an ndarray is a buffer; numpy's 3.10 stubs do not say so
 
 
 def content_digest(manifest: BulkManifest, buffer: bytearray) -> str:

@@ -49,7 +49,7 @@ def check_activation(
         raise WireError("bad payload", f"batch {b} x {n} tokens outside 1..{max_batch} x 1..{max_len}")
     if samples is not None and samples != b:
         raise WireError("bad payload", f"header says {samples} samples, the tensors hold {b}")
-    dim = codec.fwd.dim  # type: ignore[attr-defined]
+    dim = codec.fwd.dim
     want = _layout(codec.pack_activation(torch.zeros(b, n, dim), torch.zeros(b, n, dtype=torch.long)))
     if "tokens" in want:
         want_data = {LAST_TARGET: (codec.token_dtype, (b, 1))}
@@ -130,7 +130,7 @@ class GradScale:
 def check_gradient(packet: Packet, codec: Codec, shape: tuple[int, int], scale: GradScale) -> None:
     """Raise WireError unless `packet` is the gradient of an activation of `shape` (batch, tokens)."""
     b, n = shape
-    dim = codec.bwd.dim  # type: ignore[attr-defined]
+    dim = codec.bwd.dim
     want = _layout(codec.pack_gradient(torch.zeros(b, n, dim)))
     got = _layout(packet)
     if got != want:

@@ -119,7 +119,7 @@ def simulate(p: PlanInputs, micro_batches: int = SIM_MICRO_BATCHES) -> SimResult
     ]
     spec = SwarmSpec(
         stages=stages,
-        schedule=p.schedule,  # type: ignore[arg-type]
+        schedule=p.schedule,
         max_inflight=p.max_inflight,
         micro_batches_per_step=p.micro_batches_per_step,
         tokens_per_micro_batch=m,

@@ -85,15 +85,15 @@ def print_plan(plan: Plan, console: Console) -> None:
     lines += _sync_lines(plan)
     if (a := plan.advice) is not None:
         m = a.measured
-        cost = (
+        cost_text = (
             f"{100 * m.gap:+.1f}% held-out loss at {m.tokens / 1e6:.1f}M tokens (d={m.d_model} study)"
             if m is not None and m.gap is not None
             else "not measured; a larger k costs no more than a smaller one"
         )
-        cost = spread_text(a) or cost  # the range over corpora, where measured on several
+        cost_text = spread_text(a) or cost_text  # the range over corpora, where measured on several
         shipped = ", the config's own boundary" if a.shipped else ""
         lines.append(
-            f"lowest measured cost this link carries: {a.codec}@{a.rank} ({a.setting}{shipped}): {cost}"
+            f"lowest measured cost this link carries: {a.codec}@{a.rank} ({a.setting}{shipped}): {cost_text}"
         )
     worst = max(plan.memory_gb)
     mem = (

@@ -47,15 +47,15 @@ def summarise(sim: SwarmSim, steps: int, edge: float = 0.1) -> SimResult:
         if waited + util > worst[1] and waited > util:  # replicas mostly waiting for their rounds
             worst = (f"replica sync, stage {i}", waited + util)
     for nodes in sim.nodes:
-        for n in nodes:
-            for (to, _), busy in n.link_busy.items():
+        for node in nodes:
+            for (to, _), busy in node.link_busy.items():
                 if busy / total > worst[1]:
-                    worst = (f"link {n.stage}->{to}", busy / total)
-            sync = sim.rounds.sync_s[n.name]
+                    worst = (f"link {node.stage}->{to}", busy / total)
+            sync = sim.rounds.sync_s[node.name]
             # one uplink: the rounds and the activations together, named by whichever carries more
-            up = (sync + sum(n.link_busy.values())) / total
+            up = (sync + sum(node.link_busy.values())) / total
             if sync and up > worst[1] and sync / total >= 0.5 * up:
-                worst = (f"replica sync, stage {n.stage}", up)
+                worst = (f"replica sync, stage {node.stage}", up)
     if worst[1] < BUSY:
         worst = (
             "latency and the in-flight window" if s.schedule == "async" else "pipeline drain and commit",

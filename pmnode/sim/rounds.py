@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING
 
 from pmnode.sim.model import SyncSpec
@@ -58,7 +59,7 @@ class Rounds:
             spec = self._spec(i)
             if spec is not None and spec.every_s is not None:
                 for n in stage:
-                    self.sim.eng.at(spec.every_s, lambda n=n, s=spec: self._timed(n, s))
+                    self.sim.eng.at(spec.every_s, partial(self._timed, n, spec))
 
     def _timed(self, node: SimNode, spec: SyncSpec) -> None:
         assert spec.every_s is not None

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from functools import partial
 
 from pmnode.net.routing import HEARTBEAT_PERIOD, Backoff, StageRecord, choose_peer
 from pmnode.net.shaping import LinkShaper
@@ -97,9 +98,9 @@ class SwarmSim:
         for stage in self.nodes:
             for n in stage:
                 if n.spec.join_at > 0:
-                    self.eng.at(n.spec.join_at, lambda n=n: setattr(n, "online", True))
+                    self.eng.at(n.spec.join_at, partial(setattr, n, "online", True))
                 if n.spec.leave_at is not None:
-                    self.eng.at(n.spec.leave_at, lambda n=n: self._leave(n))
+                    self.eng.at(n.spec.leave_at, partial(self._leave, n))
 
     def _leave(self, node: SimNode) -> None:
         node.compute.stop()
@@ -116,7 +117,7 @@ class SwarmSim:
         self.retried += 1
         up.backoff.fail(dead.name, self.eng.now)
         up.sent[dead.name] = max(0, up.sent.get(dead.name, 0) - 1)
-        self.eng.after(self.spec.retry_s, lambda a=mb.attempt: self._send_forward(up, mb, a))
+        self.eng.after(self.spec.retry_s, partial(self._send_forward, up, mb, mb.attempt))
 
     def _route(self, src: SimNode) -> SimNode | None:
         stage = src.stage + 1
