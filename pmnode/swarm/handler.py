@@ -19,12 +19,13 @@ from pmnode.errors import PmnodeError
 from pmnode.net.auth import Cert, Guard
 from pmnode.net.checks import check_eval_batch, check_micro_batch
 from pmnode.net.control import Ack, Done, Hello
-from pmnode.net.envelope import MicroBatch, MicroBatchId, activation_shape, samples_of
+from pmnode.net.envelope import MicroBatch, MicroBatchId, samples_of
 from pmnode.net.meta import ActivationMeta, GradientMeta, LossMeta
 from pmnode.net.rpcs import DONE, EVAL, FORWARD, HELLO
 from pmnode.net.wire import MessageHeader, WireError
 from pmnode.swarm.context import NodeContext
 from pmnode.swarm.downstream import Downstream
+from pmnode.swarm.micro_pass import micro_batch_pass
 from pmnode.swarm.replay import ReplayWindow
 from pmnode.swarm.roles import check_done
 from pmnode.swarm.spot_serve import SpotServer
@@ -118,18 +119,12 @@ class StageHandler:
             loss, grad = await runner.tail(mb.key, batch.packet, batch.labels, samples)
             self.last_loss = loss
             return ctx.header(mb.wire, GradientMeta(loss=loss)), grad
-        out = self.spot.sent(mb, await runner.forward(mb.key, batch.packet, None, samples))
-        try:
-            reply, grad = await self.downstream.send(
-                FORWARD,
-                ctx.header(mb.wire, header.meta_as(ActivationMeta)),  # its samples and try, as they came
-                batch.passed_on(out).wire_packet(),
-                shape=activation_shape(out),
-            )
-        except BaseException:
-            await runner.abandon(mb.key)
-            raise
-        up = await runner.backward(mb.key, grad, samples)
+        meta = header.meta_as(ActivationMeta)  # its samples and try, passed on as they came
+
+        def sent(out: Packet) -> Packet:  # remembered for the head's spot checks
+            return self.spot.sent(mb, out)
+
+        reply, up = await micro_batch_pass(ctx, self.downstream, mb, meta, batch, sent=sent)
         assert up is not None  # only the head has no upstream
         return ctx.header(mb.wire, reply.meta_as(GradientMeta)), up
 

@@ -16,19 +16,21 @@ from collections.abc import Callable
 
 from torch import Tensor
 
+from pmnode.core.codecs import Packet
 from pmnode.data.resolve import open_data
 from pmnode.data.shards import DataPosition, PreparedData, past_other_slots, slot_position
 from pmnode.errors import PmnodeError
 from pmnode.net.auth import Guard
-from pmnode.net.envelope import MicroBatch, MicroBatchId, activation_shape, eval_id, make_targets
+from pmnode.net.envelope import MicroBatch, MicroBatchId, eval_id, make_targets
 from pmnode.net.meta import ActivationMeta, GradientMeta, LossMeta
 from pmnode.net.routing import capacity
-from pmnode.net.rpcs import EVAL, FORWARD
+from pmnode.net.rpcs import EVAL
 from pmnode.swarm.commit import StepCommit
 from pmnode.swarm.context import NodeContext
 from pmnode.swarm.downstream import Downstream
 from pmnode.swarm.heads import HeadGroup
 from pmnode.swarm.membership import SwarmView
+from pmnode.swarm.micro_pass import micro_batch_pass
 from pmnode.swarm.panel import LogFormat
 from pmnode.swarm.participant import CommitParticipant
 from pmnode.swarm.pauses import Pauses
@@ -80,28 +82,18 @@ class HeadDriver:
             task.cancel()
 
     async def _train(self, mb: MicroBatchId, x: Tensor, targets: Tensor, retry: bool = False) -> float:
-        ctx, runner = self.ctx, self.ctx.runner
+        ctx = self.ctx
         if retry:  # the stages that already hold its gradient only pass it through
             mb = mb.retried(self.downstream.new_try())
         meta = ActivationMeta(samples=x.shape[0], attempt=mb.attempt)
         t0 = time.perf_counter()
-        pkt = await runner.forward(mb.key, None, x, x.shape[0])
-        batch = MicroBatch(mb.wire, pkt, self.target_key, targets)
-        served: list[str] = []
-        try:
-            reply, grad = await self.downstream.send(
-                FORWARD,
-                ctx.header(mb.wire, meta),
-                batch.wire_packet(),
-                activation_shape(pkt),
-                served=served,
-            )
-        except BaseException:
-            await runner.abandon(mb.key)
-            raise
-        self.spot.start(mb, batch.wire_packet(), served[0])  # maybe, in the background; the commit waits
+        batch = MicroBatch(mb.wire, Packet({}), self.target_key, targets)  # the forward makes its packet
+
+        def went(wire: Packet, peer: str) -> None:  # maybe, in the background; the commit waits
+            self.spot.start(mb, wire, peer)
+
         # In sync the head steps with the commit; in async as soon as its batch is complete.
-        await runner.backward(mb.key, grad, x.shape[0])
+        reply, _ = await micro_batch_pass(ctx, self.downstream, mb, meta, batch, x, went=went)
         if self.sizer is not None:
             self.sizer.observe(time.perf_counter() - t0)
         # the downstream check let only a gradient reply through (Downstream._gradient_check)
