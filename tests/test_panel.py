@@ -101,5 +101,5 @@ def test_bad_log_format_is_one_line() -> None:
         text=True,
         timeout=60,
     )
-    assert out.returncode == 1 and "--log-format must be text or json" in out.stderr
+    assert out.returncode == 1 and "--log-format: Input should be 'text' or 'json'" in out.stderr
     assert "Traceback" not in out.stderr

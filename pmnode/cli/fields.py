@@ -93,9 +93,12 @@ def _parameter(flag: Flag) -> inspect.Parameter:
         opt = typer.Option(f"{flag.option}/--no-{flag.option[2:]}", help=help_, show_default=False)
         return _param(flag.param, Annotated[bool | None, opt], None)
     kind = str if flag.text is not None else _base(info.annotation)
+    metavar = flag.metavar
     if get_origin(kind) is list:  # given once per value: --announce A --announce B
-        kind = list[str]
-    elif kind not in (str, int, float, Path) and get_origin(kind) is not Literal:
+        kind, metavar = list[str], metavar or "TEXT"
+    elif get_origin(kind) is Literal:  # the model checks the choice: a wrong one is one line, not a box
+        kind, metavar = str, metavar or "|".join(str(a) for a in get_args(kind))
+    elif kind not in (str, int, float, Path):
         kind = str
     shown = flag.default if flag.default is not None else model_default
     if flag.section is not None:  # unset: whatever the config file says
@@ -106,7 +109,7 @@ def _parameter(flag: Flag) -> inspect.Parameter:
         flag.option,
         help=help_,
         show_default=False,
-        metavar=flag.metavar or ("TEXT" if kind == list[str] else None),
+        metavar=metavar,
         **({} if flag.text is not None else _bounds(info)),
     )
     return _param(flag.param, Annotated[kind | None, opt], None)

@@ -109,16 +109,17 @@ def join(
     if node_given.get("resume") and "checkpoint_dir" not in node_given:
         raise PmnodeError("--resume needs --checkpoint-dir DIR, the directory the checkpoint is in")
     machine = given.build(MachineConfig, device=resolve_device(flags["device"] or "auto"))
+    # every flag checked (one line naming it) before anything is read or dialled
+    opts = given.build(NodeOptions, coordinator=coordinator or "", machine=machine)
     data = machine.data
     if data is not None and data != "stdlib" and not Path(data).exists():  # here, not after joining
         raise PmnodeError(
             f"data path not found: {data} (give a prepared directory, a corpus path or 'stdlib')"
         )
 
-    host = flags["host"] or NodeOptions.model_fields["host"].default
     if coordinator_file is not None:  # first: a node started beside its coordinator waits for it (compose),
         # and the coordinator writes the join token beside the file before the file itself
-        coordinator = coordinator_from_file(coordinator_file, local=host.startswith("127."))
+        coordinator = coordinator_from_file(coordinator_file, local=opts.host.startswith("127."))
     token = resolve_token(
         token_file, fallback=coordinator_file.parent / TOKEN_FILE if coordinator_file is not None else None
     )
