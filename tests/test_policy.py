@@ -170,6 +170,48 @@ def test_a_step_that_spot_checks_never_clear_is_dropped_not_applied() -> None:
     assert len(applies) == 3 and all(isinstance(a, Apply) and a.drop and a.samples == 0 for a in applies)
 
 
+def test_a_liar_banned_at_the_redo_cap_gets_one_clean_pass_not_bent_gradients() -> None:
+    """MAX_REDOS undecided disagreements, then a third replica names the liar: the step is computed once
+    more without it and applied (CI caught the head applying that last, bent pass: the drop it had
+    decided was forgotten when the pass had to be re-sent)."""
+    batch = ["3:0", "3:1"]
+    owns = {"a": [batch[:1]], "b": [batch[1:]], "c": [batch]}
+    commit, resent, stepped = _commit({1: ["a", "b"], 2: ["c"]}, owns)
+    jobs: list[str] = []
+
+    async def run(fn: Any, *args: Any) -> None:
+        jobs.append(fn.__name__)
+
+    async def noop() -> None:
+        return None
+
+    def forget(step: int) -> None:
+        return None
+
+    passes = iter([True] * (MAX_REDOS + 1) + [False] * 10)  # tainted until the liar is out, then clean
+    banned: list[str] = []
+
+    async def settle() -> None:  # the pass's verdicts are in before the head counts it
+        if len(commit.redone) == MAX_REDOS and not banned:
+            banned.append("x")  # the third replica decided: a liar (not a member of these stages)
+
+    def take_tainted(step: int) -> bool:
+        return next(passes)
+
+    commit.ctx.runner.run = run
+    commit.ctx.runner.worker = SimpleNamespace(forget=forget)
+    commit.downstream.refresh = noop
+    commit.spot = SimpleNamespace(  # type: ignore[assignment]
+        settle=settle, banned=lambda: list(banned), ledger=SimpleNamespace(take_tainted=take_tainted)
+    )
+    asyncio.run(commit.commit(3, batch))
+    assert commit.redone == [3] * (MAX_REDOS + 1) and resent == [batch] * (MAX_REDOS + 1)
+    assert commit.dropped == [] and stepped == [True]  # the clean pass was applied
+    assert jobs == ["forget"] * (MAX_REDOS + 1)
+    applies = [r for name, _, r in commit.client.calls if name == "apply"]  # type: ignore[attr-defined]
+    assert len(applies) == 3 and not any(a.drop for a in applies) and all(a.samples == 4 for a in applies)
+
+
 # ---- pauses ----------------------------------------------------------------------------------------------
 def test_empty_stages_ignore_offline_records() -> None:
     members = {1: [rec("a", 1, "offline")], 2: [rec("c", 2)]}

@@ -108,6 +108,9 @@ class StepCommit:
         await self.settle()
         stages = list(range(1, self.ctx.cfg.n_stages))
         deadline = time.monotonic() + self.ctx.cfg.swarm.request_timeout
+        # Decided once for the step: a pass that must be re-sent after the decision does not undo it.
+        drop = False
+        known_liars = set(self.spot.banned()) if self.spot is not None else set()
         while True:
             if self.spot is not None:  # every check of the step has its verdict before it counts
                 await self.spot.settle()
@@ -141,9 +144,12 @@ class StepCommit:
                 if t.twice or t.held - expected:  # counted twice, or a micro-batch of a lost head
                     failed |= await self._reset(s, step, peers[s], len(t.twice | (t.held - expected)))
                     missing |= expected
-            drop = False
             if self.spot is not None and self.spot.ledger.take_tainted(step):
-                if self.redone.count(step) < MAX_REDOS:
+                # a liar banned since the last pass: computing the step again without it is clean, so
+                # it is always worth it (each ban takes a replica out, so this ends); only disagreements
+                # nobody could decide count against MAX_REDOS
+                newly_banned, known_liars = liars - known_liars, known_liars | liars
+                if not drop and (newly_banned or self.redone.count(step) < MAX_REDOS):
                     failed |= await self._redo(step, stages, peers)
                     missing |= expected
                 else:  # two replicas that keep disagreeing, and no third: the batch is not applied
