@@ -18,12 +18,10 @@ was lost or counted twice). Writes results.json, results.md and throughput.png.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import random
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,78 +29,19 @@ from pathlib import Path
 
 import yaml
 
+from benchmarks.launch import Processes
 from pmnode.bench.plotting import pyplot
-
-BIN = Path(sys.executable).parent
-
-
-class Swarm:
-    def __init__(self, cfg: Path, work: Path, token: str):
-        self.cfg, self.work = cfg, work
-        self.env = {**os.environ, "PMNODE_JOIN_TOKEN": token}
-        self.procs: dict[str, tuple[int, subprocess.Popen]] = {}  # name -> (stage, process)
-        self.count = 0
-
-    def start(self, name: str, args: list[str], stage: int = -1) -> subprocess.Popen:
-        log = (self.work / f"{name}.log").open("w")
-        p = subprocess.Popen(
-            args,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=self.env,
-            start_new_session=True,
-        )
-        self.procs[name] = (stage, p)
-        return p
-
-    def node(self, stage: int) -> str:
-        name = f"node-{stage}-{self.count}"
-        self.count += 1
-        args = [
-            str(BIN / "pmnode"),
-            "join",
-            "--coordinator-file",
-            str(self.work / "coord" / "coordinator.json"),
-        ]
-        args += ["--stage", str(stage), "--device", "cpu", "--threads", "1", "--log-format", "json"]
-        args += ["--summary-json", str(self.work / f"{name}.json")]
-        self.start(name, args, stage)
-        return name
-
-    def live(self, stage: int) -> list[str]:
-        return [n for n, (s, p) in self.procs.items() if s == stage and p.poll() is None]
-
-    def signal(self, name: str, sig: int) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.procs[name][1].pid, sig)
-
-    def stop_all(self) -> None:
-        for name in list(self.procs):
-            self.signal(name, signal.SIGINT)
-        for _, p in self.procs.values():
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(30)
-        for name in list(self.procs):
-            self.signal(name, signal.SIGKILL)
+from pmnode.bench.swarm import head_lines
+from pmnode.swarm.report import StepLine
 
 
-def head_points(log: Path) -> list[dict]:
-    out = []
-    for line in log.read_text().splitlines():
-        if line.startswith('{"step"'):
-            with contextlib.suppress(json.JSONDecodeError):
-                out.append(json.loads(line))
-    return out
-
-
-def windows(points: list[dict], width: float) -> list[tuple[float, float]]:
+def windows(points: list[StepLine], width: float) -> list[tuple[float, float]]:
     """(window end in seconds since training began, tokens/s in that window)."""
     res, start = [], 0
     for i, p in enumerate(points):
-        if p["elapsed"] - points[start]["elapsed"] >= width:
-            q = points[start]
-            res.append((p["elapsed"], (p["tokens"] - q["tokens"]) / (p["elapsed"] - q["elapsed"])))
+        q = points[start]
+        if p.elapsed - q.elapsed >= width:
+            res.append((p.elapsed, (p.tokens - q.tokens) / (p.elapsed - q.elapsed)))
             start = i
     return res
 
@@ -128,21 +67,25 @@ def main() -> None:
         work = Path(d)
         cfg = work / "config.yaml"
         cfg.write_text(yaml.safe_dump(raw))
-        swarm = Swarm(cfg, work, token=os.urandom(16).hex())
+        swarm = Processes(work, env={"PMNODE_JOIN_TOKEN": os.urandom(16).hex()}, grace=30.0)
+        count = 0
+
+        def node(stage: int) -> str:
+            nonlocal count
+            name = f"node-{stage}-{count}"
+            count += 1
+            swarm.join(name, info, stage, ("--log-format", "json"))
+            return name
+
         events: list[dict] = []
-        try:
-            swarm.start(
-                "coordinator",
-                [str(BIN / "coordinator"), "serve", "--config", str(cfg), "--state-dir", str(work / "coord")],
-            )
-            while not (work / "coord" / "coordinator.json").exists():
-                time.sleep(0.2)
+        with swarm:
+            info = swarm.coordinator(cfg, work / "coord")
             for stage in reversed(range(1, args.stages)):
-                swarm.node(stage)
-                swarm.node(stage)
-            head = swarm.node(0)
+                node(stage)
+                node(stage)
+            head = node(0)
             head_log = work / f"{head}.log"
-            while not head_points(head_log):
+            while not head_lines(head_log):
                 time.sleep(0.5)
             t0 = time.monotonic()
             leave_sig = [signal.SIGKILL, signal.SIGINT]
@@ -156,53 +99,55 @@ def main() -> None:
                 )
                 if time.monotonic() - t0 >= args.duration:
                     break
-                at = head_points(head_log)[-1]["elapsed"]
+                at = head_lines(head_log)[-1].elapsed
                 if turn % 2 == 0:
                     stages = [s for s in range(1, args.stages) if len(swarm.live(s)) >= 2]
                     stage = rng.choice(stages)
                     victim = rng.choice(swarm.live(stage))
                     sig = leave_sig[(turn // 2) % 2]
-                    swarm.signal(victim, sig)
+                    victim.signal(sig)
                     events.append(
                         {
                             "t": at,
                             "kind": f"leave ({signal.Signals(sig).name})",
                             "stage": stage,
-                            "node": victim,
+                            "node": victim.name,
                         }
                     )
                 else:
                     stage = min(range(1, args.stages), key=lambda s: (len(swarm.live(s)), rng.random()))
-                    name = swarm.node(stage)
+                    name = node(stage)
                     events.append({"t": at, "kind": "join", "stage": stage, "node": name})
                 print(json.dumps(events[-1]), flush=True)
                 turn += 1
-        finally:
-            swarm.stop_all()
-        points = head_points(head_log)
-        nodes = {}
-        for name, (stage, _) in swarm.procs.items():
-            path = work / f"{name}.json"
-            if stage >= 0 and path.exists():
-                s = json.loads(path.read_text())
-                nodes[name] = {
-                    "stage": stage,
-                    "steps": s["steps"],
-                    "samples_applied": s["samples_applied"],
-                    "samples_off": s.get("samples_off"),
-                    "reissued": s.get("reissued", 0),
-                    "averaging_rounds": s.get("averaging", {}).get("rounds", 0),
+        points = head_lines(head_log)
+        nodes: dict[str, dict] = {}
+        for proc in swarm.procs:
+            if proc.stage is None:
+                continue  # the coordinator
+            s = swarm.summary(proc.name)
+            if s is not None:
+                nodes[proc.name] = {
+                    "stage": proc.stage,
+                    "steps": s.steps,
+                    "samples_applied": s.samples_applied,
+                    "samples_off": s.samples_off,
+                    "reissued": s.reissued,
+                    "averaging_rounds": s.averaging.rounds,
                 }
-            elif stage >= 0:
-                nodes[name] = {"stage": stage, "summary": "none (SIGKILLed, or stopped while starting)"}
+            else:
+                nodes[proc.name] = {
+                    "stage": proc.stage,
+                    "summary": "none (SIGKILLed, or stopped while starting)",
+                }
         caught = {
-            name: [
+            proc.name: [
                 line
-                for line in (work / f"{name}.log").read_text().splitlines()
+                for line in proc.log.read_text().splitlines()
                 if "caught up to step" in line or "copied replica" in line
             ]
-            for name in swarm.procs
-            if name.startswith("node-")
+            for proc in swarm.procs
+            if proc.name.startswith("node-")
         }
     result = {
         "command": "python " + " ".join(sys.argv),
@@ -210,9 +155,9 @@ def main() -> None:
         "schedule": args.schedule,
         "stages": args.stages,
         "duration_s": args.duration,
-        "steps": points[-1]["step"] if points else 0,
-        "tokens": points[-1]["tokens"] if points else 0,
-        "tokens_per_s_overall": round(points[-1]["tokens"] / points[-1]["elapsed"], 1) if points else 0,
+        "steps": points[-1].step if points else 0,
+        "tokens": points[-1].tokens if points else 0,
+        "tokens_per_s_overall": round(points[-1].tokens / points[-1].elapsed, 1) if points else 0,
         "events": events,
         "throughput": [[round(t, 1), round(r, 1)] for t, r in windows(points, 10.0)],
         "nodes": nodes,

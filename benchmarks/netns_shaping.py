@@ -14,18 +14,20 @@ tokens/s and their ratio. Needs root, iproute2 and tc; cleans up namespaces and 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+from typing import Any
 
 import yaml
+
+from benchmarks.launch import Processes, local_swarm
+from pmnode.swarm.local_swarm import SwarmSummary
+from pmnode.swarm.report import NodeSummary
 
 BIN = Path(sys.executable).parent
 NS = ("pmnode-a", "pmnode-b")
@@ -97,106 +99,24 @@ def config(tmp: Path, steps: int) -> Path:
     return path
 
 
-def start(ns: str | None, args: list[str], log: Path) -> subprocess.Popen:
-    prefix = ["ip", "netns", "exec", ns] if ns else []
-    return subprocess.Popen(
-        [*prefix, *args], stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
-    )
-
-
-def stop(p: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(p.pid, signal.SIGINT)
-    try:
-        p.wait(15)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(p.pid, signal.SIGKILL)
-        p.wait()
-
-
-def kernel_run(cfg: Path, tmp: Path, timeout: float) -> dict:
-    procs = []
-    try:
-        state = tmp / "coord"
-        procs.append(
-            start(
-                NS[0],
-                [
-                    str(BIN / "coordinator"),
-                    "serve",
-                    "--config",
-                    str(cfg),
-                    "--host",
-                    ADDR[0],
-                    "--state-dir",
-                    str(state),
-                ],
-                tmp / "coordinator.log",
-            )
-        )
-        info = state / "coordinator.json"
-        deadline = time.monotonic() + 60
-        while not info.exists():
-            if time.monotonic() > deadline:
-                log = (tmp / "coordinator.log").read_text()
-                raise SystemExit(f"coordinator did not start: {log[-2000:]}")
-            time.sleep(0.2)
+def kernel_run(cfg: Path, tmp: Path, timeout: float) -> NodeSummary:
+    """The coordinator and stage 0 in one namespace, stage 1 in the other; the head's summary."""
+    with Processes(tmp, grace=15.0) as procs:
+        info = procs.coordinator(cfg, tmp / "coord", host=ADDR[0], ns=NS[0])
         for stage in (1, 0):
-            procs.append(
-                start(
-                    NS[stage],
-                    [
-                        str(BIN / "pmnode"),
-                        "join",
-                        "--coordinator-file",
-                        str(info),
-                        "--stage",
-                        str(stage),
-                        "--device",
-                        "cpu",
-                        "--threads",
-                        "1",
-                        "--host",
-                        ADDR[stage],
-                        "--summary-json",
-                        str(tmp / f"node-{stage}.json"),
-                    ],
-                    tmp / f"node-{stage}.log",
-                )
-            )
-        head = procs[-1]
-        head.wait(timeout)
-        if head.returncode != 0:
-            raise SystemExit(f"head failed: {(tmp / 'node-0.log').read_text()[-2000:]}")
-        return json.loads((tmp / "node-0.json").read_text())
-    finally:
-        for p in reversed(procs):
-            stop(p)
+            procs.join(f"node-{stage}", info, stage, ("--host", ADDR[stage]), ns=NS[stage])
+        head = procs.procs[-1]
+        head.p.wait(timeout)
+        if head.p.returncode != 0:
+            raise SystemExit(f"head failed: {head.log.read_text()[-2000:]}")
+    summary = procs.summary("node-0")
+    assert summary is not None and summary.tokens_per_s is not None
+    return summary
 
 
-def inprocess_run(cfg: Path, tmp: Path, bandwidth: str, timeout: float) -> dict:
-    out = tmp / "local.json"
-    subprocess.run(
-        [
-            str(BIN / "pmnode"),
-            "local-swarm",
-            "--config",
-            str(cfg),
-            "--stages",
-            "2",
-            "--workdir",
-            str(tmp / "local"),
-            "--link-bandwidth",
-            bandwidth,
-            "--summary-json",
-            str(out),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=timeout,
-    )
-    return json.loads(out.read_text())
+def inprocess_run(cfg: Path, tmp: Path, bandwidth: str, timeout: float) -> SwarmSummary:
+    args = ["--config", str(cfg), "--stages", "2", "--link-bandwidth", bandwidth]
+    return local_swarm(args, tmp / "local", timeout=timeout)
 
 
 def main() -> None:
@@ -219,14 +139,14 @@ def main() -> None:
         finally:
             teardown()
         local = inprocess_run(cfg, tmp, args.bandwidth, args.timeout)
-    rows = {
+    rows: dict[str, dict[str, Any]] = {
         "kernel_tbf": {
-            "tokens_per_s": round(kernel["tokens_per_s"], 1),
-            "wire_bytes_per_token_per_boundary": kernel["wire_bytes_per_token_per_boundary"],
+            "tokens_per_s": round(kernel.tokens_per_s or 0.0, 1),
+            "wire_bytes_per_token_per_boundary": kernel.wire_bytes_per_token_per_boundary,
         },
         "in_process": {
-            "tokens_per_s": round(local["tokens_per_s"], 1),
-            "wire_bytes_per_token_per_boundary": local["wire_bytes_per_token_per_boundary"],
+            "tokens_per_s": round(local.tokens_per_s, 1),
+            "wire_bytes_per_token_per_boundary": local.wire_bytes_per_token_per_boundary,
         },
     }
     ratio = rows["in_process"]["tokens_per_s"] / rows["kernel_tbf"]["tokens_per_s"]

@@ -23,8 +23,6 @@ import json
 import os
 import random
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,13 +31,13 @@ from typing import Any
 import torch
 import yaml
 
+from benchmarks.launch import HeadSpotChecks, ReplicaSpotChecks, local_swarm, node_summaries
 from pmnode.bench.plotting import pyplot
 from pmnode.core.codecs import Int8Q, Packet
 from pmnode.swarm.spot_policy import Sampler, decide, distance
 from pmnode.swarm.spot_serve import Liar
 
 ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 RATE, TOL, GOAL = 0.05, 0.05, 200
 
 
@@ -154,13 +152,13 @@ def swarm(tmp: Path, steps: int, rate: float, lie: float | None, seed: int = 0) 
     if lie is not None:
         env.update(PMNODE_TEST_LIE=str(lie), PMNODE_TEST_LIE_SEED=str(seed), PMNODE_TEST_LIE_NODE="node-1-2")
     args = ["--config", str(_config(tmp, steps, rate)), "--stages", "3", "--replicas", "3"]
-    args += ["--schedule", "sync", "--workdir", str(work), "--summary-json", str(work / "swarm.json")]
+    args += ["--schedule", "sync"]
     t0 = time.monotonic()
-    r = subprocess.run([str(BIN / "pmnode"), "local-swarm", *args], capture_output=True, text=True, env=env)
-    if r.returncode != 0:
-        raise SystemExit(f"local-swarm failed: {r.stderr[-2000:]}")
-    nodes = {p.stem: json.loads(p.read_text()) for p in work.glob("node-*.json")}
+    local_swarm(args, work, env=env)
+    nodes = node_summaries(work)
     head = nodes["node-0"]
+    assert head.spot_checks is not None and head.tokens_per_s is not None
+    spot = HeadSpotChecks.model_validate(head.spot_checks)
     out: dict[str, Any] = {
         "steps": steps,
         "check_rate": rate,
@@ -168,21 +166,20 @@ def swarm(tmp: Path, steps: int, rate: float, lie: float | None, seed: int = 0) 
         "seed": seed,
         "wall_s": time.monotonic() - t0,
     }
-    out.update(tokens_per_s=head["tokens_per_s"], spot=head["spot_checks"])
+    out.update(tokens_per_s=head.tokens_per_s, spot=head.spot_checks)
     # CPU, not wall time: the machine is shared, so tokens/s moves by tens of percent between runs
-    out["process_cpu_s"] = sum(n.get("process_cpu_s", 0.0) for n in nodes.values())
-    out["compute_cpu_s"] = sum(n["compute"]["cpu_s"] for n in nodes.values())
+    out["process_cpu_s"] = sum(n.process_cpu_s for n in nodes.values())
+    out["compute_cpu_s"] = sum(n.compute.cpu_s for n in nodes.values())
     out["tokens"] = steps * 8 * 64  # tiny: batch 8 x 64 tokens a step
-    out["stage1_forwards"] = {k: n["compute"]["forwards"] for k, n in nodes.items() if n["stage"] == 1}
+    out["stage1_forwards"] = {k: n.compute.forwards for k, n in nodes.items() if n.stage == 1}
     if lie is not None:
         liar = nodes["node-1-2"]
-        out["liar"] = liar["spot_checks"]
+        out["liar"] = liar.spot_checks
+        liar_id = ReplicaSpotChecks.model_validate(liar.spot_checks).peer_id
         # counted by the head (who served each micro-batch): the liar's own counters restart when it
         # copies a replica's state to catch up after the ban
-        out["liar_served_until_ban"] = head["spot_checks"]["served_until_ban"].get(
-            liar["spot_checks"]["peer_id"]
-        )
-        out["banned"] = liar["spot_checks"]["peer_id"] in head["spot_checks"]["banned"]
+        out["liar_served_until_ban"] = spot.served_until_ban.get(liar_id)
+        out["banned"] = liar_id in spot.banned
     print(json.dumps({k: v for k, v in out.items() if k != "spot"}), flush=True)
     return out
 

@@ -14,30 +14,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import yaml
 
+from benchmarks.launch import local_swarm, node_summaries
 from pmnode.bench.plotting import pyplot
+from pmnode.swarm.local_swarm import SwarmSummary
 
-BIN = Path(sys.executable).parent
 
-
-def run_swarm(raw: dict, stages: int) -> dict:
+def run_swarm(raw: dict, stages: int) -> tuple[SwarmSummary, list[tuple[int, int, float]]]:
+    """The swarm's summary and the head's evaluations (step, tokens, held-out loss)."""
     with tempfile.TemporaryDirectory() as d:
-        cfg, out = Path(d) / "config.yaml", Path(d) / "summary.json"
+        cfg, work = Path(d) / "config.yaml", Path(d) / "work"
         cfg.write_text(yaml.safe_dump(raw))
-        args = [str(BIN / "pmnode"), "local-swarm", "--config", str(cfg), "--stages", str(stages)]
-        args += ["--workdir", str(Path(d) / "work"), "--summary-json", str(out)]
-        r = subprocess.run(args, capture_output=True, text=True)
-        if r.returncode != 0:
-            raise SystemExit(f"local-swarm failed:\n{r.stderr[-3000:]}")
-        summary = json.loads(out.read_text())
-        head = json.loads((Path(d) / "work" / "node-0.json").read_text())
-        return {**summary, "evals": head.get("evals", [])}
+        summary = local_swarm(["--config", str(cfg), "--stages", str(stages)], work)
+        return summary, node_summaries(work)["node-0"].evals or []
 
 
 def main() -> None:
@@ -63,17 +57,17 @@ def main() -> None:
             sw.update(schedule="sync")
         else:
             sw.update(schedule="async", max_inflight=int(item))
-        s = run_swarm(raw, args.stages)
+        s, evals = run_swarm(raw, args.stages)
         inflight = None if item == "sync" else int(item)
         rows.append(
             {
                 "schedule": sw["schedule"],
                 "max_inflight": inflight,
                 "staleness_steps": 0 if inflight is None else inflight / n_micro,
-                "heldout_loss": round(s["heldout_loss"], 4),
-                "final_train_loss": round(s["final_train_loss"], 4),
-                "tokens_per_s": round(s["tokens_per_s"], 1),
-                "curve": [[step, round(loss, 4)] for step, _, loss in s["evals"]],
+                "heldout_loss": round(s.heldout_loss, 4) if s.heldout_loss is not None else None,
+                "final_train_loss": round(s.final_train_loss, 4),
+                "tokens_per_s": round(s.tokens_per_s, 1),
+                "curve": [[step, round(loss, 4)] for step, _, loss in evals],
             }
         )
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "curve"}), flush=True)

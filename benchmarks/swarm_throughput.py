@@ -11,25 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import yaml
 
+from benchmarks import launch
 from pmnode.bench.plotting import pyplot
-
-BIN = Path(sys.executable).parent
-
-
-def run(args: list[str]) -> dict:
-    with tempfile.TemporaryDirectory() as d:
-        out = Path(d) / "summary.json"
-        r = subprocess.run([*args, "--summary-json", str(out)], capture_output=True, text=True)
-        if r.returncode != 0:
-            raise SystemExit(f"{' '.join(args)} failed:\n{r.stderr[-3000:]}")
-        return json.loads(out.read_text())
 
 
 def main() -> None:
@@ -55,32 +44,24 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as d:
             cfg = Path(d) / "config.yaml"
             cfg.write_text(yaml.safe_dump(raw))
-            single = run([str(BIN / "pmnode"), "train", "--config", str(cfg)])
+            single = launch.train(cfg, Path(d) / "single.json")
             row = {
                 "config": config,
                 "stages": args.stages,
                 "steps": args.steps,
-                "single_tokens_per_s": round(single["tokens_per_s"], 1),
+                "single_tokens_per_s": round(single.tokens_per_s, 1),
             }
             for schedule in ("sync", "async"):
-                swarm = run(
-                    [
-                        str(BIN / "pmnode"),
-                        "local-swarm",
-                        "--config",
-                        str(cfg),
-                        "--stages",
-                        str(args.stages),
-                        "--schedule",
-                        schedule,
-                        "--workdir",
-                        str(Path(d) / f"work-{schedule}"),
-                    ]
+                swarm = launch.local_swarm(
+                    ["--config", str(cfg), "--stages", str(args.stages), "--schedule", schedule],
+                    Path(d) / f"work-{schedule}",
                 )
-                row[f"{schedule}_tokens_per_s"] = round(swarm["tokens_per_s"], 1)
-                row[f"{schedule}_ratio"] = round(swarm["tokens_per_s"] / single["tokens_per_s"], 3)
-                row[f"{schedule}_heldout_loss"] = round(swarm["heldout_loss"], 4)
-            row["single_heldout_loss"] = round(single["heldout_loss"], 4)
+                row[f"{schedule}_tokens_per_s"] = round(swarm.tokens_per_s, 1)
+                row[f"{schedule}_ratio"] = round(swarm.tokens_per_s / single.tokens_per_s, 3)
+                row[f"{schedule}_heldout_loss"] = (
+                    round(swarm.heldout_loss, 4) if swarm.heldout_loss is not None else None
+                )
+            row["single_heldout_loss"] = round(single.heldout_loss, 4)
         rows.append(row)
         print(json.dumps(row), flush=True)
     command = " ".join(["python", *sys.argv])
