@@ -22,6 +22,7 @@ one libp2p relay circuit carries before the relay resets it (why the forwarder e
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -38,6 +39,7 @@ from rich.console import Console
 from benchmarks.circuit_probe import CircuitProbe
 from benchmarks.nat_report import Run, cell, plot, table
 from benchmarks.netlab import Host, Lab, can_run, sweep_stale
+from pmnode.net.control import CoordinatorInfo
 from pmnode.swarm.report import NodeSummary
 
 BIN = Path(sys.executable).parent
@@ -90,6 +92,18 @@ def tree_cpu(pid: int) -> float:
     return total
 
 
+def coordinator_info(path: Path, proc: subprocess.Popen, timeout: float = 60) -> CoordinatorInfo:
+    """The address file of a coordinator started in a namespace, once it is whole."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if path.exists():
+            with contextlib.suppress(ValueError):  # half written
+                return CoordinatorInfo.model_validate_json(path.read_text())
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit("the coordinator did not come up")
+        time.sleep(0.2)
+
+
 def one(cfg: Path, codec: str, mode: str, tmp: Path, timeout: float, rep: int = 0) -> Run:
     state, out = tmp / f"{codec}-{mode}-{rep}", tmp / f"{codec}-{mode}-{rep}-nodes"
     out.mkdir(parents=True)
@@ -101,13 +115,7 @@ def one(cfg: Path, codec: str, mode: str, tmp: Path, timeout: float, rep: int = 
         p = coord.popen(
             [str(BIN / "coordinator"), *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
-        info = state / "coordinator.json"
-        deadline = time.monotonic() + 60
-        while not info.exists():
-            if p.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("the coordinator did not come up")
-            time.sleep(0.2)
-        maddr = json.loads(info.read_text())["maddrs"][0]
+        maddr = coordinator_info(state / "coordinator.json", p).maddrs[0]
 
         def join(host: Host, stage: int) -> subprocess.Popen:
             a = [
