@@ -10,7 +10,6 @@ Every figure is the `pmnode plan ... --json` command printed beside it in plan.m
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from pmnode.bench.plotting import pyplot
+from pmnode.plan.plan import Plan
 
 RS = (1, 2, 4, 8)
 GOAL = 0.8  # tokens/s at R >= GOAL x R x the R = 1 figure
@@ -83,51 +83,51 @@ class Row(BaseModel):
     stages: list[StageRow]
 
 
-def plan(args: list[str]) -> dict:
+def plan(args: list[str]) -> Plan:
     out = subprocess.run([str(Path(sys.executable).parent / "pmnode"), "plan", *args, "--json"],
                          capture_output=True, text=True, check=True)  # fmt: skip
-    return json.loads(out.stdout)
+    return Plan.model_validate_json(out.stdout)
 
 
 def row(s: Scenario, r: int, extra: list[str], base: float | None) -> Row:
     args = [*s.args, "--heads", str(r), "--replicas", str(r), *extra]
     p = plan(args)
-    c = p["closed"]
-    params = {x["stage"]: x["params"] for x in p["costs"]}
+    c = p.closed
+    params = {x.stage: x.params for x in p.costs}
     stages = [
         StageRow(
-            stage=x["stage"],
-            params=params[x["stage"]],
-            bytes_per_round=x["bytes_per_round"],
-            upload_bytes_per_round=x["upload_bytes_per_round"],
-            share_of_fp16_params=x["bytes_per_round"] / (2 * params[x["stage"]]),
-            round_s=x["round_s"],
-            hidden=x["hidden"],
-            binds=x["binds"],
+            stage=x.stage,
+            params=params[x.stage],
+            bytes_per_round=x.bytes_per_round,
+            upload_bytes_per_round=x.upload_bytes_per_round,
+            share_of_fp16_params=x.bytes_per_round / (2 * params[x.stage]),
+            round_s=x.round_s,
+            hidden=x.hidden,
+            binds=x.binds,
         )
-        for x in c["replica_sync"]
+        for x in c.replica_sync
     ]
-    tps = c["tokens_per_s"]
+    tps = c.tokens_per_s
     return Row(
         scenario=s.name,
         r=r,
         method=" ".join(extra) or "config (step)",
         command="pmnode plan " + " ".join(args) + " --json",
         tokens_per_s=tps,
-        simulated_tokens_per_s=p["simulated"]["tokens_per_s"],
+        simulated_tokens_per_s=p.simulated.tokens_per_s,
         ratio=tps / (r * base) if base else 1.0,
-        binding=c["binding"],
+        binding=c.binding,
         stages=stages,
     )
 
 
 def recommended(s: Scenario, r: int) -> list[str]:
-    a = plan([*s.args, "--heads", str(r), "--replicas", str(r)])["sync_advice"]
+    a = plan([*s.args, "--heads", str(r), "--replicas", str(r)]).sync_advice
     if a is None:
         return []
-    flags = ["--replica-sync", a["method"]]
-    if a["method"] == "outer":
-        flags += ["--compressor", a["compressor"], "--inner-steps", str(a["inner_steps"])]
+    flags = ["--replica-sync", a.method]
+    if a.method == "outer":
+        flags += ["--compressor", a.compressor, "--inner-steps", str(a.inner_steps)]
     return flags
 
 
