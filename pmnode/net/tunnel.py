@@ -23,7 +23,6 @@ averager) keeps its own. `Routed` gives hivemind's stubs the same routes.
 
 from __future__ import annotations
 
-import weakref
 from collections import Counter
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -81,13 +80,18 @@ class Table:
     checker: Checker | None = None  # checks the callers' proofs on forwarded calls; none: refuse them
 
 
-_TABLES: weakref.WeakKeyDictionary[P2P, Table] = weakref.WeakKeyDictionary()
+_TABLE_ATTR = "_pmnode_tunnel_table"
 
 
 def table(p2p: P2P) -> Table:
-    if p2p not in _TABLES:
-        _TABLES[p2p] = Table()
-    return _TABLES[p2p]
+    """The tunnel table of this P2P, kept on the P2P object itself (made on first use): it lives and dies
+    with the transport it routes, each P2P has its own (the node's, its averager process's), and this
+    module keeps no state."""
+    t: Table | None = getattr(p2p, _TABLE_ATTR, None)
+    if t is None:
+        t = Table()
+        setattr(p2p, _TABLE_ATTR, t)
+    return t
 
 
 def via_names(name: str) -> tuple[str, str]:
