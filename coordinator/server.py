@@ -13,7 +13,6 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from hivemind.p2p import P2P
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPublicKey
 from rich.console import Console
@@ -44,6 +43,7 @@ from pmnode.net.tokens import (
     token_matches,
     write_secret,
 )
+from pmnode.net.tunnel import Tunnel
 
 CONFIG_TTL = 60.0  # seconds a published config record lives; republished every third of it
 PENDING_TTL = 15.0  # an assigned node that has not announced yet still counts for its stage this long
@@ -224,12 +224,12 @@ class Coordinator:
     async def run(self, stop: asyncio.Event) -> None:
         dht = self.dht
         try:
-            p2p: P2P = await dht.replicate_p2p()
-            await add_json_handler(p2p, JOIN_RPC, JoinRequest, self._on_join)
-            await add_json_handler(p2p, STATUS_RPC, StatusRequest, self._on_status)
-            await add_json_handler(p2p, REACH_RPC, ReachRequest, self._on_reach)
+            tun = Tunnel(await dht.replicate_p2p())  # the coordinator's one tunnel over its P2P
+            await add_json_handler(tun, JOIN_RPC, JoinRequest, self._on_join)
+            await add_json_handler(tun, STATUS_RPC, StatusRequest, self._on_status)
+            await add_json_handler(tun, REACH_RPC, ReachRequest, self._on_reach)
             if self.relay.serve:  # members behind NAT are called through it (net.tunnel)
-                self.forwarder = Forwarder(p2p, self.verifier)
+                self.forwarder = Forwarder(tun, self.verifier)
                 await self.forwarder.serve()
             maddrs = self.maddrs = [str(m) for m in dht.get_visible_maddrs()]
             if not self.port:

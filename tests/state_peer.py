@@ -40,6 +40,7 @@ from pmnode.net.services import ServeOptions, serve_all
 from pmnode.net.state_digest import StateCheck
 from pmnode.net.tokens import load_or_create_key
 from pmnode.net.transport import Refused, TransportStats, request
+from pmnode.net.tunnel import Tunnel
 from pmnode.net.wire import MessageHeader, WireError
 
 P2P_OPTS = {"host_maddrs": ["/ip4/127.0.0.1/tcp/0"], "nat_port_map": False, "auto_nat": False}
@@ -100,8 +101,9 @@ async def serve_state(cfg: RunConfig, info: Path, authority: Path, pause_at: int
     identity = Identity(key, lambda: cert)  # the digest it serves is signed with its certified key
     replicas = Stalling(ctx, None, None, None, identity=identity, guard=guard)  # type: ignore[arg-type]
     opts = ServeOptions(guard, TransportStats(), None, None)  # type: ignore[arg-type]  # state: unshaped
-    await serve_all(p2p, RUN, Node(), (HELLO,), opts)
-    await serve_all(p2p, RUN, replicas, (STATE,), opts)
+    tun = Tunnel(p2p)  # the peer's one tunnel over its P2P
+    await serve_all(tun, RUN, Node(), (HELLO,), opts)
+    await serve_all(tun, RUN, replicas, (STATE,), opts)
     maddrs = [str(m) for m in await p2p.get_visible_maddrs()]
     size = sum(t.numel() * t.element_size() for t in state_tensors(worker)[0].values())
     body = {"peer": p2p.peer_id.to_base58(), "maddrs": maddrs, "digest": digest(worker), "bytes": size}
@@ -117,15 +119,16 @@ async def fetch_state(cfg: RunConfig, info: Path, authority: Path, senders: list
     peers = [json.loads(p.read_text()) for p in senders]
     p2p = await P2P.create(initial_peers=[m for p in peers for m in p["maddrs"]], **P2P_OPTS)
     cert, verifier, _ = certified(p2p, authority)
+    tun = Tunnel(p2p)
     asked: list[tuple[str, str]] = []
 
     async def ask(peer: str, req: BulkRequest) -> Packet:
         header = MessageHeader.of(req, run=RUN, micro_batch="state", stage=0, step=0)
         try:
-            reply = (await request(p2p, peer, STATE.path(RUN), header, Packet({}), None, timeout=30.0))[1]
+            reply = (await request(tun, peer, STATE.path(RUN), header, Packet({}), None, timeout=30.0))[1]
         except WireError:  # a reply stream cut short (hivemind ends a reset stream quietly), on a busy
             print("a reply came cut short: asked again", flush=True)  # machine: once more, same peer
-            reply = (await request(p2p, peer, STATE.path(RUN), header, Packet({}), None, timeout=30.0))[1]
+            reply = (await request(tun, peer, STATE.path(RUN), header, Packet({}), None, timeout=30.0))[1]
         asked.append((peer, req.kind))  # answered
         return reply
 
@@ -138,7 +141,7 @@ async def fetch_state(cfg: RunConfig, info: Path, authority: Path, senders: list
     certs: dict[str, Cert] = {}
     bad: list[str] = []  # reasons a sender's copy was refused (none here: both are honest)
     for peer in peer_ids:
-        reply = await call_json(p2p, peer, HELLO.path(RUN), Hello(cert=cert), Hello)
+        reply = await call_json(tun, peer, HELLO.path(RUN), Hello(cert=cert), Hello)
         verifier.check_cert(reply.cert, peer_id=peer, stage=0)
         certs[peer] = reply.cert
     check = StateCheck(verifier, RUN, 0, certs.get, refused=lambda peer, reason: bad.append(reason))

@@ -74,6 +74,7 @@ from pmnode.net.serving import serve
 from pmnode.net.status import STATUS_RPC, StatusRequest, SwarmStatus
 from pmnode.net.tokens import AUTHORITY_FILE, load_or_create_key
 from pmnode.net.transport import TransportStats, call
+from pmnode.net.tunnel import Tunnel
 from pmnode.net.wire import MessageHeader, WireError, decode, encode
 from pmnode.swarm.roles import seal_done
 
@@ -116,9 +117,9 @@ class Poisoner:
     """A stage-1 member that takes part in the head's commits (hello, prepare, apply, reset, done) and
     serves `grads` with a poisoned sum; it takes no micro-batches (its record says it is very slow)."""
 
-    def __init__(self, p2p: P2P, cert: Cert, key: RSAPrivateKey, run: str, n: int, poison: str):
-        self.p2p, self.cert, self.key, self.run, self.n, self.poison = p2p, cert, key, run, n, poison
-        self.peer = p2p.peer_id.to_base58()
+    def __init__(self, tun: Tunnel, cert: Cert, key: RSAPrivateKey, run: str, n: int, poison: str):
+        self.p2p, self.cert, self.key, self.run, self.n, self.poison = tun, cert, key, run, n, poison
+        self.peer = tun.p2p.peer_id.to_base58()
         self.served = 0  # poisoned sums handed out
         self.bulk = BulkServer(self._now)
 
@@ -202,7 +203,7 @@ async def _refused(coro: object) -> str:
     return "accepted"
 
 
-async def _join(p2p: P2P, coord: str, token: str, stage: int) -> tuple[JoinReply, RSAPrivateKey]:
+async def _join(p2p: Tunnel, coord: str, token: str, stage: int) -> tuple[JoinReply, RSAPrivateKey]:
     key = RSAPrivateKey()
     req = JoinRequest(peer_id="x", stage=stage, token=token, public_key=public_bytes(key))
     return await call_json(p2p, coord, JOIN_RPC, req, JoinReply), key
@@ -233,11 +234,11 @@ async def _attack(work: Path, cfg_path: Path, tag: str, swarm: subprocess.Popen)
     member = hivemind.DHT(initial_peers=[maddr], start=True, **p2p_options("127.0.0.1"))
     outsider = hivemind.DHT(initial_peers=[maddr], start=True, **p2p_options("127.0.0.1"))
     opts = {"initial_peers": [maddr], "host_maddrs": ["/ip4/127.0.0.1/tcp/0"], **p2p_options("127.0.0.1")}
-    others = [await P2P.create(**opts) for _ in range(1 + len(POISONS))]
+    others = [Tunnel(await P2P.create(**opts)) for _ in range(1 + len(POISONS))]
     stale_p2p, poison_p2ps = others[0], others[1:]
     poisoners: list[Poisoner] = []
     try:
-        p2p = await member.replicate_p2p()
+        p2p = Tunnel(await member.replicate_p2p())
         reply, key = await _join(p2p, coord, token, stage=1)  # a certified stage-1 member
         verifier = Verifier(run, reply.authority)
         member.add_validators([SwarmValidator(run, cfg.n_stages, reply.authority)])
@@ -259,7 +260,12 @@ async def _attack(work: Path, cfg_path: Path, tag: str, swarm: subprocess.Popen)
         report["fake_head"] = fake
         stale_key = RSAPrivateKey()
         stale = issue_cert(
-            authority, run, stale_p2p.peer_id.to_base58(), 0, public_bytes(stale_key), now=time.time() - 600
+            authority,
+            run,
+            stale_p2p.p2p.peer_id.to_base58(),
+            0,
+            public_bytes(stale_key),
+            now=time.time() - 600,
         )
         await call_json(stale_p2p, node1.peer_id, f"{run}.hello", Hello(cert=stale), Hello)
         report["stale_head"] = [
@@ -327,7 +333,7 @@ async def _attack(work: Path, cfg_path: Path, tag: str, swarm: subprocess.Popen)
         pushed, kept_open = {}, []
         for door in doors:
             try:
-                pushed[door], hung_up = await _push_4gb(p2p, node1.peer_id, door)
+                pushed[door], hung_up = await _push_4gb(p2p.p2p, node1.peer_id, door)
             except Exception as e:  # a door this node does not have is refused by its daemon
                 pushed[door], hung_up = -1, True
                 report.setdefault("no_door", []).append(f"{door}: {type(e).__name__}")
@@ -382,7 +388,7 @@ async def _attack(work: Path, cfg_path: Path, tag: str, swarm: subprocess.Popen)
         await asyncio.to_thread(swarm.wait, 600)
     finally:
         for p in others:
-            await p.shutdown()
+            await p.p2p.shutdown()
         member.shutdown()
         outsider.shutdown()
     return report

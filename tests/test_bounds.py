@@ -21,6 +21,7 @@ from pmnode.net.forwarder import Forwarder
 from pmnode.net.meta import ActivationMeta, BulkOpen, BulkRequest, GradientMeta
 from pmnode.net.serving import serve
 from pmnode.net.transport import TransportError, TransportStats, call
+from pmnode.net.tunnel import Tunnel
 from pmnode.net.wire import MessageHeader, encode
 
 P2P_OPTS = {"host_maddrs": ["/ip4/127.0.0.1/tcp/0"], "nat_port_map": False, "auto_nat": False}
@@ -68,8 +69,9 @@ def test_a_4gb_announcement_is_refused_at_every_door() -> None:
         target = await P2P.create(**P2P_OPTS)
         attacker = await P2P.create(initial_peers=await target.get_visible_maddrs(), **P2P_OPTS)
         try:
-            await serve(target, f"{RUN}.forward", _echo, TransportStats())
-            await Forwarder(target, Verifier(RUN, public_bytes(RSAPrivateKey()))).serve()
+            served = Tunnel(target)  # the target's one tunnel: its doors and the relay's
+            await serve(served, f"{RUN}.forward", _echo, TransportStats())
+            await Forwarder(served, Verifier(RUN, public_bytes(RSAPrivateKey()))).serve()
             doors = [tunnel.VIA_STREAM, tunnel.RELAY_STREAM, f"{RUN}.forward.stream"]
             before, refused = _rss(), sum(bounded.REFUSED.values())
             for door in doors:
@@ -83,7 +85,7 @@ def test_a_4gb_announcement_is_refused_at_every_door() -> None:
             assert sum(bounded.REFUSED.values()) - refused == len(doors)
             assert grown < 64 * 2**20
             ok = encode(_header(), Packet({}))  # and the target still serves
-            assert await call(attacker, target.peer_id, f"{RUN}.forward", ok, timeout=10)
+            assert await call(Tunnel(attacker), target.peer_id, f"{RUN}.forward", ok, timeout=10)
         finally:
             await attacker.shutdown()
             await target.shutdown()
@@ -96,13 +98,14 @@ def test_a_streamed_reply_stops_at_the_callers_limit() -> None:
         server = await P2P.create(**P2P_OPTS)
         client = await P2P.create(initial_peers=await server.get_visible_maddrs(), **P2P_OPTS)
         try:
-            await serve(server, f"{RUN}.forward", _echo, TransportStats())
+            await serve(Tunnel(server), f"{RUN}.forward", _echo, TransportStats())
+            caller = Tunnel(client)
             big = encode(_header(grow=8 * 2**20), Packet({}))  # an 8 MiB reply: parked, then fetched
             stats = TransportStats()
             with pytest.raises(TransportError, match="exceeds"):
-                await call(client, server.peer_id, f"{RUN}.forward", big, 20, stats, max_reply=2**21)
+                await call(caller, server.peer_id, f"{RUN}.forward", big, 20, stats, max_reply=2**21)
             assert stats.error_reasons["transport: ReplyTooLarge"] == 1
-            assert len(await call(client, server.peer_id, f"{RUN}.forward", big, 20)) > 8 * 2**20
+            assert len(await call(caller, server.peer_id, f"{RUN}.forward", big, 20)) > 8 * 2**20
         finally:
             await client.shutdown()
             await server.shutdown()

@@ -17,6 +17,7 @@ from pmnode.net.auth import Verifier, public_bytes
 from pmnode.net.control import JOIN_RPC, ControlError, JoinReply, JoinRequest, call_json
 from pmnode.net.dht import p2p_options
 from pmnode.net.tokens import load_or_create_key
+from pmnode.net.tunnel import Tunnel
 
 
 def test_assignment_and_restart(tmp_path: Path) -> None:
@@ -32,7 +33,7 @@ def test_assignment_and_restart(tmp_path: Path) -> None:
         try:
 
             async def scenario() -> None:
-                p2p = await dht.replicate_p2p()
+                p2p = Tunnel(await dht.replicate_p2p())
                 peer = maddr.rsplit("/p2p/", 1)[1]
 
                 me = dht.peer_id.to_base58()

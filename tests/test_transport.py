@@ -20,12 +20,13 @@ from pmnode.net.transport import (
     call,
     request,
 )
+from pmnode.net.tunnel import Tunnel
 from pmnode.net.wire import MessageHeader, WireLimits, decode, encode
 
 # localhost only: no UPnP port mapping, no AutoNAT probes
 P2P_OPTS = {"host_maddrs": ["/ip4/127.0.0.1/tcp/0"], "nat_port_map": False, "auto_nat": False}
 FORWARD, BACKWARD = "test-run.forward", "test-run.backward"
-Scenario = Callable[[P2P, P2P, TransportStats, TransportStats], Awaitable[None]]
+Scenario = Callable[[Tunnel, Tunnel, TransportStats, TransportStats], Awaitable[None]]
 
 
 def _header(meta: Meta | None = None, mb: str = "0:0") -> MessageHeader:
@@ -87,10 +88,11 @@ def _run(scenario: Scenario, timeout: float = 60.0) -> tuple[TransportStats, Tra
             b = await P2P.create(initial_peers=await a.get_visible_maddrs(), **P2P_OPTS)
             pids.append(b._child.pid)
             assert set(pids) <= set(_p2pd_children())  # the orphan check below can see our daemons
+            ta, tb = Tunnel(a), Tunnel(b)  # one per P2P, as a node has
             for name in (FORWARD, BACKWARD):
-                await serve(a, name, _echo, server_stats)
-            await serve(a, "test-run.pmnode.fail", _fail, server_stats)
-            await asyncio.wait_for(scenario(a, b, server_stats, client_stats), timeout)
+                await serve(ta, name, _echo, server_stats)
+            await serve(ta, "test-run.pmnode.fail", _fail, server_stats)
+            await asyncio.wait_for(scenario(ta, tb, server_stats, client_stats), timeout)
         finally:
             if b is not None:
                 await b.shutdown()
@@ -108,10 +110,12 @@ def test_small_message_goes_unary() -> None:
     data = encode(_header(), packet)
     replies: list[bytes] = []
 
-    async def scenario(a: P2P, b: P2P, srv: TransportStats, cli: TransportStats) -> None:
-        replies.append(await call(b, a.peer_id.to_base58(), FORWARD, data, timeout=10, stats=cli))
-        header, reply = await request(b, a.peer_id, BACKWARD, _header(GradientMeta(), "0:1"), packet, cli, 10)
-        assert header.kind == "gradient" and header.micro_batch == f"0:1|{b.peer_id.to_base58()[-8:]}|2"
+    async def scenario(a: Tunnel, b: Tunnel, srv: TransportStats, cli: TransportStats) -> None:
+        replies.append(await call(b, a.p2p.peer_id.to_base58(), FORWARD, data, timeout=10, stats=cli))
+        header, reply = await request(
+            b, a.p2p.peer_id, BACKWARD, _header(GradientMeta(), "0:1"), packet, cli, 10
+        )
+        assert header.kind == "gradient" and header.micro_batch == f"0:1|{b.p2p.peer_id.to_base58()[-8:]}|2"
         assert _bits(reply.tensors["neg"]) == _bits(-packet.tensors["v"])
 
     srv, cli = _run(scenario)
@@ -140,8 +144,8 @@ def test_5mib_message_is_streamed_bit_exact() -> None:
     assert len(data) > 5 * 2**20 > UNARY_LIMIT
     replies: list[bytes] = []
 
-    async def scenario(a: P2P, b: P2P, srv: TransportStats, cli: TransportStats) -> None:
-        replies.append(await call(b, a.peer_id, FORWARD, data, timeout=30, stats=cli))
+    async def scenario(a: Tunnel, b: Tunnel, srv: TransportStats, cli: TransportStats) -> None:
+        replies.append(await call(b, a.p2p.peer_id, FORWARD, data, timeout=30, stats=cli))
 
     srv, cli = _run(scenario)
     header, reply = decode(replies[0])
@@ -162,9 +166,9 @@ def test_large_reply_to_small_request_is_fetched_once() -> None:
         calls.append(header.micro_batch)  # must run once even though the reply cannot go unary
         return answer(header), Packet({"g": torch.arange(3 * 2**20, dtype=torch.int32)})
 
-    async def scenario(a: P2P, b: P2P, srv: TransportStats, cli: TransportStats) -> None:
+    async def scenario(a: Tunnel, b: Tunnel, srv: TransportStats, cli: TransportStats) -> None:
         await serve(a, "test-run.pmnode.grow", grow, srv)
-        _, reply = await request(b, a.peer_id, "test-run.pmnode.grow", _header(), Packet({}), cli, 30)
+        _, reply = await request(b, a.p2p.peer_id, "test-run.pmnode.grow", _header(), Packet({}), cli, 30)
         assert torch.equal(reply.tensors["g"], torch.arange(3 * 2**20, dtype=torch.int32))
 
     srv, cli = _run(scenario)
@@ -177,20 +181,20 @@ def test_garbage_gets_an_error_reply_and_the_server_keeps_serving() -> None:
     good = encode(_header(), Packet({"v": torch.ones(4)}))
     garbage = [b"\x00\x01", b"\xff" * 64, encode(_header(), Packet({"v": torch.ones(4)}))[:-1]]
 
-    async def scenario(a: P2P, b: P2P, srv: TransportStats, cli: TransportStats) -> None:
+    async def scenario(a: Tunnel, b: Tunnel, srv: TransportStats, cli: TransportStats) -> None:
         for i, junk in enumerate(garbage):
-            header, packet = decode(await call(b, a.peer_id, FORWARD, junk, timeout=10, stats=cli))
+            header, packet = decode(await call(b, a.p2p.peer_id, FORWARD, junk, timeout=10, stats=cli))
             assert header.kind == "error" and not packet.tensors
             assert reason(header).split(":")[0] in ("too short", "bad header length", "size mismatch")
             assert srv.errors["forward"] == i + 1
-            header, packet = decode(await call(b, a.peer_id, FORWARD, good, timeout=10, stats=cli))
+            header, packet = decode(await call(b, a.p2p.peer_id, FORWARD, good, timeout=10, stats=cli))
             assert header.kind == "gradient" and torch.equal(packet.tensors["neg"], -torch.ones(4))
         try:  # a raising handler is an error reply too, with the request's address
-            await request(b, a.peer_id, "test-run.pmnode.fail", _header(mb="7:1"), Packet({}), cli, 10)
+            await request(b, a.p2p.peer_id, "test-run.pmnode.fail", _header(mb="7:1"), Packet({}), cli, 10)
             raise AssertionError("an error reply must raise")
         except TransportError as e:
             assert "stage exploded" in str(e)
-        header, _ = decode(await call(b, a.peer_id, BACKWARD, good, timeout=10, stats=cli))
+        header, _ = decode(await call(b, a.p2p.peer_id, BACKWARD, good, timeout=10, stats=cli))
         assert header.kind == "gradient"
 
     srv, cli = _run(scenario)
@@ -209,11 +213,11 @@ def test_garbage_gets_an_error_reply_and_the_server_keeps_serving() -> None:
 
 
 def test_unreachable_rpc_times_out_cleanly() -> None:
-    async def scenario(a: P2P, b: P2P, srv: TransportStats, cli: TransportStats) -> None:
+    async def scenario(a: Tunnel, b: Tunnel, srv: TransportStats, cli: TransportStats) -> None:
         big = encode(_header(), Packet({"v": torch.zeros(2**19)}))  # 2 MiB: takes the stream path
         for data in (encode(_header(), Packet({})), big):
             try:
-                await call(b, a.peer_id, "test-run.pmnode.nobody", data, timeout=2, stats=cli)
+                await call(b, a.p2p.peer_id, "test-run.pmnode.nobody", data, timeout=2, stats=cli)
                 raise AssertionError("a call to an unregistered rpc must fail")
             except TransportError:
                 pass
@@ -224,17 +228,19 @@ def test_unreachable_rpc_times_out_cleanly() -> None:
 
 
 def test_oversized_stream_is_cut_off() -> None:
-    async def scenario(a: P2P, b: P2P, srv: TransportStats, cli: TransportStats) -> None:
+    async def scenario(a: Tunnel, b: Tunnel, srv: TransportStats, cli: TransportStats) -> None:
         await serve(a, "test-run.pmnode.small", _echo, srv, WireLimits(max_bytes=2 * 2**20))
         data = encode(_header(), Packet({"v": torch.zeros(2**20)}))  # 4 MiB
         try:
-            header, _ = decode(await call(b, a.peer_id, "test-run.pmnode.small", data, timeout=10, stats=cli))
+            header, _ = decode(
+                await call(b, a.p2p.peer_id, "test-run.pmnode.small", data, timeout=10, stats=cli)
+            )
             assert header.kind == "error" and reason(header).startswith("too large")
         except TransportError:
             pass  # the server hung up mid-stream; either way nothing was buffered past the limit
         assert srv.error_reasons["too large"] == 1
         ok = encode(_header(), Packet({"v": torch.ones(8)}))
-        header, _ = decode(await call(b, a.peer_id, "test-run.pmnode.small", ok, timeout=10, stats=cli))
+        header, _ = decode(await call(b, a.p2p.peer_id, "test-run.pmnode.small", ok, timeout=10, stats=cli))
         assert header.kind == "gradient"
 
     _run(scenario)
@@ -247,10 +253,10 @@ def test_no_p2pd_left_behind() -> None:
     before = set(_p2pd_children())
     started: list[int] = []
 
-    async def scenario(a: P2P, b: P2P, srv: TransportStats, cli: TransportStats) -> None:
+    async def scenario(a: Tunnel, b: Tunnel, srv: TransportStats, cli: TransportStats) -> None:
         started.extend(set(_p2pd_children()) - before)
         ok = encode(_header(), Packet({"v": torch.zeros(2, 3)}))
-        assert decode(await call(b, a.peer_id, FORWARD, ok, timeout=10, stats=cli))[0].kind == "gradient"
+        assert decode(await call(b, a.p2p.peer_id, FORWARD, ok, timeout=10, stats=cli))[0].kind == "gradient"
 
     _run(scenario)
     assert len(started) == 2  # both of the scenario's daemons were seen while it ran...
@@ -274,7 +280,7 @@ def test_guard_refuses_before_decoding_and_bans_garbage() -> None:
     good = encode(_header(), Packet({"v": torch.randn(2, 3)}))
     got: list[str] = []
 
-    async def scenario(a: P2P, b: P2P, srv: TransportStats, cli: TransportStats) -> None:
+    async def scenario(a: Tunnel, b: Tunnel, srv: TransportStats, cli: TransportStats) -> None:
         handled: list[str] = []
 
         async def handler(header: MessageHeader, packet: Packet, peer: str) -> tuple[MessageHeader, Packet]:
@@ -284,11 +290,11 @@ def test_guard_refuses_before_decoding_and_bans_garbage() -> None:
         await serve(a, "test-run.guarded", handler, srv, guard=guard)
 
         async def send(data: bytes) -> str:
-            header, _ = decode(await call(b, a.peer_id, "test-run.guarded", data, timeout=10, stats=cli))
+            header, _ = decode(await call(b, a.p2p.peer_id, "test-run.guarded", data, timeout=10, stats=cli))
             return reason(header)
 
         got.append(await send(good))  # not a member yet
-        me = b.peer_id.to_base58()
+        me = b.p2p.peer_id.to_base58()
         guard.hello(issue_cert(authority, "test-run", me, 0, public_bytes(authority)), me)
         got.append(await send(good))
         got.extend([(await send(b"\x00garbage")).split(":")[0] for _ in range(3)])

@@ -37,6 +37,7 @@ from pmnode.net.meta import ActivationMeta, ErrorMeta, GradientMeta
 from pmnode.net.records import SwarmValidator, sign_config, sign_record
 from pmnode.net.routing import StageRecord, config_key, stage_key
 from pmnode.net.transport import TransportError, call
+from pmnode.net.tunnel import Tunnel
 from pmnode.net.wire import MessageHeader, decode, encode
 
 pytestmark = pytest.mark.slow
@@ -191,7 +192,7 @@ async def _attack(maddr: str, token: str, cfg_path: Path, work: Path) -> dict:
     member = hivemind.DHT(initial_peers=[maddr], start=True, **p2p_options("127.0.0.1"))
     outsider = hivemind.DHT(initial_peers=[maddr], start=True, **p2p_options("127.0.0.1"))
     try:
-        p2p, out_p2p = await member.replicate_p2p(), await outsider.replicate_p2p()
+        p2p, out_p2p = Tunnel(await member.replicate_p2p()), Tunnel(await outsider.replicate_p2p())
         key = RSAPrivateKey()
         join = JoinRequest(peer_id="x", stage=0, token=token, public_key=public_bytes(key))
         reply = await call_json(p2p, coord, JOIN_RPC, join, JoinReply)

@@ -23,6 +23,7 @@ from pmnode.net.forwarder import Forwarder
 from pmnode.net.meta import ActivationMeta, GradientMeta
 from pmnode.net.serving import serve
 from pmnode.net.transport import UNARY_LIMIT, TransportError, TransportStats, request
+from pmnode.net.tunnel import Tunnel
 from pmnode.net.wire import MessageHeader, encode
 
 P2P_OPTS = {"host_maddrs": ["/ip4/127.0.0.1/tcp/0"], "nat_port_map": False, "auto_nat": False}
@@ -30,8 +31,8 @@ RUN = "tun-run"
 AUTHORITY = RSAPrivateKey()
 
 
-def _cert(p2p: P2P, stage: int = 1) -> Cert:
-    return issue_cert(AUTHORITY, RUN, p2p.peer_id.to_base58(), stage, public_bytes(RSAPrivateKey()))
+def _cert(tun: Tunnel, stage: int = 1) -> Cert:
+    return issue_cert(AUTHORITY, RUN, tun.p2p.peer_id.to_base58(), stage, public_bytes(RSAPrivateKey()))
 
 
 def _header(mb: str = "0:0", samples: int = 1) -> MessageHeader:
@@ -47,19 +48,21 @@ async def _echo(header: MessageHeader, packet: Packet, caller: str) -> tuple[Mes
     return MessageHeader.of(GradientMeta(), run=RUN, micro_batch=caller, stage=1, step=0), Packet(out)
 
 
-def _identify(p2p: P2P, stage: int = 1) -> Identity:
+def _identify(tun: Tunnel, stage: int = 1) -> Identity:
     """What a node does at join: sign forwarded calls with its key, check those forwarded to it."""
     key = RSAPrivateKey()
-    cert = issue_cert(AUTHORITY, RUN, p2p.peer_id.to_base58(), stage, public_bytes(key))
+    cert = issue_cert(AUTHORITY, RUN, tun.p2p.peer_id.to_base58(), stage, public_bytes(key))
     me = Identity(key, lambda: cert)
-    tunnel.set_identity(p2p, me, Verifier(RUN, public_bytes(AUTHORITY)))
+    tun.set_identity(me, Verifier(RUN, public_bytes(AUTHORITY)))
     return me
 
 
-async def _three() -> tuple[P2P, P2P, P2P, Forwarder]:
-    relay = await P2P.create(**P2P_OPTS)
-    target = await P2P.create(initial_peers=[str(m) for m in await relay.get_visible_maddrs()], **P2P_OPTS)
-    caller = await P2P.create(initial_peers=[str(m) for m in await relay.get_visible_maddrs()], **P2P_OPTS)
+async def _three() -> tuple[Tunnel, Tunnel, Tunnel, Forwarder]:
+    """A relay, a target and a caller: one P2P each, with its Tunnel."""
+    relay = Tunnel(await P2P.create(**P2P_OPTS))
+    peers = [str(m) for m in await relay.p2p.get_visible_maddrs()]
+    target = Tunnel(await P2P.create(initial_peers=peers, **P2P_OPTS))
+    caller = Tunnel(await P2P.create(initial_peers=peers, **P2P_OPTS))
     fwd = Forwarder(relay, Verifier(RUN, public_bytes(AUTHORITY)))
     await fwd.serve()
     for p in (target, caller):
@@ -74,44 +77,44 @@ def test_forwarded_calls_reach_the_target_as_the_caller() -> None:
             await serve(target, f"{RUN}.forward", _echo, TransportStats())
 
             async def who(req: Hello, peer: str) -> Ack:
-                return Ack(ok=peer == caller.peer_id.to_base58())
+                return Ack(ok=peer == caller.p2p.peer_id.to_base58())
 
             await add_json_handler(target, f"{RUN}.who", Hello, who)
-            tunnel.trust_relays(target, [relay.peer_id.to_base58()])
+            target.trust_relays([relay.p2p.peer_id.to_base58()])
             for p in (target, caller):
-                await call_json(p, relay.peer_id, tunnel.RELAY_HELLO, Hello(cert=_cert(p)), Ack)
-            tunnel.set_routes(caller, {target.peer_id.to_base58(): relay.peer_id.to_base58()})
+                await call_json(p, relay.p2p.peer_id, tunnel.RELAY_HELLO, Hello(cert=_cert(p)), Ack)
+            caller.set_routes({target.p2p.peer_id.to_base58(): relay.p2p.peer_id.to_base58()})
 
             small = torch.arange(1000, dtype=torch.float32)
             stats = TransportStats()
             h, p = await request(
-                caller, target.peer_id, f"{RUN}.forward", _header(), Packet({"v": small}), stats, 20
+                caller, target.p2p.peer_id, f"{RUN}.forward", _header(), Packet({"v": small}), stats, 20
             )
-            assert h.micro_batch == caller.peer_id.to_base58()  # the target saw the caller, not the relay
+            assert h.micro_batch == caller.p2p.peer_id.to_base58()  # the target saw the caller, not the relay
             assert torch.equal(p.tensors["v"], small)
             large = torch.randn(UNARY_LIMIT // 4 + 1000)  # > UNARY_LIMIT bytes: streamed through the relay
             h, p = await request(
-                caller, target.peer_id, f"{RUN}.forward", _header("0:1"), Packet({"v": large}), stats, 30
+                caller, target.p2p.peer_id, f"{RUN}.forward", _header("0:1"), Packet({"v": large}), stats, 30
             )
             assert torch.equal(p.tensors["v"], large)
             grow = _header("0:2", samples=2)  # a small call, a large reply
             h, p = await request(
-                caller, target.peer_id, f"{RUN}.forward", grow, Packet({"v": small}), stats, 30
+                caller, target.p2p.peer_id, f"{RUN}.forward", grow, Packet({"v": small}), stats, 30
             )
             assert p.tensors["big"].numel() == UNARY_LIMIT // 2  # fetched by ticket, through the relay
             assert stats.streamed["forward"] == 2
-            ack = await call_json(caller, target.peer_id, f"{RUN}.who", Hello(cert=_cert(caller)), Ack)
+            ack = await call_json(caller, target.p2p.peer_id, f"{RUN}.who", Hello(cert=_cert(caller)), Ack)
             assert ack.ok  # a JSON call too, with the caller's identity
-            t = tunnel.table(target)
+            t = target
             assert t.forwarded[f"{RUN}.forward"] == 2 and t.forwarded[f"{RUN}.forward.stream"] == 1
             assert t.forwarded[f"{RUN}.forward.fetch"] == 1 and t.forwarded[f"{RUN}.who"] == 1
-            key = target.peer_id.to_base58()
+            key = target.p2p.peer_id.to_base58()
             assert fwd.counters.calls[key] == 5
             assert fwd.counters.bytes_in[key] > 4 * UNARY_LIMIT // 4 * 0.99  # the large upload passed through
             assert fwd.counters.bytes_out[key] > 3 * UNARY_LIMIT * 0.99  # and the large replies came back
         finally:
             for p in (caller, target, relay):
-                await p.shutdown()
+                await p.p2p.shutdown()
 
     asyncio.run(asyncio.wait_for(scenario(), 90))
 
@@ -121,42 +124,44 @@ def test_refusals_are_counted() -> None:
         relay, target, caller, fwd = await _three()
         try:
             await serve(target, f"{RUN}.forward", _echo, TransportStats())
-            tunnel.set_routes(caller, {target.peer_id.to_base58(): relay.peer_id.to_base58()})
+            caller.set_routes({target.p2p.peer_id.to_base58(): relay.p2p.peer_id.to_base58()})
             packet = Packet({"v": torch.ones(4)})
 
             async def send() -> None:
-                await request(caller, target.peer_id, f"{RUN}.forward", _header(), packet, None, 10)
+                await request(caller, target.p2p.peer_id, f"{RUN}.forward", _header(), packet, None, 10)
 
             with pytest.raises(TransportError):  # the caller showed no certificate to the relay
                 await send()
             assert fwd.counters.refused["caller not a member"] == 1
-            await call_json(caller, relay.peer_id, tunnel.RELAY_HELLO, Hello(cert=_cert(caller)), Ack)
+            await call_json(caller, relay.p2p.peer_id, tunnel.RELAY_HELLO, Hello(cert=_cert(caller)), Ack)
             with pytest.raises(TransportError):  # the target did not either
                 await send()
             assert fwd.counters.refused["target not a member"] == 1
-            await call_json(target, relay.peer_id, tunnel.RELAY_HELLO, Hello(cert=_cert(target)), Ack)
+            await call_json(target, relay.p2p.peer_id, tunnel.RELAY_HELLO, Hello(cert=_cert(target)), Ack)
             with pytest.raises(TransportError):  # the target does not trust this relay
                 await send()
-            assert tunnel.table(target).refused["not our relay"] == 1
-            tunnel.trust_relays(target, [relay.peer_id.to_base58()])
+            assert target.refused["not our relay"] == 1
+            target.trust_relays([relay.p2p.peer_id.to_base58()])
             await send()  # now it goes through
             forged = issue_cert(
-                RSAPrivateKey(), RUN, caller.peer_id.to_base58(), 1, public_bytes(RSAPrivateKey())
+                RSAPrivateKey(), RUN, caller.p2p.peer_id.to_base58(), 1, public_bytes(RSAPrivateKey())
             )
             with pytest.raises(ControlError):
-                await call_json(caller, relay.peer_id, tunnel.RELAY_HELLO, Hello(cert=forged), Ack)
+                await call_json(caller, relay.p2p.peer_id, tunnel.RELAY_HELLO, Hello(cert=forged), Ack)
             stolen = _cert(target)  # another peer's certificate is no use either
             with pytest.raises(ControlError):
-                await call_json(caller, relay.peer_id, tunnel.RELAY_HELLO, Hello(cert=stolen), Ack)
+                await call_json(caller, relay.p2p.peer_id, tunnel.RELAY_HELLO, Hello(cert=stolen), Ack)
             assert fwd.counters.refused["unauthorized"] == 2
             # a peer that is not the target's relay cannot forward to it directly
-            fake = tunnel.Request(uid=tunnel.route_uid(caller.peer_id.to_base58(), f"{RUN}.forward"))
+            fake = tunnel.Request(uid=tunnel.route_uid(caller.p2p.peer_id.to_base58(), f"{RUN}.forward"))
             with pytest.raises(P2PHandlerError):
-                await caller.call_protobuf_handler(target.peer_id, tunnel.VIA_CALL, fake, tunnel.Response)
-            assert tunnel.table(target).refused["not our relay"] == 2
+                await caller.p2p.call_protobuf_handler(
+                    target.p2p.peer_id, tunnel.VIA_CALL, fake, tunnel.Response
+                )
+            assert target.refused["not our relay"] == 2
         finally:
             for p in (caller, target, relay):
-                await p.shutdown()
+                await p.p2p.shutdown()
 
     asyncio.run(asyncio.wait_for(scenario(), 90))
 
@@ -184,15 +189,16 @@ def test_a_hivemind_servicer_in_another_client_is_reached_through_the_relay() ->
 
     async def scenario() -> None:
         relay, target, caller, _ = await _three()
-        side = await target.replicate(target.daemon_listen_maddr)  # the averager's client, same daemon
+        side = Tunnel(
+            await target.p2p.replicate(target.p2p.daemon_listen_maddr)
+        )  # the averager's client, same daemon
         try:
             svc = _Echo()
-            await svc.add_p2p_handlers(side, namespace="tun-run.avg")
+            await svc.add_p2p_handlers(side.p2p, namespace="tun-run.avg")
             for h in svc._rpc_handlers or ():
                 name = svc._get_handle_name("tun-run.avg", h.method_name)
                 fn = getattr(svc, h.method_name)
-                await tunnel.add_handler(
-                    side,
+                await side.add_handler(
                     name,
                     fn,
                     input_type=h.request_type,
@@ -201,15 +207,15 @@ def test_a_hivemind_servicer_in_another_client_is_reached_through_the_relay() ->
                     registered=True,
                 )
             arrived: list[str] = []
-            tunnel.table(side).on_arrival = arrived.append
+            side.on_arrival = arrived.append
             _identify(side)  # the averager's process gets the node's identity too (use_tunnel)
-            tunnel.trust_relays(side, [relay.peer_id.to_base58()])
+            side.trust_relays([relay.p2p.peer_id.to_base58()])
             await serve(target, f"{RUN}.forward", _echo, TransportStats())  # the node's own doors too
             for p in (target, caller):
-                await call_json(p, relay.peer_id, tunnel.RELAY_HELLO, Hello(cert=_cert(p)), Ack)
-            tunnel.set_routes(caller, {target.peer_id.to_base58(): relay.peer_id.to_base58()})
+                await call_json(p, relay.p2p.peer_id, tunnel.RELAY_HELLO, Hello(cert=_cert(p)), Ack)
+            caller.set_routes({target.p2p.peer_id.to_base58(): relay.p2p.peer_id.to_base58()})
 
-            stub = _Echo.get_stub(tunnel.Routed(caller), target.peer_id, namespace="tun-run.avg")  # type: ignore[arg-type]
+            stub = _Echo.get_stub(tunnel.Routed(caller), target.p2p.peer_id, namespace="tun-run.avg")
             got = [m.metadata async for m in await stub.rpc_state(averaging_pb2.DownloadRequest())]
             assert [len(b) for b in got] == [2**19] * 3 and got[2][:1] == b"\x02"
 
@@ -220,12 +226,12 @@ def test_a_hivemind_servicer_in_another_client_is_reached_through_the_relay() ->
 
             back = [m async for m in await stub.rpc_parts(parts())]
             assert [m.tensor_part.buffer[:1] for m in back] == [b"\x00", b"\x01", b"\x02", b"\x03"]
-            assert all(m.group_id == caller.peer_id.to_bytes() for m in back)  # the caller, not the relay
+            assert all(m.group_id == caller.p2p.peer_id.to_bytes() for m in back)  # the caller, not the relay
             assert sorted(arrived) == ["tun-run.avg::_Echo.rpc_parts", "tun-run.avg::_Echo.rpc_state"]
-            assert tunnel.table(target).forwarded == {}  # the node's own doors saw none of it
+            assert target.forwarded == {}  # the node's own doors saw none of it
         finally:
             for p in (side, caller, target, relay):
-                await p.shutdown()
+                await p.p2p.shutdown()
 
     asyncio.run(asyncio.wait_for(scenario(), 90))
 
@@ -245,25 +251,27 @@ def test_a_relay_cannot_call_in_another_members_name() -> None:
 
             name = f"{RUN}.forward"
             await serve(target, name, count, TransportStats())
-            tunnel.trust_relays(target, [relay.peer_id.to_base58()])
-            me, them = caller.peer_id.to_base58(), target.peer_id
+            target.trust_relays([relay.p2p.peer_id.to_base58()])
+            me, them = caller.p2p.peer_id.to_base58(), target.p2p.peer_id
             data = runtime_pb2.ExpertRequest(metadata=encode(_header(), Packet({}))).SerializeToString()
             uid = tunnel.route_uid(me, name)
 
             async def via(req: tunnel.Request) -> tunnel.Response:
-                return await relay.call_protobuf_handler(them, tunnel.VIA_CALL, req, tunnel.Response)
+                return await relay.p2p.call_protobuf_handler(them, tunnel.VIA_CALL, req, tunnel.Response)
 
             with pytest.raises(P2PHandlerError, match="proof"):  # the relay's word alone
                 await via(tunnel.Request(uid=uid, metadata=data))
             liar = Signer(_identify(relay), me, them.to_base58(), name, "ab" * 16)
             with pytest.raises(P2PHandlerError, match="another peer"):  # its own key, the caller's name
                 await via(tunnel.Request(uid=uid, metadata=data, tensors=[liar.sign(data, True)]))
-            honest = tunnel._signer(caller, them, name)[0].sign(data, True)  # what the caller sent
+            honest = caller._signer(them, name)[0].sign(data, True)  # what the caller sent
             with pytest.raises(P2PHandlerError, match="changed"):
                 await via(tunnel.Request(uid=uid, metadata=data + b"\x00", tensors=[honest]))
             with pytest.raises(P2PHandlerError, match="another call"):  # in a third member's name
                 await via(
-                    tunnel.Request(uid=tunnel.route_uid(relay.peer_id.to_base58(), name), tensors=[honest])
+                    tunnel.Request(
+                        uid=tunnel.route_uid(relay.p2p.peer_id.to_base58(), name), tensors=[honest]
+                    )
                 )
             assert handled == []
             await via(tunnel.Request(uid=uid, metadata=data, tensors=[honest]))  # forwarded as it came
@@ -271,7 +279,7 @@ def test_a_relay_cannot_call_in_another_members_name() -> None:
             with pytest.raises(P2PHandlerError, match="replayed"):
                 await via(tunnel.Request(uid=uid, metadata=data, tensors=[honest]))
 
-            cut, _ = tunnel._signer(caller, them, f"{name}.stream")
+            cut, _ = caller._signer(them, f"{name}.stream")
             head = tunnel.Request(uid=tunnel.route_uid(me, f"{name}.stream"), tensors=[cut.sign(b"", False)])
             body = tunnel.Request(metadata=data, tensors=[cut.sign(data, False)])  # and no seal after it
 
@@ -280,15 +288,15 @@ def test_a_relay_cannot_call_in_another_members_name() -> None:
                 yield body
 
             with pytest.raises(P2PHandlerError, match="last signature"):
-                async for _ in await relay.iterate_protobuf_handler(
+                async for _ in await relay.p2p.iterate_protobuf_handler(
                     them, tunnel.VIA_STREAM, cut_short(), tunnel.Response
                 ):
                     pass
             assert handled == [me]  # nothing the relay made, changed, replayed or cut reached the handler
-            assert tunnel.table(target).refused == {"unproven caller": 5, "cut short": 1}
+            assert target.refused == {"unproven caller": 5, "cut short": 1}
         finally:
             for p in (caller, target, relay):
-                await p.shutdown()
+                await p.p2p.shutdown()
 
     asyncio.run(asyncio.wait_for(scenario(), 90))
 
@@ -299,7 +307,9 @@ def test_a_relay_cannot_answer_in_the_targets_name() -> None:
 
     async def scenario() -> None:
         relay, target, caller, _ = await _three()
-        liar = await P2P.create(initial_peers=[str(m) for m in await relay.get_visible_maddrs()], **P2P_OPTS)
+        liar = Tunnel(
+            await P2P.create(initial_peers=[str(m) for m in await relay.p2p.get_visible_maddrs()], **P2P_OPTS)
+        )
         try:
             me = _identify(liar)
             forged = encode(
@@ -310,9 +320,11 @@ def test_a_relay_cannot_answer_in_the_targets_name() -> None:
             async def answer(req: tunnel.Request, ctx: P2PContext) -> tunnel.Response:
                 return answers.pop(0)
 
-            await liar.add_protobuf_handler(tunnel.RELAY_CALL, answer, tunnel.Request)
-            tunnel.set_routes(caller, {target.peer_id.to_base58(): liar.peer_id.to_base58()})
-            own = Signer(me, liar.peer_id.to_base58(), caller.peer_id.to_base58(), f"{RUN}.forward", "c" * 32)
+            await liar.p2p.add_protobuf_handler(tunnel.RELAY_CALL, answer, tunnel.Request)
+            caller.set_routes({target.p2p.peer_id.to_base58(): liar.p2p.peer_id.to_base58()})
+            own = Signer(
+                me, liar.p2p.peer_id.to_base58(), caller.p2p.peer_id.to_base58(), f"{RUN}.forward", "c" * 32
+            )
             own.reply = True
             answers += [
                 tunnel.Response(metadata=forged),  # no proof at all
@@ -320,10 +332,12 @@ def test_a_relay_cannot_answer_in_the_targets_name() -> None:
             ]
             for why in ("proof", "another call"):
                 with pytest.raises(TransportError, match=why):
-                    await request(caller, target.peer_id, f"{RUN}.forward", _header(), Packet({}), None, 10)
+                    await request(
+                        caller, target.p2p.peer_id, f"{RUN}.forward", _header(), Packet({}), None, 10
+                    )
             assert answers == []
         finally:
             for p in (liar, caller, target, relay):
-                await p.shutdown()
+                await p.p2p.shutdown()
 
     asyncio.run(asyncio.wait_for(scenario(), 90))

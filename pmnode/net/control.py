@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from hivemind.p2p import P2P, P2PContext, PeerID
+from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import runtime_pb2
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -85,7 +85,7 @@ class Envelope(BaseModel):
 
 
 async def add_json_handler(
-    p2p: P2P,
+    tun: tunnel.Tunnel,
     name: str,
     request_type: type[Req],
     handler: Callable[[Req, str], Awaitable[BaseModel]],
@@ -106,16 +106,21 @@ async def add_json_handler(
             reply = Envelope(ok=False, error=f"internal error: {type(e).__name__}: {e}")
         return runtime_pb2.ExpertResponse(metadata=reply.model_dump_json().encode())
 
-    await tunnel.add_handler(p2p, name, _handle)
+    await tun.add_handler(name, _handle)
 
 
 async def call_json(
-    p2p: P2P, peer: PeerID | str, name: str, request: BaseModel, reply_type: type[Resp], timeout: float = 10.0
+    tun: tunnel.Tunnel,
+    peer: PeerID | str,
+    name: str,
+    request: BaseModel,
+    reply_type: type[Resp],
+    timeout: float = 10.0,
 ) -> Resp:
     peer_id = PeerID.from_base58(peer) if isinstance(peer, str) else peer
     msg = runtime_pb2.ExpertRequest(metadata=request.model_dump_json().encode())
     try:
-        resp: tunnel.Response = await asyncio.wait_for(tunnel.unary(p2p, peer_id, name, msg), timeout)
+        resp: tunnel.Response = await asyncio.wait_for(tun.unary(peer_id, name, msg), timeout)
     except asyncio.TimeoutError as e:
         raise ControlError(f"{name}: no answer from {peer_id} within {timeout:.0f}s") from e
     except Exception as e:

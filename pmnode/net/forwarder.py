@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from hivemind.p2p import P2P, P2PContext, PeerID
+from hivemind.p2p import P2PContext, PeerID
 
 from pmnode.net.auth import AuthError, Cert, Verifier
 from pmnode.net.control import Ack, Hello, add_json_handler
@@ -27,6 +27,7 @@ from pmnode.net.tunnel import (
     RELAY_STREAM,
     Request,
     Response,
+    Tunnel,
     TunnelError,
     parse_uid,
     route_uid,
@@ -57,13 +58,13 @@ class RelayCounters:
 
 
 class Forwarder:
-    def __init__(self, p2p: P2P, verifier: Verifier):
-        self.p2p, self.verifier = p2p, verifier
+    def __init__(self, tun: Tunnel, verifier: Verifier):
+        self.tunnel, self.p2p, self.verifier = tun, tun.p2p, verifier
         self.members: dict[str, Cert] = {}
         self.counters = RelayCounters()
 
     async def serve(self) -> None:
-        await add_json_handler(self.p2p, RELAY_HELLO, Hello, self.hello)
+        await add_json_handler(self.tunnel, RELAY_HELLO, Hello, self.hello)
         await self.p2p.add_protobuf_handler(RELAY_CALL, self.call, Request)
         await self.p2p.add_protobuf_handler(
             RELAY_STREAM, self.stream, Request, stream_input=True, stream_output=True

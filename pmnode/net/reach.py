@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pmnode.errors import PmnodeError
 from pmnode.net.control import ControlError, call_json, coordinator_peer
+from pmnode.net.tunnel import Tunnel
 
 REACH_RPC = "pmnode.coord.reach"  # fixed name, like JOIN_RPC: asked before the node knows the run
 DIAL_TIMEOUT = 3.0  # seconds the coordinator waits for each dial-back
@@ -109,7 +110,9 @@ async def _probe(coordinator: str, host: str, port: int, announce: list[str], to
             found = [str(m) for m in await p2p.get_visible_maddrs()]
             mine = [m for m in found if (t := tcp_target(m)) and not is_local(t[0])][:MAX_ADDRS]
         req = ReachRequest(token=token, maddrs=mine)
-        return await call_json(p2p, coordinator_peer(coordinator), REACH_RPC, req, ReachReply, timeout=20)
+        return await call_json(
+            Tunnel(p2p), coordinator_peer(coordinator), REACH_RPC, req, ReachReply, timeout=20
+        )
     finally:
         await p2p.shutdown()
 

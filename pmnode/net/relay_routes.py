@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable, Iterable
 
-from hivemind.p2p import P2P, PeerID
+from hivemind.p2p import PeerID
 
 from pmnode.net import tunnel
 from pmnode.net.auth import Cert
@@ -35,12 +35,12 @@ def peer_of(maddr: str) -> str:
 
 
 class RelayRoutes:
-    def __init__(self, p2p: P2P, cert: Callable[[], Cert], own_relays: Iterable[str] = ()):
-        self.p2p, self.cert = p2p, cert
+    def __init__(self, tun: tunnel.Tunnel, cert: Callable[[], Cert], own_relays: Iterable[str] = ()):
+        self.tunnel, self.p2p, self.cert = tun, tun.p2p, cert
         self.own = list(own_relays)  # relays this node is served through (it must be known there)
         self.unreachable: set[str] = set()  # relays whose hello failed at the last refresh
         if self.own:
-            tunnel.trust_relays(p2p, self.own)
+            tun.trust_relays(self.own)
 
     async def _plain_peers(self) -> set[str]:
         """Peers with an open connection that is not a relayed circuit."""
@@ -58,7 +58,9 @@ class RelayRoutes:
         try:
             with contextlib.suppress(Exception):  # already connected, or it answers on another address
                 await asyncio.wait_for(self.p2p._client.connect(peer, [to_multiaddr(relay)]), HELLO_TIMEOUT)
-            await call_json(self.p2p, peer, tunnel.RELAY_HELLO, Hello(cert=self.cert()), Ack, HELLO_TIMEOUT)
+            await call_json(
+                self.tunnel, peer, tunnel.RELAY_HELLO, Hello(cert=self.cert()), Ack, HELLO_TIMEOUT
+            )
             return True
         except (ControlError, ValueError):
             return False
@@ -76,5 +78,5 @@ class RelayRoutes:
         ok = await asyncio.gather(*(self._greet(r) for r in relays))
         self.unreachable = {r for r, good in zip(relays, ok, strict=True) if not good}
         routes = {p: peer_of(r) for p, r in wanted.items() if r not in self.unreachable}
-        tunnel.set_routes(self.p2p, routes)
+        self.tunnel.set_routes(routes)
         return routes

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Generic, TypeVar
 
-from hivemind.p2p import P2P
 from pydantic import BaseModel
 
 from pmnode.net.auth import AuthError, Guard
@@ -30,6 +29,7 @@ from pmnode.net.jobs import Run, off_loop
 from pmnode.net.serving import serve
 from pmnode.net.shaping import LinkShaper
 from pmnode.net.transport import TransportStats
+from pmnode.net.tunnel import Tunnel
 from pmnode.net.wire import WireLimits
 
 Req = TypeVar("Req", bound=BaseModel)
@@ -116,17 +116,17 @@ class ServeOptions:
 
 
 async def serve_all(
-    p2p: P2P, run: str, service: object, rpcs: Sequence[JsonRpc[Any, Any] | DataRpc], opts: ServeOptions
+    tun: Tunnel, run: str, service: object, rpcs: Sequence[JsonRpc[Any, Any] | DataRpc], opts: ServeOptions
 ) -> None:
     """Register `service.rpc_<name>` for each of `rpcs`, behind its admission; a data RPC's request is
     checked by `service.check_<name>` (if the service has one) in the job that decodes it."""
     for rpc in rpcs:
         handler = getattr(service, f"rpc_{rpc.name}")
         if isinstance(rpc, JsonRpc):
-            await add_json_handler(p2p, rpc.path(run), rpc.request, _admitted(rpc, opts.guard, handler))
+            await add_json_handler(tun, rpc.path(run), rpc.request, _admitted(rpc, opts.guard, handler))
             continue
         await serve(
-            p2p,
+            tun,
             rpc.path(run),
             handler,
             opts.stats,
@@ -141,10 +141,10 @@ async def serve_all(
 class Client:
     """Typed calls to the JSON RPCs of other nodes of one run."""
 
-    def __init__(self, p2p: P2P, run: str):
-        self.p2p, self.run = p2p, run
+    def __init__(self, tun: Tunnel, run: str):
+        self.tunnel, self.run = tun, run
 
     async def call(self, rpc: JsonRpc[Req, Resp], peer: str, request: Req, timeout: float = 10.0) -> Resp:
         if not isinstance(request, rpc.request):
             raise TypeError(f"{rpc.name} takes {rpc.request.__name__}, not {type(request).__name__}")
-        return await call_json(self.p2p, peer, rpc.path(self.run), request, rpc.reply, timeout)
+        return await call_json(self.tunnel, peer, rpc.path(self.run), request, rpc.reply, timeout)

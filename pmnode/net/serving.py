@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol
 
-from hivemind.p2p import P2P, P2PContext
+from hivemind.p2p import P2PContext
 from hivemind.proto import runtime_pb2
 
 from pmnode.core.codecs import Packet
@@ -175,7 +175,7 @@ class _Server:
 
 
 async def serve(
-    p2p: P2P,
+    tun: tunnel.Tunnel,
     name: str,
     handler: Handler,
     stats: TransportStats,
@@ -197,8 +197,8 @@ async def serve(
 
     With a `shaper`, each reply waits for its emulated trip over the link back to the caller.
     """
-    me, limits = p2p.peer_id.to_base58(), limits or WireLimits()
+    me, limits = tun.p2p.peer_id.to_base58(), limits or WireLimits()
     srv = _Server(me, name, handler, stats, limits, shaper, guard, run, check)
-    await tunnel.add_handler(p2p, name, srv.unary)
-    await tunnel.add_handler(p2p, f"{name}.stream", srv.stream, stream_input=True, stream_output=True)
-    await tunnel.add_handler(p2p, f"{name}.fetch", srv.fetch, stream_output=True)
+    await tun.add_handler(name, srv.unary)
+    await tun.add_handler(f"{name}.stream", srv.stream, stream_input=True, stream_output=True)
+    await tun.add_handler(f"{name}.fetch", srv.fetch, stream_output=True)

@@ -137,12 +137,15 @@ async def _fetch(maddr: str, peer: str, timeout: float, token: str) -> SwarmStat
     from hivemind.p2p import P2P
 
     from pmnode.net.control import ControlError, call_json
+    from pmnode.net.tunnel import Tunnel
 
     host = maddr.split("/")[2] if maddr.startswith("/ip") else "0.0.0.0"
     # A bare libp2p client: no DHT, no listening port, gone when the call is answered.
     p2p = await P2P.create(initial_peers=[maddr], host_maddrs=[], **p2p_options(host))
     try:
-        return await call_json(p2p, peer, STATUS_RPC, StatusRequest(token=token), SwarmStatus, timeout)
+        return await call_json(
+            Tunnel(p2p), peer, STATUS_RPC, StatusRequest(token=token), SwarmStatus, timeout
+        )
     except ControlError as e:
         if e.reason == "unauthorized":
             raise PmnodeError(

@@ -31,7 +31,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from hivemind.p2p import P2P, P2PDaemonError, P2PHandlerError, PeerID
+from hivemind.p2p import P2PDaemonError, P2PHandlerError, PeerID
 from hivemind.proto import runtime_pb2
 
 from pmnode.core.codecs import Packet
@@ -134,7 +134,7 @@ def chunks(data: bytes) -> list[bytes]:
 
 
 async def _pull(
-    p2p: P2P,
+    tun: tunnel.Tunnel,
     peer: PeerID,
     name: str,
     requests: runtime_pb2.ExpertRequest | AsyncIterator[runtime_pb2.ExpertRequest],
@@ -144,7 +144,7 @@ async def _pull(
     key, parts, size = rpc_key(name.rsplit(".", 1)[0]), [], 0  # strip .stream / .fetch
     stats.streamed[key] += 1
     resp: runtime_pb2.ExpertResponse
-    async for resp in await tunnel.stream(p2p, peer, name, requests):
+    async for resp in await tun.stream(peer, name, requests):
         stats.proto_bytes_received[key] += resp.ByteSize()
         size += len(resp.metadata)
         if size > limit:  # stop buffering at once: the peer may be hostile
@@ -154,20 +154,20 @@ async def _pull(
 
 
 async def _exchange(
-    p2p: P2P, peer: PeerID, name: str, data: bytes, stats: TransportStats, limit: int = MAX_REPLY
+    tun: tunnel.Tunnel, peer: PeerID, name: str, data: bytes, stats: TransportStats, limit: int = MAX_REPLY
 ) -> bytes:
     key = rpc_key(name)
     if len(data) <= UNARY_LIMIT:
         req = runtime_pb2.ExpertRequest(metadata=data)
         stats.proto_bytes_sent[key] += req.ByteSize()
-        resp: runtime_pb2.ExpertResponse = await tunnel.unary(p2p, peer, name, req)
+        resp: runtime_pb2.ExpertResponse = await tun.unary(peer, name, req)
         stats.proto_bytes_received[key] += resp.ByteSize()
         if not (resp.tensors and resp.tensors[0].dtype == TICKET):
             reply: bytes = resp.metadata  # protobuf's fields are untyped
             return reply
         ticket = runtime_pb2.ExpertRequest(uid=resp.tensors[0].buffer.decode())
         stats.proto_bytes_sent[key] += ticket.ByteSize()
-        return await _pull(p2p, peer, f"{name}.fetch", ticket, stats, limit)
+        return await _pull(tun, peer, f"{name}.fetch", ticket, stats, limit)
 
     async def upload() -> AsyncIterator[runtime_pb2.ExpertRequest]:
         for part in chunks(data):
@@ -175,11 +175,11 @@ async def _exchange(
             stats.proto_bytes_sent[key] += req.ByteSize()
             yield req
 
-    return await _pull(p2p, peer, f"{name}.stream", upload(), stats, limit)
+    return await _pull(tun, peer, f"{name}.stream", upload(), stats, limit)
 
 
 async def call(
-    p2p: P2P,
+    tun: tunnel.Tunnel,
     peer_id: str | PeerID,
     rpc: str,
     data: bytes,
@@ -202,7 +202,7 @@ async def call(
     async def shaped() -> bytes:
         if shaper is not None:
             await shaper.transmit(peer.to_base58(), len(data))
-        return await _exchange(p2p, peer, rpc, data, stats, max_reply)
+        return await _exchange(tun, peer, rpc, data, stats, max_reply)
 
     try:
         reply = await asyncio.wait_for(shaped(), timeout)
@@ -230,7 +230,7 @@ def _decode_reply(
 
 
 async def request(
-    p2p: P2P,
+    tun: tunnel.Tunnel,
     peer_id: str | PeerID,
     rpc: str,
     header: MessageHeader,
@@ -251,7 +251,7 @@ async def request(
     """
     stats = stats if stats is not None else TransportStats()
     max_reply = (limits or WireLimits()).max_bytes
-    data = await call(p2p, peer_id, rpc, await run(encode, header, packet), timeout, stats, shaper, max_reply)
+    data = await call(tun, peer_id, rpc, await run(encode, header, packet), timeout, stats, shaper, max_reply)
     try:
         reply_header, reply = await run(_decode_reply, data, limits, check)
     except WireError as e:

@@ -13,8 +13,9 @@ it (the same guard, the same certificates); its answer comes back signed likewis
 forwarded calls only from the relays the coordinator named to it at join (the coordinator itself and
 the members its operator named, never a member's own say-so).
 
-Every pmnode handler registers here (`add_handler`) so a forwarded call finds it, and every pmnode
-call goes out through `unary`/`stream`, which take the route set by `set_routes`. Any protobuf
+Each P2P has one `Tunnel`, made by whoever creates the P2P and handed to what serves and calls through
+it: every pmnode handler registers with it (`add_handler`) so a forwarded call finds it, and every
+pmnode call goes out through its `unary`/`stream`, which take the route set by `set_routes`. Any protobuf
 service can use it: a forwarded message carries the caller's message serialized in an ExpertRequest
 (and the reply likewise), and a handler named `NAMESPACE::...` (hivemind's servicers) is reached
 through doors of its own namespace, so a servicer in another process on the same daemon (hivemind's
@@ -24,8 +25,8 @@ averager) keeps its own. `Routed` gives hivemind's stubs the same routes.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, TypeAlias, TypeVar
 
 from google.protobuf.message import Message
@@ -65,35 +66,6 @@ class _Local:
     stream_output: bool
 
 
-@dataclass
-class Table:
-    """One P2P's side of the tunnel: its handlers, whom it reaches through which relay, whom it trusts."""
-
-    handlers: dict[str, _Local] = field(default_factory=dict)
-    routes: dict[str, str] = field(default_factory=dict)  # target peer id -> relay peer id
-    relays: set[str] = field(default_factory=set)  # relays that may forward calls to us
-    forwarded: Counter[str] = field(default_factory=Counter)  # handler -> calls that came through a relay
-    refused: Counter[str] = field(default_factory=Counter)  # reason -> forwarded calls refused
-    doors: set[str] = field(default_factory=set)  # namespaces whose VIA_* handlers are registered
-    on_arrival: Callable[[str], None] | None = None  # told each forwarded call's handler name
-    identity: Identity | None = None  # signs the calls this side sends through a relay
-    checker: Checker | None = None  # checks the callers' proofs on forwarded calls; none: refuse them
-
-
-_TABLE_ATTR = "_pmnode_tunnel_table"
-
-
-def table(p2p: P2P) -> Table:
-    """The tunnel table of this P2P, kept on the P2P object itself (made on first use): it lives and dies
-    with the transport it routes, each P2P has its own (the node's, its averager process's), and this
-    module keeps no state."""
-    t: Table | None = getattr(p2p, _TABLE_ATTR, None)
-    if t is None:
-        t = Table()
-        setattr(p2p, _TABLE_ATTR, t)
-    return t
-
-
 def via_names(name: str) -> tuple[str, str]:
     """The (unary, stream) doors through which handler `name` is reached when forwarded."""
     space, sep, _ = name.rpartition("::")
@@ -115,112 +87,132 @@ def parse_uid(uid: str) -> tuple[PeerID, str]:
         raise TunnelError("malformed route") from e
 
 
-# ---- serving: every handler is reachable directly and through a relay ----------------------------------
-async def add_handler(
-    p2p: P2P,
-    name: str,
-    fn: Fn,
-    *,
-    input_type: type[Message] = Request,
-    stream_input: bool = False,
-    stream_output: bool = False,
-    registered: bool = False,
-) -> None:
-    """p2p.add_protobuf_handler (unless `registered` already), also reachable through the VIA doors."""
-    if not registered:
-        await p2p.add_protobuf_handler(
-            name, fn, input_type, stream_input=stream_input, stream_output=stream_output
-        )
-    t = table(p2p)
-    call_door, stream_door = via_names(name)
-    if call_door not in t.doors:  # the first handler of a namespace brings its doors
-        t.doors.add(call_door)
-        await p2p.add_protobuf_handler(call_door, _via_call(p2p), Request)
-        await p2p.add_protobuf_handler(
-            stream_door, _via_stream(p2p), Request, stream_input=True, stream_output=True
-        )
-    t.handlers[name] = _Local(fn, input_type, stream_input, stream_output)
-
-
-def set_identity(p2p: P2P, identity: Identity, verifier: Verifier) -> None:
-    """Sign forwarded calls with `identity`; check the callers of calls forwarded to us with `verifier`."""
-    t = table(p2p)
-    t.identity, t.checker = identity, Checker(verifier, p2p.peer_id.to_base58())
-
-
-def trust_relays(p2p: P2P, relays: Iterable[str]) -> None:
-    """Accept forwarded calls from these relays (multiaddrs ending in /p2p/ID, or bare peer ids)."""
-    table(p2p).relays = {r.rsplit("/p2p/", 1)[-1] for r in relays}
-
-
-def _arrival(p2p: P2P, req: Request, ctx: P2PContext) -> tuple[_Local, P2PContext, Session]:
-    t = table(p2p)
-    if ctx.remote_id.to_base58() not in t.relays:
-        t.refused["not our relay"] += 1
-        raise TunnelError("forwarded by a peer that is not this node's relay")
-    caller, name = parse_uid(req.uid)
-    local = t.handlers.get(name)
-    if local is None:
-        t.refused["unknown handler"] += 1
-        raise TunnelError(f"no handler {name!r}")
-    if t.checker is None:
-        t.refused["no authority"] += 1
-        raise TunnelError("this node cannot check callers yet")
-    try:  # the caller's own proof, not the relay's word
-        session = t.checker.first(list(req.tensors), req.metadata, caller.to_base58(), name)
-    except AuthError as e:
-        t.refused["unproven caller"] += 1
-        raise TunnelError(str(e)) from e
-    t.forwarded[name] += 1
-    if t.on_arrival is not None:
-        t.on_arrival(name)
-    return local, P2PContext(handle_name=name, local_id=p2p.peer_id, remote_id=caller), session
-
-
-def _identity(p2p: P2P) -> Identity:
-    identity = table(p2p).identity
-    if identity is None:  # set_identity sets it with the checker, before any forwarded call is let in
-        raise TunnelError("this node has no identity to sign its answers with yet")
-    return identity
-
-
 def _wrap(msg: Message | None, replier: Signer, end: bool = False) -> Response:
     """An answer to a forwarded call, signed by this node: the relay cannot answer in its name."""
     data = b"" if msg is None else msg.SerializeToString()
     return Response(metadata=data, tensors=[replier.sign(data, end)])
 
 
-def _via_call(p2p: P2P) -> Callable[[Request, P2PContext], Awaitable[Response]]:
-    async def handle(req: Request, ctx: P2PContext) -> Response:
-        local, inner, session = _arrival(p2p, req, ctx)
+def _answered(check: ReplyCheck, resp: Response) -> bool:
+    try:  # the target's own signature on every message of its answer, and a seal on the last
+        return check.answered(list(resp.tensors), resp.metadata)
+    except AuthError as e:
+        raise TunnelError(f"an answer not from {check.peer[-8:]}: {e}") from e
+
+
+class Tunnel:
+    """One P2P's side of the tunnel: its handlers, whom it reaches through which relay, whom it trusts.
+
+    Made once per P2P by whoever creates that transport (the node, the coordinator, the averager's
+    process, a one-off caller) and handed to what serves and calls through it; a second Tunnel on the
+    same P2P would find the VIA doors taken.
+    """
+
+    def __init__(self, p2p: P2P):
+        self.p2p = p2p
+        self.handlers: dict[str, _Local] = {}
+        self.routes: dict[str, str] = {}  # target peer id -> relay peer id
+        self.relays: set[str] = set()  # relays that may forward calls to us
+        self.forwarded: Counter[str] = Counter()  # handler -> calls that came through a relay
+        self.refused: Counter[str] = Counter()  # reason -> forwarded calls refused
+        self.doors: set[str] = set()  # namespaces whose VIA_* handlers are registered
+        self.on_arrival: Callable[[str], None] | None = None  # told each forwarded call's handler name
+        self.identity: Identity | None = None  # signs the calls this side sends through a relay
+        self.checker: Checker | None = None  # checks the callers' proofs on forwarded calls; none: refuse
+
+    # ---- serving: every handler is reachable directly and through a relay ----------------------------
+    async def add_handler(
+        self,
+        name: str,
+        fn: Fn,
+        *,
+        input_type: type[Message] = Request,
+        stream_input: bool = False,
+        stream_output: bool = False,
+        registered: bool = False,
+    ) -> None:
+        """p2p.add_protobuf_handler (unless `registered` already), also reachable through the VIA doors."""
+        p2p = self.p2p
+        if not registered:
+            await p2p.add_protobuf_handler(
+                name, fn, input_type, stream_input=stream_input, stream_output=stream_output
+            )
+        call_door, stream_door = via_names(name)
+        if call_door not in self.doors:  # the first handler of a namespace brings its doors
+            self.doors.add(call_door)
+            await p2p.add_protobuf_handler(call_door, self._via_call, Request)
+            await p2p.add_protobuf_handler(
+                stream_door, self._via_stream, Request, stream_input=True, stream_output=True
+            )
+        self.handlers[name] = _Local(fn, input_type, stream_input, stream_output)
+
+    def set_identity(self, identity: Identity, verifier: Verifier) -> None:
+        """Sign forwarded calls with `identity`; check the callers of calls forwarded to us by `verifier`."""
+        self.identity, self.checker = identity, Checker(verifier, self.p2p.peer_id.to_base58())
+
+    def trust_relays(self, relays: Iterable[str]) -> None:
+        """Accept forwarded calls from these relays (multiaddrs ending in /p2p/ID, or bare peer ids)."""
+        self.relays = {r.rsplit("/p2p/", 1)[-1] for r in relays}
+
+    def set_routes(self, routes: dict[str, str]) -> None:
+        """Reach each target peer id through the relay peer id given; every other peer directly."""
+        self.routes = dict(routes)
+
+    def _arrival(self, req: Request, ctx: P2PContext) -> tuple[_Local, P2PContext, Session]:
+        if ctx.remote_id.to_base58() not in self.relays:
+            self.refused["not our relay"] += 1
+            raise TunnelError("forwarded by a peer that is not this node's relay")
+        caller, name = parse_uid(req.uid)
+        local = self.handlers.get(name)
+        if local is None:
+            self.refused["unknown handler"] += 1
+            raise TunnelError(f"no handler {name!r}")
+        if self.checker is None:
+            self.refused["no authority"] += 1
+            raise TunnelError("this node cannot check callers yet")
+        try:  # the caller's own proof, not the relay's word
+            session = self.checker.first(list(req.tensors), req.metadata, caller.to_base58(), name)
+        except AuthError as e:
+            self.refused["unproven caller"] += 1
+            raise TunnelError(str(e)) from e
+        self.forwarded[name] += 1
+        if self.on_arrival is not None:
+            self.on_arrival(name)
+        return local, P2PContext(handle_name=name, local_id=self.p2p.peer_id, remote_id=caller), session
+
+    def _signing(self) -> Identity:
+        if (
+            self.identity is None
+        ):  # set_identity sets it with the checker, before any forwarded call is let in
+            raise TunnelError("this node has no identity to sign its answers with yet")
+        return self.identity
+
+    async def _via_call(self, req: Request, ctx: P2PContext) -> Response:
+        local, inner, session = self._arrival(req, ctx)
         if local.stream_input or local.stream_output or not session.ended:
             raise TunnelError(f"{inner.handle_name} is a stream handler")
         out = await local.fn(local.input_type.FromString(req.metadata), inner)
-        return _wrap(out, session.replier(_identity(p2p)), end=True)
+        return _wrap(out, session.replier(self._signing()), end=True)
 
-    return handle
-
-
-def _via_stream(p2p: P2P) -> Callable[[AsyncIterator[Request], P2PContext], AsyncIterator[Response]]:
-    async def handle(requests: AsyncIterator[Request], ctx: P2PContext) -> AsyncIterator[Response]:
+    async def _via_stream(self, requests: AsyncIterator[Request], ctx: P2PContext) -> AsyncIterator[Response]:
         head = await anext(requests)
-        local, inner, session = _arrival(p2p, head, ctx)
-        t = table(p2p)
+        local, inner, session = self._arrival(head, ctx)
+        refused = self.refused
 
         async def unwrapped() -> AsyncIterator[Message]:
             async for r in requests:
                 try:  # each message the next one its caller signed, checked before the handler sees it
                     session.next(list(r.tensors), r.metadata)
                 except AuthError as e:
-                    t.refused["unproven caller"] += 1
+                    refused["unproven caller"] += 1
                     raise TunnelError(str(e)) from e
                 if session.ended:  # the caller's seal: the call is whole
                     return
                 yield local.input_type.FromString(r.metadata)
-            t.refused["cut short"] += 1
+            refused["cut short"] += 1
             raise TunnelError("the call ended without its caller's last signature")
 
-        items, replier = unwrapped(), session.replier(_identity(p2p))
+        items, replier = unwrapped(), session.replier(self._signing())
         out = local.fn(items if local.stream_input else await anext(items), inner)
         if isinstance(out, AsyncIterable):
             async for item in out:
@@ -234,101 +226,88 @@ def _via_stream(p2p: P2P) -> Callable[[AsyncIterator[Request], P2PContext], Asyn
         # can drop the answer's seal before the relay reads it (a CI run saw "ended without its last
         # signature"). Nothing may follow the seal: one extra message is counted and ends the wait.
         async for _ in items:
-            t.refused["input after the answer"] += 1
+            refused["input after the answer"] += 1
             return
         async for _ in requests:
-            t.refused["input after the answer"] += 1
+            refused["input after the answer"] += 1
             return
 
-    return handle
+    # ---- calling: straight to the peer, or through the relay its route names ----------------------------
+    def _signer(self, peer: PeerID, name: str) -> tuple[Signer, ReplyCheck]:
+        if self.identity is None or self.checker is None:
+            raise TunnelError("this node has no identity to sign forwarded calls with yet")
+        me = self.p2p.peer_id.to_base58()
+        return open_call(self.identity, self.checker.verifier, me, peer.to_base58(), name)
 
+    async def unary(self, peer: PeerID, name: str, msg: Message, output_type: type[M] = Response) -> M:
+        relay = self.routes.get(peer.to_base58())
+        if relay is None:
+            direct: M = await self.p2p.call_protobuf_handler(peer, name, msg, output_type)
+            return direct
+        (signer, check), data = self._signer(peer, name), msg.SerializeToString()
+        uid = route_uid(peer.to_base58(), name)
+        wrapped = Request(uid=uid, metadata=data, tensors=[signer.sign(data, True)])
+        resp = await self.p2p.call_protobuf_handler(PeerID.from_base58(relay), RELAY_CALL, wrapped, Response)
+        if not _answered(check, resp):
+            raise TunnelError("a unary answer without its target's seal")
+        return output_type.FromString(resp.metadata)
 
-# ---- calling: straight to the peer, or through the relay its route names --------------------------------
-def _signer(p2p: P2P, peer: PeerID, name: str) -> tuple[Signer, ReplyCheck]:
-    t = table(p2p)
-    if t.identity is None or t.checker is None:
-        raise TunnelError("this node has no identity to sign forwarded calls with yet")
-    return open_call(t.identity, t.checker.verifier, p2p.peer_id.to_base58(), peer.to_base58(), name)
+    async def stream(
+        self,
+        peer: PeerID,
+        name: str,
+        requests: Message | AsyncIterator[Message],
+        output_type: type[M] = Response,
+    ) -> AsyncIterator[M]:
+        relay = self.routes.get(peer.to_base58())
+        if relay is None:
+            answers: AsyncIterator[M] = await self.p2p.iterate_protobuf_handler(
+                peer, name, requests, output_type
+            )
+            return answers
 
+        signer, check = self._signer(peer, name)
 
-def _answered(check: ReplyCheck, resp: Response) -> bool:
-    try:  # the target's own signature on every message of its answer, and a seal on the last
-        return check.answered(list(resp.tensors), resp.metadata)
-    except AuthError as e:
-        raise TunnelError(f"an answer not from {check.peer[-8:]}: {e}") from e
+        def signed(data: bytes, end: bool = False) -> Request:
+            return Request(metadata=data, tensors=[signer.sign(data, end)])
 
+        async def framed() -> AsyncIterator[Request]:
+            head = signed(b"")
+            head.uid = route_uid(peer.to_base58(), name)
+            yield head
+            if isinstance(requests, Message):
+                yield signed(requests.SerializeToString())
+            else:
+                async for r in requests:
+                    yield signed(r.SerializeToString())
+            yield signed(b"", end=True)  # the seal: a relay cannot cut the call short unnoticed
 
-def set_routes(p2p: P2P, routes: dict[str, str]) -> None:
-    """Reach each target peer id through the relay peer id given; every other peer directly."""
-    table(p2p).routes = dict(routes)
+        relay_id = PeerID.from_base58(relay)
+        replies = await self.p2p.iterate_protobuf_handler(relay_id, RELAY_STREAM, framed(), Response)
 
+        async def unwrapped() -> AsyncIterator[M]:
+            async for resp in replies:
+                if _answered(check, resp):
+                    return
+                yield output_type.FromString(resp.metadata)
+            raise TunnelError(f"the answer of {peer.to_base58()[-8:]} ended without its last signature")
 
-async def unary(p2p: P2P, peer: PeerID, name: str, msg: Message, output_type: type[M] = Response) -> M:
-    relay = table(p2p).routes.get(peer.to_base58())
-    if relay is None:
-        direct: M = await p2p.call_protobuf_handler(peer, name, msg, output_type)
-        return direct
-    (signer, check), data = _signer(p2p, peer, name), msg.SerializeToString()
-    wrapped = Request(uid=route_uid(peer.to_base58(), name), metadata=data, tensors=[signer.sign(data, True)])
-    resp = await p2p.call_protobuf_handler(PeerID.from_base58(relay), RELAY_CALL, wrapped, Response)
-    if not _answered(check, resp):
-        raise TunnelError("a unary answer without its target's seal")
-    return output_type.FromString(resp.metadata)
-
-
-async def stream(
-    p2p: P2P,
-    peer: PeerID,
-    name: str,
-    requests: Message | AsyncIterator[Message],
-    output_type: type[M] = Response,
-) -> AsyncIterator[M]:
-    relay = table(p2p).routes.get(peer.to_base58())
-    if relay is None:
-        answers: AsyncIterator[M] = await p2p.iterate_protobuf_handler(peer, name, requests, output_type)
-        return answers
-
-    signer, check = _signer(p2p, peer, name)
-
-    def signed(data: bytes, end: bool = False) -> Request:
-        return Request(metadata=data, tensors=[signer.sign(data, end)])
-
-    async def framed() -> AsyncIterator[Request]:
-        head = signed(b"")
-        head.uid = route_uid(peer.to_base58(), name)
-        yield head
-        if isinstance(requests, Message):
-            yield signed(requests.SerializeToString())
-        else:
-            async for r in requests:
-                yield signed(r.SerializeToString())
-        yield signed(b"", end=True)  # the seal: a relay cannot cut the call short unnoticed
-
-    replies = await p2p.iterate_protobuf_handler(PeerID.from_base58(relay), RELAY_STREAM, framed(), Response)
-
-    async def unwrapped() -> AsyncIterator[M]:
-        async for resp in replies:
-            if _answered(check, resp):
-                return
-            yield output_type.FromString(resp.metadata)
-        raise TunnelError(f"the answer of {peer.to_base58()[-8:]} ended without its last signature")
-
-    return unwrapped()
+        return unwrapped()
 
 
 class Routed:
-    """A P2P for hivemind's stubs (ServicerBase.get_stub): their calls take this P2P's tunnel routes."""
+    """A P2P for hivemind's stubs (ServicerBase.get_stub): their calls take this tunnel's routes."""
 
-    def __init__(self, p2p: P2P):
-        self._p2p = p2p
+    def __init__(self, tunnel: Tunnel):
+        self._tunnel = tunnel
 
     def __getattr__(self, attr: str) -> Any:
-        return getattr(self._p2p, attr)
+        return getattr(self._tunnel.p2p, attr)
 
     async def call_protobuf_handler(self, peer: PeerID, name: str, msg: Message, output_type: type[M]) -> M:
-        return await unary(self._p2p, peer, name, msg, output_type)
+        return await self._tunnel.unary(peer, name, msg, output_type)
 
     async def iterate_protobuf_handler(
         self, peer: PeerID, name: str, requests: Message | AsyncIterator[Message], output_type: type[M]
     ) -> AsyncIterator[M]:
-        return await stream(self._p2p, peer, name, requests, output_type)
+        return await self._tunnel.stream(peer, name, requests, output_type)

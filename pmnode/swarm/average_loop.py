@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from hivemind.utils import get_dht_time
 
-from pmnode.net import tunnel
 from pmnode.net.auth import AuthError, Cert, Guard, Verifier
 from pmnode.net.relay import fresh_circuits
 from pmnode.swarm.averaging import MATCHMAKING_TIME, AveragerStuck, StageAverager, next_round
@@ -110,7 +109,7 @@ class AveragingLoop:
             self.averager = self._start_averager()
         avg = self.averager
         leaders = await self.replicas.view.my_replicas()  # from signed records: certified replicas only
-        routes = tunnel.table(ctx.p2p)  # partners behind NAT: through their relay's forwarder
+        routes = ctx.tunnel  # partners behind NAT: through their relay's forwarder
         avg.averager.use_tunnel(routes.routes, routes.relays, routes.identity)
         if self.behind_nat:  # a partner still reached over a circuit: start from a fresh one
             partners = await self.replicas.view.records(ctx.stage)

@@ -89,7 +89,7 @@ class StepCommit:
     ):
         self.ctx, self.view, self.downstream = ctx, view, downstream
         self.wait_whole, self.heads, self.local = wait_whole, heads, local
-        self.client = Client(ctx.p2p, ctx.cfg.name)
+        self.client = Client(ctx.tunnel, ctx.cfg.name)
         self.failed_at: dict[str, float] = {}  # replica -> when a commit last failed with it
         self.reissued = 0  # micro-batches sent again after losing a replica
         self.applying: asyncio.Future[list[Any]] | None = None  # the last step's apply replies, still coming

@@ -11,6 +11,7 @@ from rich.console import Console
 from pmnode.config import RunConfig
 from pmnode.net.auth import Verifier
 from pmnode.net.meta import AckMeta, Meta
+from pmnode.net.tunnel import Tunnel
 from pmnode.net.wire import MessageHeader
 from pmnode.swarm.runner import StageRunner
 from pmnode.swarm.schedule import Schedule
@@ -22,6 +23,7 @@ class NodeContext:
     schedule: Schedule
     dht: DHT
     p2p: P2P
+    tunnel: Tunnel  # the one of p2p: every pmnode handler and call goes through it (net.tunnel)
     peer_id: str
     verifier: Verifier
     runner: StageRunner

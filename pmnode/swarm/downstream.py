@@ -16,7 +16,6 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 
-from hivemind.p2p import P2P
 from rich.console import Console
 
 from pmnode.core.codecs import Packet
@@ -34,6 +33,7 @@ from pmnode.net.rpcs import HELLO
 from pmnode.net.services import Client, DataRpc
 from pmnode.net.shaping import LinkShaper
 from pmnode.net.transport import Refused, TransportStats, request
+from pmnode.net.tunnel import Tunnel
 from pmnode.net.wire import MessageHeader, WireError
 
 NEW_TRY = 2**31  # a re-sent micro-batch's attempt is drawn from 1..NEW_TRY
@@ -45,7 +45,7 @@ class Downstream:
     def __init__(
         self,
         *,
-        p2p: P2P,
+        tun: Tunnel,
         dht: object,
         run: str,
         stage: int,
@@ -59,10 +59,11 @@ class Downstream:
         grad_scale: GradScale,
         compute: Run,
     ):
-        self.p2p, self.dht, self.run, self.stage, self.n_stages = p2p, dht, run, stage, n_stages
+        self.tunnel, self.p2p = tun, tun.p2p
+        self.dht, self.run, self.stage, self.n_stages = dht, run, stage, n_stages
         self.verifier, self.cert, self.shaper = verifier, cert, shaper
         self.request_timeout, self.console = request_timeout, console
-        self.client = Client(p2p, run)
+        self.client = Client(tun, run)
         self.stats = TransportStats()  # calls this node makes
         self.records: list[StageRecord] = []  # the next stage's replicas, from the DHT
         self.on_change: Callable[[], Awaitable[None]] | None = None  # the replicas changed (routes)
@@ -130,7 +131,7 @@ class Downstream:
                 self.inflight[peer.peer_id] += 1
                 try:
                     answer = await request(
-                        self.p2p,
+                        self.tunnel,
                         peer.peer_id,
                         rpc.path(self.run),
                         header,
@@ -187,7 +188,7 @@ class Downstream:
         await self.greet(peer, self.stage)
         limit = self.request_timeout
         return await request(
-            self.p2p,
+            self.tunnel,
             peer,
             rpc.path(self.run),
             header,

@@ -27,13 +27,12 @@ from __future__ import annotations
 import ctypes
 import multiprocessing as mp
 from collections.abc import Iterable, Sequence
-from typing import Any, AsyncIterator  # noqa: UP035  hivemind reads typing's AsyncIterator off the hints
+from typing import Any, AsyncIterator, cast  # noqa: UP035  hivemind reads typing's AsyncIterator off the hints
 
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.group_info import GroupInfo
 from hivemind.averaging.matchmaking import Matchmaking, MatchmakingException
 from hivemind.p2p import P2P, P2PContext, PeerID
-from hivemind.p2p.servicer import StubBase
 from hivemind.proto import averaging_pb2
 from hivemind.utils.asyncio import achain, as_aiter
 from hivemind.utils.crypto import RSAPrivateKey
@@ -142,6 +141,8 @@ class GuardedMatchmaking(Matchmaking):
 
 
 class GuardedAverager(DecentralizedAverager):
+    _tunnel: tunnel.Tunnel  # the averager process's own, made in add_p2p_handlers
+
     def __init__(self, *args: Any, gate: AveragingGate, **kwargs: Any):
         self.gate = gate  # before hivemind forks the averager's process, which takes a copy
         super().__init__(*args, **kwargs)
@@ -164,12 +165,13 @@ class GuardedAverager(DecentralizedAverager):
     async def add_p2p_handlers(
         self, p2p: P2P, wrapper: Any = None, *, namespace: str | None = None, balanced: bool = False
     ) -> None:
-        """hivemind's handlers, also reachable through a relay (averager process, at its start)."""
+        """hivemind's handlers, also reachable through a relay (averager process, at its start, with the
+        P2P hivemind made for this process: this process's one Tunnel is made over it here)."""
         await super().add_p2p_handlers(p2p, wrapper, namespace=namespace, balanced=balanced)
-        tunnel.table(p2p).on_arrival = self.gate.tunnelled.add
+        self._tunnel = tunnel.Tunnel(p2p)
+        self._tunnel.on_arrival = self.gate.tunnelled.add
         for h in self._rpc_handlers or ():
-            await tunnel.add_handler(
-                p2p,
+            await self._tunnel.add_handler(
                 self._get_handle_name(namespace, h.method_name),
                 getattr(self if wrapper is None else wrapper, h.method_name),
                 input_type=h.request_type,
@@ -177,13 +179,10 @@ class GuardedAverager(DecentralizedAverager):
                 stream_output=h.stream_output,
                 registered=True,
             )
-
-    @classmethod
-    def get_stub(cls, p2p: P2P, peer: PeerID, *, namespace: str | None = None) -> StubBase:
-        """hivemind's stub, whose calls take the tunnel's routes (matchmaking, all-reduce)."""
-        stub = super().get_stub(p2p, peer, namespace=namespace)
-        stub._p2p = tunnel.Routed(p2p)
-        return stub
+        # hivemind makes its matchmaking and all-reduce stubs (get_stub, a classmethod given only a P2P)
+        # from self._p2p after this call: handing it the routed P2P makes their calls take the tunnel's
+        # routes, and everything else passes through to the P2P itself.
+        self._p2p = cast(P2P, tunnel.Routed(self._tunnel))
 
     def use_tunnel(self, routes: dict[str, str], relays: Iterable[str], me: Identity | None = None) -> None:
         """Node side, before a round: the node's tunnel routes, trusted relays and signing identity (its
@@ -194,11 +193,11 @@ class GuardedAverager(DecentralizedAverager):
     async def _use_tunnel(
         self, routes: dict[str, str], relays: list[str], signing: tuple[RSAPrivateKey, Cert] | None = None
     ) -> None:
-        tunnel.set_routes(self._p2p, routes)
-        tunnel.trust_relays(self._p2p, relays)
+        self._tunnel.set_routes(routes)
+        self._tunnel.trust_relays(relays)
         if signing is not None:
             key, cert = signing
-            tunnel.set_identity(self._p2p, Identity(key, lambda: cert), self.gate.guard.verifier)
+            self._tunnel.set_identity(Identity(key, lambda: cert), self.gate.guard.verifier)
 
     def admit_leaders(self, peers: Sequence[str]) -> None:
         """Node side, before a round: the replicas it may follow (sent to the averager's process)."""

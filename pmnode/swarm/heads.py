@@ -52,7 +52,7 @@ class HeadGroup:
         self.ctx, self.view = ctx, view
         t = ctx.cfg.train
         self.n_micro = t.batch_size // t.micro
-        self.client = Client(ctx.p2p, ctx.cfg.name)
+        self.client = Client(ctx.tunnel, ctx.cfg.name)
         self.resend_own: Callable[[list[str]], Awaitable[None]] | None = None  # set by the driver
         # Whether this head sends a batch every step (not while a commit has yet to bring it in), and
         # the last step whose batch is all back: another head's commit waits for it (`ready`).

@@ -7,7 +7,6 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
-from hivemind.p2p import P2P
 from hivemind.utils.crypto import RSAPrivateKey
 from rich.console import Console
 
@@ -17,14 +16,15 @@ from pmnode.net.control import JOIN_RPC, ControlError, JoinReply, JoinRequest, c
 from pmnode.net.dht import announce, keep_in_touch, stage_records
 from pmnode.net.routing import HEARTBEAT_PERIOD, StageRecord
 from pmnode.net.tokens import JOIN_TOKEN_ENV
+from pmnode.net.tunnel import Tunnel
 from pmnode.swarm.options import NodeOptions
 
 
 class Membership:
     """This node's place in the run: its key, its certificate and how to renew it."""
 
-    def __init__(self, opts: NodeOptions, p2p: P2P, peer_id: str, console: Console):
-        self.opts, self.p2p, self.peer_id, self.console = opts, p2p, peer_id, console
+    def __init__(self, opts: NodeOptions, tun: Tunnel, peer_id: str, console: Console):
+        self.opts, self.tunnel, self.peer_id, self.console = opts, tun, peer_id, console
         self.key = RSAPrivateKey()  # signs this node's DHT records; the coordinator certifies its public half
         self.cert: Cert | None = None
         self.stage: int | None = opts.stage
@@ -48,7 +48,7 @@ class Membership:
         )
         try:
             reply = await call_json(
-                self.p2p, coord, JOIN_RPC, req, JoinReply, timeout=self.opts.connect_timeout
+                self.tunnel, coord, JOIN_RPC, req, JoinReply, timeout=self.opts.connect_timeout
             )
         except ControlError as e:
             if e.reason == WRONG_TOKEN:

@@ -39,6 +39,7 @@ from pmnode.net.records import SwarmValidator
 from pmnode.net.routing import StageRecord
 from pmnode.net.shaping import LinkShaper
 from pmnode.net.transport import TransportStats
+from pmnode.net.tunnel import Tunnel
 from pmnode.swarm.context import NodeContext
 from pmnode.swarm.fit import check_fits
 from pmnode.swarm.membership import Membership, heartbeat
@@ -97,7 +98,8 @@ class Node:
         o = self.opts
         p2p = await dht.replicate_p2p()
         peer_id = dht.peer_id.to_base58()
-        membership = Membership(o, p2p, peer_id, self.console)
+        tun = Tunnel(p2p)  # this node's one tunnel over this P2P: routes, relays, handlers
+        membership = Membership(o, tun, peer_id, self.console)
         reply = await membership.join()
         cfg = RunConfig.model_validate(reply.config)
         verifier = Verifier(cfg.name, reply.authority)
@@ -124,7 +126,7 @@ class Node:
                 f"subspace fingerprint mismatch: coordinator has {reply.fingerprint}, this node "
                 f"built {mine}; upgrade pmnode to the coordinator's version"
             )
-        ctx = NodeContext(cfg, schedule, dht, p2p, peer_id, verifier, runner, self.console, reply.slot)
+        ctx = NodeContext(cfg, schedule, dht, p2p, tun, peer_id, verifier, runner, self.console, reply.slot)
         return ctx, membership
 
     def _say_serving(self, ctx: NodeContext) -> None:

@@ -71,8 +71,8 @@ class OuterLoop:
         """outer_share with a wire limit of one honest share; outer_vote as any JSON RPC."""
         ctx = self.ctx
         shares = dataclasses.replace(opts, limits=share_limits(self.share_bytes))
-        await serve_all(ctx.p2p, ctx.cfg.name, self.peer, (SHARE,), shares)
-        await serve_all(ctx.p2p, ctx.cfg.name, self.peer, (VOTE,), opts)
+        await serve_all(ctx.tunnel, ctx.cfg.name, self.peer, (SHARE,), shares)
+        await serve_all(ctx.tunnel, ctx.cfg.name, self.peer, (VOTE,), opts)
 
     def before_copy(self) -> None:
         """A state copy is about to be packed: it carries the shares held of this round and later."""
@@ -193,7 +193,7 @@ class OuterLoop:
         try:
             await ds.greet(peer, ctx.stage)
             await request(
-                ctx.p2p,
+                ctx.tunnel,
                 peer,
                 SHARE.path(ctx.cfg.name),
                 header,

@@ -7,7 +7,6 @@ import asyncio
 
 from pmnode.core.grad_sync import GradCompressor
 from pmnode.errors import PmnodeError
-from pmnode.net import tunnel
 from pmnode.net.auth import Guard
 from pmnode.net.callproof import Identity
 from pmnode.net.checks import GradScale
@@ -53,7 +52,7 @@ class Parts:
         self.ctx, self.membership = ctx, membership
         self.view = SwarmView(ctx.dht, cfg.name, cfg.n_stages, ctx.stage, ctx.peer_id, ctx.verifier)
         self.downstream = Downstream(
-            p2p=ctx.p2p,
+            tun=ctx.tunnel,
             dht=ctx.dht,
             run=cfg.name,
             stage=ctx.stage,
@@ -107,9 +106,9 @@ class Parts:
             seed = ctx.cfg.train.seed + 1000 * ctx.stage
             self.participant.compressor = GradCompressor(shapes, ctx.cfg.replica_sync, seed)
         self.behind_nat = False  # set once serving: a relayed node opens its own connections (reach_out)
-        self.routes = RelayRoutes(ctx.p2p, membership.current)
+        self.routes = RelayRoutes(ctx.tunnel, membership.current)
         # calls sent through a relay carry this node's own signature; calls forwarded to it must too
-        tunnel.set_identity(ctx.p2p, Identity(membership.key, membership.current), ctx.verifier)
+        ctx.tunnel.set_identity(Identity(membership.key, membership.current), ctx.verifier)
         self.replicas.route = self.downstream.on_change = self.update_routes
         self.forwarder: Forwarder | None = None  # `--relay` on a reachable node: forwards for NATed members
 
@@ -128,13 +127,13 @@ class Parts:
         # before buffering it.
         limits = WireLimits(max_bytes=max(2**20, 2 * t.batch_size * t.seq_len * (4 * cfg.model.d_model + 16)))
         opts = ServeOptions(self.guard, server_stats, limits, shaper, run=self.ctx.runner.run)
-        await serve_all(self.ctx.p2p, cfg.name, self.handler, handler_mod.RPCS, opts)
-        await serve_all(self.ctx.p2p, cfg.name, self.participant, participant_mod.RPCS, opts)
-        await serve_all(self.ctx.p2p, cfg.name, self.replicas, (STATE,), opts)
+        await serve_all(self.ctx.tunnel, cfg.name, self.handler, handler_mod.RPCS, opts)
+        await serve_all(self.ctx.tunnel, cfg.name, self.participant, participant_mod.RPCS, opts)
+        await serve_all(self.ctx.tunnel, cfg.name, self.replicas, (STATE,), opts)
         if not self.ctx.runner.worker.is_first:
-            await serve_all(self.ctx.p2p, cfg.name, self.handler.spot, (CHECK,), opts)
+            await serve_all(self.ctx.tunnel, cfg.name, self.handler.spot, (CHECK,), opts)
         if self.ctx.runner.worker.is_first:
-            await serve_all(self.ctx.p2p, cfg.name, self.head.group, heads_mod.RPCS, opts)
+            await serve_all(self.ctx.tunnel, cfg.name, self.head.group, heads_mod.RPCS, opts)
         if self.outer is not None:
             await self.outer.serve(opts)
 
@@ -143,9 +142,9 @@ class Parts:
         connections; a reachable `--relay` member forwards calls for members behind NAT."""
         self.behind_nat = self.averaging.behind_nat = reach.mode == "relayed"
         if self.behind_nat:
-            self.routes = RelayRoutes(self.ctx.p2p, self.membership.current, reach.relays)
+            self.routes = RelayRoutes(self.ctx.tunnel, self.membership.current, reach.relays)
         if relay and reach.mode == "direct":
-            self.forwarder = Forwarder(self.ctx.p2p, self.ctx.verifier)
+            self.forwarder = Forwarder(self.ctx.tunnel, self.ctx.verifier)
             await self.forwarder.serve()
         await self.downstream.refresh()
         await self.reach_out()
@@ -207,7 +206,7 @@ class Parts:
         Several heads: only the last one to lead tells, once every other head is done."""
         if self.ctx.runner.worker.is_first and self.head.group.many and not await self._last_head():
             return
-        client = Client(self.ctx.p2p, self.ctx.cfg.name)
+        client = Client(self.ctx.tunnel, self.ctx.cfg.name)
         ctx, me = self.ctx, Identity(self.membership.key, self.membership.current)
         done = self.handler.ended or seal_done(me, ctx.cfg.name, ctx.peer_id, ctx.runner.step)
         told: set[str] = set()

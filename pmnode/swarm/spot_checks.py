@@ -100,7 +100,7 @@ class SpotChecker:
         try:
             await self.downstream.greet(peer)
             reply, out = await request(
-                self.ctx.p2p,
+                self.ctx.tunnel,
                 peer,
                 CHECK.path(self.ctx.cfg.name),
                 header,

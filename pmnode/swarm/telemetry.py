@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pmnode.net import bounded, tunnel
+from pmnode.net import bounded
 from pmnode.net.reach import Reachability
 from pmnode.net.routing import StageRecord
 from pmnode.net.transport import TransportStats
@@ -166,7 +166,7 @@ class Telemetry:
             process_cpu_s=round(sum(os.times()[:2]), 3),
             samples_served=runner.samples_served,
             peak_memory_bytes=peak_memory(runner.worker.device),
-            tunnelled_in=dict(tunnel.table(p.ctx.p2p).forwarded),
+            tunnelled_in=dict(p.ctx.tunnel.forwarded),
             relay_forwarded=p.forwarder.counters.total() if p.forwarder is not None else None,
             spot_checks=self._spot(),
             **extra,
