@@ -21,7 +21,9 @@ def _group(slot: int, records: list[StageRecord], heads: int = 3) -> HeadGroup:
             "swarm": {"heads": heads},
         }
     )
-    ctx = SimpleNamespace(cfg=cfg, p2p=None, tunnel=None, peer_id="me", slot=slot, runner=SimpleNamespace(step=10))
+    ctx = SimpleNamespace(
+        cfg=cfg, p2p=None, tunnel=None, peer_id="me", slot=slot, runner=SimpleNamespace(step=10)
+    )
     view = SimpleNamespace(members={0: records})
     return HeadGroup(ctx, view)  # type: ignore[arg-type]
 

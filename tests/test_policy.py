@@ -95,7 +95,9 @@ def _commit(members: dict[int, list[str]], owns: dict[str, list[list[str]]]):
         stepped.append(True)
 
     runner = SimpleNamespace(step_if_ready=step_if_ready, slot_positions={}, data_positions={})
-    ctx = SimpleNamespace(cfg=CFG, console=QUIET, p2p=None, tunnel=None, runner=runner, slot=0, peer_id="head")
+    ctx = SimpleNamespace(
+        cfg=CFG, console=QUIET, p2p=None, tunnel=None, runner=runner, slot=0, peer_id="head"
+    )
     downstream = SimpleNamespace(greet=lambda peer, stage: asyncio.sleep(0))
     resent: list[list[str]] = []
 
