@@ -141,29 +141,37 @@ def test_commit_resets_a_stage_that_holds_a_micro_batch_twice() -> None:
     assert sorted(resets) == ["a", "b"] and resent == [batch]  # the whole step again
 
 
+async def _noop() -> None:
+    return None
+
+
+def _spot_checked(commit: StepCommit, settle: Any, banned: Any, take_tainted: Any) -> list[str]:
+    """Give `commit` a fake spot checker and a runner that records its jobs' names (returned)."""
+    jobs: list[str] = []
+
+    async def run(fn: Any, *args: Any) -> None:
+        jobs.append(fn.__name__)
+
+    commit.ctx.runner.run = run
+
+    def forget(step: int) -> None:  # named: the recorded jobs are named after their function
+        return None
+
+    commit.ctx.runner.worker = SimpleNamespace(forget=forget)
+    commit.downstream.refresh = _noop
+    commit.spot = SimpleNamespace(  # type: ignore[assignment]
+        settle=settle, banned=banned, ledger=SimpleNamespace(take_tainted=take_tainted)
+    )
+    return jobs
+
+
 def test_a_step_that_spot_checks_never_clear_is_dropped_not_applied() -> None:
     """Two replicas keep disagreeing and no third can say who lied: after MAX_REDOS computations of
     the step its batch is dropped everywhere (Apply(drop=True)), and nothing of it reaches a weight."""
     batch = ["3:0", "3:1"]
     owns = {"a": [batch[:1]], "b": [batch[1:]], "c": [batch]}  # stage 1's replicas share the batch
     commit, resent, stepped = _commit({1: ["a", "b"], 2: ["c"]}, owns)
-    jobs: list[str] = []
-
-    async def run(fn: Any, *args: Any) -> None:
-        jobs.append(fn.__name__)
-
-    async def noop() -> None:
-        return None
-
-    def forget(step: int) -> None:
-        return None
-
-    commit.ctx.runner.run = run
-    commit.ctx.runner.worker = SimpleNamespace(forget=forget)
-    commit.downstream.refresh = noop
-    commit.spot = SimpleNamespace(  # type: ignore[assignment]
-        settle=noop, banned=lambda: [], ledger=SimpleNamespace(take_tainted=lambda step: True)
-    )
+    jobs = _spot_checked(commit, _noop, lambda: [], lambda step: True)
     asyncio.run(commit.commit(3, batch))
     assert commit.redone == [3] * MAX_REDOS and resent == [batch] * MAX_REDOS  # computed again, each time
     assert commit.dropped == [3] and stepped == []  # the head made no step from it...
@@ -179,17 +187,6 @@ def test_a_liar_banned_at_the_redo_cap_gets_one_clean_pass_not_bent_gradients() 
     batch = ["3:0", "3:1"]
     owns = {"a": [batch[:1]], "b": [batch[1:]], "c": [batch]}
     commit, resent, stepped = _commit({1: ["a", "b"], 2: ["c"]}, owns)
-    jobs: list[str] = []
-
-    async def run(fn: Any, *args: Any) -> None:
-        jobs.append(fn.__name__)
-
-    async def noop() -> None:
-        return None
-
-    def forget(step: int) -> None:
-        return None
-
     passes = iter([True] * (MAX_REDOS + 1) + [False] * 10)  # tainted until the liar is out, then clean
     banned: list[str] = []
 
@@ -200,12 +197,7 @@ def test_a_liar_banned_at_the_redo_cap_gets_one_clean_pass_not_bent_gradients() 
     def take_tainted(step: int) -> bool:
         return next(passes)
 
-    commit.ctx.runner.run = run
-    commit.ctx.runner.worker = SimpleNamespace(forget=forget)
-    commit.downstream.refresh = noop
-    commit.spot = SimpleNamespace(  # type: ignore[assignment]
-        settle=settle, banned=lambda: list(banned), ledger=SimpleNamespace(take_tainted=take_tainted)
-    )
+    jobs = _spot_checked(commit, settle, lambda: list(banned), take_tainted)
     asyncio.run(commit.commit(3, batch))
     assert commit.redone == [3] * (MAX_REDOS + 1) and resent == [batch] * (MAX_REDOS + 1)
     assert commit.dropped == [] and stepped == [True]  # the clean pass was applied

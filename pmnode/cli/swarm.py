@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import SecretStr
 
 from pmnode.cli.common import (
     ConfigOpt,
@@ -103,14 +104,13 @@ def join(
     given = FlagValues(JOIN_FLAGS, flags)
     if (coordinator is None) == (coordinator_file is None):
         raise PmnodeError("give exactly one of --coordinator MULTIADDR or --coordinator-file PATH")
-    node_given = given.of(NodeOptions)
-    if node_given.get("checkpoint_every") and "checkpoint_dir" not in node_given:
-        raise PmnodeError("--checkpoint-every needs --checkpoint-dir DIR")
-    if node_given.get("resume") and "checkpoint_dir" not in node_given:
-        raise PmnodeError("--resume needs --checkpoint-dir DIR, the directory the checkpoint is in")
     machine = given.build(MachineConfig, device=resolve_device(flags["device"] or "auto"))
     # every flag checked (one line naming it) before anything is read or dialled
     opts = given.build(NodeOptions, coordinator=coordinator or "", machine=machine)
+    if opts.checkpoint_every and opts.checkpoint_dir is None:
+        raise PmnodeError("--checkpoint-every needs --checkpoint-dir DIR")
+    if opts.resume and opts.checkpoint_dir is None:
+        raise PmnodeError("--resume needs --checkpoint-dir DIR, the directory the checkpoint is in")
     data = machine.data
     if data is not None and data != "stdlib" and not Path(data).exists():  # here, not after joining
         raise PmnodeError(
@@ -128,7 +128,7 @@ def join(
             f"this node needs the run's join token: set ${JOIN_TOKEN_ENV} or pass --token-file PATH "
             "(ask the operator; `coordinator serve` showed it once)"
         )
-    opts = given.build(NodeOptions, token=token, coordinator=coordinator, machine=machine)
+    opts = opts.model_copy(update={"token": SecretStr(token), "coordinator": coordinator})  # checked above
 
     node = Node(opts, console)
     node.start()
