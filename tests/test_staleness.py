@@ -15,7 +15,7 @@ from pmnode.core.codecs import Packet
 from pmnode.core.staleness import DelayMeter, StaleCorrection, delay_momentum, make_optimizer
 from pmnode.core.worker import StageWorker
 
-LR, WD, B1, B2, EPS, PSI = 0.1, 0.01, 0.9, 0.95, 1e-8, 0.004
+LR, WD, B1, B2, EPS = 0.1, 0.01, 0.9, 0.95, 1e-8
 
 
 class Toy(nn.Module):
@@ -64,8 +64,7 @@ def test_nesterov_update_with_known_delay_matches_hand_computation() -> None:
         b1 = B1 + (0.99 - B1) * min(tau, stages) / stages
         g = a * hand[max(t - delay, 0)]
         n = t + 1
-        mu = b1 * (1 - 0.5 * 0.96 ** (n * PSI))
-        mu_next = b1 * (1 - 0.5 * 0.96 ** ((n + 1) * PSI))
+        mu = mu_next = b1  # constant momentum: no NAdam warm-up of mu (CONSTANT_MOMENTUM)
         prod *= mu
         w *= 1 - LR * WD
         m = b1 * m + (1 - b1) * g
@@ -73,7 +72,7 @@ def test_nesterov_update_with_known_delay_matches_hand_computation() -> None:
         denom = math.sqrt(v / (1 - B2**n)) + EPS
         w -= LR * (1 - mu) / (1 - prod) * g / denom + LR * mu_next / (1 - prod * mu_next) * m / denom
         hand.append(w)
-    assert history == pytest.approx(hand, rel=1e-8)  # torch keeps the product of mu in float32
+    assert history == pytest.approx(hand, rel=1e-6)  # torch keeps mu and its product in float32
     assert opt.param_groups[0]["betas"][0] == pytest.approx(0.945)
 
 

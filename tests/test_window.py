@@ -10,7 +10,7 @@ import pytest
 
 from pmnode.config import RunConfig
 from pmnode.errors import PmnodeError
-from pmnode.swarm.window import HEADROOM, InflightSizer, Window, auto_window
+from pmnode.swarm.window import HEADROOM, InflightSizer, Window, auto_window, stale_bound
 
 
 def emulated_rtt(stages: int, latency: float, compute: float) -> float:
@@ -21,9 +21,9 @@ def emulated_rtt(stages: int, latency: float, compute: float) -> float:
 
 def test_auto_window_is_rate_times_round_trip() -> None:
     rtt = emulated_rtt(4, 0.050, 0.002)  # 50 ms links, 4 stages: 0.308 s
-    assert auto_window(rtt, rate=100.0, bound=256) == math.ceil(HEADROOM * 100 * rtt) == 62
+    assert auto_window(rtt, rate=100.0, bound=256) == math.ceil(HEADROOM * 100 * rtt) == 39
     assert auto_window(rtt, rate=100.0, bound=16) == 16  # the bound holds
-    assert auto_window(emulated_rtt(4, 0.100, 0.002), rate=100.0, bound=256) == 122
+    assert auto_window(emulated_rtt(4, 0.100, 0.002), rate=100.0, bound=256) == 77
     assert auto_window(math.inf, rate=100.0, bound=64) == 1  # nothing measured: one at a time
     assert auto_window(rtt, rate=0.0, bound=64) == 1
 
@@ -47,15 +47,15 @@ def emulate(
 
 def test_auto_picks_the_formula_window_for_an_emulated_rtt() -> None:
     rtt = emulated_rtt(4, 0.050, 0.002)
-    expect = auto_window(rtt, 100.0, 256)  # 62: 2 x 100/s x 0.308 s
+    expect = auto_window(rtt, 100.0, 256)  # 39: 1.25 x 100/s x 0.308 s
     # Stages that could each serve 400/s, but the pipeline delivers 100/s (a shared machine):
     sizes = emulate([400.0, 800.0, 500.0, 600.0], capacity=100.0, rtt=rtt, sizings=11)
     # The window is the limit: it grows while the rate does, overshoots, then settles on the formula
     # (every 4th sizing probes 1.5x higher and comes back).
-    assert sizes == [12, 18, 27, 41, expect, expect, expect, 93, expect, expect, expect]
-    # The slowest stage's compute rate caps it: 50 samples/s -> 2 x 50 x 0.308 = 31.
+    assert sizes == [12, 18, 27, 41, 62, expect, expect, 59, expect, expect, expect]
+    # The slowest stage's compute rate caps it: 50 samples/s -> 1.25 x 50 x 0.308 = 20.
     capped = emulate([400.0, 50.0, 500.0, 600.0], capacity=100.0, rtt=rtt, sizings=12)
-    assert max(capped) == auto_window(rtt, 50.0, 256) == 31 and capped[-1] == 31
+    assert max(capped) == auto_window(rtt, 50.0, 256) == 20 and capped[-1] == 20
 
 
 def test_sizer_keeps_the_shortest_round_trip() -> None:
@@ -111,6 +111,15 @@ def test_window_reports_the_first_failure() -> None:
         asyncio.run(main())
 
 
+def test_async_auto_keeps_at_most_one_step_in_flight() -> None:
+    cfg = RunConfig.model_validate({})
+    assert cfg.swarm.stale_steps == 1.0
+    assert stale_bound(256, start=8, stale_steps=1.0, n_micro=8) == 8  # one step: 8 micro-batches
+    assert stale_bound(256, start=8, stale_steps=2.5, n_micro=8) == 20
+    assert stale_bound(256, start=4, stale_steps=1.0, n_micro=2) == 4  # never under the start size
+    assert stale_bound(16, start=8, stale_steps=4.0, n_micro=8) == 16  # nor over inflight_bound
+
+
 def test_config_accepts_auto() -> None:
     cfg = RunConfig.model_validate({"swarm": {"max_inflight": "auto", "inflight_bound": 96}})
     assert cfg.swarm.inflight_limit == 96
@@ -157,13 +166,14 @@ def test_auto_does_not_slow_an_unlimited_link() -> None:
 
 
 def test_auto_covers_a_slow_links_round_trip() -> None:
-    """80 Mbit/s + 50 ms links: the round trip (308 ms) needs 2 x 100/s x 0.308 = 62 in flight. The
-    ramp (x1.5 per sizing while the delivered rate grows) gets there in 5 sizings (10 s); from then
-    on the pipeline runs at its capacity, where the old fixed 4 got 13/s."""
+    """80 Mbit/s + 50 ms links: the round trip (308 ms) needs 100/s x 0.308 = 31 in flight, and auto
+    keeps 1.25 x that = 39. The ramp (x1.5 per sizing while the delivered rate grows) passes it in 4
+    sizings (8 s), overshoots once and settles; from then on the pipeline runs at its capacity, where
+    the old fixed 4 got 13/s."""
     rtt, capacity = emulated_rtt(4, 0.050, 0.002), 100.0
     sizes = emulate([400.0, 400.0, 400.0, 400.0], capacity, rtt, sizings=12, start=8)
     assert sizes[:5] == [12, 18, 27, 41, 62]
-    assert min(sizes[4:]) == auto_window(rtt, capacity, 256) == 62
+    assert min(sizes[5:]) == auto_window(rtt, capacity, 256) == 39
     assert delivered(sizes[-1], capacity, rtt) == capacity
     assert delivered(4, capacity, rtt) == pytest.approx(4 / 0.308)  # 13/s: 0.13 of capacity
 

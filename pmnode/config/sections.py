@@ -243,10 +243,19 @@ class SwarmConfig(_Strict):
         description="Micro-batches a head keeps in flight at once, or auto (the default): sync keeps a "
         "whole step in flight; async starts at one step (at least one per stage) and grows to cover the "
         "measured round trip at the slowest stage's service rate (pmnode.swarm.window), at most "
-        "inflight_bound.",
+        "stale_steps steps of micro-batches and inflight_bound.",
     )
     inflight_bound: int = Field(
         256, ge=1, description="The most micro-batches max_inflight auto keeps in flight."
+    )
+    stale_steps: float = Field(
+        1.0,
+        gt=0,
+        description="async with max_inflight auto: at most this many steps of micro-batches in flight "
+        "(never fewer than the start size). Gradients are up to about that many steps late at the "
+        "head; past one step that costs held-out loss (+0.5 to +2.3% at 1.4 steps, +2.8 to +3.6% at "
+        "1.9 on three of four configs: docs/benchmarks/async/method), so a link whose round trip is "
+        "longer than a step gets less throughput instead.",
     )
     async_correction: Literal["none", "nesterov", "predict"] = Field(
         "nesterov",

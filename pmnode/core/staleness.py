@@ -14,14 +14,19 @@ nesterov  The delay-corrected Nesterov method of Ajanthan et al., arXiv 2505.010
           cover the delay: with a momentum near 1 the update is dominated by the momentum direction,
           and the (NAdam-form) look-ahead extrapolates along it, so a gradient taken tau steps back
           still points where the weights are going. As in the authors' released code, the step is
-          NAdamW (decoupled weight decay, torch's momentum schedule mu_t = b1 (1 - 0.5 * 0.96^(0.004 t)))
-          whose first beta grows with the delay the stage sees:
+          NAdamW (decoupled weight decay) whose first beta grows with the delay the stage sees:
 
               b1(tau) = b1 + (b_max - b1) * min(tau, S) / S        (S = n_stages, b_max = async_momentum)
 
               m_t = b1 m_{t-1} + (1 - b1) g_{t-tau}       v_t = b2 v_{t-1} + (1 - b2) g_{t-tau}^2
               w_{t+1} = w_t (1 - lr wd) - lr [ (1 - mu_t) g / (1 - P_t) + mu_{t+1} m_t / (1 - P_t mu_{t+1}) ]
                                                / (sqrt(v_t / (1 - b2^t)) + eps)           P_t = prod mu_i
+
+          with a constant mu_t = b1 (Nesterov's look-ahead as it is). torch's NAdam (and the released
+          code) warms mu up as b1 (1 - 0.5 * 0.96^(0.004 t)): about b1 / 2 for the first thousand
+          steps, so a stage's look-ahead is half of what the delay asks for, and even a stage with no
+          delay learns slower than AdamW (measured on d192 in one process: +6.5% held-out at step 100
+          with no delay at all; with mu_t = b1, -1.0%; docs/benchmarks/async/method/).
 
           tau is the mean delay of the samples this step applies (fractional: with n micro-batches per
           step a window of W in flight is about W / n steps stale). The last stage sees tau = 0 and gets
@@ -44,6 +49,9 @@ from torch import Tensor, nn
 
 Correction = Literal["none", "nesterov", "predict"]
 EMA = 0.1  # weight of the newest step's delay in tau_hat
+# torch's NAdam momentum_decay psi gives mu_t = b1 (1 - 0.5 * 0.96^(psi t)): this psi makes 0.96^(psi t)
+# zero from the first step, so mu_t = b1 throughout (see the nesterov entry above).
+CONSTANT_MOMENTUM = 1e6
 
 
 def delay_momentum(beta1: float, delay: float, n_stages: int, beta_max: float) -> float:
@@ -128,5 +136,7 @@ class StaleCorrection:
 def make_optimizer(kind: Correction, groups: list[dict], lr: float, betas: tuple[float, float], eps: float):
     """AdamW, or for nesterov NAdamW with decoupled weight decay (the paper's base optimizer)."""
     if kind == "nesterov":
-        return torch.optim.NAdam(groups, lr=lr, betas=betas, eps=eps, decoupled_weight_decay=True)
+        return torch.optim.NAdam(
+            groups, lr=lr, betas=betas, eps=eps, decoupled_weight_decay=True, momentum_decay=CONSTANT_MOMENTUM
+        )
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)

@@ -36,7 +36,7 @@ from pmnode.swarm.participant import CommitParticipant
 from pmnode.swarm.pauses import Pauses
 from pmnode.swarm.report import Progress
 from pmnode.swarm.spot_checks import SpotChecker
-from pmnode.swarm.window import InflightSizer, Window
+from pmnode.swarm.window import InflightSizer, Window, stale_bound
 
 RESIZE_EVERY = 2.0  # seconds between window sizings (stage records refresh about as often)
 Micro = list[tuple[Tensor, Tensor]]  # a step's micro-batches: (input, targets as they travel), in order
@@ -72,7 +72,8 @@ class HeadDriver:
         auto = sw.max_inflight == "auto" and not ctx.schedule.commits
         start = max(n_micro, ctx.cfg.n_stages) if auto else n_micro
         size = min(start, sw.inflight_limit) if sw.max_inflight == "auto" else sw.inflight_limit
-        self.sizer = InflightSizer(ctx.cfg.train.micro, sw.inflight_limit, size) if auto else None
+        bound = stale_bound(sw.inflight_limit, size, sw.stale_steps, n_micro)
+        self.sizer = InflightSizer(ctx.cfg.train.micro, bound, size) if auto else None
         self.window = Window(size)
         self.resized_at = 0.0
 

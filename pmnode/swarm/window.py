@@ -14,7 +14,10 @@ rate_s      samples per compute-second stage s serves, summed over its replicas 
             its own and announces it in its stage record): the most the slowest stage can take.
 delivered   micro-batches per second actually coming back: the best of the last few intervals. On
             machines shared by several stages (or other work) it is below the compute rates.
-HEADROOM    2, TCP BBR's window gain: room for jitter, and for hops that wait on a busy CPU.
+HEADROOM    1.25: room for jitter, and for hops that wait on a busy CPU. Less than TCP BBR's window
+            gain of 2 because here every extra micro-batch in flight also makes gradients staler, and
+            staleness past about one step is what async loses in loss (docs/benchmarks/async/method:
+            at twice the window, +1.9% held-out against +0.4% on d192).
 floor       the start size: one step's micro-batches, at least one per stage. Async never keeps fewer
             in flight than sync would; on a busy machine the round trip's compute swells far above
             its minimum, and without a floor the window would shrink with the rate it starves.
@@ -22,6 +25,12 @@ floor       the start size: one step's micro-batches, at least one per stage. As
 While the delivered rate still grows from one sizing to the next, the window is limited by itself,
 not by the pipeline, and it grows by PROBE (x1.5) instead, up to the compute-rate window; every
 PROBE_EVERY sizings it probes so anyway, in case the pipeline can take more than it is given.
+
+Async also caps the window at `swarm.stale_steps` steps of micro-batches (1 by default): a gradient
+is then at most about one step late at the head, PipeDream-2BW's regime, where the delay-aware
+correction kept held-out within 0.3% of sync (or better) at equal steps on four configs; at 1.9 steps
+it was 2.8-3.6% worse on three of them (docs/benchmarks/async/method). A link whose round trip is
+longer than a step's compute then costs throughput rather than loss.
 
 sync flushes every step, so it never has more than one step's micro-batches in flight: auto keeps
 all of them in flight (GPipe). Staleness (async): a micro-batch is about window / (micro-batches
@@ -38,12 +47,18 @@ from collections.abc import Awaitable, Callable
 
 from pmnode.errors import PmnodeError
 
-HEADROOM = 2.0  # BBR's congestion-window gain
+HEADROOM = 1.25  # the window over the bandwidth-delay product (see above)
 RTT_SAMPLES = 256  # recent round trips whose shortest counts
 PROBE = 1.5
 GROWING = 1.1  # delivered rate up by this factor since the last sizing: the window was the limit
 INTERVALS = 5  # recent delivery-rate intervals whose best counts
 PROBE_EVERY = 4  # sizings between probes for more capacity (the pipeline's may have grown)
+
+
+def stale_bound(limit: int, start: int, stale_steps: float, n_micro: int) -> int:
+    """async auto: the most in flight, `stale_steps` steps of micro-batches (gradients about that many
+    steps late at the head), never under the start size nor over `limit` (inflight_bound)."""
+    return min(limit, max(start, math.ceil(stale_steps * n_micro)))
 
 
 def auto_window(rtt_min: float, rate: float, bound: int, headroom: float = HEADROOM) -> int:
