@@ -260,6 +260,15 @@ def test_each_variant_is_compared_with_the_unconstrained_model_of_its_architectu
     assert rows[k4.variant].baseline == rich.variant
     assert rows[k4.variant].gap_end == pytest.approx(0.1)
     assert rows[k4.variant].gap_plain == pytest.approx(-0.01)
+    # `default` is the shipped config: its twin default@d is its baseline, not its plain model.
+    shipped = _run("default", "subspace", 4, [(10, 100, 1.9), (20, 200, 0.95)])
+    twin = _run("default@d", "subspace", 128, [(10, 100, 1.8), (20, 200, 0.9)])
+    rows = {r.variant: r for r in compare([shipped, twin], None)}
+    assert rows["default"].baseline == "default@d"
+    assert rows["default"].gap_end == pytest.approx(0.95 / 0.9 - 1, abs=1e-4)
+    assert rows["default"].gap_plain is None  # no plain run: '-', not the twin again
+    rows = {r.variant: r for r in compare([shipped, twin, plain], None)}
+    assert rows["default"].gap_plain == pytest.approx(-0.05)
 
 
 def test_sweeps_take_plain_compressed_runs_at_fixed_tokens() -> None:

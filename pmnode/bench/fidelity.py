@@ -208,16 +208,21 @@ def compare(runs: list[RunResult], target: float | None) -> list[Row]:
     to a target held-out loss (None: that baseline's final loss); also against the plain
     unconstrained model of its shape and against plain dense."""
     bases: dict[str, RunResult] = {}
+    plains: dict[str, RunResult] = {}
     dense: dict[str, RunResult] = {}
     for r in runs:
         if is_unconstrained(r):
             bases.setdefault(architecture(r.variant), r)
+            # `default@d` is the shipped config at k = d, its extra parts (tables) included, which its
+            # variant string does not name: it is a twin, never the plain model.
+            if not r.variant.startswith("default"):
+                plains.setdefault(architecture(r.variant), r)
         if r.codec == "dense" and r.rank is None:
             dense.setdefault(architecture(r.variant, plain=True), r)
     rows = []
     for r in runs:
         b = bases.get(architecture(r.variant))
-        plain = bases.get(architecture(r.variant, plain=True))
+        plain = plains.get(architecture(r.variant, plain=True))
         dn = dense.get(architecture(r.variant, plain=True))
         mid_tokens = r.tokens // 2
         mid = loss_at(r.curve, mid_tokens)
