@@ -26,6 +26,7 @@ from torch import Tensor
 from pmnode.config import RunConfig
 from pmnode.core.codecs import Packet
 from pmnode.core.stages import build_subspace
+from pmnode.core.train import eval_loss
 from pmnode.core.worker import StageWorker
 
 
@@ -68,12 +69,10 @@ class AsyncPipeline:
             )
             for i in range(cfg.n_stages)
         ]
-        self.codec = self.workers[0].codec
         self.busy = [0.0] * cfg.n_stages  # when each stage's compute thread is next free
         self.delay_sums = [0.0] * cfg.n_stages
         self._queue: list[_Job] = []
         self._seq = 0
-        self.now = 0.0
 
     def _push(self, time: float, stage: int, mb: str, backward: bool, packet: Packet | None) -> None:
         self._seq += 1
@@ -140,21 +139,14 @@ class AsyncPipeline:
                 continue
             data.pop(job.mb)
             inflight -= 1
-            self.now = self.busy[0]
             if stepped and on_head_step is not None:
                 on_head_step(w.step_count, losses)
                 losses = []
             if pending:
-                start(self.now)
+                start(self.busy[0])  # the gradient is back at the head: the next micro-batch goes
         steps_taken = [w.step_count for w in self.workers]
         delays = [d / max(k, 1) for d, k in zip(self.delay_sums, steps_taken, strict=True)]
         return AsyncStats(delays=delays, steps=steps_taken, time=max(self.busy))
 
     def eval_loss(self, batches: list[tuple[Tensor, Tensor]]) -> float:
-        total = 0.0
-        for x, y in batches:
-            p = None
-            for w in self.workers[:-1]:
-                p = w.evaluate(p, tokens=x)
-            total += self.workers[-1].evaluate(p, tokens=x, targets=y)
-        return total / len(batches)
+        return eval_loss(self.workers, batches)

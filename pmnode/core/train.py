@@ -97,15 +97,20 @@ class Pipeline:
                 g = w.backward(mb, g)
         return losses
 
-    @torch.no_grad()
     def eval_loss(self, batches: list[tuple[Tensor, Tensor]]) -> float:
-        total = 0.0
-        for x, y in batches:
-            p = None
-            for w in self.workers[:-1]:
-                p = w.evaluate(p, tokens=x)
-            total += self.workers[-1].evaluate(p, tokens=x, targets=y)
-        return total / len(batches)
+        return eval_loss(self.workers, batches)
+
+
+@torch.no_grad()
+def eval_loss(workers: list[StageWorker], batches: list[tuple[Tensor, Tensor]]) -> float:
+    """Mean held-out loss of the stages `workers`, chained as a forward without gradients."""
+    total = 0.0
+    for x, y in batches:
+        p = None
+        for w in workers[:-1]:
+            p = w.evaluate(p, tokens=x)
+        total += workers[-1].evaluate(p, tokens=x, targets=y)
+    return total / len(batches)
 
 
 @dataclass
