@@ -115,6 +115,11 @@ def main() -> None:
     path = a.out / "results.json"
     done = {r["spec"]: r for r in json.loads(path.read_text())["runs"]} if path.exists() else {}
     todo = [(a.config, spec, a.steps, a.eval_every) for spec in a.run if spec not in done]
+    # A corpus is prepared once, here: the pool's workers are daemons and cannot start the tokenizers.
+    from pmnode.data.resolve import open_data
+
+    base = load_config(a.config)
+    open_data(base.data, base.train.seq_len, base.model.vocab_size)
     ctx = mp.get_context("spawn")
     with ctx.Pool(max(1, a.jobs)) as pool:
         for r in pool.imap_unordered(one, todo):
